@@ -1,0 +1,166 @@
+"""Reference backend: pure torch, any device, the executable form of the op contract.
+
+Every other backend is tested against this one, and this one against an independent float64 loop
+(tests/test_reference.py). It is vectorised over sequences and heads: variable-length batches are
+gathered into padded ``[B, max_len, ...]`` tiles sized by the static ``max_seqlen_*`` bounds, so
+there is no Python loop over sequences and no host sync. Scores and softmax are computed in
+float32; memory is O(B * H * max_seqlen_q * max_seqlen_k), fine for an oracle and for CPU demos,
+not for long contexts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+name = "reference"
+
+
+def supports(op: str, **config) -> str | None:
+    """The reference serves every op, device, dtype and option of the contract."""
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# store_kvcache
+# ---------------------------------------------------------------------------------------------
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``key[t]``/``value[t]`` ``[T, Hkv, D]`` to flat slot ``slot_mapping[t]``; skip ``-1``.
+
+    Rows with slot -1 are redirected, without a host sync, to the first valid row's slot and
+    value (so they rewrite what that row writes: identical bytes, no race), or, when no row is
+    valid, to slot 0 with its own current contents (a no-op write).
+    """
+    t = key.shape[0]
+    if t == 0:
+        return
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    slots = slot_mapping.to(torch.int64)
+    valid = slots >= 0
+    first = valid.to(torch.int8).argmax()  # first valid row, or 0 when none is valid
+    any_valid = valid.any()
+    fill_slot = torch.where(any_valid, slots[first], torch.zeros_like(slots[first]))
+    index = torch.where(valid, slots, fill_slot)
+    for src, cache in ((key, k_cache), (value, v_cache)):
+        flat = cache.view(-1, hkv, d)
+        filler = torch.where(any_valid, src[first], flat[fill_slot])
+        rows = torch.where(valid[:, None, None], src, filler[None])
+        flat.index_copy_(0, index, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering variable-length sequences into padded tiles
+# ---------------------------------------------------------------------------------------------
+
+def _padded_rows(cu: torch.Tensor, max_len: int):
+    """Row index ``[B, max_len]`` (int64) of position p of sequence b, its validity, and lengths."""
+    lens = (cu[1:] - cu[:-1]).to(torch.int64)
+    pos = torch.arange(max_len, device=cu.device, dtype=torch.int64)
+    valid = pos[None, :] < lens[:, None]
+    rows = torch.where(valid, cu[:-1, None].to(torch.int64) + pos[None, :], 0)
+    return rows, valid, lens
+
+
+def _paged_rows(block_table: torch.Tensor, lens: torch.Tensor, max_len: int, block_size: int):
+    """Flat cache slot ``[B, max_len]`` of token p of sequence b through its block-table row."""
+    pos = torch.arange(max_len, device=block_table.device, dtype=torch.int64)
+    valid = pos[None, :] < lens[:, None]
+    block_col = (pos // block_size).clamp(max=max(block_table.shape[1] - 1, 0))
+    blocks = block_table.to(torch.int64)[:, block_col]
+    slots = torch.where(valid, blocks * block_size + (pos % block_size)[None, :], 0)
+    return slots, valid
+
+
+def _attend(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, q_valid: torch.Tensor,
+            k_valid: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, scale: float, causal: bool,
+            window_left: int, softcap: float) -> torch.Tensor:
+    """Masked attention on padded tiles, float32 result.
+
+    qp ``[B, Mq, H, D]``, kp/vp ``[B, Mk, Hkv, D]``, q_valid ``[B, Mq]``, k_valid ``[B, Mk]``,
+    lq/lk ``[B]`` int64. Returns ``[B, Mq, H, D]`` float32; rows that see no key are zero.
+    """
+    b, mq, h, d = qp.shape
+    mk, hkv = kp.shape[1], kp.shape[2]
+    g = h // hkv
+    q5 = qp.float().reshape(b, mq, hkv, g, d)
+    s = torch.einsum("bqkgd,bskd->bkgqs", q5, kp.float()) * scale  # [B, Hkv, G, Mq, Mk]
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    qi = torch.arange(mq, device=qp.device)[None, :, None]
+    kj = torch.arange(mk, device=qp.device)[None, None, :]
+    allowed = q_valid[:, :, None] & k_valid[:, None, :]  # [B, Mq, Mk]
+    diag = (lk - lq)[:, None, None]  # bottom-right alignment: query i is token i + lk - lq
+    if causal:
+        allowed = allowed & (kj <= qi + diag)
+    if window_left >= 0:
+        allowed = allowed & (kj >= qi + diag - window_left)
+    allowed = allowed[:, None, None]  # [B, 1, 1, Mq, Mk]
+    s = s.masked_fill(~allowed, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(s - row_max)  # exactly 0 where masked
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = torch.einsum("bkgqs,bskd->bqkgd", p, vp.float())
+    return o.reshape(b, mq, h, d)
+
+
+def _scatter_tokens(o: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Inverse of the padding gather: token row t of ``[total, H, D]`` takes ``o[b, t - cu[b]]``.
+
+    Rows past ``cu[-1]`` (tokens owned by no sequence) are zero.
+    """
+    b, mq = o.shape[0], o.shape[1]
+    t = torch.arange(total, device=o.device, dtype=torch.int64)
+    seq = torch.searchsorted(cu[1:].to(torch.int64), t, right=True)  # sequence that owns row t
+    owned = seq < b
+    seq = seq.clamp(max=b - 1)
+    pos = (t - cu.to(torch.int64)[seq]).clamp(0, mq - 1)
+    out = o[seq, pos]
+    return torch.where(owned[:, None, None], out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill / decode
+# ---------------------------------------------------------------------------------------------
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+            causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
+            softcap: float = 0.0) -> torch.Tensor:
+    """Varlen attention. q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches. Out ``[Tq, H, D]``."""
+    tq, h, d = q.shape
+    b = cu_seqlens_q.shape[0] - 1
+    if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or tq == 0:
+        return torch.zeros_like(q)
+    q_rows, q_valid, lq = _padded_rows(cu_seqlens_q, max_seqlen_q)
+    if block_table is None:
+        k_rows, k_valid, lk = _padded_rows(cu_seqlens_k, max_seqlen_k)
+        k_flat, v_flat = k, v
+    else:
+        lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
+        k_rows, k_valid = _paged_rows(block_table, lk, max_seqlen_k, k.shape[1])
+        k_flat, v_flat = k.view(-1, k.shape[2], d), v.view(-1, v.shape[2], d)
+    o = _attend(q[q_rows], k_flat[k_rows], v_flat[k_rows], q_valid, k_valid, lq, lk, scale,
+                causal, window_left, softcap)
+    return _scatter_tokens(o, cu_seqlens_q, tq).to(q.dtype)
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+           block_table: torch.Tensor, scale: float, window_left: int = -1,
+           softcap: float = 0.0) -> torch.Tensor:
+    """One query per sequence. q ``[B, H, D]``; caches paged; seqlens_k ``[B]``. Out ``[B, H, D]``."""
+    b, h, d = q.shape
+    block_size = k_cache.shape[1]
+    max_len = block_table.shape[1] * block_size
+    if b == 0 or max_len == 0:
+        return torch.zeros_like(q)
+    lk = seqlens_k.to(torch.int64)
+    slots, k_valid = _paged_rows(block_table, lk, max_len, block_size)
+    hkv = k_cache.shape[2]
+    k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    ones = torch.ones(b, 1, dtype=torch.bool, device=q.device)
+    o = _attend(q[:, None], k_flat[slots], v_flat[slots], ones, k_valid, torch.ones_like(lk), lk,
+                scale, True, window_left, softcap)
+    return o[:, 0].to(q.dtype)

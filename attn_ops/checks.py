@@ -1,0 +1,275 @@
+"""Argument validation for the attn ops.
+
+Two kinds of checks live here:
+
+* Metadata checks (rank, shape, dtype, device, strides, head counts, head dim). They read only
+  tensor metadata, so they run in the fake kernels too: a bad call fails at trace time under
+  torch.compile / torch.export, not only in eager mode. They raise ``ValueError`` whose message
+  names the argument and the expected shape.
+* Data checks (slot and block ids in range, cu_seqlens monotonic, sequence lengths within the
+  cache). They read device memory, which costs a host sync, so they run only when the environment
+  variable ``ATTN_OPS_CHECK=1`` is set (the tests set it), never during CUDA graph capture, and
+  never on fake tensors. They raise before any backend writes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The contract's head-dim range. Backends may support fewer (see their ``supports``).
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 8
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def check_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name}: expected a tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        _fail(f"{name}: expected a {rank}-D tensor of shape {layout}, got shape {_shape(t)}")
+
+
+def check_dtype(name: str, t: torch.Tensor, allowed: tuple, what: str) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        _fail(f"{name}: expected {what} ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            _fail(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+                  f"got one on {t.device}")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        _fail(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
+
+
+def check_head_dim(name: str, d: int) -> None:
+    if not (0 < d <= MAX_HEAD_DIM and d % HEAD_DIM_MULTIPLE == 0):
+        _fail(f"{name}: unsupported head dim {d}; expected a multiple of {HEAD_DIM_MULTIPLE} "
+              f"in [{HEAD_DIM_MULTIPLE}, {MAX_HEAD_DIM}]")
+
+
+def check_gqa(q_name: str, h: int, kv_name: str, hkv: int) -> None:
+    if hkv <= 0 or h % hkv != 0:
+        _fail(f"{q_name} has {h} heads and {kv_name} has {hkv}: the query head count must be a "
+              f"multiple of the kv head count (H % Hkv == 0)")
+
+
+def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, same shape/dtype, contiguous."""
+    layout = "[num_blocks, block_size, Hkv, D]"
+    check_rank("k_cache", k_cache, 4, layout)
+    check_rank("v_cache", v_cache, 4, layout)
+    if k_cache.shape != v_cache.shape:
+        _fail(f"v_cache: expected the shape of k_cache {_shape(k_cache)} {layout}, "
+              f"got {_shape(v_cache)}")
+    if k_cache.dtype != v_cache.dtype:
+        _fail(f"v_cache: expected dtype {k_cache.dtype} (that of k_cache), got {v_cache.dtype}")
+    check_dtype("k_cache", k_cache, FLOAT_DTYPES, "a floating dtype")
+    check_same_device("k_cache", k_cache, v_cache=v_cache)
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.is_contiguous():
+            _fail(f"{name}: expected a contiguous {layout} tensor, got strides {tuple(c.stride())}")
+    check_head_dim("k_cache", k_cache.shape[-1])
+
+
+def check_store_kvcache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """key, value ``[T, Hkv, D]``; caches ``[num_blocks, block_size, Hkv, D]``; slots ``[T]``."""
+    check_cache_pair(k_cache, v_cache)
+    _, _, hkv, d = k_cache.shape
+    for name, t in (("key", key), ("value", value)):
+        check_rank(name, t, 3, "[T, Hkv, D]")
+        if t.shape[1] != hkv or t.shape[2] != d:
+            _fail(f"{name}: expected shape [T, {hkv}, {d}] (Hkv and D of k_cache), got {_shape(t)}")
+        if t.dtype != k_cache.dtype:
+            _fail(f"{name}: expected dtype {k_cache.dtype} (that of k_cache), got {t.dtype}")
+        check_last_dim_contiguous(name, t)
+    if key.shape[0] != value.shape[0]:
+        _fail(f"value: expected shape [{key.shape[0]}, {hkv}, {d}] (T of key), got {_shape(value)}")
+    check_rank("slot_mapping", slot_mapping, 1, "[T]")
+    check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES, "an integer dtype")
+    if slot_mapping.shape[0] != key.shape[0]:
+        _fail(f"slot_mapping: expected shape [{key.shape[0]}] (T of key), got {_shape(slot_mapping)}")
+    check_same_device("k_cache", k_cache, key=key, value=value, slot_mapping=slot_mapping)
+
+
+def check_block_table(block_table: torch.Tensor, batch: int | None) -> None:
+    check_rank("block_table", block_table, 2, "[B, max_blocks_per_seq]")
+    check_dtype("block_table", block_table, INDEX_DTYPES, "an integer dtype")
+    if batch is not None and block_table.shape[0] != batch:
+        _fail(f"block_table: expected shape [{batch}, max_blocks_per_seq] (B sequences), "
+              f"got {_shape(block_table)}")
+
+
+def check_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                  block_table, window_left, softcap) -> None:
+    """q ``[Tq, H, D]``; k, v ``[Tk, Hkv, D]`` or, with ``block_table``, the paged caches."""
+    check_rank("q", q, 3, "[Tq, H, D]")
+    check_dtype("q", q, FLOAT_DTYPES, "a floating dtype")
+    check_last_dim_contiguous("q", q)
+    _, h, d = q.shape
+    check_head_dim("q", d)
+    if block_table is None:
+        for name, t in (("k", k), ("v", v)):
+            check_rank(name, t, 3, "[Tk, Hkv, D]")
+            check_last_dim_contiguous(name, t)
+        if k.shape != v.shape:
+            _fail(f"v: expected the shape of k {_shape(k)} [Tk, Hkv, D], got {_shape(v)}")
+        hkv = k.shape[1]
+    else:
+        check_cache_pair(k, v)
+        hkv = k.shape[2]
+    if k.shape[-1] != d:
+        _fail(f"k: expected head dim {d} (that of q), got shape {_shape(k)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            _fail(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+    check_gqa("q", h, "k", hkv)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_rank(name, cu, 1, "[B+1]")
+        check_dtype(name, cu, (torch.int32,), "int32")
+        if cu.shape[0] < 1:
+            _fail(f"{name}: expected shape [B+1] with B >= 0, got {_shape(cu)}")
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        _fail(f"cu_seqlens_k: expected shape [{cu_seqlens_q.shape[0]}] (that of cu_seqlens_q, "
+              f"[B+1]), got {_shape(cu_seqlens_k)}")
+    if block_table is not None:
+        check_block_table(block_table, cu_seqlens_q.shape[0] - 1)
+    check_same_device("q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      block_table=block_table)
+    _check_scalars(scale, window_left, softcap)
+    if not isinstance(max_seqlen_q, torch.SymInt) and max_seqlen_q < 0:
+        _fail(f"max_seqlen_q: expected a non-negative upper bound, got {max_seqlen_q}")
+    if not isinstance(max_seqlen_k, torch.SymInt) and max_seqlen_k < 0:
+        _fail(f"max_seqlen_k: expected a non-negative upper bound, got {max_seqlen_k}")
+
+
+def check_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap) -> None:
+    """q ``[B, H, D]``; caches ``[num_blocks, block_size, Hkv, D]``; seqlens_k ``[B]``."""
+    check_rank("q", q, 3, "[B, H, D]")
+    check_dtype("q", q, FLOAT_DTYPES, "a floating dtype")
+    check_last_dim_contiguous("q", q)
+    b, h, d = q.shape
+    check_head_dim("q", d)
+    check_cache_pair(k_cache, v_cache)
+    if k_cache.shape[-1] != d:
+        _fail(f"k_cache: expected head dim {d} (that of q), got shape {_shape(k_cache)}")
+    if k_cache.dtype != q.dtype:
+        _fail(f"k_cache: expected dtype {q.dtype} (that of q), got {k_cache.dtype}")
+    check_gqa("q", h, "k_cache", k_cache.shape[2])
+    check_rank("seqlens_k", seqlens_k, 1, "[B]")
+    check_dtype("seqlens_k", seqlens_k, (torch.int32,), "int32")
+    if seqlens_k.shape[0] != b:
+        _fail(f"seqlens_k: expected shape [{b}] (B of q), got {_shape(seqlens_k)}")
+    check_block_table(block_table, b)
+    check_same_device("q", q, k_cache=k_cache, v_cache=v_cache, seqlens_k=seqlens_k,
+                      block_table=block_table)
+    _check_scalars(scale, window_left, softcap)
+
+
+def _check_scalars(scale, window_left, softcap) -> None:
+    if not scale > 0:
+        _fail(f"scale: expected a positive float, got {scale}")
+    if not isinstance(window_left, torch.SymInt) and window_left < -1:
+        _fail(f"window_left: expected -1 (no window) or a non-negative count, got {window_left}")
+    if not softcap >= 0:
+        _fail(f"softcap: expected 0.0 (off) or a positive cap, got {softcap}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data checks (host sync; opt-in)
+# ---------------------------------------------------------------------------------------------
+
+def data_checks_enabled(*tensors: torch.Tensor) -> bool:
+    """True when ``ATTN_OPS_CHECK=1`` and the check can read real data without breaking a capture."""
+    if os.environ.get("ATTN_OPS_CHECK", "0") in ("", "0"):
+        return False
+    for t in tensors:
+        if t is not None and (t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)):
+            return False
+        if t is not None and t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+    return True
+
+
+def _data_fail(msg: str) -> None:
+    raise ValueError(msg + " (found by ATTN_OPS_CHECK=1)")
+
+
+def check_slots_in_range(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    bad = (slot_mapping < -1) | (slot_mapping >= num_slots)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        _data_fail(f"slot_mapping[{i}] = {int(slot_mapping[i])} is out of range: expected -1 "
+                   f"(skip) or a slot in [0, {num_slots}) = [0, num_blocks * block_size)")
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int | None, max_seqlen: int) -> None:
+    if cu.shape[0] == 0:
+        return
+    if int(cu[0]) != 0:
+        _data_fail(f"{name}[0] = {int(cu[0])}: expected 0")
+    lens = cu[1:] - cu[:-1]
+    if bool((lens < 0).any()):
+        i = int((lens < 0).nonzero()[0, 0])
+        _data_fail(f"{name} is not non-decreasing at index {i + 1}: {cu.tolist()}")
+    if total is not None and int(cu[-1]) > total:
+        _data_fail(f"{name}[-1] = {int(cu[-1])} exceeds the {total} rows of the token tensor")
+    if lens.numel() and int(lens.max()) > max_seqlen:
+        _data_fail(f"{name}: a sequence has {int(lens.max())} tokens, more than "
+                   f"max_seqlen = {max_seqlen}")
+
+
+def check_paged_lengths(lengths_name: str, lengths: torch.Tensor, block_table: torch.Tensor,
+                        num_blocks: int, block_size: int) -> None:
+    """Every sequence fits its block-table row, and every block it uses is a valid block id."""
+    if lengths.numel() == 0:
+        return
+    capacity = block_table.shape[1] * block_size
+    if bool((lengths < 0).any()) or bool((lengths > capacity).any()):
+        i = int(((lengths < 0) | (lengths > capacity)).nonzero()[0, 0])
+        _data_fail(f"{lengths_name}[{i}] = {int(lengths[i])} is outside [0, {capacity}] "
+                   f"(block_table width {block_table.shape[1]} * block_size {block_size})")
+    used = torch.arange(block_table.shape[1], device=lengths.device)[None, :] * block_size
+    used = used < lengths.to(torch.int64)[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        _data_fail(f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a block id in "
+                   f"[0, {num_blocks}) but sequence {b} uses it ({lengths_name}[{b}] = "
+                   f"{int(lengths[b])})")
+
+
+def check_prefill_data(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       block_table) -> None:
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if block_table is not None else k.shape[0],
+                     max_seqlen_k)
+    lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    lk = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if bool((lq > lk).any()):
+        i = int((lq > lk).nonzero()[0, 0])
+        _data_fail(f"sequence {i} has {int(lq[i])} queries but only {int(lk[i])} keys: "
+                   f"prefill expects lq <= lk (the queries are the last lq of the lk tokens)")
+    if block_table is not None:
+        check_paged_lengths("key lengths (cu_seqlens_k diffs)", lk, block_table, k.shape[0],
+                            k.shape[1])
+
+
+def check_decode_data(k_cache, seqlens_k, block_table) -> None:
+    check_paged_lengths("seqlens_k", seqlens_k, block_table, k_cache.shape[0], k_cache.shape[1])

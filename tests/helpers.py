@@ -1,0 +1,116 @@
+"""Test helpers: random batches, an independent float64 oracle, and a verbose allclose.
+
+The float64 loop here is deliberately the plainest possible reading of the contract (a loop over
+sequences, heads and query rows), independent of the vectorised reference backend it checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# (dtype, atol, rtol) for comparing a backend against the reference.
+TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
+                 what: str = "output") -> None:
+    """allclose that rejects NaN and reports the first mismatching indices."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a, e = actual.double(), expected.double()
+    assert not torch.isnan(a).any(), f"{what}: NaN at {torch.isnan(a).nonzero()[:5].tolist()}"
+    bad = (a - e).abs() > atol + rtol * e.abs()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        pairs = [(i, a[tuple(i)].item(), e[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements differ; "
+                             f"max abs err {(a - e).abs().max().item():.3g}; first (index, "
+                             f"actual, expected): {pairs}")
+
+
+def cu_seqlens(lens: list[int], device="cpu") -> torch.Tensor:
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+@dataclass
+class PagedBatch:
+    """A random paged cache holding ``lens_k[b]`` tokens of each sequence in shuffled blocks."""
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_table: torch.Tensor
+    k_dense: list  # per sequence [lk, Hkv, D] (what the cache holds, in token order)
+    v_dense: list
+
+
+def random_paged(lens_k: list[int], hkv: int, d: int, block_size: int, dtype, device="cpu",
+                 spare_blocks: int = 3, table_width: int | None = None) -> PagedBatch:
+    """Caches ``[num_blocks, block_size, hkv, d]`` with each sequence's tokens in random blocks.
+
+    Unused block-table entries are filled with garbage (-7 and huge ids) that must be ignored.
+    """
+    need = [-(-n // block_size) for n in lens_k]
+    width = table_width or max(need + [1])
+    num_blocks = sum(need) + spare_blocks
+    perm = torch.randperm(num_blocks).tolist()
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.randn(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    table = torch.full((len(lens_k), width), -7, dtype=torch.int32)
+    table[:, width // 2:] = 10 ** 6
+    k_dense, v_dense = [], []
+    for b, n in enumerate(lens_k):
+        blocks = [perm.pop() for _ in range(need[b])]
+        table[b, :need[b]] = torch.tensor(blocks, dtype=torch.int32)
+        slots = [blocks[p // block_size] * block_size + p % block_size for p in range(n)]
+        idx = torch.tensor(slots, dtype=torch.int64, device=device)
+        k_dense.append(k_cache.view(-1, hkv, d)[idx].clone())
+        v_dense.append(v_cache.view(-1, hkv, d)[idx].clone())
+    return PagedBatch(k_cache, v_cache, table.to(device), k_dense, v_dense)
+
+
+def attention_f64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                  window_left: int = -1, softcap: float = 0.0) -> torch.Tensor:
+    """One sequence, float64, loops: q ``[lq, H, D]``, k/v ``[lk, Hkv, D]`` -> ``[lq, H, D]``."""
+    lq, h, d = q.shape
+    lk, hkv = k.shape[0], k.shape[1]
+    out = torch.zeros(lq, h, d, dtype=torch.float64)
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    for head in range(h):
+        kvh = head // (h // hkv)
+        for i in range(lq):
+            keys = []
+            for j in range(lk):
+                if causal and j > i + lk - lq:
+                    continue
+                if window_left >= 0 and j < i + lk - lq - window_left:
+                    continue
+                keys.append(j)
+            if not keys:
+                continue
+            s = [float(q[i, head] @ k[j, kvh]) * scale for j in keys]
+            if softcap > 0:
+                s = [softcap * math.tanh(x / softcap) for x in s]
+            m = max(s)
+            w = [math.exp(x - m) for x in s]
+            z = sum(w)
+            for wj, j in zip(w, keys):
+                out[i, head] += (wj / z) * v[j, kvh]
+    return out
+
+
+def prefill_f64(q, k, v, lens_q, lens_k, scale, causal, window_left=-1, softcap=0.0):
+    """Varlen float64 oracle over dense packed q ``[Tq, H, D]`` and k/v ``[Tk, Hkv, D]``."""
+    outs, oq, ok = [], 0, 0
+    for lq, lk in zip(lens_q, lens_k):
+        outs.append(attention_f64(q[oq:oq + lq], k[ok:ok + lk], v[ok:ok + lk], scale, causal,
+                                  window_left, softcap))
+        oq, ok = oq + lq, ok + lk
+    return torch.cat(outs) if outs else torch.zeros(0, *q.shape[1:], dtype=torch.float64)
