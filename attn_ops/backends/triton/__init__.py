@@ -1,0 +1,74 @@
+"""Triton backend: fused store_kvcache, varlen (optionally paged) prefill, split-KV paged decode.
+
+Runs on CUDA, and on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is
+set before the kernels are first used (the CI path). Importing this package imports no triton:
+the kernel modules (:mod:`.store_kernel`, :mod:`.prefill_kernel`, :mod:`.decode_kernel`; named
+apart from the functions below so that importing one does not rebind a package attribute) load
+on first call.
+
+Why the kernels are launched directly rather than through ``torch.library.triton_op`` +
+``wrap_triton``: the public ops (``attn::prefill`` etc.) choose their backend when they run, not
+when they are traced, so a graph compiled once follows ``use_backend``. A ``triton_op`` would fix
+the backend at trace time and split the op boundary in two. Inductor therefore sees one opaque
+extern call per op; the kernels themselves need no fusion with neighbours (they already read
+each input once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+name = "triton"
+
+_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
+_MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(op: str, **config) -> str | None:
+    """None when this backend can run ``op`` with ``config``, else the reason it can't.
+
+    Config keys (see ``attn_ops.ops.*_config``): device, dtype, head_dim, num_kv_heads,
+    block_size, and for prefill/decode num_heads, causal, paged, window_left, softcap.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton)"
+    device = config["device"]
+    if device.type == "cpu":
+        if not _interpreting():
+            return ("CPU tensors run only through the Triton interpreter; set TRITON_INTERPRET=1 "
+                    "before the first call")
+    elif device.type != "cuda":
+        return f"device type {device.type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)"
+    if str(config["dtype"]) not in _DTYPES:
+        return f"dtype {config['dtype']} is not supported (float16, bfloat16, float32)"
+    head_dim = config["head_dim"]
+    if not 0 < head_dim <= _MAX_HEAD_DIM:
+        return f"head dim {head_dim} is not supported (at most {_MAX_HEAD_DIM})"
+    block_size = config.get("block_size")
+    if op == "decode" or (op == "prefill" and config.get("paged")):
+        if block_size is None or block_size < 1:
+            return f"block size {block_size} is not supported (a positive page size)"
+    return None
+
+
+def store_kvcache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    from attn_ops.backends.triton import store_kernel
+    store_kernel.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
+            block_table=None, window_left=-1, softcap=0.0):
+    from attn_ops.backends.triton import prefill_kernel
+    return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  scale, causal, block_table, window_left, softcap)
+
+
+def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0):
+    from attn_ops.backends.triton import decode_kernel
+    return decode_kernel.decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
+                                softcap)

@@ -1,0 +1,74 @@
+"""Pieces shared by the Triton kernels: score transform, paged row gather, device facts.
+
+Imported only by the kernel modules (it imports triton).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Multiprocessors of CUDA device ``device_index``, read once (the query costs ~us)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Multiprocessor count for ``device``; a nominal 4 under the interpreter (CPU tensors)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sm_count(index)
+
+
+def softcap_constants(scale: float, softcap: float) -> tuple[float, float, float]:
+    """(qk_scale, cap_log2, cap_inv) for :func:`scores_log2`.
+
+    Scores are kept in the log2 domain so the softmax uses ``exp2``: ``s * log2(e)`` with
+    ``s = scale * q.k``, or, with a cap ``c``, ``c * log2(e) * tanh(scale * q.k / c)``.
+    """
+    qk_scale = scale * LOG2E
+    if softcap > 0:
+        return qk_scale, softcap * LOG2E, scale / softcap
+    return qk_scale, 0.0, 0.0
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@triton.jit
+def scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP: tl.constexpr):
+    """Raw fp32 dot products ``qk`` -> scaled (soft-capped) scores times log2(e)."""
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (1 + e^(2x)); e^(2x) = 2^(2x log2 e). Saturates cleanly: e^(2x) = inf
+        # gives 1, 0 gives -1. (No tanh in the interpreter's tl.math, hence the formula.)
+        e2x = tl.math.exp2(qk * (cap_inv * 2.8853900817779268))
+        return cap_log2 * (1.0 - 2.0 / (1.0 + e2x))
+    else:
+        return qk * qk_scale
+
+
+@triton.jit
+def paged_rows(table_row, pos, valid, PAGE: tl.constexpr):
+    """Cache row (flat slot, int64) of token positions ``pos`` through one block-table row.
+
+    Positions where ``valid`` is False read no table entry and map to row 0 (masked later), so
+    garbage past a sequence's last block is never dereferenced.
+    """
+    block = tl.load(table_row + pos // PAGE, mask=valid, other=0)
+    return block.to(tl.int64) * PAGE + pos % PAGE

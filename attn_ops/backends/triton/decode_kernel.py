@@ -1,0 +1,182 @@
+"""Paged decode as flash decoding: split-KV partials (stage 1) merged by log-sum-exp (stage 2).
+
+Stage 1, grid ``(S, Hkv, B)``: program ``(s, g, b)`` takes split s of sequence b's visible keys
+for kv head g, and the GROUP query heads that share it packed as the rows of one tile, so each K/V
+tile is loaded once for the whole group. It writes a normalised partial output and its log2-sum-
+exp. Stage 2, grid ``(B * H,)``, merges the S partials of each head.
+
+CUDA-graph safety: the split count S is a pure function of static shapes (B, Hkv, block-table
+width, page size) and the device's SM count, so grids never depend on data. Each program reads
+its sequence's length on the device and takes ``ceil(len / S)`` keys (rounded up to BLOCK_N);
+splits past the end see no key and write lse = -inf, which the merge weighs as zero. A sequence
+of length 0 gives zeros. With S = 1 stage 1 writes the output directly (one launch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn_ops.backends.triton.common import (device_sm_count, interpreting, next_pow2,
+                                             paged_rows, scores_log2, softcap_constants)
+
+
+@triton.jit(do_not_specialize=["window_left", "num_splits"])
+def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
+                         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_tb, stride_ob, stride_oh, num_splits,
+                         qk_scale, cap_log2, cap_inv, window_left,
+                         GROUP: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(SEQLENS + seq)
+    first = 0
+    if WINDOW:  # the query (position seq_len - 1) sees keys >= seq_len - 1 - window_left
+        first = tl.maximum(seq_len - 1 - window_left, 0)
+    chunk = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    offs_g = tl.arange(0, G_P2)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_P2)
+    g_ok = offs_g < GROUP
+    dim_ok = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    table_row = TABLE + seq.to(tl.int64) * stride_tb
+    k_base = K + kv_head * stride_kh
+    v_base = V + kv_head * stride_vh
+    m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_P2], dtype=tl.float32)
+    acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        key_ok = pos < hi
+        rows = paged_rows(table_row, pos, key_ok, PAGE)
+        tile_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=tile_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step has >= 1 valid key
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key: acc = 0 -> zeros
+    out_mask = g_ok[:, None] & dim_ok[None, :]
+    if DIRECT:
+        o_ptrs = OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=out_mask)
+    else:
+        part = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [B, H, S] index
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_PART + part, lse, mask=g_ok)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_kernel(O_PART, LSE_PART, OUT, num_splits, stride_ob, stride_oh,
+                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                  S_P2: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # seq * H + head
+    seq = row // NUM_HEADS
+    head = row % NUM_HEADS
+    offs_s = tl.arange(0, S_P2)
+    offs_d = tl.arange(0, D_P2)
+    s_ok = offs_s < num_splits
+    dim_ok = offs_d < HEAD_DIM
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty split: exp2(-inf) = 0
+    den = tl.sum(w, 0)
+    o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
+    tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=dim_ok)
+
+
+# Stage-1 programs to aim for, in multiples of the SM count, and the fewest keys worth a split.
+_TARGET_WAVES = 3
+_MIN_SPLIT_KEYS = 256
+_MAX_SPLITS = 64
+
+
+def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: int) -> int:
+    """Split count from static shapes only: enough (b, kv head, split) programs for
+    ``_TARGET_WAVES * sms``, no split shorter than ``_MIN_SPLIT_KEYS`` of the table's capacity
+    (``block_table width * page``), at most ``_MAX_SPLITS`` (stage 2 holds them in registers)."""
+    programs = batch * num_kv_heads
+    if programs == 0 or capacity <= 0:
+        return 1
+    want = triton.cdiv(_TARGET_WAVES * sms, programs)
+    by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
+    return max(1, min(want, by_length, _MAX_SPLITS))
+
+
+def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) from a static table (no autotuning: CUDA graphs)."""
+    if interpreting():
+        return 16, 4, 1
+    if dtype == torch.float32 or head_dim > 128:
+        return 32, 4, 2
+    return 64, 4, 3
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+           block_table: torch.Tensor, scale: float, window_left: int = -1, softcap: float = 0.0,
+           config: tuple[int, int, int] | None = None, splits: int | None = None) -> torch.Tensor:
+    """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
+    ``[B, W]``. Returns ``[B, H, D]`` in q's dtype. ``config``/``splits`` override the tables
+    (benchmarks only)."""
+    batch, num_heads, head_dim = q.shape
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if k_cache.numel() == 0 or block_table.numel() == 0:
+        return out.zero_()  # nothing can be cached: every length is 0
+    group = num_heads // num_kv_heads
+    block_n, warps, stages = config or launch_config(head_dim, q.dtype)
+    if splits is None:
+        splits = num_splits(batch, num_kv_heads, block_table.shape[1] * page,
+                            device_sm_count(q.device), block_n)
+    d_p2 = max(16, next_pow2(head_dim))
+    direct = splits == 1
+    if direct:
+        o_part = lse_part = out  # unused pointer arguments
+    else:
+        o_part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32,
+                             device=q.device)
+        lse_part = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
+    _decode_split_kernel[(splits, num_kv_heads, batch)](
+        q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),
+        v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1), splits,
+        qk_scale, cap_log2, cap_inv, window_left,
+        GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2, PAGE=page,
+        BLOCK_N=block_n, DIRECT=direct, SOFTCAP=softcap > 0, WINDOW=window_left >= 0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages)
+    if not direct:
+        _merge_kernel[(batch * num_heads,)](
+            o_part, lse_part, out, splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
+            num_warps=4)
+    return out

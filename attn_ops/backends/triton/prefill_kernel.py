@@ -1,0 +1,241 @@
+"""Varlen flash-attention forward (FA2-style online softmax, exp2 domain) for attn::prefill.
+
+Grid ``(cdiv(max_seqlen_q, BLOCK_M), B + 1, H)``: program ``(i, b, h)`` computes one BLOCK_M tile
+of query rows of sequence b, head h. Tiles are taken last-first (``i = 0`` is the sequence's last
+tile, the one that sees the most keys under a causal mask) so the long causal tiles start early
+and short ones fill the tail of the schedule. Programs past their sequence's tile count exit at
+once. The extra ``b = B`` column zeroes the token rows past ``cu_seqlens_q[-1]`` (rows owned by no
+sequence), so the output is fully written with no host sync and no memset.
+
+Each tile walks its key range in three loops: masked tiles below the window, unmasked tiles (no
+causal/window/bounds arithmetic: the bulk of the work), masked tiles at the diagonal and the end.
+K/V come either from the packed ``[Tk, Hkv, D]`` tensors or, with a block table, from the paged
+caches through a per-token block lookup (any page size).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn_ops.backends.triton.common import (interpreting, next_pow2, paged_rows, scores_log2,
+                                             softcap_constants)
+
+
+@triton.jit
+def _load_rows(ptrs, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIM: tl.constexpr):
+    """Load a [rows, D_P2] tile, masking only what can be out of range (unmasked loads vectorise)."""
+    if MASK_ROWS:
+        if MASK_DIM:
+            return tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        else:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if MASK_DIM:
+            return tl.load(ptrs, mask=dim_ok[None, :], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, hi, lk, q_pos,
+                  window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
+
+    ``q_pos[r]`` is query row r's own position in key coordinates (``i + lk - lq``). With
+    ``MASKED`` False every key of every step must be valid and visible to every row.
+    """
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        key_ok = pos < lk
+        if PAGED:
+            rows = paged_rows(table_row, pos, key_ok, PAGE)
+        else:
+            rows = pos
+        k = _load_rows(K + rows[:, None] * stride_kt + offs_d[None, :], key_ok, dim_ok, MASKED,
+                       MASK_DIM)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
+        if MASKED:
+            ok = key_ok[None, :]
+            if CAUSAL:
+                ok = ok & (pos[None, :] <= q_pos[:, None])
+            if WINDOW:
+                ok = ok & (pos[None, :] >= q_pos[:, None] - window_left)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V + rows[:, None] * stride_vt + offs_d[None, :], key_ok, dim_ok, MASKED,
+                       MASK_DIM)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["total_q", "window_left"])
+def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_ot, stride_oh, stride_tb, total_q, num_seqs,
+                    qk_scale, cap_log2, cap_inv, window_left,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
+                    PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_P2)
+    dim_ok = offs_d < HEAD_DIM
+    MASK_DIM: tl.constexpr = HEAD_DIM != D_P2
+
+    if seq == num_seqs:  # zero the rows past cu_seqlens_q[-1], strided over the pid axis
+        zeros = tl.zeros([BLOCK_M, D_P2], dtype=O.dtype.element_ty)
+        first = tl.load(CU_Q + num_seqs)
+        for r0 in range(first + pid * BLOCK_M, total_q, tl.num_programs(0) * BLOCK_M):
+            r = r0 + offs_m
+            ptrs = O + r.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+            tl.store(ptrs, zeros, mask=(r < total_q)[:, None] & dim_ok[None, :])
+        return
+
+    q_start = tl.load(CU_Q + seq)
+    lq = tl.load(CU_Q + seq + 1) - q_start
+    tile = tl.cdiv(lq, BLOCK_M) - 1 - pid
+    if tile < 0:
+        return
+    k_start = tl.load(CU_K + seq)
+    lk = tl.load(CU_K + seq + 1) - k_start
+
+    m0 = tile * BLOCK_M
+    rows = m0 + offs_m
+    row_ok = rows < lq
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    kv_head = head // GROUP
+    if PAGED:
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
+        table_row = TABLE + seq.to(tl.int64) * stride_tb
+    else:
+        k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+        v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+        table_row = TABLE
+
+    # Bottom-right alignment: query row i sits at key position i + lk - lq.
+    diag = lk - lq
+    q_pos = rows + diag
+    # Visible keys of the tile: [lo, hi). Keys in [f_lo, f_hi) are visible to every row.
+    hi = lk
+    full_hi = lk
+    if CAUSAL:
+        hi = tl.minimum(lk, m0 + BLOCK_M + diag)
+        full_hi = tl.minimum(lk, m0 + diag + 1)
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.maximum(m0 + BLOCK_M - 1 + diag - window_left, 0)
+    f_lo = tl.maximum(lo, tl.cdiv(full_lo, BLOCK_N) * BLOCK_N)
+    f_hi = tl.maximum(tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N, f_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
+                                  stride_vt, lo, tl.minimum(f_lo, hi), lk, q_pos, window_left,
+                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
+                                  True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                                  DOT_PRECISION)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
+                                  stride_vt, f_lo, f_hi, lk, q_pos, window_left,
+                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
+                                  False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                                  DOT_PRECISION)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
+                                  stride_vt, f_hi, hi, lk, q_pos, window_left,
+                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
+                                  True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                                  DOT_PRECISION)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: acc = 0 -> zeros
+    o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, for fp16/bf16 on CUDA.
+# See BENCHMARKS.md ("Notes") for the measurements behind each entry.
+_CUDA_CONFIGS = {
+    16: (128, 64, 4, 3),
+    32: (128, 64, 4, 3),
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 64, 4, 2),
+}
+# fp32 (ieee dots, 2x the bytes per tile): smaller tiles keep it within shared memory.
+_CUDA_CONFIGS_FP32 = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2),
+                      128: (64, 32, 4, 2), 256: (32, 32, 4, 1)}
+
+
+def launch_config(head_dim: int, dtype: torch.dtype, causal: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): a static table, never autotuned at run time
+    (autotuning inside a CUDA graph capture would launch extra kernels into the graph)."""
+    if interpreting():
+        return 16, 16, 4, 1  # tiny tiles: several tiles per sequence exercise all three loops
+    d_p2 = max(16, next_pow2(head_dim))
+    table = _CUDA_CONFIGS_FP32 if dtype == torch.float32 else _CUDA_CONFIGS
+    return table[d_p2]
+
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+            causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
+            softcap: float = 0.0, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
+    ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype.
+
+    ``config`` overrides the (BLOCK_M, BLOCK_N, num_warps, num_stages) table (benchmarks only).
+    """
+    total_q, num_heads, head_dim = q.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    paged = block_table is not None
+    if total_q == 0:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # no key anywhere
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if paged:
+        page, num_kv_heads = k.shape[1], k.shape[2]
+        stride_kt, stride_kh, stride_vt, stride_vh = k.stride(1), k.stride(2), v.stride(1), v.stride(2)
+        table, stride_tb = block_table, block_table.stride(0)
+    else:
+        page, num_kv_heads = 1, k.shape[1]
+        stride_kt, stride_kh, stride_vt, stride_vh = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+        table, stride_tb = cu_seqlens_k, 0  # unused pointer argument
+    block_m, block_n, warps, stages = config or launch_config(head_dim, q.dtype, causal)
+    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
+    grid = (max(1, triton.cdiv(max_seqlen_q, block_m)), num_seqs + 1, num_heads)
+    _prefill_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
+        q.stride(0), q.stride(1), stride_kt, stride_kh, stride_vt, stride_vh,
+        out.stride(0), out.stride(1), stride_tb, total_q, num_seqs,
+        qk_scale, cap_log2, cap_inv, window_left,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_P2=max(16, next_pow2(head_dim)),
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), WINDOW=window_left >= 0,
+        SOFTCAP=softcap > 0, PAGED=paged, PAGE=page,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages)
+    return out

@@ -1,0 +1,73 @@
+"""store_kvcache in one launch: K and V rows of each token to its cache slot; slot -1 skips.
+
+Each program copies ``BLOCK_T`` tokens as one ``[BLOCK_T, Hkv*D]`` tile per tensor: both loads
+are issued before either store, so a program keeps 2 * BLOCK_T * Hkv * D elements in flight.
+Padding is data (a -1 slot masks its row), never a host-side branch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn_ops.backends.triton.common import device_sm_count, interpreting, next_pow2
+
+# Elements per tensor per program: 8192 bf16 = 16 KB, i.e. 4 x 16-byte loads per thread at 8
+# warps. Fewer, larger programs matter at T = 65536 (65536 one-token programs leave the copy
+# engine idle between tiny CTAs).
+_TILE_ELEMS = 8192
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _store_kvcache_kernel(KEY, VALUE, K_CACHE, V_CACHE, SLOTS, num_tokens,
+                          stride_kt, stride_kh, stride_vt, stride_vh,
+                          HEAD_DIM: tl.constexpr, ROW: tl.constexpr, ROW_P2: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tok < num_tokens
+    slot = tl.load(SLOTS + tok, mask=in_range, other=-1).to(tl.int64)
+    write = slot >= 0
+    col = tl.arange(0, ROW_P2)  # flat (kv head, dim) index of a cache row of ROW = Hkv * D
+    head = col // HEAD_DIM
+    dim = col % HEAD_DIM
+    mask = write[:, None] & (col < ROW)[None, :]
+    tok64 = tok.to(tl.int64)
+    k = tl.load(KEY + tok64[:, None] * stride_kt + (head * stride_kh + dim)[None, :], mask=mask)
+    v = tl.load(VALUE + tok64[:, None] * stride_vt + (head * stride_vh + dim)[None, :], mask=mask)
+    dst = slot[:, None] * ROW + col[None, :]
+    tl.store(K_CACHE + dst, k, mask=mask)
+    tl.store(V_CACHE + dst, v, mask=mask)
+
+
+def launch_config(num_tokens: int, row: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_T, num_warps) for ``num_tokens`` rows of ``row`` elements: static shapes only."""
+    row_p2 = next_pow2(row)
+    if interpreting():
+        return max(1, min(16, _TILE_ELEMS // row_p2)), 4
+    # Enough programs to give every SM ~4 (T = 64 -> one token each, 64 programs), else tiles
+    # of _TILE_ELEMS (T = 65536, Hkv*D = 1024 -> 8 tokens, 8192 programs).
+    per_sm = max(1, num_tokens // (4 * device_sm_count(device)))
+    block_t = min(1 << (per_sm.bit_length() - 1), max(1, _TILE_ELEMS // row_p2))
+    warps = 8 if block_t * row_p2 >= 4096 else 4
+    return block_t, warps
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """key/value ``[T, Hkv, D]`` (last dim contiguous) -> caches ``[blocks, page, Hkv, D]``.
+
+    ``slot_mapping`` ``[T]`` int32/int64 holds flat slots ``block * page + offset``; -1 skips.
+    Caches are contiguous (checked by the op), so a slot's row starts at ``slot * Hkv * D``.
+    """
+    num_tokens = key.shape[0]
+    if num_tokens == 0:
+        return
+    hkv, head_dim = k_cache.shape[2], k_cache.shape[3]
+    row = hkv * head_dim
+    block_t, warps = launch_config(num_tokens, row, key.device)
+    grid = (triton.cdiv(num_tokens, block_t),)
+    _store_kvcache_kernel[grid](
+        key, value, k_cache, v_cache, slot_mapping, num_tokens,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        HEAD_DIM=head_dim, ROW=row, ROW_P2=next_pow2(row), BLOCK_T=block_t, num_warps=warps)

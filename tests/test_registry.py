@@ -1,0 +1,89 @@
+"""Backend choice: argument > context manager > ATTN_OPS_BACKEND > auto; loud explicit failures."""
+
+import types
+
+import pytest
+import torch
+
+import attn_ops
+from attn_ops import registry
+from tests.helpers import cu_seqlens
+
+
+@pytest.fixture
+def spy_backend(monkeypatch):
+    """A backend named "spy" that records calls and forwards to the reference."""
+    from attn_ops.backends import reference
+    calls = []
+    spy = types.SimpleNamespace(
+        name="spy",
+        supports=lambda op, **cfg: None if cfg["dtype"] != torch.float16 else "no fp16 here",
+        prefill=lambda *a: (calls.append("prefill"), reference.prefill(*a))[1],
+        decode=lambda *a: (calls.append("decode"), reference.decode(*a))[1],
+        store_kvcache=lambda *a: (calls.append("store"), reference.store_kvcache(*a))[0])
+    monkeypatch.setitem(registry.BACKENDS, "spy", "spy_module")
+    real_get = registry.get_backend_module
+    monkeypatch.setattr(registry, "get_backend_module",
+                        lambda n: spy if n == "spy" else real_get(n))
+    registry.clear_cache()
+    yield calls
+    registry.clear_cache()
+
+
+def _prefill(dtype=torch.float32, **kw):
+    q = torch.randn(4, 2, 32, dtype=dtype)
+    cu = cu_seqlens([4])
+    return attn_ops.prefill(q, q, q, cu, cu, 4, 4, 0.1, **kw)
+
+
+def test_argument_context_and_env(spy_backend, monkeypatch):
+    _prefill(backend="spy")
+    assert spy_backend == ["prefill"]
+    with attn_ops.use_backend("spy"):
+        assert attn_ops.current_choice() == "spy"
+        _prefill()
+        with attn_ops.use_backend("reference"):  # innermost wins
+            _prefill()
+    assert spy_backend == ["prefill", "prefill"]
+    monkeypatch.setenv("ATTN_OPS_BACKEND", "spy")
+    _prefill()
+    assert spy_backend == ["prefill"] * 3
+    with attn_ops.use_backend("reference"):  # context beats the environment
+        _prefill()
+    assert spy_backend == ["prefill"] * 3
+
+
+def test_explicit_unsupported_choice_fails_loudly(spy_backend):
+    with pytest.raises(attn_ops.BackendUnavailable, match=r"'spy' cannot run prefill.*no fp16 here"):
+        _prefill(dtype=torch.float16, backend="spy")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"backend: unknown backend 'nope'"):
+        with attn_ops.use_backend("nope"):
+            pass
+
+
+def test_auto_on_cpu_is_reference():
+    cfg = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=64)
+    assert registry.select("prefill", cfg, "auto").name == "reference"
+
+
+def test_explain_lists_every_backend():
+    cfg = attn_ops.ops.decode_config(torch.randn(2, 4, 64), torch.randn(3, 16, 2, 64), -1, 0.0)
+    reasons = attn_ops.explain("decode", cfg)
+    assert set(reasons) == set(registry.BACKENDS)
+    assert reasons["reference"] == "ok"
+
+
+def test_choice_is_made_at_run_time_under_compile(spy_backend):
+    """A graph compiled once follows the context it is called in (no baked-in backend)."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, cu: torch.ops.attn.prefill(q, q, q, cu, cu, 4, 4, 0.1),
+                       backend="aot_eager", fullgraph=True)
+    q, cu = torch.randn(4, 2, 32), cu_seqlens([4])
+    fn(q, cu)
+    assert spy_backend == []
+    with attn_ops.use_backend("spy"):
+        fn(q, cu)
+    assert spy_backend == ["prefill"]
