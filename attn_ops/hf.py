@@ -1,0 +1,135 @@
+"""transformers integration: ``attn_implementation="attn_ops"`` for transformers' models.
+
+::
+
+    import attn_ops.hf
+    attn_ops.hf.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="attn_ops")
+    # or, on a loaded model: model.set_attn_implementation("attn_ops")
+
+:func:`register` adds two entries named ``"attn_ops"``: the attention function
+(:func:`attn_ops_attention_forward`) to ``transformers.AttentionInterface``, and transformers'
+SDPA mask builder to ``AttentionMaskInterface``. The mask builder matters: transformers passes
+``attention_mask=None`` exactly when the mask is plain causal attention (no padding, queries at
+the end of the keys, the condition under which its own SDPA path uses ``is_causal``), and a
+materialised boolean mask otherwise. The attention function runs ``torch.ops.attn.prefill`` in
+the first case and hands every other call to transformers' own ``sdpa_attention_forward``
+(never silently dropping a mask).
+
+transformers is imported only by :func:`register` and the fallback, so ``import attn_ops`` (and
+even ``import attn_ops.hf``) works without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attn_ops import checks
+
+NAME = "attn_ops"
+
+
+def fallback_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
+                    is_causal: bool, sliding_window: int | None, kwargs: dict) -> str | None:
+    """Why this call cannot run on ``attn.prefill`` (None when it can). Reads metadata only."""
+    if attention_mask is not None:
+        return "an explicit attention mask (padding or a custom pattern)"
+    if dropout > 0:
+        return "attention dropout (training)"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return "gradients are required (the attn ops are inference-only)"
+    if kwargs.get("cache") is not None:
+        return "transformers' own paged cache (continuous batching)"
+    for name in ("position_bias", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return f"{name} (an additive score term)"
+    if sliding_window is not None and not is_causal:
+        return "a bidirectional sliding window"
+    d = query.shape[-1]
+    if key.shape[-1] != d or value.shape[-1] != d:
+        return f"query/key/value head dims differ ({d}, {key.shape[-1]}, {value.shape[-1]})"
+    if not (0 < d <= checks.MAX_HEAD_DIM and d % checks.HEAD_DIM_MULTIPLE == 0):
+        return f"head dim {d} (the ops take multiples of {checks.HEAD_DIM_MULTIPLE} up to " \
+               f"{checks.MAX_HEAD_DIM})"
+    if query.dtype not in checks.FLOAT_DTYPES or key.dtype != query.dtype or \
+            value.dtype != query.dtype:
+        return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
+        return f"{query.shape[1]} query heads over {key.shape[1]} kv heads"
+    return None
+
+
+def attn_ops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, attention_mask: torch.Tensor | None,
+                               dropout: float = 0.0, scaling: float | None = None,
+                               is_causal: bool | None = None, sliding_window: int | None = None,
+                               softcap: float | None = None, **kwargs):
+    """transformers attention function running ``torch.ops.attn.prefill``.
+
+    Args:
+        module: the calling attention module (``is_causal`` is read from it when not passed).
+        query: ``[B, H, Sq, D]``; key, value: ``[B, Hkv, Sk, D]`` (``H % Hkv == 0``), one dtype
+            of float32 / float16 / bfloat16.
+        attention_mask: None for plain causal (or, with ``is_causal=False``, full) attention;
+            anything else falls back to transformers' SDPA path.
+        dropout: must be 0 for the ops (otherwise: fallback).
+        scaling: score scale, default ``D ** -0.5``.
+        is_causal: bottom-right aligned causal mask when ``Sq > 1``; a single query (decode
+            with a cache) sees every key either way.
+        sliding_window: a causal window of this many keys (the query's own included), i.e.
+            ``window_left = sliding_window - 1``.
+        softcap: ``c`` maps scores s to ``c * tanh(s / c)``.
+
+    Returns:
+        ``(out, None)`` with ``out [B, Sq, H, D]`` in the query's dtype (the layout transformers'
+        attention functions return).
+
+    Falls back to ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` (same
+    arguments) when :func:`fallback_reason` names a reason: an attention mask, dropout,
+    gradients, transformers' paged cache, position bias or sinks, a bidirectional window, or
+    shapes/dtypes the ops do not take. That fallback raises for ``softcap`` as SDPA does.
+    Like transformers' SDPA path, a causal multi-token query with ``attention_mask=None`` and
+    more keys than queries is the prefill of an empty static cache: only the first ``Sq`` keys
+    are real, so the others are dropped.
+    """
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    reason = fallback_reason(module, query, key, value, attention_mask, dropout, causal,
+                             sliding_window, kwargs)
+    if reason is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal,
+                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+    b, h, sq, d = query.shape
+    hkv, sk = key.shape[1], key.shape[2]
+    if causal and 1 < sq < sk:  # empty static cache: keys past Sq are unwritten slots
+        key, value, sk = key[:, :, :sq], value[:, :, :sq], sq
+    # [B, heads, S, D] -> token-major [B*S, heads, D] (a copy: THD needs tokens outermost).
+    q = query.transpose(1, 2).reshape(b * sq, h, d)
+    k = key.transpose(1, 2).reshape(b * sk, hkv, d)
+    v = value.transpose(1, 2).reshape(b * sk, hkv, d)
+    steps = torch.arange(b + 1, device=query.device, dtype=torch.int32)
+    out = torch.ops.attn.prefill(
+        q, k, v, steps * sq, steps * sk, sq, sk,
+        float(scaling) if scaling is not None else d ** -0.5,
+        causal, None,
+        sliding_window - 1 if sliding_window is not None else -1,
+        float(softcap) if softcap else 0.0)
+    return out.view(b, sq, h, d), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="attn_ops"`` available to transformers models (idempotent).
+
+    Raises:
+        ImportError: transformers is not installed (``pip install attn_ops[hf]``).
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as e:
+        raise ImportError("attn_ops.hf.register() needs transformers (pip install "
+                          "'attn_ops[hf]')") from e
+    AttentionInterface.register(NAME, attn_ops_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
