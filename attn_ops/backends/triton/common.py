@@ -63,6 +63,29 @@ def scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP: tl.constexpr):
         return qk * qk_scale
 
 
+def dot_mode(dtype: torch.dtype) -> str:
+    """The DOT constexpr of the kernels: how ``tl.dot`` treats operands of ``dtype``.
+
+    "ieee" for fp32 (exact fp32 products; tf32 would miss fp32 tolerances), "upcast" for bf16
+    under the interpreter (Triton 3.9's interpreter multiplies bf16 operands as their raw uint16
+    bits, so they are widened to fp32 first), else "tf32" (the default; unused by fp16/bf16).
+    """
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "tf32"
+
+
+@triton.jit
+def mma(a, b, acc, DOT: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation (acc may be None); DOT from :func:`dot_mode`."""
+    if DOT == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT)
+
+
 @triton.jit
 def paged_rows(table_row, pos, valid, PAGE: tl.constexpr):
     """Cache row (flat slot, int64) of token positions ``pos`` through one block-table row.

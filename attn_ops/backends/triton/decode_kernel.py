@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (device_sm_count, interpreting, next_pow2,
-                                             paged_rows, scores_log2, softcap_constants)
+from attn_ops.backends.triton.common import (device_sm_count, dot_mode, interpreting, mma,
+                                             next_pow2, paged_rows, scores_log2,
+                                             softcap_constants)
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
@@ -30,7 +31,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
                          GROUP: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT: tl.constexpr):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -66,7 +67,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
         tile_ok = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0.0)
         v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=tile_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step has >= 1 valid key
@@ -74,7 +75,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        acc = mma(p.to(v.dtype), v, acc, DOT)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key: acc = 0 -> zeros
@@ -140,13 +141,18 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
            block_table: torch.Tensor, scale: float, window_left: int = -1, softcap: float = 0.0,
-           config: tuple[int, int, int] | None = None, splits: int | None = None) -> torch.Tensor:
+           config: tuple[int, int, int] | None = None, splits: int | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
-    ``[B, W]``. Returns ``[B, H, D]`` in q's dtype. ``config``/``splits`` override the tables
-    (benchmarks only)."""
+    ``[B, W]``. Returns ``[B, H, D]`` in q's dtype.
+
+    ``config``/``splits`` override the static tables (benchmarks); ``out`` (contiguous
+    ``[B, H, D]``) receives the result (tests poison it to catch unwritten elements).
+    """
     batch, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     if k_cache.numel() == 0 or block_table.numel() == 0:
@@ -172,7 +178,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         qk_scale, cap_log2, cap_inv, window_left,
         GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2, PAGE=page,
         BLOCK_N=block_n, DIRECT=direct, SOFTCAP=softcap > 0, WINDOW=window_left >= 0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT=dot_mode(q.dtype),
         num_warps=warps, num_stages=stages)
     if not direct:
         _merge_kernel[(batch * num_heads,)](

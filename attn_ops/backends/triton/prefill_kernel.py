@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (interpreting, next_pow2, paged_rows, scores_log2,
-                                             softcap_constants)
+from attn_ops.backends.triton.common import (dot_mode, interpreting, mma, next_pow2,
+                                             paged_rows, scores_log2, softcap_constants)
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, h
                   window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                  PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
 
     ``q_pos[r]`` is query row r's own position in key coordinates (``i + lk - lq``). With
@@ -58,7 +58,7 @@ def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, h
             rows = pos
         k = _load_rows(K + rows[:, None] * stride_kt + offs_d[None, :], key_ok, dim_ok, MASKED,
                        MASK_DIM)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         if MASKED:
             ok = key_ok[None, :]
@@ -78,7 +78,7 @@ def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, h
         v = _load_rows(V + rows[:, None] * stride_vt + offs_d[None, :], key_ok, dim_ok, MASKED,
                        MASK_DIM)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        acc = mma(p.to(v.dtype), v, acc, DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -91,7 +91,7 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
-                    PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    PAGE: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -159,17 +159,17 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
                                   stride_vt, lo, tl.minimum(f_lo, hi), lk, q_pos, window_left,
                                   qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
                                   True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                                  DOT_PRECISION)
+                                  DOT)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
                                   stride_vt, f_lo, f_hi, lk, q_pos, window_left,
                                   qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
                                   False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                                  DOT_PRECISION)
+                                  DOT)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
                                   stride_vt, f_hi, hi, lk, q_pos, window_left,
                                   qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
                                   True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                                  DOT_PRECISION)
+                                  DOT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: acc = 0 -> zeros
     o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -203,20 +203,24 @@ def launch_config(head_dim: int, dtype: torch.dtype, causal: bool) -> tuple[int,
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
-            softcap: float = 0.0, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+            softcap: float = 0.0, config: tuple[int, int, int, int] | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype.
 
-    ``config`` overrides the (BLOCK_M, BLOCK_N, num_warps, num_stages) table (benchmarks only).
+    ``config`` overrides the (BLOCK_M, BLOCK_N, num_warps, num_stages) table (benchmarks);
+    ``out`` (contiguous ``[Tq, H, D]``) receives the result (tests poison it to catch unwritten
+    elements).
     """
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     paged = block_table is not None
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if total_q == 0:
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+        return out
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
-        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # no key anywhere
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return out.zero_()  # no key anywhere (static shapes say so)
     if paged:
         page, num_kv_heads = k.shape[1], k.shape[2]
         stride_kt, stride_kh, stride_vt, stride_vh = k.stride(1), k.stride(2), v.stride(1), v.stride(2)
@@ -236,6 +240,6 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_P2=max(16, next_pow2(head_dim)),
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), WINDOW=window_left >= 0,
         SOFTCAP=softcap > 0, PAGED=paged, PAGE=page,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT=dot_mode(q.dtype),
         num_warps=warps, num_stages=stages)
     return out
