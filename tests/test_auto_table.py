@@ -1,0 +1,134 @@
+"""The auto table: keys, lookup relaxation, the committed data, building it, registry use."""
+
+import json
+
+import pytest
+import torch
+
+from attn_ops import registry
+from attn_ops.backends import auto_table
+
+CUDA = torch.device("cuda")
+KNOWN = set(registry.BACKENDS)
+
+
+def _prefill(dtype=torch.bfloat16, d=128, paged=False, block_size=None):
+    return dict(device=CUDA, dtype=dtype, head_dim=d, num_heads=32, num_kv_heads=8, causal=True,
+                paged=paged, block_size=block_size, window_left=-1, softcap=0.0)
+
+
+def _decode(dtype=torch.bfloat16, d=128, block_size=16):
+    return dict(device=CUDA, dtype=dtype, head_dim=d, num_heads=32, num_kv_heads=8,
+                block_size=block_size, window_left=-1, softcap=0.0)
+
+
+@pytest.mark.parametrize("op,config,expected", [
+    ("prefill", _prefill(), ("prefill", "sm90", "bf16", "d128", "dense")),
+    ("prefill", _prefill(torch.float16, 40, True, 16), ("prefill", "sm90", "fp16", "d64", "bs16")),
+    ("decode", _decode(torch.float32, 80, 17), ("decode", "sm90", "fp32", "d128", "bs32")),
+    ("decode", _decode(d=256, block_size=1), ("decode", "sm90", "bf16", "d256", "bs16")),
+    ("decode", _decode(d=192, block_size=512), ("decode", "sm90", "bf16", "d256", "bs256")),
+])
+def test_features_bucket_static_config(op, config, expected):
+    assert auto_table.features(op, config, "sm90") == expected
+
+
+TABLE = {"entries": {
+    "decode|sm90|bf16|d128|bs16": {"order": ["triton", "flash"]},
+    "decode|sm90|bf16|d128|*": {"order": ["flash"]},
+    "decode|sm90|*|*|*": {"order": ["reference", "triton"]},
+    "prefill|*|*|*|*": {"order": ["flash", "flash", "triton"]},
+}}
+
+
+@pytest.mark.parametrize("op,config,arch,expected", [
+    ("decode", _decode(), "sm90", ("triton", "flash")),                      # exact key
+    ("decode", _decode(block_size=256), "sm90", ("flash", "triton")),        # kv relaxed
+    ("decode", _decode(torch.float16), "sm90", ("reference", "triton", "flash")),  # dtype too
+    ("decode", _decode(), "sm80", None),                                     # other GPU: none
+    ("prefill", _prefill(), "sm100", ("flash", "triton")),                  # op-wide default
+])
+def test_lookup_relaxes_from_the_right_and_appends_fallbacks(op, config, arch, expected):
+    assert auto_table.order_for(op, config, arch=arch, table=TABLE) == expected
+
+
+def test_committed_table_is_valid_and_names_known_backends():
+    table = auto_table.load()
+    assert table["source"] and table["entries"]
+    for key, entry in table["entries"].items():
+        assert len(key.split("|")) == 5 and key.split("|")[0] in ("prefill", "decode",
+                                                                  "store_kvcache")
+        assert set(entry["order"]) <= KNOWN, key
+    if table["source"].startswith("provisional"):
+        assert "regenerate with" in table["source"]
+    else:  # measured: every exact entry carries its times
+        assert any("median_us" in e for e in table["entries"].values())
+
+
+def test_malformed_table_fails_loudly(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"entries": {"prefill|sm90": {"order": ["flash"]}}}))
+    with pytest.raises(ValueError, match="not op|arch|dtype|head|kv"):
+        auto_table.load(str(bad))
+    bad.write_text(json.dumps({"entries": {"prefill|sm90|bf16|d128|dense": {"order": []}}}))
+    with pytest.raises(ValueError, match="non-empty 'order'"):
+        auto_table.load(str(bad))
+
+
+def _row(key, workload, backend, us):
+    return {"key": key, "workload": workload, "backend": backend, "median_us": us}
+
+
+K1, K2, K3 = ("decode|sm90|bf16|d128|bs16", "decode|sm90|bf16|d128|bs256",
+              "prefill|sm90|bf16|d128|dense")
+ROWS = [
+    _row(K1, "small", "triton", 10.0), _row(K1, "small", "flash", 20.0),
+    _row(K1, "large", "triton", 100.0), _row(K1, "large", "flash", 60.0),  # geomean: t 31.6 < 34.6
+    _row(K2, "small", "triton", 10.0), _row(K2, "small", "flash", 10.0),  # exact tie
+    _row(K3, "a", "flash", 5.0), _row(K3, "a", "triton", 4.0),
+    _row(K3, "b", "flash", 5.0), _row(K3, "b", "triton", ""),  # triton failed on b: left out
+]
+
+
+def test_build_ranks_by_geomean_breaks_ties_and_drops_incomplete():
+    entries = auto_table.build_table(ROWS, "measured")["entries"]
+    assert entries[K1]["order"] == ["triton", "flash"]
+    assert entries[K1]["speedup"] == pytest.approx((20 * 60) ** 0.5 / 1000 ** 0.5, abs=1e-3)
+    assert entries[K2]["order"] == list(auto_table.TIE_ORDER[:2])  # tie: the fixed order
+    assert entries[K3]["order"] == ["flash"] and "speedup" not in entries[K3]
+    assert entries[K3]["median_us"] == {"flash": 5.0}
+
+
+def test_build_adds_wildcard_defaults_by_wins_and_is_deterministic():
+    table = auto_table.build_table(ROWS, "measured", meta={"device": "H100"})
+    entries = table["entries"]
+    assert entries["decode|sm90|bf16|d128|*"]["order"] == ["triton", "flash"]  # 2 wins to 0
+    assert entries["decode|sm90|*|*|*"]["wins"] == {"triton": 2, "flash": 0}
+    assert entries["prefill|*|*|*|*"]["order"] == ["flash"]
+    again = auto_table.build_table(list(reversed(ROWS)), "measured", meta={"device": "H100"})
+    assert json.dumps(table, sort_keys=True) == json.dumps(again, sort_keys=True)
+    assert table["device"] == "H100" and table["source"] == "measured"
+
+
+def test_build_keeps_other_archs_and_drops_provisional_entries():
+    previous = {"entries": {
+        "decode|sm80|bf16|d128|bs16": {"order": ["flash", "triton"],
+                                       "median_us": {"flash": 1.0, "triton": 2.0}},
+        "decode|sm90|bf16|d128|bs16": {"order": ["flash"], "median_us": {"flash": 1.0}},
+        "prefill|sm90|*|*|*": {"order": ["flash", "triton"], "why": "provisional"}}}
+    entries = auto_table.build_table(ROWS, "measured", previous=previous)["entries"]
+    assert entries["decode|sm80|bf16|d128|bs16"]["order"] == ["flash", "triton"]  # kept
+    assert entries[K1]["order"] == ["triton", "flash"]  # re-measured arch replaced
+    assert "why" not in entries["prefill|sm90|*|*|*"]  # recomputed from measurements
+    assert entries["decode|*|*|*|*"]["wins"] == {"triton": 2, "flash": 1}
+
+
+def test_registry_follows_the_table(monkeypatch, tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(auto_table.build_table(ROWS, "measured")))
+    monkeypatch.setenv("ATTN_OPS_AUTO_TABLE", str(path))
+    monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm90")
+    assert registry.auto_order("decode", _decode()) == ("triton", "flash", "reference")
+    assert registry.auto_order("prefill", _prefill()) == ("flash", "triton", "reference")
+    monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm75")
+    assert registry.auto_order("decode", _decode()) == registry._AUTO_DEFAULT["cuda"]

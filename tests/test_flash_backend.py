@@ -1,0 +1,442 @@
+"""The flash backend: supports() decisions and argument plumbing on CPU, kernels on a GPU.
+
+CPU: the decisions are pure functions of (op, config, GPU capability, installed providers), so
+they are tested with providers built from the real signatures of each version. The per-provider
+call code runs against stand-in kernels that keep FlashAttention's documented conventions
+(window ``(left, right)``, causal forcing right = 0, int32 block tables, the max_seqlen_q == 1
+GQA fold, unwritten rows left as garbage, poisoned here with NaN) and compute with the
+reference backend, so a wrong argument shows up as a wrong value.
+
+GPU (``-m cuda``): every installed provider against the reference backend, with the CUDA
+caching allocator poisoned with NaN first so unwritten output elements cannot pass.
+"""
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+import attn_ops
+from attn_ops import registry
+from attn_ops.backends import flash, reference
+from tests.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+
+CUDA = torch.device("cuda")
+SM90, SM80, SM75 = (9, 0), (8, 0), (7, 5)
+# aten::_flash_attention_forward argument names, torch 2.11 and torch 2.13.
+ATEN_211 = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+            "is_causal", "return_debug_mask", "scale", "window_size_left", "window_size_right",
+            "seqused_k", "alibi_slopes"]
+ATEN_213 = ATEN_211 + ["block_table", "num_splits"]
+NAN = float("nan")
+
+
+def _config(op="prefill", dtype=torch.bfloat16, d=128, paged=False, block_size=None,
+            window_left=-1, softcap=0.0, device=CUDA):
+    if op == "decode":
+        return dict(device=device, dtype=dtype, head_dim=d, num_heads=8, num_kv_heads=2,
+                    block_size=block_size or 256, window_left=window_left, softcap=softcap)
+    return dict(device=device, dtype=dtype, head_dim=d, num_heads=8, num_kv_heads=2, causal=True,
+                paged=paged, block_size=block_size if paged else None, window_left=window_left,
+                softcap=softcap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-in kernels with FlashAttention's calling conventions, computing with the reference
+# ---------------------------------------------------------------------------------------------
+
+def _fa_mask(causal, window_size):
+    left, right = window_size
+    assert right in (-1, 0), f"right window {right}: the contract needs 0 (causal) or -1"
+    return causal or right == 0, left
+
+
+def _check_gqa_fold(q, num_kv_heads, cu_q, max_q, window_size):
+    # FA2 folds GQA query heads into rows when max_seqlen_q == 1 and reads row b as sequence
+    # b's only query: right only when cu_seqlens_q == 0..B.
+    if max_q == 1 and q.shape[-2] > num_kv_heads and tuple(window_size) == (-1, -1):
+        b = cu_q.shape[0] - 1
+        assert torch.equal(cu_q.cpu(), torch.arange(b + 1, dtype=torch.int32)), "FA2 fold misread"
+
+
+def _poison(out, rows):
+    out = out.clone()
+    out[rows] = NAN  # what the kernel does not write (or does not promise)
+    return out
+
+
+def _fa_prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap, table):
+    if table is not None:
+        assert table.dtype == torch.int32 and table.is_contiguous()
+    hkv = k.shape[-2]
+    _check_gqa_fold(q, hkv, cu_q, max_q, window_size)
+    causal, left = _fa_mask(causal, window_size)
+    out = reference.prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, table, left,
+                            softcap)
+    return _poison(out, torch.arange(q.shape[0]) >= cu_q[-1])
+
+
+def fa2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+    assert dropout_p == 0.0
+    return _fa_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       softmax_scale, causal, window_size, softcap, block_table)
+
+
+def fa2_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                     cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                     block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                     softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                     return_softmax_lse=False):
+    assert k is None and q.dim() == 4 and q.shape[1] == 1 and block_table.dtype == torch.int32
+    _, left = _fa_mask(causal, window_size)
+    out = reference.decode(q[:, 0], k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
+                           left, softcap)
+    return _poison(out, cache_seqlens == 0)[:, None]
+
+
+def fa3_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+               seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None,
+               q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1),
+               attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
+               sm_margin=0, return_attn_probs=False):
+    out = _fa_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      softmax_scale, causal, window_size, softcap, None)
+    return out, torch.zeros(q.shape[1], q.shape[0])  # some FA3 builds return (out, lse)
+
+
+def fa3_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None,
+                     rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
+                     cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None,
+                     max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None,
+                     v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                     attention_chunk=0, softcap=0.0, rotary_interleaved=True,
+                     scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0,
+                     return_softmax_lse=False):
+    assert k is None and page_table.dtype == torch.int32
+    if cu_seqlens_q is None:
+        return fa2_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                block_table=page_table, softmax_scale=softmax_scale,
+                                causal=causal, window_size=window_size, softcap=softcap)
+    cu_k = torch.nn.functional.pad(cache_seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+    max_k = page_table.shape[1] * k_cache.shape[1]
+    return _fa_prefill(q, k_cache, v_cache, cu_seqlens_q, cu_k, max_seqlen_q, max_k,
+                       softmax_scale, causal, window_size, softcap, page_table)
+
+
+def aten_flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
+                       is_causal, return_debug_mask, *, scale=None, window_size_left=None,
+                       window_size_right=None, seqused_k=None, alibi_slopes=None,
+                       block_table=None, num_splits=None):
+    window = (-1 if window_size_left is None else window_size_left,
+              -1 if window_size_right is None else window_size_right)
+    out = _fa_prefill(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, scale, is_causal,
+                      window, 0.0, block_table)
+    lens_k = cum_seq_k[1:] - cum_seq_k[:-1]
+    if max_q == 1:  # a decode batch: a sequence with no key may come back non-finite
+        out = _poison(out, lens_k == 0)
+    return out, None, None, None, None
+
+
+def _module(name, **functions):
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    mod.__version__ = "9.9.9"
+    for fname, fn in functions.items():
+        setattr(mod, fname, fn)
+    return mod
+
+
+FAKE_FA2 = _module("flash_attn", flash_attn_varlen_func=fa2_varlen,
+                   flash_attn_with_kvcache=fa2_with_kvcache)
+FAKE_FA3 = _module("flash_attn_interface", flash_attn_varlen_func=fa3_varlen,
+                   flash_attn_with_kvcache=fa3_with_kvcache)
+PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa2": flash._fa2_provider(FAKE_FA2),
+             "aten": flash.aten_provider(ATEN_213, "2.13.0")}
+
+
+# ---------------------------------------------------------------------------------------------
+# supports(): decisions (CPU)
+# ---------------------------------------------------------------------------------------------
+
+def test_cpu_tensors_store_and_fp32_are_refused_with_reasons():
+    assert "CUDA device" in flash.supports("prefill", **_config(device=torch.device("cpu")))
+    assert "triton or reference" in flash.supports(
+        "store_kvcache", device=CUDA, dtype=torch.float16, head_dim=64, num_kv_heads=2,
+        block_size=16, slot_dtype=torch.int64)
+    assert "float16/bfloat16 only" in flash.supports("decode", **_config("decode",
+                                                                         torch.float32))
+    assert "CUDA device" in registry.explain("prefill", _config(device=torch.device("cpu")))["flash"]
+
+
+def test_explicit_flash_on_cpu_fails_loudly_through_the_op():
+    q = torch.randn(5, 2, 32, dtype=torch.float16)
+    cu = cu_seqlens([5])
+    with pytest.raises(attn_ops.BackendUnavailable, match="'flash' cannot run prefill.*CUDA"):
+        attn_ops.prefill(q, q, q, cu, cu, 5, 5, 0.2, backend="flash")
+
+
+def test_aten_provider_follows_the_schema_of_each_torch_version():
+    old, new = flash.aten_provider(ATEN_211, "2.11.0"), flash.aten_provider(ATEN_213, "2.13.0")
+    assert old.dense_prefill and old.window and not old.softcap
+    assert not old.paged_prefill and not old.decode
+    assert new.paged_prefill and new.decode and new.page_multiple == 256
+    providers = (("aten", old),)
+    assert flash.choose("prefill", _config(), SM90, providers) == (old, None)
+    for op, cfg in (("decode", _config("decode")), ("prefill", _config(paged=True,
+                                                                       block_size=256))):
+        p, reason = flash.choose(op, cfg, SM90, providers)
+        assert p is None and "no block_table" in reason and "2.11.0" in reason
+        assert "does not gather" in reason
+
+
+@pytest.mark.parametrize("op,cfg,cap,expect", [
+    ("decode", _config("decode", block_size=256), SM90, None),
+    ("decode", _config("decode", block_size=16), SM90, "multiple of 256 (got 16)"),
+    ("prefill", _config(paged=True, block_size=512), SM80, None),
+    ("prefill", _config(window_left=7), SM80, None),
+    ("prefill", _config(softcap=30.0), SM90, "no softcap argument"),
+    ("prefill", _config(dtype=torch.float16), SM75, "needs sm80+ (this GPU is sm75)"),
+    ("prefill", _config(d=512), SM90, "head dims up to 256"),
+])
+def test_aten_decisions(op, cfg, cap, expect):
+    p, reason = flash.choose(op, cfg, cap, (("aten", PROVIDERS["aten"]),))
+    assert (p is None) == (expect is not None)
+    assert expect is None or expect in reason
+
+
+def test_providers_are_tried_fastest_first_and_can_be_forced():
+    providers = tuple(PROVIDERS.items())
+    assert flash.choose("prefill", _config(), SM90, providers)[0].name == "fa3"
+    assert flash.choose("prefill", _config(), SM80, providers)[0].name == "fa2"  # FA3: sm90
+    assert flash.choose("decode", _config("decode", block_size=16), SM90, providers)[0].name \
+        == "fa3"  # FA3 pages are any size
+    p, reason = flash.choose("decode", _config("decode", block_size=16), SM80, providers)
+    assert p is None and "[fa3] FA3" in reason and "sm90" in reason and "(got 16)" in reason
+    assert flash.choose("prefill", _config(), SM90, providers, forced="aten")[0].name == "aten"
+    assert "not one of" in flash.choose("prefill", _config(), SM90, providers, forced="fa4")[1]
+
+
+def test_absent_and_old_packages_give_their_reason():
+    old_fa2 = _module("flash_attn", flash_attn_varlen_func=lambda q, k, v, cu_seqlens_q,
+                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                      softmax_scale=None, causal=False, window_size=(-1, -1): None,
+                      flash_attn_with_kvcache=lambda q, k_cache, v_cache, cache_seqlens=None,
+                      block_table=None, window_size=(-1, -1): None)
+    p = flash._fa2_provider(old_fa2)
+    assert p.decode and not p.paged_prefill and not p.softcap
+    assert "too old" in flash.choose("prefill", _config(softcap=5.0), SM90, (("fa2", p),))[1]
+    absent = (("fa2", "flash_attn is not installed (pip install flash-attn)"),)
+    assert "pip install flash-attn" in flash.choose("prefill", _config(), SM90, absent)[1]
+    fwd = flash._fa3_fwd_provider(_module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
+    only = (("fa3_fwd", fwd),)
+    assert flash.choose("prefill", _config(), SM90, only)[0] is fwd
+    assert "bfloat16 only" in flash.choose("prefill", _config(dtype=torch.float16), SM90, only)[1]
+    assert "local attention" in flash.choose("prefill", _config(window_left=3), SM90, only)[1]
+    assert "paged KV" in flash.choose("decode", _config("decode"), SM90, only)[1]
+
+
+def test_detection_reads_installed_modules(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", FAKE_FA2)
+    p = flash._detect_one("fa2")
+    assert p.name == "fa2" and p.module is FAKE_FA2 and "9.9.9" in p.label
+    assert p.paged_prefill and p.decode and p.window and p.softcap
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", FAKE_FA3)
+    p = flash._detect_one("fa3")
+    assert p.paged_prefill and p.decode and p.page_multiple == 1 and p.softcap
+
+
+class _ForbidFlashImports(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in ("flash_attn", "flash_attn_interface", "fa3_fwd_interface"):
+            raise AssertionError(f"{fullname} was looked up")
+        return None
+
+
+def test_loading_the_module_and_cpu_decisions_never_look_up_flash_packages(monkeypatch):
+    monkeypatch.setattr(sys, "meta_path", [_ForbidFlashImports()] + sys.meta_path)
+    importlib.reload(flash)  # module-level code runs again under the guard
+    assert "CUDA" in flash.supports("prefill", **_config(device=torch.device("cpu")))
+    assert "float16/bfloat16" in flash.supports("prefill", **_config(dtype=torch.float32))
+    with pytest.raises(AssertionError, match="flash_attn was looked up"):
+        importlib.util.find_spec("flash_attn")  # the guard itself works
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-provider plumbing against the stand-in kernels (CPU, float32: exact to the reference)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["fa3", "fa2", "aten"])
+def provider(request, monkeypatch):
+    p = PROVIDERS[request.param]
+    monkeypatch.setattr(flash, "_provider", lambda op, config: p)
+    monkeypatch.setattr(flash, "_aten_flash_forward", lambda: aten_flash_forward)
+    return p
+
+
+def _skip_unless(p, op, **cfg):
+    reason = flash.provider_reason(p, op, _config(op, **cfg), SM90)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window,softcap", [(-1, 0.0), (2, 0.0), (-1, 3.0), (4, 2.0)])
+def test_dense_prefill_plumbing(provider, causal, window, softcap):
+    _skip_unless(provider, "prefill", window_left=window, softcap=softcap)
+    lens_q, lens_k = [3, 0, 5, 1], [8, 0, 5, 4]
+    q = torch.randn(sum(lens_q) + 2, 4, 32)  # two rows past cu_seqlens_q[-1]
+    k, v = torch.randn(sum(lens_k), 2, 32), torch.randn(sum(lens_k), 2, 32)
+    args = (q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), 5, 8, 0.3, causal, None, window,
+            softcap)
+    expected = reference.prefill(*args)
+    assert_close(flash.prefill(*args), expected, 1e-6, 1e-6)
+    assert expected[-2:].abs().sum() == 0
+
+
+def test_prefill_with_one_query_bound_does_not_fold_heads(provider):
+    lens_q, lens_k = [0, 1, 1], [2, 3, 1]  # max_seqlen_q == 1 but cu_seqlens_q != 0..B
+    q, k, v = torch.randn(3, 4, 32), torch.randn(6, 2, 32), torch.randn(6, 2, 32)
+    args = (q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), 1, 3, 0.3)
+    assert_close(flash.prefill(*args), reference.prefill(*args), 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("window,softcap", [(-1, 0.0), (5, 0.0), (-1, 2.0)])
+def test_paged_prefill_plumbing(provider, window, softcap):
+    _skip_unless(provider, "prefill", paged=True, block_size=256, window_left=window,
+                 softcap=softcap)
+    lens_q, lens_k = [4, 0, 9], [300, 0, 9]
+    batch = random_paged(lens_k, 2, 32, 256, torch.float32, table_width=3)
+    q = torch.randn(sum(lens_q), 4, 32)
+    args = (q, batch.k_cache, batch.v_cache, cu_seqlens(lens_q), cu_seqlens(lens_k), 9, 300,
+            0.2, True, batch.block_table.long(), window, softcap)  # int64 table: converted
+    assert_close(flash.prefill(*args), reference.prefill(*args), 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("window,softcap", [(-1, 0.0), (3, 0.0), (-1, 4.0)])
+def test_decode_plumbing(provider, window, softcap):
+    _skip_unless(provider, "decode", window_left=window, softcap=softcap)
+    lens = [0, 5, 300, 1]
+    batch = random_paged(lens, 2, 32, 256, torch.float32, table_width=2)
+    q = torch.randn(len(lens), 4, 32)
+    args = (q, batch.k_cache, batch.v_cache, torch.tensor(lens, dtype=torch.int32),
+            batch.block_table, 0.25, window, softcap)
+    out = flash.decode(*args)
+    assert_close(out, reference.decode(*args), 1e-6, 1e-6)
+    assert out[0].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the real kernels against the reference backend
+# ---------------------------------------------------------------------------------------------
+
+def _poison_allocator():
+    """Fill the CUDA caching allocator's free blocks with NaN, so unwritten outputs show."""
+    for numel in (1 << 27, *(1 << 18,) * 16):
+        torch.full((numel,), NAN, device=CUDA, dtype=torch.float16)
+
+
+@pytest.fixture(params=flash.PROVIDER_ORDER)
+def gpu_provider(request, monkeypatch):
+    found = dict(flash.detect())[request.param]
+    if isinstance(found, str):
+        pytest.skip(found)
+    monkeypatch.setenv("ATTN_OPS_FLASH_IMPL", request.param)
+    registry.clear_cache()
+    yield found
+    registry.clear_cache()
+
+
+def _skip_unless_gpu(p, op, **cfg):
+    cfg = _config(op, **cfg)
+    reason = flash.provider_reason(p, op, cfg, torch.cuda.get_device_capability())
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _flash_vs_reference(call, dtype):
+    _poison_allocator()
+    out = call("flash")
+    atol, rtol = TOLERANCES[dtype]
+    # FlashAttention rounds P to the input dtype before P @ V; the reference keeps fp32.
+    assert_close(out, call("reference"), 2 * atol, 2 * rtol)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lens_q,lens_k,h,hkv,d", [
+    ([13], [13], 2, 2, 64), ([1, 7, 123], [1, 7, 123], 8, 2, 128),
+    ([3, 0, 5], [8, 0, 5], 8, 2, 128), ([123, 40], [300, 40], 4, 1, 256), ([2, 4], [2, 4], 4, 1, 40)])
+@pytest.mark.parametrize("causal,window,softcap", [
+    (True, -1, 0.0), (False, -1, 0.0), (True, 3, 0.0), (False, 2, 0.0), (True, -1, 5.0)])
+def test_gpu_dense_prefill(gpu_provider, dtype, lens_q, lens_k, h, hkv, d, causal, window, softcap):
+    _skip_unless_gpu(gpu_provider, "prefill", dtype=dtype, d=d, window_left=window,
+                     softcap=softcap)
+    q = torch.randn(sum(lens_q) + 3, h, d, dtype=dtype, device=CUDA)  # 3 padded tail rows
+    k = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=CUDA)
+    v = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=CUDA)
+    cq, ck = cu_seqlens(lens_q, CUDA), cu_seqlens(lens_k, CUDA)
+    out = _flash_vs_reference(lambda b: attn_ops.prefill(
+        q, k, v, cq, ck, max(lens_q), max(lens_k), d ** -0.5, causal, None, window, softcap,
+        backend=b), dtype)
+    assert out[-3:].abs().sum() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("window,softcap", [(-1, 0.0), (40, 0.0), (-1, 5.0)])
+def test_gpu_paged_prefill(gpu_provider, dtype, block_size, window, softcap):
+    _skip_unless_gpu(gpu_provider, "prefill", dtype=dtype, paged=True, block_size=block_size,
+                     window_left=window, softcap=softcap)
+    lens_q, lens_k = [5, 0, 123, 1], [300, 0, 123, 600]
+    batch = random_paged(lens_k, 2, 128, block_size, dtype, CUDA)
+    q = torch.randn(sum(lens_q), 8, 128, dtype=dtype, device=CUDA)
+    cq, ck = cu_seqlens(lens_q, CUDA), cu_seqlens(lens_k, CUDA)
+    _flash_vs_reference(lambda b: attn_ops.prefill(
+        q, batch.k_cache, batch.v_cache, cq, ck, 123, 600, 0.09, True, batch.block_table,
+        window, softcap, backend=b), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("window,softcap", [(-1, 0.0), (100, 0.0), (-1, 5.0)])
+def test_gpu_decode(gpu_provider, dtype, block_size, window, softcap):
+    _skip_unless_gpu(gpu_provider, "decode", dtype=dtype, block_size=block_size,
+                     window_left=window, softcap=softcap)
+    lens = [0, 1, 300, 777, 13]
+    batch = random_paged(lens, 2, 128, block_size, dtype, CUDA)
+    q = torch.randn(len(lens), 8, 128, dtype=dtype, device=CUDA)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=CUDA)
+    out = _flash_vs_reference(lambda b: attn_ops.decode(
+        q, batch.k_cache, batch.v_cache, seqlens, batch.block_table, 0.09, window, softcap,
+        backend=b), dtype)
+    assert out[0].abs().sum() == 0
+
+
+@pytest.mark.cuda
+def test_gpu_decode_replays_in_a_cuda_graph(gpu_provider, monkeypatch):
+    _skip_unless_gpu(gpu_provider, "decode", dtype=torch.bfloat16, block_size=256)
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")
+    batch = random_paged([600, 600, 600], 2, 128, 256, torch.bfloat16, CUDA)
+    q = torch.randn(3, 8, 128, dtype=torch.bfloat16, device=CUDA)
+    seqlens = torch.tensor([5, 0, 600], dtype=torch.int32, device=CUDA)
+    args = (q, batch.k_cache, batch.v_cache, seqlens, batch.block_table, 0.09)
+    attn_ops.decode(*args, backend="flash")  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn_ops.decode(*args, backend="flash")
+    q.copy_(torch.randn_like(q))
+    seqlens.copy_(torch.tensor([600, 77, 0], dtype=torch.int32))
+    graph.replay()
+    expected = attn_ops.decode(*args, backend="reference")
+    assert_close(out, expected, *(2 * t for t in TOLERANCES[torch.bfloat16]))
+    assert out[2].abs().sum() == 0
