@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attn_ops.demo_model import DemoLlama
+from attn_ops.paged_cache import PagedKVCache
 
 
 @dataclass
@@ -77,23 +78,23 @@ def _timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def serve(model: DemoLlama, requests: list[Request], *, max_batch: int, block_size: int,
-          num_blocks: int, progress=None) -> ServeStats:
+def serve(model: DemoLlama, requests: list[Request], cache: PagedKVCache, *, max_batch: int,
+          progress=None) -> ServeStats:
     """Serve ``requests`` greedily with continuous batching; fills each request's output.
 
     Args:
         model: in eval mode, on its device; its ``prefill``/``decode`` run the attn ops.
         requests: admitted in order; each needs ``max_new_tokens >= 1``.
+        cache: an empty paged cache from ``model.new_cache`` whose ``max_seq_len`` covers every
+            request's ``cache_tokens``; every block is free again when this returns.
         max_batch: decode rows per step (running sequences at most; the rest is padding).
-        block_size, num_blocks: of the paged cache (per layer).
         progress: an object with ``update(n)`` (see :mod:`attn_ops.progress`), or None.
 
     Returns:
         :class:`ServeStats`. Raises ``ValueError`` if a request can never fit in the cache.
     """
     device = model.lm_head.weight.device
-    max_len = max(r.cache_tokens for r in requests)
-    cache = model.new_cache(num_blocks, block_size, max_seq_len=max_len)
+    block_size, num_blocks = cache.block_size, cache.num_blocks
     blocks_for = lambda n: -(-n // block_size)  # noqa: E731
     for r in requests:
         if r.max_new_tokens < 1 or not r.prompt:
