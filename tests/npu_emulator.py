@@ -26,6 +26,7 @@ check the lowering call by call; use :func:`recording`.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -259,9 +260,13 @@ def _check_mask(mode: int, mask) -> None:
     _require(tuple(mask.shape[-2:]) == (MASK_SIZE, MASK_SIZE) and mask.numel() == MASK_SIZE ** 2,
              f"sparse_mode {mode} takes the compressed ({MASK_SIZE}, {MASK_SIZE}) mask, got "
              f"{tuple(mask.shape)}")
-    expected = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool).triu(1)
-    _require(torch.equal(mask.reshape(MASK_SIZE, MASK_SIZE).bool(), expected),
+    _require(torch.equal(mask.reshape(MASK_SIZE, MASK_SIZE).bool(), _expected_mask()),
              "the compressed mask must be triu(ones(2048, 2048), 1): 1 = masked out")
+
+
+@functools.lru_cache(maxsize=1)
+def _expected_mask() -> torch.Tensor:
+    return torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool).triu(1)
 
 
 def _allowed(sq: int, skv: int, mode: int, pre: int, nxt: int) -> torch.Tensor:
@@ -285,8 +290,10 @@ def _attend(q, k, v, scale, allowed):
     s = torch.einsum("qnd,knd->nqk", q.float(), kk) * scale
     s = s.masked_fill(~allowed[None], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [N, Sq]
-    p = torch.softmax(s, dim=-1)  # NaN where a row is all -inf: undocumented, so poisoned
-    return torch.einsum("nqk,knd->qnd", p, vv), lse.transpose(0, 1)
+    p = torch.softmax(s, dim=-1)
+    out = torch.einsum("nqk,knd->qnd", p, vv)
+    out[~allowed.any(dim=-1)] = float("nan")  # a row that sees no key: undocumented, poisoned
+    return out, lse.transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------
