@@ -132,3 +132,10 @@ def test_registry_follows_the_table(monkeypatch, tmp_path):
     assert registry.auto_order("prefill", _prefill()) == ("flash", "triton", "reference")
     monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm75")
     assert registry.auto_order("decode", _decode()) == registry._AUTO_DEFAULT["cuda"]
+
+
+def test_dumps_round_trips_one_entry_per_line():
+    table = auto_table.build_table(ROWS, "measured", meta={"device": "H100"})
+    text = auto_table.dumps(table)
+    assert json.loads(text) == table
+    assert text.count("\n") == len(table["entries"]) + 7  # braces, 3 meta lines, entries

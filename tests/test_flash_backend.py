@@ -172,7 +172,8 @@ def test_cpu_tensors_store_and_fp32_are_refused_with_reasons():
         block_size=16, slot_dtype=torch.int64)
     assert "float16/bfloat16 only" in flash.supports("decode", **_config("decode",
                                                                          torch.float32))
-    assert "CUDA device" in registry.explain("prefill", _config(device=torch.device("cpu")))["flash"]
+    explained = registry.explain("prefill", _config(device=torch.device("cpu")))
+    assert "CUDA device" in explained["flash"]
 
 
 def test_explicit_flash_on_cpu_fails_loudly_through_the_op():
@@ -373,7 +374,8 @@ def _flash_vs_reference(call, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lens_q,lens_k,h,hkv,d", [
     ([13], [13], 2, 2, 64), ([1, 7, 123], [1, 7, 123], 8, 2, 128),
-    ([3, 0, 5], [8, 0, 5], 8, 2, 128), ([123, 40], [300, 40], 4, 1, 256), ([2, 4], [2, 4], 4, 1, 40)])
+    ([3, 0, 5], [8, 0, 5], 8, 2, 128), ([123, 40], [300, 40], 4, 1, 256),
+    ([2, 4], [2, 4], 4, 1, 40)])
 @pytest.mark.parametrize("causal,window,softcap", [
     (True, -1, 0.0), (False, -1, 0.0), (True, 3, 0.0), (False, 2, 0.0), (True, -1, 5.0)])
 def test_gpu_dense_prefill(gpu_provider, dtype, lens_q, lens_k, h, hkv, d, causal, window, softcap):

@@ -17,7 +17,8 @@ run, so the choice is deterministic and safe inside a capture.
 
 Lookup: the most specific key present wins, relaxing from the right::
 
-    op|arch|dtype|head|kv -> op|arch|dtype|head|* -> op|arch|dtype|*|* -> op|arch|*|*|* -> op|*|*|*|*
+    op|arch|dtype|head|kv -> op|arch|dtype|head|* -> op|arch|dtype|*|*
+                          -> op|arch|*|*|*        -> op|*|*|*|*
 
 No key at all gives None, and the registry uses its static default order. The order found is
 followed by the members of :data:`FALLBACK` it lacks (a backend the benchmark could not run for
@@ -216,3 +217,14 @@ def build_table(rows, source: str, meta: dict | None = None,
             measured[key] = _measured_entry(ranked)
     entries = dict(sorted({**measured, **_defaults(measured)}.items()))
     return {"version": 1, "source": source, **(meta or {}), "entries": entries}
+
+
+def dumps(table: dict) -> str:
+    """The table as JSON text, one entry per line, keys sorted: small, stable diffs."""
+    head = {k: v for k, v in sorted(table.items()) if k != "entries"}
+    lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    entries = sorted(table["entries"].items())
+    lines.append('  "entries": {')
+    lines += [f"    {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+              + ("," if i < len(entries) - 1 else "") for i, (k, v) in enumerate(entries)]
+    return "\n".join(lines + ["  }", "}"]) + "\n"

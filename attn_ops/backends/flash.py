@@ -205,7 +205,8 @@ def choose(op: str, config: dict, capability: tuple, providers: tuple,
         return None, (f"FlashAttention kernels take float16/bfloat16 only (got "
                       f"{_dtype_name(config['dtype'])})")
     if config["head_dim"] > MAX_HEAD_DIM:
-        return None, f"FlashAttention supports head dims up to {MAX_HEAD_DIM} (got {config['head_dim']})"
+        return None, (f"FlashAttention supports head dims up to {MAX_HEAD_DIM} (got "
+                      f"{config['head_dim']})")
     if forced is not None and forced not in PROVIDER_ORDER:
         return None, f"ATTN_OPS_FLASH_IMPL={forced!r} is not one of {', '.join(PROVIDER_ORDER)}"
     reasons = []
@@ -250,7 +251,7 @@ def supports(op: str, **config) -> str | None:
 
 
 def describe(op: str, config: dict) -> str:
-    """The provider that serves ``op`` with ``config`` (e.g. for benchmark tables), or the reason."""
+    """The provider serving ``op`` with ``config`` (for benchmark tables), or why none does."""
     provider, reason = _plan(op, tuple(config.items()), _forced())
     return provider.label if provider is not None else f"unavailable: {reason}"
 
