@@ -136,6 +136,9 @@ def aten_flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dr
                        block_table=None, num_splits=None):
     window = (-1 if window_size_left is None else window_size_left,
               -1 if window_size_right is None else window_size_right)
+    if block_table is not None:  # torch: "block_table ... Requires seqused_k"
+        assert seqused_k is not None and seqused_k.dtype == torch.int32
+        assert torch.equal(seqused_k, cum_seq_k[1:] - cum_seq_k[:-1])
     out = _fa_prefill(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, scale, is_causal,
                       window, 0.0, block_table)
     lens_k = cum_seq_k[1:] - cum_seq_k[:-1]
@@ -172,6 +175,8 @@ def test_cpu_tensors_store_and_fp32_are_refused_with_reasons():
         block_size=16, slot_dtype=torch.int64)
     assert "float16/bfloat16 only" in flash.supports("decode", **_config("decode",
                                                                          torch.float32))
+    if not torch.cuda.is_available():
+        assert "not available" in flash.supports("prefill", **_config())
     explained = registry.explain("prefill", _config(device=torch.device("cpu")))
     assert "CUDA device" in explained["flash"]
 

@@ -240,6 +240,8 @@ def _plan(op: str, config_items: tuple, forced: str | None) -> tuple[Provider | 
     if device.type != "cuda":
         return None, f"FlashAttention kernels need a CUDA device (got {device.type})"
     if op != "store_kvcache" and config["dtype"] in HALF_DTYPES:
+        if not torch.cuda.is_available():
+            return None, "CUDA is not available here (torch.cuda.is_available() is False)"
         index = device.index if device.index is not None else torch.cuda.current_device()
         return choose(op, config, _capability(index), detect(), forced)
     return choose(op, config, (0, 0), (), forced)  # the reason, without importing anything
@@ -353,18 +355,19 @@ def _aten_flash_forward():
     return torch.ops.aten._flash_attention_forward.default
 
 
-def _aten_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, table, window):
+def _aten_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, table, window, lens_k=None):
     kw = {"scale": scale}
     if window != (-1, -1):
         kw.update(window_size_left=window[0], window_size_right=window[1])
-    if table is not None:
-        kw["block_table"] = table
+    if table is not None:  # torch documents block_table as requiring seqused_k (keys per seq)
+        kw.update(block_table=table, seqused_k=lens_k)
     # Returns (output, logsumexp, rng_state, unused, debug_attn_mask).
     return _aten_flash_forward()(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, **kw)[0]
 
 
 def _aten_prefill(mod, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, table, window, softcap):
-    return _aten_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, table, window)
+    lens_k = None if table is None else cu_k[1:] - cu_k[:-1]
+    return _aten_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, table, window, lens_k)
 
 
 def _fa2_decode(mod, q, k_cache, v_cache, seqlens_k, table, scale, window, softcap):
@@ -385,7 +388,8 @@ def _aten_decode(mod, q, k_cache, v_cache, seqlens_k, table, scale, window, soft
     cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
     cu_k = F.pad(torch.cumsum(seqlens_k, 0, dtype=torch.int32), (1, 0))
     max_k = table.shape[1] * k_cache.shape[1]
-    return _aten_forward(q, k_cache, v_cache, cu_q, cu_k, 1, max_k, scale, True, table, window)
+    return _aten_forward(q, k_cache, v_cache, cu_q, cu_k, 1, max_k, scale, True, table, window,
+                         seqlens_k)
 
 
 _PREFILL = {"fa3": _fa3_prefill, "fa2": _fa2_prefill, "fa3_fwd": _fa3_prefill,
