@@ -236,14 +236,16 @@ def redirect_padding_rows(key: torch.Tensor, value: torch.Tensor, k_cache: torch
     """
     slots = slot_mapping.to(torch.int64)
     valid = slots >= 0
-    first = valid.to(torch.int8).argmax()  # first valid row, or 0 when none is valid
+    # index_select with a 1-element index, not t[0-d tensor]: the latter reads the index on the
+    # host (a sync eagerly, a data-dependent guard when traced).
+    first = valid.to(torch.int8).argmax().reshape(1)  # first valid row, or 0 when none is valid
     any_valid = valid.any()
-    fill_slot = torch.where(any_valid, slots[first], 0)
+    fill_slot = torch.where(any_valid, slots.index_select(0, first), 0)  # [1]
     out = []
     for src, cache in ((key, k_cache), (value, v_cache)):
         flat = cache.flatten(0, 1)  # [num_blocks * block_size, Hkv, D]
-        filler = torch.where(any_valid, src[first], flat[fill_slot])
-        out.append(torch.where(valid[:, None, None], src, filler[None]))
+        filler = torch.where(any_valid, src.index_select(0, first), flat.index_select(0, fill_slot))
+        out.append(torch.where(valid[:, None, None], src, filler))
     return out[0], out[1], torch.where(valid, slots, fill_slot)
 
 
