@@ -204,12 +204,12 @@ class _Rewriter:
         self.graph.erase_node(node)
 
     def _store_kvcache(self, node, kw):
-        t = _static_int(_val(kw["key"]).shape[0], "the token count of key", node)
+        t = _val(kw["key"]).shape[0]  # may be symbolic: only a static 0 is skipped
         block_size = _static_int(_val(kw["k_cache"]).shape[1], "block_size", node)
         impl = self.store_impl or lowering.available_store_impl()
         if impl is None:
             raise DecomposeError("no torch_npu cache-store op is registered")
-        if t > 0:
+        if not (isinstance(t, int) and t == 0):
             p = self.proxy
             lowering.store(p(kw["key"]), p(kw["value"]), p(kw["k_cache"]), p(kw["v_cache"]),
                            p(kw["slot_mapping"]), impl, block_size)
