@@ -1,0 +1,416 @@
+"""Prove that a mask tensor built in the graph is exactly the causal mask (or masks nothing).
+
+:func:`evaluate` interprets the subgraph that produces a mask in the abstract domain of
+:mod:`mask_domain`: it succeeds only when every op on the way is a creation op (``arange``,
+``iota``, ``ones``, ``full``, ...) or an op on such values (comparisons, ``tril``/``triu``,
+``where``, ``masked_fill``, broadcasting and view ops, dtype casts). A placeholder, parameter,
+buffer, in-place mutation or unknown op anywhere makes it raise :class:`NotProvable`, so a mask
+that depends on input data (key padding, a ``tril`` buffer that could be overwritten) is never
+mistaken for a causal one. The result is exact over integers: no sampling, no shape guesses.
+
+:func:`classify` reads the abstract value the way an attention call uses its mask:
+``"keep"`` (bool, True = attend: SDPA, ``torch.where(m, s, -inf)``), ``"masked"`` (bool, True =
+hide: ``masked_fill(m, -inf)``), or ``"additive"`` (float added to the scores, 0 or -inf / the
+dtype's min). It returns ``"causal"`` (query i sees keys j <= i), ``"none"`` (sees every key), or
+raises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.fx import Node
+
+from graph_passes import mask_domain as md
+from graph_passes.ir import IDENTITY_OPS, arg, meta_val, op_name, size_arg
+from graph_passes.mask_domain import Lin, NotProvable, Pred, Select
+
+# Additive fill values that hide a key exactly: -inf, or the most negative finite value of a
+# float dtype (Hugging Face's masks): s + min underflows exp() to 0.0 for any finite score s.
+_HIDING = frozenset([-math.inf] + [torch.finfo(d).min for d in
+                                   (torch.float16, torch.bfloat16, torch.float32, torch.float64)])
+_CASTS = frozenset({"to", "_to_copy", "convert_element_type", "type", "type_as", "float", "bool",
+                    "half", "bfloat16", "int", "long", "double"})
+_VIEWS = frozenset({"view", "reshape", "_unsafe_view", "squeeze", "flatten"})
+_EXPANDS = frozenset({"expand", "expand_as", "broadcast_to"})
+_FILLS = {"ones": 1, "zeros": 0, "ones_like": 1, "zeros_like": 0, "new_ones": 1, "new_zeros": 0}
+_COMPARE = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b, "le": lambda a, b: a <= b,
+            "lt": lambda a, b: a < b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
+_NOOP_INPLACE = {"add_": 0, "sub_": 0, "mul_": 1}
+
+
+def _shape(node: Node) -> tuple:
+    val = meta_val(node)
+    if not isinstance(val, torch.Tensor):
+        raise NotProvable(f"no tensor metadata on {node.name}")
+    return tuple(val.shape)
+
+
+def _dtype(node: Node) -> torch.dtype:
+    return meta_val(node).dtype
+
+
+class _Evaluator:
+    def __init__(self):
+        self.memo: dict[Node, object] = {}
+
+    def scalar(self, x):
+        """A Python/SymInt scalar argument (constant or a size node)."""
+        if isinstance(x, Node):
+            val = meta_val(x)
+            if isinstance(val, (int, float, bool, torch.SymInt, torch.SymFloat)):
+                return val
+            return md.scalar_of(self.value(x))
+        return x
+
+    def value(self, x, rank: int | None = None):
+        """Abstract value of ``x`` (a node or a Python scalar), lifted to ``rank`` dims."""
+        if not isinstance(x, Node):
+            if isinstance(x, bool):
+                v = Pred(0, None, x)
+            elif isinstance(x, (int, torch.SymInt)):
+                v = Lin((), x)
+            elif isinstance(x, float):
+                v = Select(Pred(0, None, True), x, x)
+            else:
+                raise NotProvable(f"unsupported constant {x!r}")
+        else:
+            if x not in self.memo:
+                self.memo[x] = self._eval(x)
+            v = self.memo[x]
+        return v if rank is None else md.lift(v, rank)
+
+    def _eval(self, node: Node):
+        if node.op in ("placeholder", "get_attr"):
+            raise NotProvable(f"it depends on the input or attribute {node.target!r}")
+        name = op_name(node)
+        if name is None:
+            raise NotProvable(f"unknown op {node.target} at {node.name}")
+        for user in node.users:  # a tensor written in place is not what its node says
+            uname = op_name(user)
+            if uname and uname.endswith("_") and not uname.startswith("_") and user.args \
+                    and user.args[0] is node and not self._noop_inplace(user, uname):
+                raise NotProvable(f"{node.name} is modified in place by {user.name}")
+        rule = _RULES.get(name)
+        if rule is None:
+            if name in _NOOP_INPLACE and self._noop_inplace(node, name):
+                return self.value(node.args[0])
+            raise NotProvable(f"op {name!r} at {node.name} is not a position-only mask op")
+        out = rule(self, node)
+        return md.zero_unit_dims(out, _shape(node))
+
+    def _noop_inplace(self, node: Node, name: str) -> bool:
+        if name not in _NOOP_INPLACE or len(node.args) < 2:
+            return False
+        other = meta_val(node.args[1])
+        return isinstance(other, (int, float)) and other == _NOOP_INPLACE[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: canonical op name -> (evaluator, node) -> abstract value
+# ---------------------------------------------------------------------------------------------
+
+def _arange(ev: _Evaluator, node: Node):
+    if op_name(node) == "iota":
+        start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
+    else:
+        pos = [ev.scalar(a) for a in node.args]
+        start, step = (pos[0], 1) if len(pos) >= 2 else (0, 1)
+        if len(pos) >= 3:
+            step = pos[2]
+        start = ev.scalar(node.kwargs.get("start", start))
+        step = ev.scalar(node.kwargs.get("step", step))
+    if _dtype(node).is_floating_point:
+        raise NotProvable("a floating-point arange")
+    return Lin((ev.scalar(step),), ev.scalar(start))
+
+
+def _fill(ev: _Evaluator, node: Node):
+    name = op_name(node)
+    if name in _FILLS:
+        value = _FILLS[name]
+    elif name in ("full", "new_full"):
+        value = ev.scalar(arg(node, 1, "fill_value"))
+    elif name == "full_like":
+        value = ev.scalar(arg(node, 1, "fill_value"))
+    else:  # scalar_tensor, tensor
+        value = ev.scalar(arg(node, 0, "s" if name == "scalar_tensor" else "data"))
+        if not isinstance(value, (int, float, bool)):
+            raise NotProvable("torch.tensor of a non-scalar")
+    return md.constant(len(_shape(node)), value, _dtype(node))
+
+
+def _tri(ev: _Evaluator, node: Node):
+    rank = len(_shape(node))
+    base = ev.value(node.args[0], rank)
+    k = ev.scalar(arg(node, 1, "diagonal", 0))
+    coef = [0] * rank
+    if op_name(node) == "tril":  # keep j <= i + k   <=>  i - j + k >= 0
+        coef[-2], coef[-1] = 1, -1
+        pred = Pred(rank, Lin(tuple(coef), k))
+    else:  # triu: keep j >= i + k  <=>  j - i - k >= 0
+        coef[-2], coef[-1] = -1, 1
+        pred = Pred(rank, Lin(tuple(coef), -k))
+    if isinstance(base, Pred):
+        return md.combine_preds("logical_and", pred, base)
+    return Select(pred, _const(base), 0.0)
+
+
+def _const(v):
+    if isinstance(v, Lin):
+        if any(not md.same(c, 0) for c in v.coef):
+            raise NotProvable("a position-dependent value where a constant was expected")
+        return v.const
+    return md.scalar_of(v)
+
+
+def _compare(ev: _Evaluator, node: Node):
+    name, rank = op_name(node), len(_shape(node))
+    x, y = ev.value(node.args[0], rank), ev.value(arg(node, 1, "other"), rank)
+    if isinstance(x, Lin) and isinstance(y, Lin) and name in ("ge", "gt", "le", "lt"):
+        return md.compare(name, x, y)
+    for var, other, flip in ((x, y, False), (y, x, True)):
+        if isinstance(var, (Pred, Select)):
+            s, c = md.as_select(var), _const(other)
+            fn = _COMPARE[name]
+            hit_a, hit_b = (fn(c, s.a), fn(c, s.b)) if flip else (fn(s.a, c), fn(s.b, c))
+            if hit_a == hit_b:
+                return Pred(rank, None, bool(hit_a))
+            return s.pred if hit_a else s.pred.negate()
+    raise NotProvable(f"{name} between non-position values")
+
+
+def _arith(ev: _Evaluator, node: Node):
+    name, rank = op_name(node).rstrip("_"), len(_shape(node))
+    x = ev.value(node.args[0], rank)
+    if name == "neg":
+        y, name = md.lift(Lin((), -1), rank), "mul"
+    else:
+        y = ev.value(arg(node, 1, "other"), rank)
+    alpha = node.kwargs.get("alpha", 1)
+    if isinstance(x, Lin) and isinstance(y, Lin):
+        if name == "mul":
+            if all(md.same(c, 0) for c in y.coef):
+                return x.scale(y.const)
+            if all(md.same(c, 0) for c in x.coef):
+                return y.scale(x.const)
+            raise NotProvable("a product of two position tensors")
+        return x + y.scale(alpha if name == "add" else -alpha)
+    if isinstance(x, Pred) and isinstance(y, Pred) and name == "mul":
+        return md.combine_preds("mul", x, y)
+    sx, sy = md.as_select(x), md.as_select(y)
+    op = {"add": lambda a, b: a + alpha * b, "sub": lambda a, b: a - alpha * b,
+          "mul": lambda a, b: a * b}[name]
+    for var, other, flip in ((sx, sy, False), (sy, sx, True)):
+        try:
+            c = md.scalar_of(other)
+        except NotProvable:
+            continue
+        f = (lambda a: op(c, a)) if flip else (lambda a: op(a, c))
+        return Select(var.pred, f(var.a), f(var.b))
+    if sx.pred.equals(sy.pred):
+        return Select(sx.pred, op(sx.a, sy.a), op(sx.b, sy.b))
+    raise NotProvable(f"{name} of two different masks")
+
+
+def _logical(ev: _Evaluator, node: Node):
+    name, rank = op_name(node), len(_shape(node))
+    x = md.as_pred(ev.value(node.args[0], rank))
+    if name in ("logical_not", "bitwise_not"):
+        return x.negate()
+    return md.combine_preds(name, x, md.as_pred(ev.value(node.args[1], rank)))
+
+
+def _where(ev: _Evaluator, node: Node):
+    rank = len(_shape(node))
+    cond = md.as_pred(ev.value(arg(node, 0, "condition"), rank))
+    a, b = ev.value(arg(node, 1, "self"), rank), ev.value(arg(node, 2, "other"), rank)
+    if _dtype(node) == torch.bool:
+        return md.as_pred(md.select_where(cond, md.as_select(a), md.as_select(b)))
+    return md.select_where(cond, a, b)
+
+
+def _masked_fill(ev: _Evaluator, node: Node):
+    rank = len(_shape(node))
+    base = md.as_select(ev.value(node.args[0], rank))
+    mask = md.as_pred(ev.value(arg(node, 1, "mask"), rank))
+    v = md.scalar_of(ev.value(arg(node, 2, "value"), rank))
+    try:
+        return Select(mask, v, md.scalar_of(base))
+    except NotProvable:
+        pass
+    if mask.equals(base.pred):
+        return Select(base.pred, v, base.b)
+    if mask.equals(base.pred.negate()):
+        return Select(base.pred, base.a, v)
+    raise NotProvable("masked_fill of a mask with a different predicate")
+
+
+def _cast(ev: _Evaluator, node: Node):
+    x = ev.value(node.args[0])
+    dtype = _dtype(node)
+    if dtype == torch.bool:
+        return md.as_pred(x) if not isinstance(x, Lin) else _lin_to_bool(x)
+    if dtype.is_floating_point:
+        return md.as_select(x)
+    return x
+
+
+def _lin_to_bool(x: Lin):
+    if all(md.same(c, 0) for c in x.coef):
+        return Pred(x.rank, None, not md.same(x.const, 0))
+    raise NotProvable("an integer position tensor cast to bool")
+
+
+def _identity(ev: _Evaluator, node: Node):
+    return ev.value(node.args[0])
+
+
+def _expand(ev: _Evaluator, node: Node):
+    return ev.value(node.args[0], len(_shape(node)))
+
+
+def _reshape(ev: _Evaluator, node: Node):
+    """Views that only add or drop size-1 dims keep every index; anything else is refused."""
+    src = node.args[0]
+    x = ev.value(src)
+    in_shape, out_shape = _shape(src), _shape(node)
+    real_in = [i for i, s in enumerate(in_shape) if not md.same(s, 1)]
+    real_out = [i for i, s in enumerate(out_shape) if not md.same(s, 1)]
+    if len(real_in) != len(real_out) or not all(
+            md.same(in_shape[i], out_shape[o]) for i, o in zip(real_in, real_out)):
+        raise NotProvable(f"a view {list(in_shape)} -> {list(out_shape)} that mixes dims")
+    source_of = dict(zip(real_out, real_in))
+    return md.map_dims(x, lambda c: tuple(c[source_of[o]] if o in source_of else 0
+                                          for o in range(len(out_shape))))
+
+
+def _unsqueeze(ev: _Evaluator, node: Node):
+    x = ev.value(node.args[0])
+    d = arg(node, 1, "dim")
+    d = d + x.rank + 1 if d < 0 else d
+    return md.map_dims(x, lambda c: tuple(c[:d]) + (0,) + tuple(c[d:]))
+
+
+def _permute(ev: _Evaluator, node: Node):
+    x = ev.value(node.args[0])
+    r = x.rank
+    if op_name(node) == "permute":
+        dims = size_arg(node, 1)
+    else:
+        d0, d1 = (arg(node, 1, "dim0") % r, arg(node, 2, "dim1") % r)
+        dims = list(range(r))
+        dims[d0], dims[d1] = d1, d0
+    return md.map_dims(x, lambda c: tuple(c[d % r] for d in dims))
+
+
+def _slice_dim(x, dim: int, start, step=1):
+    """Keep ``start::step`` of ``dim``: index i of the result reads index ``start + i``."""
+    start = 0 if start is None else start
+    if not isinstance(start, (int, torch.SymInt)) or (isinstance(start, int) and start < 0):
+        raise NotProvable("a slice with a negative or unknown start")
+    if step != 1:
+        raise NotProvable("a strided slice")
+
+    def moved(lin: Lin) -> Lin:
+        return Lin(lin.coef, lin.const + lin.coef[dim] * start)
+    if isinstance(x, Lin):
+        return moved(x)
+    pred = x.pred if isinstance(x, Select) else x
+    if pred.lin is not None:
+        pred = Pred(pred.rank, moved(pred.lin))
+    return Select(pred, x.a, x.b) if isinstance(x, Select) else pred
+
+
+def _aten_slice(ev: _Evaluator, node: Node):
+    x = ev.value(node.args[0])
+    dim = arg(node, 1, "dim", 0) % x.rank
+    return _slice_dim(x, dim, ev.scalar(arg(node, 2, "start", 0)), arg(node, 4, "step", 1))
+
+
+def _getitem(ev: _Evaluator, node: Node):
+    x = ev.value(node.args[0])
+    index = node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(1 for i in index if i is Ellipsis) > 1:
+        raise NotProvable("an index with several ellipses")
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        e = index.index(Ellipsis)
+        index = index[:e] + (slice(None),) * (x.rank - n_real) + index[e + 1:]
+    dim = 0
+    for i in index:
+        if i is None:
+            x = md.map_dims(x, lambda c, d=dim: tuple(c[:d]) + (0,) + tuple(c[d:]))
+            dim += 1
+        elif isinstance(i, slice):
+            x = _slice_dim(x, dim, ev.scalar(i.start), 1 if i.step is None else i.step)
+            dim += 1
+        else:
+            raise NotProvable("integer or tensor indexing of a mask")
+    return x
+
+
+_RULES = {
+    "arange": _arange, "iota": _arange,
+    **{n: _fill for n in ("ones", "zeros", "full", "scalar_tensor", "tensor", "ones_like",
+                          "zeros_like", "full_like", "new_ones", "new_zeros", "new_full")},
+    "tril": _tri, "triu": _tri,
+    **{n: _compare for n in _COMPARE},
+    "add": _arith, "sub": _arith, "mul": _arith, "neg": _arith,
+    **{n: _logical for n in ("logical_not", "bitwise_not", "logical_and", "logical_or",
+                             "bitwise_and", "bitwise_or")},
+    "where": _where, "masked_fill": _masked_fill,
+    **{n: _cast for n in _CASTS},
+    **{n: _identity for n in IDENTITY_OPS},
+    **{n: _expand for n in _EXPANDS},
+    **{n: _reshape for n in _VIEWS},
+    "unsqueeze": _unsqueeze, "permute": _permute, "transpose": _permute,
+    "slice": _aten_slice, "getitem": _getitem,
+}
+
+
+def evaluate(node: Node):
+    """Abstract value (``Lin`` / ``Pred`` / ``Select``) of the tensor ``node``; raises NotProvable."""
+    return _Evaluator().value(node)
+
+
+def classify(node: Node, usage: str, scores_rank: int = 4) -> str:
+    """``"causal"`` or ``"none"`` for a mask used as ``usage``; raises :class:`NotProvable`.
+
+    Args:
+        node: the FX node producing the mask (broadcastable to ``[..., Sq, Sk]``).
+        usage: ``"keep"`` (bool, True = attend), ``"masked"`` (bool, True = hidden) or
+            ``"additive"`` (float added to the scores).
+        scores_rank: rank of the scores the mask broadcasts against.
+    """
+    value = evaluate(node)
+    if value.rank > scores_rank:
+        raise NotProvable(f"a rank-{value.rank} mask for rank-{scores_rank} scores")
+    value = md.lift(value, scores_rank)
+    if usage == "additive":
+        s = md.as_select(value)
+        if s.pred.lin is None:
+            fill = s.a if s.pred.value else s.b
+            if fill == 0:
+                return "none"
+            raise NotProvable(f"a constant additive mask {fill}")
+        if s.a == 0 and s.b in _HIDING:
+            keep = s.pred
+        elif s.b == 0 and s.a in _HIDING:
+            keep = s.pred.negate()
+        else:
+            raise NotProvable(f"an additive mask with values {s.a} / {s.b}, not 0 / -inf or the "
+                              f"dtype's min")
+    else:
+        keep = md.as_pred(value)
+        if usage == "masked":
+            keep = keep.negate()
+    if keep.lin is None:
+        if keep.value:
+            return "none"
+        raise NotProvable("a mask that hides every key")
+    if keep.equals(md.causal_pred(scores_rank)):
+        return "causal"
+    raise NotProvable(f"a position mask that is not causal (keeps {keep.lin})")

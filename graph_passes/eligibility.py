@@ -1,0 +1,90 @@
+"""May this dense attention call become ``attn.prefill``? None, or the reason it may not.
+
+Shared by every pass: the rules are those of the op contract (``attn_ops.checks``) and of the
+chosen backend's ``supports()``, read from the fake values the tracer recorded, so a call that
+would fail or fall back to a slower kernel at run time is left alone at compile time instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from attn_ops import checks, registry
+from graph_passes.mask_domain import same
+from graph_passes.options import SubstitutionOptions
+
+log = logging.getLogger("graph_passes")
+
+
+def left_alone(pass_name: str, where: str, reason: str) -> None:
+    """Log (debug) and count a call that a pass leaves untouched."""
+    from torch._dynamo.utils import counters
+    counters["graph_passes"][f"{pass_name}_left_alone"] += 1
+    log.debug("%s: left %s alone because %s", pass_name, where, reason)
+
+
+def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
+    return dict(device=q.device, dtype=q.dtype, head_dim=int(q.shape[3]), num_heads=int(q.shape[1]),
+                num_kv_heads=int(k.shape[1]), causal=bool(causal), paged=False, block_size=None,
+                window_left=-1, softcap=0.0)
+
+
+def backend_reason(config: dict, choice: str | None) -> str | None:
+    """None when the backend that would run ``prefill`` with ``config`` is a fast one."""
+    choice = choice or registry.current_choice()
+    if choice != "auto":
+        try:
+            module = registry.get_backend_module(choice)
+        except ImportError as e:
+            return f"attn backend {choice!r} cannot be imported ({e})"
+        reason = module.supports("prefill", **config)
+        return None if reason is None else f"attn backend {choice!r} does not support it: {reason}"
+    order = registry.auto_order("prefill", config)
+    for name in order:
+        try:
+            module = registry.get_backend_module(name)
+        except ImportError:
+            continue
+        if module.supports("prefill", **config) is None:
+            if name == "reference" and len(order) > 1:
+                # On a device with fast kernels the reference (fp32 scores, O(S^2) memory)
+                # would be slower than the attention it replaces.
+                return (f"only the reference backend supports it on {config['device'].type} "
+                        f"(dtype {config['dtype']}, head dim {config['head_dim']})")
+            return None
+    return f"no attn backend supports it on {config['device']}"
+
+
+def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | None:
+    """Why ``q [B,H,Sq,D]``, ``k``/``v`` ``[B,Hkv,Sk,D]`` (fake tensors) can't go to prefill."""
+    vals = (q, k, v)
+    if not all(isinstance(t, torch.Tensor) for t in vals):
+        return "q, k, v carry no tensor metadata"
+    if any(t.dim() != 4 for t in vals):
+        return f"q/k/v are not 4-D [B, H, S, D] (shapes {[list(t.shape) for t in vals]})"
+    if any(t.dtype not in checks.FLOAT_DTYPES or t.dtype != q.dtype for t in vals):
+        return f"dtypes {[t.dtype for t in vals]} are not one of fp32/fp16/bf16 for all three"
+    if k.device != q.device or v.device != q.device:
+        return "q, k, v are on different devices"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in vals):
+        return "gradients are needed and the attn ops are inference-only"
+    b, h, sq, d = q.shape
+    if tuple(k.shape) != tuple(v.shape) and not all(same(x, y) for x, y in zip(k.shape, v.shape)):
+        return f"k {list(k.shape)} and v {list(v.shape)} differ (attn.prefill needs equal shapes)"
+    if not same(k.shape[0], b) or not same(k.shape[3], d):
+        return f"k {list(k.shape)} does not match q {list(q.shape)} in batch or head dim"
+    hkv = k.shape[1]
+    if not isinstance(h, int) or not isinstance(hkv, int) or hkv <= 0 or h % hkv:
+        return f"{h} query heads are not a multiple of {hkv} kv heads"
+    if not isinstance(d, int):
+        return "the head dim is symbolic"
+    if not (0 < d <= checks.MAX_HEAD_DIM and d % checks.HEAD_DIM_MULTIPLE == 0):
+        return (f"head dim {d} is outside the op contract (a multiple of "
+                f"{checks.HEAD_DIM_MULTIPLE} up to {checks.MAX_HEAD_DIM})")
+    if causal and not same(sq, k.shape[2]):
+        # Dense SDPA is_causal is top-left aligned, attn.prefill bottom-right: equal only when
+        # Sq == Sk.
+        return f"it is causal with Sq={sq} and Sk={k.shape[2]} not provably equal"
+    return backend_reason(_prefill_config(q, k, causal), options.backend_choice)

@@ -1,0 +1,118 @@
+"""One vocabulary for three FX dialects: Dynamo's torch-level graph, export's aten graph, Inductor's.
+
+The passes read the same computation in three spellings: ``torch.tril`` / ``x.tril()`` in the
+graph Dynamo hands to a backend, ``aten.tril.default`` in a ``torch.export`` program, and its
+decomposition (``prims.iota``, ``aten.le``, ...) in Inductor's joint graph. :func:`op_name` maps
+every target the passes understand to one lower-case name; :func:`arg` reads an argument by
+position or keyword; :func:`meta_val` returns the fake value a tracer recorded for a node.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+# torch-level callables (Dynamo graphs) -> canonical name. Aten overloads use their packet name.
+_FUNCTIONS = {
+    torch.arange: "arange", torch.ones: "ones", torch.zeros: "zeros", torch.full: "full",
+    torch.empty: "empty", torch.tensor: "tensor", torch.scalar_tensor: "scalar_tensor",
+    torch.tril: "tril", torch.triu: "triu", torch.where: "where", torch.masked_fill: "masked_fill",
+    torch.logical_not: "logical_not", torch.logical_and: "logical_and",
+    torch.logical_or: "logical_or", torch.bitwise_not: "bitwise_not",
+    torch.bitwise_and: "bitwise_and", torch.bitwise_or: "bitwise_or",
+    torch.ge: "ge", torch.gt: "gt", torch.le: "le", torch.lt: "lt", torch.eq: "eq", torch.ne: "ne",
+    torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.neg: "neg",
+    torch.unsqueeze: "unsqueeze", torch.reshape: "reshape", torch.squeeze: "squeeze",
+    torch.repeat_interleave: "repeat_interleave", torch.transpose: "transpose",
+    torch.matmul: "matmul", torch.softmax: "softmax", F.softmax: "softmax",
+    torch._C._nn.scaled_dot_product_attention: "scaled_dot_product_attention",
+    operator.ge: "ge", operator.gt: "gt", operator.le: "le", operator.lt: "lt", operator.eq: "eq",
+    operator.ne: "ne", operator.add: "add", operator.sub: "sub", operator.mul: "mul",
+    operator.neg: "neg", operator.invert: "bitwise_not", operator.and_: "bitwise_and",
+    operator.or_: "bitwise_or", operator.getitem: "getitem", operator.iadd: "add_",
+    operator.isub: "sub_", operator.imul: "mul_",
+}
+# Tensor methods whose canonical name differs from the method name.
+_METHODS = {"__invert__": "bitwise_not", "__and__": "bitwise_and", "__or__": "bitwise_or",
+            "__getitem__": "getitem"}
+# Canonical names of ops that return their input unchanged in value (layout or no-op copies).
+IDENTITY_OPS = frozenset({"clone", "contiguous", "alias", "lift_fresh_copy", "detach",
+                          "_assert_tensor_metadata"})
+
+
+def op_name(node: Node) -> str | None:
+    """Canonical lower-case op name of ``node`` in any of the three dialects, or None."""
+    if node.op == "call_method":
+        return _METHODS.get(node.target, node.target)
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target.__name__
+    try:
+        return _FUNCTIONS.get(target)
+    except TypeError:  # an unhashable callable
+        return None
+
+
+def is_aten(node: Node) -> bool:
+    """True when ``node`` calls an OpOverload (export and Inductor graphs), not a torch function."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+
+
+def arg(node: Node, index: int, name: str, default=None):
+    """Argument ``name`` of ``node``: keyword first, then position ``index`` (methods: 0 = self)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if index < len(node.args):
+        return node.args[index]
+    return default
+
+
+def meta_val(node):
+    """The fake tensor / SymInt a tracer recorded for ``node`` (None for constants or unknown)."""
+    if not isinstance(node, Node):
+        return node
+    val = node.meta.get("val")
+    if val is None:
+        val = node.meta.get("example_value")
+    return val
+
+
+def size_arg(node: Node, first: int) -> list | None:
+    """Sizes given as varargs (``x.view(2, 3)``) or one list (``x.view([2, 3])``), from ``first``."""
+    rest = node.args[first:]
+    if "size" in node.kwargs:
+        rest = (node.kwargs["size"],)
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple, torch.Size)):
+        rest = tuple(rest[0])
+    return [meta_val(s) for s in rest]
+
+
+def users_except_asserts(node: Node) -> list[Node]:
+    """Users of ``node`` other than export's ``_assert_tensor_metadata`` checks."""
+    return [u for u in node.users if op_name(u) != "_assert_tensor_metadata"]
+
+
+def erase_dead(graph, nodes) -> None:
+    """Erase ``nodes`` and their inputs, transitively, once they have no users.
+
+    Only calls this module can name and that write nothing (no in-place ``foo_`` op) go: a
+    pass cleans up what its rewrite orphaned without second-guessing other side effects.
+    """
+    work = list(nodes)
+    while work:
+        node = work.pop()
+        if getattr(node, "_erased", False) or node.users or node.op not in ("call_function",
+                                                                    "call_method"):
+            continue
+        name = op_name(node)
+        if name is None or (name.endswith("_") and not name.startswith("_")):
+            continue
+        work.extend(node.all_input_nodes)
+        graph.erase_node(node)

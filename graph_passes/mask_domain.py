@@ -1,0 +1,190 @@
+"""Abstract values for masks built from positions: the algebra :mod:`causal_mask` evaluates in.
+
+A mask that depends on no input data is a function of the element index alone. The masks models
+build (``arange`` comparisons, ``tril``/``triu`` of a constant, ``where``/``masked_fill`` between
+constants) fall into three shapes of function, each exact over integers:
+
+* :class:`Lin` -- an integer tensor ``const + sum_d coef[d] * idx[d]`` (``arange`` and sums of it);
+* :class:`Pred` -- a bool tensor: a constant, or the half-plane ``lin >= 0``;
+* :class:`Select` -- a float tensor ``a if pred else b`` with scalar ``a``, ``b`` (a constant is
+  ``Select(TRUE, c, c)``).
+
+Coefficients line up with the tensor's own dims (rank = ``len(coef)``); a dim of size 1 always
+has coefficient 0, so broadcasting and ``expand`` never need to touch them. Coefficients and
+constants are ints or SymInts; comparisons use :func:`same`, which never adds a guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+
+class NotProvable(Exception):
+    """The mask is not (provably) a function of positions alone, or not of a known form."""
+
+
+def same(a, b) -> bool:
+    """``a == b`` for ints, floats or SymInts, True only when statically known (no guard)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(statically_known_true(a == b))
+    return a == b
+
+
+@dataclass(frozen=True)
+class Lin:
+    """Integer tensor whose element at index ``idx`` is ``const + sum(coef[d] * idx[d])``."""
+    coef: tuple
+    const: object
+
+    @property
+    def rank(self) -> int:
+        return len(self.coef)
+
+    def __add__(self, other: Lin) -> Lin:
+        return Lin(tuple(a + b for a, b in zip(self.coef, other.coef)), self.const + other.const)
+
+    def scale(self, k) -> Lin:
+        return Lin(tuple(a * k for a in self.coef), self.const * k)
+
+    def shift(self, c) -> Lin:
+        return Lin(self.coef, self.const + c)
+
+    def equals(self, other: Lin) -> bool:
+        return (self.rank == other.rank and all(same(a, b) for a, b in zip(self.coef, other.coef))
+                and same(self.const, other.const))
+
+
+@dataclass(frozen=True)
+class Pred:
+    """Bool tensor: ``value`` (True/False) everywhere when ``lin`` is None, else ``lin >= 0``."""
+    rank: int
+    lin: Lin | None = None
+    value: bool = True
+
+    def negate(self) -> Pred:
+        if self.lin is None:
+            return Pred(self.rank, None, not self.value)
+        return Pred(self.rank, self.lin.scale(-1).shift(-1))  # not(L >= 0)  <=>  -L - 1 >= 0
+
+    def equals(self, other: Pred) -> bool:
+        if (self.lin is None) != (other.lin is None):
+            return False
+        return self.value == other.value if self.lin is None else self.lin.equals(other.lin)
+
+
+@dataclass(frozen=True)
+class Select:
+    """Float tensor: ``a`` where ``pred`` holds, else ``b`` (scalars)."""
+    pred: Pred
+    a: float
+    b: float
+
+    @property
+    def rank(self) -> int:
+        return self.pred.rank
+
+
+def constant(rank: int, value, dtype: torch.dtype):
+    """The abstract value of a tensor filled with ``value``."""
+    if dtype == torch.bool:
+        return Pred(rank, None, bool(value))
+    if dtype.is_floating_point:
+        return Select(Pred(rank, None, True), float(value), float(value))
+    return Lin((0,) * rank, value)
+
+
+def map_dims(value, fn):
+    """Apply ``fn`` (coef tuple -> coef tuple) to the index dims of any abstract value."""
+    if isinstance(value, Lin):
+        return Lin(tuple(fn(value.coef)), value.const)
+    if isinstance(value, Pred):
+        coef = fn((0,) * value.rank)
+        lin = None if value.lin is None else map_dims(value.lin, fn)
+        return Pred(len(coef), lin, value.value)
+    return Select(map_dims(value.pred, fn), value.a, value.b)
+
+
+def lift(value, rank: int):
+    """Broadcast ``value`` to ``rank`` dims (new leading dims have coefficient 0)."""
+    if value.rank > rank:
+        raise NotProvable(f"cannot broadcast rank {value.rank} to rank {rank}")
+    return map_dims(value, lambda c: (0,) * (rank - len(c)) + tuple(c))
+
+
+def zero_unit_dims(value, shape):
+    """Zero the coefficients of size-1 dims (their index is always 0)."""
+    return map_dims(value, lambda c: tuple(0 if same(s, 1) else k for k, s in zip(c, shape)))
+
+
+def as_pred(value) -> Pred:
+    """A bool view of ``value``: a Pred as is; ``Select(p, a, b)`` compared with zero."""
+    if isinstance(value, Pred):
+        return value
+    if isinstance(value, Select):
+        if value.a != 0 and value.b == 0:
+            return value.pred
+        if value.a == 0 and value.b != 0:
+            return value.pred.negate()
+        return Pred(value.rank, None, value.a != 0)
+    raise NotProvable("an integer tensor used as a mask")
+
+
+def as_select(value) -> Select:
+    """A float view: bools become 1.0 / 0.0."""
+    if isinstance(value, Select):
+        return value
+    if isinstance(value, Pred):
+        return Select(value, 1.0, 0.0)
+    raise NotProvable("an integer position tensor used as a float mask")
+
+
+def compare(op: str, x, y) -> Pred:
+    """``x <op> y`` for integer Lin operands (same rank); op in ge, gt, le, lt."""
+    diff = x + y.scale(-1)  # x - y
+    if op == "ge":
+        return Pred(diff.rank, diff)
+    if op == "gt":
+        return Pred(diff.rank, diff.shift(-1))
+    if op == "le":
+        return Pred(diff.rank, diff.scale(-1))
+    if op == "lt":
+        return Pred(diff.rank, diff.scale(-1).shift(-1))
+    raise NotProvable(f"comparison {op} of positions")
+
+
+def combine_preds(op: str, p: Pred, q: Pred) -> Pred:
+    """``p and q`` / ``p or q`` when one side is constant or both are the same half-plane."""
+    is_and = op in ("logical_and", "bitwise_and", "mul")
+    for x, y in ((p, q), (q, p)):
+        if x.lin is None:
+            if x.value == is_and:  # True and y / False or y
+                return y
+            return Pred(y.rank, None, x.value)
+    if p.equals(q):
+        return p
+    raise NotProvable(f"{op} of two different position predicates")
+
+
+def scalar_of(value) -> float:
+    """The single value of a constant-valued mask (raises for one that varies)."""
+    s = as_select(value)
+    if s.pred.lin is None:
+        return s.a if s.pred.value else s.b
+    if s.a == s.b:
+        return s.a
+    raise NotProvable("a position-dependent value where a constant was expected")
+
+
+def select_where(pred: Pred, a, b) -> Select:
+    """``where(pred, a, b)`` for constant-valued ``a`` and ``b``."""
+    return Select(pred, scalar_of(a), scalar_of(b))
+
+
+def causal_pred(rank: int) -> Pred:
+    """``j <= i`` on the last two dims (query i, key j): top-left == bottom-right when Sq == Sk."""
+    coef = [0] * rank
+    coef[-2], coef[-1] = 1, -1
+    return Pred(rank, Lin(tuple(coef), 0))
