@@ -19,11 +19,15 @@ With ``T`` and the table width dynamic (``torch.export.Dim``) nothing is frozen 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
+
+if TYPE_CHECKING:
+    from attn_ops import DecodeBatch, PrefillBatch
 
 
 @dataclass(frozen=True)
@@ -148,15 +152,26 @@ def dynamic_shapes(step: nn.Module) -> dict:
     """``torch.export`` dynamic shapes: token count, batch and block-table width all vary.
 
     Prefill: ``T`` tokens and ``B`` sequences (``cu_seqlens`` have ``B + 1`` rows). Decode: ``B``
-    rows. The minimums of 2 avoid torch's 0/1 specialisation; a real server pads to >= 2.
+    rows. The program then runs any size in ``[1, max]``, but the example inputs given to
+    ``torch.export`` must have sizes >= 2: torch specialises a dim whose example size is 0 or 1.
     """
     from torch.export import Dim
 
-    batch = Dim("batch", min=2, max=1024)
-    width = Dim("blocks_per_seq", min=2, max=4096)
+    batch = Dim("batch", min=1, max=1024)
+    width = Dim("blocks_per_seq", min=1, max=4096)
     if isinstance(step, PrefillStep):
-        tokens = Dim("tokens", min=2, max=65536)
+        tokens = Dim("tokens", min=1, max=65536)
         return {"x": {0: tokens}, "slot_mapping": {0: tokens}, "cu_seqlens_q": {0: batch + 1},
                 "cu_seqlens_k": {0: batch + 1}, "block_table": {0: batch, 1: width}}
     return {"x": {0: batch}, "slot_mapping": {0: batch}, "seqlens_k": {0: batch},
             "block_table": {0: batch, 1: width}}
+
+
+def prefill_inputs(batch: PrefillBatch, x: torch.Tensor) -> tuple:
+    """The positional arguments of :class:`PrefillStep` for a planned batch and its tokens."""
+    return (x, batch.slot_mapping, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.block_table)
+
+
+def decode_inputs(batch: DecodeBatch, x: torch.Tensor) -> tuple:
+    """The positional arguments of :class:`DecodeStep` for a planned batch and its tokens."""
+    return (x, batch.slot_mapping, batch.seqlens_k, batch.block_table)
