@@ -99,20 +99,27 @@ def users_except_asserts(node: Node) -> list[Node]:
     return [u for u in node.users if op_name(u) != "_assert_tensor_metadata"]
 
 
+def _writes_nothing(node: Node) -> bool:
+    """True for a call this module can name that mutates nothing and returns a value."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        schema = node.target._schema
+        return not schema.is_mutable and len(schema.returns) > 0
+    name = op_name(node)
+    return name is not None and not (name.endswith("_") and not name.startswith("_"))
+
+
 def erase_dead(graph, nodes) -> None:
     """Erase ``nodes`` and their inputs, transitively, once they have no users.
 
-    Only calls this module can name and that write nothing (no in-place ``foo_`` op) go: a
-    pass cleans up what its rewrite orphaned without second-guessing other side effects.
+    Only calls that write nothing go (see :func:`_writes_nothing`): a pass cleans up what its
+    rewrite orphaned without touching asserts or other side effects.
     """
     work = list(nodes)
     while work:
         node = work.pop()
-        if getattr(node, "_erased", False) or node.users or node.op not in ("call_function",
-                                                                    "call_method"):
-            continue
-        name = op_name(node)
-        if name is None or (name.endswith("_") and not name.startswith("_")):
+        if getattr(node, "_erased", False) or node.users or not _writes_nothing(node):
             continue
         work.extend(node.all_input_nodes)
         graph.erase_node(node)
