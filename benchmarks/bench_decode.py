@@ -1,0 +1,184 @@
+"""Decode bandwidth: our paged split-KV Triton kernel (pages of 16 and 256) beside SDPA and FA2
+varlen on the same K/V held contiguously, and FlexAttention, in one run.
+
+bf16, Hq=32, Hkv=8, D=128, one query per sequence, every sequence ``ctx`` tokens long, blocks of
+our paged caches shuffled. GB/s = K and V bytes read (2 * B * ctx * Hkv * D * 2) / time; % is of
+the device copy bandwidth measured in this run (bytes read + written).
+
+    python benchmarks/bench_decode.py [--tune] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common import (copy_gbs, device, header, parse_args, print_table, try_time, write_csv)
+
+H, HKV, D = 32, 8, 128
+# (B, ctx): the shapes of ANCHORS.md, then B = 1 and B = 16 over context for the plot.
+ANCHOR_SHAPES = [(1, 8192), (1, 32768), (16, 2048), (16, 8192), (64, 1024), (64, 4096),
+                 (128, 2048), (256, 1024)]
+SWEEP_SHAPES = [(b, c) for b in (1, 16) for c in (2048, 4096, 8192, 16384, 32768)]
+FLEX_SHAPES = {(1, 32768), (16, 2048), (64, 4096), (128, 2048)}  # each costs a compile
+
+
+def kv_bytes(b, ctx, hkv=HKV, d=D) -> int:
+    return 2 * b * ctx * hkv * d * 2
+
+
+def paged_copy(k, v, page, gen_device):
+    """[B, ctx, Hkv, D] K/V -> shuffled paged caches [blocks, page, Hkv, D] + table [B, ctx/page]."""
+    b, ctx, hkv, d = k.shape
+    per_seq = -(-ctx // page)
+    num_blocks = b * per_seq
+    perm = torch.randperm(num_blocks, device=gen_device)
+    table = perm.view(b, per_seq).to(torch.int32)
+    k_cache = torch.empty(num_blocks, page, hkv, d, dtype=k.dtype, device=k.device)
+    v_cache = torch.empty_like(k_cache)
+    pad = per_seq * page - ctx
+    kp = F.pad(k, (0, 0, 0, 0, 0, pad)).view(b * per_seq, page, hkv, d)
+    vp = F.pad(v, (0, 0, 0, 0, 0, pad)).view(b * per_seq, page, hkv, d)
+    k_cache[perm] = kp
+    v_cache[perm] = vp
+    return k_cache, v_cache, table
+
+
+def contenders(q, k, v, b, ctx, dev, pages):
+    """name -> factory returning (callable, note). k/v ``[B, ctx, Hkv, D]`` contiguous."""
+    import attn_ops
+    from attn_ops.backends.triton import decode_kernel
+    h, d = q.shape[1], q.shape[2]
+    hkv = k.shape[2]
+    scale = d ** -0.5
+    seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+    out = {}
+    for page in pages:
+        def ours(page=page):
+            k_cache, v_cache, table = paged_copy(k, v, page, dev)
+            splits = decode_kernel.num_splits(b, hkv, table.shape[1] * page,
+                                              decode_kernel.device_sm_count(q.device),
+                                              decode_kernel.launch_config(d, q.dtype)[0])
+            run = lambda: attn_ops.decode(q, k_cache, v_cache, seqlens, table, scale,  # noqa
+                                          backend="triton")
+            return run, f"paged, {splits} splits"
+        out[f"triton p{page} (ours)"] = ours
+
+    qd = q.view(b, h, 1, d)
+    kd, vd = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, ctx, D] views (strided)
+
+    def sdpa():
+        kc, vc = kd.contiguous(), vd.contiguous()
+        run = lambda: F.scaled_dot_product_attention(qd, kc, vc, scale=scale,  # noqa: E731
+                                                     enable_gqa=True)
+        run()
+        return run, "contiguous KV, default dispatch, enable_gqa"
+
+    def fa2_varlen():
+        op = torch.ops.aten._flash_attention_forward
+        cu_q = torch.arange(b + 1, device=dev, dtype=torch.int32)
+        cu_k = cu_q * ctx
+        kf, vf = k.view(b * ctx, hkv, d), v.view(b * ctx, hkv, d)
+        run = lambda: op(q, kf, vf, cu_q, cu_k, 1, ctx, 0.0, False, False, scale=scale)  # noqa
+        run()
+        return run, "contiguous KV, aten._flash_attention_forward"
+
+    def flex():
+        from torch.nn.attention.flex_attention import flex_attention
+        kc, vc = kd.contiguous(), vd.contiguous()
+        fn = torch.compile(flex_attention, dynamic=False)
+        run = lambda: fn(qd, kc, vc, scale=scale, enable_gqa=True)  # noqa: E731
+        run()
+        return run, "contiguous KV, compiled"
+
+    out.update(sdpa=sdpa, fa2_varlen=fa2_varlen)
+    if (b, ctx) in FLEX_SHAPES:
+        out["flex"] = flex
+    return out
+
+
+def run_shape(b, ctx, args, copy, pages=(16, 256)):
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(b, ctx, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    rows = []
+    for name, factory in contenders(q, k, v, b, ctx, dev, pages).items():
+        note = ""
+
+        def build():
+            nonlocal note
+            fn, note = factory()
+            return fn
+        ms, err = try_time(build, args.smoke)
+        gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
+        rows.append(dict(bench="decode", batch=b, ctx=ctx, heads=h, kv_heads=hkv, head_dim=d,
+                         contender=name, us=ms * 1e3 if ms else None, gbs=gbs,
+                         pct_copy=100 * gbs / copy if gbs else None, note=note or err))
+    sdpa = next((r["gbs"] for r in rows if r["contender"] == "sdpa"), None)
+    for r in rows:
+        r["vs_sdpa"] = r["gbs"] / sdpa if sdpa and r["gbs"] else None
+    return rows
+
+
+def tune(args, copy):
+    """Sweep (BLOCK_N, warps, stages) and the split count of our kernel on target shapes."""
+    from attn_ops.backends.triton import decode_kernel
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    shapes = [(2, 64, 16)] if args.smoke else [(16, 2048, 16), (128, 2048, 16), (1, 32768, 16),
+                                                (64, 4096, 256)]
+    configs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 3), (128, 8, 3),
+               (64, 8, 3), (32, 2, 4)]
+    split_options = {16: [1, 2, 3, 4, 6, 8], 128: [1, 2], 1: [16, 32, 48, 64], 64: [1, 2, 3],
+                     2: [1, 2]}
+    rows = []
+    for b, ctx, page in shapes:
+        q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(b, ctx, hkv, d, device=dev, dtype=torch.bfloat16)
+        k_cache, v_cache, table = paged_copy(k, torch.randn_like(k), page, dev)
+        del k
+        seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        trials = [(cfg, None) for cfg in (configs[:2] if args.smoke else configs)]
+        trials += [(None, sp) for sp in split_options[b]]
+        for cfg, sp in trials:
+            ms, err = try_time(lambda: (lambda: decode_kernel.decode(
+                q, k_cache, v_cache, seqlens, table, d ** -0.5, config=cfg, splits=sp)),
+                args.smoke)
+            gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
+            cfg_used = cfg or decode_kernel.launch_config(d, q.dtype)
+            rows.append(dict(batch=b, ctx=ctx, page=page, block_n=cfg_used[0],
+                             warps=cfg_used[1], stages=cfg_used[2],
+                             splits=sp if sp is not None else "auto", us=ms * 1e3 if ms else None,
+                             gbs=gbs, pct_copy=100 * gbs / copy if gbs else None, error=err))
+            print_table(rows[-1:], ["batch", "ctx", "page", "block_n", "warps", "stages",
+                                    "splits", "us", "gbs", "pct_copy", "error"])
+    write_csv(args.out / "decode_tune.csv", rows)
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0])
+    env = header("decode", args.smoke)
+    copy = copy_gbs(args.smoke)
+    print(f"ceiling: device copy {copy:.0f} GB/s (read + write)")
+    if args.tune or args.tune_only:
+        tune(args, copy)
+    if args.tune_only:
+        return
+    shapes = [(2, 64), (1, 200)] if args.smoke else list(dict.fromkeys(ANCHOR_SHAPES +
+                                                                        SWEEP_SHAPES))
+    rows = []
+    for b, ctx in shapes:
+        rows += run_shape(b, ctx, args, copy, pages=(16, 32) if args.smoke else (16, 256))
+        print_table([r for r in rows if (r["batch"], r["ctx"]) == (b, ctx)],
+                    ["batch", "ctx", "contender", "us", "gbs", "pct_copy"])
+    for r in rows:
+        r.update(copy_gbs=copy, device=env["device"], date=env["date"], torch=env["torch"],
+                 triton=env["triton"])
+    write_csv(args.out / "decode.csv", rows)
+    print_table(rows, ["batch", "ctx", "contender", "us", "gbs", "pct_copy", "vs_sdpa", "note"])
+
+
+if __name__ == "__main__":
+    main()

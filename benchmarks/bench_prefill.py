@@ -1,0 +1,191 @@
+"""Prefill throughput: our Triton kernel beside SDPA (flash, efficient, cuDNN), FlexAttention and
+FA2 varlen, in one run.
+
+bf16, H=32, Hkv=8, D=128. Causal over sequence lengths 1024..16384 with B*S = 16384 tokens
+(4 x 4096 is the target shape), and non-causal 4 x 4096. TFLOP/s counts 4*H*D*lq*(lk - lq/2) per
+causal sequence (4*H*D*lq*lk otherwise); % is of the bf16 matmul rate measured in this run.
+SDPA contenders get GQA through ``enable_gqa=True`` where the backend takes it, else K/V
+expanded to H heads (noted in the CSV).
+
+    python benchmarks/bench_prefill.py [--tune] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common import (copy_gbs, device, header, matmul_tflops, parse_args, print_table,
+                    try_time, write_csv)
+
+H, HKV, D = 32, 8, 128
+TOKENS = 16384
+
+
+def flops(b: int, s: int, causal: bool, h: int = H, d: int = D) -> float:
+    return b * 4 * h * d * s * (s - s / 2 if causal else s)
+
+
+def make_inputs(b, s, dev, h=H, hkv=HKV, d=D):
+    q = torch.randn(b * s, h, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(b * s, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cu = torch.arange(b + 1, device=dev, dtype=torch.int32) * s
+    return q, k, v, cu
+
+
+def contenders(q, k, v, cu, b, s, causal, dev):
+    """name -> factory returning (callable, note). Dense views [B, H, S, D] for SDPA/Flex."""
+    import attn_ops
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    h, d = q.shape[1], q.shape[2]
+    scale = d ** -0.5
+    qd = q.view(b, s, h, d).transpose(1, 2)
+    kd = k.view(b, s, -1, d).transpose(1, 2)
+    vd = v.view(b, s, -1, d).transpose(1, 2)
+    group = h // kd.shape[1]
+
+    def ours():
+        return lambda: attn_ops.prefill(q, k, v, cu, cu, s, s, scale, causal, backend="triton"), ""
+
+    def sdpa(backend):
+        def factory():
+            def run_gqa():
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal,
+                                                          scale=scale, enable_gqa=True)
+            try:
+                run_gqa()
+                return run_gqa, "enable_gqa"
+            except RuntimeError:
+                ke, ve = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
+
+                def run():
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal,
+                                                              scale=scale)
+                run()
+                return run, "kv expanded to H heads"
+        return factory
+
+    def flex():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        mask = None
+        if causal:
+            mask = create_block_mask(lambda bb, hh, qi, kj: qi >= kj, None, None, s, s,
+                                     device=dev)
+        fn = torch.compile(flex_attention, dynamic=False)
+        run = lambda: fn(qd, kd, vd, block_mask=mask, scale=scale, enable_gqa=True)  # noqa: E731
+        run()
+        return run, "compiled"
+
+    def fa2_varlen():
+        op = torch.ops.aten._flash_attention_forward
+        run = lambda: op(q, k, v, cu, cu, s, s, 0.0, causal, False, scale=scale)  # noqa: E731
+        run()
+        return run, "aten._flash_attention_forward"
+
+    def flash_attn_pkg():
+        from flash_attn import flash_attn_varlen_func
+        run = lambda: flash_attn_varlen_func(q, k, v, cu, cu, s, s, softmax_scale=scale,  # noqa
+                                             causal=causal)
+        run()
+        return run, "flash_attn package"
+
+    return {
+        "triton (ours)": ours,
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "flex": flex,
+        "fa2_varlen": fa2_varlen,
+        "flash_attn": flash_attn_pkg,
+    }
+
+
+def run_shape(b, s, causal, args, ceil_tflops, with_flex=True):
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    q, k, v, cu = make_inputs(b, s, dev, h, hkv, d)
+    rows = []
+    for name, factory in contenders(q, k, v, cu, b, s, causal, dev).items():
+        if name == "flex" and not with_flex:
+            continue  # each Flex shape costs a compile; timed at a subset of lengths
+        note = ""
+
+        def build():
+            nonlocal note
+            fn, note = factory()
+            return fn
+        ms, err = try_time(build, args.smoke)
+        tflops = flops(b, s, causal, h, d) / (ms * 1e-3) / 1e12 if ms else None
+        rows.append(dict(bench="prefill", batch=b, seqlen=s, causal=causal, heads=h,
+                         kv_heads=hkv, head_dim=d, contender=name, ms=ms, tflops=tflops,
+                         pct_matmul=100 * tflops / ceil_tflops if tflops else None,
+                         note=note or err))
+    ours = rows[0]["tflops"] if rows and rows[0]["contender"] == "triton (ours)" else None
+    for r in rows:
+        r["ours_speedup"] = ours / r["tflops"] if ours and r["tflops"] else None
+    del q, k, v
+    return rows
+
+
+def tune(args, ceil_tflops):
+    """Sweep (BLOCK_M, BLOCK_N, warps, stages) of our kernel on 4 x 4096 (and D=64/256)."""
+    from attn_ops.backends.triton import prefill_kernel
+    dev = device(args)
+    rows = []
+    cases = [(128, True), (128, False), (64, True), (256, True)]
+    configs = {
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3),
+              (128, 128, 8, 2), (128, 32, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+              (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 16, 2), (256, 64, 16, 3)],
+        -128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
+               (64, 64, 4, 3), (128, 64, 8, 4)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
+        256: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    }
+    b, s, h, hkv = (1, 64, 2, 1) if args.smoke else (4, 4096, H, HKV)
+    for d, causal in cases[:1] if args.smoke else cases:
+        q, k, v, cu = make_inputs(b, s, dev, h, hkv, d if not args.smoke else 32)
+        table = configs[d if causal else -d]
+        for cfg in table[:2] if args.smoke else table:
+            ms, err = try_time(lambda: (lambda: prefill_kernel.prefill(
+                q, k, v, cu, cu, s, s, d ** -0.5, causal, config=cfg)), args.smoke)
+            tflops = flops(b, s, causal, h, q.shape[2]) / (ms * 1e-3) / 1e12 if ms else None
+            rows.append(dict(head_dim=d, causal=causal, block_m=cfg[0], block_n=cfg[1],
+                             warps=cfg[2], stages=cfg[3], ms=ms, tflops=tflops,
+                             pct_matmul=100 * tflops / ceil_tflops if tflops else None,
+                             error=err))
+            print_table(rows[-1:], ["head_dim", "causal", "block_m", "block_n", "warps",
+                                    "stages", "ms", "tflops", "error"])
+    write_csv(args.out / "prefill_tune.csv", rows)
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0])
+    env = header("prefill", args.smoke)
+    ceil = matmul_tflops(args.smoke)
+    print(f"ceilings: bf16 matmul {ceil:.0f} TFLOP/s, copy {copy_gbs(args.smoke):.0f} GB/s")
+    if args.tune or args.tune_only:
+        tune(args, ceil)
+    if args.tune_only:
+        return
+    rows = []
+    lengths = [32, 64] if args.smoke else [1024, 2048, 4096, 8192, 16384]
+    tokens = 64 if args.smoke else TOKENS
+    for s in lengths:
+        rows += run_shape(max(1, tokens // s), s, True, args, ceil,
+                          with_flex=args.smoke or s in (1024, 4096, 16384))
+    rows += run_shape(2 if args.smoke else 4, lengths[-1] if args.smoke else 4096, False, args,
+                      ceil)
+    for r in rows:
+        r.update(matmul_tflops=ceil, device=env["device"], date=env["date"],
+                 torch=env["torch"], triton=env["triton"])
+    write_csv(args.out / "prefill.csv", rows)
+    print_table(rows, ["batch", "seqlen", "causal", "contender", "ms", "tflops", "pct_matmul",
+                       "ours_speedup", "note"])
+
+
+if __name__ == "__main__":
+    main()

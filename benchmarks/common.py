@@ -1,0 +1,143 @@
+"""Benchmark plumbing shared by bench_*.py: timing, ceilings measured in the same run, CSV, tables.
+
+Every figure is a median of CUDA-event timings (``triton.testing.do_bench``, which also flushes
+the L2 between repetitions, so each call reads its working set from HBM). Ceilings (device copy
+bandwidth, bf16 matmul rate) are measured in the same process so results are ratios within one
+run, not against numbers from another day. ``--smoke`` runs tiny shapes on the CPU (Triton
+interpreter, wall-clock timer) to check the scripts themselves; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=os.environ.get("ATTN_BENCH_OUT",
+                                                        str(ROOT / "benchmarks" / "results")),
+                        help="folder for the CSV files (default benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on CPU through the Triton interpreter (checks the script)")
+    parser.add_argument("--tune", action="store_true",
+                        help="also sweep our kernel's launch configs on the target shapes")
+    parser.add_argument("--tune-only", action="store_true", help="only the sweep of --tune")
+    if extra:
+        extra(parser)
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("ATTN_OPS_CHECK", "0")  # data checks sync the host: off when timing
+    args.out = Path(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def device(args) -> torch.device:
+    return torch.device("cpu" if args.smoke else "cuda")
+
+
+def bench_ms(fn: Callable[[], object], smoke: bool = False, warmup_ms: int = 25,
+             rep_ms: int = 100) -> float:
+    """Median milliseconds per call of ``fn`` (CUDA events, L2 flushed between calls)."""
+    if smoke:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+@functools.lru_cache(maxsize=None)
+def copy_gbs(smoke: bool = False) -> float:
+    """Device-to-device copy bandwidth, GB/s counting bytes read + written (1 GiB buffers)."""
+    n = (1 << 20) if smoke else (1 << 28)  # fp32 elements: 1 GiB on the GPU
+    src = torch.randn(n, device="cpu" if smoke else "cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), smoke)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops(smoke: bool = False) -> float:
+    """bf16 8192^3 matmul rate, TFLOP/s (the tensor-core ceiling of this run)."""
+    n = 256 if smoke else 8192
+    dev = "cpu" if smoke else "cuda"
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b, smoke)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def environment() -> dict[str, str]:
+    import triton
+    info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sms=str(props.multi_processor_count),
+                    cuda=str(torch.version.cuda))
+    else:
+        info.update(device="cpu (smoke)")
+    return info
+
+
+def try_time(fn_factory: Callable[[], Callable[[], object]], smoke: bool,
+             **bench_kw) -> tuple[float | None, str]:
+    """Build a contender (may raise: not installed / unsupported) and time it.
+
+    Returns (ms, "") or (None, reason)."""
+    try:
+        fn = fn_factory()
+        return bench_ms(fn, smoke, **bench_kw), ""
+    except Exception as e:  # a contender that cannot run here is reported, not fatal
+        msg = f"{type(e).__name__}: {e}".splitlines()[0]
+        return None, msg[:160]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return str(v)
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    sys.stdout.flush()
+
+
+def header(title: str, smoke: bool) -> dict[str, str]:
+    env = environment()
+    print(f"== {title} | {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"{env['date']}")
+    return env
