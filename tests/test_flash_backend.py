@@ -218,7 +218,15 @@ def test_aten_decisions(op, cfg, cap, expect):
 
 
 def test_providers_are_tried_fastest_first_and_can_be_forced():
-    providers = tuple(PROVIDERS.items())
+    fwd = flash._fa3_fwd_provider(_module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
+    everything = dict(PROVIDERS, fa3_fwd=fwd)
+    in_order = tuple((n, everything[n]) for n in flash.PROVIDER_ORDER)
+    without_fa3 = in_order[1:]
+    assert flash.choose("prefill", _config(), SM90, without_fa3)[0] is fwd  # FA3 kernels first
+    assert flash.choose("prefill", _config(dtype=torch.float16), SM90, without_fa3)[0].name \
+        == "fa2"  # the forward-only build has no fp16
+    assert flash.choose("decode", _config("decode"), SM90, without_fa3)[0].name == "fa2"
+    providers = tuple((n, p) for n, p in in_order if n != "fa3_fwd")
     assert flash.choose("prefill", _config(), SM90, providers)[0].name == "fa3"
     assert flash.choose("prefill", _config(), SM80, providers)[0].name == "fa2"  # FA3: sm90
     assert flash.choose("decode", _config("decode", block_size=16), SM90, providers)[0].name \

@@ -6,8 +6,8 @@ of ANCHORS.md: FA3 608 vs FA2 330 TFLOP/s on causal bf16 prefill; FA3 1145-2892 
 
   provider  kernels                                  arch   dtypes     paged KV    window  softcap
   fa3       flash_attn_interface (FA3)               sm90   fp16/bf16  any block   yes     yes
-  fa2       flash_attn package (FA2)                 sm80+  fp16/bf16  bs % 256    yes     >= 2.6
   fa3_fwd   fa3_fwd_interface (forward-only FA3)     sm90   bf16       no          no      no
+  fa2       flash_attn package (FA2)                 sm80+  fp16/bf16  bs % 256    yes     >= 2.6
   aten      torch.ops.aten._flash_attention_forward  sm80+  fp16/bf16  bs % 256 *  yes     no
 
   * torch >= 2.13 only: the op gains ``block_table`` there.
@@ -44,7 +44,7 @@ from attn_ops.registry import BackendUnavailable
 
 name = "flash"
 
-PROVIDER_ORDER = ("fa3", "fa2", "fa3_fwd", "aten")
+PROVIDER_ORDER = ("fa3", "fa3_fwd", "fa2", "aten")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 FA2_PAGE_MULTIPLE = 256  # FA2's split-KV kernel reads pages in 256-token tiles
@@ -95,12 +95,12 @@ def _version(mod: ModuleType) -> str:
     return str(getattr(mod, "__version__", "unknown version"))
 
 
-def _fa3_provider(mod: ModuleType, name: str = "fa3", label: str = "FA3") -> Provider:
+def _fa3_provider(mod: ModuleType) -> Provider:
     varlen = _params(getattr(mod, "flash_attn_varlen_func", None))
     kv = _params(getattr(mod, "flash_attn_with_kvcache", None))
     paged = "page_table" in kv
     opts = varlen & kv if paged else varlen
-    return Provider(name, f"{label} ({mod.__name__} {_version(mod)})", 90, 90, HALF_DTYPES,
+    return Provider("fa3", f"FA3 ({mod.__name__} {_version(mod)})", 90, 90, HALF_DTYPES,
                     dense_prefill=bool(varlen), paged_prefill=paged and
                     {"cu_seqlens_q", "max_seqlen_q"} <= kv, decode=paged, page_multiple=1,
                     window="window_size" in opts, softcap="softcap" in opts, module=mod)
@@ -290,7 +290,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
               max_q, max_seqlen_k, scale, causal, table, _window(causal, window_left), softcap)
     rows = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
     owned = rows < cu_seqlens_q[-1]
-    return torch.where(owned[:, None, None], out, out.new_zeros(()))
+    return torch.where(owned[:, None, None], out, 0.0)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
@@ -304,7 +304,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     run = _DECODE[provider.name]
     out = run(provider.module, q, k_cache, v_cache, seqlens_k.contiguous(), _int32(block_table),
               scale, _window(True, window_left), softcap)
-    return torch.where((seqlens_k > 0)[:, None, None], out, out.new_zeros(()))
+    return torch.where((seqlens_k > 0)[:, None, None], out, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
