@@ -160,6 +160,7 @@ class _Rewriter:
         self.placeholders = list(self.graph.find_nodes(op="placeholder"))
         self.lifted: dict[tuple[int, str], list[fx.Node]] = {}
         self.order: list[LiftedLengths] = []
+        self.anchor = self.placeholders[-1] if self.placeholders else None  # last input so far
         self.tracer = GraphAppendingTracer(self.graph)
 
     def proxy(self, value):
@@ -176,15 +177,14 @@ class _Rewriter:
         index = self.placeholders.index(source)
         key = (index, kind)
         if key not in self.lifted:
-            anchor = self.placeholders[-1] if not self.order else self.lifted[
-                (self.order[-1].source_index, self.order[-1].kind)][-1]
             nodes = []
             for i in range(count):
-                with self.graph.inserting_after(anchor if not nodes else nodes[-1]):
+                with self.graph.inserting_after(self.anchor):
                     ph = self.graph.placeholder(f"attn_npu_{kind}_{source.name}_{i}")
                 if hasattr(source, "_dynamo_source"):  # AOT expects it on Dynamo placeholders
                     ph._dynamo_source = None
                 nodes.append(ph)
+                self.anchor = ph
             self.lifted[key] = nodes
             self.order.append(LiftedLengths(index, kind, count))
         return [self.proxy(n) for n in self.lifted[key]]

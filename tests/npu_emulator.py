@@ -80,10 +80,7 @@ def _require(cond: bool, msg: str) -> None:
 def recording():
     """Collect the emulated kernel calls made inside the block; yields the list."""
     CALLS.clear()
-    try:
-        yield CALLS
-    finally:
-        pass
+    yield CALLS
 
 
 def is_emulated() -> bool:
