@@ -175,3 +175,28 @@ def prefill_inputs(batch: PrefillBatch, x: torch.Tensor) -> tuple:
 def decode_inputs(batch: DecodeBatch, x: torch.Tensor) -> tuple:
     """The positional arguments of :class:`DecodeStep` for a planned batch and its tokens."""
     return (x, batch.slot_mapping, batch.seqlens_k, batch.block_table)
+
+
+def bind_aoti_caches(package, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     prefix: str = "layer.") -> None:
+    """Make a loaded AOTInductor package read and write these cache tensors, without a copy.
+
+    A package embeds the buffers it was exported with, and each package has its own copy: the
+    prefill and decode packages of one model would not see each other's writes. Binding the
+    same tensors into both (``user_managed=True``: the package keeps the pointers) makes them
+    share the server's cache. The caller keeps the tensors alive and their shape and dtype must
+    be the exported ones.
+
+    Args:
+        package: what ``torch._inductor.aoti_load_package`` returned.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]`` on the package's device.
+        prefix: the buffers' module path (``"layer."`` for :class:`PrefillStep` /
+            :class:`DecodeStep`).
+    """
+    import inspect
+
+    if "user_managed" not in inspect.signature(package.load_constants).parameters:
+        raise RuntimeError("this torch's AOTICompiledModel.load_constants has no user_managed "
+                           "argument: binding caches without a copy needs a newer torch")
+    package.load_constants({prefix + "k_cache": k_cache, prefix + "v_cache": v_cache},
+                           check_full_update=False, user_managed=True)

@@ -286,3 +286,19 @@ def sdpa_dynamic_shapes() -> dict:
 def count_calls(ep_or_gm, target) -> int:
     graph = ep_or_gm.graph
     return sum(1 for n in graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def aoti_test_configs() -> dict:
+    """Inductor options for the AOTInductor tests: compile the C++ *wrapper* at -O0 (kernels
+    keep -O3). On a 2-core CPU a package of the example step took 24 s instead of 43 s cold."""
+    if hasattr(torch._inductor.config.aot_inductor, "compile_wrapper_opt_level"):
+        return {"aot_inductor.compile_wrapper_opt_level": "O0"}
+    return {}
+
+
+def package_sources(path: str, suffix: str = ".wrapper.cpp") -> str:
+    """The generated sources (AOTInductor C++ wrapper by default) stored in a .pt2 package."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return "\n".join(zf.read(n).decode() for n in zf.namelist() if n.endswith(suffix))
