@@ -38,6 +38,12 @@ _FILLS = {"ones": 1, "zeros": 0, "ones_like": 1, "zeros_like": 0, "new_ones": 1,
 _COMPARE = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b, "le": lambda a, b: a <= b,
             "lt": lambda a, b: a < b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
 _NOOP_INPLACE = {"add_": 0, "sub_": 0, "mul_": 1}
+_WRITES = frozenset({"setitem", "copy_", "index_put_", "fill_", "masked_fill_", "__setitem__"})
+# Ops whose result may share memory with their first argument: a write to it writes the mask.
+_ALIASES = frozenset({"getitem", "select", "slice", "view", "reshape", "_unsafe_view", "unsqueeze",
+                      "squeeze", "expand", "expand_as", "transpose", "permute", "t", "alias",
+                      "as_strided", "diagonal", "narrow", "unflatten", "flatten", "view_as",
+                      "detach", "contiguous", "to", "type_as", "unbind", "split", "chunk"})
 
 
 def _shape(node: Node) -> tuple:
@@ -87,11 +93,9 @@ class _Evaluator:
         name = op_name(node)
         if name is None:
             raise NotProvable(f"unknown op {node.target} at {node.name}")
-        for user in node.users:  # a tensor written in place is not what its node says
-            uname = op_name(user)
-            if uname and uname.endswith("_") and not uname.startswith("_") and user.args \
-                    and user.args[0] is node and not self._noop_inplace(user, uname):
-                raise NotProvable(f"{node.name} is modified in place by {user.name}")
+        writer = self._writer(node)
+        if writer is not None:
+            raise NotProvable(f"{node.name} is modified in place by {writer.name}")
         rule = _RULES.get(name)
         if rule is None:
             if name in _NOOP_INPLACE and self._noop_inplace(node, name):
@@ -99,6 +103,25 @@ class _Evaluator:
             raise NotProvable(f"op {name!r} at {node.name} is not a position-only mask op")
         out = rule(self, node)
         return md.zero_unit_dims(out, _shape(node))
+
+    def _writer(self, node: Node) -> Node | None:
+        """An op that writes ``node``'s memory in place, directly or through a view, if any."""
+        work, seen = [node], set()
+        while work:
+            x = work.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            for user in x.users:
+                uname = op_name(user) or ""
+                if not user.args or user.args[0] is not x:
+                    continue
+                if uname in _WRITES or (uname.endswith("_") and not uname.startswith("_")):
+                    if not self._noop_inplace(user, uname):
+                        return user
+                elif uname in _ALIASES:
+                    work.append(user)
+        return None
 
     def _noop_inplace(self, node: Node, name: str) -> bool:
         if name not in _NOOP_INPLACE or len(node.args) < 2:
@@ -168,8 +191,13 @@ def _const(v):
 def _compare(ev: _Evaluator, node: Node):
     name, rank = op_name(node), len(_shape(node))
     x, y = ev.value(node.args[0], rank), ev.value(arg(node, 1, "other"), rank)
-    if isinstance(x, Lin) and isinstance(y, Lin) and name in ("ge", "gt", "le", "lt"):
-        return md.compare(name, x, y)
+    if isinstance(x, Lin) and isinstance(y, Lin):
+        if name in ("ge", "gt", "le", "lt"):
+            return md.compare(name, x, y)
+        diff = x + y.scale(-1)
+        if all(md.same(c, 0) for c in diff.coef) and isinstance(diff.const, int):
+            return Pred(rank, None, (diff.const == 0) == (name == "eq"))
+        raise NotProvable(f"{name} between position tensors that differ by a non-constant")
     for var, other, flip in ((x, y, False), (y, x, True)):
         if isinstance(var, (Pred, Select)):
             s, c = md.as_select(var), _const(other)
@@ -333,6 +361,10 @@ def _getitem(ev: _Evaluator, node: Node):
     x = ev.value(node.args[0])
     index = node.args[1]
     index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, Node) for i in index):
+        if None in index or Ellipsis in index:
+            raise NotProvable("tensor indexing mixed with None or ...")
+        return _advanced_index(ev, x, list(index) + [slice(None)] * (x.rank - len(index)))
     if sum(1 for i in index if i is Ellipsis) > 1:
         raise NotProvable("an index with several ellipses")
     n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
@@ -352,6 +384,120 @@ def _getitem(ev: _Evaluator, node: Node):
     return x
 
 
+def _diff(ev: _Evaluator, node: Node):
+    """``torch.diff(x, dim=d, prepend=p)`` of positions ``x``: the constant step along d.
+
+    With ``prepend``, the first element is ``x[0] - p``, which is the same step only when p is
+    exactly x's value one step before its start (Hugging Face's ``position_ids[:, :1] - 1``).
+    """
+    if arg(node, 1, "n", 1) != 1 or arg(node, 4, "append") is not None:
+        raise NotProvable("diff with n > 1 or append")
+    x = ev.value(node.args[0])
+    if not isinstance(x, Lin):
+        raise NotProvable("diff of a non-position tensor")
+    dim = arg(node, 2, "dim", -1) % x.rank
+    step = x.coef[dim]
+    prepend = arg(node, 3, "prepend")
+    if prepend is not None:
+        p = ev.value(prepend, x.rank)
+        if not (isinstance(p, Lin) and md.same(_shape(prepend)[dim], 1)
+                and all(md.same(a, b) for i, (a, b) in enumerate(zip(p.coef, x.coef)) if i != dim)
+                and md.same(p.const, x.const - step)):
+            raise NotProvable("diff whose prepend is not the value one step before the start")
+    return Lin((0,) * x.rank, step)
+
+
+def _cumsum(ev: _Evaluator, node: Node):
+    """Cumulative sum of a constant c along d: ``c * (idx_d + 1)``."""
+    x = ev.value(node.args[0])
+    c = _const(x) if isinstance(x, Lin) else md.scalar_of(md.as_select(x))
+    if not isinstance(c, (int, bool, torch.SymInt)) and not float(c).is_integer():
+        raise NotProvable("cumsum of a non-integer constant")
+    c = int(c)
+    dim = arg(node, 1, "dim") % x.rank
+    coef = [0] * x.rank
+    coef[dim] = c
+    return Lin(tuple(coef), c)
+
+
+def _compose(x, pre: int, indices: list, post: int):
+    """``x[(:,) * pre + indices + (:,) * post]`` for Lin index tensors (advanced indexing).
+
+    The result's dims are pre, then the indices' broadcast dims, then post; its value at an
+    index is x's formula with each indexed dim replaced by that index tensor's formula.
+    """
+    r = max(i.rank for i in indices)
+    indices = [md.lift(i, r) for i in indices]
+    for i in indices:
+        if not (isinstance(i.const, int) and i.const >= 0
+                and all(isinstance(c, int) and c >= 0 for c in i.coef)):
+            raise NotProvable("an index tensor that may be negative")
+    out_rank = pre + r + post
+
+    def remap(lin: Lin) -> Lin:
+        coef = [0] * out_rank
+        const = lin.const
+        for d in range(pre):
+            coef[d] = lin.coef[d]
+        for k, idx in enumerate(indices):
+            c = lin.coef[pre + k]
+            for j in range(r):
+                coef[pre + j] = coef[pre + j] + c * idx.coef[j]
+            const = const + c * idx.const
+        for d in range(post):
+            coef[pre + r + d] = lin.coef[pre + len(indices) + d]
+        return Lin(tuple(coef), const)
+    if isinstance(x, Lin):
+        return remap(x)
+    pred = x.pred if isinstance(x, Select) else x
+    pred = Pred(out_rank, None if pred.lin is None else remap(pred.lin), pred.value)
+    return Select(pred, x.a, x.b) if isinstance(x, Select) else pred
+
+
+def _advanced_index(ev: _Evaluator, x, index: list):
+    """Indexing by tensors (None / full slices elsewhere); the tensors must be adjacent."""
+    full = slice(None, None, None)
+    tensor_pos = [i for i, e in enumerate(index) if isinstance(e, Node)]
+    first, last = tensor_pos[0], tensor_pos[-1]
+    if last - first + 1 != len(tensor_pos) or any(
+            not (e is None or e == full) for i, e in enumerate(index) if i not in tensor_pos):
+        raise NotProvable("indexing that mixes tensors with other index kinds")
+    indices = [ev.value(index[i]) for i in tensor_pos]
+    if not all(isinstance(i, Lin) for i in indices):
+        raise NotProvable("indexing by a non-position tensor")
+    return _compose(x, first, indices, x.rank - last - 1)
+
+
+def _cat(ev: _Evaluator, node: Node):
+    """``cat`` of position tensors that continue one formula along the dim (diff's prepend)."""
+    parts = list(arg(node, 0, "tensors"))
+    rank = len(_shape(node))
+    dim = arg(node, 1, "dim", 0) % rank
+    values = [ev.value(p, rank) for p in parts]
+    sizes = [_shape(p)[dim] for p in parts]
+    if not all(isinstance(v, Lin) for v in values):
+        raise NotProvable("cat of non-position tensors")
+    steps = [v.coef[dim] for v, n in zip(values, sizes) if not md.same(n, 1)]
+    step = steps[0] if steps else values[1].const - values[0].const if len(values) > 1 else 0
+    first = values[0]
+    coef = tuple(step if i == dim else c for i, c in enumerate(first.coef))
+    offset = 0
+    for v, n in zip(values, sizes):
+        ok = md.same(v.const, first.const + step * offset) and all(
+            md.same(a, b) for i, (a, b) in enumerate(zip(v.coef, coef))
+            if i != dim or not md.same(n, 1))
+        if not ok:
+            raise NotProvable("cat of position tensors that do not continue one another")
+        offset = offset + n
+    return Lin(coef, first.const)
+
+
+def _aten_index(ev: _Evaluator, node: Node):
+    x = ev.value(node.args[0])
+    index = list(node.args[1]) + [None] * (x.rank - len(node.args[1]))
+    return _advanced_index(ev, x, index)
+
+
 _RULES = {
     "arange": _arange, "iota": _arange,
     **{n: _fill for n in ("ones", "zeros", "full", "scalar_tensor", "tensor", "ones_like",
@@ -367,7 +513,8 @@ _RULES = {
     **{n: _expand for n in _EXPANDS},
     **{n: _reshape for n in _VIEWS},
     "unsqueeze": _unsqueeze, "permute": _permute, "transpose": _permute,
-    "slice": _aten_slice, "getitem": _getitem,
+    "slice": _aten_slice, "getitem": _getitem, "index": _aten_index,
+    "diff": _diff, "cumsum": _cumsum, "cat": _cat,
 }
 
 

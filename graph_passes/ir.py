@@ -27,17 +27,18 @@ _FUNCTIONS = {
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.neg: "neg",
     torch.unsqueeze: "unsqueeze", torch.reshape: "reshape", torch.squeeze: "squeeze",
     torch.repeat_interleave: "repeat_interleave", torch.transpose: "transpose",
-    torch.matmul: "matmul", torch.softmax: "softmax", F.softmax: "softmax",
+    torch.matmul: "matmul", torch.softmax: "softmax", F.softmax: "softmax", torch.diff: "diff",
+    torch.cumsum: "cumsum", torch.cat: "cat",
     torch._C._nn.scaled_dot_product_attention: "scaled_dot_product_attention",
     operator.ge: "ge", operator.gt: "gt", operator.le: "le", operator.lt: "lt", operator.eq: "eq",
     operator.ne: "ne", operator.add: "add", operator.sub: "sub", operator.mul: "mul",
     operator.neg: "neg", operator.invert: "bitwise_not", operator.and_: "bitwise_and",
     operator.or_: "bitwise_or", operator.getitem: "getitem", operator.iadd: "add_",
-    operator.isub: "sub_", operator.imul: "mul_",
+    operator.isub: "sub_", operator.imul: "mul_", operator.setitem: "setitem",
 }
 # Tensor methods whose canonical name differs from the method name.
 _METHODS = {"__invert__": "bitwise_not", "__and__": "bitwise_and", "__or__": "bitwise_or",
-            "__getitem__": "getitem"}
+            "__getitem__": "getitem", "__iand__": "bitwise_and_", "__ior__": "bitwise_or_"}
 # Canonical names of ops that return their input unchanged in value (layout or no-op copies).
 IDENTITY_OPS = frozenset({"clone", "contiguous", "alias", "lift_fresh_copy", "detach",
                           "_assert_tensor_metadata"})
@@ -51,9 +52,9 @@ def op_name(node: Node) -> str | None:
         return None
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
+        return _METHODS.get(target.overloadpacket.__name__, target.overloadpacket.__name__)
     if isinstance(target, torch._ops.OpOverloadPacket):
-        return target.__name__
+        return _METHODS.get(target.__name__, target.__name__)
     try:
         return _FUNCTIONS.get(target)
     except TypeError:  # an unhashable callable

@@ -1,0 +1,136 @@
+"""The causal-mask prover on the three IRs it reads: Dynamo's, Inductor's aten, export's.
+
+Each mask is built in a function of the input's shape only (or, for the negative cases, of its
+data / an input / an in-place write), captured in all three IRs, and classified.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from graph_passes.causal_mask import classify
+from graph_passes.mask_domain import NotProvable
+
+def _ar(t, x):
+    return torch.arange(t, device=x.device)
+
+
+def _window(x, t):
+    i, j = _ar(t, x)[:, None], _ar(t, x)[None, :]
+    return (j <= i) & (i - j < 3)
+
+
+def _mutated(x, t):
+    m = torch.ones(t, t, dtype=torch.bool).tril()
+    m[0, 0] = False
+    return m
+
+
+def _packed_like(x, t):
+    """Hugging Face's packed-sequence check on positions 0..t-1, then causal on those positions."""
+    pos = _ar(t, x)[None, :].expand(x.shape[0], -1)
+    seq = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    b = torch.arange(x.shape[0])[:, None, None, None]
+    q, k = _ar(t, x)[None, None, :, None], _ar(t, x)[None, None, None, :]
+    return (seq[b, q] == seq[b, k]) & (pos[b, k] <= pos[b, q])
+
+
+# name -> (mask builder (x, t) -> mask, usage, expected: "causal" / "none" / NotProvable)
+CASES = {
+    "tril_bool": (lambda x, t: torch.ones(t, t, dtype=torch.bool).tril(), "keep", "causal"),
+    "triu_neg_inf": (lambda x, t: torch.full((t, t), -math.inf).triu(1), "additive", "causal"),
+    "arange_ge_4d": (lambda x, t: (_ar(t, x)[:, None] >= _ar(t, x)[None, :]).view(1, 1, t, t),
+                     "keep", "causal"),
+    "shifted_positions": (lambda x, t: (_ar(t, x)[:, None] + 5) >= (_ar(t, x)[None, :] + 5),
+                          "keep", "causal"),
+    "where_dtype_min": (lambda x, t: torch.where(_ar(t, x)[None, :] <= _ar(t, x)[:, None], 0.0,
+                                                 torch.finfo(torch.float32).min), "additive",
+                        "causal"),
+    "zeros_masked_fill": (lambda x, t: torch.zeros(t, t).masked_fill(
+        ~torch.ones(t, t, dtype=torch.bool).tril(), -math.inf), "additive", "causal"),
+    "triu_bool_hidden": (lambda x, t: torch.ones(t, t, dtype=torch.bool).triu(1), "masked",
+                         "causal"),
+    "tril_float_eq0": (lambda x, t: torch.ones(t, t).tril()[None, None] == 0, "masked",
+                       "causal"),
+    "packed_positions": (_packed_like, "keep", "causal"),
+    "all_zero_additive": (lambda x, t: torch.zeros(1, 1, t, t), "additive", "none"),
+    "all_true": (lambda x, t: torch.ones(t, t, dtype=torch.bool), "keep", "none"),
+    # Negative: provably not causal, or not provable at all.
+    "tril_diag1": (lambda x, t: torch.ones(t, t, dtype=torch.bool).tril(1), "keep", NotProvable),
+    "sliding_window": (_window, "keep", NotProvable),
+    "data_dependent": (lambda x, t: (x[0, :, :1] > 0).expand(t, t), "keep", NotProvable),
+    "soft_additive": (lambda x, t: torch.full((t, t), -1e4).triu(1), "additive", NotProvable),
+    "written_in_place": (_mutated, "keep", NotProvable),
+    "transposed_causal": (lambda x, t: torch.ones(t, t, dtype=torch.bool).triu(), "keep",
+                          NotProvable),
+}
+NAMES = sorted(CASES)
+
+
+def _all_masks(x):
+    t = x.shape[1]
+    return [CASES[n][0](x, t) for n in NAMES]
+
+
+def _outputs(graph):
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    return list(out)
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """Output nodes of the masks in each IR, in NAMES order."""
+    x = torch.randn(2, 7, 3)
+    graphs = {}
+
+    def capture(gm, example_inputs):
+        graphs["dynamo"] = gm
+        return gm
+    torch._dynamo.reset()
+    torch.compile(_all_masks, backend=capture, dynamic=True, fullgraph=True)(x)
+    from torch._inductor.decomposition import select_decomp_table
+    graphs["inductor"] = make_fx(_all_masks, select_decomp_table())(x)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return _all_masks(x)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    graphs["export"] = torch.export.export(M(), (x,), dynamic_shapes=({1: seq},)).graph_module
+    return {ir: _outputs(gm.graph) for ir, gm in graphs.items()}
+
+
+@pytest.mark.parametrize("ir", ["dynamo", "inductor", "export"])
+@pytest.mark.parametrize("name", NAMES)
+def test_mask_classification(captured, ir, name):
+    node = captured[ir][NAMES.index(name)]
+    _, usage, expected = CASES[name]
+    if expected is NotProvable:
+        with pytest.raises(NotProvable):
+            classify(node, usage)
+    else:
+        assert classify(node, usage) == expected
+
+
+def test_the_reason_names_the_input_it_depends_on(captured):
+    with pytest.raises(NotProvable, match="depends on the input"):
+        classify(captured["dynamo"][NAMES.index("data_dependent")], "keep")
+
+
+def test_masks_built_as_expected_values():
+    """The builders themselves: causal ones equal tril, so the prover is checked against data."""
+    x = torch.randn(2, 6, 3)
+    ref = torch.ones(6, 6, dtype=torch.bool).tril()
+    for name in NAMES:
+        build, usage, expected = CASES[name]
+        m = build(x, 6)
+        if expected != "causal":
+            continue
+        if usage == "additive":
+            keep = m == 0
+        elif usage == "masked":
+            keep = ~m
+        else:
+            keep = m
+        assert torch.equal(keep.expand(2, 1, 6, 6), ref.expand(2, 1, 6, 6)), name
