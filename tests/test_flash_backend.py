@@ -2,10 +2,9 @@
 
 CPU: the decisions are pure functions of (op, config, GPU capability, installed providers), so
 they are tested with providers built from the real signatures of each version. The per-provider
-call code runs against stand-in kernels that keep FlashAttention's documented conventions
-(window ``(left, right)``, causal forcing right = 0, int32 block tables, the max_seqlen_q == 1
-GQA fold, unwritten rows left as garbage, poisoned here with NaN) and compute with the
-reference backend, so a wrong argument shows up as a wrong value.
+call code runs against the stand-in kernels of tests/flash_fakes.py (FlashAttention's calling
+conventions, computed with the reference backend, unwritten rows NaN), so a wrong argument
+shows up as a wrong value.
 
 GPU (``-m cuda``): every installed provider against the reference backend, with the CUDA
 caching allocator poisoned with NaN first so unwritten output elements cannot pass.
@@ -13,10 +12,8 @@ caching allocator poisoned with NaN first so unwritten output elements cannot pa
 
 import importlib
 import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
-import types
 
 import pytest
 import torch
@@ -24,6 +21,7 @@ import torch
 import attn_ops
 from attn_ops import registry
 from attn_ops.backends import flash, reference
+from tests.flash_fakes import FAKE_FA2, FAKE_FA3, NAN, aten_flash_forward, fa3_varlen, module
 from tests.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 CUDA = torch.device("cuda")
@@ -33,7 +31,6 @@ ATEN_211 = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
             "is_causal", "return_debug_mask", "scale", "window_size_left", "window_size_right",
             "seqused_k", "alibi_slopes"]
 ATEN_213 = ATEN_211 + ["block_table", "num_splits"]
-NAN = float("nan")
 
 
 def _config(op="prefill", dtype=torch.bfloat16, d=128, paged=False, block_size=None,
@@ -46,120 +43,6 @@ def _config(op="prefill", dtype=torch.bfloat16, d=128, paged=False, block_size=N
                 softcap=softcap)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stand-in kernels with FlashAttention's calling conventions, computing with the reference
-# ---------------------------------------------------------------------------------------------
-
-def _fa_mask(causal, window_size):
-    left, right = window_size
-    assert right in (-1, 0), f"right window {right}: the contract needs 0 (causal) or -1"
-    return causal or right == 0, left
-
-
-def _check_gqa_fold(q, num_kv_heads, cu_q, max_q, window_size):
-    # FA2 folds GQA query heads into rows when max_seqlen_q == 1 and reads row b as sequence
-    # b's only query: right only when cu_seqlens_q == 0..B.
-    if max_q == 1 and q.shape[-2] > num_kv_heads and tuple(window_size) == (-1, -1):
-        b = cu_q.shape[0] - 1
-        assert torch.equal(cu_q.cpu(), torch.arange(b + 1, dtype=torch.int32)), "FA2 fold misread"
-
-
-def _poison(out, rows):
-    out = out.clone()
-    out[rows] = NAN  # what the kernel does not write (or does not promise)
-    return out
-
-
-def _fa_prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap, table):
-    if table is not None:
-        assert table.dtype == torch.int32 and table.is_contiguous()
-    hkv = k.shape[-2]
-    _check_gqa_fold(q, hkv, cu_q, max_q, window_size)
-    causal, left = _fa_mask(causal, window_size)
-    out = reference.prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, table, left,
-                            softcap)
-    return _poison(out, torch.arange(q.shape[0]) >= cu_q[-1])
-
-
-def fa2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
-    assert dropout_p == 0.0
-    return _fa_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       softmax_scale, causal, window_size, softcap, block_table)
-
-
-def fa2_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                     cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
-                     block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
-                     softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                     return_softmax_lse=False):
-    assert k is None and q.dim() == 4 and q.shape[1] == 1 and block_table.dtype == torch.int32
-    _, left = _fa_mask(causal, window_size)
-    out = reference.decode(q[:, 0], k_cache, v_cache, cache_seqlens, block_table, softmax_scale,
-                           left, softcap)
-    return _poison(out, cache_seqlens == 0)[:, None]
-
-
-def fa3_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-               seqused_q=None, seqused_k=None, softmax_scale=None, causal=False, qv=None,
-               q_descale=None, k_descale=None, v_descale=None, window_size=(-1, -1),
-               attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
-               sm_margin=0, return_attn_probs=False):
-    out = _fa_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      softmax_scale, causal, window_size, softcap, None)
-    return out, torch.zeros(q.shape[1], q.shape[0])  # some FA3 builds return (out, lse)
-
-
-def fa3_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None,
-                     rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
-                     cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None,
-                     max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None,
-                     v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1),
-                     attention_chunk=0, softcap=0.0, rotary_interleaved=True,
-                     scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0,
-                     return_softmax_lse=False):
-    assert k is None and page_table.dtype == torch.int32
-    if cu_seqlens_q is None:
-        return fa2_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
-                                block_table=page_table, softmax_scale=softmax_scale,
-                                causal=causal, window_size=window_size, softcap=softcap)
-    cu_k = torch.nn.functional.pad(cache_seqlens.cumsum(0, dtype=torch.int32), (1, 0))
-    max_k = page_table.shape[1] * k_cache.shape[1]
-    return _fa_prefill(q, k_cache, v_cache, cu_seqlens_q, cu_k, max_seqlen_q, max_k,
-                       softmax_scale, causal, window_size, softcap, page_table)
-
-
-def aten_flash_forward(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
-                       is_causal, return_debug_mask, *, scale=None, window_size_left=None,
-                       window_size_right=None, seqused_k=None, alibi_slopes=None,
-                       block_table=None, num_splits=None):
-    window = (-1 if window_size_left is None else window_size_left,
-              -1 if window_size_right is None else window_size_right)
-    if block_table is not None:  # torch: "block_table ... Requires seqused_k"
-        assert seqused_k is not None and seqused_k.dtype == torch.int32
-        assert torch.equal(seqused_k, cum_seq_k[1:] - cum_seq_k[:-1])
-    out = _fa_prefill(query, key, value, cum_seq_q, cum_seq_k, max_q, max_k, scale, is_causal,
-                      window, 0.0, block_table)
-    lens_k = cum_seq_k[1:] - cum_seq_k[:-1]
-    if max_q == 1:  # a decode batch: a sequence with no key may come back non-finite
-        out = _poison(out, lens_k == 0)
-    return out, None, None, None, None
-
-
-def _module(name, **functions):
-    mod = types.ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    mod.__version__ = "9.9.9"
-    for fname, fn in functions.items():
-        setattr(mod, fname, fn)
-    return mod
-
-
-FAKE_FA2 = _module("flash_attn", flash_attn_varlen_func=fa2_varlen,
-                   flash_attn_with_kvcache=fa2_with_kvcache)
-FAKE_FA3 = _module("flash_attn_interface", flash_attn_varlen_func=fa3_varlen,
-                   flash_attn_with_kvcache=fa3_with_kvcache)
 PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa2": flash._fa2_provider(FAKE_FA2),
              "aten": flash.aten_provider(ATEN_213, "2.13.0")}
 
@@ -218,7 +101,7 @@ def test_aten_decisions(op, cfg, cap, expect):
 
 
 def test_providers_are_tried_fastest_first_and_can_be_forced():
-    fwd = flash._fa3_fwd_provider(_module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
+    fwd = flash._fa3_fwd_provider(module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
     everything = dict(PROVIDERS, fa3_fwd=fwd)
     in_order = tuple((n, everything[n]) for n in flash.PROVIDER_ORDER)
     without_fa3 = in_order[1:]
@@ -238,7 +121,7 @@ def test_providers_are_tried_fastest_first_and_can_be_forced():
 
 
 def test_absent_and_old_packages_give_their_reason():
-    old_fa2 = _module("flash_attn", flash_attn_varlen_func=lambda q, k, v, cu_seqlens_q,
+    old_fa2 = module("flash_attn", flash_attn_varlen_func=lambda q, k, v, cu_seqlens_q,
                       cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                       softmax_scale=None, causal=False, window_size=(-1, -1): None,
                       flash_attn_with_kvcache=lambda q, k_cache, v_cache, cache_seqlens=None,
@@ -248,7 +131,7 @@ def test_absent_and_old_packages_give_their_reason():
     assert "too old" in flash.choose("prefill", _config(softcap=5.0), SM90, (("fa2", p),))[1]
     absent = (("fa2", "flash_attn is not installed (pip install flash-attn)"),)
     assert "pip install flash-attn" in flash.choose("prefill", _config(), SM90, absent)[1]
-    fwd = flash._fa3_fwd_provider(_module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
+    fwd = flash._fa3_fwd_provider(module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
     only = (("fa3_fwd", fwd),)
     assert flash.choose("prefill", _config(), SM90, only)[0] is fwd
     assert "bfloat16 only" in flash.choose("prefill", _config(dtype=torch.float16), SM90, only)[1]
