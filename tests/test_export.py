@@ -300,3 +300,32 @@ def test_sdpa_substituted_pt2_roundtrip_in_fresh_process(sdpa_exported, tmp_path
     [(outs, _)] = _run_fresh([({"sdpa": path}, None, [("sdpa", inputs)])], tmp_path)
     with torch.no_grad():
         assert_close(outs[0], model(*inputs), *TOL, what="reloaded substituted SDPA model")
+
+
+# ---------------------------------------------------------------------------------------------
+# The user-facing example, run as a user runs it
+# ---------------------------------------------------------------------------------------------
+
+def test_export_example_runs_and_checks_itself(tmp_path):
+    """examples/export_model.py: export, save, load, AOTInductor, serve; it checks every step
+    against eager itself and reports what it checked."""
+    import json
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "export_model.py"
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(example), "--device", "cpu", "--out",
+                           str(tmp_path / "out"), "--json", str(report)], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, ATTN_OPS_CHECK="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(report.read_text())
+    assert r["ok"] and r["max_err"] <= r["tol"] == 1e-4
+    assert set(r["checks"]) == {"prefill", *(f"decode {i}" for i in range(5)), "k_cache",
+                                "v_cache"}
+    assert r["lengths"] == {"a": 12, "b": 9}
+    assert r["files"] == ["decode.pt2", "decode_aoti.pt2", "prefill.pt2"]
+    for kind, op in (("prefill", "attn.prefill.default"), ("decode", "attn.decode.default")):
+        info = r["programs"][kind]
+        assert info["attn_ops"] == sorted([op, "attn.store_kvcache.default"])
+        assert info["buffer_mutations"] == ["layer.k_cache", "layer.v_cache"]
+        assert info["dynamic_dims"]["x"] == [0] and info["dynamic_dims"]["block_table"] == [0, 1]
