@@ -1,40 +1,71 @@
-"""The demo's compile step: ``torch.compile(model, backend="attn_ops")`` checked against eager."""
+"""The demo's compile step: ``torch.compile(model, backend="attn_ops")`` checked against eager.
+
+Two views of what was substituted:
+
+* the graph passes' counters (``torch._dynamo.utils.counters["graph_passes"]``: ``<pass>`` per
+  replaced call, ``<pass>_left_alone`` per refused one). They count only when the passes run:
+  a warm AOTAutograd / FX graph cache serves the compiled graph without running them.
+* the code Inductor generated, which the caches return too: the number of
+  ``torch.ops.attn.prefill`` calls in it, and of SDPA calls left in it. This is what the check
+  relies on.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
 
+_PREFILL_CALL = re.compile(r"torch\.ops\.attn\.prefill\.default\(")
+_SDPA_CALL = re.compile(r"aten\._?scaled_dot_product\w*\.default\(|scaled_dot_product_attention\(")
 
-def substitution_counts() -> dict[str, int]:
-    """Nonzero substitution counters of the attn_ops compile backend, by name."""
+
+def pass_counters() -> tuple[dict[str, int], dict[str, int]]:
+    """(calls replaced by each graph pass, calls each pass left alone) since the last clear."""
     from torch._dynamo.utils import counters
-    return {name: n for name, n in counters["attn_ops"].items() if n}
+    done, left = {}, {}
+    for name, n in counters["graph_passes"].items():
+        if n and name.endswith("_left_alone"):
+            left[name[:-len("_left_alone")]] = n
+        elif n:
+            done[name] = n
+    return done, left
 
 
-def compile_and_check(model: torch.nn.Module, input_ids: torch.Tensor, tol: float) -> dict:
+def compile_and_check(model: torch.nn.Module, input_ids: torch.Tensor, tol: float,
+                      options: dict | None = None) -> dict:
     """Compile ``model`` with the attn_ops backend, run it on ``input_ids [B, S]``, compare.
 
-    Returns a dict: ``substitutions`` (counter name -> count), ``expected`` (attention layers
-    of the model), ``max_err`` (compiled vs eager logits), ``ok``, ``compile_s`` (compile +
-    first call) and ``call_ms`` (a later call).
+    ``options`` go to ``torch.compile(..., options=options)`` (``attn_ops.*`` keys configure
+    the substitution, see ``graph_passes.SubstitutionOptions``).
+
+    Returns a dict: ``prefill_calls`` / ``sdpa_calls`` (in the generated code), ``expected``
+    (the model's attention layers), ``substitutions`` / ``left_alone`` (pass counters; empty
+    on a cache hit), ``cache_hit``, ``max_err`` (compiled vs eager logits), ``ok`` (every layer
+    calls attn.prefill, none SDPA, logits within ``tol``), ``compile_s`` (compile + first call)
+    and ``call_ms`` (a later call).
     """
     from torch._dynamo.utils import counters
-    counters.clear()
-    torch._dynamo.reset()
+    from torch._inductor.utils import run_and_get_code
     eager = model(input_ids)
-    compiled = torch.compile(model, backend="attn_ops")
+    counters.clear()
+    compiled = torch.compile(model, backend="attn_ops", options=options)
     start = time.perf_counter()
-    out = compiled(input_ids)
+    out, codes = run_and_get_code(compiled, input_ids)  # resets Dynamo first: a fresh compile
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled(input_ids)
     call_ms = 1e3 * (time.perf_counter() - start)
-    subs = substitution_counts()
+    done, left = pass_counters()
+    prefill_calls = sum(len(_PREFILL_CALL.findall(code)) for code in codes)
+    sdpa_calls = sum(len(_SDPA_CALL.findall(code)) for code in codes)
     expected = len(model.layers)
     max_err = (out.float() - eager.float()).abs().max().item()
-    return {"substitutions": subs, "attn_prefill_in_graph": sum(subs.values()),
-            "expected": expected, "max_err": max_err,
-            "ok": bool(max_err <= tol and sum(subs.values()) == expected),
+    return {"prefill_calls": prefill_calls, "sdpa_calls": sdpa_calls, "expected": expected,
+            "substitutions": done, "left_alone": left,
+            "cache_hit": bool(counters["aot_autograd"]["autograd_cache_hit"]
+                              or counters["inductor"]["fxgraph_cache_hit"]),
+            "max_err": max_err,
+            "ok": bool(max_err <= tol and prefill_calls == expected and sdpa_calls == 0),
             "compile_s": compile_s, "call_ms": call_ms}

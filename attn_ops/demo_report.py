@@ -36,10 +36,18 @@ def print_summary(report: dict, out: TextIO) -> None:
     c = report.get("compile")
     if c is not None:
         w('torch.compile(model, backend="attn_ops"):\n')
-        subs = [[name, n] for name, n in c["substitutions"].items()] or [["(none)", 0]]
-        w(table(subs, ["substitution", "count"]) + "\n")
-        w(f"  attn.prefill calls in the compiled graph: {c['attn_prefill_in_graph']} of "
-          f"{c['expected']} attention layers\n")
+        if c["cache_hit"]:
+            w("  (served by the compile cache: the graph passes did not run this time)\n")
+        else:
+            rows = [[name, n, c["left_alone"].get(name, 0)]
+                    for name, n in c["substitutions"].items()]
+            rows += [[name, 0, n] for name, n in c["left_alone"].items()
+                     if name not in c["substitutions"]]
+            w(table(rows or [["(no attention found)", 0, 0]],
+                    ["graph pass", "-> attn.prefill", "left alone"]) + "\n")
+        w(f"  compiled code: {c['prefill_calls']} attn.prefill calls for {c['expected']} "
+          f"attention layers (backend: {report['backends']['compiled model: attn.prefill']}), "
+          f"{c['sdpa_calls']} SDPA calls left\n")
         w(f"  logits vs eager: max abs err {c['max_err']:.2e} (tol {report['logit_tol']:.0e})"
           f"  {_ok(c['ok'])}\n")
         w(f"  compile + first call {c['compile_s']:.1f} s, then {c['call_ms']:.2f} ms/call\n\n")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attn_ops import demo
+from attn_ops.demo_compile import compile_and_check
 from attn_ops.demo_model import DemoConfig, DemoLlama
 from attn_ops.demo_serving import Request, check_against_eager, serve
 from attn_ops.progress import NullBar, SimpleBar, progress_bar
@@ -86,16 +87,22 @@ def test_serve_rejects_a_request_larger_than_the_cache(model):
         serve(model, _requests([17], [2]), model.new_cache(4, 4, 32), max_batch=2)
 
 
-def test_demo_cli_serving_only(tmp_path):
+def test_demo_main_job(tmp_path):
+    """The README's main command, in-process with few steps: compile, substitute, serve, check."""
     path = tmp_path / "report.json"
-    assert demo.main(["--steps", "5", "--no-compile", "--no-progress", "--json", str(path)]) == 0
+    assert demo.main(["--steps", "5", "--no-progress", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
-    assert report["ok"] and report["check"]["mismatches"] == 0
-    assert report["check"]["tokens_checked"] == sum(
-        r["new_tokens"] for r in report["serving"]["requests"]) > 6
+    assert report["ok"]
+    c = report["compile"]
+    assert c["prefill_calls"] == c["expected"] == 2 and c["sdpa_calls"] == 0
+    assert c["max_err"] <= report["logit_tol"]
+    if not c["cache_hit"]:  # the passes ran (a warm compile cache skips them)
+        assert c["substitutions"] == {"sdpa_to_prefill": 2} and c["left_alone"] == {}
     assert set(report["backends"].values()) == {"reference"}
-    finished = [r["finished_at"] for r in report["serving"]["requests"]]
-    assert len(set(finished)) > 2
+    reqs = report["serving"]["requests"]
+    assert [r["new_tokens"] for r in reqs] == [5, 1, 2, 4, 2, 5]
+    assert report["check"]["tokens_checked"] == 19 and report["check"]["mismatches"] == 0
+    assert len({r["finished_at"] for r in reqs}) > 2 and max(r["admitted_at"] for r in reqs) > 0
     assert report["serving"]["stats"]["decode_padded_rows"] > 0
 
 
@@ -122,3 +129,14 @@ def test_simple_progress_bar():
     last = out.getvalue().strip().split("\r")[-1]
     assert last.startswith("gen [########] 8/8")
     assert isinstance(progress_bar(3, enabled=False), NullBar)
+
+
+@torch.inference_mode()
+def test_compile_check_fails_without_substitution():
+    """With the SDPA pass off, the compiled code keeps SDPA: the demo's check must say so."""
+    tiny = DemoLlama(DemoConfig(vocab_size=53, hidden_size=32, num_layers=1, num_heads=2,
+                                num_kv_heads=1, intermediate_size=32), seed=1).eval()
+    ids = torch.randint(0, 53, (1, 9))
+    result = compile_and_check(tiny, ids, 1e-3, options={"attn_ops.sdpa": False})
+    assert result["prefill_calls"] == 0 and result["sdpa_calls"] == 1
+    assert result["max_err"] <= 1e-3 and not result["ok"]
