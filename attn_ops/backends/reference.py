@@ -38,14 +38,17 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     slots = slot_mapping.to(torch.int64)
     valid = slots >= 0
-    first = valid.to(torch.int8).argmax()  # first valid row, or 0 when none is valid
+    # Index with 1-element tensors (index_select), never 0-d ones: t[zero_dim_tensor] converts
+    # the index to a Python int, a host sync (and a data-dependent guard under compile).
+    first = valid.to(torch.int8).argmax().reshape(1)  # first valid row, or 0 when none is
     any_valid = valid.any()
-    fill_slot = torch.where(any_valid, slots[first], torch.zeros_like(slots[first]))
+    fill_slot = torch.where(any_valid, slots.index_select(0, first), 0)  # [1]
     index = torch.where(valid, slots, fill_slot)
     for src, cache in ((key, k_cache), (value, v_cache)):
         flat = cache.view(-1, hkv, d)
-        filler = torch.where(any_valid, src[first], flat[fill_slot])
-        rows = torch.where(valid[:, None, None], src, filler[None])
+        filler = torch.where(any_valid, src.index_select(0, first),
+                             flat.index_select(0, fill_slot))  # [1, Hkv, D]
+        rows = torch.where(valid[:, None, None], src, filler)
         flat.index_copy_(0, index, rows)
 
 
