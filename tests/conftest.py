@@ -8,6 +8,11 @@ import torch
 # Every test runs with the data checks on: a bad index raises instead of reading out of bounds.
 os.environ.setdefault("ATTN_OPS_CHECK", "1")
 
+# Without a GPU the Triton kernels run through Triton's CPU interpreter. The mode is fixed when a
+# kernel is decorated, so it must be set before any test module imports a kernel module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
