@@ -15,8 +15,8 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from capture_helpers import (CFG, cache_copies, eager_reference, make_layer, pam,
-                             plan_schedule, run_schedule, steps_of)
+from capture_helpers import (CFG, cache_copies, eager_reference, make_layer, plan_schedule,
+                             run_schedule, steps_of)
 from helpers import TOLERANCES, assert_close
 
 TOL = TOLERANCES[torch.float32]
@@ -39,10 +39,6 @@ def _fresh_dynamo():
 @pytest.fixture(scope="module")
 def schedule():
     return plan_schedule()
-
-
-def cache_numel(t: torch.Tensor) -> int:
-    return t.numel()
 
 
 def assert_no_cache_copies(codes: list[str], numel: int) -> None:
@@ -164,28 +160,28 @@ def _two_layer_run(schedule, split):
     args = next(s.args for s in steps if s.kind == "decode")
     gen = torch.Generator().manual_seed(7)
     stack0 = torch.randn((2, 2) + tuple(k0.shape), generator=gen)
-    eager_stack, mine_stack = split(stack0.clone()), split(stack0.clone())
+    (eager_k, eager_v), (mine_k, mine_v) = split(stack0.clone()), split(stack0.clone())
     with torch.no_grad():
-        expected = TwoLayerDecode(*eager_stack[1:])(*args)
-        out, codes = run_and_get_code(torch.compile(TwoLayerDecode(*mine_stack[1:]),
+        expected = TwoLayerDecode(eager_k, eager_v)(*args)
+        out, codes = run_and_get_code(torch.compile(TwoLayerDecode(mine_k, mine_v),
                                                     fullgraph=True), *args)
     assert_close(out, expected, *TOL)
     for i in range(2):
-        assert_close(mine_stack[1][i], eager_stack[1][i], *TOL, what=f"layer {i} k_cache")
-        assert_close(mine_stack[2][i], eager_stack[2][i], *TOL, what=f"layer {i} v_cache")
-    assert not torch.equal(mine_stack[2][1], stack0[1, 1]), "layer 1's v cache was not written"
+        assert_close(mine_k[i], eager_k[i], *TOL, what=f"layer {i} k_cache")
+        assert_close(mine_v[i], eager_v[i], *TOL, what=f"layer {i} v_cache")
+    assert not torch.equal(mine_v[1], stack0[1, 1]), "layer 1's v cache was not written"
     return codes, k0.numel()
 
 
 def _k_and_v_stacks(stack):
     """One allocation for all layers' K, another for all layers' V; per-layer views of each."""
     k_all, v_all = stack[0].clone(), stack[1].clone()
-    return None, list(k_all.unbind(0)), list(v_all.unbind(0))
+    return list(k_all.unbind(0)), list(v_all.unbind(0))
 
 
 def _one_allocation(stack):
     """K and V of every layer in one tensor (``kv[0, i]``, ``kv[1, i]``)."""
-    return None, [stack[0, i] for i in range(2)], [stack[1, i] for i in range(2)]
+    return [stack[0, i] for i in range(2)], [stack[1, i] for i in range(2)]
 
 
 def test_layer_views_of_k_and_v_stacks_are_written_in_place(schedule):
