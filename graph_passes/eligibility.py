@@ -12,6 +12,8 @@ import logging
 import torch
 
 from attn_ops import checks, registry
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from graph_passes.mask_domain import same
 from graph_passes.options import SubstitutionOptions
 
@@ -83,6 +85,9 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
     if not (0 < d <= checks.MAX_HEAD_DIM and d % checks.HEAD_DIM_MULTIPLE == 0):
         return (f"head dim {d} is outside the op contract (a multiple of "
                 f"{checks.HEAD_DIM_MULTIPLE} up to {checks.MAX_HEAD_DIM})")
+    if not statically_known_true(sq <= k.shape[2]):
+        return (f"Sq={sq} may exceed Sk={k.shape[2]} (attn.prefill's queries are the last Sq "
+                f"of the Sk tokens)")
     if causal and not same(sq, k.shape[2]):
         # Dense SDPA is_causal is top-left aligned, attn.prefill bottom-right: equal only when
         # Sq == Sk.

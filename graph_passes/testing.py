@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -24,8 +25,9 @@ def inspecting_backend(options: SubstitutionOptions | dict | None = None,
                        graphs: dict | None = None):
     """A Dynamo backend: our two passes, no Inductor codegen; graphs land in ``graphs``.
 
-    ``graphs["dynamo"]`` is the Dynamo graph after the SDPA pass, ``graphs["aten"]`` the aten
-    forward graph after the hand-written pass (the graph Inductor would lower).
+    ``graphs["dynamo"]`` is the Dynamo graph after the SDPA pass (``graphs["dynamo_before"]``
+    a copy from before it), ``graphs["aten"]`` the aten forward graph after the hand-written
+    pass (``graphs["aten_before"]`` from before it): the graph Inductor would lower.
     """
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -35,12 +37,14 @@ def inspecting_backend(options: SubstitutionOptions | dict | None = None,
     graphs = {} if graphs is None else graphs
 
     def forward_compiler(gm: torch.fx.GraphModule, example_inputs):
+        graphs["aten_before"] = copy.deepcopy(gm.graph)
         HandwrittenAttentionPass(opts)(gm.graph)
         gm.recompile()
         graphs["aten"] = gm
         return make_boxed_func(gm.forward)
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs["dynamo_before"] = copy.deepcopy(gm.graph)
         SdpaToPrefillPass(opts)(gm.graph)
         gm.recompile()
         graphs["dynamo"] = gm

@@ -58,6 +58,7 @@ class _Emitter:
         self.keys = [k for k in ("val", "example_value") if k in like.meta] or ["val"]
         # The values' own fake mode: Dynamo's may differ from the tracing context's.
         self.fake_mode = getattr(meta_val(like), "fake_mode", None)
+        self.memo: dict = {}  # size arithmetic already emitted
 
     def __call__(self, target, *args, **kwargs) -> Node:
         def value(x):
@@ -81,15 +82,18 @@ class _Emitter:
         s = meta_val(tensor).shape[dim]
         return s if isinstance(s, int) else self(aten.sym_size.int, tensor, dim)
 
-    def mul(self, a, b):
+    def _sym(self, fn, a, b):
         if isinstance(a, int) and isinstance(b, int):
-            return a * b
-        return self(operator.mul, a, b)
+            return fn(a, b)
+        if (fn, a, b) not in self.memo:
+            self.memo[(fn, a, b)] = self(fn, a, b)
+        return self.memo[(fn, a, b)]
+
+    def mul(self, a, b):
+        return self._sym(operator.mul, a, b)
 
     def add(self, a, b):
-        if isinstance(a, int) and isinstance(b, int):
-            return a + b
-        return self(operator.add, a, b)
+        return self._sym(operator.add, a, b)
 
 
 def emit_dense_prefill(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, scale: float,
