@@ -76,7 +76,7 @@ def print_summary(report: dict, out: TextIO) -> None:
     k = report["check"]
     w(f"check vs eager model (teacher-forced greedy): {k['tokens_checked']} tokens, "
       f"{k['mismatches']} mismatches, {k['near_ties']} near ties, max logit err "
-      f"{k['max_logit_err']:.2e}  {_ok(k['ok'])}\n")
+      f"{k['max_logit_err']:.2e} (tol {k['logit_tol']:.0e})  {_ok(k['ok'])}\n")
     if "total_s" in report:
         w(f"total {report['total_s']:.1f} s\n")
     w(f"\n{'ALL CHECKS PASSED' if report['ok'] else 'SOME CHECKS FAILED'}\n")

@@ -4,6 +4,7 @@ Each example asserts its own correctness and exits nonzero on a failure; with ``
 writes the values it checked, which these tests assert on (so a silently skipped check shows).
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -30,15 +31,11 @@ def test_explicit_ops(tmp_path):
     assert r["blocks_leaked"] == 0
 
 
-def test_explicit_ops_fails_loudly_on_an_unavailable_backend(tmp_path):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "explicit_ops.py"), "--backend",
-                           "flash"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "BackendUnavailable" in proc.stderr
-
-
 def test_compile_model(tmp_path):
     r = run_example("compile_model.py", tmp_path)
     assert r["ok"]
+    # the transformers half runs where transformers is installed (the test extra has it)
+    assert len(r["models"]) == (2 if importlib.util.find_spec("transformers") else 1)
     for part in r["models"].values():
-        assert part["substituted"] == part["attention_layers"] > 0
-        assert part["max_err"] <= part["tol"]
+        assert part["prefill_calls"] == part["expected"] == 2 and part["sdpa_calls"] == 0
+        assert part["max_err"] <= part["tol"] == 1e-4

@@ -1,4 +1,4 @@
-"""The demo's compile step: ``torch.compile(model, backend="attn_ops")`` checked against eager.
+"""``torch.compile(model, backend="attn_ops")`` checked: what was substituted, same outputs.
 
 Two views of what was substituted:
 
@@ -33,39 +33,43 @@ def pass_counters() -> tuple[dict[str, int], dict[str, int]]:
     return done, left
 
 
-def compile_and_check(model: torch.nn.Module, input_ids: torch.Tensor, tol: float,
-                      options: dict | None = None) -> dict:
-    """Compile ``model`` with the attn_ops backend, run it on ``input_ids [B, S]``, compare.
+def compile_and_check(model: torch.nn.Module, inputs: tuple, *, expected: int, tol: float,
+                      options: dict | None = None, output=lambda out: out) -> dict:
+    """Compile ``model`` with the attn_ops backend, run it on ``inputs``, compare with eager.
 
-    ``options`` go to ``torch.compile(..., options=options)`` (``attn_ops.*`` keys configure
-    the substitution, see ``graph_passes.SubstitutionOptions``).
+    Args:
+        model: in eval mode; called as ``model(*inputs)``.
+        inputs: a tuple of example inputs (e.g. ``(input_ids [B, S],)``).
+        expected: attention calls the model makes (all should become ``attn.prefill``).
+        tol: max abs difference allowed between compiled and eager outputs.
+        options: go to ``torch.compile(..., options=options)`` (``attn_ops.*`` keys configure
+            the substitution, see ``graph_passes.SubstitutionOptions``).
+        output: picks the tensor to compare from the model's output (e.g. ``.logits``).
 
-    Returns a dict: ``prefill_calls`` / ``sdpa_calls`` (in the generated code), ``expected``
-    (the model's attention layers), ``substitutions`` / ``left_alone`` (pass counters; empty
-    on a cache hit), ``cache_hit``, ``max_err`` (compiled vs eager logits), ``ok`` (every layer
-    calls attn.prefill, none SDPA, logits within ``tol``), ``compile_s`` (compile + first call)
-    and ``call_ms`` (a later call).
+    Returns a dict: ``prefill_calls`` / ``sdpa_calls`` (in the generated code), ``expected``,
+    ``substitutions`` / ``left_alone`` (pass counters; empty on a cache hit), ``cache_hit``,
+    ``max_err``, ``tol``, ``ok`` (``expected`` attn.prefill calls, no SDPA, outputs within
+    ``tol``), ``compile_s`` (compile + first call) and ``call_ms`` (a later call).
     """
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
-    eager = model(input_ids)
+    eager = output(model(*inputs))
     counters.clear()
     compiled = torch.compile(model, backend="attn_ops", options=options)
     start = time.perf_counter()
-    out, codes = run_and_get_code(compiled, input_ids)  # resets Dynamo first: a fresh compile
+    out, codes = run_and_get_code(compiled, *inputs)  # resets Dynamo first: a fresh compile
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled(input_ids)
+    compiled(*inputs)
     call_ms = 1e3 * (time.perf_counter() - start)
     done, left = pass_counters()
     prefill_calls = sum(len(_PREFILL_CALL.findall(code)) for code in codes)
     sdpa_calls = sum(len(_SDPA_CALL.findall(code)) for code in codes)
-    expected = len(model.layers)
-    max_err = (out.float() - eager.float()).abs().max().item()
+    max_err = (output(out).float() - eager.float()).abs().max().item()
     return {"prefill_calls": prefill_calls, "sdpa_calls": sdpa_calls, "expected": expected,
             "substitutions": done, "left_alone": left,
             "cache_hit": bool(counters["aot_autograd"]["autograd_cache_hit"]
                               or counters["inductor"]["fxgraph_cache_hit"]),
-            "max_err": max_err,
+            "max_err": max_err, "tol": tol,
             "ok": bool(max_err <= tol and prefill_calls == expected and sdpa_calls == 0),
             "compile_s": compile_s, "call_ms": call_ms}
