@@ -8,8 +8,11 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+
+import torch
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -39,3 +42,17 @@ def test_compile_model(tmp_path):
     for part in r["models"].values():
         assert part["prefill_calls"] == part["expected"] == 2 and part["sdpa_calls"] == 0
         assert part["max_err"] <= part["tol"] == 1e-4
+
+
+def test_api_doc_snippets_run():
+    """docs/api.md sections 1 and 2 run as written and produce the shapes the text gives."""
+    text = (EXAMPLES.parent / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    scope: dict = {}
+    for block in blocks[:2]:
+        exec(compile(block, "docs/api.md", "exec"), scope)
+    assert scope["out"].shape == (7, 4, 64) and not torch.isnan(scope["out"]).any()
+    pre, dec, cache = scope["pre"], scope["dec"], scope["cache"]
+    assert pre.cu_seqlens_q.tolist() == [0, 5, 14] and pre.block_table.shape == (2, 32)
+    assert dec.slot_mapping.tolist()[2:] == [-1, -1] and dec.seqlens_k.tolist() == [6, 10, 0, 0]
+    assert "b" not in cache and cache.num_cached("c") == 6
