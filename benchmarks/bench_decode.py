@@ -2,8 +2,10 @@
 varlen on the same K/V held contiguously, and FlexAttention, in one run.
 
 bf16, Hq=32, Hkv=8, D=128, one query per sequence, every sequence ``ctx`` tokens long, blocks of
-our paged caches shuffled. GB/s = K and V bytes read (2 * B * ctx * Hkv * D * 2) / time; % is of
-the device copy bandwidth measured in this run (bytes read + written).
+our paged caches shuffled. Each contender is timed eagerly and as CUDA-graph replays (device time,
+no host launch cost: how decode runs in a server); GB/s = K and V bytes read
+(2 * B * ctx * Hkv * D * 2) / graph time; % is of the device copy bandwidth measured in this run
+(bytes read + written).
 
     python benchmarks/bench_decode.py [--tune] [--out DIR]
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common import (copy_gbs, device, header, parse_args, print_table, try_time, write_csv)
+from common import (copy_gbs, device, header, parse_args, print_table, try_time, try_time_both,
+                    write_csv)
 
 H, HKV, D = 32, 8, 128
 # (B, ctx): the shapes of ANCHORS.md, then B = 1 and B = 16 over context for the plot.
@@ -98,6 +101,8 @@ def contenders(q, k, v, b, ctx, dev, pages):
 
 
 def run_shape(b, ctx, args, copy, pages=(16, 256)):
+    """One row per contender: eager time (host launch cost included) and CUDA-graph replay time
+    (device only); bandwidth and ratios use the graph time, the serving setting for decode."""
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
     q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
@@ -111,11 +116,17 @@ def run_shape(b, ctx, args, copy, pages=(16, 256)):
             nonlocal note
             fn, note = factory()
             return fn
-        ms, err = try_time(build, args.smoke)
-        gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
+        eager, graph, err = try_time_both(build, args.smoke)
+        best = graph or eager
+        gbs = kv_bytes(b, ctx, hkv, d) / (best * 1e-3) / 1e9 if best else None
         rows.append(dict(bench="decode", batch=b, ctx=ctx, heads=h, kv_heads=hkv, head_dim=d,
-                         contender=name, us=ms * 1e3 if ms else None, gbs=gbs,
-                         pct_copy=100 * gbs / copy if gbs else None, note=note or err))
+                         contender=name, eager_us=eager * 1e3 if eager else None,
+                         graph_us=graph * 1e3 if graph else None,
+                         eager_gbs=kv_bytes(b, ctx, hkv, d) / (eager * 1e-3) / 1e9
+                         if eager else None,
+                         gbs=gbs, pct_copy=100 * gbs / copy if gbs else None,
+                         timing="graph" if graph else "eager", note="; ".join(
+                             x for x in (note, err) if x)))
     sdpa = next((r["gbs"] for r in rows if r["contender"] == "sdpa"), None)
     for r in rows:
         r["vs_sdpa"] = r["gbs"] / sdpa if sdpa and r["gbs"] else None
@@ -123,16 +134,17 @@ def run_shape(b, ctx, args, copy, pages=(16, 256)):
 
 
 def tune(args, copy):
-    """Sweep (BLOCK_N, warps, stages) and the split count of our kernel on target shapes."""
+    """Sweep (BLOCK_N, warps, stages) and the split count of our kernel on target shapes, timed
+    as CUDA-graph replays (device time)."""
     from attn_ops.backends.triton import decode_kernel
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
-    shapes = [(2, 64, 16)] if args.smoke else [(16, 2048, 16), (128, 2048, 16), (1, 32768, 16),
-                                                (64, 4096, 256)]
-    configs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 3), (128, 8, 3),
-               (64, 8, 3), (32, 2, 4)]
-    split_options = {16: [1, 2, 3, 4, 6, 8], 128: [1, 2], 1: [16, 32, 48, 64], 64: [1, 2, 3],
-                     2: [1, 2]}
+    shapes = [(2, 64, 16)] if args.smoke else [(16, 2048, 16), (1, 32768, 16), (64, 1024, 16),
+                                                (128, 2048, 16), (16, 8192, 256)]
+    configs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 4), (32, 4, 6), (32, 2, 4),
+               (128, 4, 2), (128, 8, 3), (64, 8, 3), (16, 2, 6)]
+    split_options = {16: [1, 2, 3, 4, 5, 6, 8], 1: [8, 16, 24, 33, 40, 50, 64], 64: [1, 2, 3, 4],
+                     128: [1, 2], 2: [1, 2]}
     rows = []
     for b, ctx, page in shapes:
         q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
@@ -145,15 +157,18 @@ def tune(args, copy):
         for cfg, sp in trials:
             ms, err = try_time(lambda: (lambda: decode_kernel.decode(
                 q, k_cache, v_cache, seqlens, table, d ** -0.5, config=cfg, splits=sp)),
-                args.smoke)
+                args.smoke, graph=True)
             gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
             cfg_used = cfg or decode_kernel.launch_config(d, q.dtype)
+            auto = decode_kernel.num_splits(b, hkv, table.shape[1] * page,
+                                            decode_kernel.device_sm_count(q.device), cfg_used[0])
             rows.append(dict(batch=b, ctx=ctx, page=page, block_n=cfg_used[0],
                              warps=cfg_used[1], stages=cfg_used[2],
-                             splits=sp if sp is not None else "auto", us=ms * 1e3 if ms else None,
-                             gbs=gbs, pct_copy=100 * gbs / copy if gbs else None, error=err))
+                             splits=sp if sp is not None else f"auto={auto}",
+                             graph_us=ms * 1e3 if ms else None, gbs=gbs,
+                             pct_copy=100 * gbs / copy if gbs else None, error=err))
             print_table(rows[-1:], ["batch", "ctx", "page", "block_n", "warps", "stages",
-                                    "splits", "us", "gbs", "pct_copy", "error"])
+                                    "splits", "graph_us", "gbs", "pct_copy", "error"])
     write_csv(args.out / "decode_tune.csv", rows)
 
 
@@ -172,12 +187,13 @@ def main():
     for b, ctx in shapes:
         rows += run_shape(b, ctx, args, copy, pages=(16, 32) if args.smoke else (16, 256))
         print_table([r for r in rows if (r["batch"], r["ctx"]) == (b, ctx)],
-                    ["batch", "ctx", "contender", "us", "gbs", "pct_copy"])
+                    ["batch", "ctx", "contender", "eager_us", "graph_us", "gbs", "pct_copy"])
     for r in rows:
         r.update(copy_gbs=copy, device=env["device"], date=env["date"], torch=env["torch"],
                  triton=env["triton"])
     write_csv(args.out / "decode.csv", rows)
-    print_table(rows, ["batch", "ctx", "contender", "us", "gbs", "pct_copy", "vs_sdpa", "note"])
+    print_table(rows, ["batch", "ctx", "contender", "eager_us", "graph_us", "gbs", "pct_copy",
+                       "vs_sdpa", "note"])
 
 
 if __name__ == "__main__":

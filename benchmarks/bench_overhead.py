@@ -86,8 +86,24 @@ def cases(dev):
     }
 
 
+def profile(paths: dict, calls: int) -> None:
+    """Print where the host time of each path goes (cProfile, top functions by own time)."""
+    import cProfile
+    import pstats
+    for name, fn in paths.items():
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        print(f"--- profile: {name} ({calls} calls)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--profile", action="store_true", help="also cProfile the decode and store paths"))
     os.environ["ATTN_OPS_BACKEND"] = "triton"  # for the torch.ops.attn.* rows
     env = header("host overhead", args.smoke)
     dev = device(args)
@@ -102,6 +118,10 @@ def main():
                              triton=env["triton"]))
     write_csv(args.out / "overhead.csv", rows)
     print_table(rows, ["op", "path", "host_us", "gpu_us"])
+    if args.profile:
+        all_cases = cases(dev)
+        profile({f"{op}: {path}": all_cases[op][path] for op in ("store_kvcache", "decode")
+                 for path in list(all_cases[op])[:3]}, calls)
 
 
 if __name__ == "__main__":

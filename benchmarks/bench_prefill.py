@@ -136,29 +136,35 @@ def tune(args, ceil_tflops):
     dev = device(args)
     rows = []
     cases = [(128, True), (128, False), (64, True), (256, True)]
+    T, F = True, False  # (BLOCK_M, BLOCK_N, warps, stages, tma, warp_specialize)
     configs = {
-        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3),
-              (128, 128, 8, 2), (128, 32, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
-              (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 16, 2), (256, 64, 16, 3)],
-        -128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
-               (64, 64, 4, 3), (128, 64, 8, 4)],
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4)],
-        256: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+        128: [(128, 64, 8, 3, F, F), (128, 128, 8, 3, F, F), (128, 64, 8, 4, F, F),
+              (128, 128, 8, 2, F, F), (64, 64, 4, 3, F, F), (256, 64, 16, 3, F, F),
+              (128, 64, 8, 3, T, F), (128, 128, 8, 3, T, F), (128, 64, 8, 4, T, F),
+              (128, 128, 8, 2, T, F), (128, 64, 8, 3, T, T), (128, 128, 8, 2, T, T),
+              (128, 128, 8, 3, T, T)],
+        -128: [(128, 64, 8, 3, F, F), (128, 128, 8, 3, F, F), (128, 64, 8, 4, F, F),
+               (128, 64, 8, 3, T, F), (128, 128, 8, 3, T, F), (128, 64, 8, 4, T, F),
+               (128, 128, 8, 2, T, T)],
+        64: [(128, 64, 8, 3, F, F), (128, 64, 4, 3, F, F), (128, 64, 8, 3, T, F),
+             (128, 128, 8, 3, T, F)],
+        256: [(128, 64, 8, 2, F, F), (64, 64, 4, 2, F, F), (128, 64, 8, 2, T, F),
+              (128, 32, 8, 3, F, F)],
     }
     b, s, h, hkv = (1, 64, 2, 1) if args.smoke else (4, 4096, H, HKV)
     for d, causal in cases[:1] if args.smoke else cases:
         q, k, v, cu = make_inputs(b, s, dev, h, hkv, d if not args.smoke else 32)
         table = configs[d if causal else -d]
         for cfg in table[:2] if args.smoke else table:
+            cfg = prefill_kernel.Config(*cfg)
             ms, err = try_time(lambda: (lambda: prefill_kernel.prefill(
                 q, k, v, cu, cu, s, s, d ** -0.5, causal, config=cfg)), args.smoke)
             tflops = flops(b, s, causal, h, q.shape[2]) / (ms * 1e-3) / 1e12 if ms else None
-            rows.append(dict(head_dim=d, causal=causal, block_m=cfg[0], block_n=cfg[1],
-                             warps=cfg[2], stages=cfg[3], ms=ms, tflops=tflops,
+            rows.append(dict(head_dim=d, causal=causal, **cfg._asdict(), ms=ms, tflops=tflops,
                              pct_matmul=100 * tflops / ceil_tflops if tflops else None,
                              error=err))
             print_table(rows[-1:], ["head_dim", "causal", "block_m", "block_n", "warps",
-                                    "stages", "ms", "tflops", "error"])
+                                    "stages", "tma", "warp_specialize", "ms", "tflops", "error"])
     write_csv(args.out / "prefill_tune.csv", rows)
 
 

@@ -2,8 +2,9 @@
 and the reference backend, in one run.
 
 bf16, Hkv=8, D=128, page 16, random distinct slots in a cache of 2*T slots (at least 64k).
-GB/s = 4 * T * Hkv * D * 2 bytes (read key and value, write both caches) / time; % is of the
-device copy bandwidth measured in this run.
+GB/s = 4 * T * Hkv * D * 2 bytes (read key and value, write both caches) / time, from CUDA-graph
+replays (device time) beside eager calls (host launch cost included); % is of the device copy
+bandwidth measured in this run.
 
     python benchmarks/bench_store.py [--out DIR]
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from common import copy_gbs, device, header, parse_args, print_table, try_time, write_csv
+from common import (copy_gbs, device, header, parse_args, print_table, try_time_both,
+                    write_csv)
 
 HKV, D, PAGE = 8, 128, 16
 
@@ -69,16 +71,20 @@ def main():
                 nonlocal note
                 fn, note = factory()
                 return fn
-            ms, err = try_time(build, args.smoke)
-            gbs = nbytes / (ms * 1e-3) / 1e9 if ms else None
+            eager, graph, err = try_time_both(build, args.smoke)
+            gbs = nbytes / (graph * 1e-3) / 1e9 if graph else None
             rows.append(dict(bench="store", tokens=t, kv_heads=hkv, head_dim=d, page=PAGE,
-                             contender=name, us=ms * 1e3 if ms else None, gbs=gbs,
-                             pct_copy=100 * gbs / copy if gbs else None, note=note or err))
+                             contender=name, eager_us=eager * 1e3 if eager else None,
+                             graph_us=graph * 1e3 if graph else None,
+                             eager_gbs=nbytes / (eager * 1e-3) / 1e9 if eager else None,
+                             gbs=gbs, pct_copy=100 * gbs / copy if gbs else None,
+                             note="; ".join(x for x in (note, err) if x)))
     for r in rows:
         r.update(copy_gbs=copy, device=env["device"], date=env["date"], torch=env["torch"],
                  triton=env["triton"])
     write_csv(args.out / "store.csv", rows)
-    print_table(rows, ["tokens", "contender", "us", "gbs", "pct_copy", "note"])
+    print_table(rows, ["tokens", "contender", "eager_us", "graph_us", "eager_gbs", "gbs",
+                       "pct_copy", "note"])
 
 
 if __name__ == "__main__":

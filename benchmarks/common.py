@@ -53,15 +53,36 @@ def device(args) -> torch.device:
 
 
 def bench_ms(fn: Callable[[], object], smoke: bool = False, warmup_ms: int = 25,
-             rep_ms: int = 100) -> float:
-    """Median milliseconds per call of ``fn`` (CUDA events, L2 flushed between calls)."""
+             rep_ms: int = 100, graph: bool = False) -> float:
+    """Median milliseconds per call of ``fn`` (CUDA events, L2 flushed between calls).
+
+    With ``graph`` the call is captured once in a CUDA graph and its replays are timed: the
+    device time of the work without the host's launch overhead (which eager timing includes
+    whenever the host takes longer to issue a call than the device takes to run it).
+    """
     if smoke:
         fn()
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
     import triton.testing
+    if graph:
+        fn = captured(fn)
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def captured(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,16 +120,28 @@ def environment() -> dict[str, str]:
 
 
 def try_time(fn_factory: Callable[[], Callable[[], object]], smoke: bool,
-             **bench_kw) -> tuple[float | None, str]:
-    """Build a contender (may raise: not installed / unsupported) and time it.
-
-    Returns (ms, "") or (None, reason)."""
+             graph: bool = False, **bench_kw) -> tuple[float | None, str]:
+    """Build a contender (may raise: not installed / unsupported) and time it, eagerly or
+    (``graph``) as CUDA-graph replays. Returns (ms, "") or (None, reason)."""
     try:
         fn = fn_factory()
-        return bench_ms(fn, smoke, **bench_kw), ""
+        return bench_ms(fn, smoke, graph=graph and not smoke, **bench_kw), ""
     except Exception as e:  # a contender that cannot run here is reported, not fatal
         msg = f"{type(e).__name__}: {e}".splitlines()[0]
         return None, msg[:160]
+
+
+def try_time_both(fn_factory, smoke: bool) -> tuple[float | None, float | None, str]:
+    """(eager ms, graph-replay ms, reason) for one contender; the factory runs once."""
+    built, err = [], ""
+    try:
+        built.append(fn_factory())
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        return None, None, err
+    eager, err = try_time(lambda: built[0], smoke)
+    graph, gerr = try_time(lambda: built[0], smoke, graph=True)
+    return eager, graph, err or (f"graph: {gerr}" if gerr else "")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
