@@ -155,16 +155,25 @@ def tune(args, ceil_tflops):
     for d, causal in cases[:1] if args.smoke else cases:
         q, k, v, cu = make_inputs(b, s, dev, h, hkv, d if not args.smoke else 32)
         table = configs[d if causal else -d]
+        base = prefill_kernel.prefill(q, k, v, cu, cu, s, s, d ** -0.5, causal,
+                                      config=prefill_kernel.Config(*table[0])).float()
         for cfg in table[:2] if args.smoke else table:
             cfg = prefill_kernel.Config(*cfg)
+            try:  # every variant must compute the same function as the first config
+                got = prefill_kernel.prefill(q, k, v, cu, cu, s, s, d ** -0.5, causal, config=cfg)
+                max_diff = (got.float() - base).abs().max().item()
+            except Exception:
+                max_diff = None
             ms, err = try_time(lambda: (lambda: prefill_kernel.prefill(
                 q, k, v, cu, cu, s, s, d ** -0.5, causal, config=cfg)), args.smoke)
             tflops = flops(b, s, causal, h, q.shape[2]) / (ms * 1e-3) / 1e12 if ms else None
-            rows.append(dict(head_dim=d, causal=causal, **cfg._asdict(), ms=ms, tflops=tflops,
+            rows.append(dict(head_dim=d, causal=causal, **cfg._asdict(), max_diff=max_diff,
+                             ms=ms, tflops=tflops,
                              pct_matmul=100 * tflops / ceil_tflops if tflops else None,
                              error=err))
             print_table(rows[-1:], ["head_dim", "causal", "block_m", "block_n", "warps",
-                                    "stages", "tma", "warp_specialize", "ms", "tflops", "error"])
+                                    "stages", "tma", "warp_specialize", "max_diff", "ms", "tflops",
+                                    "error"])
     write_csv(args.out / "prefill_tune.csv", rows)
 
 
