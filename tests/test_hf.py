@@ -37,7 +37,9 @@ def llama():
                                    num_key_value_heads=2, max_position_embeddings=64,
                                    pad_token_id=0, eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="attn_ops")
+    assert model.config._attn_implementation == "attn_ops"
+    model.eval()
     with torch.no_grad():  # larger q/k weights: peaked attention, so a wrong mask shows
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8)
@@ -73,6 +75,22 @@ def test_greedy_generate_with_cache_matches_eager(llama):
     assert torch.equal(actual, expected)
     # prefill + 5 cached steps (the 6th token needs no forward), per layer
     assert spy.prefill_calls == 6 * llama.config.num_hidden_layers
+
+
+def test_compiles_fullgraph_with_attn_prefill_in_the_graph(llama):
+    """The attention function traces without graph breaks; Dynamo's graph calls the op."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    ids = torch.randint(1, 97, (2, 11))
+    expected = logits(llama, "eager", ids)
+    llama.set_attn_implementation("attn_ops")
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        actual = torch.compile(llama, backend=counter, fullgraph=True)(ids).logits
+    assert counter.frame_count == 1
+    targets = [n.target for g in counter.graphs for n in g.graph.nodes]
+    assert sum(t in (torch.ops.attn.prefill, PREFILL) for t in targets) == 2
+    assert_close(actual, expected, 2e-4, 2e-4, "compiled logits")
 
 
 def test_padding_mask_falls_back_to_sdpa(llama):
