@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -111,6 +112,29 @@ def eager_reference(steps: list[Step], k0: torch.Tensor, v0: torch.Tensor, cfg=C
     with use_backend("reference"):
         outs = run_schedule(steps_of(layer), steps)
     return outs, layer.k_cache, layer.v_cache
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    """Fixture: ``plan_schedule()`` once per test module (import it into the module)."""
+    return plan_schedule()
+
+
+@pytest.fixture(scope="module")
+def reference(schedule):
+    """Fixture: ``eager_reference`` of the module's schedule."""
+    steps, k0, v0 = schedule
+    return eager_reference(steps, k0, v0)
+
+
+def substitution_pass():
+    """``graph_passes.export_pass.substitute_attention`` and None, or None and why it is absent
+    (another engineer's pass: only the SDPA tests depend on it)."""
+    try:
+        from graph_passes.export_pass import substitute_attention
+    except ImportError as e:
+        return None, f"graph_passes.export_pass not importable: {e}"
+    return substitute_attention, None
 
 
 def example_step_args(steps: list[Step], kind: str) -> tuple:
@@ -294,6 +318,18 @@ def aoti_test_configs() -> dict:
     if hasattr(torch._inductor.config.aot_inductor, "compile_wrapper_opt_level"):
         return {"aot_inductor.compile_wrapper_opt_level": "O0"}
     return {}
+
+
+def compile_step_packages(layer: pam.PagedAttention, steps: list[Step], folder: Path) -> dict:
+    """Export both steps of ``layer`` (dynamic shapes) and AOTInductor-compile each into
+    ``folder``; returns {kind: package path}."""
+    paths = {}
+    for kind, module in steps_of(layer).items():
+        ep = torch.export.export(module, example_step_args(steps, kind),
+                                 dynamic_shapes=pam.dynamic_shapes(module))
+        paths[kind] = torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(folder / f"{kind}.pt2"), inductor_configs=aoti_test_configs())
+    return paths
 
 
 def package_sources(path: str, suffix: str = ".wrapper.cpp") -> str:

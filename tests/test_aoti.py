@@ -17,44 +17,22 @@ import textwrap
 import pytest
 import torch
 
-from capture_helpers import (SdpaBlock, aoti_test_configs, cache_copies, eager_reference,
-                             example_step_args, make_layer, package_sources, pam, plan_schedule,
-                             run_schedule, sdpa_dynamic_shapes, sdpa_inputs, steps_of)
+from capture_helpers import (SdpaBlock, aoti_test_configs, cache_copies, compile_step_packages,
+                             make_layer, package_sources, pam, reference, run_schedule, schedule,
+                             sdpa_dynamic_shapes, sdpa_inputs, substitution_pass)
 from helpers import TOLERANCES, assert_close
 
 TOL = TOLERANCES[torch.float32]
-
-try:
-    from graph_passes.export_pass import substitute_attention
-    _SUBST_MISSING = None
-except ImportError as e:
-    substitute_attention, _SUBST_MISSING = None, f"graph_passes.export_pass not importable: {e}"
-
-
-@pytest.fixture(scope="module")
-def schedule():
-    return plan_schedule()
-
-
-@pytest.fixture(scope="module")
-def reference(schedule):
-    steps, k0, v0 = schedule
-    return eager_reference(steps, k0, v0)
+substitute_attention, _SUBST_MISSING = substitution_pass()
+__all__ = ["schedule", "reference"]  # module-scoped fixtures shared with the other test files
 
 
 @pytest.fixture(scope="module")
 def packages(schedule, tmp_path_factory):
     """{kind: package path} for the prefill and decode steps (about 15-25 s each, 2 cores)."""
     steps, k0, v0 = schedule
-    layer = make_layer(k0.clone(), v0.clone())
-    folder = tmp_path_factory.mktemp("aoti")
-    paths = {}
-    for kind, module in steps_of(layer).items():
-        ep = torch.export.export(module, example_step_args(steps, kind),
-                                 dynamic_shapes=pam.dynamic_shapes(module))
-        paths[kind] = torch._inductor.aoti_compile_and_package(
-            ep, package_path=str(folder / f"{kind}.pt2"), inductor_configs=aoti_test_configs())
-    return paths
+    return compile_step_packages(make_layer(k0.clone(), v0.clone()), steps,
+                                 tmp_path_factory.mktemp("aoti"))
 
 
 def test_packages_serve_schedule_writing_bound_caches(packages, schedule, reference):

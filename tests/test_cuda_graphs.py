@@ -29,9 +29,8 @@ from torch._inductor.utils import run_and_get_code
 
 import attn_ops
 from attn_ops import PagedKVCache
-from capture_helpers import (aoti_test_configs, cache_copies, eager_reference,
-                             example_step_args, make_layer, package_sources, pam, plan_schedule,
-                             run_schedule, steps_of)
+from capture_helpers import (cache_copies, compile_step_packages, eager_reference, make_layer,
+                             package_sources, pam, plan_schedule, run_schedule)
 from helpers import TOLERANCES, assert_close
 
 pytestmark = pytest.mark.cuda
@@ -286,13 +285,9 @@ def test_aoti_cuda_packages_bound_to_shared_caches(tmp_path):
     steps = [s.to(DEV) for s in steps]
     k0, v0 = k0.to(DEV), v0.to(DEV)
     ref_outs, ref_k, ref_v = eager_reference(steps, k0, v0, cfg)
-    layer = make_layer(k0.clone(), v0.clone(), cfg)
+    paths = compile_step_packages(make_layer(k0.clone(), v0.clone(), cfg), steps, tmp_path)
     runners, k_cache, v_cache = {}, k0.clone(), v0.clone()
-    for kind, module in steps_of(layer).items():
-        ep = torch.export.export(module, example_step_args(steps, kind),
-                                 dynamic_shapes=pam.dynamic_shapes(module))
-        path = torch._inductor.aoti_compile_and_package(
-            ep, package_path=str(tmp_path / f"{kind}.pt2"), inductor_configs=aoti_test_configs())
+    for kind, path in paths.items():
         found = cache_copies(package_sources(path), k0.numel())
         assert not found, f"{kind} package copies a cache:\n" + "\n".join(found)
         runners[kind] = torch._inductor.aoti_load_package(path)

@@ -21,9 +21,9 @@ import pytest
 import torch
 from expecttest import assert_expected_inline
 
-from capture_helpers import (SdpaBlock, attn_summary, count_calls, eager_reference,
-                             example_step_args, make_layer, pam, plan_schedule, run_schedule,
-                             sdpa_dynamic_shapes, sdpa_inputs, steps_of)
+from capture_helpers import (SdpaBlock, attn_summary, count_calls, example_step_args,
+                             make_layer, pam, reference, run_schedule, schedule,
+                             sdpa_dynamic_shapes, sdpa_inputs, steps_of, substitution_pass)
 from helpers import TOLERANCES, assert_close
 
 STORE = torch.ops.attn.store_kvcache.default
@@ -31,25 +31,11 @@ PREFILL = torch.ops.attn.prefill.default
 DECODE = torch.ops.attn.decode.default
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 TOL = TOLERANCES[torch.float32]
+__all__ = ["schedule", "reference"]  # module-scoped fixtures shared with the other test files
 
-try:
-    from graph_passes.export_pass import substitute_attention
-    _SUBST_MISSING = None
-except ImportError as e:  # another engineer's pass; only (b) depends on it
-    substitute_attention, _SUBST_MISSING = None, f"graph_passes.export_pass not importable: {e}"
+substitute_attention, _SUBST_MISSING = substitution_pass()
 needs_substitution = pytest.mark.skipif(_SUBST_MISSING is not None,
                                         reason=_SUBST_MISSING or "")
-
-
-@pytest.fixture(scope="module")
-def schedule():
-    return plan_schedule()
-
-
-@pytest.fixture(scope="module")
-def reference(schedule):
-    steps, k0, v0 = schedule
-    return eager_reference(steps, k0, v0)
 
 
 def export_steps(schedule, strict: bool) -> tuple[dict, pam.PagedAttention]:

@@ -15,8 +15,8 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from capture_helpers import (CFG, cache_copies, eager_reference, make_layer, plan_schedule,
-                             run_schedule, steps_of)
+from capture_helpers import (CFG, cache_copies, eager_reference, make_layer, run_schedule,
+                             schedule, steps_of)
 from helpers import TOLERANCES, assert_close
 
 TOL = TOLERANCES[torch.float32]
@@ -36,9 +36,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(scope="module")
-def schedule():
-    return plan_schedule()
+__all__ = ["schedule"]  # the module-scoped fixture shared with the other test files
 
 
 def assert_no_cache_copies(codes: list[str], numel: int) -> None:
