@@ -137,6 +137,18 @@ def substitution_pass():
     return substitute_attention, None
 
 
+def assert_schedule_matches(outs, k_cache, v_cache, reference, steps, tol, what="") -> None:
+    """Every step's output and the final caches equal ``eager_reference``'s (NaN rejected)."""
+    from helpers import assert_close
+
+    ref_outs, ref_k, ref_v = reference
+    assert len(outs) == len(ref_outs) == len(steps)
+    for i, (out, ref) in enumerate(zip(outs, ref_outs)):
+        assert_close(out, ref, *tol, what=f"{what}step {i} ({steps[i].kind})")
+    assert_close(k_cache, ref_k, *tol, what=f"{what}k_cache")
+    assert_close(v_cache, ref_v, *tol, what=f"{what}v_cache")
+
+
 def example_step_args(steps: list[Step], kind: str) -> tuple:
     """Arguments of the first step of ``kind`` whose sizes are all >= 2 (export's examples)."""
     return next(s.args for s in steps if s.kind == kind and s.args[0].shape[0] >= 2)

@@ -17,9 +17,10 @@ import textwrap
 import pytest
 import torch
 
-from capture_helpers import (SdpaBlock, aoti_test_configs, cache_copies, compile_step_packages,
-                             make_layer, package_sources, pam, reference, run_schedule, schedule,
-                             sdpa_dynamic_shapes, sdpa_inputs, substitution_pass)
+from capture_helpers import (SdpaBlock, aoti_test_configs, assert_schedule_matches, cache_copies,
+                             compile_step_packages, make_layer, package_sources, pam, reference,
+                             run_schedule, schedule, sdpa_dynamic_shapes, sdpa_inputs,
+                             substitution_pass)
 from helpers import TOLERANCES, assert_close
 
 TOL = TOLERANCES[torch.float32]
@@ -39,17 +40,13 @@ def test_packages_serve_schedule_writing_bound_caches(packages, schedule, refere
     """Both packages bound to the same two tensors: every step (sizes changing each time)
     matches eager, and the writes land in those tensors (shared by prefill and decode)."""
     steps, k0, v0 = schedule
-    ref_outs, ref_k, ref_v = reference
     k_cache, v_cache = k0.clone(), v0.clone()
     runners = {}
     for kind, path in packages.items():
         runners[kind] = torch._inductor.aoti_load_package(path)
         pam.bind_aoti_caches(runners[kind], k_cache, v_cache)
     outs = run_schedule(runners, steps)
-    for i, (out, ref) in enumerate(zip(outs, ref_outs)):
-        assert_close(out, ref, *TOL, what=f"step {i} ({steps[i].kind})")
-    assert_close(k_cache, ref_k, *TOL, what="bound k_cache")
-    assert_close(v_cache, ref_v, *TOL, what="bound v_cache")
+    assert_schedule_matches(outs, k_cache, v_cache, reference, steps, TOL, what="bound: ")
 
 
 def test_package_wrappers_pass_the_caches_without_copy(packages, schedule):
@@ -90,7 +87,6 @@ _RUNNER = textwrap.dedent("""
 def test_packages_load_in_fresh_process_only_after_import(packages, schedule, reference,
                                                           tmp_path):
     steps, k0, v0 = schedule
-    ref_outs, ref_k, ref_v = reference
     job = {"paths": packages, "examples": str(pam.__file__).rsplit(os.sep, 1)[0],
            "caches": (k0.clone(), v0.clone()), "steps": [(s.kind, s.args) for s in steps]}
     torch.save(job, tmp_path / "job.pt")
@@ -101,10 +97,8 @@ def test_packages_load_in_fresh_process_only_after_import(packages, schedule, re
     result = torch.load(tmp_path / "out.pt")
     assert result["error"] is not None and \
         "Could not find schema for attn::store_kvcache" in result["error"], result["error"]
-    for i, (out, ref) in enumerate(zip(result["outs"], ref_outs)):
-        assert_close(out, ref, *TOL, what=f"fresh process step {i}")
-    assert_close(result["caches"][0], ref_k, *TOL, what="fresh process k_cache")
-    assert_close(result["caches"][1], ref_v, *TOL, what="fresh process v_cache")
+    assert_schedule_matches(result["outs"], *result["caches"], reference, steps, TOL,
+                            what="fresh process: ")
 
 
 @pytest.mark.skipif(_SUBST_MISSING is not None, reason=_SUBST_MISSING or "")

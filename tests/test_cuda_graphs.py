@@ -29,8 +29,9 @@ from torch._inductor.utils import run_and_get_code
 
 import attn_ops
 from attn_ops import PagedKVCache
-from capture_helpers import (cache_copies, compile_step_packages, eager_reference, make_layer,
-                             package_sources, pam, plan_schedule, run_schedule)
+from capture_helpers import (assert_schedule_matches, cache_copies, compile_step_packages,
+                             eager_reference, make_layer, package_sources, pam, plan_schedule,
+                             run_schedule)
 from helpers import TOLERANCES, assert_close
 
 pytestmark = pytest.mark.cuda
@@ -284,7 +285,7 @@ def test_aoti_cuda_packages_bound_to_shared_caches(tmp_path):
     steps, k0, v0 = plan_schedule(cfg)
     steps = [s.to(DEV) for s in steps]
     k0, v0 = k0.to(DEV), v0.to(DEV)
-    ref_outs, ref_k, ref_v = eager_reference(steps, k0, v0, cfg)
+    reference = eager_reference(steps, k0, v0, cfg)
     paths = compile_step_packages(make_layer(k0.clone(), v0.clone(), cfg), steps, tmp_path)
     runners, k_cache, v_cache = {}, k0.clone(), v0.clone()
     for kind, path in paths.items():
@@ -293,10 +294,7 @@ def test_aoti_cuda_packages_bound_to_shared_caches(tmp_path):
         runners[kind] = torch._inductor.aoti_load_package(path)
         pam.bind_aoti_caches(runners[kind], k_cache, v_cache)
     outs = run_schedule(runners, steps)
-    for i, (out, ref) in enumerate(zip(outs, ref_outs)):
-        assert_close(out, ref, *LAYER_TOL, what=f"step {i} ({steps[i].kind})")
-    assert_close(k_cache, ref_k, *LAYER_TOL, what="bound k_cache")
-    assert_close(v_cache, ref_v, *LAYER_TOL, what="bound v_cache")
+    assert_schedule_matches(outs, k_cache, v_cache, reference, steps, LAYER_TOL, what="bound: ")
 
 
 def test_export_example_on_cuda(tmp_path):

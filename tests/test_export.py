@@ -21,9 +21,10 @@ import pytest
 import torch
 from expecttest import assert_expected_inline
 
-from capture_helpers import (SdpaBlock, attn_summary, count_calls, example_step_args,
-                             make_layer, pam, reference, run_schedule, schedule,
-                             sdpa_dynamic_shapes, sdpa_inputs, steps_of, substitution_pass)
+from capture_helpers import (SdpaBlock, assert_schedule_matches, attn_summary, count_calls,
+                             example_step_args, make_layer, pam, reference, run_schedule,
+                             schedule, sdpa_dynamic_shapes, sdpa_inputs, steps_of,
+                             substitution_pass)
 from helpers import TOLERANCES, assert_close
 
 STORE = torch.ops.attn.store_kvcache.default
@@ -112,13 +113,9 @@ def test_exported_program_serves_schedule_in_place(exported, schedule, reference
     writes the very cache tensors the layer was built with (ep.module() shares them)."""
     eps, layer = exported
     steps, _, _ = schedule
-    ref_outs, ref_k, ref_v = reference
     k_cache, v_cache = layer.k_cache, layer.v_cache
     outs = run_schedule({kind: ep.module() for kind, ep in eps.items()}, steps)
-    for i, (out, ref) in enumerate(zip(outs, ref_outs)):
-        assert_close(out, ref, *TOL, what=f"step {i} ({steps[i].kind})")
-    assert_close(k_cache, ref_k, *TOL, what="k_cache")
-    assert_close(v_cache, ref_v, *TOL, what="v_cache")
+    assert_schedule_matches(outs, k_cache, v_cache, reference, steps, TOL)
     # Re-export runs must not have rebound the caches: writes landed in the original storage.
     assert layer.k_cache is k_cache and eps["decode"].state_dict["layer.k_cache"] is k_cache
 
@@ -218,15 +215,12 @@ def test_pt2_roundtrip_in_fresh_process(schedule, reference, saved_programs, tmp
     """Reloaded elsewhere, both forms give the eager results, and they write the caches the
     loader bound into them."""
     steps, k0, v0 = schedule
-    ref_outs, ref_k, ref_v = reference
     forms = sorted(saved_programs)
     jobs = [(saved_programs[form], {"layer.k_cache": k0.clone(), "layer.v_cache": v0.clone()},
              [(s.kind, s.args) for s in steps]) for form in forms]
     for form, (outs, caches) in zip(forms, _run_fresh(jobs, tmp_path)):
-        for i, (out, ref) in enumerate(zip(outs, ref_outs)):
-            assert_close(out, ref, *TOL, what=f"{form} step {i} ({steps[i].kind})")
-        assert_close(caches["layer.k_cache"], ref_k, *TOL, what=f"{form} k_cache")
-        assert_close(caches["layer.v_cache"], ref_v, *TOL, what=f"{form} v_cache")
+        assert_schedule_matches(outs, caches["layer.k_cache"], caches["layer.v_cache"],
+                                reference, steps, TOL, what=f"{form}: ")
 
 
 def test_pt2_load_without_import_names_the_missing_op(saved_programs):
