@@ -3,8 +3,8 @@ block tables and slots, never copying the KV cache. Run with ``pytest -m cuda``.
 
 * ``torch.compile(DecodeStep, mode="reduce-overhead")`` (caches are module buffers, which Dynamo
   marks static, so cudagraph trees accept their mutation): no cudagraph skip, outputs served from
-  the graph's static pool, generated code without a cache copy, and a step's peak memory far
-  below one cache.
+  the graph's static pool, generated code without a cache copy, and the steps' peak memory below
+  one cache.
 * A hand-captured ``torch.cuda.CUDAGraph`` of ``attn.store_kvcache`` + ``attn.decode``, replayed
   while sequences grow, join and leave (auto backend and the reference backend).
 * A function taking the caches as arguments under reduce-overhead, after
@@ -37,9 +37,9 @@ from helpers import TOLERANCES, assert_close
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
 DTYPE = torch.float16
-# 134M elements (256 MiB in fp16) per cache: a copy of one is unmistakable in the peak-memory
-# checks, while a decode step's own buffers are a few KiB and the cuBLAS workspaces a capture
-# stream may allocate are at most 32 MiB each on Hopper.
+# 134M elements (256 MiB in fp16) per cache: the peak-memory checks allow less than one cache
+# per step, which any copy of a cache exceeds, while a decode step's own buffers are a few KiB
+# and the cuBLAS workspaces that new (capture) streams allocate are 32 MiB each on Hopper.
 GPU_CFG = pam.LayerConfig(hidden=64, num_heads=8, num_kv_heads=2, head_dim=64,
                           num_blocks=65536, block_size=16, dtype=DTYPE)
 ROWS = 4  # decode batch padded to a fixed row count: one captured shape serves every step
@@ -160,7 +160,7 @@ def test_reduce_overhead_decode_step_module():
     assert_close(v_cache, twin.v_cache, *LAYER_TOL, what="v_cache after the schedule")
     found = [line for code in codes for line in cache_copies(code, k_cache.numel())]
     assert not found, "generated code copies a cache:\n" + "\n".join(found)
-    assert peak < _cache_bytes(k_cache) // 2, \
+    assert peak < _cache_bytes(k_cache), \
         f"peak {peak / 2**20:.1f} MiB during the steps; one cache is " \
         f"{_cache_bytes(k_cache) / 2**20:.0f} MiB"
 
@@ -270,7 +270,7 @@ def test_hand_captured_graph_replays_new_lengths_tables_slots(backend):
             work.leave("b")
         step(i, work.decode_batch())
     torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - base < _cache_bytes(k_cache) // 2
+    assert torch.cuda.max_memory_allocated() - base < _cache_bytes(k_cache)
     assert_close(k_cache, ref_k, *ATTN_TOL, what="k_cache")
     assert_close(v_cache, ref_v, *ATTN_TOL, what="v_cache")
 
