@@ -7,8 +7,9 @@ Each entry is a search function (the attention as models write it) and its repla
   (``/ math.sqrt(d)``, Meta's llama);
 * mask: none (non-causal), additive ``+ mask`` (HF eager: 0 / dtype-min), ``masked_fill(m, -inf)``
   (True = hidden) or ``torch.where(m, s, -inf)`` (True = kept);
-* softmax: plain, or in fp32 and cast back (``softmax(s, -1, dtype=float32).to(q.dtype)``,
-  ``softmax(s.float(), -1).type_as(q)``: the same aten graph);
+* softmax: "plain", "fp32" (``softmax(s, -1, dtype=float32).to(q.dtype)``) or "cast"
+  (``softmax(s.float(), -1).type_as(q)``; after Inductor's decompositions it is the same graph
+  as "fp32", so only export's IR needs it);
 * GQA: K/V repeated by ``repeat_kv`` / ``repeat_interleave`` before the matmuls (the replacement
   reads the Hkv heads directly) or not.
 
@@ -55,9 +56,11 @@ def _apply_mask(s, attn_mask, mask_op):
     return s
 
 
-def _softmax(s, query, upcast):
-    if upcast:
+def _softmax(s, query, softmax):
+    if softmax == "fp32":
         return torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
+    if softmax == "cast":
+        return torch.softmax(s.float(), dim=-1).type_as(query)
     return torch.softmax(s, dim=-1)
 
 
@@ -66,13 +69,13 @@ class AttentionForm:
     """One row of the table: how a model writes attention, and what replaces it."""
     scale_op: str
     mask_op: str | None
-    upcast: bool
+    softmax: str
     gqa: bool
 
     @property
     def name(self) -> str:
-        return (f"attn_{self.scale_op}_{self.mask_op or 'nomask'}_"
-                f"{'fp32softmax' if self.upcast else 'softmax'}{'_gqa' if self.gqa else ''}")
+        return (f"attn_{self.scale_op}_{self.mask_op or 'nomask'}_{self.softmax}softmax"
+                f"{'_gqa' if self.gqa else ''}")
 
     @property
     def argnames(self) -> tuple[str, ...]:
@@ -94,7 +97,7 @@ class AttentionForm:
 
         def attend(query, key, value, attn_mask, scale):
             s = _scores(query, expand(key, query), scale, f.scale_op)
-            p = _softmax(_apply_mask(s, attn_mask, f.mask_op), query, f.upcast)
+            p = _softmax(_apply_mask(s, attn_mask, f.mask_op), query, f.softmax)
             return torch.matmul(p, expand(value, query))
 
         def to_prefill(query, key, value, scale):
@@ -119,7 +122,7 @@ class AttentionForm:
 
     def example_inputs(self) -> list:
         """Small inputs to trace with (sizes don't matter: matches are re-traced at real ones)."""
-        dtype = torch.float16 if self.upcast else torch.float32
+        dtype = torch.float32 if self.softmax == "plain" else torch.float16
         q = torch.empty(2, 4, 8, 16, dtype=dtype)
         kv = torch.empty(2, 2 if self.gqa else 4, 8, 16, dtype=dtype)
         inputs = [q, kv, kv.clone()]
@@ -130,15 +133,18 @@ class AttentionForm:
         return inputs
 
 
-def forms(fold_gqa: bool = True, upcast: bool | None = None, scale_op: str | None = None,
+SOFTMAXES = ("plain", "fp32", "cast")
+
+
+def forms(fold_gqa: bool = True, softmax: str | None = None, scale_op: str | None = None,
           mask_op: str | None = "any") -> list[AttentionForm]:
     """The forms of the table, GQA ones first (they must win over the same form unfolded).
 
-    ``upcast``, ``scale_op`` and ``mask_op`` restrict the table to one value of that axis
+    ``softmax``, ``scale_op`` and ``mask_op`` restrict the table to one value of that axis
     (None / "any": every value).
     """
-    return [AttentionForm(s, m, u, g) for g, s, m, u in
+    return [AttentionForm(s, m, sm, g) for g, s, m, sm in
             itertools.product((True, False) if fold_gqa else (False,), SCALE_OPS, MASK_OPS,
-                              (False, True))
-            if (upcast is None or u == upcast) and (scale_op is None or s == scale_op)
+                              SOFTMAXES)
+            if (softmax is None or sm == softmax) and (scale_op is None or s == scale_op)
             and (mask_op == "any" or m == mask_op)]

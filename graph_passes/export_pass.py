@@ -47,6 +47,15 @@ def _restore_asserts(graph, saved) -> None:
         node.meta.update(meta)
 
 
+def _drop_noop_dropout(graph) -> None:
+    """``aten.dropout(x, p, train)`` with ``train=False`` or ``p=0`` is ``x`` (export keeps it)."""
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.dropout.default)):
+        x, p, train = node.args
+        if train is False or p == 0:
+            node.replace_all_uses_with(x)
+            graph.erase_node(node)
+
+
 def substitute_graph(gm: GraphModule, options: SubstitutionOptions) -> int:
     """Substitute in ``gm`` (export IR, nodes with ``meta['val']``) in place; return the count."""
     graph = gm.graph
@@ -54,6 +63,7 @@ def substitute_graph(gm: GraphModule, options: SubstitutionOptions) -> int:
     if options.sdpa:
         count += substitute_sdpa(graph, options)
     if options.handwritten:
+        _drop_noop_dropout(graph)
         saved = _detach_asserts(graph)
         try:
             count += apply_attention_patterns(graph, options, "export")

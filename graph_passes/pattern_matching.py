@@ -199,11 +199,11 @@ def _extra_check(form: AttentionForm, options):
 
 
 @functools.lru_cache(maxsize=64)
-def pattern_pass_for(options, ir: str, upcast: bool, scale_op: str, mask_op: str | None):
+def pattern_pass_for(options, ir: str, softmax: str, scale_op: str, mask_op: str | None):
     """A PatternMatcherPass for one (softmax, scale, mask) form, with and without GQA folding."""
     from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
     patterns = PatternMatcherPass()
-    for form in forms(options.fold_gqa, upcast, scale_op, mask_op):
+    for form in forms(options.fold_gqa, softmax, scale_op, mask_op):
         search, replace = form.functions()
         trace = functools.partial(_TRACERS[ir], argnames=form.argnames)
         register_replacement(search, replace, form.example_inputs(), trace, patterns,
@@ -222,31 +222,39 @@ _MASKS = {aten.add.Tensor: ("add",), aten.where.self: ("masked_fill", "where"),
 
 
 def _softmax_inputs(graph: Graph, ir: str):
-    """(upcast, input) of every softmax: ``amax`` in Inductor's IR, ``softmax.int`` in export's."""
+    """(softmax kind, input) of every softmax: ``amax`` in Inductor's IR, ``softmax.int`` in
+    export's."""
     if ir == "inductor":
         for amax in graph.find_nodes(op="call_function", target=aten.amax.default):
             x = amax.args[0]
-            upcast = x.target is torch.ops.prims.convert_element_type.default
-            yield upcast, (x.args[0] if upcast else x)
+            if x.target is torch.ops.prims.convert_element_type.default:
+                yield "fp32", x.args[0]
+            else:
+                yield "plain", x
     else:
         for sm in graph.find_nodes(op="call_function", target=aten.softmax.int):
-            yield (len(sm.args) > 2 and sm.args[2] is not None) or \
-                sm.kwargs.get("dtype") is not None, sm.args[0]
+            x = sm.args[0]
+            if (len(sm.args) > 2 and sm.args[2] is not None) or sm.kwargs.get("dtype"):
+                yield "fp32", x
+            elif x.target is aten.to.dtype:
+                yield "cast", x.args[0]
+            else:
+                yield "plain", x
 
 
 def candidate_forms(graph: Graph, ir: str) -> set[tuple]:
-    """(upcast, scale_op, mask_op) of every softmax whose input looks like scaled scores."""
+    """(softmax, scale_op, mask_op) of every softmax whose input looks like scaled scores."""
     out = set()
-    for upcast, x in _softmax_inputs(graph, ir):
+    for softmax, x in _softmax_inputs(graph, ir):
         if not isinstance(x, Node):
             continue
         if x.target in _SCALES:
-            out.add((upcast, _SCALES[x.target], None))
+            out.add((softmax, _SCALES[x.target], None))
             continue
         for mask_op in _MASKS.get(x.target, ()):
             for scores in x.all_input_nodes:
                 if scores.target in _SCALES:
-                    out.add((upcast, _SCALES[scores.target], mask_op))
+                    out.add((softmax, _SCALES[scores.target], mask_op))
     return out
 
 

@@ -44,7 +44,7 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sq
-    cu_k = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sk
+    cu_k = cu_q if same(sq, sk) else torch.arange(b + 1, dtype=torch.int32, device=q.device) * sk
     out = PREFILL(q.transpose(1, 2).reshape(b * sq, h, d), k.transpose(1, 2).reshape(b * sk, hkv, d),
                   v.transpose(1, 2).reshape(b * sk, hkv, d), cu_q, cu_k, sq, sk, scale, causal)
     return out.view(b, sq, h, d).transpose(1, 2)
