@@ -57,8 +57,8 @@ def plan_schedule(cfg: pam.LayerConfig = CFG, seed: int = 0) -> tuple[list[Step]
     """A serving schedule and the initial (random) caches it starts from, on CPU.
 
     Steps: prefill {a: 5, b: 3} (T=8, B=2); decode [a, b]; decode [a, b] padded to 3 rows;
-    chunked prefill {a: 2 more, c: 6 new} (a attends to its cached prefix); decode [a, b, c]
-    with 3 extra garbage block-table columns; decode [c] (B=1).
+    chunked prefill {a: 2 more, c: 7 new} (T=9, B=2; a attends to its cached prefix);
+    decode [a, b, c] with 3 extra garbage block-table columns; decode [c] (B=1).
     """
     gen = torch.Generator().manual_seed(seed)
     cache = PagedKVCache(cfg.num_blocks, cfg.block_size, cfg.num_kv_heads, cfg.head_dim,
@@ -70,7 +70,8 @@ def plan_schedule(cfg: pam.LayerConfig = CFG, seed: int = 0) -> tuple[list[Step]
         return torch.randn(n, cfg.hidden, generator=gen, dtype=cfg.dtype)
 
     def prefill(new):
-        return Step("prefill", pam.prefill_inputs(cache.prepare_prefill(new), tokens(sum(new.values()))))
+        x = tokens(sum(new.values()))
+        return Step("prefill", pam.prefill_inputs(cache.prepare_prefill(new), x))
 
     def decode(ids, pad_to=None, extra_cols=0):
         batch = cache.prepare_decode(ids, pad_to=pad_to)
@@ -78,7 +79,7 @@ def plan_schedule(cfg: pam.LayerConfig = CFG, seed: int = 0) -> tuple[list[Step]
         return Step("decode", args[:3] + (widen(args[3], extra_cols),))
 
     steps = [prefill({"a": 5, "b": 3}), decode(["a", "b"]), decode(["a", "b"], pad_to=3),
-             prefill({"a": 2, "c": 6}), decode(["a", "b", "c"], extra_cols=3), decode(["c"])]
+             prefill({"a": 2, "c": 7}), decode(["a", "b", "c"], extra_cols=3), decode(["c"])]
     return steps, k0, v0
 
 
