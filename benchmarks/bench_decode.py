@@ -139,12 +139,12 @@ def tune(args, copy):
     from attn_ops.backends.triton import decode_kernel
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
-    shapes = [(2, 64, 16)] if args.smoke else [(16, 2048, 16), (1, 32768, 16), (64, 1024, 16),
-                                                (128, 2048, 16), (16, 8192, 256)]
-    configs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 4), (32, 4, 6), (32, 2, 4),
-               (128, 4, 2), (128, 8, 3), (64, 8, 3), (16, 2, 6)]
-    split_options = {16: [1, 2, 3, 4, 5, 6, 8], 1: [8, 16, 24, 33, 40, 50, 64], 64: [1, 2, 3, 4],
-                     128: [1, 2], 2: [1, 2]}
+    shapes = [(2, 64, 16)] if args.smoke else [(16, 2048, 16), (1, 32768, 16), (128, 2048, 16),
+                                                (64, 4096, 256)]
+    ef = "evict_first"
+    configs = [(64, 4, 3, ""), (64, 4, 3, ef), (32, 2, 4, ""), (32, 2, 4, ef), (64, 4, 2, ef),
+               (32, 4, 4, ef), (128, 4, 2, ef), (64, 2, 3, ef)]
+    split_options = {16: [2, 3, 4, 6], 1: [24, 33, 50, 64], 128: [1, 2], 64: [1, 2], 2: [1, 2]}
     rows = []
     for b, ctx, page in shapes:
         q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
@@ -159,16 +159,16 @@ def tune(args, copy):
                 q, k_cache, v_cache, seqlens, table, d ** -0.5, config=cfg, splits=sp)),
                 args.smoke, graph=True)
             gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
-            cfg_used = cfg or decode_kernel.launch_config(d, q.dtype)
+            cfg_used = decode_kernel.Config(*(cfg or decode_kernel.launch_config(d, q.dtype)))
             auto = decode_kernel.num_splits(b, hkv, table.shape[1] * page,
-                                            decode_kernel.device_sm_count(q.device), cfg_used[0])
-            rows.append(dict(batch=b, ctx=ctx, page=page, block_n=cfg_used[0],
-                             warps=cfg_used[1], stages=cfg_used[2],
+                                            decode_kernel.device_sm_count(q.device),
+                                            cfg_used.block_n)
+            rows.append(dict(batch=b, ctx=ctx, page=page, **cfg_used._asdict(),
                              splits=sp if sp is not None else f"auto={auto}",
                              graph_us=ms * 1e3 if ms else None, gbs=gbs,
                              pct_copy=100 * gbs / copy if gbs else None, error=err))
             print_table(rows[-1:], ["batch", "ctx", "page", "block_n", "warps", "stages",
-                                    "splits", "graph_us", "gbs", "pct_copy", "error"])
+                                    "evict", "splits", "graph_us", "gbs", "pct_copy", "error"])
     write_csv(args.out / "decode_tune.csv", rows)
 
 

@@ -21,6 +21,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton picks compiled or interpreted kernels when a kernel module is imported (at decoration),
+# so the kernel modules read the mode once, here, rather than the environment on every call.
+INTERPRET = interpreting()
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     """Multiprocessors of CUDA device ``device_index``, read once (the query costs ~us)."""
@@ -72,7 +77,7 @@ def dot_mode(dtype: torch.dtype) -> str:
     """
     if dtype == torch.float32:
         return "ieee"
-    if dtype == torch.bfloat16 and interpreting():
+    if dtype == torch.bfloat16 and INTERPRET:
         return "upcast"
     return "tf32"
 

@@ -14,11 +14,14 @@ of length 0 gives zeros. With S = 1 stage 1 writes the output directly (one laun
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (device_sm_count, dot_mode, interpreting, mma,
+from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, mma,
                                              next_pow2, paged_rows, scores_log2,
                                              softcap_constants)
 
@@ -31,7 +34,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
                          GROUP: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                         DOT: tl.constexpr):
+                         DOT: tl.constexpr, EVICT: tl.constexpr):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -65,8 +68,10 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
         key_ok = pos < hi
         rows = paged_rows(table_row, pos, key_ok, PAGE)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=tile_ok, other=0.0)
+        k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0.0,
+                    eviction_policy=EVICT)
+        v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=tile_ok, other=0.0,
+                    eviction_policy=EVICT)
         qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -112,6 +117,15 @@ def _merge_kernel(O_PART, LSE_PART, OUT, num_splits, stride_ob, stride_oh,
              mask=dim_ok)
 
 
+class Config(NamedTuple):
+    """Launch parameters of stage 1. ``evict``: L2 eviction hint of the K/V loads ("" or
+    "evict_first": each byte is read once)."""
+    block_n: int
+    warps: int
+    stages: int
+    evict: str = ""
+
+
 # Stage-1 programs to aim for, in multiples of the SM count, and the fewest keys worth a split.
 _TARGET_WAVES = 3
 _MIN_SPLIT_KEYS = 256
@@ -121,7 +135,12 @@ _MAX_SPLITS = 64
 def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: int) -> int:
     """Split count from static shapes only: enough (b, kv head, split) programs for
     ``_TARGET_WAVES * sms``, no split shorter than ``_MIN_SPLIT_KEYS`` of the table's capacity
-    (``block_table width * page``), at most ``_MAX_SPLITS`` (stage 2 holds them in registers)."""
+    (``block_table width * page``), at most ``_MAX_SPLITS`` (stage 2 holds them in registers).
+
+    On the H100 (bf16, Hkv=8, D=128) the graph-timed sweeps in BENCHMARKS.md found this within
+    1% of the best fixed count for B=16 (S=4; 2..5 equal), B=1 at 32k (S=50; >=33 equal) and
+    B >= 64 (S=1; 2 costs 4-8%).
+    """
     programs = batch * num_kv_heads
     if programs == 0 or capacity <= 0:
         return 1
@@ -130,18 +149,39 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     return max(1, min(want, by_length, _MAX_SPLITS))
 
 
-def launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) from a static table (no autotuning: CUDA graphs)."""
-    if interpreting():
-        return 16, 4, 1
+def launch_config(head_dim: int, dtype: torch.dtype) -> Config:
+    """Stage-1 launch parameters from a static table (no autotuning: CUDA graphs)."""
+    if INTERPRET:
+        return Config(16, 4, 1)
     if dtype == torch.float32 or head_dim > 128:
-        return 32, 4, 2
-    return 64, 4, 3
+        return Config(32, 4, 2)
+    # 64 keys x 4 warps x 3 stages: within 1% of the best of 10 variants on every swept shape.
+    return Config(64, 4, 3)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int, width: int,
+          dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
+          config: Config | None, splits: int | None):
+    """Split count, grids and constexprs from static facts only (cached: ~1 us per call)."""
+    cfg = config or launch_config(head_dim, dtype)
+    if splits is None:
+        splits = num_splits(batch, num_kv_heads, width * page, device_sm_count(device),
+                            cfg.block_n)
+    d_p2 = max(16, next_pow2(head_dim))
+    group = num_heads // num_kv_heads
+    stage1 = dict(GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2,
+                  PAGE=page, BLOCK_N=cfg.block_n, DIRECT=splits == 1, SOFTCAP=softcap,
+                  WINDOW=window, DOT=dot_mode(dtype), EVICT=cfg.evict, num_warps=cfg.warps,
+                  num_stages=cfg.stages)
+    stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
+                  num_warps=4)
+    return splits, (splits, num_kv_heads, batch), (batch * num_heads,), stage1, stage2
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
            block_table: torch.Tensor, scale: float, window_left: int = -1, softcap: float = 0.0,
-           config: tuple[int, int, int] | None = None, splits: int | None = None,
+           config: Config | None = None, splits: int | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
     ``[B, W]``. Returns ``[B, H, D]`` in q's dtype.
@@ -150,39 +190,29 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     ``[B, H, D]``) receives the result (tests poison it to catch unwritten elements).
     """
     batch, num_heads, head_dim = q.shape
-    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     if k_cache.numel() == 0 or block_table.numel() == 0:
         return out.zero_()  # nothing can be cached: every length is 0
-    group = num_heads // num_kv_heads
-    block_n, warps, stages = config or launch_config(head_dim, q.dtype)
-    if splits is None:
-        splits = num_splits(batch, num_kv_heads, block_table.shape[1] * page,
-                            device_sm_count(q.device), block_n)
-    d_p2 = max(16, next_pow2(head_dim))
-    direct = splits == 1
-    if direct:
+    splits, grid1, grid2, stage1, stage2 = _plan(
+        batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
+        q.dtype, q.device, window_left >= 0, softcap > 0,
+        None if config is None else Config(*config), splits)
+    if splits == 1:
         o_part = lse_part = out  # unused pointer arguments
     else:
         o_part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
-    _decode_split_kernel[(splits, num_kv_heads, batch)](
+    _decode_split_kernel[grid1](
         q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),
         v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1), splits,
-        qk_scale, cap_log2, cap_inv, window_left,
-        GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2, PAGE=page,
-        BLOCK_N=block_n, DIRECT=direct, SOFTCAP=softcap > 0, WINDOW=window_left >= 0,
-        DOT=dot_mode(q.dtype),
-        num_warps=warps, num_stages=stages)
-    if not direct:
-        _merge_kernel[(batch * num_heads,)](
-            o_part, lse_part, out, splits, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
-            num_warps=4)
+        qk_scale, cap_log2, cap_inv, window_left, **stage1)
+    if splits > 1:
+        _merge_kernel[grid2](o_part, lse_part, out, splits, out.stride(0), out.stride(1),
+                             **stage2)
     return out

@@ -15,14 +15,15 @@ caches through a per-token block lookup (any page size).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (dot_mode, interpreting, mma, next_pow2,
-                                             paged_rows, scores_log2, softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, dot_mode, mma, next_pow2, paged_rows,
+                                             scores_log2, softcap_constants)
 
 
 @triton.jit
@@ -41,90 +42,59 @@ def _load_rows(ptrs, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIM: tl.const
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, start, K, V, K_DESC, V_DESC, desc_row, desc_col, table_row,
-                 stride_kt, stride_vt, lk, q_pos, window_left, qk_scale, cap_log2, cap_inv,
-                 offs_n, offs_d, dim_ok, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                 PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr):
-    """One BLOCK_N step of the online softmax: keys ``start .. start+BLOCK_N-1``."""
-    pos = start + offs_n
-    key_ok = pos < lk
-    if TMA:  # whole in-bounds tiles of packed K/V through the tensor-memory accelerator
-        k = K_DESC.load([desc_row + start, desc_col])
-    else:
+def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, hi, lk, q_pos,
+                  window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                  PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
+
+    ``q_pos[r]`` is query row r's own position in key coordinates (``i + lk - lq``). With
+    ``MASKED`` False every key of every step must be valid and visible to every row.
+    """
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        key_ok = pos < lk
         if PAGED:
             rows = paged_rows(table_row, pos, key_ok, PAGE)
         else:
             rows = pos
         k = _load_rows(K + rows[:, None] * stride_kt + offs_d[None, :], key_ok, dim_ok, MASKED,
                        MASK_DIM)
-    qk = mma(q, tl.trans(k), None, DOT)
-    s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
-    if MASKED:
-        ok = key_ok[None, :]
-        if CAUSAL:
-            ok = ok & (pos[None, :] <= q_pos[:, None])
-        if WINDOW:
-            ok = ok & (pos[None, :] >= q_pos[:, None] - window_left)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if TMA:
-        v = V_DESC.load([desc_row + start, desc_col])
-    else:
+        qk = mma(q, tl.trans(k), None, DOT)
+        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
+        if MASKED:
+            ok = key_ok[None, :]
+            if CAUSAL:
+                ok = ok & (pos[None, :] <= q_pos[:, None])
+            if WINDOW:
+                ok = ok & (pos[None, :] >= q_pos[:, None] - window_left)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(V + rows[:, None] * stride_vt + offs_d[None, :], key_ok, dim_ok, MASKED,
                        MASK_DIM)
-    acc = acc * alpha[:, None]
-    acc = mma(p.to(v.dtype), v, acc, DOT)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _attend_range(acc, m_i, l_i, q, K, V, K_DESC, V_DESC, desc_row, desc_col, table_row,
-                  stride_kt, stride_vt, lo, hi, lk, q_pos, window_left, qk_scale, cap_log2,
-                  cap_inv, offs_n, offs_d, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  MASK_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                  SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                  DOT: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
-
-    ``q_pos[r]`` is query row r's own position in key coordinates (``i + lk - lq``). With
-    ``MASKED`` False every key of every step must be valid and visible to every row; only such
-    steps may use TMA (``TMA``) and warp specialisation (``WS``).
-    """
-    if WS:
-        for start in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, start, K, V, K_DESC, V_DESC, desc_row, desc_col, table_row,
-                stride_kt, stride_vt, lk, q_pos, window_left, qk_scale, cap_log2, cap_inv,
-                offs_n, offs_d, dim_ok, MASKED, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                DOT, TMA)
-    else:
-        for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, start, K, V, K_DESC, V_DESC, desc_row, desc_col, table_row,
-                stride_kt, stride_vt, lk, q_pos, window_left, qk_scale, cap_log2, cap_inv,
-                offs_n, offs_d, dim_ok, MASKED, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                DOT, TMA)
+        acc = acc * alpha[:, None]
+        acc = mma(p.to(v.dtype), v, acc, DOT)
+        m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["total_q", "window_left"])
-def _prefill_kernel(Q, K, V, K_DESC, V_DESC, O, CU_Q, CU_K, TABLE,
+def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_ot, stride_oh, stride_tb, total_q, num_seqs,
                     qk_scale, cap_log2, cap_inv, window_left,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
-                    PAGE: tl.constexpr, DOT: tl.constexpr, TMA: tl.constexpr,
-                    WS: tl.constexpr):
+                    PAGE: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -188,25 +158,21 @@ def _prefill_kernel(Q, K, V, K_DESC, V_DESC, O, CU_Q, CU_K, TABLE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-    # Masked steps below the window, unmasked bulk (TMA / warp specialisation if enabled), masked
-    # steps at the diagonal and the end.
-    desc_col = kv_head * HEAD_DIM
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, k_start,
-                                  desc_col, table_row, stride_kt, stride_vt, lo,
-                                  tl.minimum(f_lo, hi), lk, q_pos, window_left, qk_scale,
-                                  cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N, True,
-                                  MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT, False,
-                                  False)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, k_start,
-                                  desc_col, table_row, stride_kt, stride_vt, f_lo, f_hi, lk,
-                                  q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                  dim_ok, BLOCK_N, False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP,
-                                  PAGED, PAGE, DOT, TMA, WS)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, K_DESC, V_DESC, k_start,
-                                  desc_col, table_row, stride_kt, stride_vt, f_hi, hi, lk, q_pos,
-                                  window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                  dim_ok, BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED,
-                                  PAGE, DOT, False, False)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
+                                  stride_vt, lo, tl.minimum(f_lo, hi), lk, q_pos, window_left,
+                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
+                                  True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                                  DOT)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
+                                  stride_vt, f_lo, f_hi, lk, q_pos, window_left,
+                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
+                                  False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                                  DOT)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
+                                  stride_vt, f_hi, hi, lk, q_pos, window_left,
+                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
+                                  True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                                  DOT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: acc = 0 -> zeros
     o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -214,24 +180,21 @@ def _prefill_kernel(Q, K, V, K_DESC, V_DESC, O, CU_Q, CU_K, TABLE,
 
 
 class Config(NamedTuple):
-    """Launch parameters of the prefill kernel. ``tma``: unmasked K/V tiles through tensor
-    descriptors (Hopper's TMA); ``warp_specialize``: producer/consumer warps on that loop."""
+    """Launch parameters of the prefill kernel."""
     block_m: int
     block_n: int
     warps: int
     stages: int
-    tma: bool = False
-    warp_specialize: bool = False
 
 
-# fp16/bf16 on CUDA by padded head dim. See BENCHMARKS.md ("Notes") for the measurements.
-_CUDA_CONFIGS = {
-    16: Config(128, 64, 4, 3),
-    32: Config(128, 64, 4, 3),
-    64: Config(128, 64, 8, 3),
-    128: Config(128, 64, 8, 3),
-    256: Config(128, 64, 8, 2),
-}
+# fp16/bf16 on CUDA by padded head dim, from the sweeps in BENCHMARKS.md ("Notes"): on the H100
+# (bf16, H=32, Hkv=8, 4 x 4096) D=128 causal 128x128/8 warps/3 stages 447-453 TFLOP/s vs
+# 128x64 441-447, 64x64/4 warps 402; D=64 128x64/8 warps 365-389; D=256 128x64/8 warps/2 stages
+# 465 vs 64x64/4 warps 334. Tensor descriptors (TMA) and warp specialisation measured no better
+# (436-438 at D=128) and one TMA variant crashed ptxas, so they are not used.
+_CUDA_CONFIGS = {16: Config(128, 64, 4, 3), 32: Config(128, 64, 4, 3),
+                 64: Config(128, 64, 8, 3), 128: Config(128, 128, 8, 3),
+                 256: Config(128, 64, 8, 2)}
 # fp32 (ieee dots, 2x the bytes per tile): smaller tiles keep it within shared memory.
 _CUDA_CONFIGS_FP32 = {16: Config(64, 32, 4, 2), 32: Config(64, 32, 4, 2),
                       64: Config(64, 32, 4, 2), 128: Config(64, 32, 4, 2),
@@ -241,31 +204,25 @@ _CUDA_CONFIGS_FP32 = {16: Config(64, 32, 4, 2), 32: Config(64, 32, 4, 2),
 def launch_config(head_dim: int, dtype: torch.dtype, causal: bool) -> Config:
     """A static table, never autotuned at run time (autotuning inside a CUDA graph capture
     would launch extra kernels into the graph)."""
-    if interpreting():
+    if INTERPRET:
         return Config(16, 16, 4, 1)  # tiny tiles: several per sequence exercise all three loops
     d_p2 = max(16, next_pow2(head_dim))
     table = _CUDA_CONFIGS_FP32 if dtype == torch.float32 else _CUDA_CONFIGS
     return table[d_p2]
 
 
-def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """Tensor descriptors over packed K/V as 2-D ``[Tk, Hkv * D]`` with ``[BLOCK_N, D]`` boxes,
-    or None when the layout does not allow TMA (heads not adjacent, misaligned, no support)."""
-    head_dim = k.shape[2]
-    if (k.device.type != "cuda" or interpreting() or head_dim != next_pow2(head_dim)
-            or torch.cuda.get_device_capability(k.device)[0] < 9):
-        return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
-        return None
-    descs = []
-    for t in (k, v):
-        if (t.stride(1) != head_dim or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16):
-            return None
-        descs.append(TensorDescriptor(t, [t.shape[0], t.shape[1] * head_dim], [t.stride(0), 1],
-                                      [block_n, head_dim]))
-    return descs
+@functools.lru_cache(maxsize=1024)
+def _plan(max_seqlen_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+          dtype: torch.dtype, causal: bool, paged: bool, page: int, window: bool, softcap: bool,
+          config: Config | None):
+    """Grid, launch options and constexprs from static facts only (cached: ~1 us per call)."""
+    cfg = config or launch_config(head_dim, dtype, causal)
+    grid = (max(1, triton.cdiv(max_seqlen_q, cfg.block_m)), num_seqs + 1, num_heads)
+    consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+                  D_P2=max(16, next_pow2(head_dim)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  CAUSAL=causal, WINDOW=window, SOFTCAP=softcap, PAGED=paged, PAGE=page,
+                  DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages)
+    return grid, consts
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -288,8 +245,6 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         return out
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
         return out.zero_()  # no key anywhere (static shapes say so)
-    cfg = Config(*(config or launch_config(head_dim, q.dtype, causal)))
-    descs = None
     if paged:
         page, num_kv_heads = k.shape[1], k.shape[2]
         strides = (k.stride(1), k.stride(2), v.stride(1), v.stride(2))
@@ -298,18 +253,12 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         page, num_kv_heads = 1, k.shape[1]
         strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
         table, stride_tb = cu_seqlens_k, 0  # unused pointer argument
-        if cfg.tma:
-            descs = _descriptors(k, v, cfg.block_n)
-    k_desc, v_desc = descs or (k, v)  # unused pointers when TMA is off
+    grid, consts = _plan(int(max_seqlen_q), num_seqs, num_heads, num_kv_heads, head_dim, q.dtype,
+                         bool(causal), paged, page, window_left >= 0, softcap > 0,
+                         None if config is None else Config(*config))
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
-    grid = (max(1, triton.cdiv(max_seqlen_q, cfg.block_m)), num_seqs + 1, num_heads)
     _prefill_kernel[grid](
-        q, k, v, k_desc, v_desc, out, cu_seqlens_q, cu_seqlens_k, table,
-        q.stride(0), q.stride(1), *strides, out.stride(0), out.stride(1), stride_tb, total_q,
-        num_seqs, qk_scale, cap_log2, cap_inv, window_left,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, D_P2=max(16, next_pow2(head_dim)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=bool(causal), WINDOW=window_left >= 0,
-        SOFTCAP=softcap > 0, PAGED=paged, PAGE=page, DOT=dot_mode(q.dtype),
-        TMA=descs is not None, WS=descs is not None and cfg.warp_specialize,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q.stride(0), q.stride(1), *strides,
+        out.stride(0), out.stride(1), stride_tb, total_q, num_seqs, qk_scale, cap_log2, cap_inv,
+        window_left, **consts)
     return out

@@ -7,11 +7,13 @@ Padding is data (a -1 slot masks its row), never a host-side branch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import device_sm_count, interpreting, next_pow2
+from attn_ops.backends.triton.common import INTERPRET, device_sm_count, next_pow2
 
 # Elements per tensor per program: 8192 bf16 = 16 KB, i.e. 4 x 16-byte loads per thread at 8
 # warps. Fewer, larger programs matter at T = 65536 (65536 one-token programs leave the copy
@@ -40,10 +42,11 @@ def _store_kvcache_kernel(KEY, VALUE, K_CACHE, V_CACHE, SLOTS, num_tokens,
     tl.store(V_CACHE + dst, v, mask=mask)
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_config(num_tokens: int, row: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_T, num_warps) for ``num_tokens`` rows of ``row`` elements: static shapes only."""
     row_p2 = next_pow2(row)
-    if interpreting():
+    if INTERPRET:
         return max(1, min(16, _TILE_ELEMS // row_p2)), 4
     # Enough programs to give every SM ~4 (T = 64 -> one token each, 64 programs), else tiles
     # of _TILE_ELEMS (T = 65536, Hkv*D = 1024 -> 8 tokens, 8192 programs).
@@ -63,11 +66,10 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
-    hkv, head_dim = k_cache.shape[2], k_cache.shape[3]
-    row = hkv * head_dim
+    head_dim = k_cache.shape[3]
+    row = k_cache.shape[2] * head_dim
     block_t, warps = launch_config(num_tokens, row, key.device)
-    grid = (triton.cdiv(num_tokens, block_t),)
-    _store_kvcache_kernel[grid](
+    _store_kvcache_kernel[(triton.cdiv(num_tokens, block_t),)](
         key, value, k_cache, v_cache, slot_mapping, num_tokens,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         HEAD_DIM=head_dim, ROW=row, ROW_P2=next_pow2(row), BLOCK_T=block_t, num_warps=warps)
