@@ -136,20 +136,12 @@ def tune(args, ceil_tflops):
     dev = device(args)
     rows = []
     cases = [(128, True), (128, False), (64, True), (256, True)]
-    T, F = True, False  # (BLOCK_M, BLOCK_N, warps, stages, tma, warp_specialize)
-    configs = {
-        128: [(128, 64, 8, 3, F, F), (128, 128, 8, 3, F, F), (128, 64, 8, 4, F, F),
-              (128, 128, 8, 2, F, F), (64, 64, 4, 3, F, F), (256, 64, 16, 3, F, F),
-              (128, 64, 8, 3, T, F), (128, 128, 8, 3, T, F), (128, 64, 8, 4, T, F),
-              (128, 128, 8, 2, T, F), (128, 64, 8, 3, T, T), (128, 128, 8, 2, T, T),
-              (128, 128, 8, 3, T, T)],
-        -128: [(128, 64, 8, 3, F, F), (128, 128, 8, 3, F, F), (128, 64, 8, 4, F, F),
-               (128, 64, 8, 3, T, F), (128, 128, 8, 3, T, F), (128, 64, 8, 4, T, F),
-               (128, 128, 8, 2, T, T)],
-        64: [(128, 64, 8, 3, F, F), (128, 64, 4, 3, F, F), (128, 64, 8, 3, T, F),
-             (128, 128, 8, 3, T, F)],
-        256: [(128, 64, 8, 2, F, F), (64, 64, 4, 2, F, F), (128, 64, 8, 2, T, F),
-              (128, 32, 8, 3, F, F)],
+    configs = {  # (BLOCK_M, BLOCK_N, warps, stages); the first of each list is the reference
+        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+              (64, 64, 4, 3), (256, 64, 16, 3)],
+        -128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
+        64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
+        256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3)],
     }
     b, s, h, hkv = (1, 64, 2, 1) if args.smoke else (4, 4096, H, HKV)
     for d, causal in cases[:1] if args.smoke else cases:
@@ -172,7 +164,7 @@ def tune(args, ceil_tflops):
                              pct_matmul=100 * tflops / ceil_tflops if tflops else None,
                              error=err))
             print_table(rows[-1:], ["head_dim", "causal", "block_m", "block_n", "warps",
-                                    "stages", "tma", "warp_specialize", "max_diff", "ms", "tflops",
+                                    "stages", "max_diff", "ms", "tflops",
                                     "error"])
     write_csv(args.out / "prefill_tune.csv", rows)
 
