@@ -174,11 +174,14 @@ v23 = aten.view.default(v22, [2, 4, 4, 16])
 return (v24)""")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("style,gqa,mask", [
-    ("hf", "repeat_kv", "graph"), ("hf", "none", "graph"), ("llama", "repeat_kv", "graph"),
-    ("nanogpt", "repeat_interleave", "graph"), ("where", "repeat_kv", "graph"),
-    ("nanogpt", "none", None)])
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("style,gqa,mask,dtype", [
+    ("hf", "repeat_kv", "graph", torch.float32), ("hf", "repeat_kv", "graph", BF16),
+    ("hf", "none", "graph", torch.float32), ("llama", "repeat_kv", "graph", BF16),
+    ("nanogpt", "repeat_interleave", "graph", torch.float32),
+    ("where", "repeat_kv", "graph", torch.float32), ("nanogpt", "none", None, BF16)])
 def test_substituted_matches_eager(style, gqa, mask, dtype):
     h, hkv = (6, 6) if gqa == "none" else (6, 2)
     model = HandAttention(h=h, hkv=hkv, d=32, style=style, gqa=gqa, mask=mask).eval().to(dtype)

@@ -1,0 +1,182 @@
+"""torch.compile(model, backend="attn_ops") with real Inductor, the opt-in, options, caches,
+and Hugging Face Llama substituted in every layer."""
+
+import importlib.metadata
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import attn_ops
+import graph_passes
+from attn_ops import registry
+from attn_ops.backends import reference
+from graph_passes.options import SubstitutionOptions, split_options
+from graph_passes.testing import inspecting_backend
+from tests.helpers import TOLERANCES, assert_close
+from tests.test_graph_passes_handwritten import HandAttention
+from tests.test_graph_passes_sdpa import SdpaAttention
+
+TOL = TOLERANCES[torch.float32]
+
+
+class Both(torch.nn.Module):
+    """One SDPA call and one hand-written attention: both passes in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.sdpa = SdpaAttention(gqa="repeat_kv")
+        self.hand = HandAttention(style="hf")
+
+    def forward(self, x):
+        return self.sdpa(x) + self.hand(x)
+
+
+@pytest.fixture
+def prefill_calls(monkeypatch):
+    """Backend choices in force at each reference prefill call (the op runs the reference on CPU)."""
+    calls = []
+    real = reference.prefill
+
+    def spy(*args, **kwargs):
+        calls.append(registry.current_choice())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(reference, "prefill", spy)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # counters are asserted
+        yield
+    torch._dynamo.reset()
+
+
+def test_registered_through_the_entry_point():
+    (ep,) = [e for e in importlib.metadata.entry_points(group="torch_dynamo_backends")
+             if e.name == "attn_ops"]
+    assert ep.load() is graph_passes.attn_ops_backend
+    assert "attn_ops" in torch._dynamo.list_backends()
+
+
+def test_fullgraph_dynamic_no_recompile_across_five_shapes(prefill_calls):
+    model = Both().eval()
+    compiled = torch.compile(model, backend="attn_ops", fullgraph=True, dynamic=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for b, s in ((2, 5), (3, 13), (4, 2), (5, 33), (2, 8)):
+            x = torch.randn(b, s, 64)
+            assert_close(compiled(x), model(x), *TOL, what=f"{b}x{s}")
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 1
+    assert counters["graph_passes"]["handwritten_to_prefill"] == 1
+    assert not counters["graph_break"]
+    assert len(prefill_calls) == 5 * 2
+
+
+def test_options_choose_the_attn_backend(prefill_calls):
+    model = SdpaAttention().eval()
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="attn_ops",
+                            options={"attn_ops.attn_backend": "reference"})(x)
+        assert_close(out, model(x), *TOL)
+    assert prefill_calls == ["reference"], "the compiled callable runs under use_backend"
+
+
+def test_split_options():
+    ours, rest = split_options({"attn_ops.handwritten": False, "max_autotune": True})
+    assert ours == SubstitutionOptions(handwritten=False) and rest == {"max_autotune": True}
+    with pytest.raises(ValueError, match="attn_ops.nope"):
+        split_options({"attn_ops.nope": 1})
+    with pytest.raises(ValueError, match="attn_backend"):
+        SubstitutionOptions(attn_backend="cuda-magic")
+
+
+class _UserPass(CustomGraphPass):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "user-pass"
+
+
+def test_opt_in_substitutes_in_plain_compile_and_undoes_exactly(prefill_calls):
+    cfg = torch._inductor.config
+    user = _UserPass()
+    with cfg.patch(pre_grad_custom_pass=user):
+        before = (cfg.pre_grad_custom_pass, cfg.joint_custom_pre_pass)
+        handle = graph_passes.enable()
+        assert graph_passes.is_enabled()
+        model = SdpaAttention().eval()
+        with torch.no_grad():
+            torch.compile(model)(torch.randn(2, 7, 64))
+        assert counters["graph_passes"]["sdpa_to_prefill"] == 1 and len(prefill_calls) == 1
+        assert user.calls == 1, "the user's own pre-grad pass still runs, first"
+        inner = graph_passes.enable(sdpa=False)
+        with pytest.raises(RuntimeError, match="cannot undo"):
+            handle.undo()
+        inner.undo()
+        handle.undo()
+        assert (cfg.pre_grad_custom_pass, cfg.joint_custom_pre_pass) == before
+        assert cfg.pre_grad_custom_pass is user and not graph_passes.is_enabled()
+    with graph_passes.enabled(attn_backend="reference"):
+        assert graph_passes.is_enabled() and registry.current_choice() == "reference"
+    assert not graph_passes.is_enabled()
+
+
+def test_fx_graph_cache_keeps_substituted_and_plain_artifacts_apart(prefill_calls):
+    model = SdpaAttention().eval()
+    x = torch.randn(2, 7, 64)
+    from torch._inductor.utils import fresh_cache
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
+        for backend, expect in (("inductor", 0), ("attn_ops", 1), ("inductor", 0),
+                                ("attn_ops", 1)):
+            torch._dynamo.reset()
+            prefill_calls.clear()
+            torch.compile(model, backend=backend)(x)
+            assert len(prefill_calls) == expect, backend
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2, "the second round came from cache"
+
+
+def _tiny_llama(impl: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                      max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = impl
+    return model
+
+
+def test_hf_llama_sdpa_every_layer_with_inductor():
+    pytest.importorskip("transformers")
+    model = _tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (2, 13))
+    with torch.no_grad():
+        out = torch.compile(model, backend="attn_ops", fullgraph=True)(ids).logits
+        assert_close(out, model(ids).logits, *TOL)
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 2
+
+
+@pytest.mark.parametrize("impl,kwargs,expect", [
+    ("eager", dict(use_cache=False), ("handwritten_to_prefill", 2)),
+    ("sdpa", dict(use_cache=False), ("sdpa_to_prefill", 2)),
+    ("sdpa", dict(attention_mask="ones"), ("sdpa_to_prefill_left_alone", 2)),
+])
+def test_hf_llama_call_forms(impl, kwargs, expect):
+    pytest.importorskip("transformers")
+    model = _tiny_llama(impl)
+    ids = torch.randint(0, 128, (2, 11))
+    if kwargs.get("attention_mask") == "ones":
+        kwargs = dict(attention_mask=torch.ones(2, 11, dtype=torch.long))
+    with torch.no_grad():
+        out = torch.compile(model, backend=inspecting_backend(), fullgraph=True)(ids, **kwargs)
+        assert_close(out.logits, model(ids, **kwargs).logits, *TOL)
+    name, count = expect
+    assert counters["graph_passes"][name] == count
