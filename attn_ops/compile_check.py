@@ -13,9 +13,10 @@ Two views of what was substituted:
 from __future__ import annotations
 
 import re
-import time
 
 import torch
+
+from attn_ops.timing import timed
 
 _PREFILL_CALL = re.compile(r"torch\.ops\.attn\.prefill\.default\(")
 _SDPA_CALL = re.compile(r"aten\._?scaled_dot_product\w*\.default\(|scaled_dot_product_attention\(")
@@ -49,19 +50,19 @@ def compile_and_check(model: torch.nn.Module, inputs: tuple, *, expected: int, t
     Returns a dict: ``prefill_calls`` / ``sdpa_calls`` (in the generated code), ``expected``,
     ``substitutions`` / ``left_alone`` (pass counters; empty on a cache hit), ``cache_hit``,
     ``max_err``, ``tol``, ``ok`` (``expected`` attn.prefill calls, no SDPA, outputs within
-    ``tol``), ``compile_s`` (compile + first call) and ``call_ms`` (a later call).
+    ``tol``), ``compile_s`` (compile + first call), ``call_ms`` (a later call) and
+    ``eager_ms`` (an eager call).
     """
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
+    device = inputs[0].device
     eager = output(model(*inputs))
+    eager_s = timed(lambda: model(*inputs), device)[1]
     counters.clear()
     compiled = torch.compile(model, backend="attn_ops", options=options)
-    start = time.perf_counter()
-    out, codes = run_and_get_code(compiled, *inputs)  # resets Dynamo first: a fresh compile
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled(*inputs)
-    call_ms = 1e3 * (time.perf_counter() - start)
+    # run_and_get_code resets Dynamo first (a fresh compile) and collects the generated code.
+    (out, codes), compile_s = timed(lambda: run_and_get_code(compiled, *inputs), device)
+    call_s = timed(lambda: compiled(*inputs), device)[1]
     done, left = pass_counters()
     prefill_calls = sum(len(_PREFILL_CALL.findall(code)) for code in codes)
     sdpa_calls = sum(len(_SDPA_CALL.findall(code)) for code in codes)
@@ -72,4 +73,4 @@ def compile_and_check(model: torch.nn.Module, inputs: tuple, *, expected: int, t
                               or counters["inductor"]["fxgraph_cache_hit"]),
             "max_err": max_err, "tol": tol,
             "ok": bool(max_err <= tol and prefill_calls == expected and sdpa_calls == 0),
-            "compile_s": compile_s, "call_ms": call_ms}
+            "compile_s": compile_s, "call_ms": 1e3 * call_s, "eager_ms": 1e3 * eager_s}

@@ -51,6 +51,10 @@ def resolve_device(name: str) -> torch.device:
             raise DemoError(f"device {name!r} is not available: torch {torch.__version__} sees no "
                             f"CUDA GPU (torch.version.cuda={torch.version.cuda}). Run with "
                             f"--device cpu, or install a CUDA build of torch on a GPU machine.")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise DemoError(f"device {name!r} is not available: this machine has "
+                            f"{torch.cuda.device_count()} CUDA GPU(s)")
     elif kind == "npu":
         try:
             import torch_npu  # noqa: F401  (registers the npu device)
@@ -148,8 +152,11 @@ def _run(device, backend, steps, dtype, seed, compile_model, max_batch, block_si
         if compile_model:
             gen = torch.Generator().manual_seed(seed + 2)
             ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=gen).to(dev)
-            report["compile"] = compile_and_check(model, (ids,), expected=cfg.num_layers,
-                                                  tol=tol)
+            try:
+                report["compile"] = compile_and_check(model, (ids,), expected=cfg.num_layers,
+                                                      tol=tol)
+            except Exception as e:  # e.g. no C++ compiler for Inductor: report it, go on serving
+                report["compile"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         requests = make_requests(cfg.vocab_size, steps, seed)
         # Enough blocks for the max_batch largest requests at once: admission never deadlocks,
         # and freed blocks are reused by later requests.

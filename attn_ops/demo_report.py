@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TextIO
 
 
-def table(rows: list[list], header: list[str]) -> str:
+def table(rows: list[list], header: list[str], indent: str = "") -> str:
     """Rows of cells as a plain aligned text table (first column left, the others right)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -14,7 +14,7 @@ def table(rows: list[list], header: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+    return "\n".join(indent + x for x in [line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
 def _ok(flag: bool) -> str:
@@ -34,7 +34,9 @@ def print_summary(report: dict, out: TextIO) -> None:
             ["attention call", "backend"]) + "\n\n")
 
     c = report.get("compile")
-    if c is not None:
+    if c is not None and "error" in c:
+        w(f'torch.compile(model, backend="attn_ops") FAILED: {c["error"]}\n\n')
+    elif c is not None:
         w('torch.compile(model, backend="attn_ops"):\n')
         if c["cache_hit"]:
             w("  (served by the compile cache: the graph passes did not run this time)\n")
@@ -44,13 +46,14 @@ def print_summary(report: dict, out: TextIO) -> None:
             rows += [[name, 0, n] for name, n in c["left_alone"].items()
                      if name not in c["substitutions"]]
             w(table(rows or [["(no attention found)", 0, 0]],
-                    ["graph pass", "-> attn.prefill", "left alone"]) + "\n")
+                    ["graph pass", "-> attn.prefill", "left alone"], "  ") + "\n")
         w(f"  compiled code: {c['prefill_calls']} attn.prefill calls for {c['expected']} "
           f"attention layers (backend: {report['backends']['compiled model: attn.prefill']}), "
           f"{c['sdpa_calls']} SDPA calls left\n")
         w(f"  logits vs eager: max abs err {c['max_err']:.2e} (tol {report['logit_tol']:.0e})"
           f"  {_ok(c['ok'])}\n")
-        w(f"  compile + first call {c['compile_s']:.1f} s, then {c['call_ms']:.2f} ms/call\n\n")
+        w(f"  compile + first call {c['compile_s']:.1f} s, then {c['call_ms']:.2f} ms/call "
+          f"(eager {c['eager_ms']:.2f} ms)\n\n")
 
     s = report["serving"]
     st = s["stats"]

@@ -25,6 +25,7 @@ import torch
 
 from attn_ops.demo_model import DemoLlama
 from attn_ops.paged_cache import PagedKVCache
+from attn_ops.timing import timed
 
 
 @dataclass
@@ -61,21 +62,6 @@ class ServeStats:
     generated: int = 0
     wall_s: float = 0.0
     max_running: int = 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)
-
-
-def _timed(fn, device: torch.device):
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
 
 
 def serve(model: DemoLlama, requests: list[Request], cache: PagedKVCache, *, max_batch: int,
@@ -136,7 +122,7 @@ def serve(model: DemoLlama, requests: list[Request], cache: PagedKVCache, *, max
         if admitted:
             batch = cache.prepare_prefill({r.rid: len(r.prompt) for r in admitted})
             ids = torch.tensor([t for r in admitted for t in r.prompt], device=device)
-            logits, dt = _timed(lambda: model.prefill(ids, cache, batch), device)
+            logits, dt = timed(lambda: model.prefill(ids, cache, batch), device)
             stats.prefill_calls += 1
             stats.prefill_tokens += ids.numel()
             stats.prefill_s += dt
@@ -151,7 +137,7 @@ def serve(model: DemoLlama, requests: list[Request], cache: PagedKVCache, *, max
             batch = cache.prepare_decode([r.rid for r in running], pad_to=max_batch)
             pad = max_batch - len(running)
             ids = torch.tensor([r.output[-1] for r in running] + [0] * pad, device=device)
-            logits, dt = _timed(lambda: model.decode(ids, cache, batch), device)
+            logits, dt = timed(lambda: model.decode(ids, cache, batch), device)
             stats.decode_steps += 1
             stats.decode_rows += len(running)
             stats.decode_padded_rows += pad
