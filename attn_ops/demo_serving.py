@@ -81,7 +81,10 @@ def serve(model: DemoLlama, requests: list[Request], cache: PagedKVCache, *, max
     """
     device = model.lm_head.weight.device
     block_size, num_blocks = cache.block_size, cache.num_blocks
-    blocks_for = lambda n: -(-n // block_size)  # noqa: E731
+
+    def blocks_for(tokens: int) -> int:
+        return -(-tokens // block_size)
+
     for r in requests:
         if r.max_new_tokens < 1 or not r.prompt:
             raise ValueError(f"request {r.rid}: needs a non-empty prompt and max_new_tokens >= 1")
@@ -94,10 +97,10 @@ def serve(model: DemoLlama, requests: list[Request], cache: PagedKVCache, *, max
     start = time.perf_counter()
 
     def emit(batch_reqs: list[Request], logits: torch.Tensor) -> None:
-        tokens = logits.argmax(-1).tolist()  # host: the scheduler needs the ids
-        for r, tok, row in zip(batch_reqs, tokens, logits):
+        host = logits.cpu()  # one transfer per step: the scheduler needs the ids on the host
+        for r, tok, row in zip(batch_reqs, host.argmax(-1).tolist(), host):
             r.output.append(tok)
-            r.logits.append(row.detach().cpu())
+            r.logits.append(row)
         stats.generated += len(batch_reqs)
         if progress is not None:
             progress.update(len(batch_reqs))
