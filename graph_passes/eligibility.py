@@ -33,8 +33,14 @@ def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
                 window_left=-1, softcap=0.0)
 
 
-def backend_reason(config: dict, choice: str | None) -> str | None:
-    """None when the backend that would run ``prefill`` with ``config`` is a fast one."""
+def backend_reason(config: dict, choice: str | None, only_if_faster: bool = True) -> str | None:
+    """None when ``prefill`` with ``config`` would run on a backend worth substituting for.
+
+    An explicit choice (option, ``use_backend``, ``ATTN_OPS_BACKEND``) is taken as asked, the
+    reference included. Under "auto" the substitution must not make the model slower, so a
+    call that only the reference backend would serve (fp32 scores, O(S^2) memory; 2.5-4x slower
+    than PyTorch's fused CPU attention on the benchmark model) is left alone.
+    """
     choice = choice or registry.current_choice()
     if choice != "auto":
         try:
@@ -43,18 +49,17 @@ def backend_reason(config: dict, choice: str | None) -> str | None:
             return f"attn backend {choice!r} cannot be imported ({e})"
         reason = module.supports("prefill", **config)
         return None if reason is None else f"attn backend {choice!r} does not support it: {reason}"
-    order = registry.auto_order("prefill", config)
-    for name in order:
+    for name in registry.auto_order("prefill", config):
         try:
             module = registry.get_backend_module(name)
         except ImportError:
             continue
         if module.supports("prefill", **config) is None:
-            if name == "reference" and len(order) > 1:
-                # On a device with fast kernels the reference (fp32 scores, O(S^2) memory)
-                # would be slower than the attention it replaces.
-                return (f"only the reference backend supports it on {config['device'].type} "
-                        f"(dtype {config['dtype']}, head dim {config['head_dim']})")
+            if name == "reference" and only_if_faster:
+                return (f"only the reference backend would run it on {config['device'].type} "
+                        f"(dtype {config['dtype']}, head dim {config['head_dim']}), slower than "
+                        f"the attention it replaces; choose it explicitly (attn_backend="
+                        f"'reference' or ATTN_OPS_BACKEND=reference) to substitute anyway")
             return None
     return f"no attn backend supports it on {config['device']}"
 
@@ -92,4 +97,5 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
         # Dense SDPA is_causal is top-left aligned, attn.prefill bottom-right: equal only when
         # Sq == Sk.
         return f"it is causal with Sq={sq} and Sk={k.shape[2]} not provably equal"
-    return backend_reason(_prefill_config(q, k, causal), options.backend_choice)
+    return backend_reason(_prefill_config(q, k, causal), options.backend_choice,
+                          options.only_if_faster is not False)

@@ -16,6 +16,7 @@ decomposing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch.fx import GraphModule
@@ -100,6 +101,8 @@ def substitute_attention(ep_or_gm, *, options: SubstitutionOptions | dict | None
         >>> ep2.module()(x)   # runs attn.prefill
     """
     options = SubstitutionOptions.coerce(options)
+    if options.only_if_faster is None:  # the program runs elsewhere: the contract decides
+        options = dataclasses.replace(options, only_if_faster=False)
     if isinstance(ep_or_gm, torch.export.ExportedProgram):
         ep = ep_or_gm
         gm = _copy_module(ep.graph_module)

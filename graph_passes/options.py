@@ -29,12 +29,18 @@ class SubstitutionOptions:
             "flash", "npu"), or None / "auto" to follow ``attn_ops.use_backend`` /
             ``ATTN_OPS_BACKEND`` / automatic choice at run time. Substitution decisions (head
             dim, dtype) ask this backend's ``supports()``.
+        only_if_faster: under automatic backend choice, leave alone a call that only the
+            reference backend would run (it is slower than the attention it replaces). None
+            means True for ``torch.compile`` (it runs here) and False for
+            ``substitute_attention`` (an exported program runs elsewhere, where the op picks
+            its backend).
     """
     sdpa: bool = True
     handwritten: bool = True
     tensor_masks: bool = True
     fold_gqa: bool = True
     attn_backend: str | None = None
+    only_if_faster: bool | None = None
 
     def __post_init__(self):
         if self.attn_backend not in (None, "auto"):

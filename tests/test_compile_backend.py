@@ -21,6 +21,13 @@ from tests.test_graph_passes_sdpa import SdpaAttention
 TOL = TOLERANCES[torch.float32]
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """CPU has only the reference backend, which "auto" does not substitute for (slower than
+    what it replaces); these tests choose it explicitly, as a user would to force it."""
+    monkeypatch.setenv("ATTN_OPS_BACKEND", "reference")
+
+
 class Both(torch.nn.Module):
     """One SDPA call and one hand-written attention: both passes in one graph."""
 
@@ -75,7 +82,8 @@ def test_fullgraph_dynamic_no_recompile_across_five_shapes(prefill_calls):
     assert len(prefill_calls) == 5 * 2
 
 
-def test_options_choose_the_attn_backend(prefill_calls):
+def test_options_choose_the_attn_backend(prefill_calls, monkeypatch):
+    monkeypatch.delenv("ATTN_OPS_BACKEND")  # the option alone decides (and the run-time choice)
     model = SdpaAttention().eval()
     x = torch.randn(2, 7, 64)
     with torch.no_grad():

@@ -19,6 +19,13 @@ from graph_passes.testing import graph_text, inspecting_backend
 from tests.helpers import TOLERANCES, assert_close
 
 PREFILL = torch.ops.attn.prefill.default
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """CPU has only the reference backend, which "auto" does not substitute for (slower than
+    what it replaces); these tests choose it explicitly, as a user would to force it."""
+    monkeypatch.setenv("ATTN_OPS_BACKEND", "reference")
 aten = torch.ops.aten
 
 

@@ -21,6 +21,13 @@ from tests.helpers import TOLERANCES, assert_close
 PREFILL = torch.ops.attn.prefill.default
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """CPU has only the reference backend, which "auto" does not substitute for (slower than
+    what it replaces); these tests choose it explicitly, as a user would to force it."""
+    monkeypatch.setenv("ATTN_OPS_BACKEND", "reference")
+
+
 class SdpaAttention(torch.nn.Module):
     """x ``[B, S, 64]`` -> ``[B, S, H * D]`` through one SDPA call written one of several ways.
 
@@ -293,3 +300,14 @@ def test_without_gqa_folding_the_expanded_heads_reach_prefill():
                         options={"fold_gqa": False})
     (node,) = _prefill_nodes(graphs["aten"])
     assert node.args[1].meta["val"].shape[1] == 4
+
+
+def test_auto_leaves_alone_what_only_the_reference_would_run(monkeypatch, caplog):
+    monkeypatch.delenv("ATTN_OPS_BACKEND")
+    with caplog.at_level(logging.DEBUG, logger="graph_passes"):
+        _, _, graphs = _run(SdpaAttention().eval(), torch.randn(2, 5, 64))
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 0
+    assert "only the reference backend would run it on cpu" in caplog.text
+    _, _, graphs = _run(SdpaAttention().eval(), torch.randn(2, 5, 64),
+                        options={"only_if_faster": False})
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 1
