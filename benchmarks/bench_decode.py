@@ -141,9 +141,8 @@ def tune(args, copy):
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
     shapes = [(2, 64, 16)] if args.smoke else [(16, 2048, 16), (1, 32768, 16), (128, 2048, 16),
                                                 (64, 4096, 256)]
-    ef = "evict_first"
-    configs = [(64, 4, 3, ""), (64, 4, 3, ef), (32, 2, 4, ""), (32, 2, 4, ef), (64, 4, 2, ef),
-               (32, 4, 4, ef), (128, 4, 2, ef), (64, 2, 3, ef)]
+    configs = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 4), (32, 2, 4), (128, 4, 2),
+               (128, 8, 3), (64, 8, 3), (64, 2, 3), (16, 2, 6)]
     split_options = {16: [2, 3, 4, 6], 1: [24, 33, 50, 64], 128: [1, 2], 64: [1, 2], 2: [1, 2]}
     rows = []
     for b, ctx, page in shapes:
@@ -168,7 +167,7 @@ def tune(args, copy):
                              graph_us=ms * 1e3 if ms else None, gbs=gbs,
                              pct_copy=100 * gbs / copy if gbs else None, error=err))
             print_table(rows[-1:], ["batch", "ctx", "page", "block_n", "warps", "stages",
-                                    "evict", "splits", "graph_us", "gbs", "pct_copy", "error"])
+                                    "splits", "graph_us", "gbs", "pct_copy", "error"])
     write_csv(args.out / "decode_tune.csv", rows)
 
 
