@@ -5,12 +5,15 @@ Both contenders are timed in the same process on the same inputs:
 * ``inductor``: ``torch.compile(model)`` -- Inductor lowers the model's attention as written
   (SDPA -> the fused CPU / flash kernel; hand-written -> its own fusions);
 * ``attn_ops``: ``torch.compile(model, backend="attn_ops")`` -- the same, with the attention
-  substituted by ``attn.prefill`` (the backend "auto" picks per device).
+  substituted by ``attn.prefill`` where "auto" has a backend faster than the original (on CPU
+  only the reference exists, so nothing is substituted and this equals ``inductor``);
+* ``attn_ops_ref`` (CPU): the substitution forced onto the reference backend
+  (``options={"attn_ops.attn_backend": "reference"}``), to show what it would cost.
 
 The model is Llama-shaped (RMSNorm, RoPE, GQA, SwiGLU) with random weights; ``--attention``
 selects how it writes attention: ``sdpa`` (``F.scaled_dot_product_attention(is_causal=True,
 enable_gqa=True)``) or ``eager`` (Hugging Face's eager form: repeat_kv, ``* scale + mask``,
-fp32 softmax). Prints ``attn_ops / inductor`` time ratios (< 1: substitution is faster) and
+fp32 softmax). Prints each ``attn_ops* / inductor`` time ratio (< 1: faster than without substitution) and
 writes a CSV to benchmarks/results/.
 
     python benchmarks/bench_substitution.py                      # CPU defaults
@@ -90,19 +93,26 @@ class Model(torch.nn.Module):
         return x
 
 
-def _time_ms(fn, x, device: str, reps: int) -> float:
-    """Median milliseconds per call (warmed up)."""
-    for _ in range(3):
-        fn(x)
+def _time_ms(fns: dict, x, device: str, reps: int) -> dict:
+    """Median milliseconds per call of each function (warmed up).
+
+    On CPU the contenders take turns call by call, so that load from other processes on the
+    machine falls on all of them alike; on CUDA each is timed by triton's do_bench.
+    """
+    for fn in fns.values():
+        for _ in range(3):
+            fn(x)
     if device == "cuda":
         import triton.testing
-        return triton.testing.do_bench(lambda: fn(x), return_mode="median")
-    times = []
+        return {n: triton.testing.do_bench(lambda fn=fn: fn(x), return_mode="median")
+                for n, fn in fns.items()}
+    times = {n: [] for n in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for n, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def main() -> None:
@@ -124,28 +134,35 @@ def main() -> None:
     batch = args.batch or batch
     torch.manual_seed(0)
     model = Model(attention=args.attention, **cfg).to(args.device, dtype).eval()
+    contenders = {"inductor": {}, "attn_ops": {"backend": "attn_ops"}}
+    if not cuda:
+        contenders["attn_ops_ref"] = {"backend": "attn_ops",
+                                      "options": {"attn_ops.attn_backend": "reference"}}
+    # Every (contender, length) pair is its own static-shape graph of one forward: lift
+    # Dynamo's per-function limit (8) so that none of them silently falls back to eager.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     rows = []
     with torch.no_grad():
-        compiled = {
-            "inductor": torch.compile(model, dynamic=False),
-            "attn_ops": torch.compile(model, backend="attn_ops", dynamic=False),
-        }
+        compiled = {name: torch.compile(model, dynamic=False, **kw)
+                    for name, kw in contenders.items()}
         for s in lengths:
             x = torch.randn(batch, s, cfg["hidden"], device=args.device, dtype=dtype)
             ref = model(x)
-            times = {}
             for name, fn in compiled.items():
                 err = (fn(x).float() - ref.float()).abs().max().item()
                 if not math.isfinite(err) or err > (5e-2 if dtype != torch.float32 else 1e-3):
                     raise SystemExit(f"{name} at S={s}: max abs error {err} vs eager")
-                times[name] = _time_ms(fn, x, args.device, args.reps)
-            ratio = times["attn_ops"] / times["inductor"]
-            rows.append(dict(device=args.device, attention=args.attention, batch=batch, seq=s,
-                             inductor_ms=round(times["inductor"], 4),
-                             attn_ops_ms=round(times["attn_ops"], 4), ratio=round(ratio, 3)))
-            print(f"{args.device} {args.attention:5s} B={batch} S={s:5d}  inductor "
-                  f"{times['inductor']:9.3f} ms  attn_ops {times['attn_ops']:9.3f} ms  "
-                  f"ratio {ratio:.3f}", flush=True)
+            times = _time_ms(compiled, x, args.device, args.reps)
+            row = dict(device=args.device, attention=args.attention, batch=batch, seq=s)
+            row.update({f"{n}_ms": round(t, 4) for n, t in times.items()})
+            ratios = {n: times[n] / times["inductor"] for n in times if n != "inductor"}
+            row.update({f"{n}_ratio": round(r, 3) for n, r in ratios.items()})
+            rows.append(row)
+            print(f"{args.device} {args.attention:5s} B={batch} S={s:5d}  " + "  ".join(
+                f"{n} {t:9.3f} ms" for n, t in times.items()) + "  " + "  ".join(
+                f"{n}/inductor {r:.3f}" for n, r in ratios.items()), flush=True)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"substitution_{args.device}_{args.attention}.csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
