@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-import attn_ops
+import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
 import graph_passes
 from attn_ops import registry
 from attn_ops.backends import reference
