@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common import (copy_gbs, device, header, parse_args, print_table, try_time, try_time_both,
+from common import (copy_gbs, device, header, parse_args, print_table, time_contender, try_time,
                     write_csv)
 
 H, HKV, D = 32, 8, 128
@@ -31,7 +31,8 @@ def kv_bytes(b, ctx, hkv=HKV, d=D) -> int:
 
 
 def paged_copy(k, v, page, gen_device):
-    """[B, ctx, Hkv, D] K/V -> shuffled paged caches [blocks, page, Hkv, D] + table [B, ctx/page]."""
+    """[B, ctx, Hkv, D] K/V -> shuffled paged caches [blocks, page, Hkv, D] and a block table
+    [B, ctx/page]."""
     b, ctx, hkv, d = k.shape
     per_seq = -(-ctx // page)
     num_blocks = b * per_seq
@@ -110,13 +111,7 @@ def run_shape(b, ctx, args, copy, pages=(16, 256)):
     v = torch.randn_like(k)
     rows = []
     for name, factory in contenders(q, k, v, b, ctx, dev, pages).items():
-        note = ""
-
-        def build():
-            nonlocal note
-            fn, note = factory()
-            return fn
-        eager, graph, err = try_time_both(build, args.smoke)
+        eager, graph, note = time_contender(factory, args.smoke)
         best = graph or eager
         gbs = kv_bytes(b, ctx, hkv, d) / (best * 1e-3) / 1e9 if best else None
         rows.append(dict(bench="decode", batch=b, ctx=ctx, heads=h, kv_heads=hkv, head_dim=d,
@@ -125,8 +120,7 @@ def run_shape(b, ctx, args, copy, pages=(16, 256)):
                          eager_gbs=kv_bytes(b, ctx, hkv, d) / (eager * 1e-3) / 1e9
                          if eager else None,
                          gbs=gbs, pct_copy=100 * gbs / copy if gbs else None,
-                         timing="graph" if graph else "eager", note="; ".join(
-                             x for x in (note, err) if x)))
+                         timing="graph" if graph else "eager", note=note))
     sdpa = next((r["gbs"] for r in rows if r["contender"] == "sdpa"), None)
     for r in rows:
         r["vs_sdpa"] = r["gbs"] / sdpa if sdpa and r["gbs"] else None

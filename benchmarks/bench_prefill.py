@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (copy_gbs, device, header, matmul_tflops, parse_args, print_table,
-                    try_time, write_csv)
+                    time_contender, try_time, write_csv)
 
 H, HKV, D = 32, 8, 128
 TOKENS = 16384
@@ -111,18 +111,12 @@ def run_shape(b, s, causal, args, ceil_tflops, with_flex=True):
     for name, factory in contenders(q, k, v, cu, b, s, causal, dev).items():
         if name == "flex" and not with_flex:
             continue  # each Flex shape costs a compile; timed at a subset of lengths
-        note = ""
-
-        def build():
-            nonlocal note
-            fn, note = factory()
-            return fn
-        ms, err = try_time(build, args.smoke)
+        ms, _, note = time_contender(factory, args.smoke, graph=False)
         tflops = flops(b, s, causal, h, d) / (ms * 1e-3) / 1e12 if ms else None
         rows.append(dict(bench="prefill", batch=b, seqlen=s, causal=causal, heads=h,
                          kv_heads=hkv, head_dim=d, contender=name, ms=ms, tflops=tflops,
                          pct_matmul=100 * tflops / ceil_tflops if tflops else None,
-                         note=note or err))
+                         note=note))
     ours = rows[0]["tflops"] if rows and rows[0]["contender"] == "triton (ours)" else None
     for r in rows:
         r["ours_speedup"] = ours / r["tflops"] if ours and r["tflops"] else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from common import (copy_gbs, device, header, parse_args, print_table, try_time_both,
+from common import (copy_gbs, device, header, parse_args, print_table, time_contender,
                     write_csv)
 
 HKV, D, PAGE = 8, 128, 16
@@ -65,20 +65,14 @@ def main():
         slots = torch.randperm(num_slots, device=dev)[:t]
         nbytes = 4 * t * hkv * d * 2
         for name, factory in contenders(key, value, k_cache, v_cache, slots).items():
-            note = ""
-
-            def build():
-                nonlocal note
-                fn, note = factory()
-                return fn
-            eager, graph, err = try_time_both(build, args.smoke)
+            eager, graph, note = time_contender(factory, args.smoke)
             gbs = nbytes / (graph * 1e-3) / 1e9 if graph else None
             rows.append(dict(bench="store", tokens=t, kv_heads=hkv, head_dim=d, page=PAGE,
                              contender=name, eager_us=eager * 1e3 if eager else None,
                              graph_us=graph * 1e3 if graph else None,
                              eager_gbs=nbytes / (eager * 1e-3) / 1e9 if eager else None,
                              gbs=gbs, pct_copy=100 * gbs / copy if gbs else None,
-                             note="; ".join(x for x in (note, err) if x)))
+                             note=note))
     for r in rows:
         r.update(copy_gbs=copy, device=env["device"], date=env["date"], torch=env["torch"],
                  triton=env["triton"])

@@ -33,7 +33,8 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
                                                         str(ROOT / "benchmarks" / "results")),
                         help="folder for the CSV files (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on CPU through the Triton interpreter (checks the script)")
+                        help="tiny shapes on CPU through the Triton interpreter "
+                             "(checks the script)")
     parser.add_argument("--tune", action="store_true",
                         help="also sweep our kernel's launch configs on the target shapes")
     parser.add_argument("--tune-only", action="store_true", help="only the sweep of --tune")
@@ -182,6 +183,24 @@ def try_time_both(fn_factory, smoke: bool) -> tuple[float | None, float | None, 
     eager, err = try_time(lambda: built[0], smoke)
     graph, gerr = try_time(lambda: built[0], smoke, graph=True)
     return eager, graph, err or (f"graph: {gerr}" if gerr else "")
+
+
+def time_contender(factory, smoke: bool, graph: bool = True
+                   ) -> tuple[float | None, float | None, str]:
+    """Time a contender whose factory returns ``(callable, note)``.
+
+    Returns (eager ms, graph-replay ms or None, note and/or the reason it could not run)."""
+    notes = []
+
+    def build():
+        fn, note = factory()
+        notes.append(note)
+        return fn
+    if graph:
+        eager, replay, err = try_time_both(build, smoke)
+    else:
+        (eager, err), replay = try_time(build, smoke), None
+    return eager, replay, "; ".join(x for x in (notes[0] if notes else "", err) if x)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -29,25 +29,37 @@ def num(x: str) -> float | None:
         return None
 
 
+def _series(ax, series: dict, min_points: int = 1) -> None:
+    """One line per contender; ours drawn thicker."""
+    for name, pts in sorted(series.items()):
+        if len(pts) < min_points:
+            continue  # contenders timed at one shape only stay in the table
+        pts.sort()
+        style = dict(linewidth=2.5) if "ours" in name else {}
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_prefill(rows: list[dict], out: Path) -> None:
     series = defaultdict(list)
     for r in rows:
         if r["causal"] == "True" and num(r["tflops"]):
             series[r["contender"]].append((int(r["seqlen"]), num(r["tflops"])))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pts in sorted(series.items()):
-        pts.sort()
-        style = dict(linewidth=2.5, color="black") if "ours" in name else {}
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)
+    _series(ax, series)
     ceiling = num(rows[0].get("matmul_tflops")) if rows else None
     if ceiling:
         ax.axhline(ceiling, linestyle="--", color="gray", label=f"bf16 matmul {ceiling:.0f}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (batch x length = 16384 tokens)")
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title(f"prefill, causal, bf16, H=32 Hkv=8 D=128 ({rows[0]['device'] if rows else ''})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish(ax, "sequence length (batch x length = 16384 tokens)", "TFLOP/s",
+            f"prefill, causal, bf16, H=32 Hkv=8 D=128 ({rows[0]['device'] if rows else ''})")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -63,21 +75,12 @@ def plot_decode(rows: list[dict], out: Path) -> None:
         for r in rows:
             if int(r["batch"]) == b and num(r["gbs"]):
                 series[r["contender"]].append((int(r["ctx"]), num(r["gbs"])))
-        for name, pts in sorted(series.items()):
-            if len(pts) < 2:
-                continue  # contenders timed at one shape only stay in the table
-            pts.sort()
-            style = dict(linewidth=2.5) if "ours" in name else {}
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)
+        _series(ax, series, min_points=2)
         if copy:
             ax.axhline(copy, linestyle="--", color="gray", label=f"device copy {copy:.0f}")
             ax.axhline(0.9 * copy, linestyle=":", color="gray", label="90% of copy")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("GB/s of K+V read")
-        ax.set_title(f"decode, B={b}, bf16, Hq=32 Hkv=8 D=128")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish(ax, "context length (tokens)", "GB/s of K+V read (CUDA-graph timing)",
+                f"decode, B={b}, bf16, Hq=32 Hkv=8 D=128")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

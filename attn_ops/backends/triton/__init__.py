@@ -43,7 +43,8 @@ def supports(op: str, **config) -> str | None:
             return ("CPU tensors run only through the Triton interpreter; set TRITON_INTERPRET=1 "
                     "before the first call")
     elif device.type != "cuda":
-        return f"device type {device.type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)"
+        return (f"device type {device.type!r} is not supported (cuda, or cpu with "
+                "TRITON_INTERPRET=1)")
     if str(config["dtype"]) not in _DTYPES:
         return f"dtype {config['dtype']} is not supported (float16, bfloat16, float32)"
     head_dim = config["head_dim"]

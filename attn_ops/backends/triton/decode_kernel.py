@@ -133,9 +133,9 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     ``_TARGET_WAVES * sms``, no split shorter than ``_MIN_SPLIT_KEYS`` of the table's capacity
     (``block_table width * page``), at most ``_MAX_SPLITS`` (stage 2 holds them in registers).
 
-    On the H100 (bf16, Hkv=8, D=128) the graph-timed sweeps in BENCHMARKS.md found this within
-    1% of the best fixed count for B=16 (S=4; 2..5 equal), B=1 at 32k (S=50; >=33 equal) and
-    B >= 64 (S=1; 2 costs 4-8%).
+    On the H100 (bf16, Hkv=8, D=128) the graph-timed sweeps in BENCHMARKS.md put this within 2%
+    of the best fixed count: B=16 gets S=4 (2..5 equal, 6+ slower), B=1 at 32k gets S=50 (>= 33
+    within 3%), B >= 64 gets S=1 (S=2 costs 2-7%).
     """
     programs = batch * num_kv_heads
     if programs == 0 or capacity <= 0:
@@ -151,8 +151,9 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> Config:
         return Config(16, 4, 1)
     if dtype == torch.float32 or head_dim > 128:
         return Config(32, 4, 2)
-    # 64 keys x 4 warps x 3 stages: best or within 1% of the best of 10 variants on every swept
-    # shape (graph-timed, H100); an evict_first hint on the K/V loads changed nothing (+-0.3%).
+    # 64 keys x 4 warps x 3 stages: best or within 2% of the best of 10 variants on every swept
+    # shape (graph-timed, H100); 8 warps cost 3-17%, 128 keys 1-11%; an evict_first hint on the
+    # K/V loads changed nothing (+-0.3%).
     return Config(64, 4, 3)
 
 

@@ -28,7 +28,8 @@ from attn_ops.backends.triton.common import (INTERPRET, dot_mode, mma, next_pow2
 
 @triton.jit
 def _load_rows(ptrs, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIM: tl.constexpr):
-    """Load a [rows, D_P2] tile, masking only what can be out of range (unmasked loads vectorise)."""
+    """Load a [rows, D_P2] tile, masking only what can be out of range (unmasked loads
+    vectorise)."""
     if MASK_ROWS:
         if MASK_DIM:
             return tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -187,11 +188,12 @@ class Config(NamedTuple):
     stages: int
 
 
-# fp16/bf16 on CUDA by padded head dim, from the sweeps in BENCHMARKS.md ("Notes"): on the H100
-# (bf16, H=32, Hkv=8, 4 x 4096) D=128 causal 128x128/8 warps/3 stages 447-453 TFLOP/s vs
-# 128x64 441-447, 64x64/4 warps 402; D=64 128x64/8 warps 365-389; D=256 128x64/8 warps/2 stages
-# 465 vs 64x64/4 warps 334. Tensor descriptors (TMA) and warp specialisation measured no better
-# (436-438 at D=128) and one TMA variant crashed ptxas, so they are not used.
+# fp16/bf16 on CUDA by padded head dim, from the sweeps in BENCHMARKS.md ("Notes"), H100, bf16,
+# H=32, Hkv=8, 4 x 4096 causal: D=128 128x128 and 128x64 tiles (8 warps, 3 stages) 440-453
+# TFLOP/s over four runs, within 2% of each other, 64x64/4 warps 402-426; D=64 128x64/8 warps
+# 365-389 vs 4 warps 357-359; D=256 128x64/8 warps/2 stages 465-474 vs 64x64/4 warps 332-336.
+# Tensor descriptors (TMA) and warp specialisation measured no better (436-438 at D=128) and one
+# TMA variant crashed ptxas, so they are not used.
 _CUDA_CONFIGS = {16: Config(128, 64, 4, 3), 32: Config(128, 64, 4, 3),
                  64: Config(128, 64, 8, 3), 128: Config(128, 128, 8, 3),
                  256: Config(128, 64, 8, 2)}
