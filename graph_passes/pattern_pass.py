@@ -14,7 +14,7 @@ from torch.fx import Graph
 
 from graph_passes.eligibility import left_alone
 from graph_passes.pass_base import AttentionPass
-from graph_passes.pattern_matching import PASS_NAME, apply_attention_patterns
+from graph_passes.pattern_matching import PASS_NAME, apply_attention_patterns, candidate_forms
 
 aten = torch.ops.aten
 
@@ -51,7 +51,9 @@ class HandwrittenAttentionPass(AttentionPass):
         if not self.options.handwritten:
             return 0
         if _is_training_graph(graph):
-            left_alone(PASS_NAME, "this graph", "it is a training graph (no backward)")
+            if candidate_forms(graph, "inductor"):
+                left_alone(PASS_NAME, "the attention in this graph",
+                           "it is a training graph (the op has no backward)")
             return 0
         from torch._inductor.fx_passes.post_grad import remove_noop_ops
         remove_noop_ops(graph)  # as fwd_only did to the patterns (Inductor runs it next anyway)

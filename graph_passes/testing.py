@@ -29,26 +29,34 @@ def inspecting_backend(options: SubstitutionOptions | dict | None = None,
     a copy from before it), ``graphs["aten"]`` the aten forward graph after the hand-written
     pass (``graphs["aten_before"]`` from before it): the graph Inductor would lower.
     """
-    from functorch.compile import make_boxed_func
+    from functorch.compile import default_partition, make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.decomposition import select_decomp_table
 
     opts = SubstitutionOptions.coerce(options)
     graphs = {} if graphs is None else graphs
 
-    def forward_compiler(gm: torch.fx.GraphModule, example_inputs):
+    def joint_pass(gm: torch.fx.GraphModule) -> None:
         graphs["aten_before"] = copy.deepcopy(gm.graph)
         HandwrittenAttentionPass(opts)(gm.graph)
         gm.recompile()
         graphs["aten"] = gm
+
+    def inference_compiler(gm: torch.fx.GraphModule, example_inputs):
+        joint_pass(gm)  # Inductor runs its joint-graph passes on the inference graph too
         return make_boxed_func(gm.forward)
+
+    def partition(gm: torch.fx.GraphModule, joint_inputs, **kwargs):
+        joint_pass(gm)  # training: the joint graph, as Inductor's partitioner wrapper does
+        return default_partition(gm, joint_inputs, **kwargs)
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         graphs["dynamo_before"] = copy.deepcopy(gm.graph)
         SdpaToPrefillPass(opts)(gm.graph)
         gm.recompile()
         graphs["dynamo"] = gm
-        return aot_autograd(fw_compiler=forward_compiler,
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward),
+                            inference_compiler=inference_compiler, partition_fn=partition,
                             decompositions=select_decomp_table())(gm, example_inputs)
     return backend
 

@@ -188,3 +188,15 @@ def test_hf_llama_call_forms(impl, kwargs, expect):
         assert_close(out.logits, model(ids, **kwargs).logits, *TOL)
     name, count = expect
     assert counters["graph_passes"][name] == count
+
+
+@pytest.mark.cuda
+def test_cuda_auto_substitutes_with_a_fast_backend(monkeypatch):
+    monkeypatch.delenv("ATTN_OPS_BACKEND")  # "auto": a Triton / flash backend must take it
+    model = Both().cuda().to(torch.bfloat16).eval()
+    x = torch.randn(2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = torch.compile(model, backend="attn_ops", fullgraph=True)(x)
+        assert_close(out, model(x), *TOLERANCES[torch.bfloat16])
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 1
+    assert counters["graph_passes"]["handwritten_to_prefill"] == 1
