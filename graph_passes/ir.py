@@ -61,11 +61,6 @@ def op_name(node: Node) -> str | None:
         return None
 
 
-def is_aten(node: Node) -> bool:
-    """True when ``node`` calls an OpOverload (export and Inductor graphs), not a torch function."""
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-
-
 def arg(node: Node, index: int, name: str, default=None):
     """Argument ``name`` of ``node``: keyword first, then position ``index`` (methods: 0 = self)."""
     if name in node.kwargs:
@@ -93,11 +88,6 @@ def size_arg(node: Node, first: int) -> list | None:
     if len(rest) == 1 and isinstance(rest[0], (list, tuple, torch.Size)):
         rest = tuple(rest[0])
     return [meta_val(s) for s in rest]
-
-
-def users_except_asserts(node: Node) -> list[Node]:
-    """Users of ``node`` other than export's ``_assert_tensor_metadata`` checks."""
-    return [u for u in node.users if op_name(u) != "_assert_tensor_metadata"]
 
 
 def _writes_nothing(node: Node) -> bool:

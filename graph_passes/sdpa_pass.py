@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
@@ -71,8 +72,10 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
         if not options.tensor_masks:
             return None, "it has a mask tensor and tensor_masks is off"
         mask_val = meta_val(mask)
-        usage = "keep" if mask_val is not None and mask_val.dtype.is_floating_point is False \
-            else "additive"
+        if mask_val is None:
+            return None, "its attn_mask carries no tensor metadata"
+        # SDPA reads a bool mask as "True = attend" and a float mask as added to the scores.
+        usage = "keep" if mask_val.dtype == torch.bool else "additive"
         try:
             causal = causal_mask.classify(mask, usage, scores_rank=4) == "causal"
         except NotProvable as e:
