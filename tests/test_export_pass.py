@@ -1,12 +1,14 @@
 """substitute_attention on torch.export programs: SDPA and hand-written forms, dynamic shapes,
 options, GraphModule input, save/load and run_decompositions of the result."""
 
+import expecttest
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import attn_ops  # noqa: F401
 from graph_passes import substitute_attention
+from graph_passes.testing import graph_text
 from tests.helpers import TOLERANCES, assert_close
 from tests.test_graph_passes_handwritten import HandAttention
 from tests.test_graph_passes_sdpa import SdpaAttention
@@ -80,3 +82,71 @@ def test_save_load_and_decompose(tmp_path):
         ref = model(x)
         assert_close(loaded.module()(x), ref, *TOL, what="loaded")
         assert_close(decomposed.module()(x), ref, *TOL, what="decomposed")
+
+
+class TestGoldens(expecttest.TestCase):
+    def test_hf_eager_dynamic_export(self):
+        ep = _export(HandAttention(style="hf").eval())
+        keep = (lambda n: n.op == "call_function" and "linear" not in str(n.target))
+        self.assertExpectedInline(graph_text(ep.graph, keep), """\
+v0 = aten.sym_size.int(in5, 0)
+v1 = aten.sym_size.int(in5, 1)
+v3 = aten.view.default(v2, [v0, v1, 4, 16])
+v4 = aten.transpose.int(v3, 1, 2)
+v6 = aten.view.default(v5, [v0, v1, 2, 2, 16])
+v7 = aten.permute.default(v6, [2, 0, 3, 1, 4])
+v8 = aten.unbind.int(v7)
+v9 = operator.getitem(v8, 0)
+v10 = operator.getitem(v8, 1)
+v11 = aten.unsqueeze.default(v9, 2)
+v12 = aten.expand.default(v11, [v0, 2, 2, v1, 16])
+v13 = aten.reshape.default(v12, [v0, 4, v1, 16])
+v14 = aten.unsqueeze.default(v10, 2)
+v15 = aten.expand.default(v14, [v0, 2, 2, v1, 16])
+v16 = aten.reshape.default(v15, [v0, 4, v1, 16])
+v17 = aten.arange.default(v1)
+v18 = aten.unsqueeze.default(v17, 0)
+v19 = aten.unsqueeze.default(v17, 1)
+v20 = aten.le.Tensor(v18, v19)
+v21 = aten.transpose.int(v13, 2, 3)
+v22 = aten.matmul.default(v4, v21)
+v23 = aten.mul.Tensor(v22, 0.25)
+v24 = aten.where.Scalar(v20, 0, -3.403e+38)
+v25 = aten._assert_tensor_metadata.default(v24, dtype=torch.float32)
+v26 = aten.to.dtype(v24, torch.float32)
+v27 = aten.add.Tensor(v23, v26)
+v28 = aten.softmax.int(v27, -1, torch.float32)
+v29 = aten._assert_tensor_metadata.default(v28, dtype=torch.float32)
+v30 = aten.to.dtype(v28, torch.float32)
+v31 = aten.dropout.default(v30, 0, False)
+v32 = aten.matmul.default(v31, v16)
+return (v32)""")
+        self.assertExpectedInline(graph_text(substitute_attention(ep).graph, keep), """\
+v0 = aten.sym_size.int(in5, 0)
+v1 = aten.sym_size.int(in5, 1)
+v3 = aten.view.default(v2, [v0, v1, 4, 16])
+v4 = aten.transpose.int(v3, 1, 2)
+v6 = aten.view.default(v5, [v0, v1, 2, 2, 16])
+v7 = aten.permute.default(v6, [2, 0, 3, 1, 4])
+v8 = aten.unbind.int(v7)
+v9 = operator.getitem(v8, 0)
+v10 = operator.getitem(v8, 1)
+v11 = aten.sym_size.int(v4, 0)
+v12 = operator.add(v11, 1)
+v13 = aten.arange.default(v12, dtype=torch.int32)
+v14 = aten.sym_size.int(v4, 2)
+v15 = aten.mul.Tensor(v13, v14)
+v16 = aten.sym_size.int(v9, 2)
+v17 = aten.transpose.int(v4, 1, 2)
+v18 = operator.mul(v11, v14)
+v19 = aten.reshape.default(v17, [v18, 4, 16])
+v20 = aten.transpose.int(v9, 1, 2)
+v21 = operator.mul(v11, v16)
+v22 = aten.reshape.default(v20, [v21, 2, 16])
+v23 = aten.transpose.int(v10, 1, 2)
+v24 = operator.mul(v11, v16)
+v25 = aten.reshape.default(v23, [v24, 2, 16])
+v26 = attn.prefill.default(v19, v22, v25, v15, v15, v14, v16, 0.25)
+v27 = aten.view.default(v26, [v11, v14, 4, 16])
+v28 = aten.transpose.int(v27, 1, 2)
+return (v28)""")
