@@ -131,6 +131,8 @@ def select(op: str, config: dict, choice: str | None = None) -> ModuleType:
 def clear_cache() -> None:
     """Forget cached choices (after installing a package or changing TRITON_INTERPRET)."""
     _select_cached.cache_clear()
+    from attn_ops import ops  # the per-signature memo caches choices too
+    ops.clear_memo()
 
 
 def explain(op: str, config: dict) -> dict[str, str]:
