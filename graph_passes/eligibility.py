@@ -75,6 +75,8 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
         return f"dtypes {[t.dtype for t in vals]} are not one of fp32/fp16/bf16 for all three"
     if k.device != q.device or v.device != q.device:
         return "q, k, v are on different devices"
+    if any(not same(t.stride(-1), 1) and not same(t.shape[-1], 1) for t in vals):
+        return "a head dim is not contiguous (stride 1), which attn.prefill requires"
     if torch.is_grad_enabled() and any(t.requires_grad for t in vals):
         return "gradients are needed and the attn ops are inference-only"
     b, h, sq, d = q.shape

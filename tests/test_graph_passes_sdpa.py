@@ -269,6 +269,18 @@ def test_left_alone(kwargs, extra, reason, caplog):
             assert_close(out, model(*args), *TOLERANCES[torch.float32])
 
 
+def test_left_alone_when_the_head_dim_is_strided(caplog):
+    def f(x):
+        q = x.transpose(-1, -2)  # [B, H, S, D] with stride(-1) == S
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    x = torch.randn(2, 4, 16, 8)
+    with caplog.at_level(logging.DEBUG, logger="graph_passes"):
+        out, ref, _ = _run(f, x)
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 0
+    assert "not contiguous" in caplog.text
+    assert_close(out, ref, *TOLERANCES[torch.float32])
+
+
 def test_left_alone_when_gradients_are_needed(caplog):
     model = SdpaAttention().train()
     with caplog.at_level(logging.DEBUG, logger="graph_passes"):
