@@ -38,7 +38,7 @@ def backend_reason(config: dict, choice: str | None, only_if_faster: bool = True
 
     An explicit choice (option, ``use_backend``, ``ATTN_OPS_BACKEND``) is taken as asked, the
     reference included. Under "auto" the substitution must not make the model slower, so a
-    call that only the reference backend would serve (fp32 scores, O(S^2) memory; 2.5-4x slower
+    call that only the reference backend would serve (fp32 scores, O(S^2) memory; 1.7-10x slower
     than PyTorch's fused CPU attention on the benchmark model) is left alone.
     """
     choice = choice or registry.current_choice()
