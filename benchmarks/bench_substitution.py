@@ -13,8 +13,8 @@ Both contenders are timed in the same process on the same inputs:
 The model is Llama-shaped (RMSNorm, RoPE, GQA, SwiGLU) with random weights; ``--attention``
 selects how it writes attention: ``sdpa`` (``F.scaled_dot_product_attention(is_causal=True,
 enable_gqa=True)``) or ``eager`` (Hugging Face's eager form: repeat_kv, ``* scale + mask``,
-fp32 softmax). Prints each ``attn_ops* / inductor`` time ratio (< 1: faster than without substitution) and
-writes a CSV to benchmarks/results/.
+fp32 softmax). Prints each ``attn_ops* / inductor`` time ratio (< 1: faster than without
+substitution) and writes a CSV to benchmarks/results/.
 
     python benchmarks/bench_substitution.py                      # CPU defaults
     python benchmarks/bench_substitution.py --device cuda        # H100 defaults (bf16)

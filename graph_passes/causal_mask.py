@@ -114,7 +114,7 @@ class _Evaluator:
 
 
 def evaluate(node: Node):
-    """Abstract value (``Lin`` / ``Pred`` / ``Select``) of the tensor ``node``; raises NotProvable."""
+    """Abstract value (``Lin`` / ``Pred`` / ``Select``) of tensor ``node``; raises NotProvable."""
     return _Evaluator().value(node)
 
 

@@ -1,4 +1,4 @@
-"""Fold a GQA head expansion away: find the ``[B, Hkv, S, D]`` tensor a ``[B, H, S, D]`` one repeats.
+"""Fold a GQA head expansion away: the ``[B, Hkv, S, D]`` tensor a ``[B, H, S, D]`` one repeats.
 
 Models expand K/V heads for grouped-query attention in two spellings with the same meaning
 (query head h reads kv head ``h // n_rep``):

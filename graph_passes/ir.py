@@ -1,4 +1,4 @@
-"""One vocabulary for three FX dialects: Dynamo's torch-level graph, export's aten graph, Inductor's.
+"""One vocabulary for three FX dialects: Dynamo's torch-level graph, export's, Inductor's.
 
 The passes read the same computation in three spellings: ``torch.tril`` / ``x.tril()`` in the
 graph Dynamo hands to a backend, ``aten.tril.default`` in a ``torch.export`` program, and its
@@ -81,7 +81,7 @@ def meta_val(node):
 
 
 def size_arg(node: Node, first: int) -> list | None:
-    """Sizes given as varargs (``x.view(2, 3)``) or one list (``x.view([2, 3])``), from ``first``."""
+    """Sizes as varargs (``x.view(2, 3)``) or one list (``x.view([2, 3])``), from ``first``."""
     rest = node.args[first:]
     if "size" in node.kwargs:
         rest = (node.kwargs["size"],)

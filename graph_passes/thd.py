@@ -45,7 +45,8 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     hkv, sk = k.shape[1], k.shape[2]
     cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sq
     cu_k = cu_q if same(sq, sk) else torch.arange(b + 1, dtype=torch.int32, device=q.device) * sk
-    out = PREFILL(q.transpose(1, 2).reshape(b * sq, h, d), k.transpose(1, 2).reshape(b * sk, hkv, d),
+    out = PREFILL(q.transpose(1, 2).reshape(b * sq, h, d),
+                  k.transpose(1, 2).reshape(b * sk, hkv, d),
                   v.transpose(1, 2).reshape(b * sk, hkv, d), cu_q, cu_k, sq, sk, scale, causal)
     return out.view(b, sq, h, d).transpose(1, 2)
 
@@ -98,7 +99,7 @@ class _Emitter:
 
 def emit_dense_prefill(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, scale: float,
                        causal: bool) -> Node:
-    """Insert :func:`dense_prefill` of nodes ``q``, ``k``, ``v`` before ``anchor``; return its output.
+    """Insert :func:`dense_prefill` of nodes ``q``, ``k``, ``v`` before ``anchor``; return its node.
 
     The nodes carry fake values (``meta['val']`` and/or ``meta['example_value']``, as ``q`` does),
     so the graph stays valid for export, Dynamo backends and later passes.

@@ -42,7 +42,7 @@ class Both(torch.nn.Module):
 
 @pytest.fixture
 def prefill_calls(monkeypatch):
-    """Backend choices in force at each reference prefill call (the op runs the reference on CPU)."""
+    """The backend choice in force at each reference prefill call (CPU runs the reference)."""
     calls = []
     real = reference.prefill
 

@@ -40,7 +40,8 @@ class SdpaAttention(torch.nn.Module):
                  scale=None, kv_len=None, q_len=None):
         super().__init__()
         self.h, self.hkv, self.d = h, hkv, d
-        self.gqa, self.mask, self.causal, self.dropout, self.scale = gqa, mask, causal, dropout, scale
+        self.gqa, self.mask, self.causal = gqa, mask, causal
+        self.dropout, self.scale = dropout, scale
         self.kv_len, self.q_len = kv_len, q_len
         self.q = torch.nn.Linear(64, h * d)
         self.kv = torch.nn.Linear(64, 2 * hkv * d)
