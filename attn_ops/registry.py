@@ -29,6 +29,7 @@ from types import ModuleType
 
 BACKENDS = {
     "reference": "attn_ops.backends.reference",
+    "sdpa": "attn_ops.backends.sdpa",
     "triton": "attn_ops.backends.triton",
     "flash": "attn_ops.backends.flash",
     "npu": "attn_ops.backends.npu",
@@ -37,9 +38,13 @@ BACKENDS = {
 # Device type -> backends tried by "auto", fastest first. CUDA's order per op and configuration
 # comes from measured data (attn_ops/backends/auto_table.py) when that module is present.
 _AUTO_DEFAULT = {
-    "cuda": ("triton", "flash", "reference"),
+    "cuda": ("triton", "flash", "sdpa", "reference"),
     "npu": ("npu", "reference"),
 }
+# Every other device type (the CPU first of all): PyTorch's fused SDPA on padded tiles.
+_AUTO_OTHER = ("sdpa", "reference")
+# Appended after a measured CUDA order: the pure-torch backends, fastest first.
+_AUTO_TAIL = ("sdpa", "reference")
 
 _CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("attn_ops_backend",
                                                                      default=None)
@@ -95,8 +100,8 @@ def auto_order(op: str, config: dict) -> tuple[str, ...]:
         else:
             order = auto_table.order_for(op, config)
             if order:
-                return tuple(order) + ("reference",)
-    return _AUTO_DEFAULT.get(device_type, ("reference",))
+                return tuple(order) + tuple(n for n in _AUTO_TAIL if n not in order)
+    return _AUTO_DEFAULT.get(device_type, _AUTO_OTHER)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -172,6 +172,11 @@ def _extra_check(form: AttentionForm, options):
         if not _sizes_agree(kw):
             return False
         where = f"hand-written attention ({form.name}) ending at {match.nodes[-1].name}"
+        if "scale" not in kw:
+            # Seen on torch 2.11 + CUDA: a match whose scalar workaround bound no scale; the
+            # replacement needs it, so leave the call alone rather than guess.
+            left_alone(PASS_NAME, where, "the matcher bound no scale constant for it")
+            return False
         scale = kw["scale"]
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
             left_alone(PASS_NAME, where, f"its scale {scale!r} is not a positive constant")

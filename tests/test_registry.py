@@ -64,9 +64,14 @@ def test_unknown_backend_name():
             pass
 
 
-def test_auto_on_cpu_is_reference():
-    cfg = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=64)
+def test_auto_on_cpu_is_sdpa_then_reference():
+    cfg = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=64, softcap=0.0)
+    assert registry.select("prefill", cfg, "auto").name == "sdpa"
+    # softcap is beyond SDPA: auto falls back to the reference, an explicit choice raises
+    cfg["softcap"] = 5.0
     assert registry.select("prefill", cfg, "auto").name == "reference"
+    with pytest.raises(attn_ops.BackendUnavailable, match="softcap"):
+        registry.select("prefill", cfg, "sdpa")
 
 
 def test_explain_lists_every_backend():
