@@ -174,7 +174,7 @@ _BOILERPLATE = ("allow_h2d_copy",)  # AOTI constant loading flags, not a copy of
 # (torch/_inductor/codegen/cpp_wrapper_gpu.py, codegen_inputs). That clone runs only for a
 # misaligned input, with a warning; caching-allocator tensors are 512-byte aligned. The peak-memory
 # checks still catch a copy that does run.
-_ALIGNMENT_GUARD = re.compile(r"aoti_torch_clone_preserve_strides\((\w+), &_aligned\)")
+_ALIGNMENT_GUARD = re.compile(r"aoti_torch_clone_preserve_strides\((\w+), &\1_aligned\)")
 
 
 def _numel(dims: str) -> int | None:

@@ -128,8 +128,8 @@ def test_registry_follows_the_table(monkeypatch, tmp_path):
     path.write_text(json.dumps(auto_table.build_table(ROWS, "measured")))
     monkeypatch.setenv("ATTN_OPS_AUTO_TABLE", str(path))
     monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm90")
-    assert registry.auto_order("decode", _decode()) == ("triton", "flash", "reference")
-    assert registry.auto_order("prefill", _prefill()) == ("flash", "triton", "reference")
+    assert registry.auto_order("decode", _decode()) == ("triton", "flash", "sdpa", "reference")
+    assert registry.auto_order("prefill", _prefill()) == ("flash", "triton", "sdpa", "reference")
     monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm75")
     assert registry.auto_order("decode", _decode()) == registry._AUTO_DEFAULT["cuda"]
 

@@ -297,6 +297,10 @@ def test_aoti_cuda_packages_bound_to_shared_caches(tmp_path):
     assert_schedule_matches(outs, k_cache, v_cache, reference, steps, LAYER_TOL, what="bound: ")
 
 
+@pytest.mark.xfail(torch.__version__ < "2.13", strict=False,
+                   reason="torch 2.11's aoti_load_package segfaults loading this CUDA package "
+                          "(faulthandler: torch/export/pt2_archive/_package.py _load_aoti; seen on "
+                          "an H100, 2026-11-21); the CPU path of the example passes in CI")
 def test_export_example_on_cuda(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "export_model.py"
     report = tmp_path / "report.json"
