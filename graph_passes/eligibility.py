@@ -33,6 +33,13 @@ def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
                 window_left=-1, softcap=0.0)
 
 
+# Backends that run the ops with plain torch on padded tiles. Neither beats the attention it
+# would replace: on the benchmark model (benchmarks/bench_substitution.py, CPU, 2026-11-21) the
+# reference is 1.8-8.4x and the sdpa backend 1.3-1.5x slower than Inductor's own SDPA call (its
+# varlen boolean mask keeps PyTorch's CPU kernel from skipping causal blocks).
+_PURE_TORCH = ("reference", "sdpa")
+
+
 def backend_reason(config: dict, choice: str | None, only_if_faster: bool = True) -> str | None:
     """None when ``prefill`` with ``config`` would run on a backend worth substituting for.
 
@@ -55,8 +62,9 @@ def backend_reason(config: dict, choice: str | None, only_if_faster: bool = True
         except ImportError:
             continue
         if module.supports("prefill", **config) is None:
-            if name == "reference" and only_if_faster:
-                return (f"only the reference backend would run it on {config['device'].type} "
+            if name in _PURE_TORCH and only_if_faster:
+                return (f"only a pure-torch backend ({name}) would run it on "
+                        f"{config['device'].type} "
                         f"(dtype {config['dtype']}, head dim {config['head_dim']}), slower than "
                         f"the attention it replaces; choose it explicitly (attn_backend="
                         f"'reference' or ATTN_OPS_BACKEND=reference) to substitute anyway")

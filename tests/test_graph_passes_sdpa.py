@@ -320,7 +320,7 @@ def test_auto_leaves_alone_what_only_the_reference_would_run(monkeypatch, caplog
     with caplog.at_level(logging.DEBUG, logger="graph_passes"):
         _, _, graphs = _run(SdpaAttention().eval(), torch.randn(2, 5, 64))
     assert counters["graph_passes"]["sdpa_to_prefill"] == 0
-    assert "only the reference backend would run it on cpu" in caplog.text
+    assert "only a pure-torch backend (sdpa) would run it on cpu" in caplog.text
     _, _, graphs = _run(SdpaAttention().eval(), torch.randn(2, 5, 64),
                         options={"only_if_faster": False})
     assert counters["graph_passes"]["sdpa_to_prefill"] == 1

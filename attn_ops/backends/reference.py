@@ -124,6 +124,27 @@ def _scatter_tokens(o: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tens
     return torch.where(owned[:, None, None], out, torch.zeros_like(out))
 
 
+def gather_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table):
+    """Padded tiles of a prefill call, or None when it has no work (output all zeros).
+
+    Returns qp ``[B, Mq, H, D]``, kp/vp ``[B, Mk, Hkv, D]`` (dense rows, or the first lk tokens
+    through ``block_table``), q_valid ``[B, Mq]``, k_valid ``[B, Mk]``, lq/lk ``[B]`` int64.
+    """
+    b = cu_seqlens_q.shape[0] - 1
+    if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0:
+        return None
+    d = q.shape[2]
+    q_rows, q_valid, lq = _padded_rows(cu_seqlens_q, max_seqlen_q)
+    if block_table is None:
+        k_rows, k_valid, lk = _padded_rows(cu_seqlens_k, max_seqlen_k)
+        k_flat, v_flat = k, v
+    else:
+        lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
+        k_rows, k_valid = _paged_rows(block_table, lk, max_seqlen_k, k.shape[1])
+        k_flat, v_flat = k.view(-1, k.shape[2], d), v.view(-1, v.shape[2], d)
+    return q[q_rows], k_flat[k_rows], v_flat[k_rows], q_valid, k_valid, lq, lk
+
+
 # ---------------------------------------------------------------------------------------------
 # prefill / decode
 # ---------------------------------------------------------------------------------------------
@@ -133,21 +154,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
             softcap: float = 0.0) -> torch.Tensor:
     """Varlen attention. q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches. Out ``[Tq, H, D]``."""
-    tq, h, d = q.shape
-    b = cu_seqlens_q.shape[0] - 1
-    if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or tq == 0:
+    tiles = gather_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           block_table)
+    if tiles is None:
         return torch.zeros_like(q)
-    q_rows, q_valid, lq = _padded_rows(cu_seqlens_q, max_seqlen_q)
-    if block_table is None:
-        k_rows, k_valid, lk = _padded_rows(cu_seqlens_k, max_seqlen_k)
-        k_flat, v_flat = k, v
-    else:
-        lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
-        k_rows, k_valid = _paged_rows(block_table, lk, max_seqlen_k, k.shape[1])
-        k_flat, v_flat = k.view(-1, k.shape[2], d), v.view(-1, v.shape[2], d)
-    o = _attend(q[q_rows], k_flat[k_rows], v_flat[k_rows], q_valid, k_valid, lq, lk, scale,
-                causal, window_left, softcap)
-    return _scatter_tokens(o, cu_seqlens_q, tq).to(q.dtype)
+    qp, kp, vp, q_valid, k_valid, lq, lk = tiles
+    o = _attend(qp, kp, vp, q_valid, k_valid, lq, lk, scale, causal, window_left, softcap)
+    return _scatter_tokens(o, cu_seqlens_q, q.shape[0]).to(q.dtype)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,

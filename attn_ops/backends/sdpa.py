@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attn_ops.backends.reference import (_paged_rows, _padded_rows, _scatter_tokens,
+from attn_ops.backends.reference import (_paged_rows, _scatter_tokens, gather_prefill,
                                          store_kvcache)
 
 name = "sdpa"
@@ -60,21 +60,13 @@ def _attend(qp, kp, vp, allowed, scale):
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
             block_table=None, window_left=-1, softcap=0.0):
     """As :func:`attn_ops.prefill`: q ``[Tq, H, D]`` -> ``[Tq, H, D]``."""
-    tq, _, d = q.shape
-    b = cu_seqlens_q.shape[0] - 1
-    if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or tq == 0:
+    tiles = gather_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           block_table)
+    if tiles is None:
         return torch.zeros_like(q)
-    q_rows, q_valid, lq = _padded_rows(cu_seqlens_q, max_seqlen_q)
-    if block_table is None:
-        k_rows, k_valid, lk = _padded_rows(cu_seqlens_k, max_seqlen_k)
-        k_flat, v_flat = k, v
-    else:
-        lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
-        k_rows, k_valid = _paged_rows(block_table, lk, max_seqlen_k, k.shape[1])
-        k_flat, v_flat = k.view(-1, k.shape[2], d), v.view(-1, v.shape[2], d)
+    qp, kp, vp, q_valid, k_valid, lq, lk = tiles
     allowed = _mask(q_valid, k_valid, lq, lk, causal, window_left)
-    o = _attend(q[q_rows], k_flat[k_rows], v_flat[k_rows], allowed, scale)
-    return _scatter_tokens(o, cu_seqlens_q, tq)
+    return _scatter_tokens(_attend(qp, kp, vp, allowed, scale), cu_seqlens_q, q.shape[0])
 
 
 def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0):
