@@ -279,6 +279,9 @@ def test_hand_captured_graph_replays_new_lengths_tables_slots(backend):
 # AOTInductor on CUDA
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(torch.__version__ < "2.13",
+                    reason="torch 2.11's aoti_load_package segfaults loading these CUDA packages "
+                           "(in-process: it would kill the whole run; seen on an H100, 2026-11-21)")
 def test_aoti_cuda_packages_bound_to_shared_caches(tmp_path):
     cfg = pam.LayerConfig(hidden=64, num_heads=8, num_kv_heads=2, head_dim=64, num_blocks=64,
                           block_size=16, dtype=DTYPE)

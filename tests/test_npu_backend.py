@@ -291,8 +291,8 @@ def test_registry_never_picks_npu_for_cpu_tensors():
     cu = cu_seqlens([3])
     with pytest.raises(registry.BackendUnavailable, match="Ascend NPU"):
         attn_ops.prefill(q, k, k, cu, cu, 3, 3, 0.1, backend="npu")
-    assert registry.select("prefill", dict(PREFILL_OK, device=torch.device("cpu"))).name == \
-        "reference"
+    # "auto" on a CPU: the pure-torch sdpa backend, never npu
+    assert registry.select("prefill", dict(PREFILL_OK, device=torch.device("cpu"))).name == "sdpa"
 
 
 def test_lowering_refuses_what_fia_cannot_do():
