@@ -75,6 +75,25 @@ def _paged_rows(block_table: torch.Tensor, lens: torch.Tensor, max_len: int, blo
     return slots, valid
 
 
+def allowed_pairs(q_valid: torch.Tensor, k_valid: torch.Tensor, lq: torch.Tensor,
+                  lk: torch.Tensor, causal: bool, window_left: int) -> torch.Tensor:
+    """The contract's mask: which (query, key) pairs may attend, ``[B, Mq, Mk]`` bool.
+
+    q_valid ``[B, Mq]``, k_valid ``[B, Mk]`` (padding), lq/lk ``[B]``. Causal is bottom-right
+    aligned (query i is token ``i + lk - lq``); ``window_left >= 0`` bounds the keys from below.
+    """
+    mq, mk = q_valid.shape[1], k_valid.shape[1]
+    qi = torch.arange(mq, device=q_valid.device)[None, :, None]
+    kj = torch.arange(mk, device=q_valid.device)[None, None, :]
+    allowed = q_valid[:, :, None] & k_valid[:, None, :]
+    diag = (lk - lq)[:, None, None]
+    if causal:
+        allowed = allowed & (kj <= qi + diag)
+    if window_left >= 0:
+        allowed = allowed & (kj >= qi + diag - window_left)
+    return allowed
+
+
 def _attend(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, q_valid: torch.Tensor,
             k_valid: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, scale: float, causal: bool,
             window_left: int, softcap: float) -> torch.Tensor:
@@ -84,21 +103,13 @@ def _attend(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, q_valid: torch
     lq/lk ``[B]`` int64. Returns ``[B, Mq, H, D]`` float32; rows that see no key are zero.
     """
     b, mq, h, d = qp.shape
-    mk, hkv = kp.shape[1], kp.shape[2]
+    hkv = kp.shape[2]
     g = h // hkv
     q5 = qp.float().reshape(b, mq, hkv, g, d)
     s = torch.einsum("bqkgd,bskd->bkgqs", q5, kp.float()) * scale  # [B, Hkv, G, Mq, Mk]
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    qi = torch.arange(mq, device=qp.device)[None, :, None]
-    kj = torch.arange(mk, device=qp.device)[None, None, :]
-    allowed = q_valid[:, :, None] & k_valid[:, None, :]  # [B, Mq, Mk]
-    diag = (lk - lq)[:, None, None]  # bottom-right alignment: query i is token i + lk - lq
-    if causal:
-        allowed = allowed & (kj <= qi + diag)
-    if window_left >= 0:
-        allowed = allowed & (kj >= qi + diag - window_left)
-    allowed = allowed[:, None, None]  # [B, 1, 1, Mq, Mk]
+    allowed = allowed_pairs(q_valid, k_valid, lq, lk, causal, window_left)[:, None, None]
     s = s.masked_fill(~allowed, float("-inf"))
     row_max = s.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attn_ops.backends.reference import (_paged_rows, _scatter_tokens, gather_prefill,
-                                         store_kvcache)
+from attn_ops.backends.reference import (_paged_rows, _scatter_tokens, allowed_pairs,
+                                         gather_prefill, store_kvcache)
 
 name = "sdpa"
 
@@ -31,20 +31,6 @@ def supports(op: str, **config) -> str | None:
     if config.get("softcap", 0.0) > 0:
         return "softcap is not expressible through F.scaled_dot_product_attention"
     return None
-
-
-def _mask(q_valid, k_valid, lq, lk, causal: bool, window_left: int) -> torch.Tensor:
-    """Allowed (query, key) pairs ``[B, 1, Mq, Mk]`` bool, the contract's masking rules."""
-    mq, mk = q_valid.shape[1], k_valid.shape[1]
-    qi = torch.arange(mq, device=q_valid.device)[None, :, None]
-    kj = torch.arange(mk, device=q_valid.device)[None, None, :]
-    allowed = q_valid[:, :, None] & k_valid[:, None, :]
-    diag = (lk - lq)[:, None, None]
-    if causal:
-        allowed = allowed & (kj <= qi + diag)
-    if window_left >= 0:
-        allowed = allowed & (kj >= qi + diag - window_left)
-    return allowed[:, None]
 
 
 def _attend(qp, kp, vp, allowed, scale):
@@ -65,7 +51,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
     if tiles is None:
         return torch.zeros_like(q)
     qp, kp, vp, q_valid, k_valid, lq, lk = tiles
-    allowed = _mask(q_valid, k_valid, lq, lk, causal, window_left)
+    allowed = allowed_pairs(q_valid, k_valid, lq, lk, causal, window_left)[:, None]
     return _scatter_tokens(_attend(qp, kp, vp, allowed, scale), cu_seqlens_q, q.shape[0])
 
 
@@ -79,7 +65,7 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, s
     lk = seqlens_k.to(torch.int64)
     slots, k_valid = _paged_rows(block_table, lk, max_len, block_size)
     ones = torch.ones(b, 1, dtype=torch.bool, device=q.device)
-    allowed = _mask(ones, k_valid, torch.ones_like(lk), lk, True, window_left)
+    allowed = allowed_pairs(ones, k_valid, torch.ones_like(lk), lk, True, window_left)[:, None]
     o = _attend(q[:, None], k_cache.view(-1, hkv, d)[slots], v_cache.view(-1, hkv, d)[slots],
                 allowed, scale)
     return o[:, 0]
