@@ -17,11 +17,11 @@ import textwrap
 import pytest
 import torch
 
-from capture_helpers import (SdpaBlock, aoti_test_configs, assert_schedule_matches, cache_copies,
+from tests.support.capture import (SdpaBlock, aoti_test_configs, assert_schedule_matches, cache_copies,
                              compile_step_packages, make_layer, package_sources, pam, reference,
                              run_schedule, schedule, sdpa_dynamic_shapes, sdpa_inputs,
                              substitution_pass)
-from helpers import TOLERANCES, assert_close
+from tests.support.helpers import TOLERANCES, assert_close
 
 TOL = TOLERANCES[torch.float32]
 substitute_attention, _SUBST_MISSING = substitution_pass()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attn_ops  # noqa: F401
-from tests.helpers import cu_seqlens, random_paged
+from tests.support.helpers import cu_seqlens, random_paged
 
 D = 32
 

@@ -14,7 +14,7 @@ from attn_ops import registry
 from attn_ops.backends import reference
 from graph_passes.options import SubstitutionOptions, split_options
 from graph_passes.testing import inspecting_backend
-from tests.helpers import TOLERANCES, assert_close
+from tests.support.helpers import TOLERANCES, assert_close
 from tests.test_graph_passes_handwritten import HandAttention
 from tests.test_graph_passes_sdpa import SdpaAttention
 

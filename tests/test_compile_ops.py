@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attn_ops
-from tests.helpers import assert_close
+from tests.support.helpers import assert_close
 
 H, HKV, D, BS = 4, 2, 32, 4
 

@@ -29,10 +29,10 @@ from torch._inductor.utils import run_and_get_code
 
 import attn_ops
 from attn_ops import PagedKVCache
-from capture_helpers import (assert_schedule_matches, cache_copies, compile_step_packages,
+from tests.support.capture import (assert_schedule_matches, cache_copies, compile_step_packages,
                              eager_reference, make_layer, package_sources, pam, plan_schedule,
                              run_schedule)
-from helpers import TOLERANCES, assert_close
+from tests.support.helpers import TOLERANCES, assert_close
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"

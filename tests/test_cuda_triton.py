@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"

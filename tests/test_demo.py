@@ -11,7 +11,7 @@ from attn_ops.compile_check import compile_and_check
 from attn_ops.demo_model import DemoConfig, DemoLlama
 from attn_ops.demo_serving import Request, check_against_eager, serve
 from attn_ops.progress import NullBar, SimpleBar, progress_bar
-from helpers import assert_close
+from tests.support.helpers import assert_close
 
 SMALL = DemoConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=96)

@@ -21,11 +21,11 @@ import pytest
 import torch
 from expecttest import assert_expected_inline
 
-from capture_helpers import (SdpaBlock, assert_schedule_matches, attn_summary, count_calls,
+from tests.support.capture import (SdpaBlock, assert_schedule_matches, attn_summary, count_calls,
                              example_step_args, make_layer, pam, reference, run_schedule,
                              schedule, sdpa_dynamic_shapes, sdpa_inputs, steps_of,
                              substitution_pass)
-from helpers import TOLERANCES, assert_close
+from tests.support.helpers import TOLERANCES, assert_close
 
 STORE = torch.ops.attn.store_kvcache.default
 PREFILL = torch.ops.attn.prefill.default

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 import attn_ops  # noqa: F401
 from graph_passes import substitute_attention
 from graph_passes.testing import graph_text
-from tests.helpers import TOLERANCES, assert_close
+from tests.support.helpers import TOLERANCES, assert_close
 from tests.test_graph_passes_handwritten import HandAttention
 from tests.test_graph_passes_sdpa import SdpaAttention
 

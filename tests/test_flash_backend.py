@@ -2,7 +2,7 @@
 
 CPU: the decisions are pure functions of (op, config, GPU capability, installed providers), so
 they are tested with providers built from the real signatures of each version. The per-provider
-call code runs against the stand-in kernels of tests/flash_fakes.py (FlashAttention's calling
+call code runs against the stand-in kernels of tests/support/flash_fakes.py (FlashAttention's calling
 conventions, computed with the reference backend, unwritten rows NaN), so a wrong argument
 shows up as a wrong value.
 
@@ -21,8 +21,8 @@ import torch
 import attn_ops
 from attn_ops import registry
 from attn_ops.backends import flash, reference
-from tests.flash_fakes import FAKE_FA2, FAKE_FA3, NAN, aten_flash_forward, fa3_varlen, module
-from tests.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+from tests.support.flash_fakes import FAKE_FA2, FAKE_FA3, NAN, aten_flash_forward, fa3_varlen, module
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 CUDA = torch.device("cuda")
 SM90, SM80, SM75 = (9, 0), (8, 0), (7, 5)

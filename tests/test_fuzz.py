@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attn_ops
-from tests.helpers import assert_close, attention_f64, cu_seqlens, prefill_f64, random_paged
+from tests.support.helpers import assert_close, attention_f64, cu_seqlens, prefill_f64, random_paged
 
 SETTINGS = settings(max_examples=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 import attn_ops  # noqa: F401
 from graph_passes.testing import graph_text, inspecting_backend
-from tests.helpers import TOLERANCES, assert_close
+from tests.support.helpers import TOLERANCES, assert_close
 
 PREFILL = torch.ops.attn.prefill.default
 

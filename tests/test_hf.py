@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close
+from tests.support.helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 

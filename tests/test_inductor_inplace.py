@@ -15,9 +15,9 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
-from capture_helpers import (CFG, cache_copies, eager_reference, make_layer, run_schedule,
+from tests.support.capture import (CFG, cache_copies, eager_reference, make_layer, run_schedule,
                              schedule, steps_of)
-from helpers import TOLERANCES, assert_close
+from tests.support.helpers import TOLERANCES, assert_close
 
 TOL = TOLERANCES[torch.float32]
 SCALE = CFG.head_dim ** -0.5

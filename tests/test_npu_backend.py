@@ -1,6 +1,6 @@
 """The npu backend's lowering, checked call by call and by value against a CPU emulator.
 
-No NPU exists here: tests/npu_emulator.py registers CPU kernels for the torch_npu ops (only when
+No NPU exists here: tests/support/npu_emulator.py registers CPU kernels for the torch_npu ops (only when
 torch_npu is absent). The backend's op functions are called directly on CPU tensors (its
 documented test hook); the registry itself never picks "npu" for CPU tensors (tested below).
 """
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import attn_ops
-import npu_emulator as emu
+from tests.support import npu_emulator as emu
 from attn_ops import registry
 from attn_ops.backends import npu, reference
 from attn_ops.backends import npu_lowering as lowering
-from helpers import TOLERANCES, assert_close, cu_seqlens, prefill_f64, random_paged
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, prefill_f64, random_paged
 
 EMULATED = emu.install()
 pytestmark = pytest.mark.skipif(not EMULATED, reason="a real torch_npu is loaded; these tests "

@@ -8,7 +8,7 @@ import torch
 from torch.library import opcheck
 
 import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
-from tests.helpers import cu_seqlens, random_paged
+from tests.support.helpers import cu_seqlens, random_paged
 
 SCHEMAS = {
     "store_kvcache": "attn::store_kvcache(Tensor key, Tensor value, Tensor(a!) k_cache, "

@@ -5,7 +5,7 @@ import torch
 
 import attn_ops
 from attn_ops.paged_cache import CacheFull, PagedKVCache
-from tests.helpers import assert_close, prefill_f64
+from tests.support.helpers import assert_close, prefill_f64
 
 H, HKV, D = 4, 2, 32
 

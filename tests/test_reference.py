@@ -1,10 +1,10 @@
-"""The reference backend against the independent float64 loop of tests/helpers.py."""
+"""The reference backend against the independent float64 loop of tests/support/helpers.py."""
 
 import pytest
 import torch
 
 import attn_ops
-from tests.helpers import (TOLERANCES, assert_close, attention_f64, cu_seqlens, prefill_f64,
+from tests.support.helpers import (TOLERANCES, assert_close, attention_f64, cu_seqlens, prefill_f64,
                            random_paged)
 
 # The reference computes in fp32; compare with fp32 inputs tightly, low precision loosely.

@@ -7,7 +7,7 @@ import torch
 
 import attn_ops
 from attn_ops import registry
-from tests.helpers import cu_seqlens
+from tests.support.helpers import cu_seqlens
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attn_ops
-from tests.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,11 +19,11 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import attn_ops  # noqa: F401  (registers torch.ops.attn)
-import npu_emulator as emu
+from tests.support import npu_emulator as emu
 from attn_ops.backends import reference
 from graph_passes.torchair_decompose import (COUNTER, DecomposeError, decompose_attn_ops,
                                              decomposing_backend)
-from helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 EMULATED = emu.install()
 pytestmark = pytest.mark.skipif(not EMULATED, reason="a real torch_npu is loaded; these tests "

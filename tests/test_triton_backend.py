@@ -30,7 +30,7 @@ from attn_ops import registry  # noqa: E402
 from attn_ops.backends import reference  # noqa: E402
 from attn_ops.backends import triton as tb  # noqa: E402
 from attn_ops.backends.triton import decode_kernel, prefill_kernel  # noqa: E402
-from helpers import TOLERANCES, assert_close, cu_seqlens, prefill_f64, random_paged  # noqa: E402
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, prefill_f64, random_paged  # noqa: E402
 
 HALF = (torch.float16, torch.bfloat16)
 

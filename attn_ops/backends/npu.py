@@ -18,7 +18,7 @@ the lengths must be graph inputs that torchair refreshes at each replay.
 registry never picks this backend for CPU or CUDA tensors. The three op functions below, called
 directly, lower whatever device their tensors are on: that is the documented test hook. The tests
 call them on CPU tensors with a CPU emulator of the torch_npu ops registered in ``torch.ops.npu``
-(tests/npu_emulator.py, only when torch_npu is absent). They skip the op's argument checks, so
+(tests/support/npu_emulator.py, only when torch_npu is absent). They skip the op's argument checks, so
 callers pass valid inputs. :func:`store_kvcache_with` picks one store op explicitly.
 
 Nothing here was run on Ascend hardware (see docs/npu.md).

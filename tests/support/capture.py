@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
@@ -140,7 +140,7 @@ def substitution_pass():
 
 def assert_schedule_matches(outs, k_cache, v_cache, reference, steps, tol, what="") -> None:
     """Every step's output and the final caches equal ``eager_reference``'s (NaN rejected)."""
-    from helpers import assert_close
+    from tests.support.helpers import assert_close
 
     ref_outs, ref_k, ref_v = reference
     assert len(outs) == len(ref_outs) == len(steps)
