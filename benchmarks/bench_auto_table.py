@@ -5,7 +5,7 @@ attn_ops/backends/auto_table.py), each backend that supports it is first checked
 reference on a small batch, then timed through ``torch.ops.attn.*`` under
 ``attn_ops.use_backend`` on two workloads of different shape (``--quick``: bf16, head dim 128
 only). The winner per key is the lowest geometric mean of the workload medians, exact ties
-broken by a fixed order (``auto_table.TIE_ORDER``). The reference backend is timed for
+broken by a fixed order (``auto_table_builder.TIE_ORDER``). The reference backend is timed for
 store_kvcache only: for prefill/decode it materialises [B, H, S, S] fp32 scores and is not a
 contender (``--with-reference`` times it anyway).
 
@@ -34,6 +34,8 @@ from typing import Callable
 
 import common  # benchmarks/common.py: argument parsing, timing, CSV, environment
 import torch
+
+import auto_table_builder  # benchmarks/auto_table_builder.py (after common: checkout on sys.path)
 
 import attn_ops
 from attn_ops import ops
@@ -203,10 +205,10 @@ def main():
     previous = {} if args.smoke else auto_table.load()
     meta = {k: env[k] for k in ("date", "device", "torch", "triton", "cuda") if k in env}
     meta["flash_impls"] = sorted({r["impl"] for r in rows if r.get("impl")})
-    table = auto_table.build_table(
+    table = auto_table_builder.build_table(
         [r for r in rows if r["median_us"] is not None],
         f"measured with benchmarks/bench_auto_table.py on {env['device']}", meta, previous)
-    text = auto_table.dumps(table)
+    text = auto_table_builder.dumps(table)
     (out / "auto_table.json").write_text(text)
     if not (args.smoke or args.no_install):
         auto_table.TABLE_PATH.write_text(text)

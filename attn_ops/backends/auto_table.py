@@ -1,8 +1,9 @@
 """The measured backend order that "auto" follows on CUDA, per op and static configuration.
 
 The data is ``auto_table.json`` beside this file (or the file named by ``ATTN_OPS_AUTO_TABLE``),
-written by ``benchmarks/bench_auto_table.py`` on a GPU and committed. Its keys are
-``op|arch|dtype|head|kv``:
+written on a GPU by ``benchmarks/bench_auto_table.py`` (the ranking lives in
+``benchmarks/auto_table_builder.py``) and committed; this module only loads and queries it. Its
+keys are ``op|arch|dtype|head|kv``:
 
 * ``op``: ``prefill``, ``decode`` or ``store_kvcache``;
 * ``arch``: ``sm90`` ... (``torch.cuda.get_device_capability`` of the tensors' device);
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -37,9 +37,8 @@ from pathlib import Path
 import torch
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
-# Tried after the measured order, and breaks exact ties in it (the registry's static CUDA order).
+# Tried after the measured order (the registry's static CUDA order).
 FALLBACK = ("triton", "flash")
-TIE_ORDER = ("triton", "flash", "reference")
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HEAD_BUCKETS = (64, 128, 256)
 MAX_BLOCK_BUCKET = 256
@@ -139,92 +138,3 @@ def order_for(op: str, config: dict, arch: str | None = None,
         if key in entries:
             return _with_fallback(entries[key]["order"])
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the table from benchmark rows (benchmarks/bench_auto_table.py)
-# ---------------------------------------------------------------------------------------------
-
-def _tie_rank(backend: str) -> tuple:
-    return (TIE_ORDER.index(backend) if backend in TIE_ORDER else len(TIE_ORDER), backend)
-
-
-def rank_key(times: dict[str, dict[str, float]]) -> list[tuple[str, float]]:
-    """Rank backends for one key from ``{workload: {backend: median_us}}``.
-
-    A backend's score is the geometric mean of its medians over the key's workloads (so no one
-    workload dominates by size); a backend missing any workload, or with a non-finite time, is
-    left out. Sorted by score, exact ties by :data:`TIE_ORDER`.
-    """
-    workloads = sorted(times)
-    backends = {b for per in times.values() for b in per}
-    scores = {}
-    for b in backends:
-        ts = [times[w].get(b) for w in workloads]
-        if all(t is not None and math.isfinite(t) and t > 0 for t in ts):
-            scores[b] = math.exp(sum(math.log(t) for t in ts) / len(ts))
-    return sorted(scores.items(), key=lambda item: (item[1], _tie_rank(item[0])))
-
-
-def _measured_entry(ranked: list[tuple[str, float]]) -> dict:
-    entry = {"order": [b for b, _ in ranked],
-             "median_us": {b: round(t, 3) for b, t in ranked}}
-    if len(ranked) > 1:
-        entry["speedup"] = round(ranked[1][1] / ranked[0][1], 3)
-    return entry
-
-
-def _defaults(measured: dict) -> dict:
-    """Wildcard entries: at each relaxation level, backends ordered by keys won (ties fixed)."""
-    out = {}
-    for level in range(1, NUM_FEATURES):
-        groups: dict[str, list[dict]] = {}
-        for key in sorted(measured):
-            parts = tuple(key.split("|"))
-            groups.setdefault(make_key(relaxed(parts, level)), []).append(measured[key])
-        for gkey, group in groups.items():
-            wins: dict[str, int] = {}
-            for entry in group:
-                for b in entry["order"]:
-                    wins.setdefault(b, 0)
-                wins[entry["order"][0]] += 1
-            order = sorted(wins, key=lambda b: (-wins[b], _tie_rank(b)))
-            out[gkey] = {"order": order, "wins": {b: wins[b] for b in order}}
-    return out
-
-
-def build_table(rows, source: str, meta: dict | None = None,
-                previous: dict | None = None) -> dict:
-    """The table for benchmark ``rows`` (dicts with key, workload, backend, median_us).
-
-    Measured entries of ``previous`` for archs not in ``rows`` are kept (one table serves
-    several GPU kinds); its provisional entries (no ``median_us``) are dropped. Wildcard entries
-    are recomputed from all measured ones. Same rows in, same table out.
-    """
-    times: dict[str, dict[str, dict[str, float]]] = {}
-    for row in rows:
-        t = row.get("median_us")
-        per = times.setdefault(row["key"], {}).setdefault(row["workload"], {})
-        per[row["backend"]] = float(t) if t not in (None, "") else math.nan
-    measured = {}
-    archs = {key.split("|")[1] for key in times}
-    for key, entry in ((previous or {}).get("entries") or {}).items():
-        if "median_us" in entry and key.split("|")[1] not in archs:
-            measured[key] = entry
-    for key in sorted(times):
-        ranked = rank_key(times[key])
-        if ranked:
-            measured[key] = _measured_entry(ranked)
-    entries = dict(sorted({**measured, **_defaults(measured)}.items()))
-    return {"version": 1, "source": source, **(meta or {}), "entries": entries}
-
-
-def dumps(table: dict) -> str:
-    """The table as JSON text, one entry per line, keys sorted: small, stable diffs."""
-    head = {k: v for k, v in sorted(table.items()) if k != "entries"}
-    lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
-    entries = sorted(table["entries"].items())
-    lines.append('  "entries": {')
-    lines += [f"    {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
-              + ("," if i < len(entries) - 1 else "") for i, (k, v) in enumerate(entries)]
-    return "\n".join(lines + ["  }", "}"]) + "\n"
