@@ -6,12 +6,12 @@ does not initialise CUDA: backends load when first used.
 """
 
 from attn_ops.ops import decode, prefill, store_kvcache
-from attn_ops.paged_cache import DecodeBatch, PagedKVCache, PrefillBatch
+from attn_ops.paged_cache import CacheFull, DecodeBatch, PagedKVCache, PrefillBatch
 from attn_ops.registry import BackendUnavailable, current_choice, explain, use_backend
 
 __all__ = [
     "store_kvcache", "prefill", "decode",
-    "PagedKVCache", "PrefillBatch", "DecodeBatch",
+    "PagedKVCache", "PrefillBatch", "DecodeBatch", "CacheFull",
     "use_backend", "current_choice", "explain", "BackendUnavailable",
 ]
 __version__ = "0.1.0"

@@ -1,9 +1,12 @@
 """PagedKVCache: the metadata it plans drives the ops to the same result as dense attention."""
 
+import copy
+
 import pytest
 import torch
 
 import attn_ops
+from attn_ops.demo.model import DemoConfig, DemoLlama
 from attn_ops.paged_cache import CacheFull, PagedKVCache
 from tests.support.helpers import assert_close, prefill_f64
 
@@ -78,11 +81,127 @@ def test_fork_shares_full_blocks_and_copies_the_tail():
 
 def test_errors():
     cache = _cache(num_blocks=2, max_seq_len=40)
-    with pytest.raises(CacheFull, match="no free block"):
+    with pytest.raises(CacheFull, match="prepare_prefill needs 3 free blocks, the paged cache "
+                                        "has 2") as info:
         cache.prepare_prefill({"a": 9})
+    assert (info.value.needed, info.value.free) == (3, 2)
     cache = _cache()
     with pytest.raises(ValueError, match="more than max_seq_len=40"):
         cache.prepare_prefill({"a": 41})
     cache.prepare_prefill({"a": 2, "b": 2})
     with pytest.raises(ValueError, match="pad_to=1 is smaller"):
         cache.prepare_decode(["a", "b"], pad_to=1)
+
+
+# -- every failed planning call leaves the state exactly as it was (issue 12, item 4) -----------
+
+def _state(cache):
+    """Everything a planning call may change: bookkeeping (free-list order too) and cache data."""
+    return (copy.deepcopy(cache._blocks), dict(cache._lens), list(cache._refs), list(cache._free),
+            [t.clone() for t in cache._k + cache._v])
+
+
+def _assert_state(cache, expected):
+    blocks, lens, refs, free, data = _state(cache)
+    assert (blocks, lens, refs, free) == expected[:4]
+    assert all(torch.equal(a, b) for a, b in zip(data, expected[4]))
+
+
+def test_cache_full_inside_prefill_reserves_nothing():
+    cache = _cache(num_blocks=4)                     # 16 slots; a: 8 fits, then b: 12 does not
+    before = _state(cache)
+    with pytest.raises(CacheFull):
+        cache.prepare_prefill({"a": 8, "b": 12})
+    _assert_state(cache, before)
+    assert "a" not in cache
+    batch = cache.prepare_prefill({"a": 8, "b": 4})  # the retry reserves "a" once
+    assert cache.num_cached("a") == 8 and batch.cu_seqlens_k.tolist() == [0, 8, 12]
+    assert cache.num_free_blocks == 1
+
+
+def test_failed_fork_leaks_no_refcount():
+    cache = _cache(num_blocks=4)
+    cache.prepare_prefill({"p": 6, "x": 8})          # p: one full block + a partial one; x: 2
+    before = _state(cache)
+    with pytest.raises(CacheFull):
+        cache.fork("p", "c")                         # the partial tail needs a 5th block
+    _assert_state(cache, before)
+    cache.free("p")
+    cache.free("x")
+    assert cache.num_free_blocks == 4
+
+
+def test_decode_with_an_unknown_id_advances_nothing():
+    cache = _cache()
+    cache.prepare_prefill({"a": 3})
+    before = _state(cache)
+    with pytest.raises(KeyError, match="unknown sequence 'zz'"):
+        cache.prepare_decode(["a", "zz"])
+    _assert_state(cache, before)
+    assert cache.prepare_decode(["a"]).positions.tolist() == [3]
+
+
+def test_decode_cache_full_mid_batch_advances_nothing():
+    cache = _cache(num_blocks=2)
+    cache.prepare_prefill({"a": 3, "b": 4})          # a has a free slot, b needs a new block
+    before = _state(cache)
+    with pytest.raises(CacheFull):
+        cache.prepare_decode(["a", "b"])
+    _assert_state(cache, before)
+
+
+def test_decode_past_max_seq_len_mid_batch_advances_nothing():
+    cache = _cache(max_seq_len=8)
+    cache.prepare_prefill({"a": 3, "b": 8})
+    before = _state(cache)
+    with pytest.raises(ValueError, match="'b' would hold 9 tokens.*max_seq_len=8"):
+        cache.prepare_decode(["a", "b"])
+    _assert_state(cache, before)
+
+
+@pytest.mark.parametrize("count, error, message", [
+    (-3, ValueError, r"new_tokens\['a'\] must be >= 0, got -3"),
+    (2.7, TypeError, r"new_tokens\['a'\] must be an integer, got 2.7"),
+    (True, TypeError, r"new_tokens\['a'\] must be an integer, got True"),
+    ("4", TypeError, r"new_tokens\['a'\] must be an integer, got '4'"),
+])
+def test_bad_token_counts_are_rejected(count, error, message):
+    cache = _cache()
+    cache.prepare_prefill({"b": 2})
+    before = _state(cache)
+    with pytest.raises(error, match=message):
+        cache.prepare_prefill({"b": 1, "a": count})
+    _assert_state(cache, before)
+
+
+def test_prefill_over_max_seq_len_leaves_no_ghost_sequence():
+    cache = _cache()
+    before = _state(cache)
+    with pytest.raises(ValueError, match="more than max_seq_len=40"):
+        cache.prepare_prefill({"a": 41})
+    _assert_state(cache, before)
+    assert "a" not in cache
+
+
+TINY = DemoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=48)
+
+
+@torch.no_grad()
+def test_a_failed_decode_after_preemption_leaves_the_survivor_right():
+    """Preempt "b", then a stale running list asks to decode it: "a" must decode as if not."""
+    model = DemoLlama(TINY, seed=1).eval()
+    prompt = torch.randint(0, TINY.vocab_size, (12,))
+
+    def next_logits(failed_call: bool) -> torch.Tensor:
+        cache = model.new_cache(num_blocks=16, block_size=4, max_seq_len=32)
+        pre = cache.prepare_prefill({"a": 5, "b": 7})
+        first = model.prefill(prompt, cache, pre).argmax(-1)
+        cache.free("b")                                 # preempted: re-prefilled later
+        if failed_call:
+            with pytest.raises(KeyError, match="'b'"):
+                cache.prepare_decode(["a", "b"], pad_to=2)
+        step = cache.prepare_decode(["a"], pad_to=2)
+        return model.decode(torch.stack([first[0], first[0]]), cache, step)[0]
+
+    assert_close(next_logits(True), next_logits(False), 0, 0, "logits of 'a'")
