@@ -5,13 +5,15 @@ Importing this package registers ``torch.ops.attn.store_kvcache``, ``torch.ops.a
 does not initialise CUDA: backends load when first used.
 """
 
-from attn_ops.ops import decode, prefill, store_kvcache
+from attn_ops.api import decode, prefill, store_kvcache
+from attn_ops.contract import OpConfig, decode_config, prefill_config, store_config
 from attn_ops.paged_cache import CacheFull, DecodeBatch, PagedKVCache, PrefillBatch
-from attn_ops.registry import BackendUnavailable, current_choice, explain, use_backend
+from attn_ops.registry import BackendUnavailable, clear_cache, current_choice, explain, use_backend
 
 __all__ = [
     "store_kvcache", "prefill", "decode",
     "PagedKVCache", "PrefillBatch", "DecodeBatch", "CacheFull",
-    "use_backend", "current_choice", "explain", "BackendUnavailable",
+    "OpConfig", "store_config", "prefill_config", "decode_config",
+    "use_backend", "current_choice", "explain", "clear_cache", "BackendUnavailable",
 ]
 __version__ = "0.1.0"

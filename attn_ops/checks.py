@@ -18,11 +18,7 @@ import os
 
 import torch
 
-# The contract's head-dim range. Backends may support fewer (see their ``supports``).
-MAX_HEAD_DIM = 256
-HEAD_DIM_MULTIPLE = 8
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
+from attn_ops.contract import FLOAT_DTYPES, HEAD_DIM_MULTIPLE, INDEX_DTYPES, MAX_HEAD_DIM
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_ops import checks
+from attn_ops import contract
 
 NAME = "attn_ops"
 
@@ -49,10 +49,10 @@ def fallback_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     d = query.shape[-1]
     if key.shape[-1] != d or value.shape[-1] != d:
         return f"query/key/value head dims differ ({d}, {key.shape[-1]}, {value.shape[-1]})"
-    if not (0 < d <= checks.MAX_HEAD_DIM and d % checks.HEAD_DIM_MULTIPLE == 0):
-        return f"head dim {d} (the ops take multiples of {checks.HEAD_DIM_MULTIPLE} up to " \
-               f"{checks.MAX_HEAD_DIM})"
-    if query.dtype not in checks.FLOAT_DTYPES or key.dtype != query.dtype or \
+    if not (0 < d <= contract.MAX_HEAD_DIM and d % contract.HEAD_DIM_MULTIPLE == 0):
+        return f"head dim {d} (the ops take multiples of {contract.HEAD_DIM_MULTIPLE} up to " \
+               f"{contract.MAX_HEAD_DIM})"
+    if query.dtype not in contract.FLOAT_DTYPES or key.dtype != query.dtype or \
             value.dtype != query.dtype:
         return f"dtypes {query.dtype}/{key.dtype}/{value.dtype}"
     if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:

@@ -1,31 +1,36 @@
-"""Backend registry: which module serves an op for a device and configuration.
+"""Backend registry: which module serves a call, chosen once per call signature.
 
-Each backend is a module under ``attn_ops.backends`` exposing ``name``, ``supports(op, **config)``
-(None, or the reason it can't serve), and ``store_kvcache`` / ``prefill`` / ``decode`` with the
-op signatures. Modules are imported only when first considered, so importing ``attn_ops`` pulls
-in no triton, flash_attn or torch_npu.
+A backend is a module under ``attn_ops.backends`` exposing ``name``,
+``supports(config: OpConfig) -> None | reason`` and ``store_kvcache`` / ``prefill`` / ``decode``
+with the op signatures, and optionally ``bind(config) -> function``: the op function with every
+choice that depends only on ``config`` made once (a provider, a launch configuration). Modules are imported only when first considered, so importing
+``attn_ops`` pulls in no triton, flash_attn or torch_npu.
 
 Choice, strongest first:
-1. ``backend=`` argument of the Python wrappers in :mod:`attn_ops.ops`;
+1. ``backend=`` argument of the Python wrappers in :mod:`attn_ops.api`;
 2. the innermost :func:`use_backend` context manager (a ``ContextVar``: per thread / task);
 3. the ``ATTN_OPS_BACKEND`` environment variable;
-4. ``"auto"``: per device type, the first backend in :func:`auto_order` that supports the
-   configuration (the reference always does). The order is static data, so the choice is
-   deterministic and never autotunes (safe inside CUDA graph capture).
-An explicit choice that cannot serve the call raises ``RuntimeError`` with the backend's reason.
+4. ``"auto"``: per device, the first backend in :func:`auto_order` whose ``supports`` accepts the
+   configuration (the reference always does). The order is static data (the measured table of
+   :mod:`attn_ops.auto_table`), so the choice is deterministic and never autotunes: safe inside
+   CUDA graph capture.
+An explicit choice that cannot serve the call raises :class:`BackendUnavailable` with the reason.
 
 The choice is made when the op runs, not when it is traced, so a graph compiled once follows the
-context it is called in.
+context it is called in. :func:`dispatch` memoises it (with the metadata checks that precede it
+and the backend's ``bind``) per call signature: the one cache of the op path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib
 import os
+from collections.abc import Callable, Hashable
 from types import ModuleType
+
+from attn_ops.contract import OpConfig
 
 BACKENDS = {
     "reference": "attn_ops.backends.reference",
@@ -35,15 +40,14 @@ BACKENDS = {
     "npu": "attn_ops.backends.npu",
 }
 
-# Device type -> backends tried by "auto", fastest first. CUDA's order per op and configuration
-# comes from measured data (attn_ops/backends/auto_table.py) when that module is present.
+# Device type -> backends tried by "auto", fastest first, where no measured order applies.
 _AUTO_DEFAULT = {
     "cuda": ("triton", "flash", "sdpa", "reference"),
     "npu": ("npu", "reference"),
 }
-# Every other device type (the CPU first of all): PyTorch's fused SDPA on padded tiles.
+# Every other device type (the CPU first of all).
 _AUTO_OTHER = ("sdpa", "reference")
-# Appended after a measured CUDA order: the pure-torch backends, fastest first.
+# Appended after a measured order: the pure-torch backends, fastest first.
 _AUTO_TAIL = ("sdpa", "reference")
 
 _CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("attn_ops_backend",
@@ -69,6 +73,13 @@ def _module_or_reason(name: str) -> tuple[ModuleType | None, str | None]:
         return None, f"backend {name!r} could not be imported: {e}"
 
 
+def _reason(name: str, config: OpConfig) -> tuple[ModuleType | None, str | None]:
+    module, reason = _module_or_reason(name)
+    if module is not None:
+        reason = module.supports(config)
+    return module, reason
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None):
     """Run the attn ops inside the block on backend ``name`` ("auto" or None: automatic)."""
@@ -89,63 +100,81 @@ def current_choice() -> str:
     return choice
 
 
-def auto_order(op: str, config: dict) -> tuple[str, ...]:
-    """Backends "auto" tries for ``op`` on ``config['device']``, fastest first."""
-    device_type = config["device"].type
-    if device_type == "cuda":
-        try:
-            from attn_ops.backends import auto_table
-        except ImportError:
-            pass
-        else:
-            order = auto_table.order_for(op, config)
-            if order:
-                return tuple(order) + tuple(n for n in _AUTO_TAIL if n not in order)
-    return _AUTO_DEFAULT.get(device_type, _AUTO_OTHER)
+def auto_order(config: OpConfig) -> tuple[str, ...]:
+    """Backends "auto" tries for ``config``, fastest first."""
+    from attn_ops import auto_table  # reads a JSON file on first use: not at import
+
+    order = auto_table.order_for(config)
+    if order:
+        return tuple(order) + tuple(n for n in _AUTO_TAIL if n not in order)
+    return _AUTO_DEFAULT.get(config.device.type, _AUTO_OTHER)
 
 
-@functools.lru_cache(maxsize=4096)
-def _select_cached(op: str, choice: str, config_items: tuple) -> ModuleType:
-    config = dict(config_items)
+def select(config: OpConfig, choice: str | None = None) -> ModuleType:
+    """The backend module that runs ``config.op`` for ``config`` under ``choice``.
+
+    Raises:
+        BackendUnavailable: ``choice`` names a backend that cannot serve ``config``.
+    """
+    choice = choice or current_choice()
     if choice != "auto":
-        module, reason = _module_or_reason(choice)
-        if module is not None:
-            reason = module.supports(op, **config)
+        module, reason = _reason(choice, config)
         if reason is not None:
             raise BackendUnavailable(
-                f"attn backend {choice!r} cannot run {op} on {config['device']} with "
-                f"{_describe(config)}: {reason}. Choose another with backend=..., "
+                f"attn backend {choice!r} cannot run {config.op} on {config.device} with "
+                f"{config.describe()}: {reason}. Choose another with backend=..., "
                 f"attn_ops.use_backend(...) or ATTN_OPS_BACKEND, or use 'auto'.")
         return module
-    for name in auto_order(op, config):
-        module, reason = _module_or_reason(name)
-        if module is not None and module.supports(op, **config) is None:
+    for name in auto_order(config):
+        module, reason = _reason(name, config)
+        if reason is None:
             return module
     return get_backend_module("reference")
 
 
-def _describe(config: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.items() if k != "device")
+def explain(config: OpConfig) -> dict[str, str]:
+    """For each known backend, "ok" or the reason it can't serve ``config``."""
+    return {name: _reason(name, config)[1] or "ok" for name in BACKENDS}
 
 
-def select(op: str, config: dict, choice: str | None = None) -> ModuleType:
-    """The backend module that runs ``op`` for ``config`` (a dict of hashable values)."""
-    return _select_cached(op, choice or current_choice(), tuple(config.items()))
+# ---------------------------------------------------------------------------------------------
+# The dispatch memo: metadata checks and backend choice, once per call signature
+# ---------------------------------------------------------------------------------------------
+
+# The metadata checks and the choice cost ~30 us of Python per eager call (measured on CPU,
+# 2026-11-21), more than a decode kernel takes on a GPU. Both depend only on metadata, so their
+# outcome is memoised per signature (shapes, strides, dtypes, devices, scalars, choice): a
+# serving loop pays them once per batch shape. Failing calls are never memoised.
+_MEMO_LIMIT = 4096
+_memo: dict[Hashable, Callable] = {}
+
+
+def bind(module: ModuleType, config: OpConfig) -> Callable:
+    """``module``'s function for ``config.op``, bound to ``config`` when the backend can."""
+    binder = getattr(module, "bind", None)
+    return binder(config) if binder is not None else getattr(module, config.op)
+
+
+def dispatch(signature: Hashable, validate: Callable[[], None],
+             config: Callable[[], OpConfig]) -> Callable:
+    """The function that runs a call: ``validate()``, choose and bind unless ``signature`` was
+    seen before.
+
+    ``signature`` must cover everything ``validate`` and ``config`` read (the op name included);
+    the choice in force is added here.
+    """
+    key = (current_choice(), signature)
+    run = _memo.get(key)
+    if run is None:
+        validate()
+        cfg = config()
+        run = bind(select(cfg, key[0]), cfg)
+        if len(_memo) >= _MEMO_LIMIT:
+            _memo.clear()
+        _memo[key] = run
+    return run
 
 
 def clear_cache() -> None:
-    """Forget cached choices (after installing a package or changing TRITON_INTERPRET)."""
-    _select_cached.cache_clear()
-    from attn_ops import ops  # the per-signature memo caches choices too
-    ops.clear_memo()
-
-
-def explain(op: str, config: dict) -> dict[str, str]:
-    """For each known backend, "ok" or the reason it can't serve ``op`` with ``config``."""
-    out = {}
-    for name in BACKENDS:
-        module, reason = _module_or_reason(name)
-        if module is not None:
-            reason = module.supports(op, **config)
-        out[name] = reason or "ok"
-    return out
+    """Forget memoised choices (after installing a package or changing TRITON_INTERPRET)."""
+    _memo.clear()

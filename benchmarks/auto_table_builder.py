@@ -1,4 +1,4 @@
-"""Turn benchmark timings into the "auto" table that attn_ops/backends/auto_table.py loads.
+"""Turn benchmark timings into the "auto" table that attn_ops/auto_table.py loads.
 
 Used by ``bench_auto_table.py`` only; the library never builds a table, it reads the committed
 JSON. Rows are dicts with ``key`` (``op|arch|dtype|head|kv``), ``workload``, ``backend`` and
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 
-from attn_ops.backends.auto_table import NUM_FEATURES, make_key, relaxed
+from attn_ops.auto_table import NUM_FEATURES, make_key, relaxed
 
 # Breaks exact ties in a measured ranking: the registry's static CUDA order, then the reference.
 TIE_ORDER = ("triton", "flash", "reference")

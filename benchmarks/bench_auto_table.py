@@ -1,7 +1,7 @@
 """Measure every CUDA backend per static configuration and regenerate the "auto" table.
 
 For each key of the grid (op x dtype x head-dim bucket x KV layout; see
-attn_ops/backends/auto_table.py), each backend that supports it is first checked against the
+attn_ops/auto_table.py), each backend that supports it is first checked against the
 reference on a small batch, then timed through ``torch.ops.attn.*`` under
 ``attn_ops.use_backend`` on two workloads of different shape (``--quick``: bf16, head dim 128
 only). The winner per key is the lowest geometric mean of the workload medians, exact ties
@@ -12,7 +12,7 @@ contender (``--with-reference`` times it anyway).
 Writes to ``--out`` (default benchmarks/results):
 * ``auto_table.csv``: one row per key x workload x backend (median us, TFLOP/s or GB/s, the
   flash provider used, or why a backend was skipped);
-* ``auto_table.json``: the table, also installed as attn_ops/backends/auto_table.json unless
+* ``auto_table.json``: the table, also installed as attn_ops/auto_table.json unless
   ``--smoke`` or ``--no-install`` (measured entries of other GPU kinds are kept);
 * ``auto_table.md``: which backend "auto" picks per key and by how much, for BENCHMARKS.md.
 
@@ -38,8 +38,8 @@ import torch
 import auto_table_builder  # benchmarks/auto_table_builder.py (after common: checkout on sys.path)
 
 import attn_ops
-from attn_ops import ops
-from attn_ops.backends import auto_table, flash
+from attn_ops import auto_table, contract
+from attn_ops.backends import flash
 from attn_ops.registry import get_backend_module
 
 H, HKV = 32, 8  # the decode anchors' Hq=32, Hkv=8 (ANCHORS.md)
@@ -90,7 +90,7 @@ def _paged(lens_k, block_size, d, dtype, dev):
 class Case:
     run: Callable[[], object]       # the op through torch.ops.attn (backend from the context)
     observe: Callable[[], torch.Tensor]  # what to compare after run(): output or caches
-    config: dict                    # the op's static config (attn_ops.ops.*_config)
+    config: contract.OpConfig       # the op's static config
     work: float                     # FLOPs (prefill) or bytes moved (decode, store)
 
 
@@ -105,7 +105,7 @@ def _case(op: str, kv: str, shape: dict, d: int, dtype, dev) -> Case:
         args = (key, value, k_cache, v_cache, slots)
         return Case(lambda: torch.ops.attn.store_kvcache.default(*args),
                     lambda: torch.cat([k_cache.flatten(), v_cache.flatten()]),
-                    ops.store_config(key, k_cache, slots), 4 * t * HKV * d * size)
+                    contract.store_config(key, k_cache, slots), 4 * t * HKV * d * size)
     last = {}  # the latest output only: timing loops must not pile up outputs
     if op == "decode":
         lk = shape["lk"]
@@ -115,7 +115,7 @@ def _case(op: str, kv: str, shape: dict, d: int, dtype, dev) -> Case:
         args = (q, k_cache, v_cache, seqlens, table, d ** -0.5)
         return Case(lambda: last.update(out=torch.ops.attn.decode.default(*args)),
                     lambda: last["out"],
-                    ops.decode_config(q, k_cache, -1, 0.0), 2 * sum(lk) * HKV * d * size)
+                    contract.decode_config(q, k_cache, -1, 0.0), 2 * sum(lk) * HKV * d * size)
     lq, lk = shape["lq"], shape["lk"]
     q = torch.randn(sum(lq), H, d, dtype=dtype, device=dev)
     cq = torch.tensor([0] + lq, device=dev).cumsum(0).to(torch.int32)
@@ -128,14 +128,14 @@ def _case(op: str, kv: str, shape: dict, d: int, dtype, dev) -> Case:
     args = (q, k, v, cq, ck, max(lq), max(lk), d ** -0.5, True, table)
     flops = sum(4 * H * d * a * (b - a / 2) for a, b in zip(lq, lk))
     return Case(lambda: last.update(out=torch.ops.attn.prefill.default(*args)), lambda: last["out"],
-                ops.prefill_config(q, k, True, table, -1, 0.0), flops)
+                contract.prefill_config(q, k, True, table, -1, 0.0), flops)
 
 
 def _reason(name: str, op: str, kv: str, d: int, dtype, dev, smoke: bool) -> str | None:
     """Why ``name`` is not timed for this key: unsupported, or wrong on a small batch."""
     shape = _check_shape(op, kv, smoke)
     torch.manual_seed(1)
-    reason = get_backend_module(name).supports(op, **_case(op, kv, shape, d, dtype, dev).config)
+    reason = get_backend_module(name).supports(_case(op, kv, shape, d, dtype, dev).config)
     if reason is not None or name == "reference":
         return reason
     results = []
@@ -171,7 +171,7 @@ def main():
         p.add_argument("--with-reference", action="store_true",
                        help="also time the reference backend for prefill and decode"),
         p.add_argument("--no-install", action="store_true",
-                       help="do not rewrite attn_ops/backends/auto_table.json")))
+                       help="do not rewrite attn_ops/auto_table.json")))
     env = common.header("auto table: backend timings per static configuration", args.smoke)
     dev = common.device(args)
     arch = "smoke" if args.smoke else auto_table.arch_of(dev)
@@ -182,14 +182,14 @@ def main():
         reasons = {name: _reason(name, op, kv, d, dtype, dev, args.smoke) for name in names}
         for wname, shape in _workloads(op, kv, args.smoke).items():
             case = _case(op, kv, shape, d, dtype, dev)
-            key = auto_table.make_key(auto_table.features(op, case.config, arch))
+            key = auto_table.make_key(auto_table.features(case.config, arch))
             for name in names:
                 row = dict(key=key, op=op, dtype=str(dtype).replace("torch.", ""), head_dim=d,
                            kv=kv, workload=wname, backend=name, median_us=None)
                 reason = reasons[name]
                 if reason is None:
                     if name == "flash":
-                        row["impl"] = flash.describe(op, case.config)
+                        row["impl"] = flash.describe(case.config)
                     with attn_ops.use_backend(name):
                         ms, reason = common.try_time(lambda: case.run, args.smoke)
                     if ms is not None:

@@ -20,6 +20,7 @@ import torch
 
 import attn_ops
 from attn_ops import registry
+from attn_ops.contract import OpConfig
 from attn_ops.backends import flash, reference
 from tests.support.flash_fakes import FAKE_FA2, FAKE_FA3, NAN, aten_flash_forward, fa3_varlen, module
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
@@ -36,11 +37,11 @@ ATEN_213 = ATEN_211 + ["block_table", "num_splits"]
 def _config(op="prefill", dtype=torch.bfloat16, d=128, paged=False, block_size=None,
             window_left=-1, softcap=0.0, device=CUDA):
     if op == "decode":
-        return dict(device=device, dtype=dtype, head_dim=d, num_heads=8, num_kv_heads=2,
-                    block_size=block_size or 256, window_left=window_left, softcap=softcap)
-    return dict(device=device, dtype=dtype, head_dim=d, num_heads=8, num_kv_heads=2, causal=True,
-                paged=paged, block_size=block_size if paged else None, window_left=window_left,
-                softcap=softcap)
+        return OpConfig("decode", device, dtype, d, 2, num_heads=8, block_size=block_size or 256,
+                        paged=True, window_left=window_left, softcap=softcap)
+    return OpConfig("prefill", device, dtype, d, 2, num_heads=8, paged=paged,
+                    block_size=block_size if paged else None, window_left=window_left,
+                    softcap=softcap)
 
 
 PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa2": flash._fa2_provider(FAKE_FA2),
@@ -52,15 +53,14 @@ PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa2": flash._fa2_provider(FA
 # ---------------------------------------------------------------------------------------------
 
 def test_cpu_tensors_store_and_fp32_are_refused_with_reasons():
-    assert "CUDA device" in flash.supports("prefill", **_config(device=torch.device("cpu")))
+    assert "CUDA device" in flash.supports(_config(device=torch.device("cpu")))
     assert "triton or reference" in flash.supports(
-        "store_kvcache", device=CUDA, dtype=torch.float16, head_dim=64, num_kv_heads=2,
-        block_size=16, slot_dtype=torch.int64)
-    assert "float16/bfloat16 only" in flash.supports("decode", **_config("decode",
-                                                                         torch.float32))
+        OpConfig("store_kvcache", CUDA, torch.float16, 64, 2, block_size=16, paged=True,
+                 slot_dtype=torch.int64))
+    assert "float16/bfloat16 only" in flash.supports(_config("decode", torch.float32))
     if not torch.cuda.is_available():
-        assert "not available" in flash.supports("prefill", **_config())
-    explained = registry.explain("prefill", _config(device=torch.device("cpu")))
+        assert "not available" in flash.supports(_config())
+    explained = registry.explain(_config(device=torch.device("cpu")))
     assert "CUDA device" in explained["flash"]
 
 
@@ -77,10 +77,10 @@ def test_aten_provider_follows_the_schema_of_each_torch_version():
     assert not old.paged_prefill and not old.decode
     assert new.paged_prefill and new.decode and new.page_multiple == 256
     providers = (("aten", old),)
-    assert flash.choose("prefill", _config(), SM90, providers) == (old, None)
+    assert flash.choose(_config(), SM90, providers) == (old, None)
     for op, cfg in (("decode", _config("decode")), ("prefill", _config(paged=True,
                                                                        block_size=256))):
-        p, reason = flash.choose(op, cfg, SM90, providers)
+        p, reason = flash.choose(cfg, SM90, providers)
         assert p is None and "no block_table" in reason and "2.11.0" in reason
         assert "does not gather" in reason
 
@@ -95,7 +95,7 @@ def test_aten_provider_follows_the_schema_of_each_torch_version():
     ("prefill", _config(d=512), SM90, "head dims up to 256"),
 ])
 def test_aten_decisions(op, cfg, cap, expect):
-    p, reason = flash.choose(op, cfg, cap, (("aten", PROVIDERS["aten"]),))
+    p, reason = flash.choose(cfg, cap, (("aten", PROVIDERS["aten"]),))
     assert (p is None) == (expect is not None)
     assert expect is None or expect in reason
 
@@ -105,19 +105,19 @@ def test_providers_are_tried_fastest_first_and_can_be_forced():
     everything = dict(PROVIDERS, fa3_fwd=fwd)
     in_order = tuple((n, everything[n]) for n in flash.PROVIDER_ORDER)
     without_fa3 = in_order[1:]
-    assert flash.choose("prefill", _config(), SM90, without_fa3)[0] is fwd  # FA3 kernels first
-    assert flash.choose("prefill", _config(dtype=torch.float16), SM90, without_fa3)[0].name \
+    assert flash.choose(_config(), SM90, without_fa3)[0] is fwd  # FA3 kernels first
+    assert flash.choose(_config(dtype=torch.float16), SM90, without_fa3)[0].name \
         == "fa2"  # the forward-only build has no fp16
-    assert flash.choose("decode", _config("decode"), SM90, without_fa3)[0].name == "fa2"
+    assert flash.choose(_config("decode"), SM90, without_fa3)[0].name == "fa2"
     providers = tuple((n, p) for n, p in in_order if n != "fa3_fwd")
-    assert flash.choose("prefill", _config(), SM90, providers)[0].name == "fa3"
-    assert flash.choose("prefill", _config(), SM80, providers)[0].name == "fa2"  # FA3: sm90
-    assert flash.choose("decode", _config("decode", block_size=16), SM90, providers)[0].name \
+    assert flash.choose(_config(), SM90, providers)[0].name == "fa3"
+    assert flash.choose(_config(), SM80, providers)[0].name == "fa2"  # FA3: sm90
+    assert flash.choose(_config("decode", block_size=16), SM90, providers)[0].name \
         == "fa3"  # FA3 pages are any size
-    p, reason = flash.choose("decode", _config("decode", block_size=16), SM80, providers)
+    p, reason = flash.choose(_config("decode", block_size=16), SM80, providers)
     assert p is None and "[fa3] FA3" in reason and "sm90" in reason and "(got 16)" in reason
-    assert flash.choose("prefill", _config(), SM90, providers, forced="aten")[0].name == "aten"
-    assert "not one of" in flash.choose("prefill", _config(), SM90, providers, forced="fa4")[1]
+    assert flash.choose(_config(), SM90, providers, forced="aten")[0].name == "aten"
+    assert "not one of" in flash.choose(_config(), SM90, providers, forced="fa4")[1]
 
 
 def test_absent_and_old_packages_give_their_reason():
@@ -128,15 +128,15 @@ def test_absent_and_old_packages_give_their_reason():
                       block_table=None, window_size=(-1, -1): None)
     p = flash._fa2_provider(old_fa2)
     assert p.decode and not p.paged_prefill and not p.softcap
-    assert "too old" in flash.choose("prefill", _config(softcap=5.0), SM90, (("fa2", p),))[1]
+    assert "too old" in flash.choose(_config(softcap=5.0), SM90, (("fa2", p),))[1]
     absent = (("fa2", "flash_attn is not installed (pip install flash-attn)"),)
-    assert "pip install flash-attn" in flash.choose("prefill", _config(), SM90, absent)[1]
+    assert "pip install flash-attn" in flash.choose(_config(), SM90, absent)[1]
     fwd = flash._fa3_fwd_provider(module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
     only = (("fa3_fwd", fwd),)
-    assert flash.choose("prefill", _config(), SM90, only)[0] is fwd
-    assert "bfloat16 only" in flash.choose("prefill", _config(dtype=torch.float16), SM90, only)[1]
-    assert "local attention" in flash.choose("prefill", _config(window_left=3), SM90, only)[1]
-    assert "paged KV" in flash.choose("decode", _config("decode"), SM90, only)[1]
+    assert flash.choose(_config(), SM90, only)[0] is fwd
+    assert "bfloat16 only" in flash.choose(_config(dtype=torch.float16), SM90, only)[1]
+    assert "local attention" in flash.choose(_config(window_left=3), SM90, only)[1]
+    assert "paged KV" in flash.choose(_config("decode"), SM90, only)[1]
 
 
 def test_detection_reads_installed_modules(monkeypatch):
@@ -159,8 +159,8 @@ class _ForbidFlashImports(importlib.abc.MetaPathFinder):
 def test_loading_the_module_and_cpu_decisions_never_look_up_flash_packages(monkeypatch):
     monkeypatch.setattr(sys, "meta_path", [_ForbidFlashImports()] + sys.meta_path)
     importlib.reload(flash)  # module-level code runs again under the guard
-    assert "CUDA" in flash.supports("prefill", **_config(device=torch.device("cpu")))
-    assert "float16/bfloat16" in flash.supports("prefill", **_config(dtype=torch.float32))
+    assert "CUDA" in flash.supports(_config(device=torch.device("cpu")))
+    assert "float16/bfloat16" in flash.supports(_config(dtype=torch.float32))
     with pytest.raises(AssertionError, match="flash_attn was looked up"):
         importlib.util.find_spec("flash_attn")  # the guard itself works
 
@@ -172,7 +172,7 @@ def test_loading_the_module_and_cpu_decisions_never_look_up_flash_packages(monke
 @pytest.fixture(params=["fa3", "fa2", "aten"])
 def provider(request, monkeypatch):
     p = PROVIDERS[request.param]
-    monkeypatch.setattr(flash, "_provider", lambda op, config: p)
+    monkeypatch.setattr(flash, "_provider", lambda config: p)
     monkeypatch.setattr(flash, "_aten_flash_forward", lambda: aten_flash_forward)
     return p
 
@@ -180,7 +180,7 @@ def provider(request, monkeypatch):
 def _refused(p, op, **cfg) -> bool:
     """True when the provider can't serve this configuration; then its refusal is what is tested:
     the backend must decline through ``supports`` (auto falls back) rather than compute it."""
-    reason = flash.provider_reason(p, op, _config(op, **cfg), SM90)
+    reason = flash.provider_reason(p, _config(op, **cfg), SM90)
     if reason is None:
         return False
     assert isinstance(reason, str) and len(reason) > 10  # a reason a user can act on
@@ -259,7 +259,7 @@ def gpu_provider(request, monkeypatch):
 
 def _skip_unless_gpu(p, op, **cfg):
     cfg = _config(op, **cfg)
-    reason = flash.provider_reason(p, op, cfg, torch.cuda.get_device_capability())
+    reason = flash.provider_reason(p, cfg, torch.cuda.get_device_capability())
     if reason is not None:
         pytest.skip(reason)
 

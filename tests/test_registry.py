@@ -17,7 +17,7 @@ def spy_backend(monkeypatch):
     calls = []
     spy = types.SimpleNamespace(
         name="spy",
-        supports=lambda op, **cfg: None if cfg["dtype"] != torch.float16 else "no fp16 here",
+        supports=lambda cfg: None if cfg.dtype != torch.float16 else "no fp16 here",
         prefill=lambda *a: (calls.append("prefill"), reference.prefill(*a))[1],
         decode=lambda *a: (calls.append("decode"), reference.decode(*a))[1],
         store_kvcache=lambda *a: (calls.append("store"), reference.store_kvcache(*a))[0])
@@ -65,20 +65,45 @@ def test_unknown_backend_name():
 
 
 def test_auto_on_cpu_is_sdpa_then_reference():
-    cfg = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=64, softcap=0.0)
-    assert registry.select("prefill", cfg, "auto").name == "sdpa"
+    cfg = attn_ops.OpConfig("prefill", torch.device("cpu"), torch.float32, 64, 2, num_heads=4)
+    assert registry.select(cfg, "auto").name == "sdpa"
     # softcap is beyond SDPA: auto falls back to the reference, an explicit choice raises
-    cfg["softcap"] = 5.0
-    assert registry.select("prefill", cfg, "auto").name == "reference"
+    cfg = cfg.replace(softcap=5.0)
+    assert registry.select(cfg, "auto").name == "reference"
     with pytest.raises(attn_ops.BackendUnavailable, match="softcap"):
-        registry.select("prefill", cfg, "sdpa")
+        registry.select(cfg, "sdpa")
 
 
-def test_explain_lists_every_backend():
-    cfg = attn_ops.ops.decode_config(torch.randn(2, 4, 64), torch.randn(3, 16, 2, 64), -1, 0.0)
-    reasons = attn_ops.explain("decode", cfg)
-    assert set(reasons) == set(registry.BACKENDS)
-    assert reasons["reference"] == "ok"
+def test_explain_gives_each_backends_own_answer():
+    cfg = attn_ops.decode_config(torch.randn(2, 4, 64), torch.randn(3, 16, 2, 64))
+    reasons = attn_ops.explain(cfg)
+    assert list(reasons) == list(registry.BACKENDS)
+    assert reasons["reference"] == "ok" and reasons["sdpa"] == "ok"
+    assert reasons["triton"] == "ok"  # CPU through the interpreter (tests set TRITON_INTERPRET)
+    assert "CUDA device" in reasons["flash"]
+    assert "Ascend NPU" in reasons["npu"]
+    # A configuration one backend refuses is refused with that backend's reason only.
+    capped = attn_ops.explain(cfg.replace(softcap=5.0))
+    assert "softcap" in capped["sdpa"] and capped["reference"] == "ok"
+
+
+def test_dispatch_memoises_per_signature_and_choice(spy_backend):
+    """One memo: the second identical call skips checks and choice; a new choice re-decides."""
+    _prefill(backend="spy")
+    calls = []
+    real_select = registry.select
+    registry_select = lambda cfg, choice=None: (calls.append(choice), real_select(cfg, choice))[1]
+    import unittest.mock
+    with unittest.mock.patch.object(registry, "select", registry_select):
+        _prefill(backend="spy")
+        assert calls == []                      # memo hit
+        _prefill(backend="reference")
+        assert calls == ["reference"]           # another choice: decided once
+        _prefill(backend="reference")
+        assert calls == ["reference"]
+        registry.clear_cache()
+        _prefill(backend="reference")
+        assert calls == ["reference", "reference"]
 
 
 def test_choice_is_made_at_run_time_under_compile(spy_backend):

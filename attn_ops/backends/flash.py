@@ -39,14 +39,13 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from attn_ops.ops import decode_config, prefill_config
+from attn_ops.contract import MAX_HEAD_DIM, OpConfig, decode_config, prefill_config
 from attn_ops.registry import BackendUnavailable
 
 name = "flash"
 
 PROVIDER_ORDER = ("fa3", "fa3_fwd", "fa2", "aten")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
 FA2_PAGE_MULTIPLE = 256  # FA2's split-KV kernel reads pages in 256-token tiles
 
 _NO_STORE = ("FlashAttention has no slot-mapped KV-cache write; store_kvcache runs on the "
@@ -172,48 +171,50 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def provider_reason(p: Provider, op: str, config: dict, capability: tuple) -> str | None:
-    """None when provider ``p`` runs ``op`` with ``config`` on a GPU of ``capability``."""
+def provider_reason(p: Provider, config: OpConfig, capability: tuple) -> str | None:
+    """None when provider ``p`` runs the call ``config`` describes on a GPU of ``capability``."""
+    op = config.op
     sm = capability[0] * 10 + capability[1]
     if sm < p.min_sm or (p.max_sm is not None and sm > p.max_sm):
         need = f"sm{p.min_sm}" + ("+" if p.max_sm is None else "" if p.max_sm == p.min_sm
                                   else f"..sm{p.max_sm}")
         return f"{p.label} needs {need} (this GPU is sm{sm})"
-    if config["dtype"] not in p.dtypes:
+    if config.dtype not in p.dtypes:
         return (f"{p.label} takes {'/'.join(_dtype_name(d) for d in p.dtypes)} only "
-                f"(got {_dtype_name(config['dtype'])})")
-    paged = op == "decode" or bool(config.get("paged"))
+                f"(got {_dtype_name(config.dtype)})")
+    paged = op == "decode" or config.paged
     feature = "decode" if op == "decode" else "paged_prefill" if paged else "dense_prefill"
     if not getattr(p, feature):
         return p.notes.get(feature, f"{p.label} has no {feature.replace('_', ' ')} kernel")
-    if paged and config["block_size"] % p.page_multiple:
+    if paged and config.block_size % p.page_multiple:
         return (f"{p.label} reads paged KV in {p.page_multiple}-token pages: block_size must be "
-                f"a multiple of {p.page_multiple} (got {config['block_size']})")
-    if config.get("window_left", -1) >= 0 and not p.window:
+                f"a multiple of {p.page_multiple} (got {config.block_size})")
+    if config.window_left >= 0 and not p.window:
         return p.notes.get("window", f"{p.label} has no sliding-window (local) attention")
-    if config.get("softcap", 0.0) > 0 and not p.softcap:
+    if config.softcap > 0 and not p.softcap:
         return p.notes.get("softcap", f"{p.label} has no softcap")
     return None
 
 
-def choose(op: str, config: dict, capability: tuple, providers: tuple,
+def choose(config: OpConfig, capability: tuple, providers: tuple,
            forced: str | None = None) -> tuple[Provider | None, str | None]:
-    """The first provider (in ``providers`` order) that serves the call, or None and why not."""
+    """The first provider (in ``providers`` order) that serves ``config``, or None and why not."""
+    op = config.op
     if op not in ("prefill", "decode"):
         return None, _NO_STORE
-    if config["dtype"] not in HALF_DTYPES:
+    if config.dtype not in HALF_DTYPES:
         return None, (f"FlashAttention kernels take float16/bfloat16 only (got "
-                      f"{_dtype_name(config['dtype'])})")
-    if config["head_dim"] > MAX_HEAD_DIM:
+                      f"{_dtype_name(config.dtype)})")
+    if config.head_dim > MAX_HEAD_DIM:
         return None, (f"FlashAttention supports head dims up to {MAX_HEAD_DIM} (got "
-                      f"{config['head_dim']})")
+                      f"{config.head_dim})")
     if forced is not None and forced not in PROVIDER_ORDER:
         return None, f"ATTN_OPS_FLASH_IMPL={forced!r} is not one of {', '.join(PROVIDER_ORDER)}"
     reasons = []
     for pname, p in providers:
         if forced is not None and pname != forced:
             continue
-        reason = p if isinstance(p, str) else provider_reason(p, op, config, capability)
+        reason = p if isinstance(p, str) else provider_reason(p, config, capability)
         if reason is None:
             return p, None
         reasons.append(f"[{pname}] {reason}")
@@ -234,35 +235,42 @@ def _forced() -> str | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(op: str, config_items: tuple, forced: str | None) -> tuple[Provider | None, str | None]:
-    config = dict(config_items)
-    device = config["device"]
+def _plan(config: OpConfig, forced: str | None) -> tuple[Provider | None, str | None]:
+    device = config.device
     if device.type != "cuda":
         return None, f"FlashAttention kernels need a CUDA device (got {device.type})"
-    if op != "store_kvcache" and config["dtype"] in HALF_DTYPES:
+    if config.op != "store_kvcache" and config.dtype in HALF_DTYPES:
         if not torch.cuda.is_available():
             return None, "CUDA is not available here (torch.cuda.is_available() is False)"
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return choose(op, config, _capability(index), detect(), forced)
-    return choose(op, config, (0, 0), (), forced)  # the reason, without importing anything
+        return choose(config, _capability(index), detect(), forced)
+    return choose(config, (0, 0), (), forced)  # the reason, without importing anything
 
 
-def supports(op: str, **config) -> str | None:
-    """None when a FlashAttention provider serves ``op`` with ``config``, else the reason."""
-    return _plan(op, tuple(config.items()), _forced())[1]
+def supports(config: OpConfig) -> str | None:
+    """None when a FlashAttention provider serves the call ``config`` describes, else why."""
+    return _plan(config, _forced())[1]
 
 
-def describe(op: str, config: dict) -> str:
-    """The provider serving ``op`` with ``config`` (for benchmark tables), or why none does."""
-    provider, reason = _plan(op, tuple(config.items()), _forced())
+def describe(config: OpConfig) -> str:
+    """The provider serving ``config`` (for benchmark tables), or why none does."""
+    provider, reason = _plan(config, _forced())
     return provider.label if provider is not None else f"unavailable: {reason}"
 
 
-def _provider(op: str, config: dict) -> Provider:
-    provider, reason = _plan(op, tuple(config.items()), _forced())
+def _provider(config: OpConfig) -> Provider:
+    provider, reason = _plan(config, _forced())
     if provider is None:
-        raise BackendUnavailable(f"attn backend 'flash' cannot run {op}: {reason}")
+        raise BackendUnavailable(f"attn backend 'flash' cannot run {config.op}: {reason}")
     return provider
+
+
+def bind(config: OpConfig):
+    """The op function for ``config`` with its provider chosen once (the registry memoises it)."""
+    if config.op == "store_kvcache":
+        return store_kvcache
+    run = _prefill_on if config.op == "prefill" else _decode_on
+    return functools.partial(run, _provider(config))
 
 
 def store_kvcache(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -276,8 +284,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             softcap: float = 0.0) -> torch.Tensor:
     """Varlen attention. q ``[Tq, H, D]`` fp16/bf16; k/v ``[Tk, Hkv, D]`` or paged caches
     ``[num_blocks, block_size, Hkv, D]`` with ``block_table`` ``[B, W]``. Out ``[Tq, H, D]``."""
-    provider = _provider("prefill", prefill_config(q, k, causal, block_table, window_left,
-                                                   softcap))
+    return _prefill_on(_provider(prefill_config(q, k, causal, block_table, window_left, softcap)),
+                       q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       causal, block_table, window_left, softcap)
+
+
+def _prefill_on(provider: Provider, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k, scale, causal=True, block_table=None, window_left=-1, softcap=0.0):
     if cu_seqlens_q.shape[0] <= 1 or q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return torch.zeros_like(q)  # no sequence or no key anywhere: every row sees nothing
     table = None if block_table is None else _int32(block_table)
@@ -298,7 +311,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            softcap: float = 0.0) -> torch.Tensor:
     """One query per sequence. q ``[B, H, D]`` fp16/bf16; paged caches; seqlens_k ``[B]`` int32.
     Out ``[B, H, D]``; rows with ``seqlens_k == 0`` are zero."""
-    provider = _provider("decode", decode_config(q, k_cache, window_left, softcap))
+    return _decode_on(_provider(decode_config(q, k_cache, window_left, softcap)), q, k_cache,
+                      v_cache, seqlens_k, block_table, scale, window_left, softcap)
+
+
+def _decode_on(provider: Provider, q, k_cache, v_cache, seqlens_k, block_table, scale,
+               window_left=-1, softcap=0.0):
     if q.shape[0] == 0 or block_table.shape[1] == 0:
         return torch.zeros_like(q)
     run = _DECODE[provider.name]

@@ -22,22 +22,18 @@ import os
 name = "triton"
 
 _DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
-_MAX_HEAD_DIM = 256
+from attn_ops.contract import MAX_HEAD_DIM as _MAX_HEAD_DIM  # the contract's bound
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def supports(op: str, **config) -> str | None:
-    """None when this backend can run ``op`` with ``config``, else the reason it can't.
-
-    Config keys (see ``attn_ops.ops.*_config``): device, dtype, head_dim, num_kv_heads,
-    block_size, and for prefill/decode num_heads, causal, paged, window_left, softcap.
-    """
+def supports(config) -> str | None:
+    """None when this backend can run the call ``config`` (an ``OpConfig``) describes, else why."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install triton)"
-    device = config["device"]
+    device = config.device
     if device.type == "cpu":
         if not _interpreting():
             return ("CPU tensors run only through the Triton interpreter; set TRITON_INTERPRET=1 "
@@ -45,13 +41,13 @@ def supports(op: str, **config) -> str | None:
     elif device.type != "cuda":
         return (f"device type {device.type!r} is not supported (cuda, or cpu with "
                 "TRITON_INTERPRET=1)")
-    if str(config["dtype"]) not in _DTYPES:
-        return f"dtype {config['dtype']} is not supported (float16, bfloat16, float32)"
-    head_dim = config["head_dim"]
+    if str(config.dtype) not in _DTYPES:
+        return f"dtype {config.dtype} is not supported (float16, bfloat16, float32)"
+    head_dim = config.head_dim
     if not 0 < head_dim <= _MAX_HEAD_DIM:
         return f"head dim {head_dim} is not supported (at most {_MAX_HEAD_DIM})"
-    block_size = config.get("block_size")
-    if op == "decode" or (op == "prefill" and config.get("paged")):
+    block_size = config.block_size
+    if config.op == "decode" or config.paged:
         if block_size is None or block_size < 1:
             return f"block size {block_size} is not supported (a positive page size)"
     return None

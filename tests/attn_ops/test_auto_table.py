@@ -6,20 +6,20 @@ import pytest
 import torch
 
 from attn_ops import registry
-from attn_ops.backends import auto_table
+from attn_ops import auto_table
+from attn_ops.contract import OpConfig
 
 CUDA = torch.device("cuda")
 KNOWN = set(registry.BACKENDS)
 
 
 def _prefill(dtype=torch.bfloat16, d=128, paged=False, block_size=None):
-    return dict(device=CUDA, dtype=dtype, head_dim=d, num_heads=32, num_kv_heads=8, causal=True,
-                paged=paged, block_size=block_size, window_left=-1, softcap=0.0)
+    return OpConfig("prefill", CUDA, dtype, d, 8, num_heads=32, paged=paged,
+                    block_size=block_size)
 
 
 def _decode(dtype=torch.bfloat16, d=128, block_size=16):
-    return dict(device=CUDA, dtype=dtype, head_dim=d, num_heads=32, num_kv_heads=8,
-                block_size=block_size, window_left=-1, softcap=0.0)
+    return OpConfig("decode", CUDA, dtype, d, 8, num_heads=32, paged=True, block_size=block_size)
 
 
 @pytest.mark.parametrize("op,config,expected", [
@@ -30,7 +30,7 @@ def _decode(dtype=torch.bfloat16, d=128, block_size=16):
     ("decode", _decode(d=192, block_size=512), ("decode", "sm90", "bf16", "d256", "bs256")),
 ])
 def test_features_bucket_static_config(op, config, expected):
-    assert auto_table.features(op, config, "sm90") == expected
+    assert auto_table.features(config, "sm90") == expected
 
 
 TABLE = {"entries": {
@@ -49,7 +49,7 @@ TABLE = {"entries": {
     ("prefill", _prefill(), "sm100", ("flash", "triton")),                  # op-wide default
 ])
 def test_lookup_relaxes_from_the_right_and_appends_fallbacks(op, config, arch, expected):
-    assert auto_table.order_for(op, config, arch=arch, table=TABLE) == expected
+    assert auto_table.order_for(config, arch=arch, table=TABLE) == expected
 
 
 def test_committed_table_is_valid_and_names_known_backends():
@@ -80,7 +80,7 @@ def test_registry_follows_the_table(monkeypatch, tmp_path):
     path.write_text(json.dumps(TABLE))
     monkeypatch.setenv("ATTN_OPS_AUTO_TABLE", str(path))
     monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm90")
-    assert registry.auto_order("decode", _decode()) == ("triton", "flash", "sdpa", "reference")
-    assert registry.auto_order("prefill", _prefill()) == ("flash", "triton", "sdpa", "reference")
+    assert registry.auto_order(_decode()) == ("triton", "flash", "sdpa", "reference")
+    assert registry.auto_order(_prefill()) == ("flash", "triton", "sdpa", "reference")
     monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm75")
-    assert registry.auto_order("decode", _decode()) == registry._AUTO_DEFAULT["cuda"]
+    assert registry.auto_order(_decode()) == registry._AUTO_DEFAULT["cuda"]

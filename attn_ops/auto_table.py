@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from attn_ops.contract import OpConfig
+
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 # Tried after the measured order (the registry's static CUDA order).
 FALLBACK = ("triton", "flash")
@@ -60,19 +62,19 @@ def head_bucket(head_dim: int) -> str:
     return f"d{head_dim}"
 
 
-def kv_bucket(op: str, config: dict) -> str:
-    if op == "prefill" and not config.get("paged"):
+def kv_bucket(config: OpConfig) -> str:
+    if not config.paged:
         return "dense"
-    bucket, block_size = 16, config["block_size"]
+    bucket, block_size = 16, config.block_size
     while bucket < block_size and bucket < MAX_BLOCK_BUCKET:
         bucket *= 2
     return f"bs{bucket}"
 
 
-def features(op: str, config: dict, arch: str) -> tuple[str, ...]:
-    """``(op, arch, dtype, head, kv)`` for an op's config (see :mod:`attn_ops.ops`)."""
-    dtype = DTYPES.get(config["dtype"], str(config["dtype"]).replace("torch.", ""))
-    return (op, arch, dtype, head_bucket(config["head_dim"]), kv_bucket(op, config))
+def features(config: OpConfig, arch: str) -> tuple[str, ...]:
+    """``(op, arch, dtype, head, kv)`` for an op config (see :class:`attn_ops.contract.OpConfig`)."""
+    dtype = DTYPES.get(config.dtype, str(config.dtype).replace("torch.", ""))
+    return (config.op, arch, dtype, head_bucket(config.head_dim), kv_bucket(config))
 
 
 def make_key(parts) -> str:
@@ -121,20 +123,20 @@ def load(path: str | None = None) -> dict:
         return _validate(json.load(f), target.name)
 
 
-def order_for(op: str, config: dict, arch: str | None = None,
+def order_for(config: OpConfig, arch: str | None = None,
               table: dict | None = None) -> tuple[str, ...] | None:
-    """Backends to try for ``op`` with ``config``, fastest first, or None without data.
+    """Backends to try for ``config``, fastest first, or None without data.
 
-    ``arch`` defaults to that of ``config['device']``; ``table`` to :func:`load`'s.
+    ``arch`` defaults to that of ``config.device``; ``table`` to :func:`load`'s.
     """
     if arch is None:
-        if config["device"].type != "cuda":
+        if config.device.type != "cuda":
             return None
-        arch = arch_of(config["device"])
+        arch = arch_of(config.device)
     if table is None:
         table = load(os.environ.get("ATTN_OPS_AUTO_TABLE") or None)
     entries = table["entries"]
-    for key in candidate_keys(features(op, config, arch)):
+    for key in candidate_keys(features(config, arch)):
         if key in entries:
             return _with_fallback(entries[key]["order"])
     return None
