@@ -25,13 +25,13 @@ def host_us(fn, calls: int, sync: bool) -> float:
     for _ in range(50):
         fn()
     if sync:
-        torch.cuda.synchronize()
+        torch.accelerator.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - start
     if sync:
-        torch.cuda.synchronize()
+        torch.accelerator.synchronize()
     return elapsed / calls * 1e6
 
 

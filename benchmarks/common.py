@@ -105,7 +105,7 @@ def _median_ms(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> float:
     for _ in range(5):
         fn()
     end.record()
-    torch.cuda.synchronize()
+    torch.accelerator.synchronize()
     estimate = max(start.elapsed_time(end) / 5, 1e-3)
     for _ in range(max(1, int(warmup_ms / estimate))):
         fn()
@@ -117,7 +117,7 @@ def _median_ms(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> float:
         starts[i].record()
         fn()
         ends[i].record()
-    torch.cuda.synchronize()
+    torch.accelerator.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
     return times[len(times) // 2]
 

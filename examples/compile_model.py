@@ -29,7 +29,7 @@ import sys
 import torch
 from torch import nn
 
-from attn_ops.compile_check import compile_and_check
+from attn_ops.demo.compile_check import compile_and_check
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -89,7 +89,7 @@ def compile_and_compare(name: str, model: nn.Module, ids: torch.Tensor, layers: 
                         output=lambda out: out) -> dict:
     """``torch.compile(model, backend="attn_ops")``, then check what was substituted.
 
-    :func:`attn_ops.compile_check.compile_and_check` counts the ``attn.prefill`` and SDPA calls
+    :func:`attn_ops.demo.compile_check.compile_and_check` counts the ``attn.prefill`` and SDPA calls
     in the code Inductor generated (the graph passes' counters stay empty when the compile
     cache serves the graph) and compares the compiled output with eager.
     """

@@ -2,15 +2,19 @@
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from tqdm import tqdm
 
-from attn_ops import demo
-from attn_ops.compile_check import compile_and_check
-from attn_ops.demo_model import DemoConfig, DemoLlama
-from attn_ops.demo_serving import Request, check_against_eager, serve
-from attn_ops.progress import NullBar, SimpleBar, progress_bar
+from attn_ops import registry
+from attn_ops.demo import job
+from attn_ops.demo.__main__ import main
+from attn_ops.demo.compile_check import compile_and_check
+from attn_ops.demo.model import DemoConfig, DemoLlama
+from attn_ops.demo.serving import Request, check_against_eager, serve
 from tests.support.helpers import assert_close
 
 SMALL = DemoConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -90,7 +94,7 @@ def test_serve_rejects_a_request_larger_than_the_cache(model):
 def test_demo_main_job(tmp_path):
     """The README's main command, in-process with few steps: compile, substitute, serve, check."""
     path = tmp_path / "report.json"
-    assert demo.main(["--steps", "5", "--no-progress", "--json", str(path)]) == 0
+    assert main(["--steps", "5", "--no-progress", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert report["ok"]
     c = report["compile"]
@@ -108,27 +112,31 @@ def test_demo_main_job(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device_is_a_clear_error():
-    with pytest.raises(demo.DemoError, match="'cuda' is not available"):
-        demo.resolve_device("cuda")
-    assert demo.main(["--device", "cuda", "--no-progress"]) == 2
+    with pytest.raises(job.DemoError, match="'cuda' is not available"):
+        job.resolve_device("cuda")
+    assert main(["--device", "cuda", "--no-progress"]) == 2
 
 
 def test_unavailable_backend_is_a_clear_error():
-    with pytest.raises(demo.DemoError, match="'flash' cannot run prefill on cpu"):
-        with demo.registry.use_backend("flash"):
-            demo.planned_backends(SMALL, torch.device("cpu"), torch.float32, 8)
-    assert demo.main(["--backend", "npu", "--no-compile", "--no-progress"]) == 2
+    with pytest.raises(job.DemoError, match="'flash' cannot run prefill on cpu"):
+        with registry.use_backend("flash"):
+            job.planned_backends(SMALL, torch.device("cpu"), torch.float32, 8)
+    assert main(["--backend", "npu", "--no-compile", "--no-progress"]) == 2
 
 
-def test_simple_progress_bar():
-    out = io.StringIO()
-    bar = SimpleBar(8, "gen", stream=out, width=8)
-    bar.update(3)
-    bar.update(10)  # clamps at the total
+@torch.inference_mode()
+def test_serve_advances_the_progress_bar_per_generated_token(model):
+    reqs = _requests([4, 9], [3, 2])
+    bar = tqdm(total=5, file=io.StringIO())
+    stats = serve(model, reqs, model.new_cache(6, 4, 16), max_batch=2, progress=bar)
+    assert bar.n == stats.generated == 5
     bar.close()
-    last = out.getvalue().strip().split("\r")[-1]
-    assert last.startswith("gen [########] 8/8")
-    assert isinstance(progress_bar(3, enabled=False), NullBar)
+
+
+def test_import_attn_ops_does_not_import_the_demo():
+    code = ("import sys, attn_ops; "
+            "assert not [m for m in sys.modules if m.startswith('attn_ops.demo')], 'demo'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 class CausalSdpa(torch.nn.Module):
@@ -152,7 +160,7 @@ def test_compile_check_fails_without_substitution():
 @pytest.mark.parametrize("backend", ["auto", "triton", "reference"])
 def test_demo_main_job_on_gpu(tmp_path, backend):
     path = tmp_path / "report.json"
-    assert demo.main(["--device", "cuda", "--backend", backend, "--steps", "12",
+    assert main(["--device", "cuda", "--backend", backend, "--steps", "12",
                       "--no-progress", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert report["dtype"] == "bfloat16" and report["compile"]["prefill_calls"] == 2

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from attn_ops.backends import auto_table
+from attn_ops import auto_table
 from benchmarks import auto_table_builder
 
 

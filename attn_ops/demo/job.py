@@ -1,35 +1,21 @@
-"""The project in one command: ``python -m attn_ops.demo [--device cpu] [--backend auto] [--steps 16]``.
+"""The demo's job: build the model, compile and check it, serve requests, check the tokens.
 
-1. Builds :class:`~attn_ops.demo_model.DemoLlama` (random weights, fixed seed, no download).
-2. Compiles it with ``torch.compile(model, backend="attn_ops")``, reports how many attention
-   calls were substituted by ``torch.ops.attn.prefill`` and which backend runs them, and checks
-   the compiled logits against eager.
-3. Serves prompts of different lengths with a paged KV cache and continuous batching
-   (:mod:`attn_ops.demo_serving`): packed prefill, then decode steps through
-   ``store_kvcache`` + ``decode``, sequences joining and finishing at different steps, each
-   decode batch padded to a fixed size.
-4. Checks the served tokens and logits against the eager model and prints a summary table.
-
-Exit status: 0 when every check passes, 1 when one fails, 2 when the device or the backend is
-not available here (with a message saying why and what to do).
+:func:`run` does steps 1-4 of :mod:`attn_ops.demo` and returns the report as a JSON-able dict;
+:mod:`attn_ops.demo.__main__` prints it. Raises :class:`DemoError` (exit status 2) when the
+device or the backend asked for cannot run here.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 
 import torch
+from tqdm import tqdm
 
-from attn_ops import registry
-from attn_ops.compile_check import compile_and_check
-from attn_ops.demo_model import DemoConfig, DemoLlama
-from attn_ops.demo_report import print_summary
-from attn_ops.demo_serving import Request, check_against_eager, serve
-from attn_ops.ops import decode_config, prefill_config, store_config
-from attn_ops.progress import progress_bar
+from attn_ops import decode_config, prefill_config, registry, store_config
+from attn_ops.demo.compile_check import compile_and_check
+from attn_ops.demo.model import DemoConfig, DemoLlama
+from attn_ops.demo.serving import Request, check_against_eager, serve
 
 # Logit tolerance per dtype (absolute; logits are O(1)): fp32 differences come from summation
 # order only (~2e-6 measured on CPU), half precisions from rounding every layer's activations.
@@ -83,16 +69,15 @@ def planned_backends(cfg: DemoConfig, device: torch.device, dtype: torch.dtype,
     table = torch.empty(1, 1, device=device, dtype=torch.int32)
     slots = torch.empty(1, device=device, dtype=torch.int64)
     calls = {
-        "compiled model: attn.prefill": ("prefill", prefill_config(q, k, True, None, -1, 0.0)),
-        "serving: attn.store_kvcache": ("store_kvcache", store_config(k, cache, slots)),
-        "serving: attn.prefill (paged)": ("prefill", prefill_config(q, cache, True, table, -1,
-                                                                    0.0)),
-        "serving: attn.decode": ("decode", decode_config(q, cache, -1, 0.0)),
+        "compiled model: attn.prefill": prefill_config(q, k, True, None, -1, 0.0),
+        "serving: attn.store_kvcache": store_config(k, cache, slots),
+        "serving: attn.prefill (paged)": prefill_config(q, cache, True, table, -1, 0.0),
+        "serving: attn.decode": decode_config(q, cache, -1, 0.0),
     }
     out = {}
-    for label, (op, config) in calls.items():
+    for label, config in calls.items():
         try:
-            out[label] = registry.select(op, config).name
+            out[label] = registry.select(config).name
         except (registry.BackendUnavailable, ImportError) as e:
             raise DemoError(str(e)) from None
     return out
@@ -166,7 +151,9 @@ def _run(device, backend, steps, dtype, seed, compile_model, max_batch, block_si
         # and freed blocks are reused by later requests.
         needs = sorted(-(-r.cache_tokens // block_size) for r in requests)
         num_blocks = sum(needs[-max_batch:])
-        bar = progress_bar(sum(r.max_new_tokens for r in requests), "generating", progress)
+        # On stderr, so stdout holds only the summary.
+        bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc="generating", unit="tok",
+                   file=sys.stderr, disable=not progress)
         try:
             cache = model.new_cache(num_blocks, block_size,
                                     max_seq_len=max(r.cache_tokens for r in requests))
@@ -183,52 +170,3 @@ def _run(device, backend, steps, dtype, seed, compile_model, max_batch, block_si
     report["check"] = {**vars(check), "ok": check.ok}
     report["ok"] = check.ok and report.get("compile", {}).get("ok", True)
     return report
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m attn_ops.demo",
-        description="Compile a small Llama-style model with torch.compile(backend='attn_ops'), "
-                    "serve prompts with a paged KV cache and continuous batching, and check "
-                    "both against the eager model. Exit 0: checks passed, 1: a check failed, "
-                    "2: device or backend unavailable.")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda[:i] or npu[:i]")
-    p.add_argument("--backend", default="auto", choices=["auto", *registry.BACKENDS],
-                   help="attention backend for every attn op (default: auto per device)")
-    p.add_argument("--steps", type=int, default=16,
-                   help="new tokens of the longest request (others get fewer); default 16")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="model dtype; auto = float32 on cpu, bfloat16 on accelerators")
-    p.add_argument("--seed", type=int, default=0, help="weights and prompts (default 0)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the demo's matmuls are tiny)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
-    args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
-    return args
-
-
-def main(argv=None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 1 a check failed, 2 unavailable)."""
-    args = parse_args(argv)
-    start = time.perf_counter()
-    try:
-        report = run(device=args.device, backend=args.backend, steps=args.steps,
-                     dtype=args.dtype, seed=args.seed, compile_model=not args.no_compile,
-                     progress=not args.no_progress, threads=args.threads)
-    except DemoError as e:
-        print(f"attn_ops demo: {e}", file=sys.stderr)
-        return 2
-    report["total_s"] = time.perf_counter() - start
-    print_summary(report, sys.stdout)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ def _ok(flag: bool) -> str:
 
 
 def print_summary(report: dict, out: TextIO) -> None:
-    """Write the summary of a :func:`attn_ops.demo.run` report to ``out``."""
+    """Write the summary of a :func:`attn_ops.demo.job.run` report to ``out``."""
     m = report["model"]
     w = out.write
     w(f"\nattn_ops demo: device={report['device']} dtype={report['dtype']} "

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from attn_ops.timing import timed
+from attn_ops.demo.timing import timed
 
 _PREFILL_CALL = re.compile(r"torch\.ops\.attn\.prefill\.default\(")
 _SDPA_CALL = re.compile(r"aten\._?scaled_dot_product\w*\.default\(|scaled_dot_product_attention\(")

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attn_ops.demo_model import DemoLlama
+from attn_ops.demo.model import DemoLlama
 from attn_ops.paged_cache import PagedKVCache
-from attn_ops.timing import timed
+from attn_ops.demo.timing import timed
 
 
 @dataclass
@@ -74,7 +74,7 @@ def serve(model: DemoLlama, requests: list[Request], cache: PagedKVCache, *, max
         cache: an empty paged cache from ``model.new_cache`` whose ``max_seq_len`` covers every
             request's ``cache_tokens``; every block is free again when this returns.
         max_batch: decode rows per step (running sequences at most; the rest is padding).
-        progress: an object with ``update(n)`` (see :mod:`attn_ops.progress`), or None.
+        progress: an object with ``update(n)`` (a ``tqdm`` bar), or None.
 
     Returns:
         :class:`ServeStats`. Raises ``ValueError`` if a request can never fit in the cache.
