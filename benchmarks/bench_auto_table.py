@@ -42,7 +42,7 @@ from attn_ops import auto_table, contract
 from attn_ops.backends import flash
 from attn_ops.registry import get_backend_module
 
-H, HKV = 32, 8  # the decode anchors' Hq=32, Hkv=8 (ANCHORS.md)
+H, HKV = 32, 8  # the standard shapes' Hq=32, Hkv=8 (docs/measuring.md)
 CHECK_TOL = {torch.float16: 4e-3, torch.bfloat16: 3.2e-2, torch.float32: 5e-3}
 
 

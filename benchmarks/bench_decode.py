@@ -19,7 +19,7 @@ from common import (copy_gbs, device, header, parse_args, print_table, time_cont
                     write_csv)
 
 H, HKV, D = 32, 8, 128
-# (B, ctx): the shapes of ANCHORS.md, then B = 1 and B = 16 over context for the plot.
+# (B, ctx): the standard shapes (docs/measuring.md), then B = 1 and 16 over context for the plot.
 ANCHOR_SHAPES = [(1, 8192), (1, 32768), (16, 2048), (16, 8192), (64, 1024), (64, 4096),
                  (128, 2048), (256, 1024)]
 SWEEP_SHAPES = [(b, c) for b in (1, 16) for c in (2048, 4096, 8192, 16384, 32768)]

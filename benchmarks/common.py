@@ -57,9 +57,9 @@ def bench_ms(fn: Callable[[], object], smoke: bool = False, warmup_ms: int = 25,
              rep_ms: int = 100, graph: bool = False) -> float:
     """Median milliseconds per call of ``fn``.
 
-    Eager (default): ``triton.testing.do_bench``, the method of ANCHORS.md: CUDA events around
-    each call, the L2 flushed before it by writing 256 MB of zeros. When the host takes longer
-    to issue a call than the device takes to run it, this includes host time.
+    Eager (default): ``triton.testing.do_bench`` (the method: docs/measuring.md): CUDA events
+    around each call, the L2 flushed before it by writing 256 MB of zeros. When the host takes
+    longer to issue a call than the device takes to run it, this includes host time.
 
     ``graph``: the call is captured once in a CUDA graph and its replays are timed, the L2
     flushed before each by *reading* 256 MB (clean lines). Device time only, and without the

@@ -1,8 +1,8 @@
 """Flash backend: FlashAttention kernels from the flash-attn packages or from PyTorch itself.
 
-Four providers, each optional, tried in this fixed order (fastest first, by the H100 figures
-of ANCHORS.md: FA3 608 vs FA2 330 TFLOP/s on causal bf16 prefill; FA3 1145-2892 vs FA2
-1032-2435 GB/s on decode):
+Four providers, each optional, tried in this fixed order (fastest first, by the H100 reference
+figures of docs/measuring.md: FA3 608 vs FA2 330 TFLOP/s on causal bf16 prefill; FA3
+1145-2892 vs FA2 1032-2435 GB/s on decode):
 
   provider  kernels                                  arch   dtypes     paged KV    window  softcap
   fa3       flash_attn_interface (FA3)               sm90   fp16/bf16  any block   yes     yes
@@ -22,7 +22,7 @@ causal and unlimited otherwise, softcap, GQA). Rows no sequence owns (``cu_seqle
 and decode rows with ``seqlens_k == 0`` are zeroed with ``torch.where`` (no host sync): the
 kernels leave unowned rows unwritten, and an empty split-KV row is not guaranteed finite
 across versions. The extra pass reads and writes the output once: estimated from the 3027 GB/s
-copy ceiling of ANCHORS.md, ~90 us on a causal bf16 4x4096-token, 32-head prefill (~3.3 ms at
+copy ceiling of docs/measuring.md, ~90 us on a causal bf16 4x4096-token, 32-head prefill (~3.3 ms at
 330 TFLOP/s, so ~3%), and one small launch per decode step.
 """
 
