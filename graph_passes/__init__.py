@@ -15,11 +15,11 @@ alone is logged at debug level on the ``graph_passes`` logger with its reason.
 """
 
 from graph_passes.compile_backend import attn_ops_backend
-from graph_passes.export_pass import substitute_attention
-from graph_passes.opt_in import disable, enable, enabled, is_enabled
+from graph_passes.global_config import disable, enable, enabled, is_enabled
 from graph_passes.options import SubstitutionOptions
-from graph_passes.pattern_pass import HandwrittenAttentionPass
-from graph_passes.sdpa_pass import SdpaToPrefillPass
+from graph_passes.passes.export import substitute_attention
+from graph_passes.passes.handwritten_attention import HandwrittenAttentionPass
+from graph_passes.passes.sdpa_to_prefill import SdpaToPrefillPass
 
 __all__ = [
     "attn_ops_backend", "substitute_attention", "enable", "disable", "enabled", "is_enabled",

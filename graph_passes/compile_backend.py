@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from graph_passes.options import SubstitutionOptions, split_options
-from graph_passes.pass_chain import chain
-from graph_passes.pattern_pass import HandwrittenAttentionPass
-from graph_passes.sdpa_pass import SdpaToPrefillPass
+from graph_passes.passes.chain import chain
+from graph_passes.passes.handwritten_attention import HandwrittenAttentionPass
+from graph_passes.passes.sdpa_to_prefill import SdpaToPrefillPass
 
 
 def pass_config_patches(options: SubstitutionOptions) -> dict[str, Any]:

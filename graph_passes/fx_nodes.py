@@ -14,6 +14,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # torch-level callables (Dynamo graphs) -> canonical name. Aten overloads use their packet name.
 _FUNCTIONS = {
@@ -59,6 +60,13 @@ def op_name(node: Node) -> str | None:
         return _FUNCTIONS.get(target)
     except TypeError:  # an unhashable callable
         return None
+
+
+def same(a, b) -> bool:
+    """``a == b`` for ints, floats or SymInts, True only when statically known (no guard)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(statically_known_true(a == b))
+    return a == b
 
 
 def arg(node: Node, index: int, name: str, default=None):

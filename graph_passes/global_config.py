@@ -26,8 +26,8 @@ import torch
 
 from graph_passes.compile_backend import pass_config_patches
 from graph_passes.options import SubstitutionOptions
-from graph_passes.pass_chain import members
-from graph_passes.sdpa_pass import SdpaToPrefillPass
+from graph_passes.passes.chain import members
+from graph_passes.passes.sdpa_to_prefill import SdpaToPrefillPass
 
 _SLOTS = ("pre_grad_custom_pass", "joint_custom_pre_pass")
 

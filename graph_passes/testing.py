@@ -17,8 +17,8 @@ import torch
 from torch.fx import Graph, Node
 
 from graph_passes.options import SubstitutionOptions
-from graph_passes.pattern_pass import HandwrittenAttentionPass
-from graph_passes.sdpa_pass import SdpaToPrefillPass
+from graph_passes.passes.handwritten_attention import HandwrittenAttentionPass
+from graph_passes.passes.sdpa_to_prefill import SdpaToPrefillPass
 
 
 def inspecting_backend(options: SubstitutionOptions | dict | None = None,

@@ -1,7 +1,7 @@
 """Prove that a mask tensor built in the graph is exactly the causal mask (or masks nothing).
 
 :func:`evaluate` interprets the subgraph that produces a mask in the abstract domain of
-:mod:`mask_domain`: it succeeds only when every op on the way is a creation op (``arange``,
+:mod:`.domain`: it succeeds only when every op on the way is a creation op (``arange``,
 ``iota``, ``ones``, ``full``, ...) or an op on such values (comparisons, ``tril``/``triu``,
 ``where``, ``masked_fill``, broadcasting and view ops, dtype casts). A placeholder, parameter,
 buffer, in-place mutation or unknown op anywhere makes it raise :class:`NotProvable`, so a mask
@@ -22,10 +22,13 @@ import math
 import torch
 from torch.fx import Node
 
-from graph_passes import mask_domain as md
-from graph_passes.ir import meta_val, op_name
-from graph_passes.mask_domain import Lin, NotProvable, Pred, Select
-from graph_passes.mask_rules import RULES, shape_of
+from graph_passes.fx_nodes import meta_val, op_name
+from graph_passes.mask import domain as md
+from graph_passes.mask.domain import Lin, NotProvable, Pred, Select
+from graph_passes.mask.index_rules import INDEX_RULES
+from graph_passes.mask.value_rules import VALUE_RULES, shape_of
+
+RULES = {**VALUE_RULES, **INDEX_RULES}
 
 # Additive fill values that hide a key exactly: -inf, or the most negative finite value of a
 # float dtype (Hugging Face's masks): s + min underflows exp() to 0.0 for any finite score s.

@@ -1,4 +1,4 @@
-"""Abstract values for masks built from positions: the algebra :mod:`causal_mask` evaluates in.
+"""Abstract values for masks built from positions: the algebra :mod:`.causal_mask` evaluates in.
 
 A mask that depends on no input data is a function of the element index alone. The masks models
 build (``arange`` comparisons, ``tril``/``triu`` of a constant, ``where``/``masked_fill`` between
@@ -19,18 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from graph_passes.fx_nodes import same
 
 
 class NotProvable(Exception):
     """The mask is not (provably) a function of positions alone, or not of a known form."""
-
-
-def same(a, b) -> bool:
-    """``a == b`` for ints, floats or SymInts, True only when statically known (no guard)."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return bool(statically_known_true(a == b))
-    return a == b
 
 
 @dataclass(frozen=True)

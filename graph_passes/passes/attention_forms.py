@@ -1,7 +1,8 @@
 """Hand-written attention forms, as eager code: the table the pattern pass traces and matches.
 
 Each entry is a search function (the attention as models write it) and its replacement
-(:func:`thd.dense_prefill`), generated over the axes models vary along:
+(:func:`graph_passes.rewrite.dense_prefill.dense_prefill`), generated over the axes models vary
+along:
 
 * scale: ``(q @ k^T) * scale`` (HF eager, nanoGPT) or ``(q @ k^T) / inv_scale``
   (``/ math.sqrt(d)``, Meta's llama);
@@ -13,8 +14,8 @@ Each entry is a search function (the attention as models write it) and its repla
 * GQA: K/V repeated by ``repeat_kv`` / ``repeat_interleave`` before the matmuls (the replacement
   reads the Hkv heads directly) or not.
 
-A mask form only matches when :mod:`causal_mask` proves the mask causal (checked by the pass), so
-its replacement is causal; the mask-free forms are not causal.
+A mask form only matches when :mod:`graph_passes.mask.causal_mask` proves the mask causal
+(checked by the pass), so its replacement is causal; the mask-free forms are not causal.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from graph_passes.thd import dense_prefill
+from graph_passes.rewrite.dense_prefill import dense_prefill
 
 SCALE_OPS = ("mul", "div")
 MASK_OPS = (None, "add", "masked_fill", "where")

@@ -24,9 +24,9 @@ from graph_passes.options import SubstitutionOptions
 
 @functools.lru_cache(maxsize=1)
 def _source_hash() -> bytes:
-    here = Path(__file__).parent
+    package = Path(__file__).parents[1]  # graph_passes/, every subfolder included
     ops_dir = Path(attn_ops.__file__).parent
-    files = sorted(str(p) for p in here.glob("*.py"))
+    files = sorted(str(p) for p in package.rglob("*.py"))
     files += [str(ops_dir / n) for n in ("checks.py", "registry.py", "ops.py")]
     return get_hash_for_files(tuple(files))
 

@@ -22,8 +22,8 @@ import torch
 from torch.fx import GraphModule
 
 from graph_passes.options import SubstitutionOptions
-from graph_passes.pattern_matching import apply_attention_patterns
-from graph_passes.sdpa_pass import substitute_sdpa
+from graph_passes.passes.pattern_matching import apply_attention_patterns
+from graph_passes.passes.sdpa_to_prefill import substitute_sdpa
 
 _ASSERT = torch.ops.aten._assert_tensor_metadata.default
 

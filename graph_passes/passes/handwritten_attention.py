@@ -2,8 +2,8 @@
 
 Installed as ``joint_custom_pre_pass``, it runs on the aten graph right after AOT autograd and
 before Inductor's own ``fuse_attention`` patterns (which would turn the same code into SDPA),
-matching the eager forms of :mod:`attention_patterns` with Inductor's pattern matcher (see
-:mod:`pattern_matching`). Training graphs (with tangents) are left alone: the op has no
+matching the eager forms of :mod:`.attention_forms` with Inductor's pattern matcher (see
+:mod:`.pattern_matching`). Training graphs (with tangents) are left alone: the op has no
 backward.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph
 
-from graph_passes.eligibility import left_alone
-from graph_passes.pass_base import AttentionPass
-from graph_passes.pattern_matching import PASS_NAME, apply_attention_patterns, candidate_forms
+from graph_passes.passes.base import AttentionPass
+from graph_passes.passes.pattern_matching import (PASS_NAME, apply_attention_patterns,
+                                                  candidate_forms)
+from graph_passes.rewrite.eligibility import left_alone
 
 aten = torch.ops.aten
 

@@ -1,4 +1,4 @@
-"""The table of :mod:`attention_patterns` on Inductor's pattern matcher, for two IRs.
+"""The table of :mod:`.attention_forms` on Inductor's pattern matcher, for two IRs.
 
 * ``"inductor"``: the aten graph of ``joint_custom_pre_pass`` (matmul decomposed into
   ``expand -> [clone] -> view -> bmm``, softmax into ``amax/sub/exp/sum/div``), traced with
@@ -8,8 +8,8 @@
 
 Each form is registered with ``register_replacement``: a loose match (literals ignored) is
 re-traced at the real shapes and must then match exactly, and :func:`_extra_check` proves the
-mask causal and asks :func:`eligibility.refuse_reason`. Two adjustments make that work on real
-graphs:
+mask causal and asks :func:`graph_passes.rewrite.eligibility.refuse_reason`. Two adjustments
+make that work on real graphs:
 
 * Layout (inductor IR): a matmul operand gets a ``clone`` only when it is not viewable (a
   permuted q, batch > 1, ...). Instead of tracing every combination, patterns and graph are put
@@ -31,11 +31,11 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
-from graph_passes import causal_mask
-from graph_passes.attention_patterns import MASK_USAGE, SCALE_MAGIC, AttentionForm, forms
-from graph_passes.eligibility import left_alone, refuse_reason
-from graph_passes.ir import erase_dead, meta_val
-from graph_passes.mask_domain import NotProvable, same
+from graph_passes.fx_nodes import erase_dead, meta_val, same
+from graph_passes.mask import causal_mask
+from graph_passes.mask.domain import NotProvable
+from graph_passes.passes.attention_forms import MASK_USAGE, SCALE_MAGIC, AttentionForm, forms
+from graph_passes.rewrite.eligibility import left_alone, refuse_reason
 
 aten = torch.ops.aten
 PASS_NAME = "handwritten_to_prefill"

@@ -6,11 +6,11 @@ substituted when all of these hold, else it is left alone with a debug log sayin
 
 * ``dropout_p`` is the constant 0 and ``scale`` a constant (or None: ``D ** -0.5``);
 * the mask is None, or a tensor built in the graph from positions alone that
-  :mod:`causal_mask` proves equal to the causal mask (or to no mask at all);
+  :mod:`graph_passes.mask.causal_mask` proves equal to the causal mask (or to no mask at all);
 * causal only with Sq == Sk provable (SDPA's ``is_causal`` is top-left aligned, attn.prefill
   bottom-right; they agree only on square score matrices);
-* q/k/v pass :func:`eligibility.refuse_reason` (4-D, fp32/fp16/bf16, head dim, no gradients,
-  and the chosen attn backend's ``supports()``).
+* q/k/v pass :func:`graph_passes.rewrite.eligibility.refuse_reason` (4-D, fp32/fp16/bf16, head
+  dim, no gradients, and the chosen attn backend's ``supports()``).
 
 GQA: ``enable_gqa=True`` with Hkv heads passes K/V as they are; K/V expanded by ``repeat_kv`` or
 ``repeat_interleave`` before the call are folded back to their Hkv heads.
@@ -24,12 +24,13 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
-from graph_passes import causal_mask, gqa
-from graph_passes.eligibility import left_alone, refuse_reason
-from graph_passes.ir import erase_dead, meta_val, op_name
-from graph_passes.mask_domain import NotProvable
-from graph_passes.pass_base import AttentionPass
-from graph_passes.thd import emit_dense_prefill
+from graph_passes.fx_nodes import erase_dead, meta_val, op_name
+from graph_passes.mask import causal_mask
+from graph_passes.mask.domain import NotProvable
+from graph_passes.passes.base import AttentionPass
+from graph_passes.rewrite import gqa_folding
+from graph_passes.rewrite.dense_prefill import emit_dense_prefill
+from graph_passes.rewrite.eligibility import left_alone, refuse_reason
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
               "enable_gqa")
@@ -81,7 +82,7 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
         except NotProvable as e:
             return None, f"its attn_mask is not provably causal: {e}"
     if options.fold_gqa:
-        k, v, _ = gqa.unexpand_pair(k, v)
+        k, v, _ = gqa_folding.unexpand_pair(k, v)
     reason = refuse_reason(qv, meta_val(k), meta_val(v), causal, options)
     if reason is not None:
         return None, reason

@@ -21,8 +21,7 @@ import torch
 from torch.fx import Graph, Node
 
 import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
-from graph_passes.ir import meta_val
-from graph_passes.mask_domain import same
+from graph_passes.fx_nodes import meta_val, same
 
 aten = torch.ops.aten
 PREFILL = torch.ops.attn.prefill.default

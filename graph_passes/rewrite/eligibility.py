@@ -11,10 +11,11 @@ import logging
 
 import torch
 
-from attn_ops import checks, registry
+from attn_ops import contract, registry
+from attn_ops.contract import OpConfig
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graph_passes.mask_domain import same
+from graph_passes.fx_nodes import same
 from graph_passes.options import SubstitutionOptions
 
 log = logging.getLogger("graph_passes")
@@ -27,10 +28,10 @@ def left_alone(pass_name: str, where: str, reason: str) -> None:
     log.debug("%s: left %s alone because %s", pass_name, where, reason)
 
 
-def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
-    return dict(device=q.device, dtype=q.dtype, head_dim=int(q.shape[3]), num_heads=int(q.shape[1]),
-                num_kv_heads=int(k.shape[1]), causal=bool(causal), paged=False, block_size=None,
-                window_left=-1, softcap=0.0)
+def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool) -> OpConfig:
+    """The config of the ``attn.prefill`` that would replace attention over q/k ``[B, H, S, D]``."""
+    return OpConfig("prefill", q.device, q.dtype, int(q.shape[3]), int(k.shape[1]),
+                    num_heads=int(q.shape[1]), causal=bool(causal))
 
 
 # Backends that run the ops with plain torch on padded tiles. Neither beats the attention it
@@ -40,7 +41,7 @@ def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
 _PURE_TORCH = ("reference", "sdpa")
 
 
-def backend_reason(config: dict, choice: str | None, only_if_faster: bool = True) -> str | None:
+def backend_reason(config: OpConfig, choice: str | None, only_if_faster: bool = True) -> str | None:
     """None when ``prefill`` with ``config`` would run on a backend worth substituting for.
 
     An explicit choice (option, ``use_backend``, ``ATTN_OPS_BACKEND``) is taken as asked, the
@@ -54,22 +55,22 @@ def backend_reason(config: dict, choice: str | None, only_if_faster: bool = True
             module = registry.get_backend_module(choice)
         except ImportError as e:
             return f"attn backend {choice!r} cannot be imported ({e})"
-        reason = module.supports("prefill", **config)
+        reason = module.supports(config)
         return None if reason is None else f"attn backend {choice!r} does not support it: {reason}"
-    for name in registry.auto_order("prefill", config):
+    for name in registry.auto_order(config):
         try:
             module = registry.get_backend_module(name)
         except ImportError:
             continue
-        if module.supports("prefill", **config) is None:
+        if module.supports(config) is None:
             if name in _PURE_TORCH and only_if_faster:
                 return (f"only a pure-torch backend ({name}) would run it on "
-                        f"{config['device'].type} "
-                        f"(dtype {config['dtype']}, head dim {config['head_dim']}), slower than "
+                        f"{config.device.type} "
+                        f"(dtype {config.dtype}, head dim {config.head_dim}), slower than "
                         f"the attention it replaces; choose it explicitly (attn_backend="
                         f"'reference' or ATTN_OPS_BACKEND=reference) to substitute anyway")
             return None
-    return f"no attn backend supports it on {config['device']}"
+    return f"no attn backend supports it on {config.device}"
 
 
 def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | None:
@@ -79,7 +80,7 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
         return "q, k, v carry no tensor metadata"
     if any(t.dim() != 4 for t in vals):
         return f"q/k/v are not 4-D [B, H, S, D] (shapes {[list(t.shape) for t in vals]})"
-    if any(t.dtype not in checks.FLOAT_DTYPES or t.dtype != q.dtype for t in vals):
+    if any(t.dtype not in contract.FLOAT_DTYPES or t.dtype != q.dtype for t in vals):
         return f"dtypes {[t.dtype for t in vals]} are not one of fp32/fp16/bf16 for all three"
     if k.device != q.device or v.device != q.device:
         return "q, k, v are on different devices"
@@ -97,9 +98,9 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
         return f"{h} query heads are not a multiple of {hkv} kv heads"
     if not isinstance(d, int):
         return "the head dim is symbolic"
-    if not (0 < d <= checks.MAX_HEAD_DIM and d % checks.HEAD_DIM_MULTIPLE == 0):
+    if not (0 < d <= contract.MAX_HEAD_DIM and d % contract.HEAD_DIM_MULTIPLE == 0):
         return (f"head dim {d} is outside the op contract (a multiple of "
-                f"{checks.HEAD_DIM_MULTIPLE} up to {checks.MAX_HEAD_DIM})")
+                f"{contract.HEAD_DIM_MULTIPLE} up to {contract.MAX_HEAD_DIM})")
     if not statically_known_true(sq <= k.shape[2]):
         return (f"Sq={sq} may exceed Sk={k.shape[2]} (attn.prefill's queries are the last Sq "
                 f"of the Sk tokens)")

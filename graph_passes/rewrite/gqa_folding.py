@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from graph_passes.ir import IDENTITY_OPS, arg, meta_val, op_name
-from graph_passes.mask_domain import same
+from graph_passes.fx_nodes import IDENTITY_OPS, arg, meta_val, op_name, same
 
 _RESHAPES = frozenset({"view", "reshape", "_unsafe_view"})
 

@@ -129,12 +129,12 @@ def reference(schedule):
 
 
 def substitution_pass():
-    """``graph_passes.export_pass.substitute_attention`` and None, or None and why it is absent
+    """``graph_passes.substitute_attention`` and None, or None and why it is absent
     (another engineer's pass: only the SDPA tests depend on it)."""
     try:
-        from graph_passes.export_pass import substitute_attention
+        from graph_passes import substitute_attention
     except ImportError as e:
-        return None, f"graph_passes.export_pass not importable: {e}"
+        return None, f"graph_passes.substitute_attention not importable: {e}"
     return substitute_attention, None
 
 
@@ -295,7 +295,7 @@ def attn_summary(ep: torch.export.ExportedProgram) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# A dense SDPA model for the substitution tests (graph_passes.export_pass)
+# A dense SDPA model for the substitution tests (graph_passes.substitute_attention)
 # ---------------------------------------------------------------------------------------------
 
 class SdpaBlock(torch.nn.Module):

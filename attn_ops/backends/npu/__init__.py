@@ -11,15 +11,15 @@
 **Host sync.** FIA takes its lengths as host ``int`` lists, so ``prefill`` and ``decode`` copy
 ``cu_seqlens`` / ``seqlens_k`` to the host (``.tolist()``, one transfer per call). This is the only
 place in attn_ops where such a sync is accepted, because torch_npu requires it. It is also why
-torchair's reduce-overhead mode needs ``graph_passes.torchair_decompose``: inside a captured graph
-the lengths must be graph inputs that torchair refreshes at each replay.
+torchair's reduce-overhead mode needs :mod:`.torchair_decompose`: inside a captured graph the
+lengths must be graph inputs that torchair refreshes at each replay.
 
 **Running the lowering off-NPU.** :func:`supports` requires tensors on an ``npu`` device, so the
 registry never picks this backend for CPU or CUDA tensors. The three op functions below, called
 directly, lower whatever device their tensors are on: that is the documented test hook. The tests
 call them on CPU tensors with a CPU emulator of the torch_npu ops registered in ``torch.ops.npu``
-(tests/support/npu_emulator.py, only when torch_npu is absent). They skip the op's argument checks, so
-callers pass valid inputs. :func:`store_kvcache_with` picks one store op explicitly.
+(tests/support/npu_emulator.py, only when torch_npu is absent). They skip the op's argument
+checks, so callers pass valid inputs. :func:`store_kvcache_with` picks one store op explicitly.
 
 Nothing here was run on Ascend hardware (see docs/npu.md).
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_ops.backends import npu_lowering as lowering
+from attn_ops.backends.npu import lowering
 
 name = "npu"
 
@@ -43,13 +43,14 @@ PREFILL_BLOCK_SIZES = (128, 256, 384, 512)  # paged FIA with query length > 1
 DECODE_BLOCK_MULTIPLE, DECODE_MAX_BLOCK = 16, 512
 
 
-def supports(op: str, **config) -> str | None:
-    """None when this backend can serve ``op`` with ``config``, else the reason it can't."""
-    device = config["device"]
+def supports(config) -> str | None:
+    """None when this backend can serve the call ``config`` (an ``OpConfig``) describes, else why."""
+    op = config.op
+    device = config.device
     if getattr(device, "type", device) != "npu":
         return (f"needs tensors on an Ascend NPU (device type 'npu', from torch_npu), got "
                 f"{getattr(device, 'type', device)}")
-    dtype, d = config["dtype"], config["head_dim"]
+    dtype, d = config.dtype, config.head_dim
     if op == "store_kvcache":
         if lowering.available_store_impl() is None:
             return ("this torch_npu has none of npu_scatter_pa_kv_cache, _npu_reshape_and_cache, "
@@ -61,11 +62,11 @@ def supports(op: str, **config) -> str | None:
         return f"this torch_npu has no {lowering.FIA_V2}"
     if dtype not in FIA_DTYPES:
         return f"FIA v2 takes fp16/bf16 queries, got {dtype}"
-    if config["softcap"] > 0:
+    if config.softcap > 0:
         return "FIA v2 has no logit soft-capping (softcap > 0)"
     if d % 16:
         return f"FIA v2 needs a head dim that is a multiple of 16 for fp16/bf16, got {d}"
-    h, hkv = config["num_heads"], config["num_kv_heads"]
+    h, hkv = config.num_heads, config.num_kv_heads
     if h // hkv > MAX_GQA_RATIO:
         return f"FIA v2 allows at most {MAX_GQA_RATIO} query heads per kv head, got {h // hkv}"
     if op == "decode":
@@ -73,25 +74,25 @@ def supports(op: str, **config) -> str | None:
     return _prefill_reason(config)
 
 
-def _prefill_reason(config: dict) -> str | None:
-    if config["dtype"] not in TND_DTYPES or config["head_dim"] not in TND_HEAD_DIMS:
+def _prefill_reason(config) -> str | None:
+    if config.dtype not in TND_DTYPES or config.head_dim not in TND_HEAD_DIMS:
         return (f"torch_npu 2.13 documents FIA v2 in TND layout for bf16 with head dim "
-                f"{'/'.join(map(str, TND_HEAD_DIMS))} only, got {config['dtype']} and head dim "
-                f"{config['head_dim']}")
-    if config["num_heads"] > MAX_PREFILL_HEADS:
+                f"{'/'.join(map(str, TND_HEAD_DIMS))} only, got {config.dtype} and head dim "
+                f"{config.head_dim}")
+    if config.num_heads > MAX_PREFILL_HEADS:
         return f"FIA v2 allows at most {MAX_PREFILL_HEADS} heads for prefill"
-    if config["paged"] and config["block_size"] not in PREFILL_BLOCK_SIZES:
+    if config.paged and config.block_size not in PREFILL_BLOCK_SIZES:
         return (f"paged FIA v2 prefill needs block_size in {PREFILL_BLOCK_SIZES}, got "
-                f"{config['block_size']}")
+                f"{config.block_size}")
     return None
 
 
-def _decode_reason(config: dict) -> str | None:
-    bs = config["block_size"]
+def _decode_reason(config) -> str | None:
+    bs = config.block_size
     if bs % DECODE_BLOCK_MULTIPLE or bs > DECODE_MAX_BLOCK:
         return (f"paged FIA v2 decode needs block_size a multiple of {DECODE_BLOCK_MULTIPLE} up "
                 f"to {DECODE_MAX_BLOCK}, got {bs}")
-    if config["window_left"] >= 0:
+    if config.window_left >= 0:
         return "FIA v2 ignores the sliding-window arguments when the query length is 1"
     return None
 
@@ -113,7 +114,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 
 def store_kvcache_with(impl: str, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """``attn::store_kvcache`` through one named op of ``npu_lowering.STORE_IMPLS``."""
+    """``attn::store_kvcache`` through one named op of ``lowering.STORE_IMPLS``."""
     if key.shape[0] == 0:
         return
     lowering.store(key, value, k_cache, v_cache, slot_mapping, impl, k_cache.shape[1])

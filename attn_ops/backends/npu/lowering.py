@@ -5,7 +5,7 @@ torch_npu (docs/npu.md gives the reasoning and the torch_npu 2.13 facts it rests
 functions run in two ways:
 
 * eagerly, from :mod:`attn_ops.backends.npu`, with lengths as host ``list[int]``;
-* symbolically, from ``graph_passes.torchair_decompose``, with ``torch.fx.Proxy`` arguments and
+* symbolically, from :mod:`.torchair_decompose`, with ``torch.fx.Proxy`` arguments and
   lengths as lists of graph inputs (SymInt placeholders), which writes the very same calls into an
   FX graph as visible ``torch.ops.npu`` nodes.
 

@@ -7,8 +7,8 @@ an Ascend machine (docs/npu.md lists what to check). Importing it requires torch
 it; importing it registers the converters.
 
 In a GE graph the lengths can stay on the device: FIA's ``actual_seq_*`` inputs are int64 tensors
-there. So each converter builds the same call as ``attn_ops.backends.npu_lowering`` (same
-:class:`~attn_ops.backends.npu_lowering.FiaSpec`), with the lengths computed by GE ops from the
+there. So each converter builds the same call as ``attn_ops.backends.npu.lowering`` (same
+:class:`~attn_ops.backends.npu.lowering.FiaSpec`), with the lengths computed by GE ops from the
 cu_seqlens / seqlens tensors, and delegates the FIA node itself to torchair's converter for
 ``torch.ops.air.npu_fused_infer_attention_score_v2`` (the tensor-lengths variant). As in the
 reduce-overhead decomposition, prefill expects ``cu_seqlens_q[-1]`` to equal the token count
@@ -24,7 +24,7 @@ from torchair._ge_concrete_graph import ge_apis as ge  # the GE op builders torc
 # converters use; importing the module below registers torch.ops.air's FIA v2 and its converter.
 from torchair.ops import _npu_fused_infer_attention_score_v2  # noqa: F401
 
-from attn_ops.backends import npu_lowering as lowering
+from attn_ops.backends.npu import lowering
 
 DT = public_ge.DataType
 
@@ -64,7 +64,7 @@ def _paged_view(cache, block_size: int, width: int):
 def convert_attn_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                          causal=True, block_table=None, window_left=-1, softcap=0.0,
                          meta_outputs=None):
-    """attn::prefill -> FIA v2, TND, tensor lengths (see npu_lowering.prefill_fia)."""
+    """attn::prefill -> FIA v2, TND, tensor lengths (see lowering.prefill_fia)."""
     paged = block_table is not None
     h, d = _static(q, 1, "H"), _static(q, 2, "D")
     hkv = _static(k, 2 if paged else 1, "Hkv")
@@ -114,7 +114,7 @@ def convert_attn_store_kvcache(key, value, k_cache, v_cache, slot_mapping, meta_
 
     torchair hands a mutating op to this converter through auto_functionalized_v2, with the
     caches as in-place (ref) inputs. Padding rows (slot -1) are redirected exactly as
-    npu_lowering.redirect_padding_rows does, so every slot written is in range.
+    lowering.redirect_padding_rows does, so every slot written is in range.
     """
     slots = public_ge.Cast(slot_mapping, dst_type=DT.DT_INT64)
     valid = ge.GreaterEqual(slots, _const(0))

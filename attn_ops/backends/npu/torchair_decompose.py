@@ -7,7 +7,7 @@ each replay. An opaque ``attn::prefill`` / ``attn::decode`` node would freeze th
 (and its eager kernel's ``.tolist()`` cannot run inside a capture anyway).
 
 What: :func:`decompose_attn_ops` rewrites each attn node of an FX graph into the npu backend's
-own lowering (``attn_ops.backends.npu_lowering``, traced with ``torch.fx.Proxy`` so the graph
+own lowering (``attn_ops.backends.npu.lowering``, traced with ``torch.fx.Proxy`` so the graph
 holds exactly the calls eager mode makes), and lifts the lengths that FIA needs as host lists into
 new graph inputs (one per sequence, SymInt). :func:`decomposing_backend` wraps a compiler backend
 (``torchair.get_npu_backend(...)``; any ``(gm, example_inputs)`` backend works, which is how the
@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 from torch.fx.proxy import GraphAppendingTracer
 
-from attn_ops.backends import npu_lowering as lowering
+from attn_ops.backends.npu import lowering
 
 COUNTER = "attn_npu_decompose"
 # kind of lifted lengths -> host transform of the source tensor's values
@@ -274,13 +274,14 @@ def decompose_attn_ops(gm: fx.GraphModule, *, store_impl: str | None = None) -> 
 
     Args:
         gm: a graph from Dynamo, ``make_fx`` or ``torch.export`` (nodes carry example values).
-        store_impl: force one cache-store op of ``npu_lowering.STORE_IMPLS``; None takes the
+        store_impl: force one cache-store op of ``lowering.STORE_IMPLS``; None takes the
             first one torch_npu has.
 
     Returns:
-        :class:`Decomposed`: the rewritten copy (``gm`` itself is left as it is) with extra trailing inputs, one per lifted length;
-        call it with ``[*inputs, *result.host_lengths(inputs)]``), what was lifted, and counts.
-        The counts are also added to ``torch._dynamo.utils.counters["attn_npu_decompose"]``.
+        :class:`Decomposed`: the rewritten copy (``gm`` itself is left as it is) with extra
+        trailing inputs, one per lifted length (call it with
+        ``[*inputs, *result.host_lengths(inputs)]``), what was lifted, and counts. The counts
+        are also added to ``torch._dynamo.utils.counters["attn_npu_decompose"]``.
     """
     from torch._dynamo.utils import counters
 

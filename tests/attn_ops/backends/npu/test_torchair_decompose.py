@@ -9,8 +9,9 @@ mode needs to refresh FIA's lengths at each replay.
 
 from __future__ import annotations
 
-import importlib
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import attn_ops  # noqa: F401  (registers torch.ops.attn)
 from tests.support import npu_emulator as emu
 from attn_ops.backends import reference
-from graph_passes.torchair_decompose import (COUNTER, DecomposeError, decompose_attn_ops,
-                                             decomposing_backend)
+from attn_ops.backends.npu.torchair_decompose import (COUNTER, DecomposeError,
+                                                     decompose_attn_ops, decomposing_backend)
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 EMULATED = emu.install()
@@ -224,8 +225,11 @@ def test_compiled_decode_replays_with_new_lengths_without_recompiling():
     assert len(fia.kwargs["actual_seq_kvlen"]) == 3
 
 
-def test_torchair_modules_need_torchair_and_the_pass_does_not():
-    assert "torchair" not in sys.modules and "torch_npu" not in sys.modules
-    for name in ("graph_passes.torchair_backend", "graph_passes.torchair_converters"):
-        with pytest.raises(ImportError):
-            importlib.import_module(name)
+def test_the_pass_and_the_backend_import_neither_torchair_nor_torch_npu():
+    """A fresh interpreter: importing attn_ops, the npu backend and this pass loads neither."""
+    code = ("import sys, attn_ops, attn_ops.backends.npu, "
+            "attn_ops.backends.npu.torchair_decompose; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchair', 'torch_npu')))")
+    root = Path(__file__).parents[4]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

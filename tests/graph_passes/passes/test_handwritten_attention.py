@@ -2,20 +2,19 @@
 the common forms (Hugging Face eager, Meta llama, nanoGPT, torch.where), what stays put.
 
 Runs through ``graph_passes.testing.inspecting_backend`` (the aten graph Inductor would see,
-executed eagerly); test_compile_backend.py covers the real Inductor path.
+executed eagerly); tests/graph_passes/test_compile_backend.py covers the real Inductor path.
 """
 
 import logging
-import math
 
 import expecttest
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import attn_ops  # noqa: F401
 from graph_passes.testing import graph_text, inspecting_backend
+from tests.support.attention_models import HandAttention
 from tests.support.helpers import TOLERANCES, assert_close
 
 PREFILL = torch.ops.attn.prefill.default
@@ -26,68 +25,9 @@ def _reference_backend(monkeypatch):
     """CPU has only the reference backend, which "auto" does not substitute for (slower than
     what it replaces); these tests choose it explicitly, as a user would to force it."""
     monkeypatch.setenv("ATTN_OPS_BACKEND", "reference")
+
+
 aten = torch.ops.aten
-
-
-class HandAttention(torch.nn.Module):
-    """x ``[B, S, 64]`` -> ``[B, H, S, D]`` through softmax(q k^T) v written in one model's style.
-
-    style: "hf" (HF eager: ``* scaling + mask``, fp32 softmax, dropout), "llama" (``/ sqrt(d)``,
-    ``+ triu(-inf)``, ``softmax(s.float()).type_as(q)``), "nanogpt" (``masked_fill(tril == 0,
-    -inf)``), "where" (``torch.where(tril, s, -inf)``).
-    mask: "graph" (built in forward from positions), "buffer" (a registered tril buffer),
-    "input" (a forward argument), "window" (sliding window), None (no mask: not causal).
-    """
-
-    def __init__(self, h=4, hkv=2, d=16, style="hf", gqa="repeat_kv", mask="graph", dropout=0.0):
-        super().__init__()
-        self.h, self.hkv, self.d, self.style, self.gqa = h, hkv, d, style, gqa
-        self.mask_kind, self.dropout = mask, dropout
-        self.q = torch.nn.Linear(64, h * d)
-        self.kv = torch.nn.Linear(64, 2 * hkv * d)
-        self.register_buffer("tril", torch.ones(64, 64, dtype=torch.bool).tril())
-
-    def _keep(self, x, s, extra):
-        """Bool ``[S, S]``, True where query i may see key j."""
-        if self.mask_kind == "buffer":
-            return self.tril[:s, :s]
-        if self.mask_kind == "input":
-            return extra
-        pos = torch.arange(s, device=x.device)
-        keep = pos[None, :] <= pos[:, None]
-        if self.mask_kind == "window":
-            keep = keep & (pos[:, None] - pos[None, :] < 3)
-        return keep
-
-    def forward(self, x, extra=None):
-        b, s, _ = x.shape
-        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
-        k, v = self.kv(x).view(b, s, 2, self.hkv, self.d).permute(2, 0, 3, 1, 4)
-        n = self.h // self.hkv
-        if self.gqa == "repeat_kv":
-            k = k[:, :, None].expand(b, self.hkv, n, s, self.d).reshape(b, self.h, s, self.d)
-            v = v[:, :, None].expand(b, self.hkv, n, s, self.d).reshape(b, self.h, s, self.d)
-        elif self.gqa == "repeat_interleave":
-            k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
-        keep = None if self.mask_kind is None else self._keep(x, s, extra)
-        if self.style == "hf":
-            w = torch.matmul(q, k.transpose(2, 3)) * self.d ** -0.5
-            if keep is not None:
-                w = w + torch.where(keep, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
-            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-            w = F.dropout(w, p=self.dropout, training=self.training)
-            return torch.matmul(w, v)
-        if self.style == "llama":
-            w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.d)
-            if keep is not None:
-                w = w + torch.full((s, s), float("-inf"), device=x.device).triu(1).to(x.dtype)
-            return torch.matmul(F.softmax(w.float(), dim=-1).type_as(q), v)
-        w = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d))
-        if keep is not None and self.style == "nanogpt":
-            w = w.masked_fill(keep == 0, float("-inf"))
-        elif keep is not None:
-            w = torch.where(keep, w, float("-inf"))
-        return F.softmax(w, dim=-1) @ v
 
 
 def _run(model, *inputs, dynamic=False, options=None, grad=False):

@@ -9,9 +9,8 @@ from torch._dynamo.utils import counters
 import attn_ops  # noqa: F401
 from graph_passes import substitute_attention
 from graph_passes.testing import graph_text
+from tests.support.attention_models import HandAttention, SdpaAttention
 from tests.support.helpers import TOLERANCES, assert_close
-from tests.test_graph_passes_handwritten import HandAttention
-from tests.test_graph_passes_sdpa import SdpaAttention
 
 PREFILL = torch.ops.attn.prefill.default
 TOL = TOLERANCES[torch.float32]

@@ -1,7 +1,7 @@
 """The npu backend's lowering, checked call by call and by value against a CPU emulator.
 
-No NPU exists here: tests/support/npu_emulator.py registers CPU kernels for the torch_npu ops (only when
-torch_npu is absent). The backend's op functions are called directly on CPU tensors (its
+No NPU exists here: tests/support/npu_emulator.py registers CPU kernels for the torch_npu ops (only
+when torch_npu is absent). The backend's op functions are called directly on CPU tensors (its
 documented test hook); the registry itself never picks "npu" for CPU tensors (tested below).
 """
 
@@ -16,8 +16,9 @@ import torch
 import attn_ops
 from tests.support import npu_emulator as emu
 from attn_ops import registry
+from attn_ops.contract import OpConfig
 from attn_ops.backends import npu, reference
-from attn_ops.backends import npu_lowering as lowering
+from attn_ops.backends.npu import lowering
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, prefill_f64, random_paged
 
 EMULATED = emu.install()
@@ -254,10 +255,8 @@ def test_emulator_default_scale_is_one_and_empty_rows_are_poisoned():
 # ---------------------------------------------------------------------------------------------
 
 NPU = types.SimpleNamespace(type="npu")  # torch.device("npu") needs torch_npu to parse
-PREFILL_OK = dict(device=NPU, dtype=BF16, head_dim=128, num_heads=32, num_kv_heads=8,
-                  causal=True, paged=True, block_size=128, window_left=-1, softcap=0.0)
-DECODE_OK = dict(device=NPU, dtype=torch.float16, head_dim=64, num_heads=32, num_kv_heads=8,
-                 block_size=16, window_left=-1, softcap=0.0)
+PREFILL_OK = OpConfig("prefill", NPU, BF16, 128, 8, num_heads=32, paged=True, block_size=128)
+DECODE_OK = OpConfig("decode", NPU, torch.float16, 64, 8, num_heads=32, paged=True, block_size=16)
 
 
 @pytest.mark.parametrize("op, change, reason", [
@@ -277,8 +276,8 @@ DECODE_OK = dict(device=NPU, dtype=torch.float16, head_dim=64, num_heads=32, num
     ("store_kvcache", dict(dtype=torch.float32), None),
 ])
 def test_supports_reasons(op, change, reason):
-    config = dict(PREFILL_OK if op == "prefill" else DECODE_OK, **change)
-    got = npu.supports(op, **config)
+    config = (PREFILL_OK if op == "prefill" else DECODE_OK).replace(op=op, **change)
+    got = npu.supports(config)
     if reason is None:
         assert got is None
     else:
@@ -292,7 +291,7 @@ def test_registry_never_picks_npu_for_cpu_tensors():
     with pytest.raises(registry.BackendUnavailable, match="Ascend NPU"):
         attn_ops.prefill(q, k, k, cu, cu, 3, 3, 0.1, backend="npu")
     # "auto" on a CPU: the pure-torch sdpa backend, never npu
-    assert registry.select("prefill", dict(PREFILL_OK, device=torch.device("cpu"))).name == "sdpa"
+    assert registry.select(PREFILL_OK.replace(device=torch.device("cpu"))).name == "sdpa"
 
 
 def test_lowering_refuses_what_fia_cannot_do():

@@ -1,23 +1,19 @@
-"""torch.compile(model, backend="attn_ops") with real Inductor, the opt-in, options, caches,
-and Hugging Face Llama substituted in every layer."""
+"""torch.compile(model, backend="attn_ops") with real Inductor: options, caches, and Hugging Face
+Llama substituted in every layer."""
 
 import importlib.metadata
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
 import graph_passes
-from attn_ops import registry
-from attn_ops.backends import reference
-from graph_passes.options import SubstitutionOptions, split_options
 from graph_passes.testing import inspecting_backend
+from tests.support.attention_models import HandAttention, SdpaAttention
 from tests.support.helpers import TOLERANCES, assert_close
-from tests.test_graph_passes_handwritten import HandAttention
-from tests.test_graph_passes_sdpa import SdpaAttention
 
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 TOL = TOLERANCES[torch.float32]
 
 
@@ -38,28 +34,6 @@ class Both(torch.nn.Module):
 
     def forward(self, x):
         return self.sdpa(x) + self.hand(x)
-
-
-@pytest.fixture
-def prefill_calls(monkeypatch):
-    """The backend choice in force at each reference prefill call (CPU runs the reference)."""
-    calls = []
-    real = reference.prefill
-
-    def spy(*args, **kwargs):
-        calls.append(registry.current_choice())
-        return real(*args, **kwargs)
-    monkeypatch.setattr(reference, "prefill", spy)
-    return calls
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False):  # counters are asserted
-        yield
-    torch._dynamo.reset()
 
 
 def test_registered_through_the_entry_point():
@@ -91,50 +65,6 @@ def test_options_choose_the_attn_backend(prefill_calls, monkeypatch):
                             options={"attn_ops.attn_backend": "reference"})(x)
         assert_close(out, model(x), *TOL)
     assert prefill_calls == ["reference"], "the compiled callable runs under use_backend"
-
-
-def test_split_options():
-    ours, rest = split_options({"attn_ops.handwritten": False, "max_autotune": True})
-    assert ours == SubstitutionOptions(handwritten=False) and rest == {"max_autotune": True}
-    with pytest.raises(ValueError, match="attn_ops.nope"):
-        split_options({"attn_ops.nope": 1})
-    with pytest.raises(ValueError, match="attn_backend"):
-        SubstitutionOptions(attn_backend="cuda-magic")
-
-
-class _UserPass(CustomGraphPass):
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, graph):
-        self.calls += 1
-
-    def uuid(self):
-        return "user-pass"
-
-
-def test_opt_in_substitutes_in_plain_compile_and_undoes_exactly(prefill_calls):
-    cfg = torch._inductor.config
-    user = _UserPass()
-    with cfg.patch(pre_grad_custom_pass=user):
-        before = (cfg.pre_grad_custom_pass, cfg.joint_custom_pre_pass)
-        handle = graph_passes.enable()
-        assert graph_passes.is_enabled()
-        model = SdpaAttention().eval()
-        with torch.no_grad():
-            torch.compile(model)(torch.randn(2, 7, 64))
-        assert counters["graph_passes"]["sdpa_to_prefill"] == 1 and len(prefill_calls) == 1
-        assert user.calls == 1, "the user's own pre-grad pass still runs, first"
-        inner = graph_passes.enable(sdpa=False)
-        with pytest.raises(RuntimeError, match="cannot undo"):
-            handle.undo()
-        inner.undo()
-        handle.undo()
-        assert (cfg.pre_grad_custom_pass, cfg.joint_custom_pre_pass) == before
-        assert cfg.pre_grad_custom_pass is user and not graph_passes.is_enabled()
-    with graph_passes.enabled(attn_backend="reference"):
-        assert graph_passes.is_enabled() and registry.current_choice() == "reference"
-    assert not graph_passes.is_enabled()
 
 
 def test_fx_graph_cache_keeps_substituted_and_plain_artifacts_apart(prefill_calls):

@@ -1,12 +1,11 @@
 """SDPA -> attn.prefill (the pre-grad pass): goldens, numerics against eager, what stays put.
 
 Runs through ``graph_passes.testing.inspecting_backend`` (our passes where Inductor runs them,
-executed eagerly), so each case compiles in well under a second; test_compile_backend.py
-covers the real Inductor path.
+executed eagerly), so each case compiles in well under a second;
+tests/graph_passes/test_compile_backend.py covers the real Inductor path.
 """
 
 import logging
-import math
 
 import expecttest
 import pytest
@@ -16,6 +15,7 @@ from torch._dynamo.utils import counters
 
 import attn_ops  # noqa: F401
 from graph_passes.testing import graph_text, inspecting_backend
+from tests.support.attention_models import SdpaAttention
 from tests.support.helpers import TOLERANCES, assert_close
 
 PREFILL = torch.ops.attn.prefill.default
@@ -26,62 +26,6 @@ def _reference_backend(monkeypatch):
     """CPU has only the reference backend, which "auto" does not substitute for (slower than
     what it replaces); these tests choose it explicitly, as a user would to force it."""
     monkeypatch.setenv("ATTN_OPS_BACKEND", "reference")
-
-
-class SdpaAttention(torch.nn.Module):
-    """x ``[B, S, 64]`` -> ``[B, S, H * D]`` through one SDPA call written one of several ways.
-
-    gqa: "sdpa" (enable_gqa=True), "repeat_kv", "repeat_interleave", or "none" (H == Hkv).
-    mask: None (is_causal=causal), "tril", "triu_inf", "arange", "input" (a forward argument),
-    "window" (sliding window), "padding" (key padding from a lengths argument).
-    """
-
-    def __init__(self, h=4, hkv=2, d=16, gqa="repeat_kv", mask=None, causal=True, dropout=0.0,
-                 scale=None, kv_len=None, q_len=None):
-        super().__init__()
-        self.h, self.hkv, self.d = h, hkv, d
-        self.gqa, self.mask, self.causal = gqa, mask, causal
-        self.dropout, self.scale = dropout, scale
-        self.kv_len, self.q_len = kv_len, q_len
-        self.q = torch.nn.Linear(64, h * d)
-        self.kv = torch.nn.Linear(64, 2 * hkv * d)
-
-    def forward(self, x, extra=None):
-        b, s, _ = x.shape
-        if self.q_len is not None:
-            s = self.q_len
-        q = self.q(x[:, x.shape[1] - s:]).view(b, s, self.h, self.d).transpose(1, 2)
-        src = x if self.kv_len is None else x[:, :self.kv_len]
-        sk = src.shape[1]
-        k, v = self.kv(src).view(b, sk, 2, self.hkv, self.d).permute(2, 0, 3, 1, 4)
-        n = self.h // self.hkv
-        if self.gqa == "repeat_kv":
-            k = k[:, :, None].expand(b, self.hkv, n, sk, self.d).reshape(b, self.h, sk, self.d)
-            v = v[:, :, None].expand(b, self.hkv, n, sk, self.d).reshape(b, self.h, sk, self.d)
-        elif self.gqa == "repeat_interleave":
-            k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
-        kw = dict(dropout_p=self.dropout, scale=self.scale, enable_gqa=self.gqa == "sdpa")
-        mask = self._mask(x, s, sk, extra)
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **kw)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
-
-    def _mask(self, x, s, sk, extra):
-        if self.mask in ("arange", "window", "padding"):
-            pos_q, pos_k = torch.arange(s, device=x.device), torch.arange(sk, device=x.device)
-        if self.mask == "tril":
-            return torch.ones(s, sk, dtype=torch.bool, device=x.device).tril()
-        if self.mask == "triu_inf":
-            return torch.full((s, sk), -math.inf, device=x.device, dtype=x.dtype).triu(1)
-        if self.mask == "arange":
-            return (pos_k[None, :] <= pos_q[:, None])[None, None]
-        if self.mask == "input":
-            return extra
-        if self.mask == "window":
-            return (pos_k[None, :] <= pos_q[:, None]) & (pos_q[:, None] - pos_k[None, :] < 4)
-        if self.mask == "padding":
-            return (pos_k[None, :] < extra[:, None])[:, None, None, :]
-        return None
 
 
 def _run(model, *inputs, dynamic=False, options=None):

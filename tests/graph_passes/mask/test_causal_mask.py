@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from graph_passes.causal_mask import classify
-from graph_passes.mask_domain import NotProvable
+from graph_passes.mask.causal_mask import classify
+from graph_passes.mask.domain import NotProvable
 
 def _ar(t, x):
     return torch.arange(t, device=x.device)

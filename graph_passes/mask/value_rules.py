@@ -1,0 +1,206 @@
+"""How value-computing ops act on the abstract mask values of :mod:`.domain`.
+
+Creation (``arange``, ``ones``, ``full``, ...), ``tril``/``triu``, comparisons, arithmetic,
+logic, ``where``/``masked_fill`` and dtype casts. ``VALUE_RULES`` maps a canonical op name
+(:func:`graph_passes.fx_nodes.op_name`) to ``rule(ev, node)``, which reads the node's inputs
+through ``ev.value`` / ``ev.scalar`` and returns the node's abstract value, or raises
+:class:`NotProvable`. Every rule is exact: it either computes the op's value as a function of
+the element index, or refuses. Views and indexing are in :mod:`.index_rules`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from graph_passes.mask import domain as md
+from graph_passes.fx_nodes import arg, meta_val, op_name, same
+from graph_passes.mask.domain import Lin, NotProvable, Pred, Select
+
+_CASTS = frozenset({"to", "_to_copy", "convert_element_type", "type", "type_as", "float", "bool",
+                    "half", "bfloat16", "int", "long", "double"})
+_FILLS = {"ones": 1, "zeros": 0, "ones_like": 1, "zeros_like": 0, "new_ones": 1, "new_zeros": 0}
+_COMPARE = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b, "le": lambda a, b: a <= b,
+            "lt": lambda a, b: a < b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
+
+
+def shape_of(node: Node) -> tuple:
+    val = meta_val(node)
+    if not isinstance(val, torch.Tensor):
+        raise NotProvable(f"no tensor metadata on {node.name}")
+    return tuple(val.shape)
+
+
+def dtype_of(node: Node) -> torch.dtype:
+    return meta_val(node).dtype
+
+
+def _arange(ev, node: Node):
+    if op_name(node) == "iota":
+        start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
+    else:
+        pos = [ev.scalar(a) for a in node.args]
+        start, step = (pos[0], 1) if len(pos) >= 2 else (0, 1)
+        if len(pos) >= 3:
+            step = pos[2]
+        start = ev.scalar(node.kwargs.get("start", start))
+        step = ev.scalar(node.kwargs.get("step", step))
+    if dtype_of(node).is_floating_point:
+        raise NotProvable("a floating-point arange")
+    return Lin((ev.scalar(step),), ev.scalar(start))
+
+
+def _fill(ev, node: Node):
+    name = op_name(node)
+    if name in _FILLS:
+        value = _FILLS[name]
+    elif name in ("full", "new_full"):
+        value = ev.scalar(arg(node, 1, "fill_value"))
+    elif name == "full_like":
+        value = ev.scalar(arg(node, 1, "fill_value"))
+    else:  # scalar_tensor, tensor
+        value = ev.scalar(arg(node, 0, "s" if name == "scalar_tensor" else "data"))
+        if not isinstance(value, (int, float, bool)):
+            raise NotProvable("torch.tensor of a non-scalar")
+    return md.constant(len(shape_of(node)), value, dtype_of(node))
+
+
+def _tri(ev, node: Node):
+    rank = len(shape_of(node))
+    base = ev.value(node.args[0], rank)
+    k = ev.scalar(arg(node, 1, "diagonal", 0))
+    coef = [0] * rank
+    if op_name(node) == "tril":  # keep j <= i + k   <=>  i - j + k >= 0
+        coef[-2], coef[-1] = 1, -1
+        pred = Pred(rank, Lin(tuple(coef), k))
+    else:  # triu: keep j >= i + k  <=>  j - i - k >= 0
+        coef[-2], coef[-1] = -1, 1
+        pred = Pred(rank, Lin(tuple(coef), -k))
+    if isinstance(base, Pred):
+        return md.combine_preds("logical_and", pred, base)
+    return Select(pred, const_of(base), 0.0)
+
+
+def const_of(v):
+    if isinstance(v, Lin):
+        if any(not same(c, 0) for c in v.coef):
+            raise NotProvable("a position-dependent value where a constant was expected")
+        return v.const
+    return md.scalar_of(v)
+
+
+def _compare(ev, node: Node):
+    name, rank = op_name(node), len(shape_of(node))
+    x, y = ev.value(node.args[0], rank), ev.value(arg(node, 1, "other"), rank)
+    if isinstance(x, Lin) and isinstance(y, Lin):
+        if name in ("ge", "gt", "le", "lt"):
+            return md.compare(name, x, y)
+        diff = x + y.scale(-1)
+        if all(same(c, 0) for c in diff.coef) and isinstance(diff.const, int):
+            return Pred(rank, None, (diff.const == 0) == (name == "eq"))
+        raise NotProvable(f"{name} between position tensors that differ by a non-constant")
+    for var, other, flip in ((x, y, False), (y, x, True)):
+        if isinstance(var, (Pred, Select)):
+            s, c = md.as_select(var), const_of(other)
+            fn = _COMPARE[name]
+            hit_a, hit_b = (fn(c, s.a), fn(c, s.b)) if flip else (fn(s.a, c), fn(s.b, c))
+            if hit_a == hit_b:
+                return Pred(rank, None, bool(hit_a))
+            return s.pred if hit_a else s.pred.negate()
+    raise NotProvable(f"{name} between non-position values")
+
+
+def _arith(ev, node: Node):
+    name, rank = op_name(node).rstrip("_"), len(shape_of(node))
+    x = ev.value(node.args[0], rank)
+    if name == "neg":
+        y, name = md.lift(Lin((), -1), rank), "mul"
+    else:
+        y = ev.value(arg(node, 1, "other"), rank)
+    alpha = node.kwargs.get("alpha", 1)
+    if isinstance(x, Lin) and isinstance(y, Lin):
+        if name == "mul":
+            if all(same(c, 0) for c in y.coef):
+                return x.scale(y.const)
+            if all(same(c, 0) for c in x.coef):
+                return y.scale(x.const)
+            raise NotProvable("a product of two position tensors")
+        return x + y.scale(alpha if name == "add" else -alpha)
+    if isinstance(x, Pred) and isinstance(y, Pred) and name == "mul":
+        return md.combine_preds("mul", x, y)
+    sx, sy = md.as_select(x), md.as_select(y)
+    op = {"add": lambda a, b: a + alpha * b, "sub": lambda a, b: a - alpha * b,
+          "mul": lambda a, b: a * b}[name]
+    for var, other, flip in ((sx, sy, False), (sy, sx, True)):
+        try:
+            c = md.scalar_of(other)
+        except NotProvable:
+            continue
+        f = (lambda a: op(c, a)) if flip else (lambda a: op(a, c))
+        return Select(var.pred, f(var.a), f(var.b))
+    if sx.pred.equals(sy.pred):
+        return Select(sx.pred, op(sx.a, sy.a), op(sx.b, sy.b))
+    raise NotProvable(f"{name} of two different masks")
+
+
+def _logical(ev, node: Node):
+    name, rank = op_name(node), len(shape_of(node))
+    x = md.as_pred(ev.value(node.args[0], rank))
+    if name in ("logical_not", "bitwise_not"):
+        return x.negate()
+    return md.combine_preds(name, x, md.as_pred(ev.value(node.args[1], rank)))
+
+
+def _where(ev, node: Node):
+    rank = len(shape_of(node))
+    cond = md.as_pred(ev.value(arg(node, 0, "condition"), rank))
+    a, b = ev.value(arg(node, 1, "self"), rank), ev.value(arg(node, 2, "other"), rank)
+    if dtype_of(node) == torch.bool:
+        return md.as_pred(md.select_where(cond, md.as_select(a), md.as_select(b)))
+    return md.select_where(cond, a, b)
+
+
+def _masked_fill(ev, node: Node):
+    rank = len(shape_of(node))
+    base = md.as_select(ev.value(node.args[0], rank))
+    mask = md.as_pred(ev.value(arg(node, 1, "mask"), rank))
+    v = md.scalar_of(ev.value(arg(node, 2, "value"), rank))
+    try:
+        return Select(mask, v, md.scalar_of(base))
+    except NotProvable:
+        pass
+    if mask.equals(base.pred):
+        return Select(base.pred, v, base.b)
+    if mask.equals(base.pred.negate()):
+        return Select(base.pred, base.a, v)
+    raise NotProvable("masked_fill of a mask with a different predicate")
+
+
+def _cast(ev, node: Node):
+    x = ev.value(node.args[0])
+    dtype = dtype_of(node)
+    if dtype == torch.bool:
+        return md.as_pred(x) if not isinstance(x, Lin) else _lin_to_bool(x)
+    if dtype.is_floating_point:
+        return md.as_select(x)
+    return x
+
+
+def _lin_to_bool(x: Lin):
+    if all(same(c, 0) for c in x.coef):
+        return Pred(x.rank, None, not same(x.const, 0))
+    raise NotProvable("an integer position tensor cast to bool")
+
+
+VALUE_RULES = {
+    "arange": _arange, "iota": _arange,
+    **{n: _fill for n in ("ones", "zeros", "full", "scalar_tensor", "tensor", "ones_like",
+                          "zeros_like", "full_like", "new_ones", "new_zeros", "new_full")},
+    "tril": _tri, "triu": _tri,
+    **{n: _compare for n in _COMPARE},
+    "add": _arith, "sub": _arith, "mul": _arith, "neg": _arith,
+    **{n: _logical for n in ("logical_not", "bitwise_not", "logical_and", "logical_or",
+                             "bitwise_and", "bitwise_or")},
+    "where": _where, "masked_fill": _masked_fill,
+    **{n: _cast for n in _CASTS},
+}

@@ -1,0 +1,128 @@
+"""Small attention modules written the ways models write attention, for the substitution tests.
+
+:class:`SdpaAttention` reaches ``F.scaled_dot_product_attention`` (GQA and mask spelled several
+ways), :class:`HandAttention` writes ``softmax(q k^T) v`` by hand in one model family's style.
+Both map x ``[B, S, 64]`` through their own projections, so every test has real weights.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class SdpaAttention(torch.nn.Module):
+    """x ``[B, S, 64]`` -> ``[B, S, H * D]`` through one SDPA call written one of several ways.
+
+    gqa: "sdpa" (enable_gqa=True), "repeat_kv", "repeat_interleave", or "none" (H == Hkv).
+    mask: None (is_causal=causal), "tril", "triu_inf", "arange", "input" (a forward argument),
+    "window" (sliding window), "padding" (key padding from a lengths argument).
+    """
+
+    def __init__(self, h=4, hkv=2, d=16, gqa="repeat_kv", mask=None, causal=True, dropout=0.0,
+                 scale=None, kv_len=None, q_len=None):
+        super().__init__()
+        self.h, self.hkv, self.d = h, hkv, d
+        self.gqa, self.mask, self.causal = gqa, mask, causal
+        self.dropout, self.scale = dropout, scale
+        self.kv_len, self.q_len = kv_len, q_len
+        self.q = torch.nn.Linear(64, h * d)
+        self.kv = torch.nn.Linear(64, 2 * hkv * d)
+
+    def forward(self, x, extra=None):
+        b, s, _ = x.shape
+        if self.q_len is not None:
+            s = self.q_len
+        q = self.q(x[:, x.shape[1] - s:]).view(b, s, self.h, self.d).transpose(1, 2)
+        src = x if self.kv_len is None else x[:, :self.kv_len]
+        sk = src.shape[1]
+        k, v = self.kv(src).view(b, sk, 2, self.hkv, self.d).permute(2, 0, 3, 1, 4)
+        n = self.h // self.hkv
+        if self.gqa == "repeat_kv":
+            k = k[:, :, None].expand(b, self.hkv, n, sk, self.d).reshape(b, self.h, sk, self.d)
+            v = v[:, :, None].expand(b, self.hkv, n, sk, self.d).reshape(b, self.h, sk, self.d)
+        elif self.gqa == "repeat_interleave":
+            k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        kw = dict(dropout_p=self.dropout, scale=self.scale, enable_gqa=self.gqa == "sdpa")
+        mask = self._mask(x, s, sk, extra)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **kw)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+
+    def _mask(self, x, s, sk, extra):
+        if self.mask in ("arange", "window", "padding"):
+            pos_q, pos_k = torch.arange(s, device=x.device), torch.arange(sk, device=x.device)
+        if self.mask == "tril":
+            return torch.ones(s, sk, dtype=torch.bool, device=x.device).tril()
+        if self.mask == "triu_inf":
+            return torch.full((s, sk), -math.inf, device=x.device, dtype=x.dtype).triu(1)
+        if self.mask == "arange":
+            return (pos_k[None, :] <= pos_q[:, None])[None, None]
+        if self.mask == "input":
+            return extra
+        if self.mask == "window":
+            return (pos_k[None, :] <= pos_q[:, None]) & (pos_q[:, None] - pos_k[None, :] < 4)
+        if self.mask == "padding":
+            return (pos_k[None, :] < extra[:, None])[:, None, None, :]
+        return None
+
+
+class HandAttention(torch.nn.Module):
+    """x ``[B, S, 64]`` -> ``[B, H, S, D]`` through softmax(q k^T) v written in one model's style.
+
+    style: "hf" (HF eager: ``* scaling + mask``, fp32 softmax, dropout), "llama" (``/ sqrt(d)``,
+    ``+ triu(-inf)``, ``softmax(s.float()).type_as(q)``), "nanogpt" (``masked_fill(tril == 0,
+    -inf)``), "where" (``torch.where(tril, s, -inf)``).
+    mask: "graph" (built in forward from positions), "buffer" (a registered tril buffer),
+    "input" (a forward argument), "window" (sliding window), None (no mask: not causal).
+    """
+
+    def __init__(self, h=4, hkv=2, d=16, style="hf", gqa="repeat_kv", mask="graph", dropout=0.0):
+        super().__init__()
+        self.h, self.hkv, self.d, self.style, self.gqa = h, hkv, d, style, gqa
+        self.mask_kind, self.dropout = mask, dropout
+        self.q = torch.nn.Linear(64, h * d)
+        self.kv = torch.nn.Linear(64, 2 * hkv * d)
+        self.register_buffer("tril", torch.ones(64, 64, dtype=torch.bool).tril())
+
+    def _keep(self, x, s, extra):
+        """Bool ``[S, S]``, True where query i may see key j."""
+        if self.mask_kind == "buffer":
+            return self.tril[:s, :s]
+        if self.mask_kind == "input":
+            return extra
+        pos = torch.arange(s, device=x.device)
+        keep = pos[None, :] <= pos[:, None]
+        if self.mask_kind == "window":
+            keep = keep & (pos[:, None] - pos[None, :] < 3)
+        return keep
+
+    def forward(self, x, extra=None):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, self.hkv, self.d).permute(2, 0, 3, 1, 4)
+        n = self.h // self.hkv
+        if self.gqa == "repeat_kv":
+            k = k[:, :, None].expand(b, self.hkv, n, s, self.d).reshape(b, self.h, s, self.d)
+            v = v[:, :, None].expand(b, self.hkv, n, s, self.d).reshape(b, self.h, s, self.d)
+        elif self.gqa == "repeat_interleave":
+            k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        keep = None if self.mask_kind is None else self._keep(x, s, extra)
+        if self.style == "hf":
+            w = torch.matmul(q, k.transpose(2, 3)) * self.d ** -0.5
+            if keep is not None:
+                w = w + torch.where(keep, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            w = F.dropout(w, p=self.dropout, training=self.training)
+            return torch.matmul(w, v)
+        if self.style == "llama":
+            w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.d)
+            if keep is not None:
+                w = w + torch.full((s, s), float("-inf"), device=x.device).triu(1).to(x.dtype)
+            return torch.matmul(F.softmax(w.float(), dim=-1).type_as(q), v)
+        w = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d))
+        if keep is not None and self.style == "nanogpt":
+            w = w.masked_fill(keep == 0, float("-inf"))
+        elif keep is not None:
+            w = torch.where(keep, w, float("-inf"))
+        return F.softmax(w, dim=-1) @ v
