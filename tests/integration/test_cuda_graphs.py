@@ -305,7 +305,7 @@ def test_aoti_cuda_packages_bound_to_shared_caches(tmp_path):
                           "(faulthandler: torch/export/pt2_archive/_package.py _load_aoti; seen on "
                           "an H100, 2026-11-21); the CPU path of the example passes in CI")
 def test_export_example_on_cuda(tmp_path):
-    example = Path(__file__).resolve().parents[1] / "examples" / "export_model.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "export_model.py"
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(example), "--device", "cuda", "--json",
                            str(report)], capture_output=True, text=True, timeout=900)

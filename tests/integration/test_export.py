@@ -5,7 +5,7 @@
     width, strict and non-strict. The graph keeps the attn ops through run_decompositions(), the
     cache writes are buffer mutations of the signature, and one exported program serves a whole
     schedule of steps whose sizes all change (nothing frozen).
-(b) A dense SDPA model after graph_passes.export_pass.substitute_attention.
+(b) A dense SDPA model after graph_passes.substitute_attention.
 .pt2 files are loaded in a fresh process: with ``import attn_ops`` they reproduce the eager
 results; without it torch refuses with its "not registered" message (quoted in docs/export.md).
 """
@@ -292,7 +292,7 @@ def test_export_example_runs_and_checks_itself(tmp_path):
     import json
     from pathlib import Path
 
-    example = Path(__file__).resolve().parents[1] / "examples" / "export_model.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "export_model.py"
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(example), "--device", "cpu", "--out",
                            str(tmp_path / "out"), "--json", str(report)], capture_output=True,
