@@ -26,7 +26,7 @@ from attn_ops.paged_cache import DecodeBatch, PagedKVCache, PrefillBatch
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of :class:`DemoLlama`. The defaults make a ~0.6M-parameter model (CPU-friendly)."""
+    """Sizes of :class:`DemoLlama`. The defaults make a ~0.38M-parameter model (CPU-friendly)."""
     vocab_size: int = 320
     hidden_size: int = 128
     num_layers: int = 2
