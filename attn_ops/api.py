@@ -14,30 +14,44 @@ from attn_ops import registry
 _STORE = torch.ops.attn.store_kvcache.default
 _PREFILL = torch.ops.attn.prefill.default
 _DECODE = torch.ops.attn.decode.default
+_PREFILL_LSE = torch.ops.attn.prefill_with_lse.default
+_DECODE_LSE = torch.ops.attn.decode_with_lse.default
+_MERGE = torch.ops.attn.merge_states.default
+
+
+def _call(op, args, backend):
+    if backend is None:
+        return op(*args)
+    with registry.use_backend(backend):
+        return op(*args)
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
                   backend: str | None = None) -> None:
     """Write new tokens' keys and values into the paged caches, in place.
 
     Args:
-        key, value: ``[T, Hkv, D]``, the caches' dtype.
+        key, value: ``[T, Hkv, D]``, the caches' dtype (any floating dtype for an FP8 cache).
         k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, contiguous; written in place.
+            float8_e4m3fn caches receive ``saturate(key / k_scale)`` (clamped to +-448, rounded
+            to nearest).
         slot_mapping: ``[T]`` int32/int64, flat slot ``block_id * block_size + offset``; ``-1``
             skips the row (padding).
+        k_scale, v_scale: float32 ``[]`` or ``[Hkv]`` device tensors; required with FP8 caches,
+            None otherwise.
         backend: run on this backend ("reference", "triton", ...); None follows the context.
     """
-    if backend is None:
-        return _STORE(key, value, k_cache, v_cache, slot_mapping)
-    with registry.use_backend(backend):
-        return _STORE(key, value, k_cache, v_cache, slot_mapping)
+    _call(_STORE, (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale), backend)
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
-            softcap: float = 0.0, *, backend: str | None = None) -> torch.Tensor:
+            softcap: float = 0.0, sinks: torch.Tensor | None = None,
+            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
+            backend: str | None = None) -> torch.Tensor:
     """Variable-length attention over a batch of sequences packed token-major.
 
     Args:
@@ -52,6 +66,11 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         block_table: ``[B, max_blocks_per_seq]`` int32 or None.
         window_left: ``w >= 0`` also requires ``j >= i + lk - lq - w``; -1 disables.
         softcap: ``c > 0`` maps scaled scores s to ``c * tanh(s / c)``; 0 disables.
+        sinks: float32 ``[H]`` or None: per-head logits that join each row's softmax
+            denominator and contribute no value, ``p_j = e^(s_j) / (e^(sink_h) + sum_k e^(s_k))``
+            (not scaled, not soft-capped).
+        k_scale, v_scale: float32 ``[]`` or ``[Hkv]`` device tensors, required when k/v are
+            float8_e4m3fn (then q is fp16/bf16): keys and values are read as ``x * scale``.
         backend: run on this backend; None follows the context.
 
     Returns:
@@ -63,17 +82,15 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         >>> prefill(q, k, v, cu, cu, 4, 4, 64 ** -0.5).shape
         torch.Size([7, 4, 64])
     """
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-            block_table, window_left, softcap)
-    if backend is None:
-        return _PREFILL(*args)
-    with registry.use_backend(backend):
-        return _PREFILL(*args)
+    return _call(_PREFILL, (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            scale, causal, block_table, window_left, softcap, sinks, k_scale,
+                            v_scale), backend)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
            block_table: torch.Tensor, scale: float, window_left: int = -1, softcap: float = 0.0,
-           *, backend: str | None = None) -> torch.Tensor:
+           sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
     """One new query per sequence against its paged KV cache.
 
     Args:
@@ -82,14 +99,66 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         seqlens_k: ``[B]`` int32, cached tokens per sequence (new one included); 0 = padded row.
         block_table: ``[B, max_blocks_per_seq]`` int32; entries past a sequence's last block are
             ignored.
-        scale, window_left, softcap: as in :func:`prefill`.
+        scale, window_left, softcap, sinks, k_scale, v_scale: as in :func:`prefill`.
         backend: run on this backend; None follows the context.
 
     Returns:
         ``[B, H, D]`` in q's dtype; rows with ``seqlens_k == 0`` are zero.
     """
-    args = (q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap)
-    if backend is None:
-        return _DECODE(*args)
-    with registry.use_backend(backend):
-        return _DECODE(*args)
+    return _call(_DECODE, (q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
+                           softcap, sinks, k_scale, v_scale), backend)
+
+
+def prefill_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, scale: float, causal: bool = True,
+                     block_table: torch.Tensor | None = None, window_left: int = -1,
+                     softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prefill` that also returns each row's log-sum-exp.
+
+    Returns:
+        ``(out [Tq, H, D] in q's dtype, lse [Tq, H] float32)``: lse is the natural log of the
+        row's softmax denominator over its scaled (soft-capped) scores, ``exp(sink_h)``
+        included, so ``out`` is normalised by ``exp(lse)``; ``-inf`` (and a zero ``out`` row)
+        where the row sees no key, sinks or not. Combine parts with :func:`merge_states`.
+    """
+    return _call(_PREFILL_LSE, (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                scale, causal, block_table, window_left, softcap, sinks, k_scale,
+                                v_scale), backend)
+
+
+def decode_with_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    seqlens_k: torch.Tensor, block_table: torch.Tensor, scale: float,
+                    window_left: int = -1, softcap: float = 0.0,
+                    sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None, *,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode` that also returns ``lse [B, H]`` float32 (as :func:`prefill_with_lse`)."""
+    return _call(_DECODE_LSE, (q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
+                               softcap, sinks, k_scale, v_scale), backend)
+
+
+def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                 lse_b: torch.Tensor, *, backend: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the attention over each.
+
+    Args:
+        out_a, out_b: ``[N, H, D]`` one floating dtype, each normalised over its own keys.
+        lse_a, lse_b: float32 ``[N, H]``, their log-sum-exps (``-inf``: the part saw no key).
+        backend: run on this backend; None follows the context.
+
+    Returns:
+        ``(out [N, H, D] in out_a's dtype, lse [N, H] float32)`` with
+        ``lse = log(e^lse_a + e^lse_b)`` and ``out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b``;
+        zeros and ``-inf`` where both parts are ``-inf``. A sink joins the merged denominator
+        once per part that was computed with it: give sinks to one part only.
+
+    Example:
+        >>> o1, l1 = prefill_with_lse(q, k[:m], v[:m], ...)  # keys [0, m)
+        >>> o2, l2 = prefill_with_lse(q, k[m:], v[m:], ...)  # keys [m, n)
+        >>> out, lse = merge_states(o1, l1, o2, l2)           # == attention over [0, n)
+    """
+    return _call(_MERGE, (out_a, lse_a, out_b, lse_b), backend)

@@ -18,7 +18,8 @@ import os
 
 import torch
 
-from attn_ops.contract import FLOAT_DTYPES, HEAD_DIM_MULTIPLE, INDEX_DTYPES, MAX_HEAD_DIM
+from attn_ops.contract import (FLOAT_DTYPES, FP8_DTYPES, FP8_QUERY_DTYPES, HEAD_DIM_MULTIPLE,
+                               INDEX_DTYPES, MAX_HEAD_DIM)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -76,7 +77,7 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
               f"got {_shape(v_cache)}")
     if k_cache.dtype != v_cache.dtype:
         _fail(f"v_cache: expected dtype {k_cache.dtype} (that of k_cache), got {v_cache.dtype}")
-    check_dtype("k_cache", k_cache, FLOAT_DTYPES, "a floating dtype")
+    check_dtype("k_cache", k_cache, FLOAT_DTYPES + FP8_DTYPES, "a floating or FP8 dtype")
     check_same_device("k_cache", k_cache, v_cache=v_cache)
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not c.is_contiguous():
@@ -84,15 +85,21 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     check_head_dim("k_cache", k_cache.shape[-1])
 
 
-def check_store_kvcache(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """key, value ``[T, Hkv, D]``; caches ``[num_blocks, block_size, Hkv, D]``; slots ``[T]``."""
+def check_store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale=None,
+                        v_scale=None) -> None:
+    """key, value ``[T, Hkv, D]``; caches ``[num_blocks, block_size, Hkv, D]``; slots ``[T]``;
+    k_scale, v_scale float32 ``[]`` or ``[Hkv]``, required exactly when the caches are FP8."""
     check_cache_pair(k_cache, v_cache)
     _, _, hkv, d = k_cache.shape
+    fp8 = k_cache.dtype in FP8_DTYPES
     for name, t in (("key", key), ("value", value)):
         check_rank(name, t, 3, "[T, Hkv, D]")
         if t.shape[1] != hkv or t.shape[2] != d:
             _fail(f"{name}: expected shape [T, {hkv}, {d}] (Hkv and D of k_cache), got {_shape(t)}")
-        if t.dtype != k_cache.dtype:
+        if fp8:
+            check_dtype(name, t, FLOAT_DTYPES, f"a floating dtype to quantise into the "
+                        f"{_dtype_name(k_cache.dtype)} cache")
+        elif t.dtype != k_cache.dtype:
             _fail(f"{name}: expected dtype {k_cache.dtype} (that of k_cache), got {t.dtype}")
         check_last_dim_contiguous(name, t)
     if key.shape[0] != value.shape[0]:
@@ -102,6 +109,7 @@ def check_store_kvcache(key, value, k_cache, v_cache, slot_mapping) -> None:
     if slot_mapping.shape[0] != key.shape[0]:
         _fail(f"slot_mapping: expected shape [{key.shape[0]}] (T of key), got {_shape(slot_mapping)}")
     check_same_device("k_cache", k_cache, key=key, value=value, slot_mapping=slot_mapping)
+    check_kv_scales(k_cache, k_scale, v_scale)
 
 
 def check_block_table(block_table: torch.Tensor, batch: int | None) -> None:
@@ -113,8 +121,10 @@ def check_block_table(block_table: torch.Tensor, batch: int | None) -> None:
 
 
 def check_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                  block_table, window_left, softcap) -> None:
-    """q ``[Tq, H, D]``; k, v ``[Tk, Hkv, D]`` or, with ``block_table``, the paged caches."""
+                  block_table, window_left, softcap, sinks=None, k_scale=None,
+                  v_scale=None) -> None:
+    """q ``[Tq, H, D]``; k, v ``[Tk, Hkv, D]`` or, with ``block_table``, the paged caches;
+    sinks float32 ``[H]``; k_scale, v_scale float32 ``[]``/``[Hkv]`` with FP8 k/v only."""
     check_rank("q", q, 3, "[Tq, H, D]")
     check_dtype("q", q, FLOAT_DTYPES, "a floating dtype")
     check_last_dim_contiguous("q", q)
@@ -132,9 +142,9 @@ def check_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         hkv = k.shape[2]
     if k.shape[-1] != d:
         _fail(f"k: expected head dim {d} (that of q), got shape {_shape(k)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            _fail(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+    _check_kv_dtype("k", k, q)
+    if k.dtype != v.dtype:
+        _fail(f"v: expected dtype {k.dtype} (that of k), got {v.dtype}")
     check_gqa("q", h, "k", hkv)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_rank(name, cu, 1, "[B+1]")
@@ -149,14 +159,18 @@ def check_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     check_same_device("q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                       block_table=block_table)
     _check_scalars(scale, window_left, softcap)
+    check_sinks(sinks, q)
+    check_kv_scales(k, k_scale, v_scale, "k")
     if not isinstance(max_seqlen_q, torch.SymInt) and max_seqlen_q < 0:
         _fail(f"max_seqlen_q: expected a non-negative upper bound, got {max_seqlen_q}")
     if not isinstance(max_seqlen_k, torch.SymInt) and max_seqlen_k < 0:
         _fail(f"max_seqlen_k: expected a non-negative upper bound, got {max_seqlen_k}")
 
 
-def check_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap) -> None:
-    """q ``[B, H, D]``; caches ``[num_blocks, block_size, Hkv, D]``; seqlens_k ``[B]``."""
+def check_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap,
+                 sinks=None, k_scale=None, v_scale=None) -> None:
+    """q ``[B, H, D]``; caches ``[num_blocks, block_size, Hkv, D]``; seqlens_k ``[B]``;
+    sinks float32 ``[H]``; k_scale, v_scale float32 ``[]``/``[Hkv]`` with FP8 caches only."""
     check_rank("q", q, 3, "[B, H, D]")
     check_dtype("q", q, FLOAT_DTYPES, "a floating dtype")
     check_last_dim_contiguous("q", q)
@@ -165,8 +179,7 @@ def check_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left
     check_cache_pair(k_cache, v_cache)
     if k_cache.shape[-1] != d:
         _fail(f"k_cache: expected head dim {d} (that of q), got shape {_shape(k_cache)}")
-    if k_cache.dtype != q.dtype:
-        _fail(f"k_cache: expected dtype {q.dtype} (that of q), got {k_cache.dtype}")
+    _check_kv_dtype("k_cache", k_cache, q)
     check_gqa("q", h, "k_cache", k_cache.shape[2])
     check_rank("seqlens_k", seqlens_k, 1, "[B]")
     check_dtype("seqlens_k", seqlens_k, (torch.int32,), "int32")
@@ -176,9 +189,88 @@ def check_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left
     check_same_device("q", q, k_cache=k_cache, v_cache=v_cache, seqlens_k=seqlens_k,
                       block_table=block_table)
     _check_scalars(scale, window_left, softcap)
+    check_sinks(sinks, q)
+    check_kv_scales(k_cache, k_scale, v_scale)
+
+
+def check_finite_scalars(scale, softcap) -> None:
+    """scale and softcap must be finite: inf (or NaN) turns every output row into NaN."""
+    for name, x in (("scale", scale), ("softcap", softcap)):
+        if isinstance(x, (int, float)) and not float("-inf") < x < float("inf"):
+            _fail(f"{name}: expected a finite float, got {x}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_kv_dtype(name: str, k: torch.Tensor, q: torch.Tensor) -> None:
+    """k (and v, checked equal) in q's dtype, or FP8 read by an fp16/bf16 q."""
+    if k.dtype in FP8_DTYPES:
+        if q.dtype not in FP8_QUERY_DTYPES:
+            _fail(f"q: an {_dtype_name(k.dtype)} {name} is read by float16/bfloat16 queries, got "
+                  f"q of dtype {_dtype_name(q.dtype)}")
+    elif k.dtype != q.dtype:
+        _fail(f"{name}: expected dtype {q.dtype} (that of q) or float8_e4m3fn, got {k.dtype}")
+
+
+def check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> None:
+    """sinks: None or float32 ``[H]`` (one logit per query head), on q's device."""
+    if sinks is None:
+        return
+    h = q.shape[1]
+    check_rank("sinks", sinks, 1, f"[H] = [{h}]")
+    if sinks.shape[0] != h:
+        _fail(f"sinks: expected shape [{h}] (H of q), got {_shape(sinks)}")
+    check_dtype("sinks", sinks, (torch.float32,), "float32")
+    check_same_device("q", q, sinks=sinks)
+
+
+def check_kv_scales(k: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                    k_name: str = "k_cache") -> None:
+    """k_scale, v_scale: float32 ``[]`` or ``[Hkv]`` on k's device, given exactly when k (the
+    cache, or prefill's dense k) is FP8. They are device tensors: never read on the host."""
+    hkv = k.shape[-2]
+    fp8 = k.dtype in FP8_DTYPES
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None:
+            if fp8:
+                _fail(f"{name}: required with an {_dtype_name(k.dtype)} {k_name} (a float32 "
+                      f"tensor of shape [] or [{hkv}]; the cache holds x / scale)")
+            continue
+        if not fp8:
+            _fail(f"{name}: only float8_e4m3fn caches take scales, but {k_name} is "
+                  f"{_dtype_name(k.dtype)} (pass None)")
+        if not isinstance(s, torch.Tensor) or not (s.dim() == 0 or tuple(s.shape) == (hkv,)):
+            got = _shape(s) if isinstance(s, torch.Tensor) else type(s).__name__
+            _fail(f"{name}: expected a float32 tensor of shape [] or [{hkv}] (Hkv of {k_name}), "
+                  f"got {got}")
+        check_dtype(name, s, (torch.float32,), "float32")
+        check_same_device(k_name, k, **{name: s})
+
+
+def check_merge_states(out_a, lse_a, out_b, lse_b) -> None:
+    """out_a, out_b ``[N, H, D]`` one floating dtype; lse_a, lse_b float32 ``[N, H]``."""
+    check_rank("out_a", out_a, 3, "[N, H, D]")
+    check_dtype("out_a", out_a, FLOAT_DTYPES, "a floating dtype")
+    check_last_dim_contiguous("out_a", out_a)
+    n, h, d = out_a.shape
+    check_rank("out_b", out_b, 3, f"[N, H, D] = [{n}, {h}, {d}]")
+    if out_b.shape != out_a.shape:
+        _fail(f"out_b: expected shape [{n}, {h}, {d}] (that of out_a), got {_shape(out_b)}")
+    if out_b.dtype != out_a.dtype:
+        _fail(f"out_b: expected dtype {out_a.dtype} (that of out_a), got {out_b.dtype}")
+    check_last_dim_contiguous("out_b", out_b)
+    for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+        check_rank(name, lse, 2, f"[N, H] = [{n}, {h}]")
+        if lse.shape != out_a.shape[:2]:
+            _fail(f"{name}: expected shape [{n}, {h}] (N, H of out_a), got {_shape(lse)}")
+        check_dtype(name, lse, (torch.float32,), "float32")
+    check_same_device("out_a", out_a, out_b=out_b, lse_a=lse_a, lse_b=lse_b)
 
 
 def _check_scalars(scale, window_left, softcap) -> None:
+    check_finite_scalars(scale, softcap)
     if not scale > 0:
         _fail(f"scale: expected a positive float, got {scale}")
     if not isinstance(window_left, torch.SymInt) and window_left < -1:

@@ -21,7 +21,13 @@ HEAD_DIM_MULTIPLE = 8
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
-OPS = ("store_kvcache", "prefill", "decode")
+# FP8 KV caches: float8_e4m3fn, read by fp16/bf16 queries as ``x * scale`` and written as
+# ``saturate(x / scale)``. 448 is e4m3fn's largest finite value (it has no infinity).
+FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_QUERY_DTYPES = (torch.float16, torch.bfloat16)
+FP8_MAX = 448.0
+
+OPS = ("store_kvcache", "prefill", "decode", "merge_states")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +35,10 @@ class OpConfig:
     """What decides whether and how a backend serves one call: metadata only, hashable.
 
     Attributes:
-        op: "store_kvcache", "prefill" or "decode".
-        device: the device of q (of key for the store).
-        dtype: q's dtype (the caches' dtype for the store).
+        op: "store_kvcache", "prefill", "decode" or "merge_states" (the ``_with_lse`` ops are
+            prefill / decode with ``with_lse``).
+        device: the device of q (of key for the store, of out_a for merge_states).
+        dtype: q's dtype (key's for the store, out_a's for merge_states).
         head_dim: D.
         num_kv_heads: Hkv.
         num_heads: H (None for the store).
@@ -41,6 +48,10 @@ class OpConfig:
         window_left: -1 (no window) or the left window in tokens.
         softcap: 0.0 (off) or the tanh cap.
         slot_dtype: slot_mapping's dtype (store only).
+        cache_dtype: the dtype of k/v or the caches (float8_e4m3fn for an FP8 cache; None for
+            merge_states). The store's k_cache dtype; equal to ``dtype`` unless FP8.
+        has_sinks: per-head sink logits join each row's softmax denominator.
+        with_lse: the call also returns the log-sum-exp (``prefill_with_lse``/``decode_with_lse``).
     """
 
     op: str
@@ -55,6 +66,14 @@ class OpConfig:
     window_left: int = -1
     softcap: float = 0.0
     slot_dtype: torch.dtype | None = None
+    cache_dtype: torch.dtype | None = None
+    has_sinks: bool = False
+    with_lse: bool = False
+
+    @property
+    def fp8_cache(self) -> bool:
+        """The keys and values are stored as float8_e4m3fn and read as ``x * scale``."""
+        return self.cache_dtype in FP8_DTYPES
 
     def replace(self, **changes) -> OpConfig:
         """A copy with ``changes`` applied (for tests, tables and benchmarks)."""
@@ -70,23 +89,34 @@ def store_config(key: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.T
     """The config of ``store_kvcache(key [T, Hkv, D], ..., k_cache [N, bs, Hkv, D], slots [T])``."""
     return OpConfig("store_kvcache", key.device, key.dtype, int(k_cache.shape[3]),
                     int(k_cache.shape[2]), block_size=int(k_cache.shape[1]), paged=True,
-                    slot_dtype=slot_mapping.dtype)
+                    slot_dtype=slot_mapping.dtype, cache_dtype=k_cache.dtype)
 
 
 def prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool = True,
                    block_table: torch.Tensor | None = None, window_left: int = -1,
-                   softcap: float = 0.0) -> OpConfig:
+                   softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                   with_lse: bool = False) -> OpConfig:
     """The config of a prefill with q ``[Tq, H, D]`` and k ``[Tk, Hkv, D]`` or a paged cache."""
     paged = block_table is not None
     return OpConfig("prefill", q.device, q.dtype, int(q.shape[2]),
                     int(k.shape[2] if paged else k.shape[1]), num_heads=int(q.shape[1]),
                     block_size=int(k.shape[1]) if paged else None, paged=paged,
-                    causal=bool(causal), window_left=int(window_left), softcap=float(softcap))
+                    causal=bool(causal), window_left=int(window_left), softcap=float(softcap),
+                    cache_dtype=k.dtype, has_sinks=sinks is not None, with_lse=bool(with_lse))
 
 
 def decode_config(q: torch.Tensor, k_cache: torch.Tensor, window_left: int = -1,
-                  softcap: float = 0.0) -> OpConfig:
+                  softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                  with_lse: bool = False) -> OpConfig:
     """The config of a decode with q ``[B, H, D]`` over k_cache ``[N, bs, Hkv, D]``."""
     return OpConfig("decode", q.device, q.dtype, int(q.shape[2]), int(k_cache.shape[2]),
                     num_heads=int(q.shape[1]), block_size=int(k_cache.shape[1]), paged=True,
-                    window_left=int(window_left), softcap=float(softcap))
+                    window_left=int(window_left), softcap=float(softcap),
+                    cache_dtype=k_cache.dtype, has_sinks=sinks is not None,
+                    with_lse=bool(with_lse))
+
+
+def merge_config(out_a: torch.Tensor) -> OpConfig:
+    """The config of ``merge_states(out_a [N, H, D], lse_a [N, H], ...)``."""
+    return OpConfig("merge_states", out_a.device, out_a.dtype, int(out_a.shape[2]),
+                    int(out_a.shape[1]), num_heads=int(out_a.shape[1]), with_lse=True)

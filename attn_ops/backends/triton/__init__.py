@@ -2,7 +2,8 @@
 
 Runs on CUDA, and on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is
 set before the kernels are first used (the CI path). Importing this package imports no triton:
-the kernel modules (:mod:`.store_kernel`, :mod:`.prefill_kernel`, :mod:`.decode_kernel`; named
+the kernel modules (:mod:`.store_kernel`, :mod:`.prefill_kernel`, :mod:`.decode_kernel`,
+:mod:`.merge_kernel`; named
 apart from the functions below so that importing one does not rebind a package attribute) load
 on first call.
 
@@ -43,6 +44,17 @@ def supports(config) -> str | None:
                 "TRITON_INTERPRET=1)")
     if str(config.dtype) not in _DTYPES:
         return f"dtype {config.dtype} is not supported (float16, bfloat16, float32)"
+    if config.op == "merge_states":
+        return None  # a streaming kernel: any head dim, any strides with a contiguous last dim
+    if config.fp8_cache:
+        return ("FP8 (float8_e4m3fn) KV caches are not supported by the Triton kernels yet "
+                "(the reference backend serves them)")
+    if config.has_sinks:
+        return ("attention sinks are not supported by the Triton prefill/decode kernels yet "
+                "(the reference backend serves them)")
+    if config.with_lse:
+        return ("the Triton prefill/decode kernels do not return the log-sum-exp yet "
+                "(prefill_with_lse / decode_with_lse run on the reference backend)")
     head_dim = config.head_dim
     if not 0 < head_dim <= _MAX_HEAD_DIM:
         return f"head dim {head_dim} is not supported (at most {_MAX_HEAD_DIM})"
@@ -63,6 +75,11 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
     from attn_ops.backends.triton import prefill_kernel
     return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   scale, causal, block_table, window_left, softcap)
+
+
+def merge_states(out_a, lse_a, out_b, lse_b):
+    from attn_ops.backends.triton import merge_kernel
+    return merge_kernel.merge_states(out_a, lse_a, out_b, lse_b)
 
 
 def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0):

@@ -10,16 +10,23 @@ from torch.library import opcheck
 import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
 from tests.support.helpers import cu_seqlens, random_paged
 
+_PREFILL_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+                 "SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, bool causal=True, "
+                 "Tensor? block_table=None, SymInt window_left=-1, float softcap=0., "
+                 "Tensor? sinks=None, Tensor? k_scale=None, Tensor? v_scale=None")
+_DECODE_ARGS = ("Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor block_table, "
+                "float scale, SymInt window_left=-1, float softcap=0., Tensor? sinks=None, "
+                "Tensor? k_scale=None, Tensor? v_scale=None")
 SCHEMAS = {
     "store_kvcache": "attn::store_kvcache(Tensor key, Tensor value, Tensor(a!) k_cache, "
-                     "Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
-    "prefill": "attn::prefill(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-               "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
-               "bool causal=True, Tensor? block_table=None, SymInt window_left=-1, "
-               "float softcap=0.) -> Tensor",
-    "decode": "attn::decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, "
-              "Tensor block_table, float scale, SymInt window_left=-1, float softcap=0.) "
-              "-> Tensor",
+                     "Tensor(b!) v_cache, Tensor slot_mapping, Tensor? k_scale=None, "
+                     "Tensor? v_scale=None) -> ()",
+    "prefill": f"attn::prefill({_PREFILL_ARGS}) -> Tensor",
+    "decode": f"attn::decode({_DECODE_ARGS}) -> Tensor",
+    "prefill_with_lse": f"attn::prefill_with_lse({_PREFILL_ARGS}) -> (Tensor out, Tensor lse)",
+    "decode_with_lse": f"attn::decode_with_lse({_DECODE_ARGS}) -> (Tensor out, Tensor lse)",
+    "merge_states": "attn::merge_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
+                    "-> (Tensor out, Tensor lse)",
 }
 
 

@@ -1,0 +1,89 @@
+"""merge_states in one launch: two attention parts over disjoint key sets -> their union.
+
+Each program merges ``BLOCK_R`` (row, head) pairs: it reads both log-sum-exps, both output rows
+(``D`` elements each) and writes one output row and one lse, so the kernel moves
+``3 * N * H * D`` elements plus the lse and should run at copy bandwidth. Weights are
+``exp(lse_x - max)``; a part whose lse is ``-inf`` saw no key and is not read (its output row is
+skipped by a select, so garbage or NaN there cannot leak); both ``-inf`` give zeros and ``-inf``.
+A NaN lse propagates to the row (never hidden).
+
+Every tensor is read through its strides (the last dim contiguous), so a part may be a view
+(``out[:, :H // 2]``) with no copy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from attn_ops.backends.triton.common import INTERPRET, next_pow2
+
+# Elements of one output tensor per program: 4096 bf16 = 8 KB, 16 (row, head) pairs at D = 128;
+# the kernel is a streaming copy, so tiles only need to be big enough to keep loads in flight.
+_TILE_ELEMS = 4096
+
+
+@triton.jit(do_not_specialize=["pairs"])
+def _merge_states_kernel(OUT_A, LSE_A, OUT_B, LSE_B, OUT, LSE, pairs, heads,
+                         s_oa_n, s_oa_h, s_ob_n, s_ob_h, s_o_n, s_o_h,
+                         s_la_n, s_la_h, s_lb_n, s_lb_h, s_l_n, s_l_h,
+                         HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = r < pairs
+    n = (r // heads).to(tl.int64)
+    h = (r % heads).to(tl.int64)
+    la = tl.load(LSE_A + n * s_la_n + h * s_la_h, mask=in_range, other=float("-inf"))
+    lb = tl.load(LSE_B + n * s_lb_n + h * s_lb_h, mask=in_range, other=float("-inf"))
+    a_empty = la == float("-inf")
+    b_empty = lb == float("-inf")
+    m = tl.maximum(la, lb)
+    m = tl.where(a_empty & b_empty, 0.0, m)
+    wa = tl.exp(la - m)
+    wb = tl.exp(lb - m)
+    denom = wa + wb
+    lse = tl.where(a_empty & b_empty, float("-inf"), m + tl.log(denom))
+    ca = tl.where(a_empty, 0.0, wa / denom)
+    cb = tl.where(b_empty, 0.0, wb / denom)
+    col = tl.arange(0, D_P2)
+    cols = (col < HEAD_DIM)[None, :]
+    read_a = (in_range & ~a_empty)[:, None] & cols
+    read_b = (in_range & ~b_empty)[:, None] & cols
+    oa = tl.load(OUT_A + (n * s_oa_n + h * s_oa_h)[:, None] + col[None, :], mask=read_a,
+                 other=0.0).to(tl.float32)
+    ob = tl.load(OUT_B + (n * s_ob_n + h * s_ob_h)[:, None] + col[None, :], mask=read_b,
+                 other=0.0).to(tl.float32)
+    o = oa * ca[:, None] + ob * cb[:, None]
+    tl.store(OUT + (n * s_o_n + h * s_o_h)[:, None] + col[None, :],
+             o.to(OUT.dtype.element_ty), mask=in_range[:, None] & cols)
+    tl.store(LSE + n * s_l_n + h * s_l_h, lse, mask=in_range)
+
+
+@functools.lru_cache(maxsize=256)
+def launch_config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_R, num_warps) for rows of ``head_dim`` elements (static shapes only)."""
+    d_p2 = next_pow2(head_dim)
+    block_r = max(1, min(16 if INTERPRET else 128, _TILE_ELEMS // d_p2))
+    return block_r, 4
+
+
+def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out_a/out_b ``[N, H, D]`` (last dim contiguous), lse_a/lse_b float32 ``[N, H]`` ->
+    ``(out [N, H, D] in out_a's dtype, lse [N, H] float32)``; no host sync."""
+    n, h, d = out_a.shape
+    out = torch.empty((n, h, d), dtype=out_a.dtype, device=out_a.device)
+    lse = torch.empty((n, h), dtype=torch.float32, device=out_a.device)
+    pairs = n * h
+    if pairs == 0:
+        return out, lse
+    block_r, warps = launch_config(d)
+    _merge_states_kernel[(triton.cdiv(pairs, block_r),)](
+        out_a, lse_a, out_b, lse_b, out, lse, pairs, h,
+        out_a.stride(0), out_a.stride(1), out_b.stride(0), out_b.stride(1),
+        out.stride(0), out.stride(1), lse_a.stride(0), lse_a.stride(1),
+        lse_b.stride(0), lse_b.stride(1), lse.stride(0), lse.stride(1),
+        HEAD_DIM=d, D_P2=next_pow2(d), BLOCK_R=block_r, num_warps=warps)
+    return out, lse
