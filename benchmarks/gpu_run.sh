@@ -40,7 +40,7 @@ cat "$WORK/logs/environment.log"
 if has tests; then
     # xdist spreads the Triton compiles over the CPUs; the kernel cache then serves the sanitizer.
     workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-    stage tests $PY -m pytest -m cuda tests/test_cuda_triton.py -q $workers -p no:cacheprovider
+    stage tests $PY -m pytest -m cuda tests/attn_ops/backends/triton -q $workers -p no:cacheprovider
 fi
 tune=""
 has tune && tune="--tune"
@@ -61,7 +61,7 @@ if has sanitizer; then
     # Graph capture, Inductor, sync-mode and profiler tests are left out (the profiler cannot run
     # beside the tool; the others are slow under it and launch the same kernels).
     stage sanitizer env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 99 $PY -m pytest -m cuda tests/test_cuda_triton.py -q -x \
+        --error-exitcode 99 $PY -m pytest -m cuda tests/attn_ops/backends/triton -q -x \
         -p no:cacheprovider -k "not graph and not inductor and not sync and not one_launch"
 fi
 exit $status

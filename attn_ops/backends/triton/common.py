@@ -92,11 +92,17 @@ def mma(a, b, acc, DOT: tl.constexpr):
 
 
 @triton.jit
-def paged_rows(table_row, pos, valid, PAGE: tl.constexpr):
-    """Cache row (flat slot, int64) of token positions ``pos`` through one block-table row.
+def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride_vb, stride_vt,
+                  PAGE: tl.constexpr):
+    """Element offsets (int64) of token positions ``pos`` in the K and V caches, through one
+    block-table row whose columns are ``stride_tc`` apart.
 
-    Positions where ``valid`` is False read no table entry and map to row 0 (masked later), so
-    garbage past a sequence's last block is never dereferenced.
+    Block and in-page strides are separate, so a cache may be any strided
+    ``[num_blocks, block_size, Hkv, D]`` view (a transposed dense ``[B, Hkv, S, D]`` cache has a
+    block stride of ``Hkv * S * D`` but an in-page stride of ``D``). Positions where ``valid`` is
+    False read no table entry and map to offset 0 (masked later), so garbage past a sequence's
+    last block is never dereferenced.
     """
-    block = tl.load(table_row + pos // PAGE, mask=valid, other=0)
-    return block.to(tl.int64) * PAGE + pos % PAGE
+    block = tl.load(table_row + (pos // PAGE) * stride_tc, mask=valid, other=0).to(tl.int64)
+    offset = pos % PAGE
+    return block * stride_kb + offset * stride_kt, block * stride_vb + offset * stride_vt

@@ -22,14 +22,15 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, mma,
-                                             next_pow2, paged_rows, scores_log2,
+                                             next_pow2, paged_offsets, scores_log2,
                                              softcap_constants)
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
 def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
-                         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                         stride_tb, stride_ob, stride_oh, num_splits,
+                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+                         stride_vt, stride_vh, stride_sl, stride_tb, stride_tc, stride_ob,
+                         stride_oh, num_splits,
                          qk_scale, cap_log2, cap_inv, window_left,
                          GROUP: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -40,7 +41,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
     seq = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
 
-    seq_len = tl.load(SEQLENS + seq)
+    seq_len = tl.load(SEQLENS + seq.to(tl.int64) * stride_sl)
     first = 0
     if WINDOW:  # the query (position seq_len - 1) sees keys >= seq_len - 1 - window_left
         first = tl.maximum(seq_len - 1 - window_left, 0)
@@ -66,10 +67,11 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART,
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < hi
-        rows = paged_rows(table_row, pos, key_ok, PAGE)
+        k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
+                                     stride_vb, stride_vt, PAGE)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=tile_ok, other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=tile_ok, other=0.0)
+        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
         qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -182,7 +184,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            config: Config | None = None, splits: int | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
-    ``[B, W]``. Returns ``[B, H, D]`` in q's dtype.
+    ``[B, W]``. Returns ``[B, H, D]`` in q's dtype. Every index tensor and cache is read through
+    its strides (any strided view with a contiguous last dim; see store_kernel for why not a copy).
 
     ``config``/``splits`` override the static tables (benchmarks); ``out`` (contiguous
     ``[B, H, D]``) receives the result (tests poison it to catch unwritten elements).
@@ -207,8 +210,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
     _decode_split_kernel[grid1](
         q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
-        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),
-        v_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1), splits,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        seqlens_k.stride(0), *block_table.stride(), out.stride(0), out.stride(1), splits,
         qk_scale, cap_log2, cap_inv, window_left, **stage1)
     if splits > 1:
         _merge_kernel[grid2](o_part, lse_part, out, splits, out.stride(0), out.stride(1),

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (INTERPRET, dot_mode, mma, next_pow2, paged_rows,
+from attn_ops.backends.triton.common import (INTERPRET, dot_mode, mma, next_pow2, paged_offsets,
                                              scores_log2, softcap_constants)
 
 
@@ -43,7 +43,8 @@ def _load_rows(ptrs, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIM: tl.const
 
 
 @triton.jit
-def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, hi, lk, q_pos,
+def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, stride_vb,
+                  stride_vt, lo, hi, lk, q_pos,
                   window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -57,11 +58,12 @@ def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, h
         pos = start + offs_n
         key_ok = pos < lk
         if PAGED:
-            rows = paged_rows(table_row, pos, key_ok, PAGE)
+            k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
+                                         stride_vb, stride_vt, PAGE)
         else:
-            rows = pos
-        k = _load_rows(K + rows[:, None] * stride_kt + offs_d[None, :], key_ok, dim_ok, MASKED,
-                       MASK_DIM)
+            k_off = pos.to(tl.int64) * stride_kt
+            v_off = pos.to(tl.int64) * stride_vt
+        k = _load_rows(K + k_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED, MASK_DIM)
         qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         if MASKED:
@@ -79,8 +81,7 @@ def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, h
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V + rows[:, None] * stride_vt + offs_d[None, :], key_ok, dim_ok, MASKED,
-                       MASK_DIM)
+        v = _load_rows(V + v_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED, MASK_DIM)
         acc = acc * alpha[:, None]
         acc = mma(p.to(v.dtype), v, acc, DOT)
         m_i = m_new
@@ -89,8 +90,9 @@ def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_kt, stride_vt, lo, h
 
 @triton.jit(do_not_specialize=["total_q", "window_left"])
 def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_ot, stride_oh, stride_tb, total_q, num_seqs,
+                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                    stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
+                    total_q, num_seqs,
                     qk_scale, cap_log2, cap_inv, window_left,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -107,20 +109,20 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
 
     if seq == num_seqs:  # zero the rows past cu_seqlens_q[-1], strided over the pid axis
         zeros = tl.zeros([BLOCK_M, D_P2], dtype=O.dtype.element_ty)
-        first = tl.load(CU_Q + num_seqs)
+        first = tl.load(CU_Q + num_seqs * stride_cq)
         for r0 in range(first + pid * BLOCK_M, total_q, tl.num_programs(0) * BLOCK_M):
             r = r0 + offs_m
             ptrs = O + r.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
             tl.store(ptrs, zeros, mask=(r < total_q)[:, None] & dim_ok[None, :])
         return
 
-    q_start = tl.load(CU_Q + seq)
-    lq = tl.load(CU_Q + seq + 1) - q_start
+    q_start = tl.load(CU_Q + seq * stride_cq)
+    lq = tl.load(CU_Q + (seq + 1) * stride_cq) - q_start
     tile = tl.cdiv(lq, BLOCK_M) - 1 - pid
     if tile < 0:
         return
-    k_start = tl.load(CU_K + seq)
-    lk = tl.load(CU_K + seq + 1) - k_start
+    k_start = tl.load(CU_K + seq * stride_ck)
+    lk = tl.load(CU_K + (seq + 1) * stride_ck) - k_start
 
     m0 = tile * BLOCK_M
     rows = m0 + offs_m
@@ -159,21 +161,21 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
-                                  stride_vt, lo, tl.minimum(f_lo, hi), lk, q_pos, window_left,
-                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
-                                  True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                                  DOT)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
-                                  stride_vt, f_lo, f_hi, lk, q_pos, window_left,
-                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
-                                  False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                                  DOT)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_kt,
-                                  stride_vt, f_hi, hi, lk, q_pos, window_left,
-                                  qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
-                                  True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                                  DOT)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, lo,
+                                  tl.minimum(f_lo, hi), lk, q_pos, window_left, qk_scale,
+                                  cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N, True,
+                                  MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, f_lo, f_hi, lk,
+                                  q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
+                                  dim_ok, BLOCK_N, False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP,
+                                  PAGED, PAGE, DOT)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                  stride_kb, stride_kt, stride_vb, stride_vt, f_hi, hi, lk,
+                                  q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
+                                  dim_ok, BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP,
+                                  PAGED, PAGE, DOT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: acc = 0 -> zeros
     o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -247,20 +249,23 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         return out
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
         return out.zero_()  # no key anywhere (static shapes say so)
+    # Index tensors and caches are read through their strides (see store_kernel for why not a
+    # contiguous copy): a strided cu_seqlens or block table is never misread.
     if paged:
         page, num_kv_heads = k.shape[1], k.shape[2]
-        strides = (k.stride(1), k.stride(2), v.stride(1), v.stride(2))
-        table, stride_tb = block_table, block_table.stride(0)
+        strides = (*k.stride()[:3], *v.stride()[:3])
+        table, table_strides = block_table, block_table.stride()
     else:
         page, num_kv_heads = 1, k.shape[1]
-        strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-        table, stride_tb = cu_seqlens_k, 0  # unused pointer argument
+        strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
+        table, table_strides = cu_seqlens_k, (0, 0)  # unused pointer argument
     grid, consts = _plan(int(max_seqlen_q), num_seqs, num_heads, num_kv_heads, head_dim, q.dtype,
                          bool(causal), paged, page, window_left >= 0, softcap > 0,
                          None if config is None else Config(*config))
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
     _prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q.stride(0), q.stride(1), *strides,
-        out.stride(0), out.stride(1), stride_tb, total_q, num_seqs, qk_scale, cap_log2, cap_inv,
+        out.stride(0), out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
+        *table_strides, total_q, num_seqs, qk_scale, cap_log2, cap_inv,
         window_left, **consts)
     return out

@@ -1,0 +1,187 @@
+"""The Triton backend package (attn_ops/backends/triton/__init__.py): supports(), lazy import,
+and the ops end to end under torch.compile / CUDA graphs (``cuda``-marked tests need a GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attn_ops
+from attn_ops import registry
+from attn_ops.backends import triton as tb
+from attn_ops.contract import OpConfig
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+
+BF16 = torch.bfloat16
+DEV = "cuda"
+
+# ---------------------------------------------------------------------------------------------
+# supports() and lazy import
+# ---------------------------------------------------------------------------------------------
+
+def _config(op, **over):
+    cfg = OpConfig(op, torch.device("cuda"), torch.bfloat16, 128, 8, num_heads=32, paged=True,
+                   block_size=16)
+    return cfg.replace(**over)
+
+
+def test_supports_reasons(monkeypatch):
+    assert tb.supports(_config("prefill")) is None
+    assert tb.supports(_config("decode", head_dim=96, block_size=24)) is None
+    assert tb.supports(_config("store_kvcache", device=torch.device("cpu"))) is None
+    assert "int8" in tb.supports(_config("decode", dtype=torch.int8))
+    assert "head dim 512" in tb.supports(_config("prefill", head_dim=512))
+    assert "'mps'" in tb.supports(_config("decode", device=torch.device("mps")))
+    assert "block size 0" in tb.supports(_config("decode", block_size=0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in tb.supports(_config("decode", device=torch.device("cpu")))
+
+
+def test_importing_the_backend_imports_no_triton():
+    code = ("import sys, attn_ops, attn_ops.backends.triton as t; "
+            "assert 'triton' not in sys.modules, 'triton imported'; print(t.name)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# graph capture by torch.compile (the op stays one opaque call; the backend runs inside it)
+# ---------------------------------------------------------------------------------------------
+
+def test_compiled_store_then_decode_runs_triton_backend():
+    torch._dynamo.reset()
+    lens = [9, 20]
+    paged = random_paged(lens, 2, 32, 16, torch.float16)
+    q = torch.randn(2, 4, 32, dtype=torch.float16)
+    new_k = torch.randn(2, 2, 32, dtype=torch.float16)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    flat = paged.block_table.long() * 16
+    slots = torch.stack([flat[0, 0] + 8, flat[1, 1] + 3])  # the last token of each sequence
+
+    def step(q, new_k, k_cache, v_cache, slots, seqlens, table):
+        attn_ops.store_kvcache(new_k, new_k, k_cache, v_cache, slots)
+        return attn_ops.decode(q, k_cache, v_cache, seqlens, table, 0.25)
+
+    caches_ref = paged.k_cache.clone(), paged.v_cache.clone()
+    expected = step(q, new_k, *caches_ref, slots, seqlens, paged.block_table)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    with registry.use_backend("triton"):
+        got = compiled(q, new_k, paged.k_cache, paged.v_cache, slots, seqlens, paged.block_table)
+    assert torch.equal(paged.k_cache, caches_ref[0])
+    assert_close(got, expected, *TOLERANCES[torch.float16])
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs, host syncs, Inductor
+# ---------------------------------------------------------------------------------------------
+
+def _random_step_inputs(b, width, page, num_blocks, hkv, h, d, max_len, gen):
+    lens = torch.randint(0, max_len + 1, (b,), generator=gen)
+    lens[0] = 0  # a padded row
+    lens[-1] = max_len
+    table = torch.randperm(num_blocks, generator=gen)[:b * width].view(b, width).to(torch.int32)
+    last = (lens - 1).clamp(min=0)
+    slots = table.gather(1, (last // page)[:, None])[:, 0].long() * page + last % page
+    slots = torch.where(lens > 0, slots, -1)
+    q = torch.randn(b, h, d, generator=gen)
+    new_kv = torch.randn(2, b, hkv, d, generator=gen)
+    return [x.to(DEV) for x in (lens.to(torch.int32), table, slots, q, new_kv)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("page,width", [(16, 64), (256, 4)])
+def test_cuda_graph_store_decode_replays_with_new_lengths_cuda(page, width):
+    import attn_ops
+    from attn_ops.backends import reference
+    b, h, hkv, d = 4, 8, 2, 128
+    num_blocks = b * width + 3
+    k_cache = torch.randn(num_blocks, page, hkv, d, dtype=BF16, device=DEV)
+    v_cache = torch.randn_like(k_cache)
+    gen = torch.Generator().manual_seed(1)
+    static = _random_step_inputs(b, width, page, num_blocks, hkv, h, d, width * page, gen)
+    seqlens, table, slots, q, new_kv = static
+
+    def step():
+        attn_ops.store_kvcache(new_kv[0].to(BF16), new_kv[1].to(BF16), k_cache, v_cache, slots)
+        return attn_ops.decode(q.to(BF16), k_cache, v_cache, seqlens, table, d ** -0.5)
+
+    with attn_ops.use_backend("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compile and warm up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+    for _ in range(3):
+        fresh = _random_step_inputs(b, width, page, num_blocks, hkv, h, d, width * page, gen)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        reference.store_kvcache(new_kv[0].to(BF16), new_kv[1].to(BF16), k_ref, v_ref, slots)
+        expected = reference.decode(q.to(BF16), k_ref, v_ref, seqlens, table, d ** -0.5)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        assert_close(out, expected, *TOLERANCES[BF16], what="replayed decode")
+        assert torch.all(out[0] == 0)
+
+
+@pytest.mark.cuda
+def test_wrappers_never_sync_the_host_cuda(monkeypatch):
+    import attn_ops
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")  # the opt-in data checks do sync, by design
+    lens = [100, 0, 37]
+    paged = random_paged(lens, 2, 64, 16, BF16, device=DEV)
+    q = torch.randn(3, 8, 64, dtype=BF16, device=DEV)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    key = torch.randn(3, 2, 64, dtype=BF16, device=DEV)
+    slots = torch.tensor([5, -1, 40], device=DEV)
+    qp = torch.randn(137, 8, 64, dtype=BF16, device=DEV)
+    cu = cu_seqlens(lens, DEV)
+    calls = [
+        lambda: attn_ops.store_kvcache(key, key, paged.k_cache, paged.v_cache, slots),
+        lambda: attn_ops.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, 0.1),
+        lambda: attn_ops.prefill(qp, paged.k_cache, paged.v_cache, cu, cu, 100, 100, 0.1, True,
+                                 paged.block_table),
+    ]
+    with attn_ops.use_backend("triton"):
+        for call in calls:
+            call()  # compile first: compilation may query the device
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for call in calls:
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_inductor_compiled_prefill_and_decode_cuda():
+    import attn_ops
+    torch._dynamo.reset()
+    lens = [64, 13]
+    paged = random_paged(lens, 2, 128, 16, BF16, device=DEV)
+    q = torch.randn(77, 8, 128, dtype=BF16, device=DEV)
+    cu = cu_seqlens(lens, DEV)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+    def fn(q, k_cache, v_cache, cu, seqlens, table):
+        o = attn_ops.prefill(q, k_cache, v_cache, cu, cu, 64, 64, 0.088, True, table)
+        last = o[cu[1:] - 1]  # the last token of each sequence attends again through decode
+        return attn_ops.decode(last * 2, k_cache, v_cache, seqlens, table, 0.088)
+
+    args = (q, paged.k_cache, paged.v_cache, cu, seqlens, paged.block_table)
+    with attn_ops.use_backend("reference"):
+        expected = fn(*args)
+    with attn_ops.use_backend("triton"):
+        got = torch.compile(fn, fullgraph=True)(*args)
+    assert_close(got, expected, *TOLERANCES[BF16])

@@ -1,0 +1,192 @@
+"""The split-KV paged decode Triton kernel (decode_kernel.py): the interpreter at tiny shapes (CI)
+and, marked ``cuda``, compiled on a GPU; against the reference backend with NaN-poisoned outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_ops
+from attn_ops.backends import reference
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, prefill_f64,
+                                   random_paged)
+
+triton = pytest.importorskip("triton")
+from attn_ops.backends.triton import decode_kernel  # noqa: E402  (imports triton)
+
+HALF = (torch.float16, torch.bfloat16)
+BF16, FP16 = torch.bfloat16, torch.float16
+DEV = "cuda"
+
+
+def _poisoned(shape, dtype, device="cpu"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _nan(shape, dtype):
+    return _poisoned(shape, dtype, DEV)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# interpreter
+# ---------------------------------------------------------------------------------------------
+
+def _check_decode(lens, h, hkv, d, block_size, dtype, window_left=-1, softcap=0.0, splits=None,
+                  table_width=None):
+    paged = random_paged(lens, hkv, d, block_size, dtype, table_width=table_width)
+    q = torch.randn(len(lens), h, d, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    out = _poisoned(q.shape, dtype)
+    decode_kernel.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, d ** -0.5,
+                         window_left, softcap, splits=splits, out=out)
+    ref = reference.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table,
+                           d ** -0.5, window_left, softcap)
+    assert_close(out, ref, *TOLERANCES[dtype], what="decode")
+    return out
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3, 8])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_splits_and_padding(splits, block_size):
+    # seqlens 0 (padded row), 1, odd; 8 splits of a 40-token sequence leave splits empty
+    out = _check_decode([13, 0, 40, 1], 4, 2, 32, block_size, torch.bfloat16, splits=splits,
+                        table_width=4)
+    assert torch.all(out[1] == 0)
+
+
+@pytest.mark.parametrize("window_left,softcap", [(5, 0.0), (-1, 3.0), (0, 2.0)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_window_softcap(window_left, softcap, splits):
+    _check_decode([13, 37, 2], 4, 2, 32, 16, torch.float16, window_left, softcap, splits=splits)
+
+
+@pytest.mark.parametrize("h,hkv,d", [(4, 1, 32), (2, 2, 64), (2, 1, 40)])
+def test_decode_heads_and_dims(h, hkv, d):
+    _check_decode([19, 6], h, hkv, d, 16, torch.float16, splits=2)
+
+
+def test_decode_fp32_and_through_op():
+    lens = [17, 0, 5]
+    paged = random_paged(lens, 2, 32, 16, torch.float32)
+    q = torch.randn(3, 4, 32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    out = attn_ops.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, 0.2,
+                          backend="triton")
+    ref = attn_ops.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, 0.2,
+                          backend="reference")
+    assert_close(out, ref, *TOLERANCES[torch.float32])
+
+
+def test_decode_split_count_is_static():
+    # A pure function of (B, Hkv, capacity, SMs): lengths never enter.
+    assert decode_kernel.num_splits(1, 8, 32768, 132, 64) > 1
+    assert decode_kernel.num_splits(128, 8, 2048 * 16, 132, 64) == 1
+    assert decode_kernel.num_splits(1, 8, 64, 132, 64) == 1  # a tiny table: no split
+    assert decode_kernel.num_splits(0, 8, 1024, 132, 64) == 1
+    assert decode_kernel.num_splits(1, 1, 10 ** 7, 132, 64) == decode_kernel._MAX_SPLITS
+
+
+def _every_other_column(t):
+    """The same values as ``t`` ``[B, W]``, as columns 0, 2, 4.. of a ``[B, 2W]`` tensor
+    (column stride 2) whose other columns are garbage block ids."""
+    wide = torch.full((t.shape[0], 2 * t.shape[1]), 10 ** 6, dtype=t.dtype)
+    wide[:, ::2] = t
+    return wide[:, ::2]
+
+
+@pytest.mark.parametrize("table_layout", ["column_stride_2", "transposed"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_strided_index_tensors(table_layout, splits):
+    # Issue 12: strided seqlens_k / block_table were read as dense (wrong keys, heap reads).
+    lens = [13, 0, 40, 1]
+    paged = random_paged(lens, 2, 32, 16, torch.float16, table_width=4)
+    q = torch.randn(4, 4, 32, dtype=torch.float16)
+    seqlens = torch.tensor([[n, 999] for n in lens], dtype=torch.int32)[:, 0]  # stride 2
+    table = paged.block_table
+    table = _every_other_column(table) if table_layout == "column_stride_2" else table.t(
+        ).contiguous().t()
+    assert seqlens.stride(0) == 2 and not table.is_contiguous()
+    out = _poisoned(q.shape, q.dtype)
+    decode_kernel.decode(q, paged.k_cache, paged.v_cache, seqlens, table, 0.2, splits=splits,
+                         out=out)
+    ref = reference.decode(q, paged.k_cache, paged.v_cache, seqlens.contiguous(),
+                           paged.block_table, 0.2)
+    assert_close(out, ref, *TOLERANCES[torch.float16], what="decode, strided indices")
+    # and through the op, with its data checks on (they validate the logical values)
+    got = attn_ops.decode(q, paged.k_cache, paged.v_cache, seqlens, table, 0.2, backend="triton")
+    assert_close(got, ref, *TOLERANCES[torch.float16], what="decode op, strided indices")
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_transposed_dense_cache(splits):
+    # A dense [B, Hkv, S, D] cache transposed is one block per sequence (block stride Hkv*S*D,
+    # in-page stride D): the contract's example of a strided cache.
+    b, hkv, s_max, d, h = 3, 2, 23, 32, 4
+    k_dense = torch.randn(b, hkv, s_max, d, dtype=torch.bfloat16)
+    v_dense = torch.randn_like(k_dense)
+    k_cache, v_cache = k_dense.transpose(1, 2), v_dense.transpose(1, 2)  # [B, S, Hkv, D]
+    table = torch.arange(b, dtype=torch.int32)[:, None]
+    lens = torch.tensor([23, 0, 9], dtype=torch.int32)
+    q = torch.randn(b, h, d, dtype=torch.bfloat16)
+    out = _poisoned(q.shape, q.dtype)
+    decode_kernel.decode(q, k_cache, v_cache, lens, table, 0.3, splits=splits, out=out)
+    ref = reference.decode(q, k_cache.contiguous(), v_cache.contiguous(), lens, table, 0.3)
+    assert_close(out, ref, *TOLERANCES[torch.bfloat16], what="decode, transposed cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------------
+
+def _decode_case(lens, h, hkv, d, block_size, dtype, window_left=-1, softcap=0.0, splits=None,
+                 table_width=None):
+    paged = random_paged(lens, hkv, d, block_size, dtype, device=DEV, table_width=table_width)
+    q = torch.randn(len(lens), h, d, dtype=dtype, device=DEV)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    args = (q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, d ** -0.5, window_left,
+            softcap)
+    out = decode_kernel.decode(*args, splits=splits, out=_nan(q.shape, dtype))
+    ref = reference.decode(*args)
+    assert_close(out, ref, *TOLERANCES[dtype], what="decode")
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_decode_block_sizes_cuda(block_size, dtype):
+    out = _decode_case([1000, 0, 1, 333, 4096], 32, 8, 128, block_size, dtype)
+    assert torch.all(out[1] == 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 96, 256, 40])
+@pytest.mark.parametrize("h,hkv", [(8, 8), (32, 4), (32, 1)])
+def test_decode_head_dims_groups_cuda(d, h, hkv):
+    _decode_case([517, 1, 0, 64], h, hkv, d, 16, BF16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("window_left,softcap", [(-1, 0.0), (300, 0.0), (-1, 50.0), (0, 0.0)])
+def test_decode_splits_window_softcap_cuda(splits, window_left, softcap):
+    _decode_case([2000, 5, 0, 900], 16, 4, 128, 64, FP16, window_left, softcap, splits=splits)
+
+
+@pytest.mark.cuda
+def test_decode_long_single_sequence_and_fp32_cuda():
+    _decode_case([32768], 32, 8, 128, 256, BF16)
+    _decode_case([3000, 0], 8, 2, 64, 16, torch.float32, table_width=256)
+
+
+@pytest.mark.cuda
+def test_decode_int64_block_table_cuda():
+    paged = random_paged([300, 45], 2, 64, 16, BF16, device=DEV)
+    q = torch.randn(2, 4, 64, dtype=BF16, device=DEV)
+    seqlens = torch.tensor([300, 45], dtype=torch.int32, device=DEV)
+    table = paged.block_table.long()
+    out = decode_kernel.decode(q, paged.k_cache, paged.v_cache, seqlens, table, 0.125)
+    ref = reference.decode(q, paged.k_cache, paged.v_cache, seqlens, table, 0.125)
+    assert_close(out, ref, *TOLERANCES[BF16])
+

@@ -1,0 +1,205 @@
+"""The varlen prefill Triton kernel (prefill_kernel.py): the interpreter at tiny shapes (CI) and,
+marked ``cuda``, compiled on a GPU; against the reference backend with NaN-poisoned outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_ops
+from attn_ops.backends import reference
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, prefill_f64,
+                                   random_paged)
+
+triton = pytest.importorskip("triton")
+from attn_ops.backends.triton import prefill_kernel  # noqa: E402  (imports triton)
+
+HALF = (torch.float16, torch.bfloat16)
+BF16, FP16 = torch.bfloat16, torch.float16
+DEV = "cuda"
+
+
+def _poisoned(shape, dtype, device="cpu"):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _nan(shape, dtype):
+    return _poisoned(shape, dtype, DEV)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# interpreter
+# ---------------------------------------------------------------------------------------------
+
+def _dense_batch(lens_q, lens_k, h, hkv, d, dtype, extra_rows=0):
+    q = torch.randn(sum(lens_q) + extra_rows, h, d, dtype=dtype)
+    k = torch.randn(sum(lens_k), hkv, d, dtype=dtype)
+    v = torch.randn_like(k)
+    return q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k)
+
+
+def _check_prefill(q, k, v, cu_q, cu_k, max_q, max_k, causal, block_table=None, window_left=-1,
+                   softcap=0.0):
+    scale = q.shape[-1] ** -0.5
+    out = _poisoned(q.shape, q.dtype)
+    prefill_kernel.prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, block_table,
+                           window_left, softcap, out=out)
+    ref = reference.prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, block_table,
+                            window_left, softcap)
+    assert_close(out, ref, *TOLERANCES[q.dtype], what="prefill")
+    return out
+
+
+@pytest.mark.parametrize("causal,window_left,softcap", [
+    (True, -1, 0.0), (False, -1, 0.0), (True, 5, 0.0), (False, 6, 0.0), (True, -1, 4.0),
+    (True, 3, 2.5)])
+@pytest.mark.parametrize("dtype", HALF)
+def test_prefill_dense(causal, window_left, softcap, dtype):
+    # lq < lk (prefix), an empty sequence, odd lengths, rows past cu_seqlens_q[-1]
+    lens_q, lens_k = [13, 0, 5, 20], [13, 0, 11, 37]
+    q, k, v, cu_q, cu_k = _dense_batch(lens_q, lens_k, 4, 2, 32, dtype, extra_rows=3)
+    out = _check_prefill(q, k, v, cu_q, cu_k, 20, 37, causal, None, window_left, softcap)
+    assert torch.all(out[-3:] == 0)
+
+
+@pytest.mark.parametrize("h,hkv,d", [(4, 1, 64), (2, 2, 40)])
+def test_prefill_heads_and_padded_head_dim(h, hkv, d):
+    lens = [7, 18]
+    q, k, v, cu_q, cu_k = _dense_batch(lens, lens, h, hkv, d, torch.float16)
+    _check_prefill(q, k, v, cu_q, cu_k, 18, 18, True)
+
+
+def test_prefill_fp32_matches_float64_oracle():
+    lens_q, lens_k = [9, 4], [9, 17]
+    q, k, v, cu_q, cu_k = _dense_batch(lens_q, lens_k, 4, 2, 32, torch.float32)
+    out = prefill_kernel.prefill(q, k, v, cu_q, cu_k, 9, 17, 0.2, True, None, 4, 3.0)
+    ref = prefill_f64(q, k, v, lens_q, lens_k, 0.2, True, 4, 3.0)
+    assert_close(out, ref, 1e-5, 1e-5, what="prefill fp32 vs float64")
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("causal,window_left", [(True, -1), (False, 9)])
+def test_prefill_paged_prefix(block_size, causal, window_left):
+    dtype = torch.bfloat16
+    lens_q, lens_k = [5, 0, 13], [21, 0, 40]
+    paged = random_paged(lens_k, 2, 32, block_size, dtype)
+    q = torch.randn(sum(lens_q), 4, 32, dtype=dtype)
+    _check_prefill(q, paged.k_cache, paged.v_cache, cu_seqlens(lens_q), cu_seqlens(lens_k), 13,
+                   40, causal, paged.block_table, window_left)
+
+
+def test_prefill_through_op_and_no_keys():
+    lens = [3, 6]
+    q, k, v, cu_q, cu_k = _dense_batch(lens, lens, 2, 1, 32, torch.float16)
+    out = attn_ops.prefill(q, k, v, cu_q, cu_k, 6, 6, 0.3, backend="triton")
+    ref = attn_ops.prefill(q, k, v, cu_q, cu_k, 6, 6, 0.3, backend="reference")
+    assert_close(out, ref, *TOLERANCES[torch.float16])
+    empty = cu_seqlens([0, 0])  # every sequence empty: output all zero
+    out = attn_ops.prefill(q, k[:0], v[:0], empty, empty, 0, 0, 0.3, backend="triton")
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+def _strided_copy(t):
+    """The values of 1-D ``t`` as every other element of a twice-as-long tensor (stride 2)."""
+    wide = torch.full((2 * t.shape[0],), 12345, dtype=t.dtype)
+    wide[::2] = t
+    return wide[::2]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_prefill_strided_index_tensors(paged):
+    # Issue 12: strided cu_seqlens / block tables were read as dense.
+    dtype = torch.float16
+    lens_q, lens_k = [5, 0, 13], [21, 0, 13]
+    q = torch.randn(sum(lens_q), 4, 32, dtype=dtype)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    if paged:
+        pb = random_paged(lens_k, 2, 32, 16, dtype)
+        k, v, table = pb.k_cache, pb.v_cache, pb.block_table
+        wide = torch.full((table.shape[0], 2 * table.shape[1]), -7, dtype=table.dtype)
+        wide[:, 1::2] = table
+        strided_table = wide[:, 1::2]
+    else:
+        k = torch.randn(sum(lens_k), 2, 32, dtype=dtype)
+        v = torch.randn_like(k)
+        table = strided_table = None
+    ref = reference.prefill(q, k, v, cu_q, cu_k, 13, 21, 0.25, True, table)
+    out = _poisoned(q.shape, dtype)
+    prefill_kernel.prefill(q, k, v, _strided_copy(cu_q), _strided_copy(cu_k), 13, 21, 0.25, True,
+                           strided_table, out=out)
+    assert_close(out, ref, *TOLERANCES[dtype], what="prefill, strided indices")
+    got = attn_ops.prefill(q, k, v, _strided_copy(cu_q), _strided_copy(cu_k), 13, 21, 0.25, True,
+                           strided_table, backend="triton")
+    assert_close(got, ref, *TOLERANCES[dtype], what="prefill op, strided indices")
+
+
+def test_prefill_paged_strided_cache():
+    # Paged prefill over a cache whose block and in-page strides are not page * row and row.
+    dtype = torch.bfloat16
+    lens_q, lens_k = [3, 11], [19, 11]
+    pb = random_paged(lens_k, 2, 32, 8, dtype)
+    k_cache = pb.k_cache.transpose(1, 2).contiguous().transpose(1, 2)  # [blocks, page, Hkv, D]
+    v_cache = pb.v_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not k_cache.is_contiguous() and torch.equal(k_cache, pb.k_cache)
+    q = torch.randn(sum(lens_q), 4, 32, dtype=dtype)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    out = _poisoned(q.shape, dtype)
+    prefill_kernel.prefill(q, k_cache, v_cache, cu_q, cu_k, 11, 19, 0.2, True, pb.block_table,
+                           out=out)
+    ref = reference.prefill(q, pb.k_cache, pb.v_cache, cu_q, cu_k, 11, 19, 0.2, True,
+                            pb.block_table)
+    assert_close(out, ref, *TOLERANCES[dtype], what="prefill, strided cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------------
+
+def _prefill_case(lens_q, lens_k, h, hkv, d, dtype, causal, window_left=-1, softcap=0.0,
+                  block_size=None, extra_rows=0):
+    q = torch.randn(sum(lens_q) + extra_rows, h, d, dtype=dtype, device=DEV)
+    if block_size is None:
+        k = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=DEV)
+        v, table = torch.randn_like(k), None
+    else:
+        paged = random_paged(lens_k, hkv, d, block_size, dtype, device=DEV)
+        k, v, table = paged.k_cache, paged.v_cache, paged.block_table
+    cu_q, cu_k = cu_seqlens(lens_q, DEV), cu_seqlens(lens_k, DEV)
+    args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), d ** -0.5, causal, table,
+            window_left, softcap)
+    out = prefill_kernel.prefill(*args, out=_nan(q.shape, dtype))
+    ref = reference.prefill(*args)
+    assert_close(out, ref, *TOLERANCES[dtype], what="prefill")
+    if extra_rows:
+        assert torch.all(out[-extra_rows:] == 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 96, 128, 256, 40])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_head_dims_cuda(d, dtype, causal):
+    _prefill_case([300, 1, 0, 129], [300, 1, 0, 257], 8, 2, d, dtype, causal, extra_rows=5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("h,hkv", [(32, 8), (16, 1), (6, 6), (12, 3)])
+@pytest.mark.parametrize("window_left,softcap", [(-1, 0.0), (100, 0.0), (-1, 30.0), (0, 0.0)])
+def test_prefill_gqa_window_softcap_cuda(h, hkv, window_left, softcap):
+    _prefill_case([513, 77, 13], [513, 200, 13], h, hkv, 128, BF16, True, window_left, softcap)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_paged_prefix_cuda(block_size, causal):
+    _prefill_case([200, 0, 31, 1], [700, 0, 31, 1000], 8, 2, 128, BF16, causal,
+                  block_size=block_size)
+
+
+@pytest.mark.cuda
+def test_prefill_fp32_and_window_noncausal_cuda():
+    _prefill_case([64, 100], [64, 300], 4, 2, 64, torch.float32, False, window_left=50)
+    _prefill_case([333], [333], 4, 4, 128, FP16, False, window_left=17, softcap=5.0)
+
