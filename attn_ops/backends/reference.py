@@ -1,21 +1,30 @@
 """Reference backend: pure torch, any device, the executable form of the op contract.
 
 Every other backend is tested against this one, and this one against an independent float64 loop
-(tests/test_reference.py). It is vectorised over sequences and heads: variable-length batches are
-gathered into padded ``[B, max_len, ...]`` tiles sized by the static ``max_seqlen_*`` bounds, so
-there is no Python loop over sequences and no host sync. Scores and softmax are computed in
-float32; memory is O(B * H * max_seqlen_q * max_seqlen_k), fine for an oracle and for CPU demos,
-not for long contexts.
+(tests/attn_ops/backends/test_reference.py). It is vectorised over sequences and heads:
+variable-length batches are gathered into padded ``[B, max_len, ...]`` tiles sized by the static
+``max_seqlen_*`` bounds, so there is no Python loop over sequences and no host sync. Scores and
+softmax are computed in float32; memory is O(B * H * max_seqlen_q * max_seqlen_k), fine for an
+oracle and for CPU demos, not for long contexts.
+
+Isolation (the contract: nothing a row does not see reaches its output). A masked score becomes
+an exact zero weight, but ``0 * NaN = NaN`` in ``p @ v``, so masking scores alone lets a NaN/Inf
+in an unseen key or value through. The tiles therefore hold exact zeros wherever a row may not
+read: padded positions (which index row 0 of the batch, or slot 0 of the cache) always, and, when
+causality or a window hides keys inside a sequence, every key row holding a non-finite value. A
+query row that does see such a row comes out NaN (:func:`poison_rows`): NaN is never hidden.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 name = "reference"
 
 
-def supports(op: str, **config) -> str | None:
+def supports(config) -> str | None:
     """The reference serves every op, device, dtype and option of the contract."""
     return None
 
@@ -30,10 +39,11 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 
     Rows with slot -1 are redirected, without a host sync, to the first valid row's slot and
     value (so they rewrite what that row writes: identical bytes, no race), or, when no row is
-    valid, to slot 0 with its own current contents (a no-op write).
+    valid, to slot 0 with its own current contents (a no-op write). A cache with no slot can
+    only take padding: nothing to write.
     """
     t = key.shape[0]
-    if t == 0:
+    if t == 0 or k_cache.numel() == 0:
         return
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     slots = slot_mapping.to(torch.int64)
@@ -55,6 +65,21 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 # Gathering variable-length sequences into padded tiles
 # ---------------------------------------------------------------------------------------------
+
+class Tiles(NamedTuple):
+    """One call's work as padded tiles (shared with the sdpa backend).
+
+    q ``[B, Mq, H, D]``; k, v ``[B, Mk, Hkv, D]`` (zero wherever no row may read);
+    allowed ``[B, Mq, Mk]`` bool, the contract's mask; bad ``[B, Mk, Hkv]`` bool, valid key rows
+    whose k or v holds a non-finite value (zeroed in k, v), or None when no key is hidden inside
+    a sequence (then every valid row sees every valid key and the arithmetic propagates NaN).
+    """
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    allowed: torch.Tensor
+    bad: torch.Tensor | None
+
 
 def _padded_rows(cu: torch.Tensor, max_len: int):
     """Row index ``[B, max_len]`` (int64) of position p of sequence b, its validity, and lengths."""
@@ -94,30 +119,35 @@ def allowed_pairs(q_valid: torch.Tensor, k_valid: torch.Tensor, lq: torch.Tensor
     return allowed
 
 
-def _attend(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, q_valid: torch.Tensor,
-            k_valid: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, scale: float, causal: bool,
-            window_left: int, softcap: float) -> torch.Tensor:
-    """Masked attention on padded tiles, float32 result.
+def _isolate(kp: torch.Tensor, vp: torch.Tensor, k_valid: torch.Tensor, hidden_keys: bool):
+    """Zero, in place, what no row may read in freshly gathered kp/vp ``[B, Mk, Hkv, D]``.
 
-    qp ``[B, Mq, H, D]``, kp/vp ``[B, Mk, Hkv, D]``, q_valid ``[B, Mq]``, k_valid ``[B, Mk]``,
-    lq/lk ``[B]`` int64. Returns ``[B, Mq, H, D]`` float32; rows that see no key are zero.
+    Padded positions always; with ``hidden_keys`` (some valid key is masked from some valid row:
+    causal prefill, a window) also key rows holding a non-finite value, which are returned as
+    ``bad`` ``[B, Mk, Hkv]`` so that the rows that do see them can be made NaN. The cost is two
+    elementwise passes over the tiles, small beside the O(Mq * Mk) attention of such calls.
     """
-    b, mq, h, d = qp.shape
-    hkv = kp.shape[2]
-    g = h // hkv
-    q5 = qp.float().reshape(b, mq, hkv, g, d)
-    s = torch.einsum("bqkgd,bskd->bkgqs", q5, kp.float()) * scale  # [B, Hkv, G, Mq, Mk]
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    allowed = allowed_pairs(q_valid, k_valid, lq, lk, causal, window_left)[:, None, None]
-    s = s.masked_fill(~allowed, float("-inf"))
-    row_max = s.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(s - row_max)  # exactly 0 where masked
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    o = torch.einsum("bkgqs,bskd->bqkgd", p, vp.float())
-    return o.reshape(b, mq, h, d)
+    keep = k_valid[:, :, None]
+    bad = None
+    if hidden_keys:
+        finite = torch.isfinite(kp).all(-1) & torch.isfinite(vp).all(-1)  # [B, Mk, Hkv]
+        bad = keep & ~finite
+        keep = keep & finite
+    drop = ~keep[..., None]
+    kp.masked_fill_(drop, 0)  # a select, not a product: NaN and Inf are overwritten
+    vp.masked_fill_(drop, 0)
+    return bad
+
+
+def poison_rows(o: torch.Tensor, allowed: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """NaN in every row and head of o ``[B, Mq, H, D]`` that sees a ``bad`` key ``[B, Mk, Hkv]``."""
+    if bad is None:
+        return o
+    b, mq, h, _ = o.shape
+    hkv = bad.shape[2]
+    seen = torch.bmm(allowed.float(), bad.float()) > 0  # [B, Mq, Hkv]: count of bad keys seen
+    seen = seen[:, :, :, None].expand(b, mq, hkv, h // hkv).reshape(b, mq, h, 1)
+    return torch.where(seen, torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
 
 
 def _scatter_tokens(o: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tensor:
@@ -135,15 +165,16 @@ def _scatter_tokens(o: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tens
     return torch.where(owned[:, None, None], out, torch.zeros_like(out))
 
 
-def gather_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table):
+def prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                  block_table, window_left) -> Tiles | None:
     """Padded tiles of a prefill call, or None when it has no work (output all zeros).
 
-    Returns qp ``[B, Mq, H, D]``, kp/vp ``[B, Mk, Hkv, D]`` (dense rows, or the first lk tokens
-    through ``block_table``), q_valid ``[B, Mq]``, k_valid ``[B, Mk]``, lq/lk ``[B]`` int64.
+    Keys are dense rows of k/v by ``cu_seqlens_k``, or the first lk tokens of each sequence
+    through ``block_table`` when k/v are the paged caches.
     """
     b = cu_seqlens_q.shape[0] - 1
-    if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0:
-        return None
+    if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.numel() == 0:
+        return None  # no row sees a key (an empty k or cache can hold none)
     d = q.shape[2]
     q_rows, q_valid, lq = _padded_rows(cu_seqlens_q, max_seqlen_q)
     if block_table is None:
@@ -153,24 +184,63 @@ def gather_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
         k_rows, k_valid = _paged_rows(block_table, lk, max_seqlen_k, k.shape[1])
         k_flat, v_flat = k.view(-1, k.shape[2], d), v.view(-1, v.shape[2], d)
-    return q[q_rows], k_flat[k_rows], v_flat[k_rows], q_valid, k_valid, lq, lk
+    kp, vp = k_flat[k_rows], v_flat[k_rows]
+    bad = _isolate(kp, vp, k_valid, hidden_keys=causal or window_left >= 0)
+    allowed = allowed_pairs(q_valid, k_valid, lq, lk, causal, window_left)
+    return Tiles(q[q_rows], kp, vp, allowed, bad)
+
+
+def decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left) -> Tiles | None:
+    """Padded tiles of a decode call (one query per sequence, ``Mq = 1``), or None: no work."""
+    b, _, d = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    max_len = block_table.shape[1] * block_size
+    if b == 0 or max_len == 0 or k_cache.numel() == 0:
+        return None
+    lk = seqlens_k.to(torch.int64)
+    slots, k_valid = _paged_rows(block_table, lk, max_len, block_size)
+    kp, vp = k_cache.view(-1, hkv, d)[slots], v_cache.view(-1, hkv, d)[slots]
+    # The query is the last token: causality hides nothing from it, only a window does.
+    bad = _isolate(kp, vp, k_valid, hidden_keys=window_left >= 0)
+    ones = torch.ones(b, 1, dtype=torch.bool, device=q.device)
+    allowed = allowed_pairs(ones, k_valid, torch.ones_like(lk), lk, True, window_left)
+    return Tiles(q[:, None], kp, vp, allowed, bad)
 
 
 # ---------------------------------------------------------------------------------------------
 # prefill / decode
 # ---------------------------------------------------------------------------------------------
 
+def _attend(tiles: Tiles, scale: float, softcap: float) -> torch.Tensor:
+    """Masked attention on padded tiles: ``[B, Mq, H, D]`` float32; rows that see no key are 0."""
+    qp, kp, vp, allowed = tiles.q, tiles.k, tiles.v, tiles.allowed
+    b, mq, h, d = qp.shape
+    hkv = kp.shape[2]
+    g = h // hkv
+    q5 = qp.float().reshape(b, mq, hkv, g, d)
+    s = torch.einsum("bqkgd,bskd->bkgqs", q5, kp.float()) * scale  # [B, Hkv, G, Mq, Mk]
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(s - row_max)  # exactly 0 where masked
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    o = torch.einsum("bkgqs,bskd->bqkgd", p, vp.float()).reshape(b, mq, h, d)
+    return poison_rows(o, allowed, tiles.bad)
+
+
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
             softcap: float = 0.0) -> torch.Tensor:
     """Varlen attention. q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches. Out ``[Tq, H, D]``."""
-    tiles = gather_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           block_table)
+    tiles = prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                          block_table, window_left)
     if tiles is None:
         return torch.zeros_like(q)
-    qp, kp, vp, q_valid, k_valid, lq, lk = tiles
-    o = _attend(qp, kp, vp, q_valid, k_valid, lq, lk, scale, causal, window_left, softcap)
+    o = _attend(tiles, scale, softcap)
     return _scatter_tokens(o, cu_seqlens_q, q.shape[0]).to(q.dtype)
 
 
@@ -178,16 +248,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            block_table: torch.Tensor, scale: float, window_left: int = -1,
            softcap: float = 0.0) -> torch.Tensor:
     """One query per sequence. q ``[B, H, D]``; caches paged; seqlens_k ``[B]``. Out ``[B, H, D]``."""
-    b, h, d = q.shape
-    block_size = k_cache.shape[1]
-    max_len = block_table.shape[1] * block_size
-    if b == 0 or max_len == 0:
+    tiles = decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left)
+    if tiles is None:
         return torch.zeros_like(q)
-    lk = seqlens_k.to(torch.int64)
-    slots, k_valid = _paged_rows(block_table, lk, max_len, block_size)
-    hkv = k_cache.shape[2]
-    k_flat, v_flat = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
-    ones = torch.ones(b, 1, dtype=torch.bool, device=q.device)
-    o = _attend(q[:, None], k_flat[slots], v_flat[slots], ones, k_valid, torch.ones_like(lk), lk,
-                scale, True, window_left, softcap)
-    return o[:, 0].to(q.dtype)
+    return _attend(tiles, scale, softcap)[:, 0].to(q.dtype)

@@ -1,4 +1,7 @@
-"""The reference backend against the independent float64 loop of tests/support/helpers.py."""
+"""The reference backend against the independent float64 loop of tests/support/helpers.py.
+
+Isolation of non-finite input and other adversarial cases: tests/attn_ops/test_adversarial.py.
+"""
 
 import pytest
 import torch

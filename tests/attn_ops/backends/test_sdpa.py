@@ -55,11 +55,21 @@ def test_softcap_is_refused_with_a_reason():
         attn_ops.prefill(q, q, q, cu, cu, 4, 4, 0.1, True, None, -1, 5.0, backend="sdpa")
 
 
-def test_traces_fullgraph_without_host_sync():
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("window", [-1, 3])
+def test_traces_fullgraph_without_host_sync(backend, window):
+    # fullgraph fails on a graph break, which .item(), .tolist() or `if tensor:` would cause;
+    # window 3 takes the path that zeroes non-finite hidden keys.
     torch._dynamo.reset()
-    from attn_ops.backends import sdpa
-    fn = torch.compile(sdpa.decode, backend="aot_eager", fullgraph=True)
+    from attn_ops.registry import get_backend_module
+    module = get_backend_module(backend)
     pb = random_paged([5, 0], 2, 32, 4, torch.float32)
     args = (torch.randn(2, 4, 32), pb.k_cache, pb.v_cache, torch.tensor([5, 0], dtype=torch.int32),
-            pb.block_table, 0.2)
-    assert_close(fn(*args), sdpa.decode(*args), 1e-6, 1e-6)
+            pb.block_table, 0.2, window)
+    fn = torch.compile(module.decode, backend="aot_eager", fullgraph=True)
+    assert_close(fn(*args), module.decode(*args), 1e-6, 1e-6)
+    q, k = torch.randn(9, 4, 32), torch.randn(9, 2, 32)
+    cu = cu_seqlens([4, 5])
+    args = (q, k, k.clone(), cu, cu, 5, 5, 0.2, True, None, window)
+    fn = torch.compile(module.prefill, backend="aot_eager", fullgraph=True)
+    assert_close(fn(*args), module.prefill(*args), 1e-6, 1e-6)
