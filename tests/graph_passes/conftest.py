@@ -18,7 +18,9 @@ def prefill_calls(monkeypatch):
         calls.append(registry.current_choice())
         return real(*args, **kwargs)
     monkeypatch.setattr(reference, "prefill", spy)
-    return calls
+    registry.clear_cache()  # the dispatch memo keeps the function it bound before the spy
+    yield calls
+    registry.clear_cache()  # and must not keep the spy after the test
 
 
 @pytest.fixture
