@@ -14,10 +14,9 @@ Two kinds of checks live here:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from attn_ops import env
 from attn_ops.contract import (FLOAT_DTYPES, FP8_DTYPES, FP8_QUERY_DTYPES, HEAD_DIM_MULTIPLE,
                                INDEX_DTYPES, MAX_HEAD_DIM)
 
@@ -283,9 +282,13 @@ def _check_scalars(scale, window_left, softcap) -> None:
 # Data checks (host sync; opt-in)
 # ---------------------------------------------------------------------------------------------
 
+_env_check = env.reader("ATTN_OPS_CHECK")
+_CHECK_OFF = (None, "", "0")
+
+
 def data_checks_enabled(*tensors: torch.Tensor) -> bool:
     """True when ``ATTN_OPS_CHECK=1`` and the check can read real data without breaking a capture."""
-    if os.environ.get("ATTN_OPS_CHECK", "0") in ("", "0"):
+    if _env_check() in _CHECK_OFF:  # a dict lookup, not os.environ.get: see attn_ops.env
         return False
     for t in tensors:
         if t is not None and (t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)):
@@ -344,16 +347,20 @@ def check_paged_lengths(lengths_name: str, lengths: torch.Tensor, block_table: t
 
 
 def check_prefill_data(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       block_table) -> None:
+                       block_table, causal=True) -> None:
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if block_table is not None else k.shape[0],
                      max_seqlen_k)
     lq = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     lk = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    if bool((lq > lk).any()):
+    # Causal queries are the last lq of the lk tokens. Without a mask every query sees every key,
+    # so lq > lk is meaningful: a part of a split key set (cascade / context-parallel attention,
+    # whose parts merge_states combines).
+    if causal and bool((lq > lk).any()):
         i = int((lq > lk).nonzero()[0, 0])
         _data_fail(f"sequence {i} has {int(lq[i])} queries but only {int(lk[i])} keys: "
-                   f"prefill expects lq <= lk (the queries are the last lq of the lk tokens)")
+                   f"causal prefill expects lq <= lk (the queries are the last lq of the lk "
+                   f"tokens)")
     if block_table is not None:
         check_paged_lengths("key lengths (cu_seqlens_k diffs)", lk, block_table, k.shape[0],
                             k.shape[1])

@@ -115,7 +115,7 @@ def _prefill(with_lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
                                         with_lse))
     if checks.data_checks_enabled(q, cu_seqlens_q):
         checks.check_prefill_data(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  block_table)
+                                  block_table, causal)
     return run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                block_table, window_left, softcap, **_extras(sinks, k_scale, v_scale, with_lse))
 

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from attn_ops.contract import FP8_MAX
+
 name = "reference"
 
 
@@ -33,9 +35,28 @@ def supports(config) -> str | None:
 # store_kvcache
 # ---------------------------------------------------------------------------------------------
 
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``saturate(x / scale)`` in ``dtype`` (float8_e4m3fn): x ``[T, Hkv, D]``, scale ``[]`` or
+    ``[Hkv]`` float32. Clamped to +-448 (e4m3fn has no infinity: an overflow would be NaN),
+    rounded to nearest even by the cast; NaN stays NaN."""
+    q = x.float() / scale.reshape(-1, 1)
+    return q.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x * scale`` in float32 for FP8 rows ``[..., Hkv, D]`` (scale ``[]``/``[Hkv]``); else x."""
+    if scale is None:
+        return x
+    return x.float() * scale.reshape(-1, 1)
+
+
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Write ``key[t]``/``value[t]`` ``[T, Hkv, D]`` to flat slot ``slot_mapping[t]``; skip ``-1``.
+
+    FP8 caches (with ``k_scale``/``v_scale``) receive :func:`quantize_fp8` of the rows; the copy
+    then runs on their bytes (CPU torch has no index_copy_ for float8).
 
     Rows with slot -1 are redirected, without a host sync, to the first valid row's slot and
     value (so they rewrite what that row writes: identical bytes, no race), or, when no row is
@@ -54,7 +75,10 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     any_valid = valid.any()
     fill_slot = torch.where(any_valid, slots.index_select(0, first), 0)  # [1]
     index = torch.where(valid, slots, fill_slot)
-    for src, cache in ((key, k_cache), (value, v_cache)):
+    for src, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        if scale is not None:
+            src, cache = quantize_fp8(src, scale, cache.dtype).view(torch.uint8), \
+                cache.view(torch.uint8)
         flat = cache.view(-1, hkv, d)
         filler = torch.where(any_valid, src.index_select(0, first),
                              flat.index_select(0, fill_slot))  # [1, Hkv, D]
@@ -150,10 +174,11 @@ def poison_rows(o: torch.Tensor, allowed: torch.Tensor, bad: torch.Tensor | None
     return torch.where(seen, torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
 
 
-def _scatter_tokens(o: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tensor:
-    """Inverse of the padding gather: token row t of ``[total, H, D]`` takes ``o[b, t - cu[b]]``.
+def _scatter_tokens(o: torch.Tensor, cu: torch.Tensor, total: int,
+                    fill: float = 0.0) -> torch.Tensor:
+    """Inverse of the padding gather: token row t of ``[total, H, ...]`` takes ``o[b, t - cu[b]]``.
 
-    Rows past ``cu[-1]`` (tokens owned by no sequence) are zero.
+    Rows past ``cu[-1]`` (tokens owned by no sequence) are ``fill`` (zero; -inf for an lse).
     """
     b, mq = o.shape[0], o.shape[1]
     t = torch.arange(total, device=o.device, dtype=torch.int64)
@@ -162,15 +187,17 @@ def _scatter_tokens(o: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tens
     seq = seq.clamp(max=b - 1)
     pos = (t - cu.to(torch.int64)[seq]).clamp(0, mq - 1)
     out = o[seq, pos]
-    return torch.where(owned[:, None, None], out, torch.zeros_like(out))
+    owned = owned.reshape(-1, *([1] * (out.dim() - 1)))
+    return torch.where(owned, out, torch.full_like(out, fill))
 
 
 def prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                  block_table, window_left) -> Tiles | None:
+                  block_table, window_left, k_scale=None, v_scale=None) -> Tiles | None:
     """Padded tiles of a prefill call, or None when it has no work (output all zeros).
 
     Keys are dense rows of k/v by ``cu_seqlens_k``, or the first lk tokens of each sequence
-    through ``block_table`` when k/v are the paged caches.
+    through ``block_table`` when k/v are the paged caches. FP8 k/v (with scales) come out as
+    float32 ``x * scale``.
     """
     b = cu_seqlens_q.shape[0] - 1
     if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.numel() == 0:
@@ -184,13 +211,14 @@ def prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
         k_rows, k_valid = _paged_rows(block_table, lk, max_seqlen_k, k.shape[1])
         k_flat, v_flat = k.view(-1, k.shape[2], d), v.view(-1, v.shape[2], d)
-    kp, vp = k_flat[k_rows], v_flat[k_rows]
+    kp, vp = dequantize(k_flat[k_rows], k_scale), dequantize(v_flat[k_rows], v_scale)
     bad = _isolate(kp, vp, k_valid, hidden_keys=causal or window_left >= 0)
     allowed = allowed_pairs(q_valid, k_valid, lq, lk, causal, window_left)
     return Tiles(q[q_rows], kp, vp, allowed, bad)
 
 
-def decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left) -> Tiles | None:
+def decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left, k_scale=None,
+                 v_scale=None) -> Tiles | None:
     """Padded tiles of a decode call (one query per sequence, ``Mq = 1``), or None: no work."""
     b, _, d = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -199,7 +227,8 @@ def decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left) -> Ti
         return None
     lk = seqlens_k.to(torch.int64)
     slots, k_valid = _paged_rows(block_table, lk, max_len, block_size)
-    kp, vp = k_cache.view(-1, hkv, d)[slots], v_cache.view(-1, hkv, d)[slots]
+    kp = dequantize(k_cache.view(-1, hkv, d)[slots], k_scale)
+    vp = dequantize(v_cache.view(-1, hkv, d)[slots], v_scale)
     # The query is the last token: causality hides nothing from it, only a window does.
     bad = _isolate(kp, vp, k_valid, hidden_keys=window_left >= 0)
     ones = torch.ones(b, 1, dtype=torch.bool, device=q.device)
@@ -211,8 +240,14 @@ def decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left) -> Ti
 # prefill / decode
 # ---------------------------------------------------------------------------------------------
 
-def _attend(tiles: Tiles, scale: float, softcap: float) -> torch.Tensor:
-    """Masked attention on padded tiles: ``[B, Mq, H, D]`` float32; rows that see no key are 0."""
+def _attend(tiles: Tiles, scale: float, softcap: float,
+            sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention on padded tiles: ``(o [B, Mq, H, D], lse [B, Mq, H])``, float32.
+
+    lse is the natural log of the row's softmax denominator, ``exp(sinks[h])`` included; a row
+    that sees no key has ``o = 0`` and ``lse = -inf`` (its sink, which has no value, is dropped
+    too, so that merging it with another part cannot count a sink twice).
+    """
     qp, kp, vp, allowed = tiles.q, tiles.k, tiles.v, tiles.allowed
     b, mq, h, d = qp.shape
     hkv = kp.shape[2]
@@ -224,31 +259,86 @@ def _attend(tiles: Tiles, scale: float, softcap: float) -> torch.Tensor:
     s = s.masked_fill(~allowed[:, None, None], float("-inf"))
     row_max = s.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    sees = allowed.any(dim=-1)[:, None, None, :, None]  # [B, 1, 1, Mq, 1]
+    if sinks is not None:
+        sink = sinks.float().reshape(1, hkv, g, 1, 1)
+        row_max = torch.where(sees, torch.maximum(row_max, sink), row_max)
     p = torch.exp(s - row_max)  # exactly 0 where masked
     denom = p.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.where(sees, torch.exp(sink - row_max), 0.0)
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
     o = torch.einsum("bkgqs,bskd->bqkgd", p, vp.float()).reshape(b, mq, h, d)
-    return poison_rows(o, allowed, tiles.bad)
+    # denom == 0 exactly when no key is seen; a NaN denominator stays NaN (never -inf).
+    lse = torch.where(denom == 0, float("-inf"), row_max + torch.log(denom))
+    lse = lse[..., 0].permute(0, 3, 1, 2).reshape(b, mq, h, 1)
+    return poison_rows(o, allowed, tiles.bad), poison_rows(lse, allowed, tiles.bad)[..., 0]
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
-            softcap: float = 0.0) -> torch.Tensor:
-    """Varlen attention. q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches. Out ``[Tq, H, D]``."""
+            softcap: float = 0.0, sinks: torch.Tensor | None = None,
+            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+            return_lse: bool = False):
+    """Varlen attention. q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches. Out ``[Tq, H, D]``
+    (and lse ``[Tq, H]`` float32 with ``return_lse``)."""
     tiles = prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                          block_table, window_left)
+                          block_table, window_left, k_scale, v_scale)
     if tiles is None:
-        return torch.zeros_like(q)
-    o = _attend(tiles, scale, softcap)
-    return _scatter_tokens(o, cu_seqlens_q, q.shape[0]).to(q.dtype)
+        return _nothing_seen(q, return_lse)
+    o, lse = _attend(tiles, scale, softcap, sinks)
+    out = _scatter_tokens(o, cu_seqlens_q, q.shape[0]).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, _scatter_tokens(lse, cu_seqlens_q, q.shape[0], float("-inf"))
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
            block_table: torch.Tensor, scale: float, window_left: int = -1,
-           softcap: float = 0.0) -> torch.Tensor:
-    """One query per sequence. q ``[B, H, D]``; caches paged; seqlens_k ``[B]``. Out ``[B, H, D]``."""
-    tiles = decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left)
+           softcap: float = 0.0, sinks: torch.Tensor | None = None,
+           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+           return_lse: bool = False):
+    """One query per sequence. q ``[B, H, D]``; caches paged; seqlens_k ``[B]``. Out ``[B, H, D]``
+    (and lse ``[B, H]`` float32 with ``return_lse``)."""
+    tiles = decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left, k_scale,
+                         v_scale)
     if tiles is None:
-        return torch.zeros_like(q)
-    return _attend(tiles, scale, softcap)[:, 0].to(q.dtype)
+        return _nothing_seen(q, return_lse)
+    o, lse = _attend(tiles, scale, softcap, sinks)
+    out = o[:, 0].to(q.dtype)
+    return (out, lse[:, 0]) if return_lse else out
+
+
+def _nothing_seen(q: torch.Tensor, return_lse: bool):
+    """The result of a call in which no row sees a key: zeros (and an lse of -inf)."""
+    out = torch.zeros_like(q)
+    if not return_lse:
+        return out
+    return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_states
+# ---------------------------------------------------------------------------------------------
+
+def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint key sets from each part's normalised output and lse.
+
+    out_a/out_b ``[N, H, D]``, lse_a/lse_b float32 ``[N, H]``. With ``m = max(lse_a, lse_b)``:
+    ``lse = m + log(e^(lse_a - m) + e^(lse_b - m))`` and ``out = sum_x e^(lse_x - lse) out_x``.
+    A part with lse ``-inf`` saw no key and is not read (a select, so NaN there cannot leak);
+    both ``-inf`` give zeros and ``-inf``; a NaN lse makes the row NaN.
+    """
+    a_empty, b_empty = lse_a == float("-inf"), lse_b == float("-inf")
+    both = a_empty & b_empty
+    m = torch.where(both, 0.0, torch.maximum(lse_a, lse_b))
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    denom = wa + wb
+    lse = torch.where(both, float("-inf"), m + torch.log(denom))
+    ca = torch.where(a_empty, 0.0, wa / denom)[..., None]
+    cb = torch.where(b_empty, 0.0, wb / denom)[..., None]
+    out = torch.where(a_empty[..., None], 0.0, ca * out_a.float()) + \
+        torch.where(b_empty[..., None], 0.0, cb * out_b.float())
+    return out.to(out_a.dtype), lse

@@ -32,6 +32,15 @@ def supports(config) -> str | None:
     """None when this backend can run the call ``config`` (an ``OpConfig``) describes, else why."""
     if config.op == "store_kvcache":
         return None  # the reference's vectorised index_copy_ (no SDPA involved)
+    if config.op not in ("prefill", "decode"):
+        return f"{config.op} is not an attention call (the reference and triton backends run it)"
+    if config.with_lse:
+        return "F.scaled_dot_product_attention does not return the log-sum-exp"
+    if config.has_sinks:
+        return "attention sinks are not expressible through F.scaled_dot_product_attention"
+    if config.fp8_cache:
+        return ("F.scaled_dot_product_attention takes no float8_e4m3fn keys/values with "
+                "fp16/bf16 queries (no dequantising scales)")
     if config.softcap > 0:
         return "softcap is not expressible through F.scaled_dot_product_attention"
     return None

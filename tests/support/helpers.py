@@ -77,11 +77,17 @@ def random_paged(lens_k: list[int], hkv: int, d: int, block_size: int, dtype, de
 
 
 def attention_f64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                  window_left: int = -1, softcap: float = 0.0) -> torch.Tensor:
-    """One sequence, float64, loops: q ``[lq, H, D]``, k/v ``[lk, Hkv, D]`` -> ``[lq, H, D]``."""
+                  window_left: int = -1, softcap: float = 0.0, sinks=None,
+                  return_lse: bool = False):
+    """One sequence, float64, loops: q ``[lq, H, D]``, k/v ``[lk, Hkv, D]`` -> ``[lq, H, D]``.
+
+    ``sinks`` ``[H]`` (or None) adds ``exp(sinks[h])`` to each row's denominator. With
+    ``return_lse`` also returns lse ``[lq, H]``: log of the denominator, -inf for a row with no key.
+    """
     lq, h, d = q.shape
     lk, hkv = k.shape[0], k.shape[1]
     out = torch.zeros(lq, h, d, dtype=torch.float64)
+    lse = torch.full((lq, h), float("-inf"), dtype=torch.float64)
     q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
     for head in range(h):
         kvh = head // (h // hkv)
@@ -101,16 +107,30 @@ def attention_f64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
             m = max(s)
             w = [math.exp(x - m) for x in s]
             z = sum(w)
+            if sinks is not None:
+                z += math.exp(float(sinks[head]) - m)
+            lse[i, head] = m + math.log(z)
             for wj, j in zip(w, keys):
                 out[i, head] += (wj / z) * v[j, kvh]
-    return out
+    return (out, lse) if return_lse else out
 
 
-def prefill_f64(q, k, v, lens_q, lens_k, scale, causal, window_left=-1, softcap=0.0):
-    """Varlen float64 oracle over dense packed q ``[Tq, H, D]`` and k/v ``[Tk, Hkv, D]``."""
-    outs, oq, ok = [], 0, 0
+def prefill_f64(q, k, v, lens_q, lens_k, scale, causal, window_left=-1, softcap=0.0, sinks=None,
+                return_lse=False):
+    """Varlen float64 oracle over dense packed q ``[Tq, H, D]`` and k/v ``[Tk, Hkv, D]``.
+
+    Rows past ``sum(lens_q)`` are zero (lse -inf); with ``return_lse``, returns ``(out, lse)``.
+    """
+    outs, lses, oq, ok = [], [], 0, 0
     for lq, lk in zip(lens_q, lens_k):
-        outs.append(attention_f64(q[oq:oq + lq], k[ok:ok + lk], v[ok:ok + lk], scale, causal,
-                                  window_left, softcap))
+        o, lse = attention_f64(q[oq:oq + lq], k[ok:ok + lk], v[ok:ok + lk], scale, causal,
+                               window_left, softcap, sinks, return_lse=True)
+        outs.append(o)
+        lses.append(lse)
         oq, ok = oq + lq, ok + lk
-    return torch.cat(outs) if outs else torch.zeros(0, *q.shape[1:], dtype=torch.float64)
+    h, d = q.shape[1], q.shape[2]
+    rest = q.shape[0] - oq
+    outs.append(torch.zeros(rest, h, d, dtype=torch.float64))
+    lses.append(torch.full((rest, h), float("-inf"), dtype=torch.float64))
+    out, lse = torch.cat(outs), torch.cat(lses)
+    return (out, lse) if return_lse else out

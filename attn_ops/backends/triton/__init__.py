@@ -46,9 +46,9 @@ def supports(config) -> str | None:
         return f"dtype {config.dtype} is not supported (float16, bfloat16, float32)"
     if config.op == "merge_states":
         return None  # a streaming kernel: any head dim, any strides with a contiguous last dim
-    if config.fp8_cache:
-        return ("FP8 (float8_e4m3fn) KV caches are not supported by the Triton kernels yet "
-                "(the reference backend serves them)")
+    if config.fp8_cache and config.op != "store_kvcache":
+        return ("FP8 (float8_e4m3fn) KV caches are not read by the Triton prefill/decode kernels "
+                "yet (the reference backend serves them; the Triton store writes them)")
     if config.has_sinks:
         return ("attention sinks are not supported by the Triton prefill/decode kernels yet "
                 "(the reference backend serves them)")
@@ -65,9 +65,9 @@ def supports(config) -> str | None:
     return None
 
 
-def store_kvcache(key, value, k_cache, v_cache, slot_mapping) -> None:
+def store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     from attn_ops.backends.triton import store_kernel
-    store_kernel.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    store_kernel.store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
