@@ -57,6 +57,7 @@ class CountCollectives(TorchDispatchMode):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--json", metavar="PATH", help="rank 0 also writes the checked values here")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--prompts", type=int, nargs="+", default=[13, 29, 6],
                    help="prompt lengths (one sequence each)")
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
         result = run(args)
         if dist.get_rank() == 0:
             print(json.dumps(result), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f)
         return 0 if result["ok"] else 1
     finally:
         if dist.is_initialized():

@@ -36,6 +36,8 @@ import torch.distributed as dist
 import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
 
 METHODS = ("allgather", "ring")
+# torch 2.13 renamed all_gather_into_tensor (same arguments); older torch has only the old name.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def load_balanced_chunks(world: int, rank: int) -> tuple[int, int]:
@@ -59,7 +61,7 @@ def unshard_sequence(local: torch.Tensor, group: dist.ProcessGroup | None = None
     the whole ``[2C * world, ...]`` sequence in token order (an all-gather)."""
     world = dist.get_world_size(group)
     gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
-    dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+    _all_gather(gathered, local.contiguous(), group=group)
     gathered = gathered.view(world, *local.shape)  # gloo wants the flat [world * 2C, ...] form
     c = local.shape[0] // 2
     parts = [None] * (2 * world)
@@ -94,8 +96,8 @@ def _prefill_allgather(q, k, v, scale, group):
     c, hkv, d = k.shape[0] // 2, k.shape[1], k.shape[2]
     k_all = k.new_empty((world * 2 * c, hkv, d))
     v_all = v.new_empty((world * 2 * c, hkv, d))
-    dist.all_gather_into_tensor(k_all, k.contiguous(), group=group)
-    dist.all_gather_into_tensor(v_all, v.contiguous(), group=group)
+    _all_gather(k_all, k.contiguous(), group=group)
+    _all_gather(v_all, v.contiguous(), group=group)
     cu_q, cu_k, table = _allgather_plan(world, rank, c, q.device)
     _, b = load_balanced_chunks(world, rank)
     return torch.ops.attn.prefill(q, k_all.view(2 * world, c, hkv, d),
