@@ -40,8 +40,9 @@ def fp8_e4m3fn_bits(x):
 
     Clamp to +-448 (e4m3fn has no infinity), round to nearest even on the e4m3 grid (spacing
     ``2^(e-3)`` for normals, ``2^-9`` below ``2^-6``), then pack sign | exponent+7 | 3 mantissa
-    bits; NaN -> 0x7F. Every float step is exact (power-of-two products), and the rounding is
-    fp32's own: ``(q + 1.5 * 2^23) - 1.5 * 2^23`` rounds ``q < 2^22`` to an integer, ties to even.
+    bits; NaN -> 0x7F with its sign (as torch's cast). Every float step is exact (power-of-two
+    products), and the rounding is fp32's own: ``(q + 1.5 * 2^23) - 1.5 * 2^23`` rounds
+    ``q < 2^22`` to an integer, ties to even.
     """
     x = tl.where(x > 448.0, 448.0, tl.where(x < -448.0, -448.0, x))  # NaN fails both: kept
     sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
@@ -55,7 +56,7 @@ def fp8_e4m3fn_bits(x):
     normal = em >= -6
     mant = tl.where(normal, (m_bits >> 20) & 7, (m * 512.0).to(tl.int32))
     code = sign | (tl.where(normal, em + 7, 0) << 3) | mant
-    return tl.where(x != x, 0x7F, code)
+    return tl.where(x != x, sign | 0x7F, code)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])

@@ -101,6 +101,49 @@ def test_store_kvcache_strided_caches_and_slots(block_size, hkv, d):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+def _fp8_store_case(t, hkv, d, block_size, scale_shape, dtype, device="cpu"):
+    """Keys spanning e4m3fn's range (subnormals to saturation, +-inf, NaN), per-head or one scale."""
+    num_blocks = t // block_size + 3
+    k_cache = torch.zeros(num_blocks, block_size, hkv, d, dtype=torch.float8_e4m3fn,
+                          device=device)
+    magnitude = torch.logspace(-5, 3.5, d, device=device)  # 1e-5 .. ~3162
+    key = (torch.randn(t, hkv, d, device=device) * magnitude).to(dtype)
+    value = torch.randn(t, hkv, d, device=device).to(dtype)
+    key[0, 0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    slots = torch.randperm(num_blocks * block_size, device=device)[:t]
+    slots[1::5] = -1
+    scales = (torch.rand(scale_shape, device=device) + 0.5, torch.rand(scale_shape, device=device))
+    return key, value, k_cache, slots, scales
+
+
+@pytest.mark.parametrize("scale_shape", [(), (3,)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_store_kvcache_fp8_is_bitwise_the_reference(scale_shape, dtype):
+    """saturate(x / scale), ties to even, NaN kept: the same bytes as the reference's torch cast."""
+    key, value, k_cache, slots, (k_scale, v_scale) = _fp8_store_case(9, 3, 24, 4, scale_shape,
+                                                                     dtype)
+    v_cache = k_cache.clone()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    attn_ops.store_kvcache(key, value, k_cache, v_cache, slots, k_scale, v_scale, backend="triton")
+    reference.store_kvcache(key, value, k_ref, v_ref, slots, k_scale, v_scale)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+
+
+def test_store_kvcache_fp8_rounds_every_midpoint_to_even():
+    grid = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = torch.cat([(grid[:-1] + grid[1:]) / 2, grid, torch.tensor([449.0, 464.0, 1e30])])
+    n = mids.numel()
+    key = torch.stack([mids, -mids], 1).reshape(n, 2, 1).expand(n, 2, 8).contiguous()
+    k_cache = torch.zeros(n, 1, 2, 8, dtype=torch.float8_e4m3fn)
+    v_cache = torch.zeros_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    one = torch.tensor(1.0)
+    store_kernel.store_kvcache(key, key, k_cache, v_cache, torch.arange(n), one, one)
+    reference.store_kvcache(key, key, k_ref, v_ref, torch.arange(n), one, one)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------
@@ -139,3 +182,17 @@ def test_store_kvcache_is_one_launch_cuda():
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(kernels) == 1, [e.name for e in kernels]
 
+
+
+@pytest.mark.parametrize("scale_shape", [(), (8,)])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.cuda
+def test_store_kvcache_fp8_cuda(scale_shape, dtype):
+    key, value, k_cache, slots, (k_scale, v_scale) = _fp8_store_case(300, 8, 128, 16, scale_shape,
+                                                                     dtype, DEV)
+    v_cache = k_cache.clone()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kernel.store_kvcache(key, value, k_cache, v_cache, slots, k_scale, v_scale)
+    reference.store_kvcache(key, value, k_ref, v_ref, slots, k_scale, v_scale)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
