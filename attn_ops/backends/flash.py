@@ -50,6 +50,18 @@ FA2_PAGE_MULTIPLE = 256  # FA2's split-KV kernel reads pages in 256-token tiles
 
 _NO_STORE = ("FlashAttention has no slot-mapped KV-cache write; store_kvcache runs on the "
              "triton or reference backend")
+_NO_MERGE = "merge_states is not an attention call (the triton and reference backends run it)"
+# What the contract growth of issue 16 maps to here, and why each part is refused for now.
+_NO_FP8 = ("FA3's FP8 path (q_descale/k_descale/v_descale, each [B, Hkv]) needs q, k and v all in "
+           "float8_e4m3fn; the contract reads an FP8 cache with fp16/bf16 queries, which no "
+           "FlashAttention provider serves (quantising q would change the result); FA2 and "
+           "aten have no FP8")
+_NO_SINKS = ("the FlashAttention entry points this backend calls (flash_attn_varlen_func, "
+             "flash_attn_with_kvcache, aten._flash_attention_forward) take no per-head sink "
+             "logits")
+_NO_LSE = ("the log-sum-exp of the FlashAttention kernels (FA2/FA3 return_softmax_lse, aten's "
+           "logsumexp; [H, total_q] for varlen) is not wired into prefill_with_lse / "
+           "decode_with_lse yet")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -201,7 +213,13 @@ def choose(config: OpConfig, capability: tuple, providers: tuple,
     """The first provider (in ``providers`` order) that serves ``config``, or None and why not."""
     op = config.op
     if op not in ("prefill", "decode"):
-        return None, _NO_STORE
+        return None, _NO_MERGE if op == "merge_states" else _NO_STORE
+    if config.fp8_cache:
+        return None, _NO_FP8
+    if config.has_sinks:
+        return None, _NO_SINKS
+    if config.with_lse:
+        return None, _NO_LSE
     if config.dtype not in HALF_DTYPES:
         return None, (f"FlashAttention kernels take float16/bfloat16 only (got "
                       f"{_dtype_name(config.dtype)})")

@@ -217,3 +217,59 @@ def test_with_lse_ops_are_inference_only():
     out, lse = torch.ops.attn.decode_with_lse(*args)
     with pytest.raises(RuntimeError, match="inference-only"):
         lse.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which backend serves what (auto falls back to the reference for what the others refuse)
+# ---------------------------------------------------------------------------------------------
+
+_CPU = torch.device("cpu")
+GROWTH = {
+    "sinks": attn_ops.OpConfig("decode", _CPU, torch.bfloat16, 128, 8, num_heads=32,
+                               block_size=16, paged=True, has_sinks=True),
+    "lse": attn_ops.OpConfig("prefill", _CPU, torch.bfloat16, 128, 8, num_heads=32,
+                             with_lse=True),
+    "fp8": attn_ops.OpConfig("decode", _CPU, torch.bfloat16, 128, 8, num_heads=32,
+                             block_size=16, paged=True, cache_dtype=torch.float8_e4m3fn),
+    "merge": attn_ops.merge_config(torch.empty(4, 32, 128, dtype=torch.bfloat16)),
+}
+REASONS = {  # backend -> {case: a word of its reason, or None: served}
+    "reference": {"sinks": None, "lse": None, "fp8": None, "merge": None},
+    "sdpa": {"sinks": "sinks", "lse": "log-sum-exp", "fp8": "float8_e4m3fn",
+             "merge": "not an attention call"},
+    "triton": {"sinks": "sinks", "lse": "log-sum-exp", "fp8": "FP8", "merge": None},
+}
+
+
+@pytest.mark.parametrize("case", sorted(GROWTH))
+@pytest.mark.parametrize("backend", sorted(REASONS))
+def test_each_backend_says_what_it_serves(backend, case):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    got = attn_ops.explain(GROWTH[case])[backend]
+    want = REASONS[backend][case]
+    assert got == "ok" if want is None else want in got, got
+
+
+@pytest.mark.parametrize("case,word", [("sinks", "sink logits"), ("lse", "log-sum-exp"),
+                                       ("fp8", "q_descale"), ("merge", "not an attention")])
+def test_flash_says_what_the_contract_maps_to(case, word):
+    from attn_ops.backends import flash
+
+    config = GROWTH[case].replace(device=torch.device("cuda"))
+    provider, reason = flash.choose(config, (9, 0), ())  # before any provider is consulted
+    assert provider is None and word in reason
+
+
+def test_auto_serves_the_growth_on_the_reference_on_cpu():
+    for config in GROWTH.values():
+        assert attn_ops.registry.select(config, "auto").name in ("reference", "sdpa")
+    assert attn_ops.registry.select(GROWTH["sinks"], "auto").name == "reference"
+
+
+def test_triton_store_serves_fp8_caches():
+    pytest.importorskip("triton")
+    config = attn_ops.OpConfig("store_kvcache", _CPU, torch.bfloat16, 128, 8, block_size=16,
+                               paged=True, slot_dtype=torch.int64,
+                               cache_dtype=torch.float8_e4m3fn)
+    assert attn_ops.explain(config)["triton"] == "ok"

@@ -51,6 +51,14 @@ def supports(config) -> str | None:
         return (f"needs tensors on an Ascend NPU (device type 'npu', from torch_npu), got "
                 f"{getattr(device, 'type', device)}")
     dtype, d = config.dtype, config.head_dim
+    if op == "merge_states":
+        return "merge_states has no torch_npu lowering here (the reference backend runs it)"
+    if config.fp8_cache:
+        # FIA's antiquant path (key/value_antiquant_scale, antiquant_mode) dequantises int8 caches
+        # as (x + offset) * scale; a per-[Hkv] scale would be its per-channel mode, but
+        # torch_npu 2.13 documents no float8_e4m3fn KV for FIA nor the cache scatter ops.
+        return ("float8_e4m3fn KV caches: torch_npu 2.13's FIA antiquant scales dequantise int8 "
+                "caches only, and its cache scatter ops do not quantise")
     if op == "store_kvcache":
         if lowering.available_store_impl() is None:
             return ("this torch_npu has none of npu_scatter_pa_kv_cache, _npu_reshape_and_cache, "
@@ -64,6 +72,11 @@ def supports(config) -> str | None:
         return f"FIA v2 takes fp16/bf16 queries, got {dtype}"
     if config.softcap > 0:
         return "FIA v2 has no logit soft-capping (softcap > 0)"
+    if config.has_sinks:
+        return "FIA v2 has no per-head sink logits"
+    if config.with_lse:
+        return ("FIA v2's softmax_lse (return_softmax_lse=True, fp32 (T, N, 1) in TND) is not "
+                "wired into the lowering yet")
     if d % 16:
         return f"FIA v2 needs a head dim that is a multiple of 16 for fp16/bf16, got {d}"
     h, hkv = config.num_heads, config.num_kv_heads

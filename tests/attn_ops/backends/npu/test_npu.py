@@ -274,6 +274,12 @@ DECODE_OK = OpConfig("decode", NPU, torch.float16, 64, 8, num_heads=32, paged=Tr
     ("decode", dict(block_size=24), "block_size"),
     ("decode", dict(window_left=8), "sliding-window"),
     ("store_kvcache", dict(dtype=torch.float32), None),
+    # issue 16: what FIA v2 would map to is said in each reason
+    ("prefill", dict(has_sinks=True), "sink"),
+    ("decode", dict(with_lse=True), "softmax_lse"),
+    ("decode", dict(cache_dtype=torch.float8_e4m3fn), "antiquant"),
+    ("store_kvcache", dict(cache_dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
+    ("merge_states", {}, "merge_states"),
 ])
 def test_supports_reasons(op, change, reason):
     config = (PREFILL_OK if op == "prefill" else DECODE_OK).replace(op=op, **change)
