@@ -39,6 +39,8 @@ from attn_ops.demo.model import DemoConfig, DemoLlama  # noqa: E402
 from attn_ops.distributed import (HeadShardedKVCache, context_parallel_prefill,  # noqa: E402
                                   llama_tp_plan, shard_sequence)
 from attn_ops.distributed.context_parallel import METHODS  # noqa: E402
+from attn_ops.distributed.launch import init_from_env  # noqa: E402
+from common import captured  # noqa: E402  (benchmarks/common.py, beside this file)
 
 H, HKV, D = 32, 8, 128
 
@@ -103,6 +105,11 @@ def bench_context_parallel(args, rows: list) -> None:
         mine = [shard_sequence(t, world, rank).contiguous() for t in (q, k, v)]
         del q, k, v
         for method in args.methods:
+            slow = _lse_backend(mine[0], mine[1]) if method == "ring" else None
+            if slow is not None and DEV != "cpu":
+                rows.append(dict(seq_len=s, ranks=world, method=method, ms=None, tflops=None,
+                                 speedup=None, note=slow))
+                continue
             try:
                 ms = timed_reps(lambda: context_parallel_prefill(*mine, scale, method=method),
                                 args.reps)
@@ -117,6 +124,16 @@ def bench_context_parallel(args, rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def _lse_backend(q, k) -> str | None:
+    """Why the ring is not timed here (its prefill_with_lse would run on the pure-torch
+    reference, O(S^2) memory), or None when a kernel backend serves it."""
+    from attn_ops import contract, registry
+    name = registry.select(contract.prefill_config(q, k, False, with_lse=True)).name
+    if name in ("reference", "sdpa"):
+        return f"not timed: prefill_with_lse runs on the {name} backend on this device"
+    return None
+
+
 def _decode_step(model, cache, batch, tokens, tp: bool):
     from torch.distributed.tensor.experimental import implicit_replication
     if not tp:
@@ -126,19 +143,6 @@ def _decode_step(model, cache, batch, tokens, tp: bool):
         with implicit_replication():
             return model.decode(tokens, cache, batch)
     return step
-
-
-def _graph(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _tp_case(model, mesh, cfg, b: int, ctx: int, tp: bool):
@@ -175,7 +179,7 @@ def bench_tensor_parallel(args, rows: list) -> None:
                 for mode in ("eager",) if DEV == "cpu" else ("eager", "graph"):
                     note = ""
                     try:
-                        ms = _median_local(fn if mode == "eager" else _graph(fn), 30)
+                        ms = _median_local(fn if mode == "eager" else captured(fn), 30)
                     except Exception as e:  # reported, not fatal
                         ms, note = None, f"{type(e).__name__}: {e}"[:160]
                     rows.append(dict(batch=b, context=args.tp_context, layers=cfg.num_layers,
@@ -213,11 +217,7 @@ def main() -> int:
     if args.smoke:
         DEV, H, HKV, D = "cpu", 4, 2, 16
         args.seq_lens, args.tp_batch, args.tp_context, args.reps = [248], [3], 40, 2
-        dist.init_process_group("gloo")
-    else:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    init_from_env(DEV)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from attn_ops.distributed.context_parallel import (METHODS, context_parallel_prefill,
                                                    shard_sequence, unshard_sequence)
+from attn_ops.distributed.launch import init_from_env
 
 # Relative to the output's largest magnitude. fp32: the merge's exp/log and another summation
 # order, ~1e-6 seen; bf16: the merge rounds each partial to bf16 once (~4e-3).
@@ -48,19 +48,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def init(device_type: str) -> torch.device:
-    """Process group (gloo on CPU, NCCL on CUDA) and this rank's device."""
-    if device_type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
-
-
 def run(args) -> list[dict]:
-    device = init(args.device)
+    device = init_from_env(args.device)
     world, rank = dist.get_world_size(), dist.get_rank()
     dtype = DTYPES[args.dtype]
     s, h, hkv, d = args.seq_len, args.heads, args.kv_heads, args.head_dim

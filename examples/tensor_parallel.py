@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -32,6 +31,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attn_ops.demo.model import DemoConfig, DemoLlama
+from attn_ops.distributed.launch import init_from_env
 from attn_ops.distributed.tensor_parallel import HeadShardedKVCache, llama_tp_plan
 
 # Relative to the reference logits' largest magnitude. fp32: the row-parallel projections sum
@@ -70,19 +70,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def init(device_type: str):
-    """Process group (gloo on CPU, NCCL on CUDA) and this rank's device."""
-    if device_type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
-
-
 def run(args) -> dict:
-    device = init(args.device)
+    device = init_from_env(args.device)
     world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     dtype = DTYPES[args.dtype]

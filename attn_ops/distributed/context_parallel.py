@@ -1,10 +1,10 @@
 """Context parallelism: one long causal prefill split by sequence across the ranks of a group.
 
 Layout (causal load balance). The sequence of ``S`` tokens is cut into ``2R`` chunks of
-``C = S / 2R`` tokens; rank ``r`` holds chunks ``r`` and ``2R - 1 - r`` (:func:`load_balanced_chunks`,
-:func:`shard_sequence`), so every rank owns one early and one late chunk and sees the same number
-of (query, key) pairs, ``2 C^2`` per ring step, ``(2R + 1) C^2`` in all, instead of chunk ``2R-1``
-alone seeing ``2R`` times the keys of chunk 0.
+``C = S / 2R`` tokens; rank ``r`` holds chunks ``r`` and ``2R - 1 - r``
+(:func:`load_balanced_chunks`, :func:`shard_sequence`), so every rank owns one early and one late
+chunk and computes the same number of (query, key) pairs, ``2 C^2`` per ring step and
+``2R C^2`` in all, where contiguous chunks would give the last rank ``4R - 1`` times the first's.
 
 Two ways to bring every query chunk its keys (``method=``):
 

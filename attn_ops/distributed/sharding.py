@@ -84,7 +84,7 @@ def _heads_divide(named, size: int) -> bool:
     return True
 
 
-def _strategies(op, named, num_outputs: int, head_outputs: list) -> list:
+def _strategies(named, num_outputs: int, head_outputs: list) -> list:
     """[all replicated] plus [head-sharded] when the heads divide evenly over the mesh."""
     replicated = ([Replicate()] * num_outputs,
                   [None if not isinstance(s, DTensorSpec) else Replicate() for _, s in named])
@@ -99,7 +99,7 @@ def _attention_rule(op: torch._ops.OpOverload, num_outputs: int):
     head_outputs = [Shard(1), Shard(1)][:num_outputs]  # out [T, H, D] and lse [T, H]: dim 1
 
     def rule(*args, **kwargs):
-        return _strategies(op, _named_args(op, args, kwargs), num_outputs, head_outputs)
+        return _strategies(_named_args(op, args, kwargs), num_outputs, head_outputs)
     return rule
 
 
@@ -107,7 +107,7 @@ def _merge_states_rule(op: torch._ops.OpOverload):
     """Row-wise: heads or tokens may be sharded, as long as all four operands agree."""
     def rule(*args, **kwargs):
         named = _named_args(op, args, kwargs)
-        out = _strategies(op, named, 2, [Shard(1), Shard(1)])
+        out = _strategies(named, 2, [Shard(1), Shard(1)])
         if all(s.shape[0] % _mesh_size(named) == 0 for _, s in named):
             out.append(([Shard(0), Shard(0)], [Shard(0)] * 4))
         return out
