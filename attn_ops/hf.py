@@ -16,6 +16,11 @@ materialised boolean mask otherwise. The attention function runs ``torch.ops.att
 the first case and hands every other call to transformers' own ``sdpa_attention_forward``
 (never silently dropping a mask).
 
+Attention sinks (gpt-oss passes its per-head ``self.sinks`` as the ``s_aux`` keyword; ``sinks``
+is accepted too) run on the op's ``sinks`` argument, as float32. A sinks call that must fall back
+(a padding mask, ...) goes to the model's own ``eager_attention_forward`` (its modeling module's),
+with the boolean mask made additive, because transformers' SDPA function ignores ``s_aux``.
+
 transformers is imported only by :func:`register` and the fallback, so ``import attn_ops`` (and
 even ``import attn_ops.hf``) works without it.
 """
@@ -41,9 +46,14 @@ def fallback_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         return "gradients are required (the attn ops are inference-only)"
     if kwargs.get("cache") is not None:
         return "transformers' own paged cache (continuous batching)"
-    for name in ("position_bias", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            return f"{name} (an additive score term)"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias (an additive score term)"
+    sinks = _sinks(kwargs)
+    if sinks is not None:
+        if sinks.shape != (query.shape[1],):
+            return f"sinks of shape {tuple(sinks.shape)} (the op takes one per query head)"
+        if torch.is_grad_enabled() and sinks.requires_grad:
+            return "gradients are required for the sinks (the attn ops are inference-only)"
     if sliding_window is not None and not is_causal:
         return "a bidirectional sliding window"
     d = query.shape[-1]
@@ -58,6 +68,29 @@ def fallback_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
         return f"{query.shape[1]} query heads over {key.shape[1]} kv heads"
     return None
+
+
+def _sinks(kwargs: dict) -> torch.Tensor | None:
+    """The per-head sink logits a model passes (gpt-oss: ``s_aux``), or None."""
+    sinks = kwargs.get("s_aux")
+    return kwargs.get("sinks") if sinks is None else sinks
+
+
+def _eager_with_sinks(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """The model's own eager attention (it knows its sinks); a boolean mask made additive."""
+    import sys
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"attn_ops: {type(module).__name__} passes attention sinks in a "
+                                  f"call the ops cannot take and its module has no "
+                                  f"eager_attention_forward to fall back to")
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.where(attention_mask, 0.0, float("-inf")).to(query.dtype)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                 **kwargs)
 
 
 def attn_ops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -80,6 +113,8 @@ def attn_ops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         sliding_window: a causal window of this many keys (the query's own included), i.e.
             ``window_left = sliding_window - 1``.
         softcap: ``c`` maps scores s to ``c * tanh(s / c)``.
+        s_aux (or sinks), in kwargs: ``[H]`` per-head sink logits (gpt-oss), passed to the op as
+            float32 ``sinks``.
 
     Returns:
         ``(out, None)`` with ``out [B, Sq, H, D]`` in the query's dtype (the layout transformers'
@@ -87,8 +122,9 @@ def attn_ops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 
     Falls back to ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` (same
     arguments) when :func:`fallback_reason` names a reason: an attention mask, dropout,
-    gradients, transformers' paged cache, position bias or sinks, a bidirectional window, or
-    shapes/dtypes the ops do not take. That fallback raises for ``softcap`` as SDPA does.
+    gradients, transformers' paged cache, position bias, a bidirectional window, or
+    shapes/dtypes the ops do not take. That fallback raises for ``softcap`` as SDPA does. A call
+    with sinks falls back to the model's eager attention instead (SDPA would drop the sinks).
     Like transformers' SDPA path, a causal multi-token query with ``attention_mask=None`` and
     more keys than queries is the prefill of an empty static cache: only the first ``Sq`` keys
     are real, so the others are dropped.
@@ -96,6 +132,10 @@ def attn_ops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     reason = fallback_reason(module, query, key, value, attention_mask, dropout, causal,
                              sliding_window, kwargs)
+    sinks = _sinks(kwargs)
+    if reason is not None and sinks is not None:
+        return _eager_with_sinks(module, query, key, value, attention_mask, dropout, scaling,
+                                 dict(kwargs, sliding_window=sliding_window, softcap=softcap))
     if reason is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -115,7 +155,8 @@ def attn_ops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         float(scaling) if scaling is not None else d ** -0.5,
         causal, None,
         sliding_window - 1 if sliding_window is not None else -1,
-        float(softcap) if softcap else 0.0)
+        float(softcap) if softcap else 0.0,
+        None if sinks is None else sinks.to(torch.float32))
     return out.view(b, sq, h, d), None
 
 

@@ -148,3 +148,97 @@ def test_import_does_not_import_transformers():
     code = ("import sys, attn_ops, attn_ops.hf, attn_ops.demo.job; "
             "assert 'transformers' not in sys.modules, 'transformers imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt-oss: attention sinks (the module's `sinks`, passed as the `s_aux` keyword)
+# ---------------------------------------------------------------------------------------------
+
+class SinkSpy(TorchDispatchMode):
+    """Records, per attn.prefill call, whether it carried sinks."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is PREFILL:
+            self.calls.append(len(args) > 12 and args[12] is not None)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    attn_ops.hf.register()
+    # Layer 0 slides over 4 keys (its mask bites from 4 tokens on: the model's eager runs it),
+    # layer 1 is full attention (attn.prefill with sinks).
+    cfg = transformers.GptOssConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=None,
+        bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="attn_ops")
+    model.eval()
+    with torch.no_grad():  # sinks of a size that matters, peaked attention
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn(4) * 2)
+            layer.self_attn.q_proj.weight.mul_(4)
+    return model
+
+
+def test_gpt_oss_sinks_run_on_the_op_and_match_eager(gpt_oss):
+    ids = torch.randint(1, 97, (2, 11))
+    expected = logits(gpt_oss, "eager", ids)
+    with SinkSpy() as spy:
+        actual = logits(gpt_oss, "attn_ops", ids)
+    assert spy.calls == [True]  # the full-attention layer, with its sinks
+    assert_close(actual, expected, 2e-4, 2e-4, "logits")
+    attn = gpt_oss.model.layers[1].self_attn
+    saved = attn.sinks.detach().clone()
+    with torch.no_grad():
+        attn.sinks.fill_(-float("inf"))  # no sink: must change the logits, or this test is blind
+        without = logits(gpt_oss, "attn_ops", ids)
+        attn.sinks.copy_(saved)
+    assert not torch.allclose(without, expected, atol=1e-3)
+
+
+def test_gpt_oss_generate_matches_eager(gpt_oss):
+    ids = torch.randint(1, 97, (2, 7))
+    kw = dict(max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    gpt_oss.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = gpt_oss.generate(ids, **kw)
+    gpt_oss.set_attn_implementation("attn_ops")
+    with torch.no_grad(), SinkSpy() as spy:
+        actual = gpt_oss.generate(ids, **kw)
+    assert torch.equal(actual, expected)
+    assert spy.calls and all(spy.calls)
+
+
+def test_gpt_oss_padding_falls_back_to_eager_keeping_the_sinks(gpt_oss):
+    """transformers' SDPA function ignores s_aux: a sinks call with a mask must not go there."""
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    expected = logits(gpt_oss, "eager", ids, attention_mask=mask)
+    with SinkSpy() as spy:
+        actual = logits(gpt_oss, "attn_ops", ids, attention_mask=mask)
+    assert spy.calls == []
+    assert_close(actual[0, 3:], expected[0, 3:], 2e-4, 2e-4, "padded row")
+    assert_close(actual[1], expected[1], 2e-4, 2e-4, "unpadded row")
+
+
+def test_sinks_fallback_reasons(gpt_oss):
+    attn = gpt_oss.model.layers[1].self_attn
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    reason = attn_ops.hf.fallback_reason
+    assert reason(attn, q, k, k, None, 0.0, True, None, {"s_aux": attn.sinks.detach()}) is None
+    assert "one per query head" in reason(attn, q, k, k, None, 0.0, True, None,
+                                          {"s_aux": torch.zeros(3)})
+    with torch.enable_grad():
+        assert "gradients" in reason(attn, q, k, k, None, 0.0, True, None,
+                                     {"s_aux": attn.sinks})
