@@ -1,5 +1,6 @@
-"""Decode bandwidth: our paged split-KV Triton kernel (pages of 16 and 256) beside SDPA and FA2
-varlen on the same K/V held contiguously, and FlexAttention, in one run.
+"""Decode bandwidth: our paged split-KV Triton kernel (pages of 16 and 256) beside SDPA, FA2
+varlen and FA3's kvcache kernel (PyPI ``fa3-fwd``, when installed) on the same K/V held
+contiguously, and FlexAttention, in one run.
 
 bf16, Hq=32, Hkv=8, D=128, one query per sequence, every sequence ``ctx`` tokens long, blocks of
 our paged caches shuffled. Each contender is timed eagerly and as CUDA-graph replays (device time,
@@ -95,7 +96,15 @@ def contenders(q, k, v, b, ctx, dev, pages):
         run()
         return run, "contiguous KV, compiled"
 
-    out.update(sdpa=sdpa, fa2_varlen=fa2_varlen)
+    def fa3_kvcache():
+        import fa3_fwd_interface as fa3  # PyPI fa3-fwd: forward-only FA3, bf16
+        seqlens_c = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        run = lambda: fa3.flash_attn_with_kvcache(q.view(b, 1, h, d), k, v,  # noqa: E731
+                                                  cache_seqlens=seqlens_c, softmax_scale=scale)
+        run()
+        return run, "contiguous KV, fa3-fwd kvcache, its own split heuristic"
+
+    out.update(sdpa=sdpa, fa2_varlen=fa2_varlen, fa3_kvcache=fa3_kvcache)
     if (b, ctx) in FLEX_SHAPES:
         out["flex"] = flex
     return out

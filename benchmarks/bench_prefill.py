@@ -1,5 +1,5 @@
-"""Prefill throughput: our Triton kernel beside SDPA (flash, efficient, cuDNN), FlexAttention and
-FA2 varlen, in one run.
+"""Prefill throughput: our Triton kernel beside SDPA (flash, efficient, cuDNN), FlexAttention,
+FA2 varlen and FA3 (PyPI ``fa3-fwd``, when installed) varlen and dense, in one run.
 
 bf16, H=32, Hkv=8, D=128. Causal over sequence lengths 1024..16384 with B*S = 16384 tokens
 (4 x 4096 is the target shape), and non-causal 4 x 4096. TFLOP/s counts 4*H*D*lq*(lk - lq/2) per
@@ -92,8 +92,24 @@ def contenders(q, k, v, cu, b, s, causal, dev):
         run()
         return run, "flash_attn package"
 
+    def fa3_varlen():
+        import fa3_fwd_interface as fa3  # PyPI fa3-fwd: forward-only FA3, bf16
+        run = lambda: fa3.flash_attn_varlen_func(q, k, v, cu, cu, s, s, softmax_scale=scale,  # noqa
+                                                 causal=causal)
+        run()
+        return run, "fa3-fwd varlen"
+
+    def fa3_dense():
+        import fa3_fwd_interface as fa3
+        qb, kb, vb = q.view(b, s, h, d), k.view(b, s, -1, d), v.view(b, s, -1, d)
+        run = lambda: fa3.flash_attn_func(qb, kb, vb, softmax_scale=scale, causal=causal)  # noqa
+        run()
+        return run, "fa3-fwd dense"
+
     return {
         "triton (ours)": ours,
+        "fa3_varlen": fa3_varlen,
+        "fa3_dense": fa3_dense,
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),

@@ -1,0 +1,416 @@
+"""One paged attention kernel for every query length: GQA-packed rows, split-KV, varlen tiles.
+
+Rows of a tile are packed (query, head) pairs: the ``G = H / Hkv`` query heads that share a KV
+head, times the queries of one sequence, in query-major order (row ``p`` is query ``p // G``,
+head ``p % G``). A decode row (one query) fills ``G`` rows, 4 speculative queries ``4 G``, so each
+K/V tile is read once for all of them instead of once per head and per query.
+
+Grid ``(tiles, Hkv, S)``, sized from static bounds only (CUDA-graph safe, no host sync):
+
+* programs ``0 .. B-1`` (the small path, when enabled): sequence ``p`` as one tile of
+  ``SMALL_M`` rows, when its ``lq * G`` rows fit; otherwise the program exits;
+* the next ``(Tq * G) // BLOCK_M + B`` programs (the large path, when enabled): tiles of
+  ``BLOCK_M`` rows of the sequences that did not fit the small path. Tile ``t`` finds its
+  sequence by a binary search over ``start(b) = (cu_q[b] * G) // BLOCK_M + b``, which is strictly
+  increasing and leaves room for ``cdiv(lq_b * G, BLOCK_M)`` tiles for every b; so the launch
+  holds at most one idle program per sequence, never ``B * cdiv(max_seqlen_q, BLOCK_M)``;
+* one last program zeroes the rows past ``cu_q[B]`` (rows no sequence owns).
+
+Split ``s`` of ``S`` takes an equal, BLOCK_N-aligned share of the tile's visible key range and
+writes a normalised partial and its log2-sum-exp; :func:`_merge_kernel` combines them. With
+``S = 1`` the tile writes the output directly (one launch).
+
+The same kernel serves decode (``DECODE``: ``q [B, H, D]``, one query per sequence, lengths from
+``seqlens_k``) and prefill over a paged cache or packed dense K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, mma,
+                                             next_pow2, paged_offsets, scores_log2,
+                                             softcap_constants)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, stride_vb,
+            stride_vt, start, stop, key_end, q_pos, window_left, qk_scale, cap_log2, cap_inv,
+            offs_n, offs_d, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
+    """Online-softmax update over keys ``start .. stop-1`` in BLOCK_N steps. Unmasked steps
+    (``MASKED`` False) must hold only keys below ``key_end`` that every row sees."""
+    for lo in range(start, stop, BLOCK_N):
+        pos = lo + offs_n
+        key_ok = pos < key_end
+        if PAGED:
+            k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
+                                         stride_vb, stride_vt, PAGE)
+        else:
+            k_off = pos.to(tl.int64) * stride_kt
+            v_off = pos.to(tl.int64) * stride_vt
+        tile_ok = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        qk = mma(q, tl.trans(k), None, DOT)
+        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
+        if MASKED:
+            ok = key_ok[None, :]
+            if CAUSAL:
+                ok = ok & (pos[None, :] <= q_pos[:, None])
+            if WINDOW:
+                ok = ok & (pos[None, :] >= q_pos[:, None] - window_left)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = mma(p.to(v.dtype), v, acc, DOT)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, m0, q_start, lq, k_start,
+          lk, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+          stride_vh, stride_ot, stride_oh, stride_tb, stride_tc, part_rows, num_splits,
+          qk_scale, cap_log2, cap_inv, window_left,
+          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+          WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+          DIRECT: tl.constexpr, DOT: tl.constexpr):
+    """Packed rows ``m0 .. m0+BLOCK_M-1`` of one sequence against one split of its keys."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_P2)
+    dim_ok = offs_d < HEAD_DIM
+    packed = m0 + offs_m
+    row_ok = packed < lq * GROUP
+    query = packed // GROUP
+    head = kv_head * GROUP + packed % GROUP
+    q_rows = (q_start + query).to(tl.int64)
+    io_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=io_mask, other=0.0)
+
+    if PAGED:
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
+        table_row = TABLE + seq.to(tl.int64) * stride_tb
+    else:
+        k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+        v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+        table_row = TABLE
+
+    # Bottom-right alignment: query i sits at key position i + lk - lq.
+    diag = lk - lq
+    q_pos = query + diag
+    first_q = m0 // GROUP + diag  # the tile's first and last query positions
+    last_q = (tl.minimum(m0 + BLOCK_M, lq * GROUP) - 1) // GROUP + diag
+    hi = lk  # visible keys of the tile: [lo, hi); [full_lo, full_hi) visible to every row
+    full_hi = lk
+    if CAUSAL:
+        hi = tl.minimum(lk, last_q + 1)
+        full_hi = tl.minimum(lk, first_q + 1)
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo = tl.maximum(first_q - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.maximum(last_q - window_left, 0)
+    hi = tl.maximum(hi, lo)
+    # This split's share, BLOCK_N-aligned: [s_lo, s_hi).
+    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    s_lo = tl.minimum(lo + split * chunk, hi)
+    s_hi = tl.minimum(s_lo + chunk, hi)
+    f_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    f_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    u_lo = tl.minimum(tl.maximum(f_lo, s_lo), s_hi)
+    u_hi = tl.maximum(tl.minimum(f_hi, s_hi), u_lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                            stride_kt, stride_vb, stride_vt, s_lo, u_lo, s_hi, q_pos,
+                            window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                            BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                            stride_kt, stride_vb, stride_vt, u_lo, u_hi, s_hi, q_pos,
+                            window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                            BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                            stride_kt, stride_vb, stride_vt, u_hi, s_hi, s_hi, q_pos,
+                            window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                            BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: zeros
+    if DIRECT:
+        o_ptrs = O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
+    else:  # partials [S, part_rows, D] with row = token * H + head
+        num_heads = tl.num_programs(1) * GROUP
+        part = (split * part_rows + q_rows * num_heads + head).to(tl.int64)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["total_q", "window_left", "num_splits"])
+def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, CU_Q, CU_K, SEQLENS, TABLE,
+                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                    stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_sl, stride_tb,
+                    stride_tc, total_q, num_seqs, num_splits, qk_scale, cap_log2, cap_inv,
+                    window_left,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                    SMALL_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SMALL_PATH: tl.constexpr, LARGE_PATH: tl.constexpr,
+                    SEARCH_STEPS: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
+                    PAGE: tl.constexpr, DIRECT: tl.constexpr, DOT: tl.constexpr):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    n_small = num_seqs if SMALL_PATH else 0
+    if pid == tl.num_programs(0) - 1:
+        if not DECODE:  # zero the rows past cu_q[B] for this kv head's heads (split 0 only)
+            offs_r = tl.arange(0, 16)
+            offs_d = tl.arange(0, D_P2)
+            zeros = tl.zeros([16, D_P2], dtype=O.dtype.element_ty)
+            first = tl.load(CU_Q + num_seqs * stride_cq)
+            if split > 0:
+                first = total_q
+            for r0 in range(first, total_q, 16):
+                r = (r0 + offs_r).to(tl.int64)
+                for g in tl.static_range(GROUP):
+                    ptrs = (O + r[:, None] * stride_ot + (kv_head * GROUP + g) * stride_oh
+                            + offs_d[None, :])
+                    tl.store(ptrs, zeros,
+                             mask=(r < total_q)[:, None] & (offs_d < HEAD_DIM)[None, :])
+        return
+    if pid < n_small:
+        seq = pid
+    else:  # large path: binary search for the sequence that owns tile pid - n_small
+        t = pid - n_small
+        lo_b = 0
+        hi_b = num_seqs
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo_b + hi_b) // 2
+            start_mid = (tl.load(CU_Q + mid * stride_cq) * GROUP) // BLOCK_M + mid
+            go_right = start_mid <= t
+            lo_b = tl.where(go_right, mid, lo_b)
+            hi_b = tl.where(go_right, hi_b, mid)
+        seq = lo_b
+    if DECODE:
+        q_start = seq
+        lq = 1
+        k_start = 0
+        lk = tl.load(SEQLENS + seq.to(tl.int64) * stride_sl)
+    else:
+        q_start = tl.load(CU_Q + seq * stride_cq)
+        lq = tl.load(CU_Q + (seq + 1) * stride_cq) - q_start
+        k_start = tl.load(CU_K + seq * stride_ck)
+        lk = tl.load(CU_K + (seq + 1) * stride_ck) - k_start
+    rows = lq * GROUP
+    if pid < n_small:
+        if rows <= SMALL_M:
+            _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, 0, q_start, lq,
+                  k_start, lk, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+                  stride_vt, stride_vh, stride_ot, stride_oh, stride_tb, stride_tc,
+                  total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale, cap_log2, cap_inv,
+                  window_left, GROUP, HEAD_DIM, D_P2, SMALL_M, BLOCK_N, CAUSAL, WINDOW,
+                  SOFTCAP, PAGED, PAGE, DIRECT, DOT)
+    elif LARGE_PATH:
+        n_tiles = tl.cdiv(rows, BLOCK_M)
+        local = pid - n_small - ((q_start * GROUP) // BLOCK_M + seq)
+        # the last tile (most keys under a causal mask) first: long tiles start early
+        tile = n_tiles - 1 - local
+        take = local < n_tiles
+        if SMALL_PATH:
+            take = take & (rows > SMALL_M)  # else the small path served it
+        if take:
+            _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, tile * BLOCK_M,
+                  q_start, lq, k_start, lk, stride_qt, stride_qh, stride_kb, stride_kt,
+                  stride_kh, stride_vb, stride_vt, stride_vh, stride_ot, stride_oh, stride_tb,
+                  stride_tc, total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale,
+                  cap_log2, cap_inv, window_left, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N,
+                  CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DIRECT, DOT)
+
+
+@triton.jit(do_not_specialize=["num_splits", "part_rows"])
+def _merge_kernel(O_PART, LSE_PART, O, CU_Q, num_splits, part_rows, stride_ot, stride_oh,
+                  stride_cq, num_seqs, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  D_P2: tl.constexpr, S_P2: tl.constexpr, DECODE: tl.constexpr):
+    """One (token, head) row: weigh the S partials by exp2(lse - max). Rows past cu_q[B] are
+    left to the stage-1 zeroing program."""
+    row = tl.program_id(0).to(tl.int64)  # token * H + head
+    token = row // NUM_HEADS
+    head = row % NUM_HEADS
+    if not DECODE:
+        if token >= tl.load(CU_Q + num_seqs * stride_cq):
+            return
+    offs_s = tl.arange(0, S_P2)
+    offs_d = tl.arange(0, D_P2)
+    s_ok = offs_s < num_splits
+    dim_ok = offs_d < HEAD_DIM
+    idx = offs_s.to(tl.int64) * part_rows + row
+    lse = tl.load(LSE_PART + idx, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    den = tl.sum(w, 0)
+    o = tl.load(O_PART + idx[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
+    tl.store(O + token * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
+             mask=dim_ok)
+
+
+class Config(NamedTuple):
+    """Launch parameters: rows of a small-path tile (0: no small path), rows of a large-path tile
+    (0: no large path), keys per step, warps, pipeline stages."""
+    small_m: int
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+# Split-KV rule of decode_kernel: enough (tile, kv head, split) programs for _TARGET_WAVES times
+# the SM count, no split shorter than _MIN_SPLIT_KEYS keys of the static key bound, at most
+# _MAX_SPLITS (the merge holds them in registers).
+_TARGET_WAVES = 3
+_MIN_SPLIT_KEYS = 256
+_MAX_SPLITS = 64
+# Packed rows up to which a sequence is one small-path tile: 64 = 16 queries at G = 4.
+_SMALL_ROWS_MAX = 64
+
+
+def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype) -> Config:
+    """Static table from the packed-row bound ``max_seqlen_q * G`` (no autotuning: graphs)."""
+    if INTERPRET:
+        return Config(16, 0 if max_rows <= 16 else 16, 16, 4, 1)
+    wide = dtype == torch.float32 or head_dim > 128
+    if max_rows <= _SMALL_ROWS_MAX:  # decode, speculative verification: memory-bound
+        return Config(max(16, next_pow2(max_rows)), 0, 32 if wide else 64, 4, 2 if wide else 3)
+    if wide:
+        return Config(16, 64, 32, 4, 2)
+    return Config(16, 128, 64, 8, 3)
+
+
+def num_splits(programs: int, capacity: int, sms: int, block_n: int) -> int:
+    """Split count from static shapes only (see decode_kernel.num_splits)."""
+    if programs <= 0 or capacity <= 0:
+        return 1
+    want = triton.cdiv(_TARGET_WAVES * sms, programs)
+    by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
+    return max(1, min(want, by_length, _MAX_SPLITS))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+          max_seqlen_q: int, capacity: int, dtype: torch.dtype, device: torch.device,
+          decode: bool, causal: bool, paged: bool, page: int, window: bool, softcap: bool,
+          config: Config | None, splits: int | None):
+    """Grid, split count and constexprs from static facts only (cached: ~1 us per call)."""
+    group = num_heads // num_kv_heads
+    cfg = config or launch_config(max_seqlen_q * group, head_dim, dtype)
+    n_small = num_seqs if cfg.small_m else 0
+    n_large = (total_q * group) // cfg.block_m + num_seqs if cfg.block_m else 0
+    if splits is None:
+        real_tiles = n_small if not cfg.block_m else (total_q * group) // cfg.block_m + num_seqs
+        splits = num_splits(real_tiles * num_kv_heads, capacity, device_sm_count(device),
+                            cfg.block_n)
+    grid = (n_small + n_large + 1, num_kv_heads, splits)
+    consts = dict(GROUP=group, HEAD_DIM=head_dim, D_P2=max(16, next_pow2(head_dim)),
+                  SMALL_M=max(cfg.small_m, 16), BLOCK_M=max(cfg.block_m, 16),
+                  BLOCK_N=cfg.block_n, SMALL_PATH=cfg.small_m > 0, LARGE_PATH=cfg.block_m > 0,
+                  SEARCH_STEPS=max(1, num_seqs.bit_length()), DECODE=decode, CAUSAL=causal,
+                  WINDOW=window, SOFTCAP=softcap, PAGED=paged, PAGE=page, DIRECT=splits == 1,
+                  DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages)
+    merge = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=consts["D_P2"],
+                 S_P2=next_pow2(splits), DECODE=decode, num_warps=4)
+    return splits, grid, consts, merge
+
+
+def _launch(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,
+            decode, causal, paged, window_left, softcap, config, splits):
+    total_q, num_heads, head_dim = q.shape
+    if paged:
+        page, num_kv_heads = k.shape[1], k.shape[2]
+        kv_strides = (*k.stride()[:3], *v.stride()[:3])
+        table_strides = table.stride()
+    else:
+        page, num_kv_heads = 1, k.shape[1]
+        kv_strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
+        table, table_strides = cu_k, (0, 0)  # unused pointer argument
+    splits, grid, consts, merge = _plan(
+        total_q, num_seqs, num_heads, num_kv_heads, head_dim, int(max_seqlen_q), capacity,
+        q.dtype, q.device, decode, bool(causal), paged, page, window_left >= 0, softcap > 0,
+        None if config is None else Config(*config), splits)
+    part_rows = total_q * num_heads
+    if splits == 1:
+        o_part = lse_part = out  # unused pointer arguments
+    else:
+        o_part = torch.empty((splits, part_rows, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, part_rows), dtype=torch.float32, device=q.device)
+    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
+    stride_cq = 0 if decode else cu_q.stride(0)
+    stride_ck = 0 if decode else cu_k.stride(0)
+    stride_sl = seqlens.stride(0) if decode else 0
+    _unified_kernel[grid](
+        q, k, v, out, o_part, lse_part, cu_q, cu_k, seqlens, table, q.stride(0), q.stride(1),
+        *kv_strides, out.stride(0), out.stride(1), stride_cq, stride_ck, stride_sl,
+        *table_strides, total_q, num_seqs, splits, qk_scale, cap_log2, cap_inv, window_left,
+        **consts)
+    if splits > 1:
+        _merge_kernel[(part_rows,)](o_part, lse_part, out, cu_q, splits, part_rows,
+                                    out.stride(0), out.stride(1), stride_cq, num_seqs, **merge)
+    return out
+
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+            causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
+            softcap: float = 0.0, config: Config | None = None, splits: int | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """attn::prefill's semantics (see prefill_kernel.prefill for shapes); ``config``/``splits``
+    override the static tables (benchmarks); ``out`` receives the result (tests poison it)."""
+    total_q = q.shape[0]
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    paged = block_table is not None
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if total_q == 0:
+        return out
+    if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
+        return out.zero_()  # no key anywhere (static shapes say so)
+    capacity = int(max_seqlen_k)
+    if paged:
+        capacity = min(capacity, block_table.shape[1] * k.shape[1])
+    return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table,
+                   num_seqs, max_seqlen_q, capacity, scale, False, causal, paged, window_left,
+                   softcap, config, splits)
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+           block_table: torch.Tensor, scale: float, window_left: int = -1, softcap: float = 0.0,
+           config: Config | None = None, splits: int | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """attn::decode's semantics (see decode_kernel.decode for shapes) on the unified kernel."""
+    batch = q.shape[0]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if k_cache.numel() == 0 or block_table.numel() == 0:
+        return out.zero_()
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    return _launch(q, k_cache, v_cache, out, seqlens_k, seqlens_k, seqlens_k, block_table, batch,
+                   1, capacity, scale, True, False, True, window_left, softcap, config, splits)
