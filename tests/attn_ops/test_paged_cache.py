@@ -511,6 +511,8 @@ class CacheHarness:
         if batch is not None:
             assert batch.seqlens_k.tolist() == [len(self.model.tokens[s]) for s in seqs] + [0] * pad
             assert batch.slot_mapping[len(seqs):].tolist() == [-1] * pad
+            assert batch.block_table.shape == (len(seqs) + pad, -(-MAXLEN // BS))
+            assert not batch.block_table[len(seqs):].any(), "padded block-table rows are zeros"
 
     def fork(self, pick):
         parent = pick(sorted(self.model.tokens))
