@@ -172,11 +172,6 @@ def scalar_of(value) -> float:
     raise NotProvable("a position-dependent value where a constant was expected")
 
 
-def select_where(pred: Pred, a, b) -> Select:
-    """``where(pred, a, b)`` for constant-valued ``a`` and ``b``."""
-    return Select(pred, scalar_of(a), scalar_of(b))
-
-
 def causal_pred(rank: int) -> Pred:
     """``j <= i`` on the last two dims (query i, key j): top-left == bottom-right when Sq == Sk."""
     coef = [0] * rank

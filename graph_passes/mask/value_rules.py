@@ -15,13 +15,13 @@ from torch.fx import Node
 
 from graph_passes.mask import domain as md
 from graph_passes.fx_nodes import arg, meta_val, op_name, same
+from graph_passes.mask import scalars
 from graph_passes.mask.domain import Lin, NotProvable, Pred, Select
 
 _CASTS = frozenset({"to", "_to_copy", "convert_element_type", "type", "type_as", "float", "bool",
                     "half", "bfloat16", "int", "long", "double"})
 _FILLS = {"ones": 1, "zeros": 0, "ones_like": 1, "zeros_like": 0, "new_ones": 1, "new_zeros": 0}
-_COMPARE = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b, "le": lambda a, b: a <= b,
-            "lt": lambda a, b: a < b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
+_COMPARE = ("ge", "gt", "le", "lt", "eq", "ne")
 
 
 def shape_of(node: Node) -> tuple:
@@ -62,7 +62,8 @@ def _fill(ev, node: Node):
         value = ev.scalar(arg(node, 0, "s" if name == "scalar_tensor" else "data"))
         if not isinstance(value, (int, float, bool)):
             raise NotProvable("torch.tensor of a non-scalar")
-    return md.constant(len(shape_of(node)), value, dtype_of(node))
+    dtype = dtype_of(node)
+    return md.constant(len(shape_of(node)), scalars.in_dtype(value, dtype), dtype)
 
 
 def _tri(ev, node: Node):
@@ -99,11 +100,16 @@ def _compare(ev, node: Node):
         if all(same(c, 0) for c in diff.coef) and isinstance(diff.const, int):
             return Pred(rank, None, (diff.const == 0) == (name == "eq"))
         raise NotProvable(f"{name} between position tensors that differ by a non-constant")
+    args = (node.args[0], arg(node, 1, "other"))
     for var, other, flip in ((x, y, False), (y, x, True)):
         if isinstance(var, (Pred, Select)):
             s, c = md.as_select(var), const_of(other)
-            fn = _COMPARE[name]
-            hit_a, hit_b = (fn(c, s.a), fn(c, s.b)) if flip else (fn(s.a, c), fn(s.b, c))
+
+            def hit(v):  # compared in the operands' dtypes, as torch compares them
+                values = (c, v) if flip else (v, c)
+                return scalars.apply(getattr(torch, name),
+                                     *(scalars.operand(a, u) for a, u in zip(args, values)))
+            hit_a, hit_b = hit(s.a), hit(s.b)
             if hit_a == hit_b:
                 return Pred(rank, None, bool(hit_a))
             return s.pred if hit_a else s.pred.negate()
@@ -128,9 +134,16 @@ def _arith(ev, node: Node):
         return x + y.scale(alpha if name == "add" else -alpha)
     if isinstance(x, Pred) and isinstance(y, Pred) and name == "mul":
         return md.combine_preds("mul", x, y)
+    if op_name(node).rstrip("_") == "neg":
+        s = md.as_select(x)
+        neg = lambda a: scalars.apply(torch.neg, scalars.operand(node.args[0], a))  # noqa: E731
+        return Select(s.pred, neg(s.a), neg(s.b))
     sx, sy = md.as_select(x), md.as_select(y)
-    op = {"add": lambda a, b: a + alpha * b, "sub": lambda a, b: a - alpha * b,
-          "mul": lambda a, b: a * b}[name]
+    fn, kw = getattr(torch, name), ({} if name == "mul" else {"alpha": alpha})
+    args = (node.args[0], arg(node, 1, "other"))
+
+    def op(a, b):  # in the operands' dtypes, as torch computes it
+        return scalars.apply(fn, *(scalars.operand(p, u) for p, u in zip(args, (a, b))), **kw)
     for var, other, flip in ((sx, sy, False), (sy, sx, True)):
         try:
             c = md.scalar_of(other)
@@ -152,19 +165,21 @@ def _logical(ev, node: Node):
 
 
 def _where(ev, node: Node):
-    rank = len(shape_of(node))
+    rank, dtype = len(shape_of(node)), dtype_of(node)
     cond = md.as_pred(ev.value(arg(node, 0, "condition"), rank))
-    a, b = ev.value(arg(node, 1, "self"), rank), ev.value(arg(node, 2, "other"), rank)
-    if dtype_of(node) == torch.bool:
-        return md.as_pred(md.select_where(cond, md.as_select(a), md.as_select(b)))
-    return md.select_where(cond, a, b)
+    branches = (arg(node, 1, "self"), arg(node, 2, "other"))
+    a, b = (scalars.convert(p, md.scalar_of(ev.value(p, rank)), dtype) for p in branches)
+    if dtype == torch.bool:
+        return md.as_pred(Select(cond, a, b))
+    return Select(cond, a, b)
 
 
 def _masked_fill(ev, node: Node):
     rank = len(shape_of(node))
     base = md.as_select(ev.value(node.args[0], rank))
     mask = md.as_pred(ev.value(arg(node, 1, "mask"), rank))
-    v = md.scalar_of(ev.value(arg(node, 2, "value"), rank))
+    fill = arg(node, 2, "value")
+    v = scalars.convert(fill, md.scalar_of(ev.value(fill, rank)), dtype_of(node))
     try:
         return Select(mask, v, md.scalar_of(base))
     except NotProvable:
@@ -177,13 +192,18 @@ def _masked_fill(ev, node: Node):
 
 
 def _cast(ev, node: Node):
-    x = ev.value(node.args[0])
+    """A dtype cast: values converted as torch converts them (truncation into integers)."""
+    src = node.args[0]
+    x = ev.value(src)
     dtype = dtype_of(node)
-    if dtype == torch.bool:
+    if dtype == torch.bool:  # nonzero -> True, as torch casts
         return md.as_pred(x) if not isinstance(x, Lin) else _lin_to_bool(x)
-    if dtype.is_floating_point:
-        return md.as_select(x)
-    return x
+    if isinstance(x, Lin):
+        if dtype.is_floating_point:
+            raise NotProvable("an integer position tensor cast to a float dtype")
+        return x
+    s = md.as_select(x)
+    return Select(s.pred, scalars.convert(src, s.a, dtype), scalars.convert(src, s.b, dtype))
 
 
 def _lin_to_bool(x: Lin):

@@ -16,7 +16,9 @@ class SdpaAttention(torch.nn.Module):
 
     gqa: "sdpa" (enable_gqa=True), "repeat_kv", "repeat_interleave", or "none" (H == Hkv).
     mask: None (is_causal=causal), "tril", "triu_inf", "arange", "input" (a forward argument),
-    "window" (sliding window), "padding" (key padding from a lengths argument).
+    "window" (sliding window), "padding" (key padding from a lengths argument), "truncated"
+    (``(tril + 0.5).long().bool()``: causal once the cast truncates), "fp32_tie"
+    (``tril * 0.1 + 0.2 > 0.3``: all False in fp32, where 0.1 + 0.2 rounds to 0.3).
     """
 
     def __init__(self, h=4, hkv=2, d=16, gqa="repeat_kv", mask=None, causal=True, dropout=0.0,
@@ -58,6 +60,10 @@ class SdpaAttention(torch.nn.Module):
             return torch.full((s, sk), -math.inf, device=x.device, dtype=x.dtype).triu(1)
         if self.mask == "arange":
             return (pos_k[None, :] <= pos_q[:, None])[None, None]
+        if self.mask == "truncated":
+            return (torch.ones(s, sk, device=x.device).tril() + 0.5).long().bool()
+        if self.mask == "fp32_tie":
+            return (torch.ones(s, sk, device=x.device).tril() * 0.1 + 0.2) > 0.3
         if self.mask == "input":
             return extra
         if self.mask == "window":

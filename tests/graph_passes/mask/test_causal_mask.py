@@ -55,6 +55,13 @@ CASES = {
     "tril_float_eq0": (lambda x, t: torch.ones(t, t).tril()[None, None] == 0, "masked",
                        "causal"),
     "packed_positions": (_packed_like, "keep", "causal"),
+    # Constants are values of the tensor's dtype and casts truncate (issue 12, item 5).
+    "truncated_long": (lambda x, t: (torch.ones(t, t).tril() + 0.5).long().bool(), "keep",
+                       "causal"),
+    "fp64_no_tie": (lambda x, t: (torch.ones(t, t, dtype=torch.float64).tril() * 0.1 + 0.2) > 0.3,
+                    "keep", "causal"),
+    "half_overflow_hides": (lambda x, t: (torch.ones(t, t).triu(1) * -1e5).half(), "additive",
+                            "causal"),
     "all_zero_additive": (lambda x, t: torch.zeros(1, 1, t, t), "additive", "none"),
     "all_true": (lambda x, t: torch.ones(t, t, dtype=torch.bool), "keep", "none"),
     # Negative: provably not causal, or not provable at all.
@@ -63,6 +70,10 @@ CASES = {
     "data_dependent": (lambda x, t: (x[0, :, :1] > 0).expand(t, t), "keep", NotProvable),
     "soft_additive": (lambda x, t: torch.full((t, t), -1e4).triu(1), "additive", NotProvable),
     "written_in_place": (_mutated, "keep", NotProvable),
+    "fp32_tie_all_false": (lambda x, t: (torch.ones(t, t).tril() * 0.1 + 0.2) > 0.3, "keep",
+                           NotProvable),
+    "truncated_to_zero": (lambda x, t: (torch.ones(t, t).tril() * 0.9).long().bool(), "keep",
+                          NotProvable),
     "transposed_causal": (lambda x, t: torch.ones(t, t, dtype=torch.bool).triu(), "keep",
                           NotProvable),
 }

@@ -151,7 +151,7 @@ BF16 = torch.bfloat16
     ("repeat_kv", None, True, torch.float32), ("repeat_kv", None, True, BF16),
     ("repeat_interleave", "tril", True, torch.float32), ("sdpa", "triu_inf", True, BF16),
     ("none", "arange", True, torch.float32), ("sdpa", None, False, torch.float32),
-    ("repeat_kv", None, False, BF16)])
+    ("repeat_kv", None, False, BF16), ("repeat_kv", "truncated", True, torch.float32)])
 def test_substituted_matches_eager(gqa, mask, causal, dtype):
     h, hkv = (6, 6) if gqa == "none" else (6, 2)
     model = SdpaAttention(h=h, hkv=hkv, d=32, gqa=gqa, mask=mask, causal=causal).eval().to(dtype)
@@ -190,6 +190,7 @@ def test_dynamic_shapes_one_graph_for_many_lengths():
     (dict(mask="input"), "mask", "not provably causal"),
     (dict(mask="padding"), "lengths", "not provably causal"),
     (dict(mask="window"), None, "not provably causal"),
+    (dict(mask="fp32_tie"), None, "hides every key"),
     (dict(gqa="sdpa", q_len=7), None, "Sq=7 and Sk=9 not provably equal"),
     (dict(gqa="sdpa", kv_len=7, causal=False), None, "may exceed"),
     (dict(gqa="sdpa", d=12), None, "head dim 12"),
