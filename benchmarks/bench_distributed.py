@@ -102,6 +102,15 @@ def bench_context_parallel(args, rows: list) -> None:
                          args.reps, solo=True)
         rows.append(dict(seq_len=s, ranks=1, method="one GPU", ms=one, tflops=flops / one / 1e9,
                          speedup=1.0, note=""))
+        # The all-gather method reads its keys through a block table of 2R pages of C tokens:
+        # the same prefill on one GPU through such a table shows what the paging costs.
+        c = s // (2 * world)
+        table = torch.arange(2 * world, dtype=torch.int32, device=DEV)[None]
+        paged = timed_reps(lambda: torch.ops.attn.prefill(
+            q, k.view(-1, c, HKV, D), v.view(-1, c, HKV, D), cu, cu, s, s, scale, True, table),
+            args.reps, solo=True)
+        rows.append(dict(seq_len=s, ranks=1, method="one GPU, paged", ms=paged,
+                         tflops=flops / paged / 1e9, speedup=one / paged, note=""))
         mine = [shard_sequence(t, world, rank).contiguous() for t in (q, k, v)]
         del q, k, v
         for method in args.methods:
@@ -163,6 +172,8 @@ def _tp_case(model, mesh, cfg, b: int, ctx: int, tp: bool):
 def bench_tensor_parallel(args, rows: list) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
+    if not args.tp_batch:
+        return
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(DEV, (world,))
     big = DEV != "cpu"

@@ -42,14 +42,14 @@ def test_shard_then_unshard_is_the_identity(single_rank_group):
         shard_sequence(torch.randn(10, 3), 3, 0)
 
 
-def test_allgather_block_table():
-    """World 2: the gathered blocks are [rank0: chunk 0, 3 | rank1: chunk 1, 2]."""
-    cu_q, cu_k, table = _allgather_plan(2, 0, 5, torch.device("cpu"))
+def test_allgather_key_order():
+    """World 2: the gathered chunks are [rank0: 0, 3 | rank1: 1, 2]; rank 0's query chunks 0 and
+    3 get keys (chunk 0) and (chunks 0, 1, 2, 3), rank 1's chunks 1 and 2 get (0, 1), (0, 1, 2)."""
+    cu_q, cu_k, order = _allgather_plan(2, 0, 5, torch.device("cpu"))
     assert cu_q.tolist() == [0, 5, 10] and cu_k.tolist() == [0, 5, 25]
-    assert table[0, :1].tolist() == [0] and table[1].tolist() == [0, 2, 3, 1]
-    cu_q, cu_k, table = _allgather_plan(2, 1, 5, torch.device("cpu"))
-    assert cu_k.tolist() == [0, 10, 25] and table[0, :2].tolist() == [0, 2]
-    assert table[1, :3].tolist() == [0, 2, 3]
+    assert order.tolist() == [0, 0, 2, 3, 1]
+    cu_q, cu_k, order = _allgather_plan(2, 1, 5, torch.device("cpu"))
+    assert cu_k.tolist() == [0, 10, 25] and order.tolist() == [0, 2, 0, 2, 3]
 
 
 @pytest.mark.parametrize("method", ["allgather", "ring"])
