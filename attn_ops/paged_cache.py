@@ -244,9 +244,10 @@ class PagedKVCache:
             if len(blocks) * bs < start + n:  # copy the list only when it grows (decode: rarely)
                 blocks = blocks + [take() for _ in range(-(-(start + n) // bs) - len(blocks))]
             slots = []  # token p goes to blocks[p // bs] * bs + p % bs; one range per block
-            for i in range(start // bs, -(-(start + n) // bs)):
+            end = start + n
+            for i in range(start // bs, -(-end // bs)):
                 offset = (blocks[i] - i) * bs
-                slots.extend(range(offset + max(start, i * bs), offset + min(start + n, i * bs + bs)))
+                slots.extend(range(offset + max(start, i * bs), offset + min(end, i * bs + bs)))
             growths.append(_Growth(seq_id, start, blocks, slots, copy))
         return _Plan(growths, taken)
 
