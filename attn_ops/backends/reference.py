@@ -67,6 +67,9 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     if t == 0 or k_cache.numel() == 0:
         return
     hkv, d = k_cache.shape[2], k_cache.shape[3]
+    if k_scale is None and v_scale is None and _on_host(slot_mapping):
+        return _store_on_host(key, value, k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d),
+                              slot_mapping)
     slots = slot_mapping.to(torch.int64)
     valid = slots >= 0
     # Index with 1-element tensors (index_select), never 0-d ones: t[zero_dim_tensor] converts
@@ -84,6 +87,29 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                              flat.index_select(0, fill_slot))  # [1, Hkv, D]
         rows = torch.where(valid[:, None, None], src, filler)
         flat.index_copy_(0, index, rows)
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """A plain CPU tensor outside tracing: reading its values costs no device sync."""
+    return t.is_cpu and type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _store_on_host(key, value, k_flat, v_flat, slot_mapping) -> None:
+    """The CPU store: two ``index_copy_`` calls, after dropping padding rows when there are any.
+
+    On the CPU a data-dependent branch is free (no device to wait for, no graph being captured;
+    traced calls take the fake kernel), so the sync-free redirection of padding rows below
+    (about 16 small ops: 111 us against 8 us for the two copies, issue 15) is not needed: one
+    ``min`` says whether any row is padding.
+    """
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    # A short slot list is read as a list (0.3 us for one decode token against 1.4 for min()).
+    if (min(slots.tolist()) if slots.shape[0] <= 64 else int(slots.min())) < 0:
+        keep = (slots >= 0).nonzero().squeeze(1)
+        slots, key, value = slots.index_select(0, keep), key.index_select(0, keep), \
+            value.index_select(0, keep)
+    k_flat.index_copy_(0, slots, key)
+    v_flat.index_copy_(0, slots, value)
 
 
 # ---------------------------------------------------------------------------------------------
