@@ -10,8 +10,8 @@ the DTensor rules of :mod:`attn_ops.distributed.sharding`, with no redistributio
 The run: a packed prefill of prompts of different lengths (``store_kvcache`` + paged ``prefill``),
 then greedy decode steps padded to a fixed batch (``store_kvcache`` + ``decode``). The same model
 on one device, unsharded, runs the same steps; every step's logits are compared, and the
-collectives of one decode step are counted (2 all-reduces per layer + 1 all-gather of the logits:
-an attention call that redistributed would add more).
+collectives of the prefill and of one decode step are counted (2 all-reduces per layer + 1
+all-gather of the logits: an attention call that redistributed would add more).
 
 Run: ``torchrun --nproc-per-node 2 examples/tensor_parallel.py [--device cpu|cuda]`` (gloo on
 CPU, NCCL on CUDA). Rank 0 prints one JSON line; exit 0 when every check passes, 1 otherwise.
@@ -102,8 +102,9 @@ def run(args) -> dict:
 
     with torch.inference_mode():
         ref_logits = ref.prefill(ids, ref_cache, ref_cache.prepare_prefill(lengths))
-        with implicit_replication():
+        with implicit_replication(), CountCollectives() as mode:
             tp_logits = tp.prefill(ids, tp_cache, tp_cache.prepare_prefill(lengths))
+        prefill_comms = mode.counts
         compare(tp_logits, ref_logits)
         pad = rows + 1  # one padded row: slot -1, seqlens_k 0
         comms = None
@@ -119,10 +120,12 @@ def run(args) -> dict:
 
     rel = max(errors) / scale
     expected_comms = 2 * cfg.num_layers + 1
-    ok = rel <= TOL[dtype] and sum(comms.values()) == expected_comms
+    ok = (rel <= TOL[dtype] and sum(comms.values()) == expected_comms
+          and sum(prefill_comms.values()) == expected_comms)
     return {"example": "tensor_parallel", "world": world, "device": device.type,
             "dtype": args.dtype, "steps": len(errors), "max_rel_err": rel, "tol": TOL[dtype],
-            "decode_collectives": comms, "expected_collectives": expected_comms, "ok": ok}
+            "prefill_collectives": prefill_comms, "decode_collectives": comms,
+            "expected_collectives": expected_comms, "ok": ok}
 
 
 def main(argv=None) -> int:

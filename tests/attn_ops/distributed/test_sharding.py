@@ -85,3 +85,24 @@ def test_import_attn_ops_stays_lean():
     code = ("import sys, attn_ops; bad = [m for m in ('attn_ops.distributed', "
             "'torch.distributed.tensor') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_with_lse_and_merge_states_keep_their_sharding(mesh):
+    cu = cu_seqlens([9, 4])
+    q, k, v = torch.randn(13, H, D), torch.randn(13, HKV, D), torch.randn(13, HKV, D)
+    with implicit_replication():
+        out, lse = torch.ops.attn.prefill_with_lse(_shard(q, mesh, 1), _shard(k, mesh, 1),
+                                                   _shard(v, mesh, 1), cu, cu, 9, 9, 0.25)
+    assert out.placements == lse.placements == (Shard(1),)
+    ref_out, ref_lse = torch.ops.attn.prefill_with_lse(q, k, v, cu, cu, 9, 9, 0.25)
+    assert_close(out.to_local(), ref_out, 1e-6, 1e-6)
+    assert_close(lse.to_local(), ref_lse, 1e-6, 1e-6)
+    other_out, other_lse = torch.randn(13, H, D), torch.randn(13, H)
+    expected = torch.ops.attn.merge_states(ref_out, ref_lse, other_out, other_lse)
+    for dim_out, dim_lse in ((1, 1), (0, 0)):  # heads, then tokens
+        merged = torch.ops.attn.merge_states(
+            _shard(ref_out, mesh, dim_out), _shard(ref_lse, mesh, dim_lse),
+            _shard(other_out, mesh, dim_out), _shard(other_lse, mesh, dim_lse))
+        assert [m.placements for m in merged] == [(Shard(dim_out),), (Shard(dim_lse),)]
+        for got, want in zip(merged, expected):
+            assert_close(got.to_local(), want, 1e-6, 1e-6)

@@ -9,12 +9,13 @@ from attn_ops.distributed.tensor_parallel import HeadShardedKVCache, llama_tp_pl
 
 
 def test_example_on_two_ranks(torchrun):
-    """DemoLlama split over heads: prefill + 2 padded decode steps match one device, and a decode
-    step issues only the projections' collectives (the attn ops none)."""
+    """DemoLlama split over heads: prefill + 2 padded decode steps match one device, and prefill
+    and decode issue only the projections' collectives (the attn ops none)."""
     r = torchrun("tensor_parallel.py", 2, "--prompts", "13", "29", "6", "--steps", "2")
     assert r["ok"] and r["world"] == 2 and r["steps"] == 3
     assert r["max_rel_err"] <= r["tol"] == 1e-4
-    assert r["decode_collectives"] == {"all_reduce": 4, "all_gather_into_tensor": 1}
+    expected = {"all_reduce": 4, "all_gather_into_tensor": 1}  # o_proj, down_proj x 2; lm_head
+    assert r["prefill_collectives"] == r["decode_collectives"] == expected
 
 
 def test_head_sharded_cache(single_rank_group):
