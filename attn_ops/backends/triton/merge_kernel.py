@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import INTERPRET, next_pow2
+from attn_ops.backends.triton.launch import launch
 
 # Elements of one output tensor per program: 4096 bf16 = 8 KB, 16 (row, head) pairs at D = 128;
 # the kernel is a streaming copy, so tiles only need to be big enough to keep loads in flight.
@@ -80,7 +81,7 @@ def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     if pairs == 0:
         return out, lse
     block_r, warps = launch_config(d)
-    _merge_states_kernel[(triton.cdiv(pairs, block_r),)](
+    launch(_merge_states_kernel, (triton.cdiv(pairs, block_r),),
         out_a, lse_a, out_b, lse_b, out, lse, pairs, h,
         out_a.stride(0), out_a.stride(1), out_b.stride(0), out_b.stride(1),
         out.stride(0), out.stride(1), lse_a.stride(0), lse_a.stride(1),

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from attn_ops.backends.triton.common import (INTERPRET, dot_mode, mma, next_pow2, paged_offsets,
                                              scores_log2, softcap_constants)
+from attn_ops.backends.triton.launch import launch
 
 
 @triton.jit
@@ -263,7 +264,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
                          bool(causal), paged, page, window_left >= 0, softcap > 0,
                          None if config is None else Config(*config))
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
-    _prefill_kernel[grid](
+    launch(_prefill_kernel, grid,
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q.stride(0), q.stride(1), *strides,
         out.stride(0), out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
         *table_strides, total_q, num_seqs, qk_scale, cap_log2, cap_inv,

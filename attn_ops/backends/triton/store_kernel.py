@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import INTERPRET, device_sm_count, next_pow2
+from attn_ops.backends.triton.launch import launch
 
 # Elements per tensor per program: 8192 bf16 = 16 KB, i.e. 4 x 16-byte loads per thread at 8
 # warps. Fewer, larger programs matter at T = 65536 (65536 one-token programs leave the copy
@@ -125,7 +126,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     else:
         k_scale = v_scale = slot_mapping  # unread placeholders (FP8 is a constexpr)
-    _store_kvcache_kernel[(triton.cdiv(num_tokens, block_t),)](
+    launch(_store_kvcache_kernel, (triton.cdiv(num_tokens, block_t),),
         key, value, k_cache, v_cache, slot_mapping, num_tokens, slot_mapping.stride(0),
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
