@@ -75,6 +75,10 @@ class _Evaluator:
 
     def _eval(self, node: Node):
         if node.op in ("placeholder", "get_attr"):
+            val = meta_val(node)
+            if isinstance(val, torch.Tensor) and val.dim() == 1 and not val.is_floating_point() \
+                    and val.dtype != torch.bool and self._writer(node) is None:
+                return md.position_input(node)  # input_pos / cache_position: values unknown
             raise NotProvable(f"it depends on the input or attribute {node.target!r}")
         name = op_name(node)
         if name is None:
@@ -121,15 +125,8 @@ def evaluate(node: Node):
     return _Evaluator().value(node)
 
 
-def classify(node: Node, usage: str, scores_rank: int = 4) -> str:
-    """``"causal"`` or ``"none"`` for a mask used as ``usage``; raises :class:`NotProvable`.
-
-    Args:
-        node: the FX node producing the mask (broadcastable to ``[..., Sq, Sk]``).
-        usage: ``"keep"`` (bool, True = attend), ``"masked"`` (bool, True = hidden) or
-            ``"additive"`` (float added to the scores).
-        scores_rank: rank of the scores the mask broadcasts against.
-    """
+def _keep(node: Node, usage: str, scores_rank: int) -> Pred:
+    """Where the mask lets a query see a key, as a predicate over the scores' indices."""
     value = evaluate(node)
     if value.rank > scores_rank:
         raise NotProvable(f"a rank-{value.rank} mask for rank-{scores_rank} scores")
@@ -139,7 +136,7 @@ def classify(node: Node, usage: str, scores_rank: int = 4) -> str:
         if s.pred.lin is None:
             fill = s.a if s.pred.value else s.b
             if fill == 0:
-                return "none"
+                return Pred(scores_rank, None, True)
             raise NotProvable(f"a constant additive mask {fill}")
         if s.a == 0 and s.b in _HIDING:
             keep = s.pred
@@ -152,10 +149,58 @@ def classify(node: Node, usage: str, scores_rank: int = 4) -> str:
         keep = md.as_pred(value)
         if usage == "masked":
             keep = keep.negate()
+    return keep
+
+
+def classify(node: Node, usage: str, scores_rank: int = 4) -> str:
+    """``"causal"`` or ``"none"`` for a mask used as ``usage``; raises :class:`NotProvable`.
+
+    Args:
+        node: the FX node producing the mask (broadcastable to ``[..., Sq, Sk]``).
+        usage: ``"keep"`` (bool, True = attend), ``"masked"`` (bool, True = hidden) or
+            ``"additive"`` (float added to the scores).
+        scores_rank: rank of the scores the mask broadcasts against.
+    """
+    keep = _keep(node, usage, scores_rank)
     if keep.lin is None:
         if keep.value:
             return "none"
         raise NotProvable("a mask that hides every key")
     if keep.equals(md.causal_pred(scores_rank)):
         return "causal"
+    if keep.lin.terms:
+        inputs = sorted({str(n.target) for n, _, _ in keep.lin.terms})
+        raise NotProvable(f"it depends on the input {', '.join(inputs)} (a mask over positions "
+                          f"read from it{_cache_hint(node, usage, scores_rank)})")
     raise NotProvable(f"a position mask that is not causal (keeps {keep.lin})")
+
+
+def _cache_hint(node, usage, scores_rank) -> str:
+    try:
+        pos, _ = cache_positions(node, usage, scores_rank)
+    except NotProvable:
+        return ""
+    return f": key j seen by query i iff j <= {pos.target}[i], attention over a cache"
+
+
+def cache_positions(node: Node, usage: str, scores_rank: int = 4) -> tuple[Node, bool]:
+    """``(pos, per_query)`` when the mask is exactly "query i sees key j iff ``j <= pos[i]``"
+    for a 1-D integer input ``pos`` (gpt-fast's ``input_pos``, transformers' ``cache_position``);
+    else raises. ``per_query`` is False when every query reads ``pos[0]`` (the mask's query dim
+    has size 1: one query, or one row broadcast over several).
+
+    The positions are data, so this is a statement about every value they may take (taken as
+    valid indices, ``pos >= 0``, where the mask indexes with them).
+    """
+    keep = _keep(node, usage, scores_rank)
+    lin = keep.lin
+    if lin is None or len(lin.terms) != 1:
+        raise NotProvable("not a mask over one position input")
+    (pos, onehot, c), = lin.terms
+    query_dim = tuple(1 if d == scores_rank - 2 else 0 for d in range(scores_rank))
+    key_only = tuple(-1 if d == scores_rank - 1 else 0 for d in range(scores_rank))
+    if c == 1 and onehot in (query_dim, (0,) * scores_rank) \
+            and lin.equals(Lin(key_only, 0, lin.terms)):
+        return pos, onehot == query_dim
+    raise NotProvable(f"a mask over positions of {pos.target} that is not j <= pos[i] "
+                      f"(keeps {lin})")

@@ -4,7 +4,10 @@ A mask that depends on no input data is a function of the element index alone. T
 build (``arange`` comparisons, ``tril``/``triu`` of a constant, ``where``/``masked_fill`` between
 constants) fall into three shapes of function, each exact over integers:
 
-* :class:`Lin` -- an integer tensor ``const + sum_d coef[d] * idx[d]`` (``arange`` and sums of it);
+* :class:`Lin` -- an integer tensor ``const + sum_d coef[d] * idx[d]`` (``arange`` and sums of it),
+  plus, for attention over a cache, terms ``c * pos[idx[d]]`` that read a 1-D integer input
+  ``pos`` (``input_pos``, ``cache_position``) along one dim: the values are unknown, but a mask
+  ``j <= pos[i]`` is still an exact statement about them;
 * :class:`Pred` -- a bool tensor: a constant, or the half-plane ``lin >= 0``;
 * :class:`Select` -- a float tensor ``a if pred else b`` with scalar ``a``, ``b`` (a constant is
   ``Select(TRUE, c, c)``).
@@ -27,28 +30,55 @@ class NotProvable(Exception):
     """The mask is not (provably) a function of positions alone, or not of a known form."""
 
 
+def merge_terms(terms) -> tuple:
+    """Sum the coefficients of equal ``(input, onehot)`` reads; drop the ones that cancel."""
+    total: dict = {}
+    for node, onehot, c in terms:
+        total[(node, onehot)] = total.get((node, onehot), 0) + c
+    return tuple((node, onehot, c) for (node, onehot), c in total.items() if c != 0)
+
+
 @dataclass(frozen=True)
 class Lin:
-    """Integer tensor whose element at index ``idx`` is ``const + sum(coef[d] * idx[d])``."""
+    """Integer tensor whose element at index ``idx`` is ``const + sum(coef[d] * idx[d])`` plus
+    ``sum(c * input[idx[d]])`` over ``terms``.
+
+    A term ``(input, onehot, c)`` reads the 1-D integer graph input ``input`` at the index of the
+    dim where ``onehot`` has its 1 (all zeros: at index 0, for a dim of size 1). Keeping the dim
+    as a one-hot coefficient tuple lets every view rule move it as it moves ``coef``.
+    """
     coef: tuple
     const: object
+    terms: tuple = ()
 
     @property
     def rank(self) -> int:
         return len(self.coef)
 
+    @property
+    def is_constant(self) -> bool:
+        """The same value at every index (no index and no input read)."""
+        return not self.terms and all(same(c, 0) for c in self.coef)
+
     def __add__(self, other: Lin) -> Lin:
-        return Lin(tuple(a + b for a, b in zip(self.coef, other.coef)), self.const + other.const)
+        return Lin(tuple(a + b for a, b in zip(self.coef, other.coef)), self.const + other.const,
+                   merge_terms(self.terms + other.terms))
 
     def scale(self, k) -> Lin:
-        return Lin(tuple(a * k for a in self.coef), self.const * k)
+        return Lin(tuple(a * k for a in self.coef), self.const * k,
+                   merge_terms((n, o, c * k) for n, o, c in self.terms))
 
     def shift(self, c) -> Lin:
-        return Lin(self.coef, self.const + c)
+        return Lin(self.coef, self.const + c, self.terms)
+
+    def map_terms(self, fn) -> tuple:
+        """The terms with ``fn`` (coef tuple -> coef tuple) applied to their one-hot dims."""
+        return merge_terms((n, tuple(fn(o)), c) for n, o, c in self.terms)
 
     def equals(self, other: Lin) -> bool:
         return (self.rank == other.rank and all(same(a, b) for a, b in zip(self.coef, other.coef))
-                and same(self.const, other.const))
+                and same(self.const, other.const)
+                and set(merge_terms(self.terms)) == set(merge_terms(other.terms)))
 
 
 @dataclass(frozen=True)
@@ -93,7 +123,7 @@ def constant(rank: int, value, dtype: torch.dtype):
 def map_dims(value, fn):
     """Apply ``fn`` (coef tuple -> coef tuple) to the index dims of any abstract value."""
     if isinstance(value, Lin):
-        return Lin(tuple(fn(value.coef)), value.const)
+        return Lin(tuple(fn(value.coef)), value.const, value.map_terms(fn))
     if isinstance(value, Pred):
         coef = fn((0,) * value.rank)
         lin = None if value.lin is None else map_dims(value.lin, fn)
@@ -170,6 +200,11 @@ def scalar_of(value) -> float:
     if s.a == s.b:
         return s.a
     raise NotProvable("a position-dependent value where a constant was expected")
+
+
+def position_input(node, rank: int = 1) -> Lin:
+    """The value of a 1-D integer graph input read as positions: ``node[idx[0]]``."""
+    return Lin((0,) * rank, 0, ((node, (1,) + (0,) * (rank - 1), 1),))
 
 
 def causal_pred(rank: int) -> Pred:

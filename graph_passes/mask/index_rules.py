@@ -71,7 +71,9 @@ def _slice_dim(x, dim: int, start, step=1):
         raise NotProvable("a strided slice")
 
     def moved(lin: Lin) -> Lin:
-        return Lin(lin.coef, lin.const + lin.coef[dim] * start)
+        if any(onehot[dim] for _, onehot, _ in lin.terms) and not same(start, 0):
+            raise NotProvable("a slice of a position input at a nonzero start")
+        return Lin(lin.coef, lin.const + lin.coef[dim] * start, lin.terms)
     if isinstance(x, Lin):
         return moved(x)
     pred = x.pred if isinstance(x, Select) else x
@@ -91,9 +93,16 @@ def _getitem(ev, node: Node):
     index = node.args[1]
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, Node) for i in index):
-        if None in index or Ellipsis in index:
-            raise NotProvable("tensor indexing mixed with None or ...")
-        return _advanced_index(ev, x, list(index) + [slice(None)] * (x.rank - len(index)))
+        if Ellipsis in index:
+            raise NotProvable("tensor indexing mixed with ...")
+        # x[None, None, pos] is x with two new leading dims, then indexed by pos: each None
+        # becomes a size-1 dim of x and a full slice of the index (gpt-fast's mask row).
+        full = slice(None, None, None)
+        for d, i in enumerate(index):
+            if i is None:
+                x = md.map_dims(x, lambda c, d=d: tuple(c[:d]) + (0,) + tuple(c[d:]))
+        index = [full if i is None else i for i in index]
+        return _advanced_index(ev, x, index + [full] * (x.rank - len(index)))
     if sum(1 for i in index if i is Ellipsis) > 1:
         raise NotProvable("an index with several ellipses")
     n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
@@ -122,7 +131,7 @@ def _diff(ev, node: Node):
     if arg(node, 1, "n", 1) != 1 or arg(node, 4, "append") is not None:
         raise NotProvable("diff with n > 1 or append")
     x = ev.value(node.args[0])
-    if not isinstance(x, Lin):
+    if not isinstance(x, Lin) or x.terms:
         raise NotProvable("diff of a non-position tensor")
     dim = arg(node, 2, "dim", -1) % x.rank
     step = x.coef[dim]
@@ -153,29 +162,37 @@ def _compose(x, pre: int, indices: list, post: int):
     """``x[(:,) * pre + indices + (:,) * post]`` for Lin index tensors (advanced indexing).
 
     The result's dims are pre, then the indices' broadcast dims, then post; its value at an
-    index is x's formula with each indexed dim replaced by that index tensor's formula.
+    index is x's formula with each indexed dim replaced by that index tensor's formula. An index
+    that reads a position input (``causal_mask[input_pos]``) is taken to hold valid indices,
+    ``0 <= pos < size``, as a model's positions are (a negative one would wrap around).
     """
     r = max(i.rank for i in indices)
     indices = [md.lift(i, r) for i in indices]
     for i in indices:
         if not (isinstance(i.const, int) and i.const >= 0
-                and all(isinstance(c, int) and c >= 0 for c in i.coef)):
+                and all(isinstance(c, int) and c >= 0 for c in i.coef)
+                and all(c > 0 for _, _, c in i.terms)):
             raise NotProvable("an index tensor that may be negative")
     out_rank = pre + r + post
+    n_idx = len(indices)
+
+    def out_dims(c: tuple, index_part: tuple) -> tuple:
+        """x's dims ``c`` (pre, indexed, post) -> the result's (pre, index dims, post)."""
+        return tuple(c[:pre]) + tuple(index_part) + tuple(c[pre + n_idx:])
 
     def remap(lin: Lin) -> Lin:
-        coef = [0] * out_rank
+        if any(any(onehot[pre:pre + n_idx]) for _, onehot, _ in lin.terms):
+            raise NotProvable("a position input indexed by another index tensor")
+        coef = list(out_dims(lin.coef, (0,) * r))
         const = lin.const
-        for d in range(pre):
-            coef[d] = lin.coef[d]
+        terms = [(n, out_dims(o, (0,) * r), c) for n, o, c in lin.terms]
         for k, idx in enumerate(indices):
             c = lin.coef[pre + k]
             for j in range(r):
                 coef[pre + j] = coef[pre + j] + c * idx.coef[j]
             const = const + c * idx.const
-        for d in range(post):
-            coef[pre + r + d] = lin.coef[pre + len(indices) + d]
-        return Lin(tuple(coef), const)
+            terms += [(n, (0,) * pre + tuple(o) + (0,) * post, c * t) for n, o, t in idx.terms]
+        return Lin(tuple(coef), const, md.merge_terms(terms))
     if isinstance(x, Lin):
         return remap(x)
     pred = x.pred if isinstance(x, Select) else x
@@ -204,7 +221,7 @@ def _cat(ev, node: Node):
     dim = arg(node, 1, "dim", 0) % rank
     values = [ev.value(p, rank) for p in parts]
     sizes = [shape_of(p)[dim] for p in parts]
-    if not all(isinstance(v, Lin) for v in values):
+    if not all(isinstance(v, Lin) and not v.terms for v in values):
         raise NotProvable("cat of non-position tensors")
     steps = [v.coef[dim] for v, n in zip(values, sizes) if not same(n, 1)]
     step = steps[0] if steps else values[1].const - values[0].const if len(values) > 1 else 0

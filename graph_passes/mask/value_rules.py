@@ -84,7 +84,7 @@ def _tri(ev, node: Node):
 
 def const_of(v):
     if isinstance(v, Lin):
-        if any(not same(c, 0) for c in v.coef):
+        if not v.is_constant:
             raise NotProvable("a position-dependent value where a constant was expected")
         return v.const
     return md.scalar_of(v)
@@ -97,7 +97,7 @@ def _compare(ev, node: Node):
         if name in ("ge", "gt", "le", "lt"):
             return md.compare(name, x, y)
         diff = x + y.scale(-1)
-        if all(same(c, 0) for c in diff.coef) and isinstance(diff.const, int):
+        if diff.is_constant and isinstance(diff.const, int):
             return Pred(rank, None, (diff.const == 0) == (name == "eq"))
         raise NotProvable(f"{name} between position tensors that differ by a non-constant")
     args = (node.args[0], arg(node, 1, "other"))
@@ -126,9 +126,9 @@ def _arith(ev, node: Node):
     alpha = node.kwargs.get("alpha", 1)
     if isinstance(x, Lin) and isinstance(y, Lin):
         if name == "mul":
-            if all(same(c, 0) for c in y.coef):
+            if y.is_constant:
                 return x.scale(y.const)
-            if all(same(c, 0) for c in x.coef):
+            if x.is_constant:
                 return y.scale(x.const)
             raise NotProvable("a product of two position tensors")
         return x + y.scale(alpha if name == "add" else -alpha)
@@ -207,7 +207,7 @@ def _cast(ev, node: Node):
 
 
 def _lin_to_bool(x: Lin):
-    if all(same(c, 0) for c in x.coef):
+    if x.is_constant:
         return Pred(x.rank, None, not same(x.const, 0))
     raise NotProvable("an integer position tensor cast to bool")
 

@@ -14,6 +14,12 @@ substituted when all of these hold, else it is left alone with a debug log sayin
 
 GQA: ``enable_gqa=True`` with Hkv heads passes K/V as they are; K/V expanded by ``repeat_kv`` or
 ``repeat_interleave`` before the call are folded back to their Hkv heads.
+
+Over a static KV cache (gpt-fast, transformers' StaticCache): one query per sequence whose mask
+:func:`graph_passes.mask.causal_mask.cache_positions` proves to be "key j iff j <= pos[i]" for
+a position input ``pos`` becomes ``attn.decode`` reading keys ``0..pos`` of the cache, when
+the cache is token-major in memory (see :mod:`graph_passes.rewrite.cache_decode`); counted as
+``sdpa_to_decode``.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ from graph_passes.mask.domain import NotProvable
 from graph_passes.passes.base import AttentionPass
 from graph_passes.rewrite import gqa_folding
 from graph_passes.rewrite.dense_prefill import emit_dense_prefill
-from graph_passes.rewrite.eligibility import left_alone, refuse_reason
+from graph_passes.rewrite.cache_decode import emit_cache_decode
+from graph_passes.rewrite.eligibility import left_alone, refuse_decode_reason, refuse_reason
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
               "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
                   "enable_gqa": False}
 PASS_NAME = "sdpa_to_prefill"
+DECODE_COUNTER = "sdpa_to_decode"  # SDPA over a static cache, one query per sequence
 
 
 def _sdpa_args(node: Node) -> dict:
@@ -80,6 +88,9 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
         try:
             causal = causal_mask.classify(mask, usage, scores_rank=4) == "causal"
         except NotProvable as e:
+            decode = _plan_cache_decode(a, q, mask, usage, scale, options)
+            if decode is not None:
+                return decode
             return None, f"its attn_mask is not provably causal: {e}"
     if options.fold_gqa:
         k, v, _ = gqa_folding.unexpand_pair(k, v)
@@ -89,6 +100,25 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
     if not a["enable_gqa"] and k is a["key"] and meta_val(k).shape[1] != qv.shape[1]:
         return None, "Hq != Hkv without enable_gqa (SDPA itself would reject it)"
     return dict(q=q, k=k, v=v, scale=float(scale), causal=causal), None
+
+
+def _plan_cache_decode(a: dict, q: Node, mask: Node, usage: str, scale: float, options):
+    """The decode plan (or its refusal) when the mask is "key j iff j <= pos[i]"; None when the
+    mask is not a position mask at all."""
+    try:
+        pos, _ = causal_mask.cache_positions(mask, usage, scores_rank=4)
+    except NotProvable:
+        return None
+    k, v = a["key"], a["value"]
+    if options.fold_gqa:
+        k, v, _ = gqa_folding.unexpand_pair(k, v)
+    where = f"(a mask over the positions in {pos.target}: attention over a cache)"
+    reason = refuse_decode_reason(meta_val(q), meta_val(k), meta_val(v), options)
+    if reason is not None:
+        return None, f"{reason} {where}"
+    if not a["enable_gqa"] and k is a["key"] and meta_val(k).shape[1] != meta_val(q).shape[1]:
+        return None, "Hq != Hkv without enable_gqa (SDPA itself would reject it)"
+    return dict(q=q, k=k, v=v, scale=float(scale), pos=pos), None
 
 
 def substitute_sdpa(graph: Graph, options) -> int:
@@ -101,12 +131,15 @@ def substitute_sdpa(graph: Graph, options) -> int:
         if plan is None:
             left_alone(PASS_NAME, f"SDPA call {node.name}", reason)
             continue
-        out = emit_dense_prefill(graph, node, **plan)
+        if "pos" in plan:
+            out, counter = emit_cache_decode(graph, node, **plan), DECODE_COUNTER
+        else:
+            out, counter = emit_dense_prefill(graph, node, **plan), PASS_NAME
         node.replace_all_uses_with(out)
         inputs = list(node.all_input_nodes)
         graph.erase_node(node)
         erase_dead(graph, inputs)
-        counters["graph_passes"][PASS_NAME] += 1
+        counters["graph_passes"][counter] += 1
         count += 1
     return count
 

@@ -50,7 +50,7 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out.view(b, sq, h, d).transpose(1, 2)
 
 
-class _Emitter:
+class Emitter:
     """Inserts aten nodes before ``anchor`` and records each one's fake value."""
 
     def __init__(self, graph: Graph, anchor: Node, like: Node):
@@ -103,7 +103,7 @@ def emit_dense_prefill(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, sc
     The nodes carry fake values (``meta['val']`` and/or ``meta['example_value']``, as ``q`` does),
     so the graph stays valid for export, Dynamo backends and later passes.
     """
-    emit = _Emitter(graph, anchor, q)
+    emit = Emitter(graph, anchor, q)
     b, h, sq, d = (emit.size(q, i) for i in range(4))
     hkv = emit.size(k, 1)
     same_len = same(meta_val(q).shape[2], meta_val(k).shape[2])

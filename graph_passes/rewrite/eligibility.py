@@ -42,7 +42,7 @@ _PURE_TORCH = ("reference", "sdpa")
 
 
 def backend_reason(config: OpConfig, choice: str | None, only_if_faster: bool = True) -> str | None:
-    """None when ``prefill`` with ``config`` would run on a backend worth substituting for.
+    """None when the op ``config`` describes would run on a backend worth substituting for.
 
     An explicit choice (option, ``use_backend``, ``ATTN_OPS_BACKEND``) is taken as asked, the
     reference included. Under "auto" the substitution must not make the model slower, so a
@@ -73,8 +73,8 @@ def backend_reason(config: OpConfig, choice: str | None, only_if_faster: bool = 
     return f"no attn backend supports it on {config.device}"
 
 
-def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | None:
-    """Why ``q [B,H,Sq,D]``, ``k``/``v`` ``[B,Hkv,Sk,D]`` (fake tensors) can't go to prefill."""
+def _contract_reason(q, k, v) -> str | None:
+    """What the op contract rules out for ``q [B,H,Sq,D]``, ``k``/``v`` ``[B,Hkv,Sk,D]``."""
     vals = (q, k, v)
     if not all(isinstance(t, torch.Tensor) for t in vals):
         return "q, k, v carry no tensor metadata"
@@ -101,6 +101,15 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
     if not (0 < d <= contract.MAX_HEAD_DIM and d % contract.HEAD_DIM_MULTIPLE == 0):
         return (f"head dim {d} is outside the op contract (a multiple of "
                 f"{contract.HEAD_DIM_MULTIPLE} up to {contract.MAX_HEAD_DIM})")
+    return None
+
+
+def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | None:
+    """Why ``q [B,H,Sq,D]``, ``k``/``v`` ``[B,Hkv,Sk,D]`` (fake tensors) can't go to prefill."""
+    reason = _contract_reason(q, k, v)
+    if reason is not None:
+        return reason
+    sq = q.shape[2]
     if not statically_known_true(sq <= k.shape[2]):
         return (f"Sq={sq} may exceed Sk={k.shape[2]} (attn.prefill's queries are the last Sq "
                 f"of the Sk tokens)")
@@ -110,3 +119,29 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
         return f"it is causal with Sq={sq} and Sk={k.shape[2]} not provably equal"
     return backend_reason(_prefill_config(q, k, causal), options.backend_choice,
                           options.only_if_faster is not False)
+
+
+def refuse_decode_reason(q, k, v, options: SubstitutionOptions) -> str | None:
+    """Why one query per sequence ``q [B,H,1,D]`` over caches ``k``/``v`` ``[B,Hkv,S,D]`` (fake
+    tensors) can't go to ``attn.decode`` reading them as ``B`` blocks of ``S`` tokens."""
+    reason = _contract_reason(q, k, v)
+    if reason is not None:
+        return reason
+    b, hkv, s, d = k.shape
+    if not same(q.shape[2], 1):
+        return f"{q.shape[2]} queries per sequence (attn.decode takes one)"
+    if not isinstance(s, int):
+        return "the cache length is symbolic (it is the block size of the decode)"
+    # The ops read caches token-major, [blocks, tokens, Hkv, D] contiguous; a transposed view
+    # of such a buffer is free, a copy of a heads-major one per step would cost more than the
+    # keys the decode skips.
+    for name, t in (("k", k), ("v", v)):
+        token_major = (t.stride(2), t.stride(1), t.stride(3))
+        if not all(same(x, y) for x, y in zip(token_major, (hkv * d, d, 1))) \
+                or not (same(b, 1) or same(t.stride(0), s * hkv * d)):
+            return (f"the {name} cache is not token-major in memory (strides "
+                    f"{list(t.stride())} for [B, Hkv, S, D]): attn.decode reads [B, S, Hkv, D] "
+                    f"caches, and copying the cache at every step costs more than it saves")
+    config = OpConfig("decode", q.device, q.dtype, int(d), int(hkv), num_heads=int(q.shape[1]),
+                      paged=True, block_size=s)
+    return backend_reason(config, options.backend_choice, options.only_if_faster is not False)

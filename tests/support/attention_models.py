@@ -132,3 +132,65 @@ class HandAttention(torch.nn.Module):
         elif keep is not None:
             w = torch.where(keep, w, float("-inf"))
         return F.softmax(w, dim=-1) @ v
+
+
+class CacheAttention(torch.nn.Module):
+    """gpt-fast-style attention over a static KV cache: x ``[B, S, 64]`` at positions
+    ``input_pos [S]`` -> ``[B, S, H * D]``.
+
+    The step writes its K/V at ``input_pos`` (``cache[:, input_pos] = k``) and runs SDPA over the
+    whole cache with a mask that hides keys past each query's position. Unwritten cache slots
+    hold random values (never zero), so a substitution that reads past the position is seen.
+
+    layout: "token_major" (caches ``[B, S_max, Hkv, D]``, SDPA reads ``.transpose(1, 2)``) or
+    "heads_major" (gpt-fast's ``[B, Hkv, S_max, D]``).
+    gqa: "repeat_interleave" (gpt-fast) or "sdpa" (``enable_gqa=True``).
+    mask: "indexed_tril" (``tril(ones)[None, None, input_pos]`` built in the graph), "arange"
+    (``arange(S_max) <= input_pos[:, None]``), "additive" (0 / dtype-min from the same),
+    "buffer" (gpt-fast's ``causal_mask`` tensor attribute: its data could be anything),
+    "window" (also hides keys more than 4 positions back: not "j <= pos").
+    """
+
+    def __init__(self, h=4, hkv=2, d=16, s_max=24, batch=2, layout="token_major",
+                 gqa="repeat_interleave", mask="indexed_tril"):
+        super().__init__()
+        self.h, self.hkv, self.d, self.s_max = h, hkv, d, s_max
+        self.layout, self.gqa, self.mask = layout, gqa, mask
+        self.q = torch.nn.Linear(64, h * d)
+        self.kv = torch.nn.Linear(64, 2 * hkv * d)
+        shape = (batch, s_max, hkv, d) if layout == "token_major" else (batch, hkv, s_max, d)
+        self.register_buffer("k_cache", torch.randn(shape))
+        self.register_buffer("v_cache", torch.randn(shape))
+        self.register_buffer("causal_mask", torch.ones(s_max, s_max, dtype=torch.bool).tril())
+
+    def forward(self, x, input_pos):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, self.hkv, self.d).unbind(2)
+        if self.layout == "token_major":
+            self.k_cache[:, input_pos] = k
+            self.v_cache[:, input_pos] = v
+            k, v = self.k_cache.transpose(1, 2), self.v_cache.transpose(1, 2)
+        else:
+            self.k_cache[:, :, input_pos] = k.transpose(1, 2)
+            self.v_cache[:, :, input_pos] = v.transpose(1, 2)
+            k, v = self.k_cache, self.v_cache
+        if self.gqa == "repeat_interleave":
+            k = k.repeat_interleave(self.h // self.hkv, dim=1)
+            v = v.repeat_interleave(self.h // self.hkv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(x, input_pos),
+                                           enable_gqa=self.gqa == "sdpa")
+        return y.transpose(1, 2).reshape(b, s, self.h * self.d)
+
+    def _mask(self, x, input_pos):
+        if self.mask == "buffer":
+            return self.causal_mask[None, None, input_pos]
+        if self.mask == "indexed_tril":
+            tril = torch.ones(self.s_max, self.s_max, dtype=torch.bool, device=x.device).tril()
+            return tril[None, None, input_pos]
+        keep = torch.arange(self.s_max, device=x.device)[None, :] <= input_pos[:, None]
+        if self.mask == "additive":
+            return torch.where(keep, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+        if self.mask == "window":
+            return keep & (input_pos[:, None] - torch.arange(self.s_max, device=x.device) < 4)
+        return keep

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from graph_passes.mask.causal_mask import classify
+from graph_passes.mask.causal_mask import cache_positions, classify
 from graph_passes.mask.domain import NotProvable
 
 def _ar(t, x):
@@ -145,3 +145,100 @@ def test_masks_built_as_expected_values():
         else:
             keep = m
         assert torch.equal(keep.expand(2, 1, 6, 6), ref.expand(2, 1, 6, 6)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks over a cache: query i (at position pos[i]) sees key j iff j <= pos[i]
+# ---------------------------------------------------------------------------------------------
+
+S_MAX = 16
+
+
+def _kv(pos):
+    return torch.arange(S_MAX, device=pos.device)
+
+
+def _mutated_pos(x, pos):
+    pos = pos.clone()
+    p = pos + 0
+    p.add_(1)
+    return _kv(p)[None, :] <= p[:, None]
+
+
+# name -> (builder (x, pos) -> mask, usage, expected: True (per query) / False (pos[0]) / raises)
+CACHE_CASES = {
+    "gpt_fast_indexed_tril": (
+        lambda x, pos: torch.ones(S_MAX, S_MAX, dtype=torch.bool).tril()[None, None, pos],
+        "keep", True),
+    "arange_le_pos": (lambda x, pos: _kv(pos)[None, :] <= pos[:, None], "keep", True),
+    "hf_additive_min": (lambda x, pos: torch.where(_kv(pos)[None, :] <= pos[:, None], 0.0,
+                                                   torch.finfo(torch.float32).min), "additive",
+                        True),
+    "masked_fill_future": (lambda x, pos: torch.zeros(pos.shape[0], S_MAX).masked_fill(
+        _kv(pos)[None, :] > pos[:, None], -math.inf)[None, None], "additive", True),
+    "one_row_for_every_query": (lambda x, pos: (_kv(pos)[None, :] <= pos[:1, None]),
+                                "keep", False),
+    # Negative: not "j <= pos[i]", or not positions at all.
+    "window_over_cache": (lambda x, pos: (_kv(pos)[None, :] <= pos[:, None])
+                          & (pos[:, None] - _kv(pos)[None, :] < 4), "keep", NotProvable),
+    "strictly_before": (lambda x, pos: _kv(pos)[None, :] < pos[:, None], "keep", NotProvable),
+    "positions_on_the_key_dim": (lambda x, pos: _kv(pos)[:, None] <= pos[None, :], "keep",
+                                 NotProvable),
+    "float_input": (lambda x, pos: torch.arange(x.shape[1])[None, :] <= x[0, :, 0][:, None],
+                    "keep", NotProvable),
+    "positions_written_in_place": (_mutated_pos, "keep", NotProvable),
+}
+CACHE_NAMES = sorted(CACHE_CASES)
+
+
+def _all_cache_masks(x, pos):
+    return [CACHE_CASES[n][0](x, pos) for n in CACHE_NAMES]
+
+
+@pytest.fixture(scope="module")
+def captured_cache():
+    x, pos = torch.randn(2, 5, 3), torch.tensor([3, 4, 5, 6, 7])
+    graphs = {}
+
+    def capture(gm, example_inputs):
+        graphs["dynamo"] = gm
+        return gm
+    torch._dynamo.reset()
+    torch.compile(_all_cache_masks, backend=capture, fullgraph=True)(x, pos)
+    from torch._inductor.decomposition import select_decomp_table
+    graphs["inductor"] = make_fx(_all_cache_masks, select_decomp_table())(x, pos)
+
+    class M(torch.nn.Module):
+        def forward(self, x, pos):
+            return _all_cache_masks(x, pos)
+    graphs["export"] = torch.export.export(M(), (x, pos)).graph_module
+    return {ir: _outputs(gm.graph) for ir, gm in graphs.items()}
+
+
+@pytest.mark.parametrize("ir", ["dynamo", "inductor", "export"])
+@pytest.mark.parametrize("name", CACHE_NAMES)
+def test_cache_position_masks(captured_cache, ir, name):
+    node = captured_cache[ir][CACHE_NAMES.index(name)]
+    _, usage, expected = CACHE_CASES[name]
+    if expected is NotProvable:
+        with pytest.raises(NotProvable):
+            cache_positions(node, usage)
+        return
+    pos, per_query = cache_positions(node, usage)
+    assert pos.op == "placeholder" and per_query is expected
+    with pytest.raises(NotProvable, match="attention over a cache"):
+        classify(node, usage)  # not the plain causal mask: the dense passes leave it alone
+
+
+def test_cache_masks_built_as_expected_values():
+    """The positive builders against data: key j is kept iff j <= pos[i]."""
+    x, pos = torch.randn(2, 5, 3), torch.tensor([2, 9, 0, 15, 4])
+    for name in CACHE_NAMES:
+        build, usage, expected = CACHE_CASES[name]
+        if expected is NotProvable:
+            continue
+        m = build(x, pos)
+        keep = (m == 0) if usage == "additive" else m
+        rows = pos[:1] if expected is False else pos
+        want = torch.arange(S_MAX)[None, :] <= rows[:, None]
+        assert torch.equal(keep.reshape(-1, S_MAX), want), name

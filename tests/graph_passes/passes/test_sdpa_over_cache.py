@@ -1,0 +1,117 @@
+"""SDPA over a static KV cache (gpt-fast style) -> attn.decode reading only the valid prefix.
+
+A decode step writes its token at ``input_pos`` and attends over the whole cache with a mask
+that hides later keys; the pass proves the mask is "key j iff j <= input_pos[i]" and calls
+``attn.decode`` on the cache itself (a view, no copy), with ``seqlens_k = input_pos + 1``
+computed on the device. Compared step by step with an eager copy of the model (caches
+included); positions change every step without a recompile. What stays put: several queries
+(prefill), a heads-major cache (it would need a copy), a mask read from a buffer, a window.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import attn_ops  # noqa: F401
+import graph_passes
+from graph_passes.testing import inspecting_backend
+from tests.support.attention_models import CacheAttention
+from tests.support.helpers import TOLERANCES, assert_close
+
+DECODE = torch.ops.attn.decode.default
+TOL = TOLERANCES[torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """CPU "auto" does not substitute (pure-torch backends are slower): choose the reference."""
+    monkeypatch.setenv("ATTN_OPS_BACKEND", "reference")
+
+
+def _decode_steps(model, positions, backend, batch=2):
+    """Prefill positions 0..3 eagerly in both copies, then one compiled decode step per position
+    against eager; returns the compiled model's graphs."""
+    eager, compiled_model = model.eval(), copy.deepcopy(model).eval()
+    counters.clear()
+    torch._dynamo.reset()
+    graphs = {}
+    step = torch.compile(compiled_model, backend=backend(graphs), fullgraph=True)
+    with torch.no_grad():
+        prompt, pos = torch.randn(batch, 4, 64), torch.arange(4)
+        eager(prompt, pos), compiled_model(prompt, pos)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for p in positions:
+                x, pos = torch.randn(batch, 1, 64), torch.tensor([p])
+                assert_close(step(x, pos), eager(x, pos), *TOL, what=f"position {p}")
+        assert torch.equal(compiled_model.k_cache, eager.k_cache), "the cache writes stay"
+    return graphs
+
+
+def _inspecting(options=None):
+    return lambda graphs: inspecting_backend(options, graphs)
+
+
+@pytest.mark.parametrize("gqa,mask", [("repeat_interleave", "indexed_tril"),
+                                      ("sdpa", "arange"), ("repeat_interleave", "additive")])
+def test_decode_over_a_token_major_cache(gqa, mask):
+    model = CacheAttention(layout="token_major", gqa=gqa, mask=mask)
+    graphs = _decode_steps(model, [4, 5, 11, 23], _inspecting())
+    assert counters["graph_passes"]["sdpa_to_decode"] == 1
+    assert counters["graph_passes"]["sdpa_to_prefill_left_alone"] == 0
+    (node,) = [n for n in graphs["aten"].graph.nodes if n.target is DECODE]
+    k_cache = node.args[1].meta["val"]
+    assert list(k_cache.shape) == [2, 24, 2, 16] and k_cache.is_contiguous(), \
+        "the cache itself (Hkv heads, token-major), not a copy or an expansion"
+    assert not [n for n in graphs["aten"].graph.nodes if "scaled_dot_product" in str(n.target)]
+
+
+def test_decode_with_inductor():
+    model = CacheAttention(layout="token_major", gqa="sdpa", mask="indexed_tril")
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _decode_steps(model, [4, 9], lambda graphs: "attn_ops")
+    assert counters["graph_passes"]["sdpa_to_decode"] == 1
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(layout="heads_major"), "not token-major in memory"),
+    (dict(mask="buffer"), "depends on the input or attribute"),
+    (dict(mask="window"), "not provably causal"),
+])
+def test_left_alone(kwargs, reason, caplog):
+    model = CacheAttention(**kwargs)
+    with caplog.at_level(logging.DEBUG, logger="graph_passes"):
+        graphs = _decode_steps(model, [4, 7], _inspecting())
+    assert counters["graph_passes"]["sdpa_to_decode"] == 0
+    assert counters["graph_passes"]["sdpa_to_prefill_left_alone"] >= 1
+    assert not [n for n in graphs["aten"].graph.nodes if n.target is DECODE]
+    assert reason in caplog.text
+
+
+def test_several_queries_stay_on_sdpa(caplog):
+    """A prefill chunk over the cache: positions are data, not provably consecutive."""
+    model = CacheAttention().eval()
+    eager = copy.deepcopy(model)
+    counters.clear()
+    torch._dynamo.reset()
+    graphs = {}
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="graph_passes"):
+        x, pos = torch.randn(2, 5, 64), torch.arange(3, 8)
+        out = torch.compile(model, backend=inspecting_backend(None, graphs), fullgraph=True)(x, pos)
+        assert_close(out, eager(x, pos), *TOL)
+    assert counters["graph_passes"]["sdpa_to_decode"] == 0
+    assert "5 queries per sequence" in caplog.text
+
+
+def test_exported_decode_step():
+    model = CacheAttention(gqa="sdpa").eval()
+    eager = copy.deepcopy(model)
+    x, pos = torch.randn(2, 1, 64), torch.tensor([6])
+    counters.clear()
+    program = graph_passes.substitute_attention(torch.export.export(model, (x, pos)))
+    assert counters["graph_passes"]["sdpa_to_decode"] == 1
+    assert [n.target for n in program.graph.nodes if "attn" in str(n.target)] == [DECODE]
+    with torch.no_grad():
+        assert_close(program.module()(x, pos), eager(x, pos), *TOL)
