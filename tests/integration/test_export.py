@@ -62,8 +62,8 @@ def exported(request, schedule):
 def test_export_graph_calls_attn_ops_on_buffers(exported):
     eps, _ = exported
     assert_expected_inline(attn_summary(eps["decode"]), """\
-store_kvcache#0(key=<view>, value=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, slot_mapping=slot_mapping)
-decode#0(q=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, seqlens_k=seqlens_k, block_table=block_table, scale=0.25, window_left=-1, softcap=0.0)
+store_kvcache#0(key=<view>, value=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, slot_mapping=slot_mapping, k_scale=None, v_scale=None)
+decode#0(q=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, seqlens_k=seqlens_k, block_table=block_table, scale=0.25, window_left=-1, softcap=0.0, sinks=None, k_scale=None, v_scale=None)
 output USER_OUTPUT""")
 
 
@@ -74,15 +74,15 @@ def test_run_decompositions_keeps_attn_ops_and_buffer_mutations(exported):
     eps, _ = exported
     decode = eps["decode"].run_decompositions()
     assert_expected_inline(attn_summary(decode), """\
-store_kvcache#0(key=<view>, value=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, slot_mapping=slot_mapping)  [functionalized]
-decode#0(q=<view>, k_cache=store_kvcache#0.k_cache, v_cache=store_kvcache#0.v_cache, seqlens_k=seqlens_k, block_table=block_table, scale=0.25, window_left=-1, softcap=0.0)
+store_kvcache#0(key=<view>, value=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, slot_mapping=slot_mapping, k_scale=None, v_scale=None)  [functionalized]
+decode#0(q=<view>, k_cache=store_kvcache#0.k_cache, v_cache=store_kvcache#0.v_cache, seqlens_k=seqlens_k, block_table=block_table, scale=0.25, window_left=-1, softcap=0.0, sinks=None, k_scale=None, v_scale=None)
 output BUFFER_MUTATION: layer.k_cache <- store_kvcache#0.k_cache
 output BUFFER_MUTATION: layer.v_cache <- store_kvcache#0.v_cache
 output USER_OUTPUT""")
     prefill = eps["prefill"].run_decompositions()
     assert_expected_inline(attn_summary(prefill), """\
-store_kvcache#0(key=<view>, value=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, slot_mapping=slot_mapping)  [functionalized]
-prefill#0(q=<view>, k=store_kvcache#0.k_cache, v=store_kvcache#0.v_cache, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=<sym_size>, max_seqlen_k=<mul>, scale=0.25, causal=True, block_table=block_table, window_left=-1, softcap=0.0)
+store_kvcache#0(key=<view>, value=<view>, k_cache=b_layer_k_cache, v_cache=b_layer_v_cache, slot_mapping=slot_mapping, k_scale=None, v_scale=None)  [functionalized]
+prefill#0(q=<view>, k=store_kvcache#0.k_cache, v=store_kvcache#0.v_cache, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=<sym_size>, max_seqlen_k=<mul>, scale=0.25, causal=True, block_table=block_table, window_left=-1, softcap=0.0, sinks=None, k_scale=None, v_scale=None)
 output BUFFER_MUTATION: layer.k_cache <- store_kvcache#0.k_cache
 output BUFFER_MUTATION: layer.v_cache <- store_kvcache#0.v_cache
 output USER_OUTPUT""")
