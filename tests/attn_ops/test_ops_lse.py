@@ -273,3 +273,16 @@ def test_triton_store_serves_fp8_caches():
                                paged=True, slot_dtype=torch.int64,
                                cache_dtype=torch.float8_e4m3fn)
     assert attn_ops.explain(config)["triton"] == "ok"
+
+
+def test_lse_keeps_isolation_and_never_hides_nan():
+    """A NaN key hidden by causality reaches neither the output nor the lse of the rows that do
+    not see it; the rows that see it get NaN in both (sinks or not)."""
+    q, k, v = torch.randn(6, 2, 16), torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+    k[4, 1, 3] = float("nan")  # key 4 of the one sequence, kv head 1
+    cu = cu_seqlens([6])
+    out, lse = attn_ops.prefill_with_lse(q, k, v, cu, cu, 6, 6, 0.25, True, None, -1, 0.0,
+                                         torch.randn(2), backend="reference")
+    assert torch.isfinite(out[:4]).all() and torch.isfinite(lse[:4]).all()
+    assert torch.isnan(lse[4:, 1]).all() and torch.isnan(out[4:, 1]).all()
+    assert torch.isfinite(lse[:, 0]).all()
