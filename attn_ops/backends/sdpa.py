@@ -9,10 +9,11 @@ S=1024 the reference was 9.6x slower than Inductor's own SDPA (benchmarks/bench_
 this backend removes that gap. No softcap (SDPA has none): ``supports`` says so.
 
 Rows that see no key come out of SDPA as NaN (softmax of an empty row); they are zeroed with
-``torch.where``, as the contract requires, with no host sync. SDPA adds the mask to the scores, so
-a masked NaN/Inf key would still reach its row (``NaN + -inf = NaN``) and a masked value through
-``0 * NaN``: the shared tiles (:class:`~attn_ops.backends.reference.Tiles`) hold zeros wherever
-no row may read, and rows that see a non-finite key or value come out NaN, as on the reference.
+a select, as the contract requires, with no host sync. SDPA adds the mask to the scores, so a
+masked NaN/Inf key would still reach its row (``NaN + -inf = NaN``) and a masked value through
+``0 * NaN``: the shared tiles (:class:`~attn_ops.backends.reference.Tiles`) pad each sequence
+with its own last token and zero non-finite keys hidden by causality or a window, and rows that
+see a non-finite key or value come out NaN, as on the reference.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attn_ops.backends.reference import (Tiles, _scatter_tokens, decode_tiles, poison_rows,
-                                         prefill_tiles, store_kvcache)
+from attn_ops.backends.reference import (Tiles, _scatter_tokens, decode_tiles, prefill_tiles,
+                                         sees_bad, store_kvcache)
 
 name = "sdpa"
 
@@ -52,10 +53,13 @@ def _attend(tiles: Tiles, scale: float) -> torch.Tensor:
     o = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
                                        attn_mask=allowed[:, None], scale=scale,
                                        enable_gqa=qp.shape[2] != kp.shape[2])
-    o = o.transpose(1, 2)
-    sees_a_key = allowed.any(dim=-1)[:, :, None, None]  # [B, Mq, 1, 1]
-    o = torch.where(sees_a_key, o, torch.zeros((), dtype=o.dtype, device=o.device))
-    return poison_rows(o, allowed, tiles.bad)
+    # In place on SDPA's fresh [B, H, Mq, D] output (a new tensor costs a page-faulting
+    # allocation on the CPU); then a [B, Mq, H, D] view for the caller.
+    o.masked_fill_(~allowed.any(dim=-1)[:, None, :, None], 0.0)
+    if tiles.bad is not None:
+        seen = sees_bad(allowed, tiles.bad, o.shape[1])  # [B, Mq, H]
+        o.masked_fill_(seen.transpose(1, 2)[..., None], float("nan"))
+    return o.transpose(1, 2)
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,

@@ -199,3 +199,26 @@ def test_empty_cache_all_padding(backend):
     out = attn_ops.prefill(torch.randn(3, H, D), k_cache, v_cache, zeros, zeros, 0, 0, 0.2, True,
                            table, backend=backend)  # 3 tail rows owned by no sequence
     assert torch.equal(out, torch.zeros(3, H, D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_that_see_no_key_read_nothing(backend):
+    # A sequence with no key reads some row for its padded tile (nothing of its own exists):
+    # here every such row is NaN, and its output must still be exactly zero.
+    k_cache = torch.full((3, 4, HKV, D), math.nan)
+    v_cache = torch.full((3, 4, HKV, D), math.nan)
+    k_cache[2, :3], v_cache[2, :3] = torch.randn(3, HKV, D), torch.randn(3, HKV, D)
+    table = torch.tensor([[2, -7], [-7, 10 ** 6]], dtype=torch.int32)
+    q = torch.randn(2, H, D)
+    out = attn_ops.decode(q, k_cache, v_cache, torch.tensor([3, 0], dtype=torch.int32), table,
+                          0.2, backend=backend)
+    assert_close(out[0], attention_f64(q[:1], k_cache[2, :3], v_cache[2, :3], 0.2, True)[0],
+                 *TOLERANCES[torch.float32])
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    # Non-causal prefill: sequence 1 has 3 queries and no key (a split key set).
+    q, k, v = torch.randn(5, H, D), torch.randn(4, HKV, D), torch.randn(4, HKV, D)
+    k[3] = v[3] = math.nan  # the row sequence 1's padding reads, and sequence 0's last key
+    out = attn_ops.prefill(q, k, v, cu_seqlens([2, 3]), cu_seqlens([4, 0]), 3, 4, 0.2, False,
+                           backend=backend)
+    assert torch.isnan(out[:2]).all(-1).all()
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))
