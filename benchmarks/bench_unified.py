@@ -82,6 +82,7 @@ def _causal_flops(lens_q, lens_k, h=H, d=D):
 
 
 def few_queries(args, copy):
+    import attn_ops
     from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel
     dev = device(args)
     fa3 = _fa3()
@@ -102,15 +103,20 @@ def few_queries(args, copy):
         runs = {
             "decode 1 token (split-KV kernel)": lambda: decode_kernel.decode(
                 q1, k_cache, v_cache, seqlens, table, sc),
-            "decode 1 token (split-KV kernel, merge launch)": lambda: decode_kernel.decode(
-                q1, k_cache, v_cache, seqlens, table, sc, fused=False),
-            "unified prefill": lambda: unified_kernel.prefill(
-                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table),
-            "unified prefill, three loops": lambda: unified_kernel.prefill(
-                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table, config=three_loops),
+            "attn.prefill, triton backend": lambda: attn_ops.prefill(
+                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table, backend="triton"),
             "unified decode 1 token": lambda: unified_kernel.decode(
                 q1, k_cache, v_cache, seqlens, table, sc),
         }
+        if args.variants:
+            runs.update({
+                "decode 1 token (split-KV kernel, merge launch)": lambda: decode_kernel.decode(
+                    q1, k_cache, v_cache, seqlens, table, sc, fused=False),
+                "unified prefill": lambda: unified_kernel.prefill(
+                    q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table),
+                "unified prefill, three loops": lambda: unified_kernel.prefill(
+                    q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table,
+                    config=three_loops)})
         if nq == 4 and ctx == 2048 and b == 64:
             runs["old prefill kernel"] = lambda: prefill_kernel.prefill(
                 q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table)
@@ -131,6 +137,7 @@ def few_queries(args, copy):
 
 
 def mixed(args, copy, mm):
+    import attn_ops
     from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
@@ -177,15 +184,15 @@ def mixed(args, copy, mm):
                                               True, tb), lq, lk, roof)
         at += n
     cu_q, cu_k = _cu(lens_q, dev), _cu(lens_k, dev)
-    whole = add("mixed batch, one call (unified)", lambda: unified_kernel.prefill(
-        q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc, True, table), lens_q,
-        lens_k, roof_total)
-    for sp in (2, 4, 8):
+    whole = add("mixed batch, one call (attn.prefill, triton backend)", lambda: attn_ops.prefill(
+        q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc, True, table,
+        backend="triton"), lens_q, lens_k, roof_total)
+    for sp in (2, 4, 8) if args.variants else ():
         add(f"mixed batch, one call (unified, {sp} splits)", lambda sp=sp: unified_kernel.prefill(
             q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc, True, table,
             splits=sp), lens_q, lens_k, roof_total)
     for cfg, sp in (((16, 128, 128, 8, 3), 4), ((16, 64, 64, 4, 3), 1), ((16, 64, 64, 4, 3), 2),
-                    ((16, 64, 64, 4, 3), 4), ((32, 64, 64, 4, 3), 4)):
+                    ((16, 64, 64, 4, 3), 4), ((32, 64, 64, 4, 3), 4)) if args.variants else ():
         add(f"mixed batch, one call (unified {cfg}, {sp} splits)", lambda cfg=cfg, sp=sp:
             unified_kernel.prefill(q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc,
                                    True, table, config=cfg, splits=sp), lens_q, lens_k,
@@ -203,6 +210,7 @@ def mixed(args, copy, mm):
 
 
 def short_prompts(args, mm):
+    import attn_ops
     from attn_ops.backends.triton import prefill_kernel, unified_kernel
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = device(args)
@@ -213,7 +221,7 @@ def short_prompts(args, mm):
         ("64 x 256", [256] * 64), ("96 x U(1,400)", torch.randint(1, 401, (96,),
                                                                    generator=gen).tolist()),
         ("16 x 1024", [1024] * 16), ("4 x 4096", [4096] * 4)]
-    configs = [None] if args.smoke else [None, (16, 64, 64, 4, 3)]
+    configs = [None, (16, 128, 64, 8, 3)] if args.variants else [None]
     rows = []
     for label, lens in cases:
         total, mx = sum(lens), max(lens)
@@ -224,7 +232,9 @@ def short_prompts(args, mm):
         sc = d ** -0.5
         flops = _causal_flops(lens, lens, h, d)
         runs = {"old prefill kernel": lambda: prefill_kernel.prefill(q, k, v, cu, cu, mx, mx, sc,
-                                                                      True)}
+                                                                      True),
+                "attn.prefill, triton backend": lambda: attn_ops.prefill(
+                    q, k, v, cu, cu, mx, mx, sc, True, backend="triton")}
         for cfg in configs:
             if cfg is not None and mx >= 4096:
                 continue
@@ -293,7 +303,7 @@ def decode(args, copy):
             "sdpa (contiguous)": lambda: F.scaled_dot_product_attention(
                 q.view(b, h, 1, d), kt, vt, scale=sc, enable_gqa=True),
         }
-        if b <= 16:
+        if b <= 16 and args.variants:
             for s in ((2, 8, 16) if b == 16 else (32, 64)):
                 runs[f"split-KV decode kernel p16, {s} splits"] = (
                     lambda s=s: decode_kernel.decode(q, k_cache, v_cache, seqlens, table, sc,
@@ -315,7 +325,7 @@ def decode(args, copy):
                 r["vs_sdpa"] = r["gbs"] / sdpa if r["gbs"] and sdpa else None
         print_table([r for r in rows if (r["batch"], r["ctx"]) == (b, ctx)],
                     ["batch", "ctx", "contender", "us", "gbs", "pct_copy", "vs_sdpa", "note"])
-        if b in (1, 16) and ctx in (2048, 32768) and not args.smoke:
+        if b in (1, 16) and ctx in (2048, 32768) and not args.smoke and args.variants:
             for fused in (True, False):
                 rows += _kernel_profile(lambda fused=fused: decode_kernel.decode(
                     q, k_cache, v_cache, seqlens, table, sc, fused=fused), b, ctx)
@@ -386,8 +396,12 @@ def _kernel_profile(fn, b, ctx):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--only", default="few,mixed,short,decode", help="sections, comma-separated (and probe)"))
+    def extra(p):
+        p.add_argument("--only", default="few,mixed,short,decode",
+                       help="sections, comma-separated (and probe)")
+        p.add_argument("--variants", action="store_true",
+                       help="also the variants that chose the static tables")
+    args = parse_args(__doc__.splitlines()[0], extra)
     env = header("unified kernel", args.smoke)
     copy = copy_gbs(args.smoke)
     mm = matmul_tflops(args.smoke)
