@@ -25,6 +25,11 @@ class SubstitutionOptions:
             False substitutes only calls without a mask tensor.
         fold_gqa: pass K/V with their Hkv heads when they were expanded by repeat_kv /
             repeat_interleave (saves the copy); False keeps the expanded tensors.
+        checked_masks: over a static cache, accept a bool mask read from a square bool buffer
+            at the positions (gpt-fast's ``causal_mask[None, None, input_pos]``), whose data no
+            compile-time proof can see, by checking on the device at every call that the mask
+            is "key j iff j <= pos" (an async assert: no host sync; a mismatch raises instead
+            of computing other attention). False leaves such calls alone.
         attn_backend: the attn backend the substituted calls run on ("reference", "triton",
             "flash", "npu"), or None / "auto" to follow ``attn_ops.use_backend`` /
             ``ATTN_OPS_BACKEND`` / automatic choice at run time. Substitution decisions (head
@@ -39,6 +44,7 @@ class SubstitutionOptions:
     handwritten: bool = True
     tensor_masks: bool = True
     fold_gqa: bool = True
+    checked_masks: bool = True
     attn_backend: str | None = None
     only_if_faster: bool | None = None
 

@@ -18,6 +18,7 @@ raises.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.fx import Node
@@ -44,8 +45,14 @@ _ALIASES = frozenset({"getitem", "select", "slice", "view", "reshape", "_unsafe_
 
 
 class _Evaluator:
-    def __init__(self):
+    """Abstract values of nodes, memoised. With ``assume_tril``, a square bool graph input (a
+    ``causal_mask`` buffer) is taken to be ``tril(ones)``; each one taken so is in ``assumed``,
+    for the caller to check at run time."""
+
+    def __init__(self, assume_tril: bool = False):
         self.memo: dict[Node, object] = {}
+        self.assume_tril = assume_tril
+        self.assumed: list[Node] = []
 
     def scalar(self, x):
         """A Python/SymInt scalar argument (constant or a size node)."""
@@ -79,6 +86,11 @@ class _Evaluator:
             if isinstance(val, torch.Tensor) and val.dim() == 1 and not val.is_floating_point() \
                     and val.dtype != torch.bool and self._writer(node) is None:
                 return md.position_input(node)  # input_pos / cache_position: values unknown
+            if self.assume_tril and isinstance(val, torch.Tensor) and val.dtype == torch.bool \
+                    and val.dim() == 2 and md.same(val.shape[0], val.shape[1]) \
+                    and self._writer(node) is None:
+                self.assumed.append(node)
+                return Pred(2, Lin((1, -1), 0))  # keep column c <= row r
             raise NotProvable(f"it depends on the input or attribute {node.target!r}")
         name = op_name(node)
         if name is None:
@@ -125,9 +137,9 @@ def evaluate(node: Node):
     return _Evaluator().value(node)
 
 
-def _keep(node: Node, usage: str, scores_rank: int) -> Pred:
+def _keep(node: Node, usage: str, scores_rank: int, ev: _Evaluator | None = None) -> Pred:
     """Where the mask lets a query see a key, as a predicate over the scores' indices."""
-    value = evaluate(node)
+    value = (ev or _Evaluator()).value(node)
     if value.rank > scores_rank:
         raise NotProvable(f"a rank-{value.rank} mask for rank-{scores_rank} scores")
     value = md.lift(value, scores_rank)
@@ -177,22 +189,33 @@ def classify(node: Node, usage: str, scores_rank: int = 4) -> str:
 
 def _cache_hint(node, usage, scores_rank) -> str:
     try:
-        pos, _ = cache_positions(node, usage, scores_rank)
+        pos = cache_positions(node, usage, scores_rank).pos
     except NotProvable:
         return ""
     return f": key j seen by query i iff j <= {pos.target}[i], attention over a cache"
 
 
-def cache_positions(node: Node, usage: str, scores_rank: int = 4) -> tuple[Node, bool]:
-    """``(pos, per_query)`` when the mask is exactly "query i sees key j iff ``j <= pos[i]``"
+class CacheMask(NamedTuple):
+    """A mask proven to be "query i sees key j iff ``j <= pos[i]``"."""
+    pos: Node  # the 1-D integer input holding the positions
+    per_query: bool  # False: every query reads pos[0] (the mask's query dim has size 1)
+    assumed: tuple  # square bool inputs taken to be tril(ones): to check at run time
+
+
+def cache_positions(node: Node, usage: str, scores_rank: int = 4,
+                    assume_tril_buffers: bool = False) -> CacheMask:
+    """The :class:`CacheMask` when the mask is exactly "query i sees key j iff ``j <= pos[i]``"
     for a 1-D integer input ``pos`` (gpt-fast's ``input_pos``, transformers' ``cache_position``);
-    else raises. ``per_query`` is False when every query reads ``pos[0]`` (the mask's query dim
-    has size 1: one query, or one row broadcast over several).
+    else raises.
 
     The positions are data, so this is a statement about every value they may take (taken as
-    valid indices, ``pos >= 0``, where the mask indexes with them).
+    valid indices, ``pos >= 0``, where the mask indexes with them). With
+    ``assume_tril_buffers``, a square bool input (gpt-fast's ``causal_mask`` buffer) is taken to
+    be ``tril(ones)``; the result names those inputs in ``assumed``, and the statement holds
+    only where they are: the caller must check it when the program runs.
     """
-    keep = _keep(node, usage, scores_rank)
+    ev = _Evaluator(assume_tril_buffers)
+    keep = _keep(node, usage, scores_rank, ev)
     lin = keep.lin
     if lin is None or len(lin.terms) != 1:
         raise NotProvable("not a mask over one position input")
@@ -201,6 +224,6 @@ def cache_positions(node: Node, usage: str, scores_rank: int = 4) -> tuple[Node,
     key_only = tuple(-1 if d == scores_rank - 1 else 0 for d in range(scores_rank))
     if c == 1 and onehot in (query_dim, (0,) * scores_rank) \
             and lin.equals(Lin(key_only, 0, lin.terms)):
-        return pos, onehot == query_dim
+        return CacheMask(pos, onehot == query_dim, tuple(ev.assumed))
     raise NotProvable(f"a mask over positions of {pos.target} that is not j <= pos[i] "
                       f"(keeps {lin})")

@@ -106,9 +106,15 @@ def _plan_cache_decode(a: dict, q: Node, mask: Node, usage: str, scale: float, o
     """The decode plan (or its refusal) when the mask is "key j iff j <= pos[i]"; None when the
     mask is not a position mask at all."""
     try:
-        pos, _ = causal_mask.cache_positions(mask, usage, scores_rank=4)
+        found = causal_mask.cache_positions(mask, usage, scores_rank=4)
     except NotProvable:
-        return None
+        if not (options.checked_masks and usage == "keep"):
+            return None
+        try:  # gpt-fast's causal_mask buffer: taken as tril, checked on the device
+            found = causal_mask.cache_positions(mask, usage, 4, assume_tril_buffers=True)
+        except NotProvable:
+            return None
+    pos = found.pos
     k, v = a["key"], a["value"]
     if options.fold_gqa:
         k, v, _ = gqa_folding.unexpand_pair(k, v)
@@ -118,7 +124,8 @@ def _plan_cache_decode(a: dict, q: Node, mask: Node, usage: str, scale: float, o
         return None, f"{reason} {where}"
     if not a["enable_gqa"] and k is a["key"] and meta_val(k).shape[1] != meta_val(q).shape[1]:
         return None, "Hq != Hkv without enable_gqa (SDPA itself would reject it)"
-    return dict(q=q, k=k, v=v, scale=float(scale), pos=pos), None
+    return dict(q=q, k=k, v=v, scale=float(scale), pos=pos,
+                check_mask=mask if found.assumed else None), None
 
 
 def substitute_sdpa(graph: Graph, options) -> int:

@@ -29,13 +29,16 @@ DECODE = torch.ops.attn.decode.default
 
 
 def emit_cache_decode(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, pos: Node,
-                      scale: float) -> Node:
+                      scale: float, check_mask: Node | None = None) -> Node:
     """Insert ``attn.decode`` for SDPA ``anchor`` before it; return the ``[B, H, 1, D]`` node.
 
     Args:
         q: ``[B, H, 1, D]``; k, v: ``[B, Hkv, S, D]`` views of token-major caches.
         pos: a 1-D integer tensor whose first element is the query's position.
         scale: multiplies q·k.
+        check_mask: a bool mask ``[..., 1, S]`` proven equal to ``arange(S) <= pos[0]`` only
+            under an assumption about a buffer's data: an async assert checks it at every call
+            (one comparison of S bools, no host sync).
     """
     emit = Emitter(graph, anchor, q)
     b = emit.size(q, 0)
@@ -47,6 +50,16 @@ def emit_cache_decode(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, pos
     seqlens = emit(aten.repeat.default, lengths, [b])
     table = emit(aten.view.default,
                  emit(aten.arange.default, b, dtype=torch.int32, device=device), [b, 1])
+    if check_mask is not None:
+        kv_index = emit(aten.arange.default, s, device=device)
+        expected = emit(aten.le.Tensor, emit(aten.view.default, kv_index, [1, s]),
+                        emit(aten.view.default, first, [1, 1]))
+        same_mask = emit(aten.all.default, emit(aten.eq.Tensor, check_mask, expected))
+        emit(aten._assert_async.msg, same_mask,
+             f"graph_passes: the mask {check_mask.name} read from a buffer is not 'key j iff j "
+             f"<= position' at this call, so the attn.decode that replaced this attention "
+             f"would be wrong (compile with options {{'attn_ops.checked_masks': False}} to "
+             f"keep such calls on SDPA)")
     out = emit(DECODE, emit(aten.select.int, q, 2, 0), emit(aten.transpose.int, k, 1, 2),
                emit(aten.transpose.int, v, 1, 2), seqlens, table, float(scale))
     return emit(aten.unsqueeze.default, out, 2)

@@ -224,8 +224,8 @@ def test_cache_position_masks(captured_cache, ir, name):
         with pytest.raises(NotProvable):
             cache_positions(node, usage)
         return
-    pos, per_query = cache_positions(node, usage)
-    assert pos.op == "placeholder" and per_query is expected
+    pos, per_query, assumed = cache_positions(node, usage)
+    assert pos.op == "placeholder" and per_query is expected and assumed == ()
     with pytest.raises(NotProvable, match="attention over a cache"):
         classify(node, usage)  # not the plain causal mask: the dense passes leave it alone
 

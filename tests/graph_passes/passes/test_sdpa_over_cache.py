@@ -4,8 +4,9 @@ A decode step writes its token at ``input_pos`` and attends over the whole cache
 that hides later keys; the pass proves the mask is "key j iff j <= input_pos[i]" and calls
 ``attn.decode`` on the cache itself (a view, no copy), with ``seqlens_k = input_pos + 1``
 computed on the device. Compared step by step with an eager copy of the model (caches
-included); positions change every step without a recompile. What stays put: several queries
-(prefill), a heads-major cache (it would need a copy), a mask read from a buffer, a window.
+included); positions change every step without a recompile. gpt-fast's ``causal_mask`` buffer
+is accepted with an on-device check of its rows. What stays put: several queries (prefill), a
+heads-major cache (it would need a copy), a window, an unchecked buffer.
 """
 
 import copy
@@ -55,7 +56,8 @@ def _inspecting(options=None):
 
 
 @pytest.mark.parametrize("gqa,mask", [("repeat_interleave", "indexed_tril"),
-                                      ("sdpa", "arange"), ("repeat_interleave", "additive")])
+                                      ("sdpa", "arange"), ("repeat_interleave", "additive"),
+                                      ("repeat_interleave", "buffer")])
 def test_decode_over_a_token_major_cache(gqa, mask):
     model = CacheAttention(layout="token_major", gqa=gqa, mask=mask)
     graphs = _decode_steps(model, [4, 5, 11, 23], _inspecting())
@@ -66,18 +68,45 @@ def test_decode_over_a_token_major_cache(gqa, mask):
     assert list(k_cache.shape) == [2, 24, 2, 16] and k_cache.is_contiguous(), \
         "the cache itself (Hkv heads, token-major), not a copy or an expansion"
     assert not [n for n in graphs["aten"].graph.nodes if "scaled_dot_product" in str(n.target)]
+    asserts = [n for n in graphs["dynamo"].graph.nodes if "_assert_async" in str(n.target)]
+    assert len(asserts) == (mask == "buffer"), "only a buffer's data is checked at run time"
 
 
-def test_decode_with_inductor():
-    model = CacheAttention(layout="token_major", gqa="sdpa", mask="indexed_tril")
+def test_a_buffer_mask_that_is_not_causal_raises_instead_of_attending_differently():
+    model = CacheAttention(mask="buffer").eval()
+    step = torch.compile(model, backend=inspecting_backend(), fullgraph=True)
+    x, pos = torch.randn(2, 1, 64), torch.tensor([5])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        step(x, pos)
+        model.causal_mask.fill_(True)  # every key visible: no longer "j <= pos"
+        with pytest.raises(RuntimeError, match="read from a buffer is not"):
+            step(x, pos)
+
+
+def test_unchecked_buffer_masks_stay_on_sdpa(caplog):
+    model = CacheAttention(mask="buffer")
+    with caplog.at_level(logging.DEBUG, logger="graph_passes"):
+        _decode_steps(model, [4], _inspecting({"checked_masks": False}))
+    assert counters["graph_passes"]["sdpa_to_decode"] == 0
+    assert "depends on the input or attribute" in caplog.text
+
+
+@pytest.mark.parametrize("mask", ["indexed_tril", "buffer"])
+def test_decode_with_inductor(mask):
+    model = CacheAttention(layout="token_major", gqa="sdpa", mask=mask)
     with torch._inductor.config.patch(fx_graph_cache=False):
         _decode_steps(model, [4, 9], lambda graphs: "attn_ops")
     assert counters["graph_passes"]["sdpa_to_decode"] == 1
+    if mask == "buffer":  # the on-device check survives Inductor
+        model.causal_mask.fill_(True)
+        step = torch.compile(model.eval(), backend="attn_ops", fullgraph=True)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="read from a buffer is not"):
+            step(torch.randn(2, 1, 64), torch.tensor([9]))
 
 
 @pytest.mark.parametrize("kwargs,reason", [
     (dict(layout="heads_major"), "not token-major in memory"),
-    (dict(mask="buffer"), "depends on the input or attribute"),
     (dict(mask="window"), "not provably causal"),
 ])
 def test_left_alone(kwargs, reason, caplog):
