@@ -39,6 +39,10 @@ class SubstitutionOptions:
             means True for ``torch.compile`` (it runs here) and False for
             ``substitute_attention`` (an exported program runs elsewhere, where the op picks
             its backend).
+        inline_triton: ``torch.compile`` only: where the backend in force when compiling is
+            Triton, Inductor launches our Triton kernels from its generated code
+            (:mod:`graph_passes.lowering.inline_triton`), and a change of backend choice
+            recompiles; False keeps the attn ops as extern calls that choose at run time.
     """
     sdpa: bool = True
     handwritten: bool = True
@@ -47,6 +51,7 @@ class SubstitutionOptions:
     checked_masks: bool = True
     attn_backend: str | None = None
     only_if_faster: bool | None = None
+    inline_triton: bool = True
 
     def __post_init__(self):
         if self.attn_backend not in (None, "auto"):

@@ -112,6 +112,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     its remaining parameters (constexprs) by name and launch options (``num_warps``,
     ``num_stages``). ``grid`` is a tuple of 1 to 3 ints.
     """
+    if type(args[0]) is not torch.Tensor or torch._C._len_torch_dispatch_stack():
+        # Traced (fake or functional tensors, a dispatch mode): inside a triton_op being traced
+        # by AOTAutograd, the launch must become a node Inductor can compile.
+        from torch.library import wrap_triton
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
     if not enabled or not hasattr(kernel, "device_caches") or type(grid) is not tuple:
         kernel[grid](*args, **kwargs)  # the interpreter, or a grid function
         return

@@ -1,0 +1,49 @@
+"""The Triton prefill and decode as ``torch.library.triton_op``: kernels Inductor can launch.
+
+``torch.ops.attn.prefill`` / ``decode`` are opaque to Inductor (one extern call each, which runs
+the op path in Python at every call: the registry memo, then the kernel wrapper and its
+launch). When a graph's backend is known to be Triton at trace time, the compiled path swaps
+them for ``torch.ops.attn_triton.prefill`` / ``decode`` defined here (graph_passes/lowering).
+A ``triton_op`` is traced into by AOTAutograd: its kernel launches become
+``triton_kernel_wrapper_functional`` nodes, and Inductor emits and launches the kernels from its
+generated code (Python wrapper or AOTInductor's C++), with no Python of ours per call.
+
+Same arguments and semantics as the attn ops (up to ``softcap``; the passes substitute only
+calls without sinks, FP8 scales or LSE, which the Triton kernels do not serve). No checks run
+here: the attn op's fake kernel checked the metadata when the graph was traced, and the data
+checks (``ATTN_OPS_CHECK=1``) would need a host sync, so the passes leave calls alone while
+they are on. Registering imports triton: the passes import this module only when they use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from attn_ops.backends.triton import decode_kernel, prefill_kernel
+
+
+@triton_op("attn_triton::prefill", mutates_args=())
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+            causal: bool = True, block_table: torch.Tensor | None = None,
+            window_left: int = -1, softcap: float = 0.0) -> torch.Tensor:
+    """``attn::prefill`` (q ``[Tq, H, D]`` -> ``[Tq, H, D]``) on the Triton prefill kernel."""
+    return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, scale, causal, block_table, window_left, softcap)
+
+
+@triton_op("attn_triton::decode", mutates_args=())
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           seqlens_k: torch.Tensor, block_table: torch.Tensor, scale: float,
+           window_left: int = -1, softcap: float = 0.0) -> torch.Tensor:
+    """``attn::decode`` (q ``[B, H, D]`` -> ``[B, H, D]``) on the Triton split-KV kernel."""
+    return decode_kernel.decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
+                                softcap)
+
+
+# attn op -> (its Triton counterpart, how many leading arguments the counterpart takes)
+COUNTERPARTS = {
+    "prefill": (torch.ops.attn_triton.prefill.default, 12),
+    "decode": (torch.ops.attn_triton.decode.default, 8),
+}

@@ -1,0 +1,139 @@
+"""inline_triton: attn ops that Triton serves become triton_ops Inductor compiles, and the
+compile backend guards its artifacts on the attn backend choice.
+
+On the CPU, Inductor cannot compile user Triton kernels (the interpreter runs only eagerly), so
+the rewrite is checked on captured graphs (lowering forced onto the CPU) and run eagerly; the
+guard is checked with the CPU artifacts, whose attn ops stay extern calls. Marked ``cuda``: the
+whole path, with Inductor's generated code launching our kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import attn_ops
+from attn_ops import registry
+from attn_ops.backends import reference
+from graph_passes.lowering.inline_triton import InlineTritonPass
+from tests.support.helpers import TOLERANCES, assert_close, random_paged
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("fresh_compile")
+
+
+def _decode_args(device="cpu", dtype=torch.float32):
+    torch.manual_seed(3)
+    pb = random_paged([5, 12, 1], 2, 32, 4, dtype, device=device)
+    q = torch.randn(3, 4, 32, dtype=dtype, device=device)
+    seqlens = torch.tensor([5, 12, 1], dtype=torch.int32, device=device)
+    return q, pb.k_cache, pb.v_cache, seqlens, pb.block_table
+
+
+def _two_decodes(q, k_cache, v_cache, seqlens, table):
+    a = torch.ops.attn.decode(q, k_cache, v_cache, seqlens, table, 0.3)
+    return torch.ops.attn.decode(a * 2, k_cache, v_cache, seqlens, table, 0.3, -1, 0.0)
+
+
+def _captured(fn, args):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    (gm,) = graphs
+    return gm
+
+
+@pytest.mark.parametrize("choice,inlined", [("triton", 2), ("reference", 0), ("auto", 0)])
+def test_calls_triton_serves_become_triton_ops(choice, inlined, monkeypatch):
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")
+    args = _decode_args()
+    gm = _captured(_two_decodes, args)
+    assert InlineTritonPass(choice=choice, devices=("cpu",)).run(gm.graph) == inlined
+    gm.recompile()
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("attn_triton.decode" in t for t in targets) == inlined
+    # The rewritten graph runs (eagerly: the triton_op's own kernel, the interpreter here).
+    assert_close(gm(*args)[0] if isinstance(gm(*args), tuple) else gm(*args),
+                 _reference_two_decodes(*args), *TOLERANCES[torch.float32])
+
+
+def _reference_two_decodes(q, k_cache, v_cache, seqlens, table):
+    a = reference.decode(q, k_cache, v_cache, seqlens, table, 0.3)
+    return reference.decode(a * 2, k_cache, v_cache, seqlens, table, 0.3)
+
+
+@pytest.mark.parametrize("why", ["check", "device", "sinks"])
+def test_calls_left_alone(why, monkeypatch):
+    monkeypatch.setenv("ATTN_OPS_CHECK", "1" if why == "check" else "0")
+    args = _decode_args()
+    fn = _two_decodes
+    if why == "sinks":
+        sinks = torch.randn(4)
+        fn = lambda *a: torch.ops.attn.decode(*a, 0.3, -1, 0.0, sinks)  # noqa: E731
+    gm = _captured(fn, args)
+    devices = ("cuda",) if why == "device" else ("cpu",)
+    assert InlineTritonPass(choice="triton", devices=devices).run(gm.graph) == 0
+    assert counters["graph_passes"]["inline_triton_left_alone"] >= 1
+
+
+def test_compiled_graph_is_guarded_on_the_choice(monkeypatch):
+    """One artifact per attn backend choice, compiled when the choice is first seen; Dynamo
+    itself does not recompile, and each artifact runs on its choice."""
+    import torch._inductor.compile_fx as cfx
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")
+    monkeypatch.delenv("ATTN_OPS_BACKEND", raising=False)
+    compiles = []
+    real = cfx.compile_fx
+
+    depth = []
+
+    def counting(gm, inputs, **kw):  # compile_fx calls itself: count the outermost calls
+        if not depth:
+            compiles.append(registry.current_choice())
+        depth.append(1)
+        try:
+            return real(gm, inputs, **kw)
+        finally:
+            depth.pop()
+    monkeypatch.setattr(cfx, "compile_fx", counting)
+    seen = []
+    real_decode = reference.decode
+    monkeypatch.setattr(reference, "decode",
+                        lambda *a, **k: (seen.append(registry.current_choice()),
+                                         real_decode(*a, **k))[1])
+    registry.clear_cache()
+    args = _decode_args()
+    fn = torch.compile(_two_decodes, backend="attn_ops")
+    want = _reference_two_decodes(*args)
+    seen.clear()
+    with torch.no_grad():
+        for choice in ("reference", "sdpa", "reference", "sdpa", "reference"):
+            with attn_ops.use_backend(choice):
+                assert_close(fn(*args), want, *TOLERANCES[torch.float32])
+    assert compiles == ["reference", "sdpa"]
+    assert seen == ["reference"] * 6  # sdpa's decode is its own, not the reference's
+    assert counters["stats"]["unique_graphs"] == 1
+    registry.clear_cache()
+
+
+@pytest.mark.cuda
+def test_inductor_launches_our_kernels_and_recompiles_per_choice(monkeypatch):
+    from torch._inductor.utils import run_and_get_code
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")
+    args = _decode_args("cuda", torch.bfloat16)
+    want = _reference_two_decodes(*args)
+    fn = torch.compile(_two_decodes, backend="attn_ops")
+    with torch.no_grad():
+        with attn_ops.use_backend("triton"):
+            out, code = run_and_get_code(fn, *args)
+            assert_close(out, want, *TOLERANCES[torch.bfloat16])
+            source = "\n".join(code)
+            assert "_decode_split_kernel" in source and "attn.decode" not in source
+            assert_close(fn(*args), want, *TOLERANCES[torch.bfloat16])
+        with attn_ops.use_backend("reference"):
+            assert_close(fn(*args), want, *TOLERANCES[torch.bfloat16])
+    assert counters["graph_passes"]["inline_triton"] == 2
