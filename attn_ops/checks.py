@@ -207,7 +207,7 @@ def _check_kv_dtype(name: str, k: torch.Tensor, q: torch.Tensor) -> None:
     """k (and v, checked equal) in q's dtype, or FP8 read by an fp16/bf16 q."""
     if k.dtype in FP8_DTYPES:
         if q.dtype not in FP8_QUERY_DTYPES:
-            _fail(f"q: an {_dtype_name(k.dtype)} {name} is read by float16/bfloat16 queries, got "
+            _fail(f"q: a {_dtype_name(k.dtype)} {name} is read by float16/bfloat16 queries, got "
                   f"q of dtype {_dtype_name(q.dtype)}")
     elif k.dtype != q.dtype:
         _fail(f"{name}: expected dtype {q.dtype} (that of q) or float8_e4m3fn, got {k.dtype}")
@@ -234,7 +234,7 @@ def check_kv_scales(k: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torc
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is None:
             if fp8:
-                _fail(f"{name}: required with an {_dtype_name(k.dtype)} {k_name} (a float32 "
+                _fail(f"{name}: required with a {_dtype_name(k.dtype)} {k_name} (a float32 "
                       f"tensor of shape [] or [{hkv}]; the cache holds x / scale)")
             continue
         if not fp8:

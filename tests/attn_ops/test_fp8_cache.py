@@ -129,13 +129,13 @@ def _decode_args(**over):
 
 
 DECODE_BAD = [
-    (dict(k_scale=None), r"k_scale: required with an float8_e4m3fn k_cache \(a float32 tensor "
+    (dict(k_scale=None), r"k_scale: required with a float8_e4m3fn k_cache \(a float32 tensor "
                          r"of shape \[\] or \[2\]"),
     (dict(v_scale=None), r"v_scale: required"),
     (dict(k_scale=torch.ones(3)), r"k_scale: expected a float32 tensor of shape \[\] or \[2\] "
                                   r"\(Hkv of k_cache\), got \[3\]"),
     (dict(v_scale=torch.ones(2, dtype=torch.float16)), r"v_scale: expected float32"),
-    (dict(q=torch.randn(2, 4, 16)), r"q: an float8_e4m3fn k_cache is read by float16/bfloat16"),
+    (dict(q=torch.randn(2, 4, 16)), r"q: a float8_e4m3fn k_cache is read by float16/bfloat16"),
     (dict(k_cache=torch.randn(8, 4, 2, 16, dtype=torch.bfloat16),
           v_cache=torch.randn(8, 4, 2, 16, dtype=torch.bfloat16)),
      r"k_scale: only float8_e4m3fn caches take scales, but k_cache is bfloat16"),
@@ -156,7 +156,7 @@ def test_store_scale_rules():
     k_cache = torch.zeros(2, 4, 2, 8, dtype=FP8)
     key = torch.randn(3, 2, 8)
     slots = torch.tensor([0, 1, 2])
-    with pytest.raises(ValueError, match=r"k_scale: required with an float8_e4m3fn k_cache"):
+    with pytest.raises(ValueError, match=r"k_scale: required with a float8_e4m3fn k_cache"):
         attn_ops.store_kvcache(key, key, k_cache, k_cache.clone(), slots)
     with pytest.raises(ValueError, match=r"key: expected a floating dtype to quantise"):
         attn_ops.store_kvcache(key.int(), key.int(), k_cache, k_cache.clone(), slots,
