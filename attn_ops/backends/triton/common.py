@@ -115,7 +115,13 @@ _SEMAPHORES: dict = {}
 
 
 def semaphores(count: int, device: torch.device) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``count`` counters for ``device``'s current stream."""
+    """A zeroed int32 buffer of at least ``count`` counters for ``device``'s current stream.
+
+    Under a dispatch mode (fake or functional tensors: a ``triton_op`` traced by AOTAutograd) a
+    fresh zeroed buffer, never cached: a traced tensor in the cache would reach a real launch.
+    """
+    if torch._C._len_torch_dispatch_stack():
+        return torch.zeros(max(count, 1), dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     buf = _SEMAPHORES.get(key)
