@@ -121,15 +121,16 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
                           options.only_if_faster is not False)
 
 
-def refuse_decode_reason(q, k, v, options: SubstitutionOptions) -> str | None:
-    """Why one query per sequence ``q [B,H,1,D]`` over caches ``k``/``v`` ``[B,Hkv,S,D]`` (fake
-    tensors) can't go to ``attn.decode`` reading them as ``B`` blocks of ``S`` tokens."""
+def refuse_cache_reason(q, k, v, options: SubstitutionOptions) -> str | None:
+    """Why queries ``q [B,H,Sq,D]`` over caches ``k``/``v`` ``[B,Hkv,S,D]`` (fake tensors) can't
+    go to ``attn.decode`` (Sq = 1) or a paged ``attn.prefill`` reading them as ``B`` blocks of
+    ``S`` tokens."""
     reason = _contract_reason(q, k, v)
     if reason is not None:
         return reason
     b, hkv, s, d = k.shape
-    if not same(q.shape[2], 1):
-        return f"{q.shape[2]} queries per sequence (attn.decode takes one)"
+    if not statically_known_true(q.shape[2] <= s):
+        return f"Sq={q.shape[2]} may exceed the cache length {s}"
     if not isinstance(s, int):
         return "the cache length is symbolic (it is the block size of the decode)"
     # The ops read caches token-major, [blocks, tokens, Hkv, D] contiguous; a transposed view
@@ -142,6 +143,7 @@ def refuse_decode_reason(q, k, v, options: SubstitutionOptions) -> str | None:
             return (f"the {name} cache is not token-major in memory (strides "
                     f"{list(t.stride())} for [B, Hkv, S, D]): attn.decode reads [B, S, Hkv, D] "
                     f"caches, and copying the cache at every step costs more than it saves")
-    config = OpConfig("decode", q.device, q.dtype, int(d), int(hkv), num_heads=int(q.shape[1]),
+    op = "decode" if same(q.shape[2], 1) else "prefill"
+    config = OpConfig(op, q.device, q.dtype, int(d), int(hkv), num_heads=int(q.shape[1]),
                       paged=True, block_size=s)
     return backend_reason(config, options.backend_choice, options.only_if_faster is not False)

@@ -4,9 +4,10 @@ A decode step writes its token at ``input_pos`` and attends over the whole cache
 that hides later keys; the pass proves the mask is "key j iff j <= input_pos[i]" and calls
 ``attn.decode`` on the cache itself (a view, no copy), with ``seqlens_k = input_pos + 1``
 computed on the device. Compared step by step with an eager copy of the model (caches
-included); positions change every step without a recompile. gpt-fast's ``causal_mask`` buffer
-is accepted with an on-device check of its rows. What stays put: several queries (prefill), a
-heads-major cache (it would need a copy), a window, an unchecked buffer.
+included); positions change every step without a recompile. Several queries at consecutive
+positions (a prefill chunk) become a paged attn.prefill; gpt-fast's ``causal_mask`` buffer is
+accepted with an on-device check of its rows. What stays put: a heads-major cache (it would
+need a copy), a window, an unchecked buffer.
 """
 
 import copy
@@ -23,6 +24,7 @@ from tests.support.attention_models import CacheAttention
 from tests.support.helpers import TOLERANCES, assert_close
 
 DECODE = torch.ops.attn.decode.default
+PREFILL = torch.ops.attn.prefill.default
 TOL = TOLERANCES[torch.float32]
 
 
@@ -119,19 +121,33 @@ def test_left_alone(kwargs, reason, caplog):
     assert reason in caplog.text
 
 
-def test_several_queries_stay_on_sdpa(caplog):
-    """A prefill chunk over the cache: positions are data, not provably consecutive."""
-    model = CacheAttention().eval()
+@pytest.mark.parametrize("mask", ["indexed_tril", "buffer", "additive"])
+def test_prefill_chunks_over_the_cache(mask):
+    """Several queries at consecutive positions: a paged attn.prefill, chunk after chunk."""
+    model = CacheAttention(mask=mask).eval()
     eager = copy.deepcopy(model)
     counters.clear()
     torch._dynamo.reset()
     graphs = {}
-    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="graph_passes"):
-        x, pos = torch.randn(2, 5, 64), torch.arange(3, 8)
-        out = torch.compile(model, backend=inspecting_backend(None, graphs), fullgraph=True)(x, pos)
-        assert_close(out, eager(x, pos), *TOL)
-    assert counters["graph_passes"]["sdpa_to_decode"] == 0
-    assert "5 queries per sequence" in caplog.text
+    step = torch.compile(model, backend=inspecting_backend(None, graphs), fullgraph=True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for start in (0, 5, 17):  # the prompt, then two more chunks of 5 (the last ends at 22)
+            x, pos = torch.randn(2, 5, 64), torch.arange(start, start + 5)
+            assert_close(step(x, pos), eager(x, pos), *TOL, what=f"chunk at {start}")
+    assert counters["graph_passes"]["sdpa_over_cache_to_prefill"] == 1
+    (node,) = [n for n in graphs["aten"].graph.nodes if n.target is PREFILL]
+    assert node.args[9] is not None and list(node.args[1].meta["val"].shape) == [2, 24, 2, 16], \
+        "the cache itself, read through a block table"
+
+
+def test_positions_that_are_not_consecutive_raise():
+    model = CacheAttention().eval()
+    step = torch.compile(model, backend=inspecting_backend(), fullgraph=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        step(torch.randn(2, 3, 64), torch.tensor([0, 1, 2]))
+        with pytest.raises(RuntimeError, match="not consecutive"):
+            step(torch.randn(2, 3, 64), torch.tensor([3, 5, 4]))
 
 
 def test_exported_decode_step():

@@ -1,0 +1,88 @@
+"""Attention over a static KV cache as ``attn.decode`` / paged ``attn.prefill`` (no cache copy).
+
+A model with a static cache (gpt-fast's ``KVCache``, transformers' ``StaticCache``) writes the
+new tokens' K/V at ``pos`` and then runs SDPA over the *whole* cache, ``[B, Hkv, S_max, D]``,
+with a mask that hides, for query i, the keys past ``pos[i]``: it reads all ``S_max`` keys
+where ``pos + 1`` matter. A dense cache is a paged cache with one block of ``S_max`` tokens per
+sequence, so the same attention is, with ``block_table = arange(B)[:, None]``:
+
+* one query per sequence: ``attn.decode`` with ``seqlens_k = pos[0] + 1``;
+* ``Sq`` queries at consecutive positions ``pos[0] + i`` (a prefill chunk): ``attn.prefill``
+  with ``Sq`` queries and ``pos[0] + Sq`` keys per sequence, causal (bottom-right: query i sees
+  keys ``<= pos[0] + i``). Positions are data, so "consecutive" is checked on the device at
+  every call (an async assert over ``Sq`` ints: no host sync; other positions raise).
+
+The cache is handed over as a view: when it is token-major in memory (``[B, S_max, Hkv, D]``,
+seen by SDPA through ``.transpose(1, 2)``), ``k.transpose(1, 2)`` is exactly the
+``[num_blocks, block_size, Hkv, D]`` the ops read
+(:func:`graph_passes.rewrite.eligibility.refuse_cache_reason` checks it). Key counts are
+computed on the device from the positions (a new position needs no recompile) and clamped to
+``[0, S_max]``: a position past the cache sees every key, as the mask would, never one outside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
+from graph_passes.fx_nodes import meta_val, same
+from graph_passes.rewrite.dense_prefill import Emitter
+
+aten = torch.ops.aten
+DECODE = torch.ops.attn.decode.default
+PREFILL = torch.ops.attn.prefill.default
+
+
+def _assert(emit: Emitter, ok: Node, message: str) -> None:
+    emit(aten._assert_async.msg, emit(aten.all.default, ok), f"graph_passes: {message}")
+
+
+def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, pos: Node,
+                         scale: float, check_mask: Node | None = None,
+                         per_query: bool = True) -> Node:
+    """Insert the op for SDPA ``anchor`` before it; return its ``[B, H, Sq, D]`` node.
+
+    Args:
+        q: ``[B, H, Sq, D]``; k, v: ``[B, Hkv, S, D]`` views of token-major caches.
+        pos: the 1-D integer positions of the queries (``[Sq]``, or ``[1]`` for one query).
+        scale: multiplies q·k.
+        check_mask: a bool mask ``[..., Sq, S]`` proven equal to ``arange(S) <= pos[i]`` only
+            under an assumption about a buffer's data: an async assert checks it at every call
+            (one comparison of Sq x S bools, no host sync).
+        per_query: the mask reads ``pos[i]`` for query i (False: ``pos[0]`` for its one row).
+    """
+    emit = Emitter(graph, anchor, q)
+    b, h, sq, d = (emit.size(q, i) for i in range(4))
+    s = meta_val(k).shape[2]
+    device = meta_val(q).device
+    first = emit(aten.slice.Tensor, pos, 0, 0, 1)  # [1]
+    if check_mask is not None:
+        expected = emit(aten.le.Tensor,
+                        emit(aten.view.default, emit(aten.arange.default, s, device=device),
+                             [1, s]),
+                        emit(aten.view.default, pos if per_query else first, [-1, 1]))
+        _assert(emit, emit(aten.eq.Tensor, check_mask, expected),
+                f"the mask {check_mask.name} read from a buffer is not 'key j iff j <= position' "
+                f"at this call, so the op that replaced this attention would be wrong (compile "
+                f"with options {{'attn_ops.checked_masks': False}} to keep such calls on SDPA)")
+    kv_len = emit(aten._to_copy.default,
+                  emit(aten.clamp.default, emit(aten.add.Tensor, first, sq), 0, s),
+                  dtype=torch.int32)
+    table = emit(aten.view.default,
+                 emit(aten.arange.default, b, dtype=torch.int32, device=device), [b, 1])
+    k_cache, v_cache = emit(aten.transpose.int, k, 1, 2), emit(aten.transpose.int, v, 1, 2)
+    if same(meta_val(q).shape[2], 1):
+        out = emit(DECODE, emit(aten.select.int, q, 2, 0), k_cache, v_cache,
+                   emit(aten.repeat.default, kv_len, [b]), table, float(scale))
+        return emit(aten.unsqueeze.default, out, 2)
+    steps = emit(aten.arange.default, emit.add(sq, 0), device=device)
+    _assert(emit, emit(aten.eq.Tensor, pos, emit(aten.add.Tensor, steps, first)),
+            f"the positions {pos.name} are not consecutive at this call, so the paged prefill "
+            f"that replaced this attention over the cache would be wrong")
+    batch = emit(aten.arange.default, emit.add(b, 1), dtype=torch.int32, device=device)
+    tokens_major = emit(aten.reshape.default, emit(aten.transpose.int, q, 1, 2),
+                        [emit.mul(b, sq), h, d])
+    out = emit(PREFILL, tokens_major, k_cache, v_cache, emit(aten.mul.Tensor, batch, sq),
+               emit(aten.mul.Tensor, batch, kv_len), sq, s, float(scale), True, table)
+    return emit(aten.transpose.int, emit(aten.view.default, out, [b, sq, h, d]), 1, 2)
