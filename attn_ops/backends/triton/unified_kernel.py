@@ -33,9 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, mma,
-                                             next_pow2, paged_offsets, scores_log2,
-                                             softcap_constants)
+from attn_ops.backends.triton.launch import launch
+
+from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode,
+                                             merge_if_last, mma, next_pow2, paged_offsets,
+                                             scores_log2, semaphores, softcap_constants)
 
 
 @triton.jit
@@ -53,8 +55,10 @@ def _attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, 
             k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
                                          stride_vb, stride_vt, PAGE)
         else:
-            k_off = pos.to(tl.int64) * stride_kt
-            v_off = pos.to(tl.int64) * stride_vt
+            # int32 within one sequence (its base is already int64), as before the stride
+            # change: the suspected cause of 406-414 vs 437 TFLOP/s at 4 x 4096 (not re-timed)
+            k_off = pos * stride_kt
+            v_off = pos * stride_vt
         tile_ok = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
         qk = mma(q, tl.trans(k), None, DOT)
@@ -79,14 +83,16 @@ def _attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, 
 
 
 @triton.jit
-def _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, m0, q_start, lq, k_start,
+def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split, m0, q_start, lq,
+          k_start,
           lk, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
           stride_vh, stride_ot, stride_oh, stride_tb, stride_tc, part_rows, num_splits,
           qk_scale, cap_log2, cap_inv, window_left,
           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
           WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-          DIRECT: tl.constexpr, DOT: tl.constexpr):
+          DIRECT: tl.constexpr, ONE_LOOP: tl.constexpr, FUSED: tl.constexpr,
+          DOT: tl.constexpr):
     """Packed rows ``m0 .. m0+BLOCK_M-1`` of one sequence against one split of its keys."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -138,22 +144,29 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, m0, q_start,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
-                            stride_kt, stride_vb, stride_vt, s_lo, u_lo, s_hi, q_pos,
-                            window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                            BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
-                            stride_kt, stride_vb, stride_vt, u_lo, u_hi, s_hi, q_pos,
-                            window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                            BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
-                            stride_kt, stride_vb, stride_vt, u_hi, s_hi, s_hi, q_pos,
-                            window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                            BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+    if ONE_LOOP:  # few rows: one masked loop (a third of the code; the mask is cheap here)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                stride_kb, stride_kt, stride_vb, stride_vt, s_lo, s_hi, s_hi,
+                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
+                                dim_ok, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+    else:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                stride_kb, stride_kt, stride_vb, stride_vt, s_lo, u_lo, s_hi,
+                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
+                                dim_ok, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                stride_kb, stride_kt, stride_vb, stride_vt, u_lo, u_hi, s_hi,
+                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
+                                dim_ok, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                                DOT)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                stride_kb, stride_kt, stride_vb, stride_vt, u_hi, s_hi, s_hi,
+                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
+                                dim_ok, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: zeros
+    o_ptrs = O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if DIRECT:
-        o_ptrs = O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
     else:  # partials [S, part_rows, D] with row = token * H + head
         num_heads = tl.num_programs(1) * GROUP
@@ -161,10 +174,14 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, m0, q_start,
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
         lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(LSE_PART + part, lse, mask=row_ok)
+        if FUSED:  # the last split of this (tile, kv head) merges; no second launch
+            merge_if_last(SEMA, tl.program_id(0) * tl.num_programs(1) + kv_head, O_PART,
+                          LSE_PART, part - split * part_rows, part_rows, num_splits, O, o_ptrs,
+                          row_ok, offs_d, dim_ok, BLOCK_M, D_P2, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["total_q", "window_left", "num_splits"])
-def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, CU_Q, CU_K, SEQLENS, TABLE,
+def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TABLE,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                     stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_sl, stride_tb,
                     stride_tc, total_q, num_seqs, num_splits, qk_scale, cap_log2, cap_inv,
@@ -174,7 +191,8 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, CU_Q, CU_K, SEQLENS, TABLE,
                     SMALL_PATH: tl.constexpr, LARGE_PATH: tl.constexpr,
                     SEARCH_STEPS: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
-                    PAGE: tl.constexpr, DIRECT: tl.constexpr, DOT: tl.constexpr):
+                    PAGE: tl.constexpr, DIRECT: tl.constexpr, ONE_LOOP: tl.constexpr,
+                    FUSED: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -221,12 +239,12 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, CU_Q, CU_K, SEQLENS, TABLE,
     rows = lq * GROUP
     if pid < n_small:
         if rows <= SMALL_M:
-            _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, 0, q_start, lq,
-                  k_start, lk, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+            _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split, 0, q_start,
+                  lq, k_start, lk, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
                   stride_vt, stride_vh, stride_ot, stride_oh, stride_tb, stride_tc,
                   total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale, cap_log2, cap_inv,
                   window_left, GROUP, HEAD_DIM, D_P2, SMALL_M, BLOCK_N, CAUSAL, WINDOW,
-                  SOFTCAP, PAGED, PAGE, DIRECT, DOT)
+                  SOFTCAP, PAGED, PAGE, DIRECT, ONE_LOOP, FUSED, DOT)
     elif LARGE_PATH:
         n_tiles = tl.cdiv(rows, BLOCK_M)
         local = pid - n_small - ((q_start * GROUP) // BLOCK_M + seq)
@@ -236,12 +254,13 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, CU_Q, CU_K, SEQLENS, TABLE,
         if SMALL_PATH:
             take = take & (rows > SMALL_M)  # else the small path served it
         if take:
-            _tile(Q, K, V, O, O_PART, LSE_PART, TABLE, seq, kv_head, split, tile * BLOCK_M,
+            _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split,
+                  tile * BLOCK_M,
                   q_start, lq, k_start, lk, stride_qt, stride_qh, stride_kb, stride_kt,
                   stride_kh, stride_vb, stride_vt, stride_vh, stride_ot, stride_oh, stride_tb,
                   stride_tc, total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale,
                   cap_log2, cap_inv, window_left, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N,
-                  CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DIRECT, DOT)
+                  CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DIRECT, False, FUSED, DOT)
 
 
 @triton.jit(do_not_specialize=["num_splits", "part_rows"])
@@ -274,12 +293,16 @@ def _merge_kernel(O_PART, LSE_PART, O, CU_Q, num_splits, part_rows, stride_ot, s
 
 class Config(NamedTuple):
     """Launch parameters: rows of a small-path tile (0: no small path), rows of a large-path tile
-    (0: no large path), keys per step, warps, pipeline stages."""
+    (0: no large path), keys per step, warps, pipeline stages; ``one_loop``: the small path walks
+    its keys in one masked loop (else masked / unmasked / masked loops, as the large path);
+    ``fused``: the last split program merges (else a second launch, :func:`_merge_kernel`)."""
     small_m: int
     block_m: int
     block_n: int
     warps: int
     stages: int
+    one_loop: bool = True
+    fused: bool = True
 
 
 # Split-KV rule of decode_kernel: enough (tile, kv head, split) programs for _TARGET_WAVES times
@@ -288,6 +311,8 @@ class Config(NamedTuple):
 _TARGET_WAVES = 3
 _MIN_SPLIT_KEYS = 256
 _MAX_SPLITS = 64
+# The last split program merges up to this many splits (decode_kernel._FUSED_MAX_SPLITS).
+_FUSED_MAX_SPLITS = 8
 # Packed rows up to which a sequence is one small-path tile: 64 = 16 queries at G = 4.
 _SMALL_ROWS_MAX = 64
 
@@ -301,7 +326,9 @@ def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype) -> Config:
         return Config(max(16, next_pow2(max_rows)), 0, 32 if wide else 64, 4, 2 if wide else 3)
     if wide:
         return Config(16, 64, 32, 4, 2)
-    return Config(16, 128, 64, 8, 3)
+    # 64-row large tiles, 4 warps (H200, bf16, D = 128): the mixed batch of BENCHMARKS.md in
+    # 573 us vs 733 with 128 x 64 / 8 warps; short prompts within -2% .. +5% of 128 x 64.
+    return Config(16, 64, 64, 4, 3)
 
 
 def num_splits(programs: int, capacity: int, sms: int, block_n: int) -> int:
@@ -327,13 +354,19 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
         real_tiles = n_small if not cfg.block_m else (total_q * group) // cfg.block_m + num_seqs
         splits = num_splits(real_tiles * num_kv_heads, capacity, device_sm_count(device),
                             cfg.block_n)
+    if config is None and causal and splits == 1 and cfg.stages > 2:
+        # H200, B = 64 sequences of 1-4 queries, ctx 2048, one split: 3 stages 176 us, 2 stages
+        # 132 us (the one-token decode: 130); with splits (B = 16) 3 stages measured at parity.
+        cfg = cfg._replace(stages=2)
     grid = (n_small + n_large + 1, num_kv_heads, splits)
     consts = dict(GROUP=group, HEAD_DIM=head_dim, D_P2=max(16, next_pow2(head_dim)),
                   SMALL_M=max(cfg.small_m, 16), BLOCK_M=max(cfg.block_m, 16),
                   BLOCK_N=cfg.block_n, SMALL_PATH=cfg.small_m > 0, LARGE_PATH=cfg.block_m > 0,
                   SEARCH_STEPS=max(1, num_seqs.bit_length()), DECODE=decode, CAUSAL=causal,
                   WINDOW=window, SOFTCAP=softcap, PAGED=paged, PAGE=page, DIRECT=splits == 1,
-                  DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages)
+                  ONE_LOOP=cfg.one_loop, FUSED=cfg.fused and 1 < splits <= _FUSED_MAX_SPLITS,
+                  DOT=dot_mode(dtype),
+                  num_warps=cfg.warps, num_stages=cfg.stages)
     merge = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=consts["D_P2"],
                  S_P2=next_pow2(splits), DECODE=decode, num_warps=4)
     return splits, grid, consts, merge
@@ -364,14 +397,17 @@ def _launch(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, ca
     stride_cq = 0 if decode else cu_q.stride(0)
     stride_ck = 0 if decode else cu_k.stride(0)
     stride_sl = seqlens.stride(0) if decode else 0
-    _unified_kernel[grid](
-        q, k, v, out, o_part, lse_part, cu_q, cu_k, seqlens, table, q.stride(0), q.stride(1),
+    fused = consts["FUSED"]
+    sema = semaphores(grid[0] * grid[1], q.device) if fused else cu_q  # unused when not fused
+    launch(
+        _unified_kernel, grid, q, k, v, out, o_part, lse_part, sema, cu_q, cu_k, seqlens, table,
+        q.stride(0), q.stride(1),
         *kv_strides, out.stride(0), out.stride(1), stride_cq, stride_ck, stride_sl,
         *table_strides, total_q, num_seqs, splits, qk_scale, cap_log2, cap_inv, window_left,
         **consts)
-    if splits > 1:
-        _merge_kernel[(part_rows,)](o_part, lse_part, out, cu_q, splits, part_rows,
-                                    out.stride(0), out.stride(1), stride_cq, num_seqs, **merge)
+    if splits > 1 and not fused:
+        launch(_merge_kernel, (part_rows,), o_part, lse_part, out, cu_q, splits, part_rows,
+               out.stride(0), out.stride(1), stride_cq, num_seqs, **merge)
     return out
 
 
