@@ -15,7 +15,8 @@ bf16, H=32, Hkv=8, D=128, pages of 16 with shuffled blocks. Sections (``--only``
   SDPA and FA3's kvcache kernel on contiguous K/V, in GB/s of K+V read; graph replays; plus a
   per-kernel profile of the split and merge launches at small B.
 
-    python benchmarks/bench_unified.py [--only few,mixed,short,decode] [--out DIR]
+    python benchmarks/bench_unified.py [--only few,mixed,short,decode] [--variants] [--out DIR]
+    python benchmarks/bench_unified.py --plot benchmarks/results/unified.csv  # unified.png
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def _causal_flops(lens_q, lens_k, h=H, d=D):
 
 
 def few_queries(args, copy):
+    import attn_ops
     from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel
     dev = device(args)
     fa3 = _fa3()
@@ -97,22 +99,28 @@ def few_queries(args, copy):
         cu_q, cu_k = _cu([nq] * b, dev), _cu(lens_k, dev)
         seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
         sc = d ** -0.5
+        three_loops = unified_kernel.launch_config(nq * h // hkv, d, q.dtype)._replace(
+            one_loop=False)
         runs = {
             "decode 1 token (split-KV kernel)": lambda: decode_kernel.decode(
                 q1, k_cache, v_cache, seqlens, table, sc),
-            "unified prefill": lambda: unified_kernel.prefill(
-                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table),
+            "attn.prefill, triton backend": lambda: attn_ops.prefill(
+                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table, backend="triton"),
             "unified decode 1 token": lambda: unified_kernel.decode(
                 q1, k_cache, v_cache, seqlens, table, sc),
         }
-        if nq in (1, 4) and ctx == 2048:
+        if args.variants:
+            runs.update({
+                "decode 1 token (split-KV kernel, merge launch)": lambda: decode_kernel.decode(
+                    q1, k_cache, v_cache, seqlens, table, sc, fused=False),
+                "unified prefill": lambda: unified_kernel.prefill(
+                    q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table),
+                "unified prefill, three loops": lambda: unified_kernel.prefill(
+                    q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table,
+                    config=three_loops)})
+        if nq == 4 and ctx == 2048 and b == 64:
             runs["old prefill kernel"] = lambda: prefill_kernel.prefill(
                 q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table)
-        if fa3 is not None:
-            qf = q.view(b, nq, h, d)
-            runs["fa3 kvcache paged"] = lambda: fa3.flash_attn_with_kvcache(
-                qf, k_cache, v_cache, cache_seqlens=seqlens, page_table=table,
-                softmax_scale=sc, causal=True)
         base = None
         for name, fn in runs.items():
             ms, err = _time(fn, args)
@@ -130,6 +138,7 @@ def few_queries(args, copy):
 
 
 def mixed(args, copy, mm):
+    import attn_ops
     from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
@@ -176,9 +185,19 @@ def mixed(args, copy, mm):
                                               True, tb), lq, lk, roof)
         at += n
     cu_q, cu_k = _cu(lens_q, dev), _cu(lens_k, dev)
-    whole = add("mixed batch, one call (unified)", lambda: unified_kernel.prefill(
-        q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc, True, table), lens_q,
-        lens_k, roof_total)
+    whole = add("mixed batch, one call (attn.prefill, triton backend)", lambda: attn_ops.prefill(
+        q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc, True, table,
+        backend="triton"), lens_q, lens_k, roof_total)
+    for sp in (2, 4, 8) if args.variants else ():
+        add(f"mixed batch, one call (unified, {sp} splits)", lambda sp=sp: unified_kernel.prefill(
+            q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc, True, table,
+            splits=sp), lens_q, lens_k, roof_total)
+    for cfg, sp in (((16, 128, 128, 8, 3), 4), ((16, 64, 64, 4, 3), 1), ((16, 64, 64, 4, 3), 2),
+                    ((16, 64, 64, 4, 3), 4), ((32, 64, 64, 4, 3), 4)) if args.variants else ():
+        add(f"mixed batch, one call (unified {cfg}, {sp} splits)", lambda cfg=cfg, sp=sp:
+            unified_kernel.prefill(q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc,
+                                   True, table, config=cfg, splits=sp), lens_q, lens_k,
+            roof_total)
     add("mixed batch, one call (old prefill kernel)", lambda: prefill_kernel.prefill(
         q, k_cache, v_cache, cu_q, cu_k, max(lens_q), max(lens_k), sc, True, table), lens_q,
         lens_k, roof_total)
@@ -192,6 +211,7 @@ def mixed(args, copy, mm):
 
 
 def short_prompts(args, mm):
+    import attn_ops
     from attn_ops.backends.triton import prefill_kernel, unified_kernel
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dev = device(args)
@@ -202,8 +222,7 @@ def short_prompts(args, mm):
         ("64 x 256", [256] * 64), ("96 x U(1,400)", torch.randint(1, 401, (96,),
                                                                    generator=gen).tolist()),
         ("16 x 1024", [1024] * 16), ("4 x 4096", [4096] * 4)]
-    configs = [None] if args.smoke else [None, (16, 64, 64, 4, 3), (16, 128, 128, 8, 3),
-                                         (0, 128, 64, 8, 3), (16, 64, 128, 4, 3)]
+    configs = [None, (16, 128, 64, 8, 3)] if args.variants else [None]
     rows = []
     for label, lens in cases:
         total, mx = sum(lens), max(lens)
@@ -214,7 +233,9 @@ def short_prompts(args, mm):
         sc = d ** -0.5
         flops = _causal_flops(lens, lens, h, d)
         runs = {"old prefill kernel": lambda: prefill_kernel.prefill(q, k, v, cu, cu, mx, mx, sc,
-                                                                      True)}
+                                                                      True),
+                "attn.prefill, triton backend": lambda: attn_ops.prefill(
+                    q, k, v, cu, cu, mx, mx, sc, True, backend="triton")}
         for cfg in configs:
             if cfg is not None and mx >= 4096:
                 continue
@@ -276,13 +297,15 @@ def decode(args, copy):
         runs = {
             "split-KV decode kernel p16": lambda: decode_kernel.decode(q, k_cache, v_cache,
                                                                        seqlens, table, sc),
+            "split-KV decode kernel p16, merge launch": lambda: decode_kernel.decode(
+                q, k_cache, v_cache, seqlens, table, sc, fused=False),
             "unified decode p16": lambda: unified_kernel.decode(q, k_cache, v_cache, seqlens,
                                                                 table, sc),
             "sdpa (contiguous)": lambda: F.scaled_dot_product_attention(
                 q.view(b, h, 1, d), kt, vt, scale=sc, enable_gqa=True),
         }
-        if b <= 16:
-            for s in (2, 8, 16, 32):
+        if b <= 16 and args.variants:
+            for s in ((2, 8, 16) if b == 16 else (32, 64)):
                 runs[f"split-KV decode kernel p16, {s} splits"] = (
                     lambda s=s: decode_kernel.decode(q, k_cache, v_cache, seqlens, table, sc,
                                                      splits=s))
@@ -303,10 +326,52 @@ def decode(args, copy):
                 r["vs_sdpa"] = r["gbs"] / sdpa if r["gbs"] and sdpa else None
         print_table([r for r in rows if (r["batch"], r["ctx"]) == (b, ctx)],
                     ["batch", "ctx", "contender", "us", "gbs", "pct_copy", "vs_sdpa", "note"])
-        if b == 16 and ctx == 2048 and not args.smoke:
-            rows += _kernel_profile(lambda: decode_kernel.decode(q, k_cache, v_cache, seqlens,
-                                                                 table, sc), b, ctx)
+        if b in (1, 16) and ctx in (2048, 32768) and not args.smoke and args.variants:
+            for fused in (True, False):
+                rows += _kernel_profile(lambda fused=fused: decode_kernel.decode(
+                    q, k_cache, v_cache, seqlens, table, sc, fused=fused), b, ctx)
         del k_cache, v_cache, kc, vc, kt, vt
+    return rows
+
+
+def probe(args, copy):
+    """Variants that locate the few-query gap at one split (B = 64) and at 8 queries, and the
+    mixed batch's large-tile config and split count."""
+    from attn_ops.backends.triton import decode_kernel, unified_kernel
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    sc = d ** -0.5
+    rows = []
+    for b, nq, ctx in ([(2, 2, 64)] if args.smoke else [(64, 1, 2048), (64, 4, 2048),
+                                                        (16, 8, 2048)]):
+        lens_k = [ctx] * b
+        k_cache, v_cache, table = _paged(lens_k, dev, hkv, d)
+        q = torch.randn(b * nq, h, d, dtype=torch.bfloat16, device=dev)
+        cu_q, cu_k = _cu([nq] * b, dev), _cu(lens_k, dev)
+        seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        runs = {"decode 1 token": lambda: decode_kernel.decode(q[:b], k_cache, v_cache, seqlens,
+                                                                table, sc)}
+        cfg = unified_kernel.launch_config(nq * h // hkv, d, q.dtype)
+        variants = [("default", {}), ("non-causal", dict(causal=False)),
+                    ("2 splits", dict(splits=2)), ("4 splits", dict(splits=4)),
+                    ("block_n 32", dict(config=cfg._replace(block_n=32))),
+                    ("8 warps", dict(config=cfg._replace(warps=8))),
+                    ("2 stages", dict(config=cfg._replace(stages=2)))]
+        for name, kw in variants:
+            kw = dict(kw)
+            causal = kw.pop("causal", True)
+            runs[f"unified prefill, {name}"] = lambda kw=kw, causal=causal: unified_kernel.prefill(
+                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, causal, table, **kw)
+        base = None
+        for name, fn in runs.items():
+            ms, err = _time(fn, args)
+            base = base or ms
+            rows.append(dict(section="probe", batch=b, queries=nq, ctx=ctx, contender=name,
+                             us=ms * 1e3 if ms else None,
+                             vs_decode=ms / base if ms and base else None, note=err))
+        print_table(rows[-len(runs):], ["batch", "queries", "ctx", "contender", "us",
+                                        "vs_decode", "note"])
+        del k_cache, v_cache
     return rows
 
 
@@ -331,16 +396,63 @@ def _kernel_profile(fn, b, ctx):
     return rows
 
 
+def plot(csv_path, png_path):
+    """Two panels from unified.csv: few-query prefill time over the one-token decode on the same
+    cache (target 1.15), and one-token decode GB/s against SDPA and FA3 (as % of copy)."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(csv.DictReader(open(csv_path)))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.8))
+    few = [r for r in rows if r["section"] == "few" and r["contender"].startswith("attn.prefill")]
+    labels = [f"B{r['batch']} q{r['queries']} ctx {r['ctx']}" for r in few]
+    a.bar(range(len(few)), [float(r["vs_decode"]) for r in few], color="tab:blue",
+          label="attn.prefill (triton: unified kernel)")
+    a.axhline(1.15, color="tab:red", ls="--", label="target 1.15x")
+    a.set_xticks(range(len(few)), labels, fontsize=7, rotation=60)
+    a.set_ylabel("time / one-token decode, same cache")
+    a.set_title("few queries per sequence, paged (pages of 16)")
+    a.legend(fontsize=8)
+    dec = [r for r in rows if r["section"] == "decode"]
+    shapes = list(dict.fromkeys((r["batch"], r["ctx"]) for r in dec))
+    names = [("split-KV decode kernel p16", "ours (paged)"), ("sdpa (contiguous)", "SDPA"),
+             ("fa3 kvcache (contiguous)", "FA3 kvcache")]
+    width = 0.27
+    for i, (key, label) in enumerate(names):
+        vals = [next((float(r["pct_copy"]) for r in dec if (r["batch"], r["ctx"]) == sh
+                      and r["contender"] == key and r["pct_copy"]), 0.0) for sh in shapes]
+        b.bar([x + (i - 1) * width for x in range(len(shapes))], vals, width, label=label)
+    b.set_xticks(range(len(shapes)), [f"B{x} ctx {c}" for x, c in shapes], fontsize=7)
+    b.set_ylabel("% of copy bandwidth (K+V bytes read)")
+    b.set_title("one-token decode")
+    b.legend(fontsize=8)
+    device, date = rows[0]["device"], rows[0]["date"]
+    fig.suptitle(f"{device}, {date}, bf16, H=32, Hkv=8, D=128, CUDA-graph replays")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+
+
 def main():
-    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--only", default="few,mixed,short,decode", help="sections, comma-separated"))
+    def extra(p):
+        p.add_argument("--only", default="few,mixed,short,decode",
+                       help="sections, comma-separated (and probe)")
+        p.add_argument("--variants", action="store_true",
+                       help="also the variants that chose the static tables")
+        p.add_argument("--plot", metavar="CSV", help="only draw unified.png from a unified.csv")
+    args = parse_args(__doc__.splitlines()[0], extra)
+    if args.plot:
+        plot(args.plot, args.out / "unified.png")
+        return
     env = header("unified kernel", args.smoke)
     copy = copy_gbs(args.smoke)
     mm = matmul_tflops(args.smoke)
     print(f"ceilings: device copy {copy:.0f} GB/s (read + write), bf16 matmul {mm:.0f} TFLOP/s")
     sections = args.only.split(",")
     rows = []
-    for name, run in (("few", lambda: few_queries(args, copy)),
+    for name, run in (("probe", lambda: probe(args, copy)),
+                      ("few", lambda: few_queries(args, copy)),
                       ("mixed", lambda: mixed(args, copy, mm)),
                       ("short", lambda: short_prompts(args, mm)),
                       ("decode", lambda: decode(args, copy))):
