@@ -160,3 +160,54 @@ def test_exported_decode_step():
     assert [n.target for n in program.graph.nodes if "attn" in str(n.target)] == [DECODE]
     with torch.no_grad():
         assert_close(program.module()(x, pos), eager(x, pos), *TOL)
+
+
+class TinyGptFast(torch.nn.Module):
+    """Embedding, ``n`` layers of :class:`CacheAttention` with residuals, tied head: enough of
+    gpt-fast for a greedy generate loop over a static cache."""
+
+    def __init__(self, n=2, vocab=97, **kw):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 64)
+        self.layers = torch.nn.ModuleList(CacheAttention(batch=1, **kw) for _ in range(n))
+        self.out = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(n))
+
+    def forward(self, ids, input_pos):
+        x = self.embed(ids)
+        for attn, out in zip(self.layers, self.out):
+            x = x + out(attn(x, input_pos))
+        return x @ self.embed.weight.T
+
+
+def _generate(model, prompt, steps):
+    """Greedy: the prompt in one call at positions 0..T-1, then one token per call."""
+    ids, tokens = prompt, []
+    logits = model(ids, torch.arange(prompt.shape[1]))
+    for p in range(prompt.shape[1], prompt.shape[1] + steps):
+        ids = logits[:, -1:].argmax(-1)
+        tokens.append(int(ids))
+        logits = model(ids, torch.tensor([p]))
+    return tokens
+
+
+@pytest.mark.parametrize("gqa,mask", [("repeat_interleave", "buffer"), ("sdpa", "arange")])
+def test_greedy_generate_runs_every_attention_on_the_ops(gqa, mask):
+    torch.manual_seed(0)
+    model = TinyGptFast(gqa=gqa, mask=mask, h=4, hkv=2, d=16, s_max=24).eval()
+    eager = copy.deepcopy(model)
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=inspecting_backend(), fullgraph=True)
+    prompt = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        expected = _generate(eager, prompt, 9)
+        assert _generate(compiled, prompt, 9) == expected, "greedy tokens identical to eager"
+        with torch.profiler.profile() as prof:  # compiled already: count what the steps run
+            assert _generate(compiled, prompt, 9) == expected
+    names = [e.name for e in prof.events()]
+    assert names.count("attn::prefill") == 2 and names.count("attn::decode") == 2 * 9, \
+        "every layer of every step on the ops"
+    assert not [n for n in names if "scaled_dot_product" in n]
+    assert counters["graph_passes"]["sdpa_to_decode"] == 2
+    assert counters["graph_passes"]["sdpa_over_cache_to_prefill"] == 2
+    assert counters["stats"]["unique_graphs"] == 2, "one prompt graph, one decode graph"
