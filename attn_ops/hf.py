@@ -23,15 +23,40 @@ with the boolean mask made additive, because transformers' SDPA function ignores
 
 transformers is imported only by :func:`register` and the fallback, so ``import attn_ops`` (and
 even ``import attn_ops.hf``) works without it.
+
+:func:`stats` counts the calls that ran on the ops and the fallbacks, by reason, so a user can
+see what a model actually ran (``reset_stats()`` to start over). It counts eager calls; code
+compiled by ``torch.compile`` runs the function once, when tracing, and is not counted there
+(count ``attn::prefill`` profiler events instead).
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 
 from attn_ops import contract
 
 NAME = "attn_ops"
+_STATS: collections.Counter = collections.Counter()
+
+
+def stats() -> dict[str, int]:
+    """Eager attention calls since the last :func:`reset_stats`: ``"ops"`` (ran on
+    ``attn.prefill``) and ``"fallback: <reason>"`` (handed to transformers' SDPA or the model's
+    eager attention), e.g. ``{"ops": 16, "fallback: an explicit attention mask (...)": 2}``."""
+    return dict(_STATS)
+
+
+def reset_stats() -> None:
+    """Forget the counts :func:`stats` returns."""
+    _STATS.clear()
+
+
+def _count(what: str) -> None:
+    if not torch.compiler.is_compiling():  # a traced call runs once, not once per call
+        _STATS[what] += 1
 
 
 def fallback_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -133,6 +158,7 @@ def attn_ops_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     reason = fallback_reason(module, query, key, value, attention_mask, dropout, causal,
                              sliding_window, kwargs)
     sinks = _sinks(kwargs)
+    _count("ops" if reason is None else f"fallback: {reason}")
     if reason is not None and sinks is not None:
         return _eager_with_sinks(module, query, key, value, attention_mask, dropout, scaling,
                                  dict(kwargs, sliding_window=sliding_window, softcap=softcap))

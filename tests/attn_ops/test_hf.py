@@ -231,3 +231,17 @@ def test_sinks_fallback_reasons(gpt_oss):
     with torch.enable_grad():
         assert "gradients" in reason(attn, q, k, k, None, 0.0, True, None,
                                      {"s_aux": attn.sinks})
+
+
+def test_stats_count_calls_on_the_ops_and_fallbacks_by_reason(llama):
+    ids = torch.randint(1, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    attn_ops.hf.reset_stats()
+    logits(llama, "attn_ops", ids)
+    assert attn_ops.hf.stats() == {"ops": 2}, "one call per layer"
+    logits(llama, "attn_ops", ids, attention_mask=mask)
+    reason = "fallback: an explicit attention mask (padding or a custom pattern)"
+    assert attn_ops.hf.stats() == {"ops": 2, reason: 2}
+    attn_ops.hf.reset_stats()
+    assert attn_ops.hf.stats() == {}
