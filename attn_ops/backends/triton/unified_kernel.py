@@ -17,11 +17,9 @@ Grid ``(tiles, Hkv, S)``, sized from static bounds only (CUDA-graph safe, no hos
 * one last program zeroes the rows past ``cu_q[B]`` (rows no sequence owns).
 
 Split ``s`` of ``S`` takes an equal, BLOCK_N-aligned share of the tile's visible key range and
-writes a normalised partial and its log2-sum-exp; :func:`_merge_kernel` combines them. With
-``S = 1`` the tile writes the output directly (one launch).
-
-The same kernel serves decode (``DECODE``: ``q [B, H, D]``, one query per sequence, lengths from
-``seqlens_k``) and prefill over a paged cache or packed dense K/V.
+writes a normalised partial and its log2-sum-exp; the tile's last split program merges them
+(``common.merge_if_last``), or :func:`_merge_kernel` past 8 splits. ``S = 1`` writes directly.
+Serves prefill (paged or packed dense K/V) and decode (``DECODE``: lengths from ``seqlens_k``).
 """
 
 from __future__ import annotations
