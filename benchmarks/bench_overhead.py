@@ -1,17 +1,32 @@
-"""Eager host overhead per op call: the custom-op path (dispatcher, metadata checks, registry)
-and the bare kernel wrapper, beside plain torch calls of similar size.
+"""Host overhead per attention call, every path side by side: eager, torch.compile'd, CUDA graph.
 
-Tiny shapes, so the GPU work (a few us) hides behind the host: ``host_us`` is the wall time of
-2000 back-to-back calls divided by 2000, measured before the final synchronize (launches are
-asynchronous and the queue never fills); ``gpu_us`` is the device time of one call (do_bench).
+Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
 
-    python benchmarks/bench_overhead.py [--out DIR]
+* ``eager``: ``host_us`` is the wall time of CALLS back-to-back calls divided by CALLS, before
+  the final synchronize (launches are asynchronous and the queue never fills); ``gpu_us`` the
+  device time of one call (do_bench). Our op path (``torch.ops.attn.*``, ``attn_ops.*`` with
+  ``backend=``), the Triton kernel wrapper alone, with its launch bound (the compiled launcher
+  called directly, attn_ops/backends/triton/launch.py) and through Triton's own
+  ``kernel[grid]`` path, beside torch calls of similar size.
+* ``chain``: a torch.compile'd function of 32 decode calls, each feeding the next, per call:
+  ``attn_ops`` backend with Triton inlined (Inductor launches our kernels), the same with the
+  attn ops kept as extern calls (``attn_ops.inline_triton=False``), and 32 SDPA calls compiled by
+  Inductor.
+* ``graph``: the same 32-call chains captured in one CUDA graph, per call.
+* ``--cpu-op-path`` (no GPU needed): the op path above the backend function, with a no-op backend
+  registered in the registry, 20000 calls, 7 runs: median and range of the wall time and of the
+  process CPU time (the development machine is shared: CPU time is the steadier figure).
+
+    python benchmarks/bench_overhead.py [--out DIR] [--profile] [--cpu-op-path]
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +34,7 @@ import torch.nn.functional as F
 from common import bench_ms, device, header, parse_args, print_table, write_csv
 
 CALLS = 2000
+CHAIN = 32
 
 
 def host_us(fn, calls: int, sync: bool) -> float:
@@ -35,55 +51,183 @@ def host_us(fn, calls: int, sync: bool) -> float:
     return elapsed / calls * 1e6
 
 
-def cases(dev):
-    import attn_ops
-    from attn_ops.backends.triton import decode_kernel, prefill_kernel, store_kernel
+def _inputs(dev, b=1):
     hkv, h, d, page = 8, 32, 128, 16
     bf = torch.bfloat16
-    k_cache = torch.randn(4, page, hkv, d, device=dev, dtype=bf)
-    v_cache = torch.randn_like(k_cache)
-    key = torch.randn(1, hkv, d, device=dev, dtype=bf)
-    slots = torch.tensor([5], device=dev)
-    q1 = torch.randn(1, h, d, device=dev, dtype=bf)
-    seqlens = torch.tensor([16], dtype=torch.int32, device=dev)
-    table = torch.tensor([[2]], dtype=torch.int32, device=dev)
-    qp = torch.randn(16, h, d, device=dev, dtype=bf)
-    kp = torch.randn(16, hkv, d, device=dev, dtype=bf)
-    cu = torch.tensor([0, 16], dtype=torch.int32, device=dev)
+    t = types.SimpleNamespace()
+    t.k_cache = torch.randn(4 * b, page, hkv, d, device=dev, dtype=bf)
+    t.v_cache = torch.randn_like(t.k_cache)
+    t.key = torch.randn(b, hkv, d, device=dev, dtype=bf)
+    t.slots = torch.arange(b, device=dev) * 4 * page + 5
+    t.q1 = torch.randn(b, h, d, device=dev, dtype=bf)
+    t.seqlens = torch.full((b,), 16, dtype=torch.int32, device=dev)
+    t.table = (torch.arange(b, dtype=torch.int32, device=dev) * 4 + 2)[:, None].contiguous()
+    t.qp = torch.randn(16, h, d, device=dev, dtype=bf)
+    t.kp = torch.randn(16, hkv, d, device=dev, dtype=bf)
+    t.cu = torch.tensor([0, 16], dtype=torch.int32, device=dev)
+    t.qd = t.q1.view(b, h, 1, d)
+    t.kd = t.k_cache.view(b, 4, page, hkv, d)[:, 2].transpose(1, 2)  # [b, Hkv, 16, D]
+    t.k_flat = t.k_cache.view(-1, hkv, d)
+    return t
+
+
+def _unbound(fn):
+    """``fn`` with every Triton launch through ``kernel[grid]`` (Triton's own run path)."""
+    from attn_ops.backends.triton import launch
+
+    def run():
+        launch.enabled = False
+        try:
+            return fn()
+        finally:
+            launch.enabled = True
+    return run
+
+
+def eager_cases(dev):
+    import attn_ops
+    from attn_ops.backends.triton import decode_kernel, prefill_kernel, store_kernel
+    t = _inputs(dev)
     ops = torch.ops.attn
-    qd, kd = q1.view(1, h, 1, d), k_cache[2].transpose(0, 1)[None]
-    k_flat = k_cache.view(-1, hkv, d)
+    store_w = lambda: store_kernel.store_kvcache(t.key, t.key, t.k_cache, t.v_cache, t.slots)
+    decode_w = lambda: decode_kernel.decode(t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08)
+    prefill_w = lambda: prefill_kernel.prefill(t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08)
     return {
         "store_kvcache": {
-            "attn_ops.store_kvcache(backend='triton')":
-                lambda: attn_ops.store_kvcache(key, key, k_cache, v_cache, slots, backend="triton"),
-            "torch.ops.attn.store_kvcache (env choice)":
-                lambda: ops.store_kvcache(key, key, k_cache, v_cache, slots),
-            "kernel wrapper only":
-                lambda: store_kernel.store_kvcache(key, key, k_cache, v_cache, slots),
-            "torch index_copy_ x2":
-                lambda: (k_flat.index_copy_(0, slots, key), k_flat.index_copy_(0, slots, key)),
+            "attn_ops.store_kvcache(backend='triton')": lambda: attn_ops.store_kvcache(
+                t.key, t.key, t.k_cache, t.v_cache, t.slots, backend="triton"),
+            "torch.ops.attn.store_kvcache (env choice)": lambda: ops.store_kvcache(
+                t.key, t.key, t.k_cache, t.v_cache, t.slots),
+            "kernel wrapper, launch bound": store_w,
+            "kernel wrapper, Triton's kernel[grid]": _unbound(store_w),
+            "torch index_copy_ x2": lambda: (t.k_flat.index_copy_(0, t.slots, t.key),
+                                             t.k_flat.index_copy_(0, t.slots, t.key)),
         },
         "decode": {
-            "attn_ops.decode(backend='triton')":
-                lambda: attn_ops.decode(q1, k_cache, v_cache, seqlens, table, 0.08,
-                                        backend="triton"),
-            "torch.ops.attn.decode (env choice)":
-                lambda: ops.decode(q1, k_cache, v_cache, seqlens, table, 0.08),
-            "kernel wrapper only":
-                lambda: decode_kernel.decode(q1, k_cache, v_cache, seqlens, table, 0.08),
-            "F.scaled_dot_product_attention":
-                lambda: F.scaled_dot_product_attention(qd, kd, kd, enable_gqa=True),
+            "attn_ops.decode(backend='triton')": lambda: attn_ops.decode(
+                t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08, backend="triton"),
+            "torch.ops.attn.decode (env choice)": lambda: ops.decode(
+                t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08),
+            "kernel wrapper, launch bound": decode_w,
+            "kernel wrapper, Triton's kernel[grid]": _unbound(decode_w),
+            "F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(
+                t.qd, t.kd, t.kd, enable_gqa=True),
         },
         "prefill": {
-            "attn_ops.prefill(backend='triton')":
-                lambda: attn_ops.prefill(qp, kp, kp, cu, cu, 16, 16, 0.08, backend="triton"),
-            "torch.ops.attn.prefill (env choice)":
-                lambda: ops.prefill(qp, kp, kp, cu, cu, 16, 16, 0.08),
-            "kernel wrapper only":
-                lambda: prefill_kernel.prefill(qp, kp, kp, cu, cu, 16, 16, 0.08),
+            "attn_ops.prefill(backend='triton')": lambda: attn_ops.prefill(
+                t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08, backend="triton"),
+            "torch.ops.attn.prefill (env choice)": lambda: ops.prefill(
+                t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08),
+            "kernel wrapper, launch bound": prefill_w,
+            "kernel wrapper, Triton's kernel[grid]": _unbound(prefill_w),
         },
     }
+
+
+def _chain_fns(t):
+    def ours(q, k_cache, v_cache, seqlens, table):
+        for _ in range(CHAIN):
+            q = torch.ops.attn.decode(q, k_cache, v_cache, seqlens, table, 0.08)
+        return q
+
+    def sdpa(q, k):
+        for _ in range(CHAIN):
+            q = F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+        return q
+    return ours, sdpa
+
+
+def chain_cases(dev):
+    """name -> (per-call host-time function, the same chain for graph capture)."""
+    import attn_ops
+    t = _inputs(dev)
+    ours, sdpa = _chain_fns(t)
+    args = (t.q1, t.k_cache, t.v_cache, t.seqlens, t.table)
+    inline = torch.compile(ours, backend="attn_ops")
+    extern = torch.compile(ours, backend="attn_ops", options={"attn_ops.inline_triton": False})
+    plain = torch.compile(sdpa)
+
+    def under_triton(fn, *a):
+        def run():
+            with attn_ops.use_backend("triton"):
+                return fn(*a)
+        return run
+    return {
+        "attn_ops backend, Triton inlined (32 decode)": under_triton(inline, *args),
+        "attn_ops backend, attn ops extern (32 decode)": under_triton(extern, *args),
+        "eager attn ops (32 decode)": under_triton(ours, *args),
+        "inductor, 32 F.sdpa": lambda: plain(t.qd, t.kd),
+        "eager, 32 F.sdpa": lambda: sdpa(t.qd, t.kd),
+    }
+
+
+def graph_us(fn, reps: int = 200) -> float:
+    """Per-replay wall time of ``fn`` captured in a CUDA graph (device-bound: host ~5 us)."""
+    fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e6
+
+
+def cpu_op_path(runs: int = 7, calls: int = 20000) -> list[dict]:
+    """The op path above the backend function: a no-op backend, 20000 calls, 7 runs."""
+    import attn_ops
+    from attn_ops import registry
+    noop = types.ModuleType("attn_ops_bench_noop")
+    noop.name = "noop"
+    noop.supports = lambda config: None
+    noop.prefill = noop.decode = lambda q, *a, **k: q
+    noop.store_kvcache = lambda *a, **k: None
+    sys.modules[noop.__name__] = noop
+    registry.BACKENDS["noop"] = noop.__name__
+    os.environ["ATTN_OPS_BACKEND"] = "noop"
+    os.environ["ATTN_OPS_CHECK"] = "0"
+    t = _inputs("cpu")
+    ops = torch.ops.attn
+    paths = {
+        "torch.ops.attn.store_kvcache": lambda: ops.store_kvcache(t.key, t.key, t.k_cache,
+                                                                  t.v_cache, t.slots),
+        "torch.ops.attn.decode": lambda: ops.decode(t.q1, t.k_cache, t.v_cache, t.seqlens,
+                                                    t.table, 0.08),
+        "torch.ops.attn.prefill": lambda: ops.prefill(t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08),
+        "attn_ops.decode(backend='noop')": lambda: attn_ops.decode(
+            t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08, backend="noop"),
+        "torch.ops.attn.decode, inference_mode": lambda: _inference(
+            lambda: ops.decode(t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08)),
+    }
+    rows = []
+    for name, fn in paths.items():
+        for _ in range(500):
+            fn()
+        wall, cpu = [], []
+        for _ in range(runs):
+            w, c = time.perf_counter(), time.process_time()
+            for _ in range(calls):
+                fn()
+            wall.append((time.perf_counter() - w) / calls * 1e6)
+            cpu.append((time.process_time() - c) / calls * 1e6)
+        rows.append(dict(bench="cpu_op_path", path=name, wall_median=statistics.median(wall),
+                         wall_min=min(wall), wall_max=max(wall),
+                         cpu_median=statistics.median(cpu), cpu_min=min(cpu), cpu_max=max(cpu)))
+    return rows
+
+
+def _inference(fn):
+    with torch.inference_mode():
+        return fn()
 
 
 def profile(paths: dict, calls: int) -> None:
@@ -102,26 +246,40 @@ def profile(paths: dict, calls: int) -> None:
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--profile", action="store_true", help="also cProfile the decode and store paths"))
-    os.environ["ATTN_OPS_BACKEND"] = "triton"  # for the torch.ops.attn.* rows
+    args = parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--profile", action="store_true", help="also cProfile the eager paths"),
+        p.add_argument("--cpu-op-path", action="store_true",
+                       help="only the op path above a no-op backend, on the CPU")))
     env = header("host overhead", args.smoke)
+    if args.cpu_op_path:
+        rows = [dict(r, date=env["date"], torch=env["torch"]) for r in cpu_op_path()]
+        write_csv(args.out / "overhead_cpu_op_path.csv", rows)
+        print_table(rows, ["path", "wall_median", "wall_min", "wall_max", "cpu_median",
+                           "cpu_min", "cpu_max"])
+        return
+    os.environ["ATTN_OPS_BACKEND"] = "triton"  # for the torch.ops.attn.* rows
     dev = device(args)
     calls = 20 if args.smoke else CALLS
     rows = []
-    for op, paths in cases(dev).items():
+    for op, paths in eager_cases(dev).items():
         for path, fn in paths.items():
-            us = host_us(fn, calls, not args.smoke)
-            gpu = bench_ms(fn, args.smoke) * 1e3
-            rows.append(dict(bench="overhead", op=op, path=path, host_us=us, gpu_us=gpu,
-                             device=env["device"], date=env["date"], torch=env["torch"],
-                             triton=env["triton"]))
+            rows.append(dict(bench="eager", op=op, path=path,
+                             host_us=host_us(fn, calls, not args.smoke),
+                             gpu_us=bench_ms(fn, args.smoke) * 1e3))
+    if not args.smoke:
+        for path, fn in chain_cases(dev).items():
+            host = host_us(fn, calls // 20, True) / CHAIN
+            rows.append(dict(bench="chain", op="decode x32", path=path, host_us=host,
+                             gpu_us=graph_us(fn) / CHAIN))
+    for r in rows:
+        r.update(device=env["device"], date=env["date"], torch=env["torch"],
+                 triton=env["triton"])
     write_csv(args.out / "overhead.csv", rows)
-    print_table(rows, ["op", "path", "host_us", "gpu_us"])
+    print_table(rows, ["bench", "op", "path", "host_us", "gpu_us"])
     if args.profile:
-        all_cases = cases(dev)
-        profile({f"{op}: {path}": all_cases[op][path] for op in ("store_kvcache", "decode")
-                 for path in list(all_cases[op])[:3]}, calls)
+        cases = eager_cases(dev)
+        profile({f"{op}: {path}": cases[op][path] for op in ("store_kvcache", "decode")
+                 for path in list(cases[op])[:3]}, calls)
 
 
 if __name__ == "__main__":
