@@ -53,6 +53,7 @@ class _Evaluator:
         self.memo: dict[Node, object] = {}
         self.assume_tril = assume_tril
         self.assumed: list[Node] = []
+        self.written: dict[Node, list[Node]] = {}  # position inputs -> their in-place writers
 
     def scalar(self, x):
         """A Python/SymInt scalar argument (constant or a size node)."""
@@ -83,9 +84,15 @@ class _Evaluator:
     def _eval(self, node: Node):
         if node.op in ("placeholder", "get_attr"):
             val = meta_val(node)
-            if isinstance(val, torch.Tensor) and val.dim() == 1 and not val.is_floating_point() \
-                    and val.dtype != torch.bool and self._writer(node) is None:
-                return md.position_input(node)  # input_pos / cache_position: values unknown
+            if isinstance(val, torch.Tensor) and val.dim() <= 1 and not val.is_floating_point() \
+                    and val.dtype != torch.bool:
+                # input_pos / cache_position (1-D), a cache's length counter (0-d): values
+                # unknown. Writes to it are allowed and reported: the caller must know that
+                # the mask read it before them.
+                writers = self._writers(node)
+                if writers:
+                    self.written[node] = writers
+                return md.position_input(node, val.dim())
             if self.assume_tril and isinstance(val, torch.Tensor) and val.dtype == torch.bool \
                     and val.dim() == 2 and md.same(val.shape[0], val.shape[1]) \
                     and self._writer(node) is None:
@@ -108,6 +115,12 @@ class _Evaluator:
 
     def _writer(self, node: Node) -> Node | None:
         """An op that writes ``node``'s memory in place, directly or through a view, if any."""
+        writers = self._writers(node, first_only=True)
+        return writers[0] if writers else None
+
+    def _writers(self, node: Node, first_only: bool = False) -> list[Node]:
+        """The ops that write ``node``'s memory in place, directly or through a view."""
+        found = []
         work, seen = [node], set()
         while work:
             x = work.pop()
@@ -120,10 +133,12 @@ class _Evaluator:
                     continue
                 if uname in _WRITES or (uname.endswith("_") and not uname.startswith("_")):
                     if not self._noop_inplace(user, uname):
-                        return user
+                        found.append(user)
+                        if first_only:
+                            return found
                 elif uname in _ALIASES:
                     work.append(user)
-        return None
+        return found
 
     def _noop_inplace(self, node: Node, name: str) -> bool:
         if name not in _NOOP_INPLACE or len(node.args) < 2:
@@ -196,10 +211,15 @@ def _cache_hint(node, usage, scores_rank) -> str:
 
 
 class CacheMask(NamedTuple):
-    """A mask proven to be "query i sees key j iff ``j <= pos[i]``"."""
-    pos: Node  # the 1-D integer input holding the positions
-    per_query: bool  # False: every query reads pos[0] (the mask's query dim has size 1)
+    """A mask proven to be "query i sees key j iff ``j <= position(i)``", where position(i) is
+    (``kind``) ``"each"``: ``pos[i]`` (gpt-fast's ``input_pos``); ``"first"``: ``pos[0]`` for
+    every query (a mask row of one query); ``"offset"``: ``pos + i`` for a 0-d or one-element
+    ``pos`` (transformers' StaticCache: ``cumulative_length + arange``), consecutive by
+    construction."""
+    pos: Node  # the integer graph input (1-D, or 0-d for "offset")
+    kind: str
     assumed: tuple  # square bool inputs taken to be tril(ones): to check at run time
+    written: tuple  # in-place writes of pos in the graph (the mask read it before them?)
 
 
 def cache_positions(node: Node, usage: str, scores_rank: int = 4,
@@ -222,8 +242,15 @@ def cache_positions(node: Node, usage: str, scores_rank: int = 4,
     (pos, onehot, c), = lin.terms
     query_dim = tuple(1 if d == scores_rank - 2 else 0 for d in range(scores_rank))
     key_only = tuple(-1 if d == scores_rank - 1 else 0 for d in range(scores_rank))
-    if c == 1 and onehot in (query_dim, (0,) * scores_rank) \
-            and lin.equals(Lin(key_only, 0, lin.terms)):
-        return CacheMask(pos, onehot == query_dim, tuple(ev.assumed))
+    offset = tuple(a + b for a, b in zip(key_only, query_dim))
+    found = None
+    if c == 1 and onehot == query_dim and lin.equals(Lin(key_only, 0, lin.terms)):
+        found = "each"
+    elif c == 1 and not any(onehot) and lin.equals(Lin(key_only, 0, lin.terms)):
+        found = "first"
+    elif c == 1 and not any(onehot) and lin.equals(Lin(offset, 0, lin.terms)):
+        found = "offset"
+    if found is not None:
+        return CacheMask(pos, found, tuple(ev.assumed), tuple(ev.written.get(pos, ())))
     raise NotProvable(f"a mask over positions of {pos.target} that is not j <= pos[i] "
                       f"(keeps {lin})")

@@ -203,8 +203,9 @@ def scalar_of(value) -> float:
 
 
 def position_input(node, rank: int = 1) -> Lin:
-    """The value of a 1-D integer graph input read as positions: ``node[idx[0]]``."""
-    return Lin((0,) * rank, 0, ((node, (1,) + (0,) * (rank - 1), 1),))
+    """The value of an integer graph input read as positions: ``node[idx[0]]`` (rank 1) or the
+    scalar ``node`` itself (rank 0)."""
+    return Lin((0,) * rank, 0, ((node, (1,) * rank, 1),))
 
 
 def causal_pred(rank: int) -> Pred:

@@ -31,22 +31,20 @@ import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
-from graph_passes.fx_nodes import erase_dead, meta_val, op_name, same
+from graph_passes.fx_nodes import erase_dead, meta_val, op_name
 from graph_passes.mask import causal_mask
 from graph_passes.mask.domain import NotProvable
 from graph_passes.passes.base import AttentionPass
+from graph_passes.passes.sdpa_over_cache import emit_over_cache, plan_cache_attention
 from graph_passes.rewrite import gqa_folding
 from graph_passes.rewrite.dense_prefill import emit_dense_prefill
-from graph_passes.rewrite.cache_attention import emit_cache_attention
-from graph_passes.rewrite.eligibility import left_alone, refuse_cache_reason, refuse_reason
+from graph_passes.rewrite.eligibility import left_alone, refuse_reason
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
               "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
                   "enable_gqa": False}
 PASS_NAME = "sdpa_to_prefill"
-DECODE_COUNTER = "sdpa_to_decode"  # SDPA over a static cache, one query per sequence
-CACHE_PREFILL_COUNTER = "sdpa_over_cache_to_prefill"  # several queries over a static cache
 
 
 def _sdpa_args(node: Node) -> dict:
@@ -90,7 +88,7 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
         try:
             causal = causal_mask.classify(mask, usage, scores_rank=4) == "causal"
         except NotProvable as e:
-            over_cache = _plan_cache_attention(a, q, mask, usage, scale, options)
+            over_cache = plan_cache_attention(a, q, mask, usage, scale, options)
             if over_cache is not None:
                 return over_cache
             return None, f"its attn_mask is not provably causal: {e}"
@@ -104,37 +102,6 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
     return dict(q=q, k=k, v=v, scale=float(scale), causal=causal), None
 
 
-def _plan_cache_attention(a: dict, q: Node, mask: Node, usage: str, scale: float, options):
-    """The plan over a cache (or its refusal) when the mask is "key j iff j <= pos[i]"; None
-    when the mask is not a position mask at all."""
-    try:
-        found = causal_mask.cache_positions(mask, usage, scores_rank=4)
-    except NotProvable:
-        if not (options.checked_masks and usage == "keep"):
-            return None
-        try:  # gpt-fast's causal_mask buffer: taken as tril, checked on the device
-            found = causal_mask.cache_positions(mask, usage, 4, assume_tril_buffers=True)
-        except NotProvable:
-            return None
-    pos = found.pos
-    k, v = a["key"], a["value"]
-    if options.fold_gqa:
-        k, v, _ = gqa_folding.unexpand_pair(k, v)
-    where = f"(a mask over the positions in {pos.target}: attention over a cache)"
-    reason = refuse_cache_reason(meta_val(q), meta_val(k), meta_val(v), options)
-    sq = meta_val(q).shape[2]
-    if reason is None and not isinstance(sq, int):
-        reason = "a symbolic number of queries over a cache"
-    if reason is None and not found.per_query and sq != 1:
-        reason = "every query sees the keys up to the first position (not causal)"
-    if reason is not None:
-        return None, f"{reason} {where}"
-    if not a["enable_gqa"] and k is a["key"] and meta_val(k).shape[1] != meta_val(q).shape[1]:
-        return None, "Hq != Hkv without enable_gqa (SDPA itself would reject it)"
-    return dict(q=q, k=k, v=v, scale=float(scale), pos=pos,
-                check_mask=mask if found.assumed else None, per_query=found.per_query), None
-
-
 def substitute_sdpa(graph: Graph, options) -> int:
     """Replace every eligible SDPA call in ``graph``; return how many were replaced."""
     count = 0
@@ -146,9 +113,7 @@ def substitute_sdpa(graph: Graph, options) -> int:
             left_alone(PASS_NAME, f"SDPA call {node.name}", reason)
             continue
         if "pos" in plan:
-            one = same(meta_val(plan["q"]).shape[2], 1)
-            out = emit_cache_attention(graph, node, **plan)
-            counter = DECODE_COUNTER if one else CACHE_PREFILL_COUNTER
+            out, counter = emit_over_cache(graph, node, plan)
         else:
             out, counter = emit_dense_prefill(graph, node, **plan), PASS_NAME
         node.replace_all_uses_with(out)

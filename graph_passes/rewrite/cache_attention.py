@@ -9,8 +9,9 @@ sequence, so the same attention is, with ``block_table = arange(B)[:, None]``:
 * one query per sequence: ``attn.decode`` with ``seqlens_k = pos[0] + 1``;
 * ``Sq`` queries at consecutive positions ``pos[0] + i`` (a prefill chunk): ``attn.prefill``
   with ``Sq`` queries and ``pos[0] + Sq`` keys per sequence, causal (bottom-right: query i sees
-  keys ``<= pos[0] + i``). Positions are data, so "consecutive" is checked on the device at
-  every call (an async assert over ``Sq`` ints: no host sync; other positions raise).
+  keys ``<= pos[0] + i``). Positions given one per query are data, so "consecutive" is checked
+  on the device at every call (an async assert over ``Sq`` ints: no host sync; other positions
+  raise); positions built as ``offset + arange(Sq)`` (transformers) are consecutive already.
 
 The cache is handed over as a view: when it is token-major in memory (``[B, S_max, Hkv, D]``,
 seen by SDPA through ``.transpose(1, 2)``), ``k.transpose(1, 2)`` is exactly the
@@ -39,29 +40,34 @@ def _assert(emit: Emitter, ok: Node, message: str) -> None:
 
 
 def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, pos: Node,
-                         scale: float, check_mask: Node | None = None,
-                         per_query: bool = True) -> Node:
+                         scale: float, kind: str = "each",
+                         check_mask: Node | None = None) -> Node:
     """Insert the op for SDPA ``anchor`` before it; return its ``[B, H, Sq, D]`` node.
 
     Args:
         q: ``[B, H, Sq, D]``; k, v: ``[B, Hkv, S, D]`` views of token-major caches.
-        pos: the 1-D integer positions of the queries (``[Sq]``, or ``[1]`` for one query).
+        pos: the integer positions input; query i is at ``pos[i]`` (``kind`` "each"), ``pos[0]``
+            ("first", one query) or ``pos + i`` ("offset", ``pos`` 0-d or one element): see
+            :class:`graph_passes.mask.causal_mask.CacheMask`.
         scale: multiplies q·k.
         check_mask: a bool mask ``[..., Sq, S]`` proven equal to ``arange(S) <= pos[i]`` only
             under an assumption about a buffer's data: an async assert checks it at every call
             (one comparison of Sq x S bools, no host sync).
-        per_query: the mask reads ``pos[i]`` for query i (False: ``pos[0]`` for its one row).
     """
     emit = Emitter(graph, anchor, q)
     b, h, sq, d = (emit.size(q, i) for i in range(4))
     s = meta_val(k).shape[2]
     device = meta_val(q).device
-    first = emit(aten.slice.Tensor, pos, 0, 0, 1)  # [1]
+    flat = emit(aten.reshape.default, pos, [-1])
+    first = emit(aten.slice.Tensor, flat, 0, 0, 1)  # [1]: the position of query 0
+    rows = flat if kind == "each" else first  # the position of each query (or of all)
+    if kind == "offset" and not same(sq, 1):
+        rows = emit(aten.add.Tensor, emit(aten.arange.default, sq, device=device), first)
     if check_mask is not None:
         expected = emit(aten.le.Tensor,
                         emit(aten.view.default, emit(aten.arange.default, s, device=device),
                              [1, s]),
-                        emit(aten.view.default, pos if per_query else first, [-1, 1]))
+                        emit(aten.view.default, rows, [-1, 1]))
         _assert(emit, emit(aten.eq.Tensor, check_mask, expected),
                 f"the mask {check_mask.name} read from a buffer is not 'key j iff j <= position' "
                 f"at this call, so the op that replaced this attention would be wrong (compile "
@@ -76,10 +82,11 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
         out = emit(DECODE, emit(aten.select.int, q, 2, 0), k_cache, v_cache,
                    emit(aten.repeat.default, kv_len, [b]), table, float(scale))
         return emit(aten.unsqueeze.default, out, 2)
-    steps = emit(aten.arange.default, emit.add(sq, 0), device=device)
-    _assert(emit, emit(aten.eq.Tensor, pos, emit(aten.add.Tensor, steps, first)),
-            f"the positions {pos.name} are not consecutive at this call, so the paged prefill "
-            f"that replaced this attention over the cache would be wrong")
+    if kind == "each":  # consecutive by construction for "offset"; data for "each"
+        steps = emit(aten.arange.default, sq, device=device)
+        _assert(emit, emit(aten.eq.Tensor, flat, emit(aten.add.Tensor, steps, first)),
+                f"the positions {pos.name} are not consecutive at this call, so the paged "
+                f"prefill that replaced this attention over the cache would be wrong")
     batch = emit(aten.arange.default, emit.add(b, 1), dtype=torch.int32, device=device)
     tokens_major = emit(aten.reshape.default, emit(aten.transpose.int, q, 1, 2),
                         [emit.mul(b, sq), h, d])

@@ -158,60 +158,64 @@ def _kv(pos):
     return torch.arange(S_MAX, device=pos.device)
 
 
-def _mutated_pos(x, pos):
+def _mutated_pos(x, pos, n):
     pos = pos.clone()
     p = pos + 0
     p.add_(1)
     return _kv(p)[None, :] <= p[:, None]
 
 
-# name -> (builder (x, pos) -> mask, usage, expected: True (per query) / False (pos[0]) / raises)
+# name -> (builder (x, pos, length) -> mask, usage, expected CacheMask.kind or NotProvable);
+# pos: 1-D positions (gpt-fast's input_pos), length: a 0-d count of cached tokens (transformers'
+# StaticCache.cumulative_length), the queries then at length + arange(Sq).
 CACHE_CASES = {
     "gpt_fast_indexed_tril": (
-        lambda x, pos: torch.ones(S_MAX, S_MAX, dtype=torch.bool).tril()[None, None, pos],
-        "keep", True),
-    "arange_le_pos": (lambda x, pos: _kv(pos)[None, :] <= pos[:, None], "keep", True),
-    "hf_additive_min": (lambda x, pos: torch.where(_kv(pos)[None, :] <= pos[:, None], 0.0,
+        lambda x, pos, n: torch.ones(S_MAX, S_MAX, dtype=torch.bool).tril()[None, None, pos],
+        "keep", "each"),
+    "arange_le_pos": (lambda x, pos, n: _kv(pos)[None, :] <= pos[:, None], "keep", "each"),
+    "hf_additive_min": (lambda x, pos, n: torch.where(_kv(pos)[None, :] <= pos[:, None], 0.0,
                                                    torch.finfo(torch.float32).min), "additive",
-                        True),
-    "masked_fill_future": (lambda x, pos: torch.zeros(pos.shape[0], S_MAX).masked_fill(
-        _kv(pos)[None, :] > pos[:, None], -math.inf)[None, None], "additive", True),
-    "one_row_for_every_query": (lambda x, pos: (_kv(pos)[None, :] <= pos[:1, None]),
-                                "keep", False),
+                        "each"),
+    "masked_fill_future": (lambda x, pos, n: torch.zeros(pos.shape[0], S_MAX).masked_fill(
+        _kv(pos)[None, :] > pos[:, None], -math.inf)[None, None], "additive", "each"),
+    "one_row_for_every_query": (lambda x, pos, n: (_kv(pos)[None, :] <= pos[:1, None]),
+                                "keep", "first"),
+    "static_cache_offset": (lambda x, pos, n: _kv(pos)[None, :] <= (
+        torch.arange(pos.shape[0]) + n)[:, None], "keep", "offset"),
     # Negative: not "j <= pos[i]", or not positions at all.
-    "window_over_cache": (lambda x, pos: (_kv(pos)[None, :] <= pos[:, None])
+    "window_over_cache": (lambda x, pos, n: (_kv(pos)[None, :] <= pos[:, None])
                           & (pos[:, None] - _kv(pos)[None, :] < 4), "keep", NotProvable),
-    "strictly_before": (lambda x, pos: _kv(pos)[None, :] < pos[:, None], "keep", NotProvable),
-    "positions_on_the_key_dim": (lambda x, pos: _kv(pos)[:, None] <= pos[None, :], "keep",
+    "strictly_before": (lambda x, pos, n: _kv(pos)[None, :] < pos[:, None], "keep", NotProvable),
+    "positions_on_the_key_dim": (lambda x, pos, n: _kv(pos)[:, None] <= pos[None, :], "keep",
                                  NotProvable),
-    "float_input": (lambda x, pos: torch.arange(x.shape[1])[None, :] <= x[0, :, 0][:, None],
+    "float_input": (lambda x, pos, n: torch.arange(x.shape[1])[None, :] <= x[0, :, 0][:, None],
                     "keep", NotProvable),
     "positions_written_in_place": (_mutated_pos, "keep", NotProvable),
 }
 CACHE_NAMES = sorted(CACHE_CASES)
 
 
-def _all_cache_masks(x, pos):
-    return [CACHE_CASES[n][0](x, pos) for n in CACHE_NAMES]
+def _all_cache_masks(x, pos, length):
+    return [CACHE_CASES[n][0](x, pos, length) for n in CACHE_NAMES]
 
 
 @pytest.fixture(scope="module")
 def captured_cache():
-    x, pos = torch.randn(2, 5, 3), torch.tensor([3, 4, 5, 6, 7])
+    args = torch.randn(2, 5, 3), torch.tensor([3, 4, 5, 6, 7]), torch.tensor(3)
     graphs = {}
 
     def capture(gm, example_inputs):
         graphs["dynamo"] = gm
         return gm
     torch._dynamo.reset()
-    torch.compile(_all_cache_masks, backend=capture, fullgraph=True)(x, pos)
+    torch.compile(_all_cache_masks, backend=capture, fullgraph=True)(*args)
     from torch._inductor.decomposition import select_decomp_table
-    graphs["inductor"] = make_fx(_all_cache_masks, select_decomp_table())(x, pos)
+    graphs["inductor"] = make_fx(_all_cache_masks, select_decomp_table())(*args)
 
     class M(torch.nn.Module):
-        def forward(self, x, pos):
-            return _all_cache_masks(x, pos)
-    graphs["export"] = torch.export.export(M(), (x, pos)).graph_module
+        def forward(self, x, pos, length):
+            return _all_cache_masks(x, pos, length)
+    graphs["export"] = torch.export.export(M(), args).graph_module
     return {ir: _outputs(gm.graph) for ir, gm in graphs.items()}
 
 
@@ -224,21 +228,21 @@ def test_cache_position_masks(captured_cache, ir, name):
         with pytest.raises(NotProvable):
             cache_positions(node, usage)
         return
-    pos, per_query, assumed = cache_positions(node, usage)
-    assert pos.op == "placeholder" and per_query is expected and assumed == ()
+    pos, kind, assumed, written = cache_positions(node, usage)
+    assert pos.op == "placeholder" and kind == expected and assumed == () and written == ()
     with pytest.raises(NotProvable, match="attention over a cache"):
         classify(node, usage)  # not the plain causal mask: the dense passes leave it alone
 
 
 def test_cache_masks_built_as_expected_values():
-    """The positive builders against data: key j is kept iff j <= pos[i]."""
-    x, pos = torch.randn(2, 5, 3), torch.tensor([2, 9, 0, 15, 4])
+    """The positive builders against data: key j is kept iff j <= the query's position."""
+    x, pos, length = torch.randn(2, 5, 3), torch.tensor([2, 9, 0, 15, 4]), torch.tensor(6)
     for name in CACHE_NAMES:
         build, usage, expected = CACHE_CASES[name]
         if expected is NotProvable:
             continue
-        m = build(x, pos)
+        m = build(x, pos, length)
         keep = (m == 0) if usage == "additive" else m
-        rows = pos[:1] if expected is False else pos
+        rows = {"each": pos, "first": pos[:1], "offset": length + torch.arange(5)}[expected]
         want = torch.arange(S_MAX)[None, :] <= rows[:, None]
         assert torch.equal(keep.reshape(-1, S_MAX), want), name

@@ -15,6 +15,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import attn_ops  # noqa: F401
@@ -211,3 +212,83 @@ def test_greedy_generate_runs_every_attention_on_the_ops(gqa, mask):
     assert counters["graph_passes"]["sdpa_to_decode"] == 2
     assert counters["graph_passes"]["sdpa_over_cache_to_prefill"] == 2
     assert counters["stats"]["unique_graphs"] == 2, "one prompt graph, one decode graph"
+
+
+class CountedCacheAttention(CacheAttention):
+    """transformers' StaticCache way: a 0-d ``length`` buffer counts the cached tokens; the step
+    builds its positions as ``length + arange(S)``, masks with them, then bumps ``length`` in
+    place (``write_first``: also writes it before building the mask, a +s then -s that leaves
+    the value as it was but which the prover cannot see through)."""
+
+    def __init__(self, write_first=False, **kw):
+        super().__init__(**kw)
+        self.write_first = write_first
+        self.register_buffer("length", torch.tensor(0))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        if self.write_first:
+            self.length.add_(s)
+            self.length.sub_(s)
+        pos = torch.arange(s) + self.length
+        keep = torch.arange(self.s_max)[None, :] <= pos[:, None]
+        self.length.add_(s)
+        q = self.q(x).view(b, s, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, self.hkv, self.d).unbind(2)
+        self.k_cache[:, pos] = k
+        self.v_cache[:, pos] = v
+        y = F.scaled_dot_product_attention(q, self.k_cache.transpose(1, 2),
+                                           self.v_cache.transpose(1, 2), attn_mask=keep,
+                                           enable_gqa=True)
+        return y.transpose(1, 2).reshape(b, s, self.h * self.d)
+
+
+def test_positions_counted_in_a_buffer_written_after_the_mask():
+    model = CountedCacheAttention().eval()
+    eager = copy.deepcopy(model)
+    counters.clear()
+    torch._dynamo.reset()
+    graphs = {}
+    step = torch.compile(model, backend=inspecting_backend(None, graphs), fullgraph=True,
+                         dynamic=False)  # a symbolic number of queries is left alone
+    with torch.no_grad():
+        for s in (5, 1, 1, 3):  # a prompt, two decode steps, a chunk: one graph per length
+            x = torch.randn(2, s, 64)
+            assert_close(step(x), eager(x), *TOL, what=f"{s} tokens at {int(eager.length)}")
+    assert int(model.length) == int(eager.length) == 10
+    assert counters["graph_passes"]["sdpa_to_decode"] == 1
+    assert counters["graph_passes"]["sdpa_over_cache_to_prefill"] == 2
+    asserts = [n for n in graphs["dynamo"].graph.nodes if "_assert_async" in str(n.target)]
+    assert not asserts, "length + arange is consecutive by construction: nothing to check"
+
+
+def test_positions_written_before_the_mask_reads_them_stay_on_sdpa(caplog):
+    model = CountedCacheAttention(write_first=True).eval()
+    with caplog.at_level(logging.DEBUG, logger="graph_passes"), torch.no_grad():
+        counters.clear()
+        torch._dynamo.reset()
+        torch.compile(model, backend=inspecting_backend(), fullgraph=True)(torch.randn(2, 1, 64))
+    assert counters["graph_passes"]["sdpa_to_decode"] == 0
+    assert "written in place before the mask reads it" in caplog.text
+
+
+def test_transformers_static_cache_is_recognised_and_left_alone_for_its_layout(caplog):
+    """transformers' StaticCache keeps [B, Hkv, S_max, D] (heads-major) caches: the decode mask
+    (cumulative_length + arange) is proven, and the call stays on SDPA only because the ops read
+    token-major caches. Changes when the ops read caches through strides."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    cache = transformers.StaticCache(config=cfg, max_cache_len=32)
+    counters.clear()
+    torch._dynamo.reset()
+    forward = torch.compile(model.forward, backend=inspecting_backend(), fullgraph=True)
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="graph_passes"):
+        forward(torch.randint(1, 97, (1, 5)), past_key_values=cache, use_cache=True)
+        caplog.clear()
+        forward(torch.randint(1, 97, (1, 1)), past_key_values=cache, use_cache=True)
+    assert counters["graph_passes"]["sdpa_to_decode"] == 0
+    assert caplog.text.count("not token-major in memory") == 2, caplog.text
+    assert "attention over a cache" in caplog.text
