@@ -3,7 +3,7 @@
 Runs on CUDA, and on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is
 set before the kernels are first used (the CI path). Importing this package imports no triton:
 the kernel modules (:mod:`.store_kernel`, :mod:`.prefill_kernel`, :mod:`.decode_kernel`,
-:mod:`.merge_kernel`; named
+:mod:`.unified_kernel`, :mod:`.merge_kernel`; named
 apart from the functions below so that importing one does not rebind a package attribute) load
 on first call.
 
@@ -70,11 +70,32 @@ def store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_sc
     store_kernel.store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
+# Which prefill kernel serves a call, from host-known shapes only (no sync; CUDA-graph safe).
+# The unified kernel (GQA-packed rows, split-KV) serves few queries per sequence and batches that
+# mix short and long sequences; the FA2-style prefill kernel keeps long uniform prompts, where
+# its 128 x 128 tiles measured faster (H200, BENCHMARKS.md "One paged kernel ...").
+_UNIFIED_MAX_ROWS = 64  # max_seqlen_q * G up to this: every sequence is one small tile
+_UNIFIED_MAX_Q = 1024  # short prompts: unified measured 1.0-1.34x the prefill kernel
+
+
+def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: int) -> bool:
+    """True when the unified kernel serves this prefill: few rows, short prompts, or a batch
+    whose tokens are far fewer than ``B * max_seqlen_q`` (a mix of decode rows and chunks)."""
+    if max_seqlen_q * group <= _UNIFIED_MAX_ROWS or max_seqlen_q <= _UNIFIED_MAX_Q:
+        return True
+    return 2 * total_q < num_seqs * max_seqlen_q
+
+
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
             block_table=None, window_left=-1, softcap=0.0):
-    from attn_ops.backends.triton import prefill_kernel
-    return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  scale, causal, block_table, window_left, softcap)
+    num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
+    if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
+                           q.shape[1] // max(num_kv_heads, 1)):
+        from attn_ops.backends.triton import unified_kernel as kernel
+    else:
+        from attn_ops.backends.triton import prefill_kernel as kernel
+    return kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                          causal, block_table, window_left, softcap)
 
 
 def merge_states(out_a, lse_a, out_b, lse_b):

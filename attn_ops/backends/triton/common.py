@@ -106,3 +106,64 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
     block = tl.load(table_row + (pos // PAGE) * stride_tc, mask=valid, other=0).to(tl.int64)
     offset = pos % PAGE
     return block * stride_kb + offset * stride_kt, block * stride_vb + offset * stride_vt
+
+
+# Split-KV semaphores: one int32 counter per (tile, kv head) of a split launch, zero between
+# calls (the program that merges resets its counter), one buffer per (device, stream) so that
+# launches on two streams never share a counter. Grown, never shrunk; ~4 KB for B = 128, Hkv = 8.
+_SEMAPHORES: dict = {}
+
+
+def semaphores(count: int, device: torch.device) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``count`` counters for ``device``'s current stream.
+
+    Under a dispatch mode (fake or functional tensors: a ``triton_op`` traced by AOTAutograd) a
+    fresh zeroed buffer, never cached: a traced tensor in the cache would reach a real launch.
+    """
+    if torch._C._len_torch_dispatch_stack():
+        return torch.zeros(max(count, 1), dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _SEMAPHORES.get(key)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _SEMAPHORES[key] = buf
+    return buf
+
+
+@triton.jit
+def merge_if_last(SEMA, sema_idx, O_PART, LSE_PART, part, part_split_stride, num_splits, OUT,
+                  out_ptrs, row_ok, offs_d, dim_ok, ROWS: tl.constexpr, D_P2: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """Count this split program in; the last of the ``num_splits`` programs of a tile merges
+    every split's partial (``O_PART[part + s * part_split_stride]``, normalised, and its log2-sum-
+    exp in ``LSE_PART``) into ``out_ptrs`` and resets the counter for the next call.
+
+    This replaces a second (merge) launch: on the H200 that launch cost ~2.9 us of device time
+    plus the gap between the two kernels, 13% of a B = 16, ctx 2048 decode (42 us vs 36 us for
+    stage 1 alone). Ordering: every thread's partial stores happen before the barrier, the
+    counter's atomic is acq_rel at GPU scope, and the merging program reads the partials through
+    L2 (``.cg``), never a stale L1 line.
+    """
+    tl.debug_barrier()
+    count = tl.atomic_add(SEMA + sema_idx, 1, sem="acq_rel")
+    if count == num_splits - 1:
+        m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, D_P2], dtype=tl.float32)
+        mask = row_ok[:, None] & dim_ok[None, :]
+        for s in range(0, num_splits):
+            idx = part + s * part_split_stride
+            lse = tl.load(LSE_PART + idx, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(O_PART + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m, lse)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_use)
+            w = tl.math.exp2(lse - m_use)  # an empty split (lse = -inf) weighs 0
+            acc = acc * alpha[:, None] + w[:, None] * tl.where(w[:, None] > 0, o, 0.0)
+            den = den * alpha + w
+            m = m_new
+        out = acc / tl.where(den > 0, den, 1.0)[:, None]
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(SEMA + sema_idx, 0)

@@ -41,6 +41,25 @@ def test_supports_reasons(monkeypatch):
     assert "TRITON_INTERPRET=1" in tb.supports(_config("decode", device=torch.device("cpu")))
 
 
+def test_prefill_kernel_choice_is_static():
+    # few rows or short prompts -> unified kernel; long uniform prompts -> FA2-style kernel;
+    # a batch with far fewer tokens than B * max_seqlen_q (decode rows + chunks) -> unified
+    assert tb.use_unified_prefill(4, 256, 64, 4)
+    assert tb.use_unified_prefill(256, 16384, 64, 4)
+    assert not tb.use_unified_prefill(4096, 16384, 4, 4)
+    assert tb.use_unified_prefill(4096, 1104, 58, 4)
+
+
+def test_few_query_paged_prefill_through_the_op():
+    lens_q, lens_k = [4, 1, 0, 3], [40, 17, 0, 9]
+    paged = random_paged(lens_k, 2, 32, 16, torch.float16)
+    q = torch.randn(8, 4, 32, dtype=torch.float16)
+    args = (q, paged.k_cache, paged.v_cache, cu_seqlens(lens_q), cu_seqlens(lens_k), 4, 40, 0.2,
+            True, paged.block_table)
+    got = attn_ops.prefill(*args, backend="triton")
+    assert_close(got, attn_ops.prefill(*args, backend="reference"), *TOLERANCES[torch.float16])
+
+
 def test_importing_the_backend_imports_no_triton():
     code = ("import sys, attn_ops, attn_ops.backends.triton as t; "
             "assert 'triton' not in sys.modules, 'triton imported'; print(t.name)")

@@ -33,25 +33,27 @@ def _nan(shape, dtype):
 # ---------------------------------------------------------------------------------------------
 
 def _check_decode(lens, h, hkv, d, block_size, dtype, window_left=-1, softcap=0.0, splits=None,
-                  table_width=None):
+                  table_width=None, fused=None):
     paged = random_paged(lens, hkv, d, block_size, dtype, table_width=table_width)
     q = torch.randn(len(lens), h, d, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     out = _poisoned(q.shape, dtype)
     decode_kernel.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, d ** -0.5,
-                         window_left, softcap, splits=splits, out=out)
+                         window_left, softcap, splits=splits, out=out, fused=fused)
     ref = reference.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table,
                            d ** -0.5, window_left, softcap)
     assert_close(out, ref, *TOLERANCES[dtype], what="decode")
     return out
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("splits", [None, 1, 3, 8])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_decode_splits_and_padding(splits, block_size):
-    # seqlens 0 (padded row), 1, odd; 8 splits of a 40-token sequence leave splits empty
+def test_decode_splits_and_padding(splits, block_size, fused):
+    # seqlens 0 (padded row), 1, odd; 8 splits of a 40-token sequence leave splits empty;
+    # fused: the last split program merges, else the second (merge) launch
     out = _check_decode([13, 0, 40, 1], 4, 2, 32, block_size, torch.bfloat16, splits=splits,
-                        table_width=4)
+                        table_width=4, fused=fused)
     assert torch.all(out[1] == 0)
 
 
@@ -140,13 +142,13 @@ def test_decode_transposed_dense_cache(splits):
 # ---------------------------------------------------------------------------------------------
 
 def _decode_case(lens, h, hkv, d, block_size, dtype, window_left=-1, softcap=0.0, splits=None,
-                 table_width=None):
+                 table_width=None, fused=None):
     paged = random_paged(lens, hkv, d, block_size, dtype, device=DEV, table_width=table_width)
     q = torch.randn(len(lens), h, d, dtype=dtype, device=DEV)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     args = (q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, d ** -0.5, window_left,
             softcap)
-    out = decode_kernel.decode(*args, splits=splits, out=_nan(q.shape, dtype))
+    out = decode_kernel.decode(*args, splits=splits, out=_nan(q.shape, dtype), fused=fused)
     ref = reference.decode(*args)
     assert_close(out, ref, *TOLERANCES[dtype], what="decode")
     return out
@@ -168,10 +170,19 @@ def test_decode_head_dims_groups_cuda(d, h, hkv):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
 @pytest.mark.parametrize("window_left,softcap", [(-1, 0.0), (300, 0.0), (-1, 50.0), (0, 0.0)])
-def test_decode_splits_window_softcap_cuda(splits, window_left, softcap):
-    _decode_case([2000, 5, 0, 900], 16, 4, 128, 64, FP16, window_left, softcap, splits=splits)
+def test_decode_splits_window_softcap_cuda(splits, window_left, softcap, fused):
+    _decode_case([2000, 5, 0, 900], 16, 4, 128, 64, FP16, window_left, softcap, splits=splits,
+                 fused=fused)
+
+
+@pytest.mark.cuda
+def test_decode_fused_merge_repeats_cuda():
+    # the semaphores reset themselves: many calls in a row, each checked, none stale
+    for _ in range(20):
+        _decode_case([3000, 1, 0, 777], 32, 8, 128, 16, BF16, splits=7, fused=True)
 
 
 @pytest.mark.cuda

@@ -78,6 +78,21 @@ def test_dense_varlen_odd_lengths(causal):
                   block_size=None, extra_rows=2)
 
 
+@pytest.mark.parametrize("one_loop,fused", [(False, False), (True, False), (False, True)])
+def test_loop_and_merge_variants(one_loop, fused):
+    # the three-loop small path and the second-launch merge (the defaults are one loop, fused)
+    cfg = unified_kernel.Config(16, 16, 16, 4, 1, one_loop, fused)
+    _prefill_case([1, 13, 0, 4], [37, 13, 5, 20], 4, 2, 32, window_left=6, extra_rows=2,
+                  splits=3, config=cfg)
+
+
+def test_fused_merge_leaves_semaphores_zero():
+    from attn_ops.backends.triton.common import semaphores
+    _prefill_case([1, 4, 2], [40, 30, 3], 4, 2, 32, splits=4)
+    _decode_case([13, 40, 1], 4, 2, 32, splits=4)
+    assert torch.count_nonzero(semaphores(1, torch.device("cpu"))) == 0
+
+
 def test_long_odd_sequence_many_tiles():
     _prefill_case([123], [123], 2, 1, 32, block_size=None, splits=1)
 
