@@ -24,6 +24,7 @@ compiles a new artifact, from the pristine graph, with the call's inputs).
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from graph_passes.options import SubstitutionOptions, split_options
 from graph_passes.passes.chain import chain
 from graph_passes.passes.handwritten_attention import HandwrittenAttentionPass
 from graph_passes.passes.sdpa_to_prefill import SdpaToPrefillPass
+
+log = logging.getLogger("graph_passes")
 
 
 def pass_config_patches(options: SubstitutionOptions, choice: str | None = None
@@ -92,8 +95,18 @@ def attn_ops_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict 
 
     def compile_for(choice: str, inputs):
         module = gm if not per_choice else torch.fx.GraphModule(gm, copy.deepcopy(pristine))
-        return compile_fx(module, inputs, config_patches={**patches,
-                                                          **pass_config_patches(subst, choice)})
+        try:
+            return compile_fx(module, inputs, config_patches={
+                **patches, **pass_config_patches(subst, choice)})
+        except Exception as e:  # noqa: BLE001 (a kernel Inductor could not compile)
+            # Inductor compiles the inlined kernels itself; where it fails (on the H200 with
+            # torch 2.11 / Triton 3.6 it rejected the split-KV decode kernel's tl.dot, which
+            # Triton's own JIT compiles), the attn ops stay extern calls: slower, never wrong.
+            log.warning("attn_ops: inlining the Triton kernels failed (%s: %s); compiling with "
+                        "the attn ops as extern calls", type(e).__name__, str(e)[:200])
+            module = torch.fx.GraphModule(gm, copy.deepcopy(pristine))
+            return compile_fx(module, inputs, config_patches={**patches,
+                                                              **pass_config_patches(subst)})
 
     per_choice: dict[str, Any] = {}
     choice = current_choice()

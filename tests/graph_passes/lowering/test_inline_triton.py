@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import attn_ops
+import graph_passes
 from attn_ops import registry
 from attn_ops.backends import reference
 from graph_passes.lowering.inline_triton import InlineTritonPass
@@ -126,7 +127,7 @@ def test_inductor_launches_our_kernels_and_recompiles_per_choice(monkeypatch):
     monkeypatch.setenv("ATTN_OPS_CHECK", "0")
     args = _decode_args("cuda", torch.bfloat16)
     want = _reference_two_decodes(*args)
-    fn = torch.compile(_two_decodes, backend="attn_ops")
+    fn = torch.compile(_two_decodes, backend=graph_passes.attn_ops_backend)
     with torch.no_grad():
         with attn_ops.use_backend("triton"):
             out, code = run_and_get_code(fn, *args)
@@ -137,3 +138,21 @@ def test_inductor_launches_our_kernels_and_recompiles_per_choice(monkeypatch):
         with attn_ops.use_backend("reference"):
             assert_close(fn(*args), want, *TOLERANCES[torch.bfloat16])
     assert counters["graph_passes"]["inline_triton"] == 2
+
+
+def test_a_graph_inductor_cannot_compile_falls_back_to_extern_calls(monkeypatch, caplog):
+    """Lowering forced onto the CPU, where Inductor cannot compile the (interpreted) Triton
+    kernels: the compile falls back to the attn ops as extern calls and computes the same."""
+    import functools
+
+    import graph_passes.compile_backend as cb
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")
+    monkeypatch.setattr(cb, "InlineTritonPass",
+                        functools.partial(InlineTritonPass, devices=("cpu",)))
+    args = _decode_args()
+    want = _reference_two_decodes(*args)
+    fn = torch.compile(_two_decodes, backend=graph_passes.attn_ops_backend)
+    with torch.no_grad(), attn_ops.use_backend("triton"):
+        assert_close(fn(*args), want, *TOLERANCES[torch.float32])
+    assert counters["graph_passes"]["inline_triton"] == 2
+    assert "inlining the Triton kernels failed" in caplog.text
