@@ -47,9 +47,17 @@ def pass_config_patches(options: SubstitutionOptions, choice: str | None = None
     """
     cfg = torch._inductor.config
     pre = chain(cfg.pre_grad_custom_pass, SdpaToPrefillPass(options))
+    extra = {}
     if choice is not None and options.inline_triton:
         pre = chain(pre, InlineTritonPass(options, choice))
+        if hasattr(cfg, "_use_fp64_for_unbacked_floats"):
+            # Inductor types Python float kernel arguments as fp64 by default; Triton's JIT
+            # (which our kernels are written for) types them fp32. With fp64 the decode kernel's
+            # scores, hence its accumulator, became fp64 and tl.dot refused the accumulator
+            # (H200, torch 2.11: the split-KV kernel failed to compile inline).
+            extra["_use_fp64_for_unbacked_floats"] = False
     return {
+        **extra,
         "pre_grad_custom_pass": pre,
         "joint_custom_pre_pass": chain(cfg.joint_custom_pre_pass,
                                        HandwrittenAttentionPass(options)),
@@ -99,9 +107,9 @@ def attn_ops_backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict 
             return compile_fx(module, inputs, config_patches={
                 **patches, **pass_config_patches(subst, choice)})
         except Exception as e:  # noqa: BLE001 (a kernel Inductor could not compile)
-            # Inductor compiles the inlined kernels itself; where it fails (on the H200 with
-            # torch 2.11 / Triton 3.6 it rejected the split-KV decode kernel's tl.dot, which
-            # Triton's own JIT compiles), the attn ops stay extern calls: slower, never wrong.
+            # Inductor compiles the inlined kernels itself; where it fails (a kernel written for
+            # Triton's JIT that Inductor's compile rejects), the attn ops stay extern calls:
+            # slower, never wrong.
             log.warning("attn_ops: inlining the Triton kernels failed (%s: %s); compiling with "
                         "the attn ops as extern calls", type(e).__name__, str(e)[:200])
             module = torch.fx.GraphModule(gm, copy.deepcopy(pristine))

@@ -156,3 +156,17 @@ def test_a_graph_inductor_cannot_compile_falls_back_to_extern_calls(monkeypatch,
         assert_close(fn(*args), want, *TOLERANCES[torch.float32])
     assert counters["graph_passes"]["inline_triton"] == 2
     assert "inlining the Triton kernels failed" in caplog.text
+
+
+def test_inlining_compiles_float_arguments_as_triton_does():
+    """Triton's JIT passes Python floats to our kernels as fp32; Inductor's default (fp64) made
+    the decode kernel's accumulator fp64 and its tl.dot fail to compile on the H200."""
+    from graph_passes.compile_backend import pass_config_patches
+    from graph_passes.options import SubstitutionOptions
+    if not hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats"):
+        pytest.skip("this torch has no such Inductor option")
+    assert pass_config_patches(SubstitutionOptions(), "triton")[
+        "_use_fp64_for_unbacked_floats"] is False
+    assert "_use_fp64_for_unbacked_floats" not in pass_config_patches(SubstitutionOptions())
+    assert "_use_fp64_for_unbacked_floats" not in pass_config_patches(
+        SubstitutionOptions(inline_triton=False), "triton")
