@@ -195,11 +195,38 @@ def classify(node: Node, usage: str, scores_rank: int = 4) -> str:
         raise NotProvable("a mask that hides every key")
     if keep.equals(md.causal_pred(scores_rank)):
         return "causal"
-    if keep.lin.terms:
+    if _band(keep, md.causal_pred(scores_rank).lin) is not None:
+        raise NotProvable("a causal sliding window (see causal_window)")
+    if any(h.terms for h in keep.half_planes):
         inputs = sorted({str(n.target) for n, _, _ in keep.lin.terms})
         raise NotProvable(f"it depends on the input {', '.join(inputs)} (a mask over positions "
                           f"read from it{_cache_hint(node, usage, scores_rank)})")
     raise NotProvable(f"a position mask that is not causal (keeps {keep.lin})")
+
+
+def _band(keep: Pred, main: Lin) -> int | None:
+    """``w`` when ``keep`` is exactly ``main >= 0 and w - main >= 0`` (a band of width w + 1
+    along ``main``, ``w >= 0`` a constant), else None."""
+    planes = keep.half_planes
+    if len(planes) != 2:
+        return None
+    for a, b in (planes, planes[::-1]):
+        total = a + b
+        if a.equals(main) and total.is_constant and isinstance(total.const, int) \
+                and total.const >= 0:
+            return total.const
+    return None
+
+
+def causal_window(node: Node, usage: str, scores_rank: int = 4) -> int:
+    """``window_left`` when the mask is exactly a causal sliding window, query i seeing keys
+    ``i - window_left <= j <= i`` (``(j <= i) & (i - j < W)``: ``window_left = W - 1``);
+    raises :class:`NotProvable` otherwise."""
+    keep = _keep(node, usage, scores_rank)
+    w = _band(keep, md.causal_pred(scores_rank).lin)
+    if w is None:
+        raise NotProvable("not a causal sliding window")
+    return w
 
 
 def _cache_hint(node, usage, scores_rank) -> str:
@@ -220,6 +247,7 @@ class CacheMask(NamedTuple):
     kind: str
     assumed: tuple  # square bool inputs taken to be tril(ones): to check at run time
     written: tuple  # in-place writes of pos in the graph (the mask read it before them?)
+    window_left: int = -1  # also hides keys before position(i) - window_left (-1: none)
 
 
 def cache_positions(node: Node, usage: str, scores_rank: int = 4,
@@ -236,7 +264,15 @@ def cache_positions(node: Node, usage: str, scores_rank: int = 4,
     """
     ev = _Evaluator(assume_tril_buffers)
     keep = _keep(node, usage, scores_rank, ev)
-    lin = keep.lin
+    lin, window_left = keep.lin, -1
+    if keep.more:  # a sliding window over the cache: the band along the main half-plane
+        for main in keep.half_planes:
+            w = _band(keep, main) if main.terms else None
+            if w is not None:
+                lin, window_left = main, w
+                break
+        else:
+            raise NotProvable("a band of positions that is not a window over one position")
     if lin is None or len(lin.terms) != 1:
         raise NotProvable("not a mask over one position input")
     (pos, onehot, c), = lin.terms
@@ -251,6 +287,7 @@ def cache_positions(node: Node, usage: str, scores_rank: int = 4,
     elif c == 1 and not any(onehot) and lin.equals(Lin(offset, 0, lin.terms)):
         found = "offset"
     if found is not None:
-        return CacheMask(pos, found, tuple(ev.assumed), tuple(ev.written.get(pos, ())))
+        return CacheMask(pos, found, tuple(ev.assumed), tuple(ev.written.get(pos, ())),
+                         window_left)
     raise NotProvable(f"a mask over positions of {pos.target} that is not j <= pos[i] "
                       f"(keeps {lin})")

@@ -8,7 +8,8 @@ constants) fall into three shapes of function, each exact over integers:
   plus, for attention over a cache, terms ``c * pos[idx[d]]`` that read a 1-D integer input
   ``pos`` (``input_pos``, ``cache_position``) along one dim: the values are unknown, but a mask
   ``j <= pos[i]`` is still an exact statement about them;
-* :class:`Pred` -- a bool tensor: a constant, or the half-plane ``lin >= 0``;
+* :class:`Pred` -- a bool tensor: a constant, or the half-plane ``lin >= 0`` (and further
+  half-planes: a band, such as a sliding window ``j <= i and i - j < W``);
 * :class:`Select` -- a float tensor ``a if pred else b`` with scalar ``a``, ``b`` (a constant is
   ``Select(TRUE, c, c)``).
 
@@ -83,20 +84,38 @@ class Lin:
 
 @dataclass(frozen=True)
 class Pred:
-    """Bool tensor: ``value`` (True/False) everywhere when ``lin`` is None, else ``lin >= 0``."""
+    """Bool tensor: ``value`` (True/False) everywhere when ``lin`` is None, else ``lin >= 0``
+    and ``m >= 0`` for every ``m`` in ``more`` (a conjunction of half-planes)."""
     rank: int
     lin: Lin | None = None
     value: bool = True
+    more: tuple = ()
+
+    @property
+    def half_planes(self) -> tuple:
+        return () if self.lin is None else (self.lin,) + self.more
+
+    def map_lins(self, fn) -> Pred:
+        """The same predicate with ``fn`` applied to each half-plane's Lin."""
+        if self.lin is None:
+            return self
+        return Pred(self.rank, fn(self.lin), True, tuple(fn(m) for m in self.more))
 
     def negate(self) -> Pred:
         if self.lin is None:
             return Pred(self.rank, None, not self.value)
+        if self.more:
+            raise NotProvable("the negation of a band of positions (a union)")
         return Pred(self.rank, self.lin.scale(-1).shift(-1))  # not(L >= 0)  <=>  -L - 1 >= 0
 
     def equals(self, other: Pred) -> bool:
         if (self.lin is None) != (other.lin is None):
             return False
-        return self.value == other.value if self.lin is None else self.lin.equals(other.lin)
+        if self.lin is None:
+            return self.value == other.value
+        mine, theirs = self.half_planes, other.half_planes
+        return (all(any(a.equals(b) for b in theirs) for a in mine)
+                and all(any(a.equals(b) for b in mine) for a in theirs))
 
 
 @dataclass(frozen=True)
@@ -126,8 +145,10 @@ def map_dims(value, fn):
         return Lin(tuple(fn(value.coef)), value.const, value.map_terms(fn))
     if isinstance(value, Pred):
         coef = fn((0,) * value.rank)
-        lin = None if value.lin is None else map_dims(value.lin, fn)
-        return Pred(len(coef), lin, value.value)
+        if value.lin is None:
+            return Pred(len(coef), None, value.value)
+        return Pred(len(coef), map_dims(value.lin, fn), True,
+                    tuple(map_dims(m, fn) for m in value.more))
     return Select(map_dims(value.pred, fn), value.a, value.b)
 
 
@@ -180,7 +201,8 @@ def compare(op: str, x, y) -> Pred:
 
 
 def combine_preds(op: str, p: Pred, q: Pred) -> Pred:
-    """``p and q`` / ``p or q`` when one side is constant or both are the same half-plane."""
+    """``p and q`` (a band: every half-plane of both) / ``p or q`` when one side is constant or
+    both are the same."""
     is_and = op in ("logical_and", "bitwise_and", "mul")
     for x, y in ((p, q), (q, p)):
         if x.lin is None:
@@ -189,6 +211,9 @@ def combine_preds(op: str, p: Pred, q: Pred) -> Pred:
             return Pred(y.rank, None, x.value)
     if p.equals(q):
         return p
+    if is_and:
+        extra = tuple(m for m in q.half_planes if not any(m.equals(h) for h in p.half_planes))
+        return Pred(p.rank, p.lin, True, p.more + extra)
     raise NotProvable(f"{op} of two different position predicates")
 
 

@@ -77,8 +77,7 @@ def _slice_dim(x, dim: int, start, step=1):
     if isinstance(x, Lin):
         return moved(x)
     pred = x.pred if isinstance(x, Select) else x
-    if pred.lin is not None:
-        pred = Pred(pred.rank, moved(pred.lin))
+    pred = pred.map_lins(moved)
     return Select(pred, x.a, x.b) if isinstance(x, Select) else pred
 
 
@@ -196,7 +195,8 @@ def _compose(x, pre: int, indices: list, post: int):
     if isinstance(x, Lin):
         return remap(x)
     pred = x.pred if isinstance(x, Select) else x
-    pred = Pred(out_rank, None if pred.lin is None else remap(pred.lin), pred.value)
+    pred = Pred(out_rank, None, pred.value) if pred.lin is None else Pred(
+        out_rank, remap(pred.lin), True, tuple(remap(m) for m in pred.more))
     return Select(pred, x.a, x.b) if isinstance(x, Select) else pred
 
 

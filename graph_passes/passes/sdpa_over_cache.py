@@ -44,7 +44,8 @@ def plan_cache_attention(a: dict, q: Node, mask: Node, usage: str, scale: float,
     k, v = a["key"], a["value"]
     if options.fold_gqa:
         k, v, _ = gqa_folding.unexpand_pair(k, v)
-    reason = refuse_cache_reason(meta_val(q), meta_val(k), meta_val(v), options)
+    reason = refuse_cache_reason(meta_val(q), meta_val(k), meta_val(v), options,
+                                 found.window_left)
     sq = meta_val(q).shape[2]
     if reason is None and not isinstance(sq, int):
         reason = "a symbolic number of queries over a cache"
@@ -58,7 +59,7 @@ def plan_cache_attention(a: dict, q: Node, mask: Node, usage: str, scale: float,
     if not a["enable_gqa"] and k is a["key"] and meta_val(k).shape[1] != meta_val(q).shape[1]:
         return None, "Hq != Hkv without enable_gqa (SDPA itself would reject it)"
     return dict(q=q, k=k, v=v, scale=float(scale), pos=found.pos, kind=found.kind,
-                check_mask=mask if found.assumed else None,
+                check_mask=mask if found.assumed else None, window_left=found.window_left,
                 snapshot=bool(found.written)), None
 
 

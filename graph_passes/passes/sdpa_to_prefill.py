@@ -74,6 +74,7 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         return None, f"scale={scale!r} is not a positive constant"
     causal = a["is_causal"]
+    window_left = -1
     mask = a["attn_mask"]
     if mask is not None:
         if causal:
@@ -91,15 +92,21 @@ def _plan(node: Node, options) -> tuple[dict | None, str | None]:
             over_cache = plan_cache_attention(a, q, mask, usage, scale, options)
             if over_cache is not None:
                 return over_cache
-            return None, f"its attn_mask is not provably causal: {e}"
+            try:
+                window_left, causal = causal_mask.causal_window(mask, usage, 4), True
+            except NotProvable:
+                return None, f"its attn_mask is not provably causal: {e}"
     if options.fold_gqa:
         k, v, _ = gqa_folding.unexpand_pair(k, v)
-    reason = refuse_reason(qv, meta_val(k), meta_val(v), causal, options)
+    reason = refuse_reason(qv, meta_val(k), meta_val(v), causal, options, window_left)
     if reason is not None:
         return None, reason
     if not a["enable_gqa"] and k is a["key"] and meta_val(k).shape[1] != qv.shape[1]:
         return None, "Hq != Hkv without enable_gqa (SDPA itself would reject it)"
-    return dict(q=q, k=k, v=v, scale=float(scale), causal=causal), None
+    plan = dict(q=q, k=k, v=v, scale=float(scale), causal=causal)
+    if window_left >= 0:
+        plan["window_left"] = window_left
+    return plan, None
 
 
 def substitute_sdpa(graph: Graph, options) -> int:

@@ -41,7 +41,7 @@ def _assert(emit: Emitter, ok: Node, message: str) -> None:
 
 def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, pos: Node,
                          scale: float, kind: str = "each",
-                         check_mask: Node | None = None) -> Node:
+                         check_mask: Node | None = None, window_left: int = -1) -> Node:
     """Insert the op for SDPA ``anchor`` before it; return its ``[B, H, Sq, D]`` node.
 
     Args:
@@ -50,6 +50,7 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
             ("first", one query) or ``pos + i`` ("offset", ``pos`` 0-d or one element): see
             :class:`graph_passes.mask.causal_mask.CacheMask`.
         scale: multiplies q·k.
+        window_left: query i also stops seeing keys before its position - window_left.
         check_mask: a bool mask ``[..., Sq, S]`` proven equal to ``arange(S) <= pos[i]`` only
             under an assumption about a buffer's data: an async assert checks it at every call
             (one comparison of Sq x S bools, no host sync).
@@ -64,10 +65,12 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
     if kind == "offset" and not same(sq, 1):
         rows = emit(aten.add.Tensor, emit(aten.arange.default, sq, device=device), first)
     if check_mask is not None:
-        expected = emit(aten.le.Tensor,
-                        emit(aten.view.default, emit(aten.arange.default, s, device=device),
-                             [1, s]),
-                        emit(aten.view.default, rows, [-1, 1]))
+        keys = emit(aten.view.default, emit(aten.arange.default, s, device=device), [1, s])
+        at = emit(aten.view.default, rows, [-1, 1])
+        expected = emit(aten.le.Tensor, keys, at)
+        if window_left >= 0:
+            expected = emit(aten.logical_and.default, expected,
+                            emit(aten.le.Scalar, emit(aten.sub.Tensor, at, keys), window_left))
         _assert(emit, emit(aten.eq.Tensor, check_mask, expected),
                 f"the mask {check_mask.name} read from a buffer is not 'key j iff j <= position' "
                 f"at this call, so the op that replaced this attention would be wrong (compile "
@@ -80,7 +83,7 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
     k_cache, v_cache = emit(aten.transpose.int, k, 1, 2), emit(aten.transpose.int, v, 1, 2)
     if same(meta_val(q).shape[2], 1):
         out = emit(DECODE, emit(aten.select.int, q, 2, 0), k_cache, v_cache,
-                   emit(aten.repeat.default, kv_len, [b]), table, float(scale))
+                   emit(aten.repeat.default, kv_len, [b]), table, float(scale), int(window_left))
         return emit(aten.unsqueeze.default, out, 2)
     if kind == "each":  # consecutive by construction for "offset"; data for "each"
         steps = emit(aten.arange.default, sq, device=device)
@@ -91,5 +94,6 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
     tokens_major = emit(aten.reshape.default, emit(aten.transpose.int, q, 1, 2),
                         [emit.mul(b, sq), h, d])
     out = emit(PREFILL, tokens_major, k_cache, v_cache, emit(aten.mul.Tensor, batch, sq),
-               emit(aten.mul.Tensor, batch, kv_len), sq, s, float(scale), True, table)
+               emit(aten.mul.Tensor, batch, kv_len), sq, s, float(scale), True, table,
+               int(window_left))
     return emit(aten.transpose.int, emit(aten.view.default, out, [b, sq, h, d]), 1, 2)

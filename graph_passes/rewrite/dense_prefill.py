@@ -28,7 +28,7 @@ PREFILL = torch.ops.attn.prefill.default
 
 
 def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  causal: bool) -> torch.Tensor:
+                  causal: bool, window_left: int = -1) -> torch.Tensor:
     """``softmax(q k^T * scale [+ causal mask]) v`` through ``attn.prefill``.
 
     Args:
@@ -46,7 +46,8 @@ def dense_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     cu_k = cu_q if same(sq, sk) else torch.arange(b + 1, dtype=torch.int32, device=q.device) * sk
     out = PREFILL(q.transpose(1, 2).reshape(b * sq, h, d),
                   k.transpose(1, 2).reshape(b * sk, hkv, d),
-                  v.transpose(1, 2).reshape(b * sk, hkv, d), cu_q, cu_k, sq, sk, scale, causal)
+                  v.transpose(1, 2).reshape(b * sk, hkv, d), cu_q, cu_k, sq, sk, scale, causal,
+                  *((None, window_left) if window_left >= 0 else ()))
     return out.view(b, sq, h, d).transpose(1, 2)
 
 
@@ -97,7 +98,7 @@ class Emitter:
 
 
 def emit_dense_prefill(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, scale: float,
-                       causal: bool) -> Node:
+                       causal: bool, window_left: int = -1) -> Node:
     """Insert :func:`dense_prefill` of nodes ``q``, ``k``, ``v`` before ``anchor``; return its node.
 
     The nodes carry fake values (``meta['val']`` and/or ``meta['example_value']``, as ``q`` does),
@@ -121,5 +122,6 @@ def emit_dense_prefill(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, sc
     cu_q = cu(sq)
     cu_k = cu_q if same_len else cu(sk)
     out = emit(PREFILL, tokens_major(q, sq, h), tokens_major(k, sk, hkv), tokens_major(v, sk, hkv),
-               cu_q, cu_k, sq, sk, float(scale), bool(causal))
+               cu_q, cu_k, sq, sk, float(scale), bool(causal),
+               *((None, int(window_left)) if window_left >= 0 else ()))
     return emit(aten.transpose.int, emit(aten.view.default, out, [b, sq, h, d]), 1, 2)

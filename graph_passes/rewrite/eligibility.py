@@ -28,10 +28,11 @@ def left_alone(pass_name: str, where: str, reason: str) -> None:
     log.debug("%s: left %s alone because %s", pass_name, where, reason)
 
 
-def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool) -> OpConfig:
+def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool,
+                    window_left: int = -1) -> OpConfig:
     """The config of the ``attn.prefill`` that would replace attention over q/k ``[B, H, S, D]``."""
     return OpConfig("prefill", q.device, q.dtype, int(q.shape[3]), int(k.shape[1]),
-                    num_heads=int(q.shape[1]), causal=bool(causal))
+                    num_heads=int(q.shape[1]), causal=bool(causal), window_left=window_left)
 
 
 # Backends that run the ops with plain torch on padded tiles. Neither beats the attention it
@@ -104,7 +105,8 @@ def _contract_reason(q, k, v) -> str | None:
     return None
 
 
-def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | None:
+def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions,
+                  window_left: int = -1) -> str | None:
     """Why ``q [B,H,Sq,D]``, ``k``/``v`` ``[B,Hkv,Sk,D]`` (fake tensors) can't go to prefill."""
     reason = _contract_reason(q, k, v)
     if reason is not None:
@@ -117,11 +119,12 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions) -> str | 
         # Dense SDPA is_causal is top-left aligned, attn.prefill bottom-right: equal only when
         # Sq == Sk.
         return f"it is causal with Sq={sq} and Sk={k.shape[2]} not provably equal"
-    return backend_reason(_prefill_config(q, k, causal), options.backend_choice,
+    return backend_reason(_prefill_config(q, k, causal, window_left), options.backend_choice,
                           options.only_if_faster is not False)
 
 
-def refuse_cache_reason(q, k, v, options: SubstitutionOptions) -> str | None:
+def refuse_cache_reason(q, k, v, options: SubstitutionOptions,
+                        window_left: int = -1) -> str | None:
     """Why queries ``q [B,H,Sq,D]`` over caches ``k``/``v`` ``[B,Hkv,S,D]`` (fake tensors) can't
     go to ``attn.decode`` (Sq = 1) or a paged ``attn.prefill`` reading them as ``B`` blocks of
     ``S`` tokens."""
@@ -145,5 +148,5 @@ def refuse_cache_reason(q, k, v, options: SubstitutionOptions) -> str | None:
                     f"caches, and copying the cache at every step costs more than it saves")
     op = "decode" if same(q.shape[2], 1) else "prefill"
     config = OpConfig(op, q.device, q.dtype, int(d), int(hkv), num_heads=int(q.shape[1]),
-                      paged=True, block_size=s)
+                      paged=True, block_size=s, window_left=window_left)
     return backend_reason(config, options.backend_choice, options.only_if_faster is not False)

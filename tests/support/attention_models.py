@@ -16,7 +16,8 @@ class SdpaAttention(torch.nn.Module):
 
     gqa: "sdpa" (enable_gqa=True), "repeat_kv", "repeat_interleave", or "none" (H == Hkv).
     mask: None (is_causal=causal), "tril", "triu_inf", "arange", "input" (a forward argument),
-    "window" (sliding window), "padding" (key padding from a lengths argument), "truncated"
+    "window" (sliding window: 3 keys back), "window_with_a_hole" (hides the diagonal too: not
+    the op's window), "padding" (key padding from a lengths argument), "truncated"
     (``(tril + 0.5).long().bool()``: causal once the cast truncates), "fp32_tie"
     (``tril * 0.1 + 0.2 > 0.3``: all False in fp32, where 0.1 + 0.2 rounds to 0.3).
     """
@@ -52,7 +53,7 @@ class SdpaAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
 
     def _mask(self, x, s, sk, extra):
-        if self.mask in ("arange", "window", "padding"):
+        if self.mask in ("arange", "window", "window_with_a_hole", "padding"):
             pos_q, pos_k = torch.arange(s, device=x.device), torch.arange(sk, device=x.device)
         if self.mask == "tril":
             return torch.ones(s, sk, dtype=torch.bool, device=x.device).tril()
@@ -68,6 +69,8 @@ class SdpaAttention(torch.nn.Module):
             return extra
         if self.mask == "window":
             return (pos_k[None, :] <= pos_q[:, None]) & (pos_q[:, None] - pos_k[None, :] < 4)
+        if self.mask == "window_with_a_hole":  # hides the diagonal too: no band of the op's
+            return (pos_k[None, :] < pos_q[:, None]) & (pos_q[:, None] - pos_k[None, :] < 4)
         if self.mask == "padding":
             return (pos_k[None, :] < extra[:, None])[:, None, None, :]
         return None
@@ -148,7 +151,8 @@ class CacheAttention(torch.nn.Module):
     mask: "indexed_tril" (``tril(ones)[None, None, input_pos]`` built in the graph), "arange"
     (``arange(S_max) <= input_pos[:, None]``), "additive" (0 / dtype-min from the same),
     "buffer" (gpt-fast's ``causal_mask`` tensor attribute: its data could be anything),
-    "window" (also hides keys more than 4 positions back: not "j <= pos").
+    "window" (also hides keys more than 3 positions back: a sliding window, window_left 3),
+    "window_off_by_one" (hides the key at the position itself too: not "j <= pos").
     """
 
     def __init__(self, h=4, hkv=2, d=16, s_max=24, batch=2, layout="token_major",
@@ -191,6 +195,9 @@ class CacheAttention(torch.nn.Module):
         keep = torch.arange(self.s_max, device=x.device)[None, :] <= input_pos[:, None]
         if self.mask == "additive":
             return torch.where(keep, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+        back = input_pos[:, None] - torch.arange(self.s_max, device=x.device)
         if self.mask == "window":
-            return keep & (input_pos[:, None] - torch.arange(self.s_max, device=x.device) < 4)
+            return keep & (back < 4)
+        if self.mask == "window_off_by_one":
+            return keep & (back < 4) & (back > 0)
         return keep

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from graph_passes.mask.causal_mask import cache_positions, classify
+from graph_passes.mask.causal_mask import cache_positions, causal_window, classify
 from graph_passes.mask.domain import NotProvable
 
 def _ar(t, x):
@@ -165,7 +165,8 @@ def _mutated_pos(x, pos, n):
     return _kv(p)[None, :] <= p[:, None]
 
 
-# name -> (builder (x, pos, length) -> mask, usage, expected CacheMask.kind or NotProvable);
+# name -> (builder (x, pos, length) -> mask, usage, expected CacheMask.kind (or (kind,
+# window_left)) or NotProvable);
 # pos: 1-D positions (gpt-fast's input_pos), length: a 0-d count of cached tokens (transformers'
 # StaticCache.cumulative_length), the queries then at length + arange(Sq).
 CACHE_CASES = {
@@ -184,7 +185,10 @@ CACHE_CASES = {
         torch.arange(pos.shape[0]) + n)[:, None], "keep", "offset"),
     # Negative: not "j <= pos[i]", or not positions at all.
     "window_over_cache": (lambda x, pos, n: (_kv(pos)[None, :] <= pos[:, None])
-                          & (pos[:, None] - _kv(pos)[None, :] < 4), "keep", NotProvable),
+                          & (pos[:, None] - _kv(pos)[None, :] < 4), "keep", ("each", 3)),
+    "window_not_ending_at_the_position": (lambda x, pos, n: (_kv(pos)[None, :] < pos[:, None])
+                                          & (pos[:, None] - _kv(pos)[None, :] < 4), "keep",
+                                          NotProvable),
     "strictly_before": (lambda x, pos, n: _kv(pos)[None, :] < pos[:, None], "keep", NotProvable),
     "positions_on_the_key_dim": (lambda x, pos, n: _kv(pos)[:, None] <= pos[None, :], "keep",
                                  NotProvable),
@@ -228,8 +232,10 @@ def test_cache_position_masks(captured_cache, ir, name):
         with pytest.raises(NotProvable):
             cache_positions(node, usage)
         return
-    pos, kind, assumed, written = cache_positions(node, usage)
-    assert pos.op == "placeholder" and kind == expected and assumed == () and written == ()
+    kind, window_left = expected if isinstance(expected, tuple) else (expected, -1)
+    found = cache_positions(node, usage)
+    assert found.pos.op == "placeholder" and found.kind == kind
+    assert found.assumed == () and found.written == () and found.window_left == window_left
     with pytest.raises(NotProvable, match="attention over a cache"):
         classify(node, usage)  # not the plain causal mask: the dense passes leave it alone
 
@@ -243,6 +249,18 @@ def test_cache_masks_built_as_expected_values():
             continue
         m = build(x, pos, length)
         keep = (m == 0) if usage == "additive" else m
-        rows = {"each": pos, "first": pos[:1], "offset": length + torch.arange(5)}[expected]
+        kind, w = expected if isinstance(expected, tuple) else (expected, -1)
+        rows = {"each": pos, "first": pos[:1], "offset": length + torch.arange(5)}[kind]
         want = torch.arange(S_MAX)[None, :] <= rows[:, None]
+        if w >= 0:
+            want &= rows[:, None] - torch.arange(S_MAX)[None, :] <= w
         assert torch.equal(keep.reshape(-1, S_MAX), want), name
+
+
+@pytest.mark.parametrize("ir", ["dynamo", "inductor", "export"])
+def test_causal_window(captured, ir):
+    """``(j <= i) & (i - j < 3)`` is the op's window_left = 2; the causal mask is not a window."""
+    assert causal_window(captured[ir][NAMES.index("sliding_window")], "keep") == 2
+    for name in ("tril_bool", "tril_diag1", "transposed_causal"):
+        with pytest.raises(NotProvable):
+            causal_window(captured[ir][NAMES.index(name)], CASES[name][1])

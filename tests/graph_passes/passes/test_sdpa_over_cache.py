@@ -60,7 +60,7 @@ def _inspecting(options=None):
 
 @pytest.mark.parametrize("gqa,mask", [("repeat_interleave", "indexed_tril"),
                                       ("sdpa", "arange"), ("repeat_interleave", "additive"),
-                                      ("repeat_interleave", "buffer")])
+                                      ("repeat_interleave", "buffer"), ("sdpa", "window")])
 def test_decode_over_a_token_major_cache(gqa, mask):
     model = CacheAttention(layout="token_major", gqa=gqa, mask=mask)
     graphs = _decode_steps(model, [4, 5, 11, 23], _inspecting())
@@ -70,6 +70,8 @@ def test_decode_over_a_token_major_cache(gqa, mask):
     k_cache = node.args[1].meta["val"]
     assert list(k_cache.shape) == [2, 24, 2, 16] and k_cache.is_contiguous(), \
         "the cache itself (Hkv heads, token-major), not a copy or an expansion"
+    window_left = node.args[6] if len(node.args) > 6 else node.kwargs.get("window_left", -1)
+    assert window_left == (3 if mask == "window" else -1)
     assert not [n for n in graphs["aten"].graph.nodes if "scaled_dot_product" in str(n.target)]
     asserts = [n for n in graphs["dynamo"].graph.nodes if "_assert_async" in str(n.target)]
     assert len(asserts) == (mask == "buffer"), "only a buffer's data is checked at run time"
@@ -110,7 +112,7 @@ def test_decode_with_inductor(mask):
 
 @pytest.mark.parametrize("kwargs,reason", [
     (dict(layout="heads_major"), "not token-major in memory"),
-    (dict(mask="window"), "not provably causal"),
+    (dict(mask="window_off_by_one"), "not provably causal"),
 ])
 def test_left_alone(kwargs, reason, caplog):
     model = CacheAttention(**kwargs)

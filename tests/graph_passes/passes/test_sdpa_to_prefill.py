@@ -151,7 +151,8 @@ BF16 = torch.bfloat16
     ("repeat_kv", None, True, torch.float32), ("repeat_kv", None, True, BF16),
     ("repeat_interleave", "tril", True, torch.float32), ("sdpa", "triu_inf", True, BF16),
     ("none", "arange", True, torch.float32), ("sdpa", None, False, torch.float32),
-    ("repeat_kv", None, False, BF16), ("repeat_kv", "truncated", True, torch.float32)])
+    ("repeat_kv", None, False, BF16), ("repeat_kv", "truncated", True, torch.float32),
+    ("repeat_kv", "window", True, torch.float32)])
 def test_substituted_matches_eager(gqa, mask, causal, dtype):
     h, hkv = (6, 6) if gqa == "none" else (6, 2)
     model = SdpaAttention(h=h, hkv=hkv, d=32, gqa=gqa, mask=mask, causal=causal).eval().to(dtype)
@@ -161,6 +162,8 @@ def test_substituted_matches_eager(gqa, mask, causal, dtype):
     (node,) = _prefill_nodes(graphs["aten"])
     assert node.args[1].meta["val"].shape[1] == hkv, "GQA expansion folded: Hkv heads reach prefill"
     assert _causal(node) is causal
+    window_left = node.args[10] if len(node.args) > 10 else node.kwargs.get("window_left", -1)
+    assert window_left == (3 if mask == "window" else -1), "(j <= i) & (i - j < 4): 3 back"
     assert_close(out, ref, *TOLERANCES[dtype])
 
 
@@ -189,7 +192,7 @@ def test_dynamic_shapes_one_graph_for_many_lengths():
     (dict(dropout=0.1, gqa="sdpa"), None, "dropout_p"),
     (dict(mask="input"), "mask", "not provably causal"),
     (dict(mask="padding"), "lengths", "not provably causal"),
-    (dict(mask="window"), None, "not provably causal"),
+    (dict(mask="window_with_a_hole"), None, "not provably causal"),
     (dict(mask="fp32_tie"), None, "hides every key"),
     (dict(gqa="sdpa", q_len=7), None, "Sq=7 and Sk=9 not provably equal"),
     (dict(gqa="sdpa", kv_len=7, causal=False), None, "may exceed"),
