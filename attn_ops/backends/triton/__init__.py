@@ -7,12 +7,11 @@ the kernel modules (:mod:`.store_kernel`, :mod:`.prefill_kernel`, :mod:`.decode_
 apart from the functions below so that importing one does not rebind a package attribute) load
 on first call.
 
-Why the kernels are launched directly rather than through ``torch.library.triton_op`` +
-``wrap_triton``: the public ops (``attn::prefill`` etc.) choose their backend when they run, not
-when they are traced, so a graph compiled once follows ``use_backend``. A ``triton_op`` would fix
-the backend at trace time and split the op boundary in two. Inductor therefore sees one opaque
-extern call per op; the kernels themselves need no fusion with neighbours (they already read
-each input once).
+Eagerly the public ops (``attn::prefill`` etc.) choose their backend when they run, and the
+kernels are launched through :mod:`.launch` (the compiled launcher called directly; pinned per
+call signature by :func:`bind`). Under ``torch.compile(backend="attn_ops")`` the backend is
+fixed per compile (one artifact per choice), and calls Triton serves become the ``triton_op``s
+of :mod:`.triton_ops`, which Inductor launches from its generated code.
 """
 
 from __future__ import annotations
