@@ -23,9 +23,13 @@ from torch.fx import Graph, Node
 from attn_ops import checks, contract, registry
 from graph_passes.fx_nodes import meta_val
 from graph_passes.passes.base import AttentionPass
-from graph_passes.rewrite.eligibility import left_alone
+from graph_passes.rewrite.eligibility import log
 
 PASS_NAME = "inline_triton"
+# Counted apart from counters["graph_passes"], which reports substituted attention: here the
+# attention already is an attn op, and inlining only changes who launches its kernel.
+INLINED_COUNTERS = "inline_triton"  # counters[INLINED_COUNTERS][op]: calls inlined
+KEPT_COUNTERS = "inline_triton_kept_extern"  # counters[KEPT_COUNTERS][op]: calls not inlined
 _OPS = {"prefill": 12, "decode": 8}  # op -> arguments its triton_op counterpart takes
 
 
@@ -107,16 +111,19 @@ class InlineTritonPass(AttentionPass):
                 continue
             reason = self.decide(node, op)
             if reason is not None:
-                left_alone(PASS_NAME, f"attn.{op} {node.name}", reason)
+                from torch._dynamo.utils import counters
+                counters[KEPT_COUNTERS][op] += 1
+                log.debug("%s: kept attn.%s %s as an extern call because %s", PASS_NAME, op,
+                          node.name, reason)
                 continue
             from attn_ops.backends.triton import triton_ops  # imports triton
             target, nargs = triton_ops.COUNTERPARTS[op]
             node.target = target
             node.args = tuple(node.args[:nargs])
             count += 1
-        if count:
             from torch._dynamo.utils import counters
-            counters["graph_passes"][PASS_NAME] += count
+            counters[INLINED_COUNTERS][op] += 1
+        if count:
             graph.lint()
         return count
 
