@@ -60,14 +60,9 @@ def _skip_unserved(backend, softcap=0.0):
     (True, -1, 0.0), (True, 1, 0.0), (False, -1, 0.0), (False, 2, 0.0), (True, -1, 8.0)])
 @pytest.mark.parametrize("plant", ["v_nan", "v_inf", "k_nan"])
 @pytest.mark.parametrize("lens_q,lens_k", [([5, 3, 13], [5, 3, 13]), ([2, 3, 4], [5, 3, 13])])
-def test_prefill_planted_value_stays_in_its_rows(request, backend, dtype, causal, window, softcap,
+def test_prefill_planted_value_stays_in_its_rows(backend, dtype, causal, window, softcap,
                                                  plant, lens_q, lens_k):
     _skip_unserved(backend, softcap)
-    hidden = (causal and lens_q[2] == lens_k[2]) or window >= 0  # some row misses key 6
-    if backend == "triton" and plant.startswith("v") and hidden:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "triton prefill: a masked value inside a key tile still enters p @ v (0 x NaN = "
-            "NaN), issue 12 item 2; the reference and sdpa zero it")))
     q = torch.randn(sum(lens_q), H, D, dtype=dtype)
     k = torch.randn(sum(lens_k), HKV, D, dtype=dtype)
     v = torch.randn(sum(lens_k), HKV, D, dtype=dtype)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
 name = "triton"
 
 _DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
@@ -45,15 +47,13 @@ def supports(config) -> str | None:
         return f"dtype {config.dtype} is not supported (float16, bfloat16, float32)"
     if config.op == "merge_states":
         return None  # a streaming kernel: any head dim, any strides with a contiguous last dim
-    if config.fp8_cache and config.op != "store_kvcache":
-        return ("FP8 (float8_e4m3fn) KV caches are not read by the Triton prefill/decode kernels "
-                "yet (the reference backend serves them; the Triton store writes them)")
-    if config.has_sinks:
-        return ("attention sinks are not supported by the Triton prefill/decode kernels yet "
-                "(the reference backend serves them)")
-    if config.with_lse:
-        return ("the Triton prefill/decode kernels do not return the log-sum-exp yet "
-                "(prefill_with_lse / decode_with_lse run on the reference backend)")
+    # Sinks, the lse (prefill_with_lse / decode_with_lse) and float8_e4m3fn caches (fp16/bf16
+    # queries, the contract's only FP8 pairing) are served by every kernel the backend routes
+    # to: dense and paged prefill, the unified kernel and the split-KV decode.
+    if (config.fp8_cache and config.op != "store_kvcache"
+            and config.dtype not in (torch.float16, torch.bfloat16)):
+        return (f"FP8 (float8_e4m3fn) caches are read by float16/bfloat16 queries only, not "
+                f"{config.dtype}")
     head_dim = config.head_dim
     if not 0 < head_dim <= _MAX_HEAD_DIM:
         return f"head dim {head_dim} is not supported (at most {_MAX_HEAD_DIM})"
@@ -86,7 +86,10 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
-            block_table=None, window_left=-1, softcap=0.0):
+            block_table=None, window_left=-1, softcap=0.0, sinks=None, k_scale=None,
+            v_scale=None, return_lse=False):
+    """attn::prefill (``return_lse``: prefill_with_lse, ``(out, lse)``) on the kernel that
+    serves the call's shapes."""
     num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
     if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
                            q.shape[1] // max(num_kv_heads, 1)):
@@ -94,7 +97,8 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
     else:
         from attn_ops.backends.triton import prefill_kernel as kernel
     return kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                          causal, block_table, window_left, softcap)
+                          causal, block_table, window_left, softcap, sinks, k_scale, v_scale,
+                          return_lse)
 
 
 def merge_states(out_a, lse_a, out_b, lse_b):
@@ -102,10 +106,12 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     return merge_kernel.merge_states(out_a, lse_a, out_b, lse_b)
 
 
-def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0):
+def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
+           sinks=None, k_scale=None, v_scale=None, return_lse=False):
+    """attn::decode (``return_lse``: decode_with_lse, ``(out, lse)``) on the split-KV kernel."""
     from attn_ops.backends.triton import decode_kernel
     return decode_kernel.decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
-                                softcap)
+                                softcap, sinks, k_scale, v_scale, return_lse)
 
 
 def bind(config):

@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton kernels: score transform, paged row gather, device facts.
+"""Pieces shared by the Triton kernels: score transform, paged row gather, device facts,
+split-KV semaphores (the online softmax and the split merge are in :mod:`.softmax`).
 
 Imported only by the kernel modules (it imports triton).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -108,9 +110,10 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
     return block * stride_kb + offset * stride_kt, block * stride_vb + offset * stride_vt
 
 
-# Split-KV semaphores: one int32 counter per (tile, kv head) of a split launch, zero between
-# calls (the program that merges resets its counter), one buffer per (device, stream) so that
-# launches on two streams never share a counter. Grown, never shrunk; ~4 KB for B = 128, Hkv = 8.
+# Split-KV semaphores (``softmax.merge_if_last``): one int32 counter per (tile, kv head) of a
+# split launch, zero between calls (the program that merges resets its counter), one buffer per
+# (device, stream) so that launches on two streams never share a counter. Grown, never shrunk;
+# ~4 KB for B = 128, Hkv = 8.
 _SEMAPHORES: dict = {}
 
 
@@ -131,39 +134,41 @@ def semaphores(count: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-@triton.jit
-def merge_if_last(SEMA, sema_idx, O_PART, LSE_PART, part, part_split_stride, num_splits, OUT,
-                  out_ptrs, row_ok, offs_d, dim_ok, ROWS: tl.constexpr, D_P2: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    """Count this split program in; the last of the ``num_splits`` programs of a tile merges
-    every split's partial (``O_PART[part + s * part_split_stride]``, normalised, and its log2-sum-
-    exp in ``LSE_PART``) into ``out_ptrs`` and resets the counter for the next call.
+class Extras(NamedTuple):
+    """The contract-growth arguments of one prefill/decode launch, in the kernels' order."""
+    lse: torch.Tensor | None  # float32 [rows, H], or None without return_lse
+    pointers: tuple  # (LSE, SINK_LOGITS, K_SCALE, V_SCALE): q stands in for an unused one
+    strides: tuple  # (stride of sinks, of k_scale, of v_scale): 0 for a scalar or unused
+    flags: dict  # HAS_SINKS, FP8, WITH_LSE constexprs
 
-    This replaces a second (merge) launch: on the H200 that launch cost ~2.9 us of device time
-    plus the gap between the two kernels, 13% of a B = 16, ctx 2048 decode (42 us vs 36 us for
-    stage 1 alone). Ordering: every thread's partial stores happen before the barrier, the
-    counter's atomic is acq_rel at GPU scope, and the merging program reads the partials through
-    L2 (``.cg``), never a stale L1 line.
-    """
-    tl.debug_barrier()
-    count = tl.atomic_add(SEMA + sema_idx, 1, sem="acq_rel")
-    if count == num_splits - 1:
-        m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-        den = tl.zeros([ROWS], dtype=tl.float32)
-        acc = tl.zeros([ROWS, D_P2], dtype=tl.float32)
-        mask = row_ok[:, None] & dim_ok[None, :]
-        for s in range(0, num_splits):
-            idx = part + s * part_split_stride
-            lse = tl.load(LSE_PART + idx, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(O_PART + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0,
-                        cache_modifier=".cg")
-            m_new = tl.maximum(m, lse)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m - m_use)
-            w = tl.math.exp2(lse - m_use)  # an empty split (lse = -inf) weighs 0
-            acc = acc * alpha[:, None] + w[:, None] * tl.where(w[:, None] > 0, o, 0.0)
-            den = den * alpha + w
-            m = m_new
-        out = acc / tl.where(den > 0, den, 1.0)[:, None]
-        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(SEMA + sema_idx, 0)
+
+def extras(q: torch.Tensor, k: torch.Tensor, sinks: torch.Tensor | None,
+           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+           return_lse: bool) -> Extras:
+    """Sinks (float32 ``[H]``), FP8 scales (float32 ``[]`` or ``[Hkv]``, used only when k is
+    float8_e4m3fn) and the lse output (float32 ``[rows, H]``, allocated here) as kernel
+    arguments; every tensor is read through its stride, never copied."""
+    fp8 = k.dtype == torch.float8_e4m3fn
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("k_scale, v_scale: a float8_e4m3fn cache needs float32 scales of "
+                         "shape [] or [Hkv]")
+    lse = (torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse
+           else None)
+
+    def pick(t, use):
+        return (t, t.stride(0) if t.dim() else 0) if use else (q, 0)
+
+    (sk, s_sk), (ks, s_ks), (vs, s_vs) = (pick(sinks, sinks is not None),
+                                          pick(k_scale, fp8), pick(v_scale, fp8))
+    return Extras(lse, (q if lse is None else lse, sk, ks, vs), (s_sk, s_ks, s_vs),
+                  dict(HAS_SINKS=sinks is not None, FP8=fp8, WITH_LSE=bool(return_lse)))
+
+
+def result(out: torch.Tensor, ex: Extras, nothing_seen: bool = False):
+    """``out``, or ``(out, lse)`` with ``return_lse``; ``nothing_seen``: zero out (and lse
+    -inf) on the host side, for a call whose static shapes hold no key."""
+    if nothing_seen:
+        out.zero_()
+        if ex.lse is not None:
+            ex.lse.fill_(float("-inf"))
+    return out if ex.lse is None else (out, ex.lse)

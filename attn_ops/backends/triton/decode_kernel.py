@@ -23,21 +23,24 @@ import triton.language as tl
 
 from attn_ops.backends.triton.launch import launch
 
-from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode,
-                                             merge_if_last, mma, next_pow2, paged_offsets,
-                                             scores_log2, semaphores, softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
+                                             next_pow2, paged_offsets, result, scores_log2,
+                                             semaphores, softcap_constants)
+from attn_ops.backends.triton.softmax import finish, kv_scales, merge_if_last, store_lse
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
-def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
+def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, LSE,
+                         SINK_LOGITS, K_SCALE, V_SCALE,
                          stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
                          stride_vt, stride_vh, stride_sl, stride_tb, stride_tc, stride_ob,
-                         stride_oh, num_splits,
+                         stride_oh, stride_sk, stride_ks, stride_vs, num_splits,
                          qk_scale, cap_log2, cap_inv, window_left,
                          GROUP: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                          D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                         FUSED: tl.constexpr, DOT: tl.constexpr):
+                         FUSED: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
+                         FP8: tl.constexpr, WITH_LSE: tl.constexpr):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -60,6 +63,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
     q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & dim_ok[None, :], other=0.0)
 
+    qk_scale, cap_inv, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs,
+                                           qk_scale, cap_inv, FP8)
     table_row = TABLE + seq.to(tl.int64) * stride_tb
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
@@ -72,8 +77,11 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
         k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
                                      stride_vb, stride_vt, PAGE)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
+        # FP8: loaded as stored (half of bf16's bytes), widened in registers
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -85,28 +93,34 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
         acc = mma(p.to(v.dtype), v, acc, DOT)
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key: acc = 0 -> zeros
     out_mask = g_ok[:, None] & dim_ok[None, :]
-    if DIRECT:
-        o_ptrs = OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=out_mask)
-    else:
-        part = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [B, H, S] index
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(LSE_PART + part, lse, mask=g_ok)
+    lse_idx = seq.to(tl.int64) * num_heads + heads
+    o_ptrs = OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=g_ok, other=0.0)
+        sink2 = sink2 * 1.4426950408889634  # log2(e)
+    if DIRECT:  # no key: zeros, lse -inf
+        factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)
+        tl.store(o_ptrs, (acc * factor[:, None]).to(OUT.dtype.element_ty), mask=out_mask)
+        store_lse(LSE, lse_idx, lse2, g_ok, WITH_LSE)
+    else:  # partials without the sink: it joins once, at the merge
+        factor, lse2 = finish(m_i, l_i, sink2, v_scale, False)
+        part = lse_idx * num_splits + split  # [B, H, S] index
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc * factor[:, None],
+                 mask=out_mask)
+        tl.store(LSE_PART + part, lse2, mask=g_ok)
         if FUSED:  # the last split of (seq, kv head) merges; no second launch
-            o_ptrs = (OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-                      + offs_d[None, :])
             merge_if_last(SEMA, seq * tl.num_programs(1) + kv_head, O_PART, LSE_PART,
-                          part - split, 1, num_splits, OUT, o_ptrs, g_ok, offs_d, dim_ok, G_P2,
-                          D_P2, HEAD_DIM)
+                          part - split, 1, num_splits, OUT, o_ptrs, g_ok, offs_d, dim_ok, sink2,
+                          LSE, lse_idx, G_P2, D_P2, HEAD_DIM, HAS_SINKS, WITH_LSE)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _merge_kernel(O_PART, LSE_PART, OUT, num_splits, stride_ob, stride_oh,
-                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
-                  S_P2: tl.constexpr):
+def _merge_kernel(O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, num_splits, stride_ob, stride_oh,
+                  stride_sk, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  D_P2: tl.constexpr, S_P2: tl.constexpr, HAS_SINKS: tl.constexpr,
+                  WITH_LSE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # seq * H + head
     seq = row // NUM_HEADS
     head = row % NUM_HEADS
@@ -116,13 +130,19 @@ def _merge_kernel(O_PART, LSE_PART, OUT, num_splits, stride_ob, stride_oh,
     dim_ok = offs_d < HEAD_DIM
     lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
-    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty split: exp2(-inf) = 0
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)  # empty split: exp2(-inf) = 0
     den = tl.sum(w, 0)
     o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
+    factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
+    out = tl.sum(w[:, None] * o, 0) * factor
     tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
              mask=dim_ok)
+    store_lse(LSE, row, lse2, True, WITH_LSE)
 
 
 class Config(NamedTuple):
@@ -195,11 +215,16 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
            block_table: torch.Tensor, scale: float, window_left: int = -1, softcap: float = 0.0,
+           sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None, return_lse: bool = False,
            config: Config | None = None, splits: int | None = None,
-           out: torch.Tensor | None = None, fused: bool | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, fused: bool | None = None):
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
-    ``[B, W]``. Returns ``[B, H, D]`` in q's dtype. Every index tensor and cache is read through
-    its strides (any strided view with a contiguous last dim; see store_kernel for why not a copy).
+    ``[B, W]``. Returns ``[B, H, D]`` in q's dtype, and with ``return_lse`` also lse float32
+    ``[B, H]`` (natural log; -inf for a row with no key). ``sinks`` float32 ``[H]``; float8_e4m3fn
+    caches take ``k_scale``/``v_scale`` float32 ``[]``/``[Hkv]``, loaded as fp8 (half of bf16's
+    bytes) and read as ``x * scale``. Every index tensor and cache is read through its strides
+    (any strided view with a contiguous last dim; see store_kernel for why not a copy).
 
     ``config``/``splits`` override the static tables (benchmarks); ``out`` (contiguous
     ``[B, H, D]``) receives the result (tests poison it to catch unwritten elements); ``fused``
@@ -209,10 +234,11 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     batch, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse)
     if batch == 0:
-        return out
+        return result(out, ex)
     if k_cache.numel() == 0 or block_table.numel() == 0:
-        return out.zero_()  # nothing can be cached: every length is 0
+        return result(out, ex, nothing_seen=True)  # nothing can be cached: every length is 0
     splits, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0,
@@ -229,11 +255,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     sema = semaphores(batch * k_cache.shape[2], q.device) if fused_merge else seqlens_k
     launch(
         _decode_split_kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part,
-        lse_part, sema,
+        lse_part, sema, *ex.pointers,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        seqlens_k.stride(0), *block_table.stride(), out.stride(0), out.stride(1), splits,
-        qk_scale, cap_log2, cap_inv, window_left, **stage1)
+        seqlens_k.stride(0), *block_table.stride(), out.stride(0), out.stride(1), *ex.strides,
+        splits, qk_scale, cap_log2, cap_inv, window_left, **stage1, **ex.flags)
     if splits > 1 and not fused_merge:
-        launch(_merge_kernel, grid2, o_part, lse_part, out, splits, out.stride(0), out.stride(1),
-               **stage2)
-    return out
+        launch(_merge_kernel, grid2, o_part, lse_part, out, *ex.pointers[:2], splits,
+               out.stride(0), out.stride(1), ex.strides[0], **stage2,
+               HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
+    return result(out, ex)

@@ -22,85 +22,23 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (INTERPRET, dot_mode, mma, next_pow2, paged_offsets,
-                                             scores_log2, softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, next_pow2, result,
+                                             softcap_constants)
 from attn_ops.backends.triton.launch import launch
-
-
-@triton.jit
-def _load_rows(ptrs, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIM: tl.constexpr):
-    """Load a [rows, D_P2] tile, masking only what can be out of range (unmasked loads
-    vectorise)."""
-    if MASK_ROWS:
-        if MASK_DIM:
-            return tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        else:
-            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        if MASK_DIM:
-            return tl.load(ptrs, mask=dim_ok[None, :], other=0.0)
-        else:
-            return tl.load(ptrs)
-
-
-@triton.jit
-def _attend_range(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, stride_vb,
-                  stride_vt, lo, hi, lk, q_pos,
-                  window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                  PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
-
-    ``q_pos[r]`` is query row r's own position in key coordinates (``i + lk - lq``). With
-    ``MASKED`` False every key of every step must be valid and visible to every row.
-    """
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n
-        key_ok = pos < lk
-        if PAGED:
-            k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
-                                         stride_vb, stride_vt, PAGE)
-        else:
-            # int32 within one sequence (its base is already int64), as before the stride
-            # change: the suspected cause of 406-414 vs 437 TFLOP/s at 4 x 4096 (not re-timed)
-            k_off = pos * stride_kt
-            v_off = pos * stride_vt
-        k = _load_rows(K + k_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED, MASK_DIM)
-        qk = mma(q, tl.trans(k), None, DOT)
-        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
-        if MASKED:
-            ok = key_ok[None, :]
-            if CAUSAL:
-                ok = ok & (pos[None, :] <= q_pos[:, None])
-            if WINDOW:
-                ok = ok & (pos[None, :] >= q_pos[:, None] - window_left)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V + v_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED, MASK_DIM)
-        acc = acc * alpha[:, None]
-        acc = mma(p.to(v.dtype), v, acc, DOT)
-        m_i = m_new
-    return acc, m_i, l_i
+from attn_ops.backends.triton.softmax import attend, finish, kv_scales, store_lse
 
 
 @triton.jit(do_not_specialize=["total_q", "window_left"])
-def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
+def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                     stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
-                    total_q, num_seqs,
+                    stride_sk, stride_ks, stride_vs, total_q, num_seqs,
                     qk_scale, cap_log2, cap_inv, window_left,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
-                    PAGE: tl.constexpr, DOT: tl.constexpr):
+                    PAGE: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
+                    FP8: tl.constexpr, WITH_LSE: tl.constexpr):
     pid = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -117,6 +55,8 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
             r = r0 + offs_m
             ptrs = O + r.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
             tl.store(ptrs, zeros, mask=(r < total_q)[:, None] & dim_ok[None, :])
+            store_lse(LSE, r.to(tl.int64) * tl.num_programs(2) + head,
+                      tl.full([BLOCK_M], float("-inf"), tl.float32), r < total_q, WITH_LSE)
         return
 
     q_start = tl.load(CU_Q + seq * stride_cq)
@@ -135,6 +75,8 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
     kv_head = head // GROUP
+    qk_scale, cap_inv, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs,
+                                           qk_scale, cap_inv, FP8)
     if PAGED:
         k_base = K + kv_head * stride_kh
         v_base = V + kv_head * stride_vh
@@ -164,23 +106,25 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, lo,
-                                  tl.minimum(f_lo, hi), lk, q_pos, window_left, qk_scale,
-                                  cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N, True,
-                                  MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, f_lo, f_hi, lk,
-                                  q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                  dim_ok, BLOCK_N, False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP,
-                                  PAGED, PAGE, DOT)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                  stride_kb, stride_kt, stride_vb, stride_vt, f_hi, hi, lk,
-                                  q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                  dim_ok, BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP,
-                                  PAGED, PAGE, DOT)
+    acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                           stride_kt, stride_vb, stride_vt, lo, tl.minimum(f_lo, hi), lk, q_pos,
+                           window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                           BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+    acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                           stride_kt, stride_vb, stride_vt, f_lo, f_hi, lk, q_pos, window_left,
+                           qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N, False,
+                           MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+    acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                           stride_kt, stride_vb, stride_vt, f_hi, hi, lk, q_pos, window_left,
+                           qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N, True,
+                           MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: acc = 0 -> zeros
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
+    factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)  # no key seen: zeros, -inf
+    out = acc * factor[:, None]
+    store_lse(LSE, q_rows * tl.num_programs(2) + head, lse2, row_ok, WITH_LSE)
     o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -235,10 +179,15 @@ def _plan(max_seqlen_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, h
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
-            softcap: float = 0.0, config: Config | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            softcap: float = 0.0, sinks: torch.Tensor | None = None,
+            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+            return_lse: bool = False, config: Config | None = None,
+            out: torch.Tensor | None = None):
     """q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
-    ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype.
+    ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype,
+    and with ``return_lse`` also lse float32 ``[Tq, H]`` (natural log, -inf for a row with no
+    key). ``sinks`` float32 ``[H]``; float8_e4m3fn k/v take ``k_scale``/``v_scale`` float32
+    ``[]`` or ``[Hkv]`` (read as ``x * scale``).
 
     ``config`` overrides the static :class:`Config` table (benchmarks); ``out`` (contiguous
     ``[Tq, H, D]``) receives the result (tests poison it to catch unwritten elements).
@@ -248,10 +197,11 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     paged = block_table is not None
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ex = extras(q, k, sinks, k_scale, v_scale, return_lse)
     if total_q == 0:
-        return out
+        return result(out, ex)
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
-        return out.zero_()  # no key anywhere (static shapes say so)
+        return result(out, ex, nothing_seen=True)  # no key anywhere (static shapes say so)
     # Index tensors and caches are read through their strides (see store_kernel for why not a
     # contiguous copy): a strided cu_seqlens or block table is never misread.
     if paged:
@@ -267,8 +217,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
                          None if config is None else Config(*config))
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
     launch(_prefill_kernel, grid,
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q.stride(0), q.stride(1), *strides,
-        out.stride(0), out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
-        *table_strides, total_q, num_seqs, qk_scale, cap_log2, cap_inv,
-        window_left, **consts)
-    return out
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, *ex.pointers, q.stride(0), q.stride(1),
+        *strides, out.stride(0), out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
+        *table_strides, *ex.strides, total_q, num_seqs, qk_scale, cap_log2, cap_inv,
+        window_left, **consts, **ex.flags)
+    return result(out, ex)

@@ -18,7 +18,8 @@ Grid ``(tiles, Hkv, S)``, sized from static bounds only (CUDA-graph safe, no hos
 
 Split ``s`` of ``S`` takes an equal, BLOCK_N-aligned share of the tile's visible key range and
 writes a normalised partial and its log2-sum-exp; the tile's last split program merges them
-(``common.merge_if_last``), or :func:`_merge_kernel` past 8 splits. ``S = 1`` writes directly.
+(``softmax.merge_if_last``, which adds the sinks), or :func:`_merge_kernel` past 8 splits.
+``S = 1`` writes directly, sinks included.
 Serves prefill (paged or packed dense K/V) and decode (``DECODE``: lengths from ``seqlens_k``).
 """
 
@@ -33,69 +34,28 @@ import triton.language as tl
 
 from attn_ops.backends.triton.launch import launch
 
-from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode,
-                                             merge_if_last, mma, next_pow2, paged_offsets,
-                                             scores_log2, semaphores, softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
+                                             next_pow2, result, semaphores, softcap_constants)
+from attn_ops.backends.triton.softmax import attend, finish, kv_scales, merge_if_last, store_lse
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, stride_vb,
-            stride_vt, start, stop, key_end, q_pos, window_left, qk_scale, cap_log2, cap_inv,
-            offs_n, offs_d, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-            PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
-    """Online-softmax update over keys ``start .. stop-1`` in BLOCK_N steps. Unmasked steps
-    (``MASKED`` False) must hold only keys below ``key_end`` that every row sees."""
-    for lo in range(start, stop, BLOCK_N):
-        pos = lo + offs_n
-        key_ok = pos < key_end
-        if PAGED:
-            k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
-                                         stride_vb, stride_vt, PAGE)
-        else:
-            # int32 within one sequence (its base is already int64), as before the stride
-            # change: the suspected cause of 406-414 vs 437 TFLOP/s at 4 x 4096 (not re-timed)
-            k_off = pos * stride_kt
-            v_off = pos * stride_vt
-        tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        qk = mma(q, tl.trans(k), None, DOT)
-        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
-        if MASKED:
-            ok = key_ok[None, :]
-            if CAUSAL:
-                ok = ok & (pos[None, :] <= q_pos[:, None])
-            if WINDOW:
-                ok = ok & (pos[None, :] >= q_pos[:, None] - window_left)
-            s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = mma(p.to(v.dtype), v, acc, DOT)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split, m0, q_start, lq,
-          k_start,
-          lk, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-          stride_vh, stride_ot, stride_oh, stride_tb, stride_tc, part_rows, num_splits,
-          qk_scale, cap_log2, cap_inv, window_left,
-          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, seq,
+          kv_head, split, m0, q_start, lq, k_start, lk, stride_qt, stride_qh, stride_kb,
+          stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ot, stride_oh, stride_tb,
+          stride_tc, stride_sk, stride_ks, stride_vs, part_rows, num_splits, qk_scale, cap_log2,
+          cap_inv, window_left, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
           WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
           DIRECT: tl.constexpr, ONE_LOOP: tl.constexpr, FUSED: tl.constexpr,
-          DOT: tl.constexpr):
+          DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
+          WITH_LSE: tl.constexpr):
     """Packed rows ``m0 .. m0+BLOCK_M-1`` of one sequence against one split of its keys."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_P2)
     dim_ok = offs_d < HEAD_DIM
+    MASK_DIM: tl.constexpr = HEAD_DIM != D_P2
     packed = m0 + offs_m
     row_ok = packed < lq * GROUP
     query = packed // GROUP
@@ -104,7 +64,8 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split, m0, q_
     io_mask = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=io_mask, other=0.0)
-
+    qk_scale, cap_inv, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs,
+                                           qk_scale, cap_inv, FP8)
     if PAGED:
         k_base = K + kv_head * stride_kh
         v_base = V + kv_head * stride_vh
@@ -143,54 +104,64 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split, m0, q_
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
     if ONE_LOOP:  # few rows: one masked loop (a third of the code; the mask is cheap here)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                stride_kb, stride_kt, stride_vb, stride_vt, s_lo, s_hi, s_hi,
-                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                dim_ok, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                               stride_kt, stride_vb, stride_vt, s_lo, s_hi, s_hi, q_pos,
+                               window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
     else:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                stride_kb, stride_kt, stride_vb, stride_vt, s_lo, u_lo, s_hi,
-                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                dim_ok, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                stride_kb, stride_kt, stride_vb, stride_vt, u_lo, u_hi, s_hi,
-                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                dim_ok, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                                DOT)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                stride_kb, stride_kt, stride_vb, stride_vt, u_hi, s_hi, s_hi,
-                                q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d,
-                                dim_ok, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                               stride_kt, stride_vb, stride_vt, s_lo, u_lo, s_hi, q_pos,
+                               window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                               stride_kt, stride_vb, stride_vt, u_lo, u_hi, s_hi, q_pos,
+                               window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                               BLOCK_N, False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
+                               DOT)
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
+                               stride_kt, stride_vb, stride_vt, u_hi, s_hi, s_hi, q_pos,
+                               window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
+                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw no key: zeros
+    num_heads = tl.num_programs(1) * GROUP
+    lse_idx = q_rows * num_heads + head
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINK_LOGITS + head * stride_sk, mask=row_ok, other=0.0)
+        sink2 = sink2 * 1.4426950408889634  # log2(e)
     o_ptrs = O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    if DIRECT:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
-    else:  # partials [S, part_rows, D] with row = token * H + head
-        num_heads = tl.num_programs(1) * GROUP
-        part = (split * part_rows + q_rows * num_heads + head).to(tl.int64)
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
-        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(LSE_PART + part, lse, mask=row_ok)
+    if DIRECT:  # a row that saw no key: zeros, lse -inf
+        factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)
+        tl.store(o_ptrs, (acc * factor[:, None]).to(O.dtype.element_ty), mask=io_mask)
+        store_lse(LSE, lse_idx, lse2, row_ok, WITH_LSE)
+    else:  # partials [S, part_rows, D] with row = token * H + head; the sink joins at the merge
+        factor, lse2 = finish(m_i, l_i, sink2, v_scale, False)
+        part = (split * part_rows + lse_idx).to(tl.int64)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc * factor[:, None],
+                 mask=io_mask)
+        tl.store(LSE_PART + part, lse2, mask=row_ok)
         if FUSED:  # the last split of this (tile, kv head) merges; no second launch
             merge_if_last(SEMA, tl.program_id(0) * tl.num_programs(1) + kv_head, O_PART,
                           LSE_PART, part - split * part_rows, part_rows, num_splits, O, o_ptrs,
-                          row_ok, offs_d, dim_ok, BLOCK_M, D_P2, HEAD_DIM)
+                          row_ok, offs_d, dim_ok, sink2, LSE, lse_idx, BLOCK_M, D_P2, HEAD_DIM,
+                          HAS_SINKS, WITH_LSE)
 
 
 @triton.jit(do_not_specialize=["total_q", "window_left", "num_splits"])
-def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TABLE,
+def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TABLE, LSE,
+                    SINK_LOGITS, K_SCALE, V_SCALE,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                     stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_sl, stride_tb,
-                    stride_tc, total_q, num_seqs, num_splits, qk_scale, cap_log2, cap_inv,
-                    window_left,
+                    stride_tc, stride_sk, stride_ks, stride_vs, total_q, num_seqs, num_splits,
+                    qk_scale, cap_log2, cap_inv, window_left,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                     SMALL_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     SMALL_PATH: tl.constexpr, LARGE_PATH: tl.constexpr,
                     SEARCH_STEPS: tl.constexpr, DECODE: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                     PAGE: tl.constexpr, DIRECT: tl.constexpr, ONE_LOOP: tl.constexpr,
-                    FUSED: tl.constexpr, DOT: tl.constexpr):
+                    FUSED: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
+                    FP8: tl.constexpr, WITH_LSE: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -210,6 +181,8 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TAB
                             + offs_d[None, :])
                     tl.store(ptrs, zeros,
                              mask=(r < total_q)[:, None] & (offs_d < HEAD_DIM)[None, :])
+                    store_lse(LSE, r * (tl.num_programs(1) * GROUP) + kv_head * GROUP + g,
+                              tl.full([16], float("-inf"), tl.float32), r < total_q, WITH_LSE)
         return
     if pid < n_small:
         seq = pid
@@ -237,12 +210,13 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TAB
     rows = lq * GROUP
     if pid < n_small:
         if rows <= SMALL_M:
-            _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split, 0, q_start,
-                  lq, k_start, lk, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
-                  stride_vt, stride_vh, stride_ot, stride_oh, stride_tb, stride_tc,
+            _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE,
+                  seq, kv_head, split, 0, q_start, lq, k_start, lk, stride_qt, stride_qh,
+                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ot,
+                  stride_oh, stride_tb, stride_tc, stride_sk, stride_ks, stride_vs,
                   total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale, cap_log2, cap_inv,
                   window_left, GROUP, HEAD_DIM, D_P2, SMALL_M, BLOCK_N, CAUSAL, WINDOW,
-                  SOFTCAP, PAGED, PAGE, DIRECT, ONE_LOOP, FUSED, DOT)
+                  SOFTCAP, PAGED, PAGE, DIRECT, ONE_LOOP, FUSED, DOT, HAS_SINKS, FP8, WITH_LSE)
     elif LARGE_PATH:
         n_tiles = tl.cdiv(rows, BLOCK_M)
         local = pid - n_small - ((q_start * GROUP) // BLOCK_M + seq)
@@ -252,21 +226,23 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TAB
         if SMALL_PATH:
             take = take & (rows > SMALL_M)  # else the small path served it
         if take:
-            _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, seq, kv_head, split,
-                  tile * BLOCK_M,
-                  q_start, lq, k_start, lk, stride_qt, stride_qh, stride_kb, stride_kt,
-                  stride_kh, stride_vb, stride_vt, stride_vh, stride_ot, stride_oh, stride_tb,
-                  stride_tc, total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale,
+            _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE,
+                  seq, kv_head, split, tile * BLOCK_M, q_start, lq, k_start, lk, stride_qt,
+                  stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                  stride_ot, stride_oh, stride_tb, stride_tc, stride_sk, stride_ks, stride_vs,
+                  total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale,
                   cap_log2, cap_inv, window_left, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N,
-                  CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DIRECT, False, FUSED, DOT)
+                  CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DIRECT, False, FUSED, DOT, HAS_SINKS,
+                  FP8, WITH_LSE)
 
 
 @triton.jit(do_not_specialize=["num_splits", "part_rows"])
-def _merge_kernel(O_PART, LSE_PART, O, CU_Q, num_splits, part_rows, stride_ot, stride_oh,
-                  stride_cq, num_seqs, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  D_P2: tl.constexpr, S_P2: tl.constexpr, DECODE: tl.constexpr):
-    """One (token, head) row: weigh the S partials by exp2(lse - max). Rows past cu_q[B] are
-    left to the stage-1 zeroing program."""
+def _merge_kernel(O_PART, LSE_PART, O, CU_Q, LSE, SINK_LOGITS, num_splits, part_rows, stride_ot,
+                  stride_oh, stride_cq, stride_sk, num_seqs, NUM_HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, S_P2: tl.constexpr,
+                  DECODE: tl.constexpr, HAS_SINKS: tl.constexpr, WITH_LSE: tl.constexpr):
+    """One (token, head) row: weigh the S partials by exp2(lse - max), add the sink. Rows past
+    cu_q[B] are left to the stage-1 zeroing program."""
     row = tl.program_id(0).to(tl.int64)  # token * H + head
     token = row // NUM_HEADS
     head = row % NUM_HEADS
@@ -280,13 +256,19 @@ def _merge_kernel(O_PART, LSE_PART, O, CU_Q, num_splits, part_rows, stride_ot, s
     idx = offs_s.to(tl.int64) * part_rows + row
     lse = tl.load(LSE_PART + idx, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
-    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
     den = tl.sum(w, 0)
     o = tl.load(O_PART + idx[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
+    factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
+    out = tl.sum(w[:, None] * o, 0) * factor
     tl.store(O + token * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=dim_ok)
+    store_lse(LSE, row, lse2, True, WITH_LSE)
 
 
 class Config(NamedTuple):
@@ -371,7 +353,7 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
 
 
 def _launch(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,
-            decode, causal, paged, window_left, softcap, config, splits):
+            decode, causal, paged, window_left, softcap, config, splits, ex):
     total_q, num_heads, head_dim = q.shape
     if paged:
         page, num_kv_heads = k.shape[1], k.shape[2]
@@ -399,52 +381,62 @@ def _launch(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, ca
     sema = semaphores(grid[0] * grid[1], q.device) if fused else cu_q  # unused when not fused
     launch(
         _unified_kernel, grid, q, k, v, out, o_part, lse_part, sema, cu_q, cu_k, seqlens, table,
-        q.stride(0), q.stride(1),
+        *ex.pointers, q.stride(0), q.stride(1),
         *kv_strides, out.stride(0), out.stride(1), stride_cq, stride_ck, stride_sl,
-        *table_strides, total_q, num_seqs, splits, qk_scale, cap_log2, cap_inv, window_left,
-        **consts)
+        *table_strides, *ex.strides, total_q, num_seqs, splits, qk_scale, cap_log2, cap_inv,
+        window_left, **consts, **ex.flags)
     if splits > 1 and not fused:
-        launch(_merge_kernel, (part_rows,), o_part, lse_part, out, cu_q, splits, part_rows,
-               out.stride(0), out.stride(1), stride_cq, num_seqs, **merge)
-    return out
+        launch(_merge_kernel, (part_rows,), o_part, lse_part, out, cu_q, *ex.pointers[:2],
+               splits, part_rows, out.stride(0), out.stride(1), stride_cq, ex.strides[0],
+               num_seqs, **merge, HAS_SINKS=ex.flags["HAS_SINKS"],
+               WITH_LSE=ex.flags["WITH_LSE"])
+    return result(out, ex)
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
-            softcap: float = 0.0, config: Config | None = None, splits: int | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """attn::prefill's semantics (see prefill_kernel.prefill for shapes); ``config``/``splits``
-    override the static tables (benchmarks); ``out`` receives the result (tests poison it)."""
+            softcap: float = 0.0, sinks: torch.Tensor | None = None,
+            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+            return_lse: bool = False, config: Config | None = None, splits: int | None = None,
+            out: torch.Tensor | None = None):
+    """attn::prefill's semantics (see prefill_kernel.prefill for shapes, sinks, FP8 scales and
+    the lse); ``config``/``splits`` override the static tables (benchmarks); ``out`` receives
+    the result (tests poison it)."""
     total_q = q.shape[0]
     num_seqs = cu_seqlens_q.shape[0] - 1
     paged = block_table is not None
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ex = extras(q, k, sinks, k_scale, v_scale, return_lse)
     if total_q == 0:
-        return out
+        return result(out, ex)
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
-        return out.zero_()  # no key anywhere (static shapes say so)
+        return result(out, ex, nothing_seen=True)  # no key anywhere (static shapes say so)
     capacity = int(max_seqlen_k)
     if paged:
         capacity = min(capacity, block_table.shape[1] * k.shape[1])
     return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table,
                    num_seqs, max_seqlen_q, capacity, scale, False, causal, paged, window_left,
-                   softcap, config, splits)
+                   softcap, config, splits, ex)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
            block_table: torch.Tensor, scale: float, window_left: int = -1, softcap: float = 0.0,
+           sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None, return_lse: bool = False,
            config: Config | None = None, splits: int | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None):
     """attn::decode's semantics (see decode_kernel.decode for shapes) on the unified kernel."""
     batch = q.shape[0]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse)
     if batch == 0:
-        return out
+        return result(out, ex)
     if k_cache.numel() == 0 or block_table.numel() == 0:
-        return out.zero_()
+        return result(out, ex, nothing_seen=True)
     capacity = block_table.shape[1] * k_cache.shape[1]
     return _launch(q, k_cache, v_cache, out, seqlens_k, seqlens_k, seqlens_k, block_table, batch,
-                   1, capacity, scale, True, False, True, window_left, softcap, config, splits)
+                   1, capacity, scale, True, False, True, window_left, softcap, config, splits,
+                   ex)

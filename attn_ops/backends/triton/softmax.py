@@ -1,0 +1,176 @@
+"""The online softmax shared by the prefill and unified kernels: the key-tile step over a key
+range, and the row finish that adds the sink and gives the log-sum-exp, and the split-KV merge.
+
+Scores live in the log2 domain (``common.scores_log2``): ``m_i`` is a row's running maximum of
+``s * log2(e)``, ``l_i`` its running sum of ``2^(s log2 e - m_i)``, ``acc`` the unnormalised
+``P @ V``. FP8 K/V tiles (float8_e4m3fn) are loaded as they are stored (half the bytes of bf16)
+and widened to q's dtype in registers; their scales are folded in outside the loop
+(:func:`kv_scales`: ``q . (k s_k) = s_k (q . k)`` and ``P (v s_v) = s_v (P v)``), so a tile costs
+one conversion and no multiply.
+
+Imported only by the kernel modules (it imports triton).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from attn_ops.backends.triton.common import mma, paged_offsets, scores_log2
+
+@triton.jit
+def load_rows(ptrs, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIM: tl.constexpr):
+    """Load a [rows, D_P2] tile, masking only what can be out of range (unmasked loads
+    vectorise)."""
+    if MASK_ROWS:
+        if MASK_DIM:
+            return tl.load(ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        else:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if MASK_DIM:
+            return tl.load(ptrs, mask=dim_ok[None, :], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, stride_vb,
+           stride_vt, lo, hi, key_end, q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n,
+           offs_d, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
+           CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+           PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
+
+    ``q_pos[r]`` is row r's query position in key coordinates (``i + lk - lq``); keys at or past
+    ``key_end`` are never read. With ``MASKED`` False every key of every step must be below
+    ``key_end`` and visible to every row (no mask arithmetic, unmasked loads).
+
+    Isolation (masked steps of a causal or windowed call): a value row that a row of the tile
+    must not see can still be non-finite, and ``0 * NaN`` would carry it through ``P @ V`` into
+    that row. Such value rows are zeroed with a select, and ``p`` becomes NaN exactly where a
+    row does see one, so the rows that see it still say so (the reference's rule).
+    """
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        key_ok = pos < key_end
+        if PAGED:
+            k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
+                                         stride_vb, stride_vt, PAGE)
+        else:
+            # int32 within one sequence (its base is already int64), as before the stride
+            # change: the suspected cause of 406-414 vs 437 TFLOP/s at 4 x 4096 (not re-timed)
+            k_off = pos * stride_kt
+            v_off = pos * stride_vt
+        k = load_rows(K + k_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED, MASK_DIM)
+        qk = mma(q, tl.trans(k.to(q.dtype)), None, DOT)
+        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
+        if MASKED:
+            ok = key_ok[None, :]
+            if CAUSAL:
+                ok = ok & (pos[None, :] <= q_pos[:, None])
+            if WINDOW:
+                ok = ok & (pos[None, :] >= q_pos[:, None] - window_left)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        v = load_rows(V + v_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED,
+                      MASK_DIM).to(q.dtype)
+        if MASKED and (CAUSAL or WINDOW):
+            v_sum = tl.sum(v.to(tl.float32), 1)
+            finite = (v_sum - v_sum) == 0.0  # False for a row holding NaN or +-Inf
+            v = tl.where(finite[:, None], v, 0.0)
+            p = tl.where(finite[None, :] | ~ok, p, float("nan"))
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = mma(p.to(v.dtype), v, acc, DOT)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs, qk_scale, cap_inv,
+              FP8: tl.constexpr):
+    """(qk_scale, cap_inv, v_scale) with an FP8 cache's per-head (or scalar: stride 0) scales
+    folded in; the scores take k's scale, the output v's. Without FP8: unchanged and 1."""
+    if FP8:
+        ks = tl.load(K_SCALE + kv_head * stride_ks)
+        vs = tl.load(V_SCALE + kv_head * stride_vs)
+        return qk_scale * ks, cap_inv * ks, vs
+    else:
+        return qk_scale, cap_inv, 1.0
+
+
+@triton.jit
+def finish(m_i, l_i, sink2, v_scale, SINKS: tl.constexpr):
+    """(factor, lse2) of rows (vectors or scalars): ``acc * factor`` is the normalised output
+    and lse2 the log2 of the softmax denominator (in ``2^(s log2 e)`` units), the sink
+    ``2^sink2`` included when ``SINKS``. A row that saw no key (``l_i == 0``) gets factor 0 and
+    lse2 = -inf: its sink is dropped, so a merge never counts it twice. A NaN ``l_i`` (a row that
+    saw a non-finite value) stays NaN in both."""
+    seen = l_i > 0
+    if SINKS:
+        m_f = tl.where(seen, tl.maximum(m_i, sink2), 0.0)
+        alpha = tl.math.exp2(m_i - m_f)
+        den = l_i * alpha + tl.math.exp2(sink2 - m_f)
+        factor = tl.where(seen, alpha * v_scale / tl.where(seen, den, 1.0), 0.0)
+        lse2 = tl.where(l_i == 0, float("-inf"), m_f + tl.math.log2(tl.where(l_i == 0, 1.0, den)))
+    else:
+        factor = tl.where(seen, v_scale / tl.where(seen, l_i, 1.0), 0.0)
+        lse2 = tl.where(l_i == 0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0, 1.0, l_i)))
+    factor = tl.where(l_i == l_i, factor, float("nan"))
+    return factor, lse2
+
+
+@triton.jit
+def merge_if_last(SEMA, sema_idx, O_PART, LSE_PART, part, part_split_stride, num_splits, OUT,
+                  out_ptrs, row_ok, offs_d, dim_ok, sink2, LSE, lse_idx, ROWS: tl.constexpr,
+                  D_P2: tl.constexpr, HEAD_DIM: tl.constexpr, SINKS: tl.constexpr,
+                  WITH_LSE: tl.constexpr):
+    """Count this split program in; the last of the ``num_splits`` programs of a tile merges
+    every split's partial (``O_PART[part + s * part_split_stride]``, normalised without the sink,
+    and its log2-sum-exp in ``LSE_PART``) into ``out_ptrs``, adds the sink here (so it counts
+    once however the keys were split), writes the lse when ``WITH_LSE``, and resets the counter
+    for the next call.
+
+    This replaces a second (merge) launch: on the H200 that launch cost ~2.9 us of device time
+    plus the gap between the two kernels, 13% of a B = 16, ctx 2048 decode (42 us vs 36 us for
+    stage 1 alone). Ordering: every thread's partial stores happen before the barrier, the
+    counter's atomic is acq_rel at GPU scope, and the merging program reads the partials through
+    L2 (``.cg``), never a stale L1 line.
+    """
+    tl.debug_barrier()
+    count = tl.atomic_add(SEMA + sema_idx, 1, sem="acq_rel")
+    if count == num_splits - 1:
+        m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, D_P2], dtype=tl.float32)
+        mask = row_ok[:, None] & dim_ok[None, :]
+        for s in range(0, num_splits):
+            idx = part + s * part_split_stride
+            lse = tl.load(LSE_PART + idx, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(O_PART + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m, lse)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_use)
+            w = tl.math.exp2(lse - m_use)  # an empty split (lse = -inf) weighs 0
+            acc = acc * alpha[:, None] + w[:, None] * tl.where(w[:, None] > 0, o, 0.0)
+            den = den * alpha + w
+            m = m_new
+        factor, lse2 = finish(tl.where(m == float("-inf"), 0.0, m), den, sink2, 1.0, SINKS)
+        tl.store(out_ptrs, (acc * factor[:, None]).to(OUT.dtype.element_ty), mask=mask)
+        store_lse(LSE, lse_idx, lse2, row_ok, WITH_LSE)
+        tl.atomic_xchg(SEMA + sema_idx, 0)
+
+
+@triton.jit
+def store_lse(LSE, idx, lse2, mask, WITH_LSE: tl.constexpr):
+    """Store the natural-log lse (``lse2 * ln 2``) at ``LSE + idx`` when ``WITH_LSE``."""
+    if WITH_LSE:
+        tl.store(LSE + idx, lse2 * 0.6931471805599453, mask=mask)
