@@ -144,16 +144,18 @@ class Extras(NamedTuple):
 
 def extras(q: torch.Tensor, k: torch.Tensor, sinks: torch.Tensor | None,
            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-           return_lse: bool) -> Extras:
+           return_lse: bool, lse: torch.Tensor | None = None) -> Extras:
     """Sinks (float32 ``[H]``), FP8 scales (float32 ``[]`` or ``[Hkv]``, used only when k is
-    float8_e4m3fn) and the lse output (float32 ``[rows, H]``, allocated here) as kernel
-    arguments; every tensor is read through its stride, never copied."""
+    float8_e4m3fn) and the lse output (float32 ``[rows, H]``: ``lse``, contiguous, or allocated
+    here) as kernel arguments; every input is read through its stride, never copied."""
     fp8 = k.dtype == torch.float8_e4m3fn
     if fp8 and (k_scale is None or v_scale is None):
         raise ValueError("k_scale, v_scale: a float8_e4m3fn cache needs float32 scales of "
                          "shape [] or [Hkv]")
-    lse = (torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse
-           else None)
+    if not return_lse:
+        lse = None
+    elif lse is None:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
 
     def pick(t, use):
         return (t, t.stride(0) if t.dim() else 0) if use else (q, 0)

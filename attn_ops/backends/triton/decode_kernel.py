@@ -218,7 +218,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
            v_scale: torch.Tensor | None = None, return_lse: bool = False,
            config: Config | None = None, splits: int | None = None,
-           out: torch.Tensor | None = None, fused: bool | None = None):
+           out: torch.Tensor | None = None, fused: bool | None = None,
+           lse: torch.Tensor | None = None):
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
     ``[B, W]``. Returns ``[B, H, D]`` in q's dtype, and with ``return_lse`` also lse float32
     ``[B, H]`` (natural log; -inf for a row with no key). ``sinks`` float32 ``[H]``; float8_e4m3fn
@@ -227,14 +228,15 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     (any strided view with a contiguous last dim; see store_kernel for why not a copy).
 
     ``config``/``splits`` override the static tables (benchmarks); ``out`` (contiguous
-    ``[B, H, D]``) receives the result (tests poison it to catch unwritten elements); ``fused``
+    ``[B, H, D]``) and ``lse`` (contiguous float32 ``[B, H]``) receive the results (tests poison
+    them to catch unwritten elements); ``fused``
     (default :data:`FUSED_MERGE`) merges the splits in the last split program instead of a
     second launch.
     """
     batch, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse)
+    ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse, lse)
     if batch == 0:
         return result(out, ex)
     if k_cache.numel() == 0 or block_table.numel() == 0:

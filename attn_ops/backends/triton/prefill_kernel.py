@@ -182,7 +182,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             softcap: float = 0.0, sinks: torch.Tensor | None = None,
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
             return_lse: bool = False, config: Config | None = None,
-            out: torch.Tensor | None = None):
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype,
     and with ``return_lse`` also lse float32 ``[Tq, H]`` (natural log, -inf for a row with no
@@ -190,14 +190,15 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     ``[]`` or ``[Hkv]`` (read as ``x * scale``).
 
     ``config`` overrides the static :class:`Config` table (benchmarks); ``out`` (contiguous
-    ``[Tq, H, D]``) receives the result (tests poison it to catch unwritten elements).
+    ``[Tq, H, D]``) and ``lse`` (contiguous float32 ``[Tq, H]``) receive the results (tests
+    poison them to catch unwritten elements).
     """
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     paged = block_table is not None
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ex = extras(q, k, sinks, k_scale, v_scale, return_lse)
+    ex = extras(q, k, sinks, k_scale, v_scale, return_lse, lse)
     if total_q == 0:
         return result(out, ex)
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):

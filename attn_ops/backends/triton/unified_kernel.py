@@ -399,16 +399,16 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             softcap: float = 0.0, sinks: torch.Tensor | None = None,
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
             return_lse: bool = False, config: Config | None = None, splits: int | None = None,
-            out: torch.Tensor | None = None):
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """attn::prefill's semantics (see prefill_kernel.prefill for shapes, sinks, FP8 scales and
     the lse); ``config``/``splits`` override the static tables (benchmarks); ``out`` receives
-    the result (tests poison it)."""
+    the result, ``lse`` the lse (tests poison them)."""
     total_q = q.shape[0]
     num_seqs = cu_seqlens_q.shape[0] - 1
     paged = block_table is not None
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ex = extras(q, k, sinks, k_scale, v_scale, return_lse)
+    ex = extras(q, k, sinks, k_scale, v_scale, return_lse, lse)
     if total_q == 0:
         return result(out, ex)
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
@@ -426,12 +426,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
            v_scale: torch.Tensor | None = None, return_lse: bool = False,
            config: Config | None = None, splits: int | None = None,
-           out: torch.Tensor | None = None):
+           out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """attn::decode's semantics (see decode_kernel.decode for shapes) on the unified kernel."""
     batch = q.shape[0]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse)
+    ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse, lse)
     if batch == 0:
         return result(out, ex)
     if k_cache.numel() == 0 or block_table.numel() == 0:

@@ -41,6 +41,21 @@ def test_supports_reasons(monkeypatch):
     assert "TRITON_INTERPRET=1" in tb.supports(_config("decode", device=torch.device("cpu")))
 
 
+@pytest.mark.parametrize("op", ["prefill", "decode"])
+def test_supports_sinks_lse_fp8(op):
+    # every kernel the backend routes to serves them; FP8 is read by fp16/bf16 queries only
+    fp8 = torch.float8_e4m3fn
+    for dtype in (torch.bfloat16, torch.float16):
+        cfg = _config(op, dtype=dtype, has_sinks=True, with_lse=True, cache_dtype=fp8)
+        assert tb.supports(cfg) is None
+        assert tb.supports(cfg.replace(paged=False, block_size=None) if op == "prefill"
+                           else cfg) is None
+    reason = tb.supports(_config(op, dtype=torch.float32, cache_dtype=fp8))
+    assert "float16/bfloat16" in reason and "float32" in reason
+    assert tb.supports(_config(op, dtype=torch.float32, has_sinks=True, with_lse=True)) is None
+    assert tb.supports(_config("store_kvcache", dtype=torch.float32, cache_dtype=fp8)) is None
+
+
 def test_prefill_kernel_choice_is_static():
     # few rows or short prompts -> unified kernel; long uniform prompts -> FA2-style kernel;
     # a batch with far fewer tokens than B * max_seqlen_q (decode rows + chunks) -> unified
