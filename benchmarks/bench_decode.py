@@ -8,7 +8,12 @@ no host launch cost: how decode runs in a server); GB/s = K and V bytes read
 (2 * B * ctx * Hkv * D * 2) / graph time; % is of the device copy bandwidth measured in this run
 (bytes read + written).
 
-    python benchmarks/bench_decode.py [--tune] [--out DIR]
+    python benchmarks/bench_decode.py [--tune] [--growth | --growth-only] [--out DIR]
+
+``--growth``: our decode side by side with its contract growth on the same cache tokens, graph
+timed, rounds interleaved (median of 3): bf16, FP8 caches (float8_e4m3fn, per-head scales: half
+the bytes), sinks, ``decode_with_lse``, both; targets fp8 >= 1.7x bf16 at B >= 16, ctx >= 4096,
+sinks / lse <= 3% (decode_growth.csv).
 """
 
 from __future__ import annotations
@@ -136,6 +141,57 @@ def run_shape(b, ctx, args, copy, pages=(16, 256)):
     return rows
 
 
+GROWTH_SHAPES = [(16, 4096), (16, 8192), (32, 8192), (64, 4096), (128, 4096)]
+
+
+def growth(args, copy):
+    """bf16 vs FP8 caches vs sinks vs the lse, one shape at a time, the variants interleaved."""
+    import attn_ops
+    from attn_ops.backends import reference
+    from common import bench_ms
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    shapes = [(2, 64)] if args.smoke else GROWTH_SHAPES
+    rows = []
+    for b, ctx in shapes:
+        k = torch.randn(b, ctx, hkv, d, device=dev, dtype=torch.bfloat16)
+        k_cache, v_cache, table = paged_copy(k, torch.randn_like(k), 16, dev)
+        del k
+        k_scale = torch.rand(hkv, device=dev) * 0.01 + 0.01  # |x| < ~5 over 448
+        v_scale = torch.rand(hkv, device=dev) * 0.01 + 0.01
+        k8 = reference.quantize_fp8(k_cache, k_scale, torch.float8_e4m3fn)
+        v8 = reference.quantize_fp8(v_cache, v_scale, torch.float8_e4m3fn)
+        q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+        sinks = torch.randn(h, device=dev)
+        seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        base = (q, k_cache, v_cache, seqlens, table, d ** -0.5, -1, 0.0)
+        fp8 = (q, k8, v8, seqlens, table, d ** -0.5, -1, 0.0, None, k_scale, v_scale)
+        variants = {
+            "bf16": (attn_ops.decode, base, 4),
+            "fp8 per-head scales": (attn_ops.decode, fp8, 2),
+            "bf16 + sinks": (attn_ops.decode, base + (sinks,), 4),
+            "bf16 decode_with_lse": (attn_ops.decode_with_lse, base, 4),
+            "bf16 + sinks + lse": (attn_ops.decode_with_lse, base + (sinks,), 4),
+            "fp8 + sinks + lse": (attn_ops.decode_with_lse, fp8[:8] + (sinks,) + fp8[9:], 2),
+        }
+        times = {name: [] for name in variants}
+        for _ in range(1 if args.smoke else 3):
+            for name, (op, a, _) in variants.items():
+                run = lambda op=op, a=a: op(*a, backend="triton")  # noqa: E731
+                times[name].append(bench_ms(run, args.smoke, graph=not args.smoke))
+        ref = sorted(times["bf16"])[len(times["bf16"]) // 2]
+        for name, (_, _, elem) in variants.items():
+            ms = sorted(times[name])[len(times[name]) // 2]
+            gbs = 2 * b * ctx * hkv * d * elem / (ms * 1e-3) / 1e9
+            rows.append(dict(bench="decode_growth", batch=b, ctx=ctx, contender=name,
+                             graph_us=ms * 1e3, speed_vs_bf16=ref / ms,
+                             cost_pct=100 * (ms / ref - 1), gbs=gbs, pct_copy=100 * gbs / copy))
+        print_table([r for r in rows if (r["batch"], r["ctx"]) == (b, ctx)],
+                    ["batch", "ctx", "contender", "graph_us", "speed_vs_bf16", "cost_pct",
+                     "gbs", "pct_copy"])
+    write_csv(args.out / "decode_growth.csv", rows)
+
+
 def tune(args, copy):
     """Sweep (BLOCK_N, warps, stages) and the split count of our kernel on target shapes, timed
     as CUDA-graph replays (device time)."""
@@ -175,13 +231,17 @@ def tune(args, copy):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--growth", action="store_true", help="also fp8 / sinks / lse vs bf16"),
+        p.add_argument("--growth-only", action="store_true", help="only the --growth table")))
     env = header("decode", args.smoke)
     copy = copy_gbs(args.smoke)
     print(f"ceiling: device copy {copy:.0f} GB/s (read + write)")
     if args.tune or args.tune_only:
         tune(args, copy)
-    if args.tune_only:
+    if args.growth or args.growth_only:
+        growth(args, copy)
+    if args.tune_only or args.growth_only:
         return
     shapes = [(2, 64), (1, 200)] if args.smoke else list(dict.fromkeys(ANCHOR_SHAPES +
                                                                         SWEEP_SHAPES))
