@@ -148,6 +148,7 @@ def growth(args, copy):
     """bf16 vs FP8 caches vs sinks vs the lse, one shape at a time, the variants interleaved."""
     import attn_ops
     from attn_ops.backends import reference
+    from attn_ops.backends.triton import decode_kernel
     from common import bench_ms
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
@@ -174,10 +175,17 @@ def growth(args, copy):
             "bf16 + sinks + lse": (attn_ops.decode_with_lse, base + (sinks,), 4),
             "fp8 + sinks + lse": (attn_ops.decode_with_lse, fp8[:8] + (sinks,) + fp8[9:], 2),
         }
+        # FP8 tiles hold half the bytes: launch configs the bf16 table (64 keys, 4 warps, 3
+        # stages) did not need, for choosing fp8's own row (kernel wrapper, not the op path)
+        for cfg in ((128, 4, 3), (64, 4, 4), (128, 8, 3)):
+            variants[f"fp8 config {cfg}"] = (
+                lambda *a, cfg=cfg: decode_kernel.decode(*a[:6], k_scale=a[9], v_scale=a[10],
+                                                         config=cfg), fp8, 2)
         times = {name: [] for name in variants}
         for _ in range(1 if args.smoke else 3):
             for name, (op, a, _) in variants.items():
-                run = lambda op=op, a=a: op(*a, backend="triton")  # noqa: E731
+                kw = {} if op.__module__ == __name__ else {"backend": "triton"}
+                run = lambda op=op, a=a, kw=kw: op(*a, **kw)  # noqa: E731
                 times[name].append(bench_ms(run, args.smoke, graph=not args.smoke))
         ref = sorted(times["bf16"])[len(times["bf16"]) // 2]
         for name, (_, _, elem) in variants.items():
