@@ -39,17 +39,20 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
            stride_vt, lo, hi, key_end, q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n,
            offs_d, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-           PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
+           PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr,
+           ISOLATE: tl.constexpr = True):
     """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
 
     ``q_pos[r]`` is row r's query position in key coordinates (``i + lk - lq``); keys at or past
     ``key_end`` are never read. With ``MASKED`` False every key of every step must be below
     ``key_end`` and visible to every row (no mask arithmetic, unmasked loads).
 
-    Isolation (masked steps of a causal or windowed call): a value row that a row of the tile
-    must not see can still be non-finite, and ``0 * NaN`` would carry it through ``P @ V`` into
-    that row. Such value rows are zeroed with a select, and ``p`` becomes NaN exactly where a
-    row does see one, so the rows that see it still say so (the reference's rule).
+    Isolation (masked steps of a causal or windowed call, unless ``ISOLATE`` is False: the
+    caller knows every key of the range is visible to every row): a value row that a row of the
+    tile must not see can still be non-finite, and ``0 * NaN`` would carry it through ``P @ V``
+    into that row. Such value rows are zeroed with a select, and ``p`` becomes NaN exactly where
+    a row does see one, so the rows that see it still say so (the reference's rule). Cost: a
+    row sum of the V tile and two selects, on masked steps only.
     """
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
@@ -81,7 +84,7 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
         alpha = tl.math.exp2(m_i - m_use)
         v = load_rows(V + v_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED,
                       MASK_DIM).to(q.dtype)
-        if MASKED and (CAUSAL or WINDOW):
+        if MASKED and ISOLATE and (CAUSAL or WINDOW):
             v_sum = tl.sum(v.to(tl.float32), 1)
             finite = (v_sum - v_sum) == 0.0  # False for a row holding NaN or +-Inf
             v = tl.where(finite[:, None], v, 0.0)

@@ -103,9 +103,17 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-    if ONE_LOOP:  # few rows: one masked loop (a third of the code; the mask is cheap here)
+    if ONE_LOOP:  # few rows: masked steps only (a third of the code; the mask is cheap here)
+        iso = s_lo  # causal, no window: keys below first_q + 1 are seen by every row, so the
+        if CAUSAL and not WINDOW:  # isolation's V row sum runs on the diagonal steps only
+            iso = tl.minimum(tl.maximum((first_q + 1) // BLOCK_N * BLOCK_N, s_lo), s_hi)
+            acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                   stride_kb, stride_kt, stride_vb, stride_vt, s_lo, iso, s_hi,
+                                   q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n,
+                                   offs_d, dim_ok, BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW,
+                                   SOFTCAP, PAGED, PAGE, DOT, False)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
-                               stride_kt, stride_vb, stride_vt, s_lo, s_hi, s_hi, q_pos,
+                               stride_kt, stride_vb, stride_vt, iso, s_hi, s_hi, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                                BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
     else:

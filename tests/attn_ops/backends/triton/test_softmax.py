@@ -253,9 +253,49 @@ def test_cascade_merge_equals_one_call():
     assert math.isfinite(float(lse.min()))
 
 
+def isolation_case(kernel, splits=None, cuda=False, lk=40, block_size=16):
+    """A NaN and an Inf value row in the causal future of a sequence's first query (inside its
+    last key tile): the first query's rows stay clean, every row that sees one is non-finite
+    (the reference's rule), with sinks and the lse."""
+    dev = _device(cuda)
+    lens_q, lens_k, h, hkv, d = [3, 2], [lk, 9], 4, 2, 32
+    pb = random_paged(lens_k, hkv, d, block_size, BF16, device=dev)
+    flat = pb.v_cache.view(-1, hkv, d)
+    for pos, value in ((lk - 2, math.nan), (lk - 1, math.inf)):  # query 0 sits at lk - 3
+        flat[int(pb.block_table[0, pos // block_size]) * block_size + pos % block_size] = value
+    q = torch.randn(sum(lens_q), h, d, dtype=BF16, device=dev)
+    args = (q, pb.k_cache, pb.v_cache, cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev), 3, lk,
+            0.2, True, pb.block_table)
+    kwargs = dict(sinks=torch.randn(h, device=dev))
+    extra = dict(splits=splits) if kernel is unified_kernel else {}
+    out, lse = kernel.prefill(*args, **kwargs, return_lse=True, **extra)
+    ref_out, ref_lse = reference.prefill(*args, **kwargs, return_lse=True)
+    finite = torch.isfinite(ref_out).all(-1)
+    assert finite[0].all() and finite[3:].all() and not finite[1:3].any()  # the setup
+    assert_close(out[finite], ref_out[finite], *TOLERANCES[BF16], what="clean rows")
+    _check_lse(lse[finite], ref_lse[finite], "clean rows")
+    assert (~torch.isfinite(out[~finite])).any(-1).all(), "a row that sees NaN/Inf is finite"
+
+
+@pytest.mark.parametrize("kernel,splits", [(prefill_kernel, None), (unified_kernel, 1),
+                                           (unified_kernel, 2)])
+def test_hidden_non_finite_value_stays_out(kernel, splits):
+    # unified: 3 queries x G = 2 rows take the small path (masked steps, isolated only on the
+    # diagonal ones); the prefill kernel: its masked diagonal loop
+    isolation_case(kernel, splits)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel,splits", [(prefill_kernel, None), (unified_kernel, None),
+                                           (unified_kernel, 3)])
+@pytest.mark.parametrize("lk", [40, 1000])
+def test_hidden_non_finite_value_stays_out_cuda(kernel, splits, lk):
+    isolation_case(kernel, splits, cuda=True, lk=lk)
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", PREFILL_KERNELS, ids=_ids)
