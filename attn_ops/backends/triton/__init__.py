@@ -3,9 +3,11 @@
 Runs on CUDA, and on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` is
 set before the kernels are first used (the CI path). Importing this package imports no triton:
 the kernel modules (:mod:`.store_kernel`, :mod:`.prefill_kernel`, :mod:`.decode_kernel`,
-:mod:`.unified_kernel`, :mod:`.merge_kernel`; named
-apart from the functions below so that importing one does not rebind a package attribute) load
-on first call.
+:mod:`.unified_kernel`, :mod:`.merge_kernel`; named apart from the functions below so that
+importing one does not rebind a package attribute) load on first call, with the pieces they
+share (:mod:`.common`; :mod:`.softmax`: the key-tile step, the sink, the lse, the split merge).
+Every attention kernel serves sinks, the lse (``prefill_with_lse`` / ``decode_with_lse``) and
+float8_e4m3fn caches.
 
 Eagerly the public ops (``attn::prefill`` etc.) choose their backend when they run, and the
 kernels are launched through :mod:`.launch` (the compiled launcher called directly; pinned per
