@@ -1,5 +1,6 @@
-"""The online softmax shared by the prefill and unified kernels: the key-tile step over a key
-range, and the row finish that adds the sink and gives the log-sum-exp, and the split-KV merge.
+"""The online softmax shared by the Triton attention kernels: the key-tile step over a key range
+(prefill and unified kernels), the FP8 scales, the row finish that adds the sink and gives the
+log-sum-exp, and the split-KV merge inside the last split program (unified and decode kernels).
 
 Scores live in the log2 domain (``common.scores_log2``): ``m_i`` is a row's running maximum of
 ``s * log2(e)``, ``l_i`` its running sum of ``2^(s log2 e - m_i)``, ``acc`` the unnormalised
