@@ -67,7 +67,9 @@ def check_gqa(q_name: str, h: int, kv_name: str, hkv: int) -> None:
 
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, same shape/dtype, contiguous."""
+    """k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, same shape/dtype, each any strided
+    view with a contiguous last dim (their strides may differ; a dense ``[B, Hkv, S, D]`` cache
+    transposed is one block per sequence)."""
     layout = "[num_blocks, block_size, Hkv, D]"
     check_rank("k_cache", k_cache, 4, layout)
     check_rank("v_cache", v_cache, 4, layout)
@@ -79,8 +81,9 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     check_dtype("k_cache", k_cache, FLOAT_DTYPES + FP8_DTYPES, "a floating or FP8 dtype")
     check_same_device("k_cache", k_cache, v_cache=v_cache)
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not c.is_contiguous():
-            _fail(f"{name}: expected a contiguous {layout} tensor, got strides {tuple(c.stride())}")
+        if c.stride(-1) != 1:
+            _fail(f"{name}: expected a {layout} view whose last dim (D) is contiguous (stride 1; "
+                  f"the other strides are free), got strides {tuple(c.stride())}")
     check_head_dim("k_cache", k_cache.shape[-1])
 
 

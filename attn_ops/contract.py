@@ -52,6 +52,10 @@ class OpConfig:
             merge_states). The store's k_cache dtype; equal to ``dtype`` unless FP8.
         has_sinks: per-head sink logits join each row's softmax denominator.
         with_lse: the call also returns the log-sum-exp (``prefill_with_lse``/``decode_with_lse``).
+        cache_contiguous: both paged caches are contiguous tensors. False for any other strided
+            ``[num_blocks, block_size, Hkv, D]`` view with a contiguous last dim (a dense
+            ``[B, Hkv, S, D]`` cache transposed, padded strides), which a backend that reads
+            caches as one flat buffer refuses. True for a dense (unpaged) prefill.
     """
 
     op: str
@@ -69,6 +73,7 @@ class OpConfig:
     cache_dtype: torch.dtype | None = None
     has_sinks: bool = False
     with_lse: bool = False
+    cache_contiguous: bool = True
 
     @property
     def fp8_cache(self) -> bool:
@@ -85,35 +90,44 @@ class OpConfig:
                          if f.name not in ("op", "device"))
 
 
-def store_config(key: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> OpConfig:
+def caches_contiguous(k_cache: torch.Tensor, v_cache: torch.Tensor | None) -> bool:
+    """Both caches are contiguous (``v_cache`` None: only ``k_cache`` is known)."""
+    return bool(k_cache.is_contiguous()) and (v_cache is None or bool(v_cache.is_contiguous()))
+
+
+def store_config(key: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 v_cache: torch.Tensor | None = None) -> OpConfig:
     """The config of ``store_kvcache(key [T, Hkv, D], ..., k_cache [N, bs, Hkv, D], slots [T])``."""
     return OpConfig("store_kvcache", key.device, key.dtype, int(k_cache.shape[3]),
                     int(k_cache.shape[2]), block_size=int(k_cache.shape[1]), paged=True,
-                    slot_dtype=slot_mapping.dtype, cache_dtype=k_cache.dtype)
+                    slot_dtype=slot_mapping.dtype, cache_dtype=k_cache.dtype,
+                    cache_contiguous=caches_contiguous(k_cache, v_cache))
 
 
 def prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool = True,
                    block_table: torch.Tensor | None = None, window_left: int = -1,
                    softcap: float = 0.0, sinks: torch.Tensor | None = None,
-                   with_lse: bool = False) -> OpConfig:
-    """The config of a prefill with q ``[Tq, H, D]`` and k ``[Tk, Hkv, D]`` or a paged cache."""
+                   with_lse: bool = False, v: torch.Tensor | None = None) -> OpConfig:
+    """The config of a prefill with q ``[Tq, H, D]`` and k ``[Tk, Hkv, D]`` or a paged cache
+    (``v``: the value cache, read for ``cache_contiguous``)."""
     paged = block_table is not None
     return OpConfig("prefill", q.device, q.dtype, int(q.shape[2]),
                     int(k.shape[2] if paged else k.shape[1]), num_heads=int(q.shape[1]),
                     block_size=int(k.shape[1]) if paged else None, paged=paged,
                     causal=bool(causal), window_left=int(window_left), softcap=float(softcap),
-                    cache_dtype=k.dtype, has_sinks=sinks is not None, with_lse=bool(with_lse))
+                    cache_dtype=k.dtype, has_sinks=sinks is not None, with_lse=bool(with_lse),
+                    cache_contiguous=not paged or caches_contiguous(k, v))
 
 
 def decode_config(q: torch.Tensor, k_cache: torch.Tensor, window_left: int = -1,
                   softcap: float = 0.0, sinks: torch.Tensor | None = None,
-                  with_lse: bool = False) -> OpConfig:
+                  with_lse: bool = False, v_cache: torch.Tensor | None = None) -> OpConfig:
     """The config of a decode with q ``[B, H, D]`` over k_cache ``[N, bs, Hkv, D]``."""
     return OpConfig("decode", q.device, q.dtype, int(q.shape[2]), int(k_cache.shape[2]),
                     num_heads=int(q.shape[1]), block_size=int(k_cache.shape[1]), paged=True,
                     window_left=int(window_left), softcap=float(softcap),
                     cache_dtype=k_cache.dtype, has_sinks=sinks is not None,
-                    with_lse=bool(with_lse))
+                    with_lse=bool(with_lse), cache_contiguous=caches_contiguous(k_cache, v_cache))
 
 
 def merge_config(out_a: torch.Tensor) -> OpConfig:

@@ -97,7 +97,7 @@ def _store_kvcache_kernel(key, value, k_cache, v_cache, slot_mapping, k_scale=No
          slot_mapping.device, _meta(k_scale), _meta(v_scale)),
         lambda: checks.check_store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale,
                                            v_scale),
-        lambda: contract.store_config(key, k_cache, slot_mapping))
+        lambda: contract.store_config(key, k_cache, slot_mapping, v_cache))
     if checks.data_checks_enabled(slot_mapping):
         checks.check_slots_in_range(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
     run(key, value, k_cache, v_cache, slot_mapping, **_extras(None, k_scale, v_scale))
@@ -126,7 +126,7 @@ def _prefill(with_lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
                                      max_seqlen_k, scale, causal, block_table, window_left,
                                      softcap, sinks, k_scale, v_scale),
         lambda: contract.prefill_config(q, k, causal, block_table, window_left, softcap, sinks,
-                                        with_lse))
+                                        with_lse, v))
     if checks.data_checks_enabled(q, cu_seqlens_q):
         checks.check_prefill_data(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   block_table, causal)
@@ -177,7 +177,8 @@ def _decode(with_lse, q, k_cache, v_cache, seqlens_k, block_table, scale, window
          _meta(k_scale), _meta(v_scale)),
         lambda: checks.check_decode(q, k_cache, v_cache, seqlens_k, block_table, scale,
                                     window_left, softcap, sinks, k_scale, v_scale),
-        lambda: contract.decode_config(q, k_cache, window_left, softcap, sinks, with_lse))
+        lambda: contract.decode_config(q, k_cache, window_left, softcap, sinks, with_lse,
+                                       v_cache))
     if checks.data_checks_enabled(q, seqlens_k):
         checks.check_decode_data(k_cache, seqlens_k, block_table)
     return run(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap,

@@ -59,6 +59,14 @@ _NO_FP8 = ("FA3's FP8 path (q_descale/k_descale/v_descale, each [B, Hkv]) needs 
 _NO_SINKS = ("the FlashAttention entry points this backend calls (flash_attn_varlen_func, "
              "flash_attn_with_kvcache, aten._flash_attention_forward) take no per-head sink "
              "logits")
+# FA2's flash_api.cpp checks only a contiguous last dim and passes a paged cache's page, row and
+# head strides (stride(0), stride(-3), stride(-2)) to its kernels, so it may well read a
+# transposed dense cache; its cp.async loads also need every row 16-byte aligned. Neither that nor
+# FA3 / aten's copy has been run here on a strided cache, so such calls go to triton/reference.
+_NO_STRIDED_CACHE = ("the paged caches are not contiguous (a strided [num_blocks, block_size, "
+                     "Hkv, D] view, e.g. a transposed [B, Hkv, S, D] cache); this backend hands "
+                     "FlashAttention contiguous caches only (strided pages not validated on a "
+                     "GPU here; the triton backend reads them through their strides)")
 _NO_LSE = ("the log-sum-exp of the FlashAttention kernels (FA2/FA3 return_softmax_lse, aten's "
            "logsumexp; [H, total_q] for varlen) is not wired into prefill_with_lse / "
            "decode_with_lse yet")
@@ -220,6 +228,8 @@ def choose(config: OpConfig, capability: tuple, providers: tuple,
         return None, _NO_SINKS
     if config.with_lse:
         return None, _NO_LSE
+    if not config.cache_contiguous:
+        return None, _NO_STRIDED_CACHE
     if config.dtype not in HALF_DTYPES:
         return None, (f"FlashAttention kernels take float16/bfloat16 only (got "
                       f"{_dtype_name(config.dtype)})")

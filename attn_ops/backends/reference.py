@@ -59,7 +59,9 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     """Write ``key[t]``/``value[t]`` ``[T, Hkv, D]`` to flat slot ``slot_mapping[t]``; skip ``-1``.
 
     FP8 caches (with ``k_scale``/``v_scale``) receive :func:`quantize_fp8` of the rows; the copy
-    then runs on their bytes (CPU torch has no index_copy_ for float8).
+    then runs on their bytes (CPU torch has no index_copy_ for float8). Caches may be any strided
+    view with a contiguous last dim: the rows are written through the strides
+    (:func:`write_slots`), never into a copy.
 
     Rows with slot -1 are redirected, without a host sync, to the first valid row's slot and
     value (so they rewrite what that row writes: identical bytes, no race), or, when no row is
@@ -69,10 +71,8 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     t = key.shape[0]
     if t == 0 or k_cache.numel() == 0:
         return
-    hkv, d = k_cache.shape[2], k_cache.shape[3]
     if k_scale is None and v_scale is None and _on_host(slot_mapping):
-        return _store_on_host(key, value, k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d),
-                              slot_mapping)
+        return _store_on_host(key, value, k_cache, v_cache, slot_mapping)
     slots = slot_mapping.to(torch.int64)
     valid = slots >= 0
     # Index with 1-element tensors (index_select), never 0-d ones: t[zero_dim_tensor] converts
@@ -85,11 +85,10 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         if scale is not None:
             src, cache = quantize_fp8(src, scale, cache.dtype).view(torch.uint8), \
                 cache.view(torch.uint8)
-        flat = cache.view(-1, hkv, d)
         filler = torch.where(any_valid, src.index_select(0, first),
-                             flat.index_select(0, fill_slot))  # [1, Hkv, D]
+                             read_slots(cache, fill_slot))  # [1, Hkv, D]
         rows = torch.where(valid[:, None, None], src, filler)
-        flat.index_copy_(0, index, rows)
+        write_slots(cache, index, rows)
 
 
 def _on_host(t: torch.Tensor) -> bool:
@@ -97,7 +96,7 @@ def _on_host(t: torch.Tensor) -> bool:
     return t.is_cpu and type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
-def _store_on_host(key, value, k_flat, v_flat, slot_mapping) -> None:
+def _store_on_host(key, value, k_cache, v_cache, slot_mapping) -> None:
     """The CPU store: two ``index_copy_`` calls, after dropping padding rows when there are any.
 
     On the CPU a data-dependent branch is free (no device to wait for, no graph being captured;
@@ -111,8 +110,38 @@ def _store_on_host(key, value, k_flat, v_flat, slot_mapping) -> None:
         keep = (slots >= 0).nonzero().squeeze(1)
         slots, key, value = slots.index_select(0, keep), key.index_select(0, keep), \
             value.index_select(0, keep)
-    k_flat.index_copy_(0, slots, key)
-    v_flat.index_copy_(0, slots, value)
+    write_slots(k_cache, slots, key)
+    write_slots(v_cache, slots, value)
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """``cache[slot // bs, slot % bs] = rows`` in place: cache ``[N, bs, Hkv, D]`` (any strides,
+    last dim contiguous), slots int64 ``[T]`` in range, rows ``[T, Hkv, D]``.
+
+    A contiguous cache takes ``index_copy_`` on its flat ``[N * bs, Hkv, D]`` view; any other
+    layout (a transposed ``[B, Hkv, S, D]`` cache has no flat view) ``index_put_`` with
+    (block, offset) pairs, which writes through the strides.
+    """
+    if cache.is_contiguous():
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows)
+    else:
+        bs = cache.shape[1]
+        cache.index_put_((torch.div(slots, bs, rounding_mode="floor"), slots % bs), rows)
+
+
+def read_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``cache[slot // bs, slot % bs]``: a fresh ``[*slots.shape, Hkv, D]`` tensor from cache
+    ``[N, bs, Hkv, D]`` (any strides, last dim contiguous) at int64 flat slots (in range).
+
+    A contiguous cache is read by index_select on its flat view (4x faster than advanced
+    indexing on one CPU thread, see :func:`_gather`); any other layout with advanced indexing on
+    the 4-D view, which reads only the rows asked for, through the strides (no cache copy).
+    """
+    if cache.is_contiguous():
+        flat = cache.view(-1, *cache.shape[2:])
+        return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[2:])
+    bs = cache.shape[1]
+    return cache[torch.div(slots, bs, rounding_mode="floor"), slots % bs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,17 +288,15 @@ def prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     b = cu_seqlens_q.shape[0] - 1
     if b == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.numel() == 0:
         return None  # no row sees a key (an empty k or cache can hold none)
-    d = q.shape[2]
     q_rows, q_valid, lq = _padded_rows(cu_seqlens_q, max_seqlen_q, q.shape[0])
     if block_table is None:
         k_rows, k_valid, lk = _padded_rows(cu_seqlens_k, max_seqlen_k, k.shape[0])
-        k_flat, v_flat = k, v
     else:
         lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
         k_rows, k_valid = _paged_rows(block_table, lk, max_seqlen_k, k.shape[1])
-        k_flat, v_flat = k.view(-1, k.shape[2], d), v.view(-1, v.shape[2], d)
-    kp = dequantize(_gather(k_flat, k_rows), k_scale)
-    vp = dequantize(_gather(v_flat, k_rows), v_scale)
+    read = _gather if block_table is None else read_slots
+    kp = dequantize(read(k, k_rows), k_scale)
+    vp = dequantize(read(v, k_rows), v_scale)
     bad = _isolate(kp, vp, k_valid, hidden_keys=causal or window_left >= 0)
     allowed = allowed_pairs(q_valid, k_valid, lq, lk, causal, window_left)
     return Tiles(_gather(q, q_rows), kp, vp, allowed, bad)
@@ -278,15 +305,15 @@ def prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 def decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left, k_scale=None,
                  v_scale=None) -> Tiles | None:
     """Padded tiles of a decode call (one query per sequence, ``Mq = 1``), or None: no work."""
-    b, _, d = q.shape
-    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    b = q.shape[0]
+    block_size = k_cache.shape[1]
     max_len = block_table.shape[1] * block_size
     if b == 0 or max_len == 0 or k_cache.numel() == 0:
         return None
     lk = seqlens_k.to(torch.int64)
     slots, k_valid = _paged_rows(block_table, lk, max_len, block_size)
-    kp = dequantize(_gather(k_cache.view(-1, hkv, d), slots), k_scale)
-    vp = dequantize(_gather(v_cache.view(-1, hkv, d), slots), v_scale)
+    kp = dequantize(read_slots(k_cache, slots), k_scale)
+    vp = dequantize(read_slots(v_cache, slots), v_scale)
     # The query is the last token: causality hides nothing from it, only a window does.
     bad = _isolate(kp, vp, k_valid, hidden_keys=window_left >= 0)
     ones = torch.ones(b, 1, dtype=torch.bool, device=q.device)

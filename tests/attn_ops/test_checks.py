@@ -83,8 +83,9 @@ DECODE_BAD = [
     (dict(block_table=torch.zeros(2, 3, dtype=torch.float32)), r"block_table: expected an integer"),
     (dict(q=torch.randn(2, 3, D)), r"q has 3 heads and k_cache has 2"),
     (dict(v_cache=torch.randn(9, 4, 2, D)), r"v_cache: expected the shape of k_cache"),
-    (dict(k_cache=torch.randn(9, 2, 4, D).transpose(1, 2), v_cache=torch.randn(9, 4, 2, D)),
-     r"k_cache: expected a contiguous"),
+    (dict(k_cache=torch.randn(9, 4, D, 2).transpose(2, 3), v_cache=torch.randn(9, 4, 2, D)),
+     r"k_cache: expected a \[num_blocks, block_size, Hkv, D\] view whose last dim \(D\) is "
+     r"contiguous"),
 ]
 
 

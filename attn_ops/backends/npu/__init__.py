@@ -59,6 +59,13 @@ def supports(config) -> str | None:
         # torch_npu 2.13 documents no float8_e4m3fn KV for FIA nor the cache scatter ops.
         return ("float8_e4m3fn KV caches: torch_npu 2.13's FIA antiquant scales dequantise int8 "
                 "caches only, and its cache scatter ops do not quantise")
+    if not config.cache_contiguous:
+        # The lowering reads and writes the caches as [num_blocks, block_size, Hkv * D]
+        # (k_cache.flatten(2)): a view only of a contiguous cache; of a strided one it is a
+        # copy, into which a store would write and from which FIA would read stale data.
+        return ("the KV caches are not contiguous (a strided [num_blocks, block_size, Hkv, D] "
+                "view); FIA v2 and the cache scatter ops take [num_blocks, block_size, Hkv*D] "
+                "contiguous caches")
     if op == "store_kvcache":
         if lowering.available_store_impl() is None:
             return ("this torch_npu has none of npu_scatter_pa_kv_cache, _npu_reshape_and_cache, "
