@@ -280,6 +280,9 @@ DECODE_OK = OpConfig("decode", NPU, torch.float16, 64, 8, num_heads=32, paged=Tr
     ("decode", dict(cache_dtype=torch.float8_e4m3fn), "antiquant"),
     ("store_kvcache", dict(cache_dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
     ("merge_states", {}, "merge_states"),
+    # strided caches (a transposed [B, Hkv, S, D] cache): the lowering flattens them
+    ("decode", dict(cache_contiguous=False), "not contiguous"),
+    ("store_kvcache", dict(cache_contiguous=False), "not contiguous"),
 ])
 def test_supports_reasons(op, change, reason):
     config = (PREFILL_OK if op == "prefill" else DECODE_OK).replace(op=op, **change)
