@@ -4,7 +4,8 @@
 When an SDPA call's mask is not the plain causal mask, :func:`plan_cache_attention` asks the
 mask prover whether it is "key j iff j <= position(i)" over a position input, and checks what
 the ops need: one query per sequence (``attn.decode``) or several at consecutive positions
-(paged ``attn.prefill``), a token-major cache (a free view), the contract and the backend.
+(paged ``attn.prefill``), a head dim with stride 1 (the cache goes over as a view), the contract
+and the backend (which may refuse a strided, heads-major cache).
 A position input the graph writes in place (transformers' ``cumulative_length.add_``) is
 accepted when every write comes after the mask has read it; the op then reads a copy taken at
 the top of the graph, before any write (a few ints).

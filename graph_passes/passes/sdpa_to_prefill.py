@@ -17,8 +17,8 @@ GQA: ``enable_gqa=True`` with Hkv heads passes K/V as they are; K/V expanded by 
 
 Over a static KV cache (gpt-fast, transformers' StaticCache): SDPA whose mask
 :func:`graph_passes.mask.causal_mask.cache_positions` proves to be "key j iff j <= pos[i]" for
-a position input ``pos`` reads only keys ``0..pos`` of the cache, when the cache is
-token-major in memory (see :mod:`graph_passes.rewrite.cache_attention`): ``attn.decode`` for
+a position input ``pos`` reads only keys ``0..pos`` of the cache, in either memory order (a
+view, see :mod:`graph_passes.rewrite.cache_attention`): ``attn.decode`` for
 one query per sequence (counted as ``sdpa_to_decode``), a paged ``attn.prefill`` for several
 at consecutive positions (``sdpa_over_cache_to_prefill``).
 """

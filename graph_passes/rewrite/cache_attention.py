@@ -13,10 +13,12 @@ sequence, so the same attention is, with ``block_table = arange(B)[:, None]``:
   on the device at every call (an async assert over ``Sq`` ints: no host sync; other positions
   raise); positions built as ``offset + arange(Sq)`` (transformers) are consecutive already.
 
-The cache is handed over as a view: when it is token-major in memory (``[B, S_max, Hkv, D]``,
-seen by SDPA through ``.transpose(1, 2)``), ``k.transpose(1, 2)`` is exactly the
-``[num_blocks, block_size, Hkv, D]`` the ops read
-(:func:`graph_passes.rewrite.eligibility.refuse_cache_reason` checks it). Key counts are
+The cache is handed over as a view, never copied: ``k.transpose(1, 2)`` is the
+``[num_blocks, block_size, Hkv, D]`` the ops read, one block per sequence. Token-major in memory
+(``[B, S_max, Hkv, D]``, seen by SDPA through ``.transpose(1, 2)``) makes it contiguous;
+heads-major (gpt-fast's and transformers' ``[B, Hkv, S_max, D]`` buffers) a strided view, which
+the ops read through its strides (a backend that cannot says so in ``supports()``, and
+:func:`graph_passes.rewrite.eligibility.refuse_cache_reason` leaves the call alone). Key counts are
 computed on the device from the positions (a new position needs no recompile) and clamped to
 ``[0, S_max]``: a position past the cache sees every key, as the mask would, never one outside.
 """
@@ -45,7 +47,8 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
     """Insert the op for SDPA ``anchor`` before it; return its ``[B, H, Sq, D]`` node.
 
     Args:
-        q: ``[B, H, Sq, D]``; k, v: ``[B, Hkv, S, D]`` views of token-major caches.
+        q: ``[B, H, Sq, D]``; k, v: ``[B, Hkv, S, D]`` caches (any memory order, head dim
+            with stride 1).
         pos: the integer positions input; query i is at ``pos[i]`` (``kind`` "each"), ``pos[0]``
             ("first", one query) or ``pos + i`` ("offset", ``pos`` 0-d or one element): see
             :class:`graph_passes.mask.causal_mask.CacheMask`.

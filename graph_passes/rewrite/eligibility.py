@@ -136,17 +136,16 @@ def refuse_cache_reason(q, k, v, options: SubstitutionOptions,
         return f"Sq={q.shape[2]} may exceed the cache length {s}"
     if not isinstance(s, int):
         return "the cache length is symbolic (it is the block size of the decode)"
-    # The ops read caches token-major, [blocks, tokens, Hkv, D] contiguous; a transposed view
-    # of such a buffer is free, a copy of a heads-major one per step would cost more than the
-    # keys the decode skips.
-    for name, t in (("k", k), ("v", v)):
-        token_major = (t.stride(2), t.stride(1), t.stride(3))
-        if not all(same(x, y) for x, y in zip(token_major, (hkv * d, d, 1))) \
-                or not (same(b, 1) or same(t.stride(0), s * hkv * d)):
-            return (f"the {name} cache is not token-major in memory (strides "
-                    f"{list(t.stride())} for [B, Hkv, S, D]): attn.decode reads [B, S, Hkv, D] "
-                    f"caches, and copying the cache at every step costs more than it saves")
+    # The ops read caches through their strides: k.transpose(1, 2) is the [blocks, tokens, Hkv,
+    # D] view they take, one block per sequence, whatever the memory order (the contract asks
+    # only a contiguous head dim, checked above). Token-major in memory makes that view
+    # contiguous, which every backend reads; heads-major (gpt-fast, transformers' StaticCache)
+    # makes it strided, which some backends refuse (their supports() says why, below).
+    token_major = all(
+        all(same(x, y) for x, y in zip((t.stride(2), t.stride(1), t.stride(3)), (hkv * d, d, 1)))
+        and (same(b, 1) or same(t.stride(0), s * hkv * d)) for t in (k, v))
     op = "decode" if same(q.shape[2], 1) else "prefill"
     config = OpConfig(op, q.device, q.dtype, int(d), int(hkv), num_heads=int(q.shape[1]),
-                      paged=True, block_size=s, window_left=window_left)
+                      paged=True, block_size=s, window_left=window_left,
+                      cache_contiguous=token_major)
     return backend_reason(config, options.backend_choice, options.only_if_faster is not False)

@@ -6,8 +6,10 @@ that hides later keys; the pass proves the mask is "key j iff j <= input_pos[i]"
 computed on the device. Compared step by step with an eager copy of the model (caches
 included); positions change every step without a recompile. Several queries at consecutive
 positions (a prefill chunk) become a paged attn.prefill; gpt-fast's ``causal_mask`` buffer is
-accepted with an on-device check of its rows. What stays put: a heads-major cache (it would
-need a copy), a window, an unchecked buffer.
+accepted with an on-device check of its rows. A heads-major cache ``[B, Hkv, S_max, D]``
+(gpt-fast's, transformers' StaticCache) goes to the ops as ``cache.transpose(1, 2)``, a strided
+view (one block per sequence, no copy). What stays put: a window other than the causal band,
+an unchecked buffer, a backend that refuses strided caches.
 """
 
 import copy
@@ -77,6 +79,55 @@ def test_decode_over_a_token_major_cache(gqa, mask):
     assert len(asserts) == (mask == "buffer"), "only a buffer's data is checked at run time"
 
 
+def _cache_view_of_buffer(node):
+    """The decode/prefill node's k_cache argument: the cache buffer (in the functional aten
+    graph: the index_put that writes the step's token into it, which Inductor does in place)
+    viewed ``[B, S_max, Hkv, D]`` by a permute, with no copy between."""
+    cache = node.args[1]
+    assert cache.target is torch.ops.aten.permute.default and cache.args[1] == [0, 2, 1, 3]
+    written = cache.args[0]
+    assert written.target is torch.ops.aten.index_put.default, written
+    assert written.args[0].op == "placeholder", "the buffer itself, not a copy"
+    return cache.meta["val"]
+
+
+@pytest.mark.parametrize("gqa,mask", [("repeat_interleave", "buffer"), ("sdpa", "indexed_tril"),
+                                      ("repeat_interleave", "additive"), ("sdpa", "window")])
+def test_decode_over_a_heads_major_cache(gqa, mask):
+    """gpt-fast's own layout: ``k_cache[:, :, input_pos] = k`` into ``[B, Hkv, S_max, D]``."""
+    model = CacheAttention(layout="heads_major", gqa=gqa, mask=mask)
+    graphs = _decode_steps(model, [4, 5, 11, 23], _inspecting())
+    assert counters["graph_passes"]["sdpa_to_decode"] == 1
+    assert counters["graph_passes"]["sdpa_to_prefill_left_alone"] == 0
+    (node,) = [n for n in graphs["aten"].graph.nodes if n.target is DECODE]
+    k_cache = _cache_view_of_buffer(node)
+    assert list(k_cache.shape) == [2, 24, 2, 16] and k_cache.stride() == (768, 16, 384, 1)
+    assert not [n for n in graphs["aten"].graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert not [n for n in graphs["aten"].graph.nodes if n.target in (
+        torch.ops.aten.clone.default, torch.ops.aten.contiguous.default)], "no cache copy"
+
+
+@pytest.mark.parametrize("gqa", ["repeat_interleave", "sdpa"])
+def test_heads_major_cache_with_inductor(gqa):
+    model = CacheAttention(layout="heads_major", gqa=gqa, mask="buffer")
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _decode_steps(model, [4, 9, 23], lambda graphs: "attn_ops")
+    assert counters["graph_passes"]["sdpa_to_decode"] == 1
+
+
+def test_a_backend_that_refuses_strided_caches_leaves_heads_major_ones_alone(monkeypatch,
+                                                                            caplog):
+    from attn_ops.backends import reference
+    monkeypatch.setattr(reference, "supports", lambda config: None if config.cache_contiguous
+                        else "strided caches are refused here")
+    with caplog.at_level(logging.DEBUG, logger="graph_passes"):
+        _decode_steps(CacheAttention(layout="heads_major"), [4], _inspecting())
+        assert counters["graph_passes"]["sdpa_to_decode"] == 0
+        assert "strided caches are refused here" in caplog.text
+        _decode_steps(CacheAttention(layout="token_major"), [4], _inspecting())
+        assert counters["graph_passes"]["sdpa_to_decode"] == 1, "a contiguous view still goes"
+
+
 def test_a_buffer_mask_that_is_not_causal_raises_instead_of_attending_differently():
     model = CacheAttention(mask="buffer").eval()
     step = torch.compile(model, backend=inspecting_backend(), fullgraph=True)
@@ -111,7 +162,6 @@ def test_decode_with_inductor(mask):
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    (dict(layout="heads_major"), "not token-major in memory"),
     (dict(mask="window_off_by_one"), "not provably causal"),
 ])
 def test_left_alone(kwargs, reason, caplog):
@@ -193,10 +243,12 @@ def _generate(model, prompt, steps):
     return tokens
 
 
-@pytest.mark.parametrize("gqa,mask", [("repeat_interleave", "buffer"), ("sdpa", "arange")])
-def test_greedy_generate_runs_every_attention_on_the_ops(gqa, mask):
+@pytest.mark.parametrize("gqa,mask,layout", [
+    ("repeat_interleave", "buffer", "token_major"), ("sdpa", "arange", "token_major"),
+    ("repeat_interleave", "buffer", "heads_major"), ("sdpa", "buffer", "heads_major")])
+def test_greedy_generate_runs_every_attention_on_the_ops(gqa, mask, layout):
     torch.manual_seed(0)
-    model = TinyGptFast(gqa=gqa, mask=mask, h=4, hkv=2, d=16, s_max=24).eval()
+    model = TinyGptFast(gqa=gqa, mask=mask, layout=layout, h=4, hkv=2, d=16, s_max=24).eval()
     eager = copy.deepcopy(model)
     counters.clear()
     torch._dynamo.reset()
@@ -274,23 +326,44 @@ def test_positions_written_before_the_mask_reads_them_stay_on_sdpa(caplog):
     assert "written in place before the mask reads it" in caplog.text
 
 
-def test_transformers_static_cache_is_recognised_and_left_alone_for_its_layout(caplog):
-    """transformers' StaticCache keeps [B, Hkv, S_max, D] (heads-major) caches: the decode mask
-    (cumulative_length + arange) is proven, and the call stays on SDPA only because the ops read
-    token-major caches. Changes when the ops read caches through strides."""
+def _static_cache_generate(forward, cfg, prompt, steps):
+    """Greedy tokens of a transformers model over a fresh StaticCache: the prompt, then one
+    token per call."""
+    import transformers
+    cache = transformers.StaticCache(config=cfg, max_cache_len=32)
+    out = forward(prompt, past_key_values=cache, use_cache=True)
+    tokens = []
+    for _ in range(steps):
+        ids = out.logits[:, -1:].argmax(-1)
+        tokens.append(int(ids))
+        out = forward(ids, past_key_values=cache, use_cache=True)
+    return tokens
+
+
+def test_transformers_static_cache_decode_runs_on_the_ops():
+    """transformers' StaticCache keeps heads-major [B, Hkv, S_max, D] caches and builds the
+    decode mask from cumulative_length + arange (proven): with the ops reading the caches
+    through their strides, every decode step of every layer runs attn.decode, compiled with
+    backend="attn_ops" (Inductor), greedy tokens identical to eager, one graph for all decode
+    positions."""
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=64)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
-    cache = transformers.StaticCache(config=cfg, max_cache_len=32)
+    prompt = torch.randint(1, 97, (1, 5))
     counters.clear()
     torch._dynamo.reset()
-    forward = torch.compile(model.forward, backend=inspecting_backend(), fullgraph=True)
-    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="graph_passes"):
-        forward(torch.randint(1, 97, (1, 5)), past_key_values=cache, use_cache=True)
-        caplog.clear()
-        forward(torch.randint(1, 97, (1, 1)), past_key_values=cache, use_cache=True)
-    assert counters["graph_passes"]["sdpa_to_decode"] == 0
-    assert caplog.text.count("not token-major in memory") == 2, caplog.text
-    assert "attention over a cache" in caplog.text
+    forward = torch.compile(model.forward, backend="attn_ops", fullgraph=True)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        expected = _static_cache_generate(model.forward, cfg, prompt, 6)
+        assert _static_cache_generate(forward, cfg, prompt, 6) == expected
+        with torch.profiler.profile() as prof:  # compiled already: count what the steps run
+            assert _static_cache_generate(forward, cfg, prompt, 6) == expected
+    names = [e.name for e in prof.events()]
+    assert names.count("attn::decode") == 2 * 6, "every layer of every decode step on the ops"
+    assert names.count("attn::prefill") == 2, "and the prompt"
+    assert not [n for n in names if "scaled_dot_product" in n]
+    assert counters["graph_passes"]["sdpa_to_decode"] == 2
+    assert counters["stats"]["unique_graphs"] == 2, "one prompt graph, one decode graph"
