@@ -34,7 +34,9 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 
     Args:
         key, value: ``[T, Hkv, D]``, the caches' dtype (any floating dtype for an FP8 cache).
-        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, contiguous; written in place.
+        k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, any strided view with a
+            contiguous last dim (a dense ``[B, Hkv, S, D]`` cache ``.transpose(1, 2)``);
+            written in place, through the strides.
             float8_e4m3fn caches receive ``saturate(key / k_scale)`` (clamped to +-448, rounded
             to nearest).
         slot_mapping: ``[T]`` int32/int64, flat slot ``block_id * block_size + offset``; ``-1``
