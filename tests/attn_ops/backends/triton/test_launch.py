@@ -161,15 +161,16 @@ def test_a_bound_signature_pins_each_launch_of_the_call(fake):
 
 
 def _run_op(op: str, device: str, bound: bool):
-    """Two calls of the Triton backend's ``op`` (bound to its signature, or plain), each with
-    fresh data; a misaligned (4-byte offset) key/q view in the second. Returns the outputs."""
+    """Three calls of the Triton backend's ``op`` (bound to its signature, or plain), each with
+    fresh data; a misaligned (4-byte offset) key/q view in the second (the keyed path), an
+    aligned one again in the third (a pinned, direct launch). Returns the outputs."""
     from attn_ops import contract
     from attn_ops.backends import triton as backend
     from tests.support.helpers import cu_seqlens, random_paged
     torch.manual_seed(1)  # random_paged draws from the global generator
     gen = torch.Generator().manual_seed(1)
     outs, fn = [], None
-    for offset in (0, 1):
+    for offset in (0, 1, 0):
         if op == "store_kvcache":
             big = torch.randn(14, 2, 32, generator=gen)
             key = big.view(-1)[offset:offset + 13 * 64].view(13, 2, 32).to(device)
