@@ -168,19 +168,19 @@ def growth(args, copy):
         base = (q, k_cache, v_cache, seqlens, table, d ** -0.5, -1, 0.0)
         fp8 = (q, k8, v8, seqlens, table, d ** -0.5, -1, 0.0, None, k_scale, v_scale)
         variants = {
-            "bf16": (attn_ops.decode, base, 4),
-            "fp8 per-head scales": (attn_ops.decode, fp8, 2),
-            "bf16 + sinks": (attn_ops.decode, base + (sinks,), 4),
-            "bf16 decode_with_lse": (attn_ops.decode_with_lse, base, 4),
-            "bf16 + sinks + lse": (attn_ops.decode_with_lse, base + (sinks,), 4),
-            "fp8 + sinks + lse": (attn_ops.decode_with_lse, fp8[:8] + (sinks,) + fp8[9:], 2),
+            "bf16": (attn_ops.decode, base, 2),
+            "fp8 per-head scales": (attn_ops.decode, fp8, 1),
+            "bf16 + sinks": (attn_ops.decode, base + (sinks,), 2),
+            "bf16 decode_with_lse": (attn_ops.decode_with_lse, base, 2),
+            "bf16 + sinks + lse": (attn_ops.decode_with_lse, base + (sinks,), 2),
+            "fp8 + sinks + lse": (attn_ops.decode_with_lse, fp8[:8] + (sinks,) + fp8[9:], 1),
         }
         # FP8 tiles hold half the bytes: launch configs the bf16 table (64 keys, 4 warps, 3
         # stages) did not need, for choosing fp8's own row (kernel wrapper, not the op path)
         for cfg in ((128, 4, 3), (64, 4, 4), (128, 8, 3)):
             variants[f"fp8 config {cfg}"] = (
                 lambda *a, cfg=cfg: decode_kernel.decode(*a[:6], k_scale=a[9], v_scale=a[10],
-                                                         config=cfg), fp8, 2)
+                                                         config=cfg), fp8, 1)
         times = {name: [] for name in variants}
         for _ in range(1 if args.smoke else 3):
             for name, (op, a, _) in variants.items():
@@ -188,7 +188,7 @@ def growth(args, copy):
                 run = lambda op=op, a=a, kw=kw: op(*a, **kw)  # noqa: E731
                 times[name].append(bench_ms(run, args.smoke, graph=not args.smoke))
         ref = sorted(times["bf16"])[len(times["bf16"]) // 2]
-        for name, (_, _, elem) in variants.items():
+        for name, (_, _, elem) in variants.items():  # elem: bytes per cache element
             ms = sorted(times[name])[len(times[name]) // 2]
             gbs = 2 * b * ctx * hkv * d * elem / (ms * 1e-3) / 1e9
             rows.append(dict(bench="decode_growth", batch=b, ctx=ctx, contender=name,
