@@ -134,3 +134,8 @@ def prefill_f64(q, k, v, lens_q, lens_k, scale, causal, window_left=-1, softcap=
     lses.append(torch.full((rest, h), float("-inf"), dtype=torch.float64))
     out, lse = torch.cat(outs), torch.cat(lses)
     return (out, lse) if return_lse else out
+
+
+def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
+    """A NaN-filled tensor: an output buffer whose unwritten elements a test must notice."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -8,7 +8,7 @@ import torch
 
 import attn_ops
 from attn_ops.backends import reference
-from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, prefill_f64,
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisoned, prefill_f64,
                                    random_paged)
 
 triton = pytest.importorskip("triton")
@@ -19,12 +19,8 @@ BF16, FP16 = torch.bfloat16, torch.float16
 DEV = "cuda"
 
 
-def _poisoned(shape, dtype, device="cpu"):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 def _nan(shape, dtype):
-    return _poisoned(shape, dtype, DEV)
+    return poisoned(shape, dtype, DEV)
 
 
 
@@ -37,7 +33,7 @@ def _check_decode(lens, h, hkv, d, block_size, dtype, window_left=-1, softcap=0.
     paged = random_paged(lens, hkv, d, block_size, dtype, table_width=table_width)
     q = torch.randn(len(lens), h, d, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32)
-    out = _poisoned(q.shape, dtype)
+    out = poisoned(q.shape, dtype)
     decode_kernel.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, d ** -0.5,
                          window_left, softcap, splits=splits, out=out, fused=fused)
     ref = reference.decode(q, paged.k_cache, paged.v_cache, seqlens, paged.block_table,
@@ -109,7 +105,7 @@ def test_decode_strided_index_tensors(table_layout, splits):
     table = _every_other_column(table) if table_layout == "column_stride_2" else table.t(
         ).contiguous().t()
     assert seqlens.stride(0) == 2 and not table.is_contiguous()
-    out = _poisoned(q.shape, q.dtype)
+    out = poisoned(q.shape, q.dtype)
     decode_kernel.decode(q, paged.k_cache, paged.v_cache, seqlens, table, 0.2, splits=splits,
                          out=out)
     ref = reference.decode(q, paged.k_cache, paged.v_cache, seqlens.contiguous(),
@@ -131,7 +127,7 @@ def test_decode_transposed_dense_cache(splits):
     table = torch.arange(b, dtype=torch.int32)[:, None]
     lens = torch.tensor([23, 0, 9], dtype=torch.int32)
     q = torch.randn(b, h, d, dtype=torch.bfloat16)
-    out = _poisoned(q.shape, q.dtype)
+    out = poisoned(q.shape, q.dtype)
     decode_kernel.decode(q, k_cache, v_cache, lens, table, 0.3, splits=splits, out=out)
     ref = reference.decode(q, k_cache.contiguous(), v_cache.contiguous(), lens, table, 0.3)
     assert_close(out, ref, *TOLERANCES[torch.bfloat16], what="decode, transposed cache")

@@ -8,7 +8,7 @@ import torch
 
 import attn_ops
 from attn_ops.backends import reference
-from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, prefill_f64,
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisoned, prefill_f64,
                                    random_paged)
 
 triton = pytest.importorskip("triton")
@@ -19,12 +19,8 @@ BF16, FP16 = torch.bfloat16, torch.float16
 DEV = "cuda"
 
 
-def _poisoned(shape, dtype, device="cpu"):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 def _nan(shape, dtype):
-    return _poisoned(shape, dtype, DEV)
+    return poisoned(shape, dtype, DEV)
 
 
 
@@ -42,7 +38,7 @@ def _dense_batch(lens_q, lens_k, h, hkv, d, dtype, extra_rows=0):
 def _check_prefill(q, k, v, cu_q, cu_k, max_q, max_k, causal, block_table=None, window_left=-1,
                    softcap=0.0):
     scale = q.shape[-1] ** -0.5
-    out = _poisoned(q.shape, q.dtype)
+    out = poisoned(q.shape, q.dtype)
     prefill_kernel.prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, block_table,
                            window_left, softcap, out=out)
     ref = reference.prefill(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, block_table,
@@ -125,7 +121,7 @@ def test_prefill_strided_index_tensors(paged):
         v = torch.randn_like(k)
         table = strided_table = None
     ref = reference.prefill(q, k, v, cu_q, cu_k, 13, 21, 0.25, True, table)
-    out = _poisoned(q.shape, dtype)
+    out = poisoned(q.shape, dtype)
     prefill_kernel.prefill(q, k, v, _strided_copy(cu_q), _strided_copy(cu_k), 13, 21, 0.25, True,
                            strided_table, out=out)
     assert_close(out, ref, *TOLERANCES[dtype], what="prefill, strided indices")
@@ -144,7 +140,7 @@ def test_prefill_paged_strided_cache():
     assert not k_cache.is_contiguous() and torch.equal(k_cache, pb.k_cache)
     q = torch.randn(sum(lens_q), 4, 32, dtype=dtype)
     cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
-    out = _poisoned(q.shape, dtype)
+    out = poisoned(q.shape, dtype)
     prefill_kernel.prefill(q, k_cache, v_cache, cu_q, cu_k, 11, 19, 0.2, True, pb.block_table,
                            out=out)
     ref = reference.prefill(q, pb.k_cache, pb.v_cache, cu_q, cu_k, 11, 19, 0.2, True,

@@ -8,7 +8,7 @@ import torch
 
 import attn_ops
 from attn_ops.backends import reference
-from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, prefill_f64,
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisoned, prefill_f64,
                                    random_paged)
 
 triton = pytest.importorskip("triton")
@@ -19,12 +19,8 @@ BF16, FP16 = torch.bfloat16, torch.float16
 DEV = "cuda"
 
 
-def _poisoned(shape, dtype, device="cpu"):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 def _nan(shape, dtype):
-    return _poisoned(shape, dtype, DEV)
+    return poisoned(shape, dtype, DEV)
 
 
 
