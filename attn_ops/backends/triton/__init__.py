@@ -29,7 +29,8 @@ _DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32")
 from attn_ops.contract import MAX_HEAD_DIM as _MAX_HEAD_DIM  # the contract's bound
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -39,7 +40,7 @@ def supports(config) -> str | None:
         return "the triton package is not installed (pip install triton)"
     device = config.device
     if device.type == "cpu":
-        if not _interpreting():
+        if not interpreting():
             return ("CPU tensors run only through the Triton interpreter; set TRITON_INTERPRET=1 "
                     "before the first call")
     elif device.type != "cuda":

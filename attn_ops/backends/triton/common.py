@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from attn_ops.backends.triton import interpreting
+
 LOG2E = math.log2(math.e)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Triton picks compiled or interpreted kernels when a kernel module is imported (at decoration),
