@@ -63,32 +63,51 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     view with a contiguous last dim: the rows are written through the strides
     (:func:`write_slots`), never into a copy.
 
-    Rows with slot -1 are redirected, without a host sync, to the first valid row's slot and
-    value (so they rewrite what that row writes: identical bytes, no race), or, when no row is
-    valid, to slot 0 with its own current contents (a no-op write). A cache with no slot can
-    only take padding: nothing to write.
+    Rows with slot -1 are redirected without a host sync (:func:`redirect_padding`). A cache
+    with no slot can only take padding: nothing to write.
     """
     t = key.shape[0]
     if t == 0 or k_cache.numel() == 0:
         return
     if k_scale is None and v_scale is None and _on_host(slot_mapping):
         return _store_on_host(key, value, k_cache, v_cache, slot_mapping)
-    slots = slot_mapping.to(torch.int64)
-    valid = slots >= 0
-    # Index with 1-element tensors (index_select), never 0-d ones: t[zero_dim_tensor] converts
-    # the index to a Python int, a host sync (and a data-dependent guard under compile).
-    first = valid.to(torch.int8).argmax().reshape(1)  # first valid row, or 0 when none is
-    any_valid = valid.any()
-    fill_slot = torch.where(any_valid, slots.index_select(0, first), 0)  # [1]
-    index = torch.where(valid, slots, fill_slot)
+    plan = redirect_padding(slot_mapping)
     for src, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         if scale is not None:
             src, cache = quantize_fp8(src, scale, cache.dtype).view(torch.uint8), \
                 cache.view(torch.uint8)
-        filler = torch.where(any_valid, src.index_select(0, first),
-                             read_slots(cache, fill_slot))  # [1, Hkv, D]
-        rows = torch.where(valid[:, None, None], src, filler)
-        write_slots(cache, index, rows)
+        write_slots(cache, plan.index, plan.rows(src, cache))
+
+
+class PaddingRedirect(NamedTuple):
+    """Where a store's padding rows (slot -1) write instead, decided on the device (no sync): the
+    first valid row's slot with that row's data (the same bytes twice: no race), or, when no row
+    is valid, slot 0 with its own contents (a no-op). Also for scatter kernels that take no -1."""
+    valid: torch.Tensor      # [T] bool
+    first: torch.Tensor      # [1] int64: the first valid row (0 when none is)
+    any_valid: torch.Tensor  # [] bool
+    fill_slot: torch.Tensor  # [1] int64: where padding writes
+    index: torch.Tensor      # [T] int64: every row's slot, padding redirected
+
+    def rows(self, src: torch.Tensor, cache: torch.Tensor, read=None) -> torch.Tensor:
+        """``src [T, Hkv, D]`` with padded rows replaced by what their redirected slot gets;
+        ``read(cache, slots)`` reads cache rows (default :func:`read_slots`)."""
+        current = (read or read_slots)(cache, self.fill_slot)  # [1, Hkv, D]
+        filler = torch.where(self.any_valid, src.index_select(0, self.first), current)
+        return torch.where(self.valid[:, None, None], src, filler)
+
+
+def redirect_padding(slot_mapping: torch.Tensor) -> PaddingRedirect:
+    """The :class:`PaddingRedirect` of ``slot_mapping [T]`` (int32/int64, ``T >= 1``)."""
+    slots = slot_mapping.to(torch.int64)
+    valid = slots >= 0
+    # Index with 1-element tensors (index_select), never 0-d ones: t[zero_dim_tensor] converts
+    # the index to a Python int, a host sync (and a data-dependent guard under compile).
+    first = valid.to(torch.int8).argmax().reshape(1)
+    any_valid = valid.any()
+    fill_slot = torch.where(any_valid, slots.index_select(0, first), 0)
+    return PaddingRedirect(valid, first, any_valid, fill_slot,
+                           torch.where(valid, slots, fill_slot))
 
 
 def _on_host(t: torch.Tensor) -> bool:

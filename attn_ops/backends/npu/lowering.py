@@ -229,24 +229,16 @@ def redirect_padding_rows(key: torch.Tensor, value: torch.Tensor, k_cache: torch
                           v_cache: torch.Tensor, slot_mapping: torch.Tensor):
     """Rows with slot -1 rewritten, without a host sync, so every slot is a valid one.
 
-    torch_npu's scatter ops document slots in ``[0, num_blocks * block_size)``. A padded row is
-    sent to the first valid row's slot with that row's data (the same bytes written twice), or,
-    when no row is valid, to slot 0 with slot 0's current contents (a no-op write). Returns
+    torch_npu's scatter ops document slots in ``[0, num_blocks * block_size)``; the rewrite is
+    the reference store's (:func:`attn_ops.backends.reference.redirect_padding`). Returns
     ``(key, value, slots)`` with ``slots`` int64 ``[T]``; needs ``T >= 1``.
     """
-    slots = slot_mapping.to(torch.int64)
-    valid = slots >= 0
-    # index_select with a 1-element index, not t[0-d tensor]: the latter reads the index on the
-    # host (a sync eagerly, a data-dependent guard when traced).
-    first = valid.to(torch.int8).argmax().reshape(1)  # first valid row, or 0 when none is valid
-    any_valid = valid.any()
-    fill_slot = torch.where(any_valid, slots.index_select(0, first), 0)  # [1]
-    out = []
-    for src, cache in ((key, k_cache), (value, v_cache)):
-        flat = cache.flatten(0, 1)  # [num_blocks * block_size, Hkv, D]
-        filler = torch.where(any_valid, src.index_select(0, first), flat.index_select(0, fill_slot))
-        out.append(torch.where(valid[:, None, None], src, filler))
-    return out[0], out[1], torch.where(valid, slots, fill_slot)
+    from attn_ops.backends.reference import redirect_padding
+    plan = redirect_padding(slot_mapping)
+    # The caches here are contiguous (supports()); a flat read keeps the graph free of the
+    # reference's layout branch (torchair traces this function symbolically).
+    flat = lambda cache, slots: cache.flatten(0, 1).index_select(0, slots)  # noqa: E731
+    return plan.rows(key, k_cache, flat), plan.rows(value, v_cache, flat), plan.index
 
 
 def store(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

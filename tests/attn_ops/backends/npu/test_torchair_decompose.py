@@ -105,7 +105,7 @@ input block_table_1
 input attn_npu_seqlens_seqlens_k_1_0
 input attn_npu_seqlens_seqlens_k_1_1
 input attn_npu_seqlens_seqlens_k_1_2
-npu.npu_scatter_pa_kv_cache.default(where_2, where_4, k_cache_1, v_cache_1, where_5; cache_mode=Norm)
+npu.npu_scatter_pa_kv_cache.default(where_3, where_5, k_cache_1, v_cache_1, where_1; cache_mode=Norm)
 npu.npu_fused_infer_attention_score_v2.default(unsqueeze, flatten_2, flatten_3; actual_seq_kvlen=[attn_npu_seqlens_seqlens_k_1_0, attn_npu_seqlens_seqlens_k_1_1, attn_npu_seqlens_seqlens_k_1_2], block_table=to_2, num_query_heads=4, num_key_value_heads=2, softmax_scale=0.125, input_layout=BNSD, block_size=16)""")  # noqa: E501
         self.assertFalse(any("attn." in str(n.target) for n in result.graph_module.graph.nodes))
 
