@@ -72,3 +72,22 @@ def test_the_library_never_imports_the_passes():
                        and any(d.startswith("graph_passes")
                                for d in _module_level_imports(p, set(modules))))
     assert not offenders
+
+
+# docs/DESIGN.md's tree, top to bottom: a module imports (at module level) only what is above it.
+LAYERS = ("attn_ops.env", "attn_ops.contract", "attn_ops.checks", "attn_ops.registry",
+          "attn_ops.auto_table", "attn_ops.ops", "attn_ops.api", "attn_ops.paged_cache",
+          "attn_ops.hf", "attn_ops.backends", "attn_ops.distributed", "attn_ops.demo",
+          "graph_passes")
+
+
+def _layer(name: str) -> int:
+    return max((i for i, top in enumerate(LAYERS) if name == top or name.startswith(top + ".")),
+               default=-1)
+
+
+def test_imports_point_up_the_tree_of_the_design_doc():
+    modules = _modules()
+    upward = sorted(f"{m} -> {d}" for m, p in modules.items() if m != "attn_ops"
+                    for d in _module_level_imports(p, set(modules)) if _layer(d) > _layer(m))
+    assert not upward, "imports against the direction of docs/DESIGN.md's tree: " + str(upward)
