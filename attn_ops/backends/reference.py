@@ -157,8 +157,7 @@ def read_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     the 4-D view, which reads only the rows asked for, through the strides (no cache copy).
     """
     if cache.is_contiguous():
-        flat = cache.view(-1, *cache.shape[2:])
-        return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[2:])
+        return _gather(cache.view(-1, *cache.shape[2:]), slots)
     bs = cache.shape[1]
     return cache[torch.div(slots, bs, rounding_mode="floor"), slots % bs]
 
@@ -217,7 +216,7 @@ def _paged_rows(block_table: torch.Tensor, lens: torch.Tensor, max_len: int, blo
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[rows]`` for x ``[N, ...]`` and rows ``[B, M]``: index_select on the flat index, 4x
+    """``x[rows]`` for x ``[N, ...]`` and rows of any shape: index_select on the flat index, 4x
     faster than advanced indexing on one CPU thread (1.2 vs 4.8 ms for [8, 256, 8, 128] fp32)."""
     return x.index_select(0, rows.reshape(-1)).view(*rows.shape, *x.shape[1:])
 
