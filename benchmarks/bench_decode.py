@@ -175,12 +175,14 @@ def growth(args, copy):
             "bf16 + sinks + lse": (attn_ops.decode_with_lse, base + (sinks,), 2),
             "fp8 + sinks + lse": (attn_ops.decode_with_lse, fp8[:8] + (sinks,) + fp8[9:], 1),
         }
-        # FP8 tiles hold half the bytes: launch configs the bf16 table (64 keys, 4 warps, 3
-        # stages) did not need, for choosing fp8's own row (kernel wrapper, not the op path)
-        for cfg in ((128, 4, 3), (64, 4, 4), (128, 8, 3)):
-            variants[f"fp8 config {cfg}"] = (
-                lambda *a, cfg=cfg: decode_kernel.decode(*a[:6], k_scale=a[9], v_scale=a[10],
-                                                         config=cfg), fp8, 1)
+        # FP8 tiles hold half the bytes: launch configs around fp8's row, each with the cache
+        # widened to fp16 (the default) or to bf16 (kernel wrapper, not the op path)
+        for cfg in ((64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3)):
+            for via in (True, False):
+                variants[f"fp8 config {cfg} via {'f16' if via else 'bf16'}"] = (
+                    lambda *a, cfg=cfg, via=via: decode_kernel.decode(
+                        *a[:6], k_scale=a[9], v_scale=a[10], config=cfg, fp8_via_f16=via),
+                    fp8, 1)
         times = {name: [] for name in variants}
         for _ in range(1 if args.smoke else 3):
             for name, (op, a, _) in variants.items():

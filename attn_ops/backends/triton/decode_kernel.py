@@ -26,7 +26,8 @@ from attn_ops.backends.triton.launch import launch
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
                                              next_pow2, paged_offsets, result, scores_log2,
                                              semaphores, softcap_constants)
-from attn_ops.backends.triton.softmax import finish, kv_scales, merge_if_last, store_lse
+from attn_ops.backends.triton.softmax import (finish, kv_scales, merge_if_last, store_lse,
+                                              to_f16_rows)
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
@@ -40,7 +41,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                          D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
                          FUSED: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
-                         FP8: tl.constexpr, WITH_LSE: tl.constexpr):
+                         FP8: tl.constexpr, WITH_LSE: tl.constexpr,
+                         FP8_VIA_F16: tl.constexpr = False):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -65,6 +67,12 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
 
     qk_scale, cap_inv, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs,
                                            qk_scale, cap_inv, FP8)
+    mma_dtype = q.dtype
+    if FP8_VIA_F16:  # see _FP8_VIA_F16
+        q, row_scale = to_f16_rows(q)
+        qk_scale = qk_scale * row_scale[:, None]
+        cap_inv = cap_inv * row_scale[:, None]
+        mma_dtype = tl.float16
     table_row = TABLE + seq.to(tl.int64) * stride_tb
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
@@ -80,8 +88,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
         # FP8: loaded as stored (half of bf16's bytes), widened in registers
         k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
+        k = k.to(mma_dtype)
+        v = v.to(mma_dtype)
         qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         s = tl.where(key_ok[None, :], s, float("-inf"))
@@ -162,6 +170,11 @@ _MAX_SPLITS = 64
 # serial walk over the splits costs more than the launch it saves (59.4 vs 47.5 us at 32k).
 FUSED_MERGE = True
 _FUSED_MAX_SPLITS = 8
+# FP8 caches with bf16 queries: widen the cache to fp16 (one cvt per pair of e4m3 values on
+# sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
+# to bf16 (a longer conversion sequence per element on sm90, in the loop that must only load).
+FP8_VIA_F16 = True
+FP8_CONFIG = Config(128, 4, 3)
 
 
 def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: int) -> int:
@@ -181,12 +194,17 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     return max(1, min(want, by_length, _MAX_SPLITS))
 
 
-def launch_config(head_dim: int, dtype: torch.dtype) -> Config:
+def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Config:
     """Stage-1 launch parameters from a static table (no autotuning: CUDA graphs)."""
     if INTERPRET:
         return Config(16, 4, 1)
     if dtype == torch.float32 or head_dim > 128:
         return Config(32, 4, 2)
+    if fp8:
+        # An FP8 key row is half a bf16 one: twice the keys per tile keep as many bytes in
+        # flight. H200, B 16-128 x ctx 4096-8192: 0.89-1.04x bf16's time with (128, 4, 3)
+        # against 0.74-0.88x with bf16's row (BENCHMARKS.md, contract growth).
+        return FP8_CONFIG
     # 64 keys x 4 warps x 3 stages: best or within 2% of the best of 10 variants on every swept
     # shape (graph-timed, H100); 8 warps cost 3-17%, 128 keys 1-11%; an evict_first hint on the
     # K/V loads changed nothing (+-0.3%).
@@ -196,9 +214,11 @@ def launch_config(head_dim: int, dtype: torch.dtype) -> Config:
 @functools.lru_cache(maxsize=1024)
 def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int, width: int,
           dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
-          config: Config | None, splits: int | None, fused: bool):
+          config: Config | None, splits: int | None, fused: bool, cache_dtype: torch.dtype,
+          fp8_via_f16: bool):
     """Split count, grids and constexprs from static facts only (cached: ~1 us per call)."""
-    cfg = config or launch_config(head_dim, dtype)
+    fp8 = cache_dtype == torch.float8_e4m3fn
+    cfg = config or launch_config(head_dim, dtype, fp8)
     if splits is None:
         splits = num_splits(batch, num_kv_heads, width * page, device_sm_count(device),
                             cfg.block_n)
@@ -207,7 +227,8 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     stage1 = dict(GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2,
                   PAGE=page, BLOCK_N=cfg.block_n, DIRECT=splits == 1, SOFTCAP=softcap,
                   WINDOW=window, FUSED=fused and 1 < splits <= _FUSED_MAX_SPLITS,
-                  DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages)
+                  DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+                  FP8_VIA_F16=fp8 and fp8_via_f16 and dtype == torch.bfloat16)
     stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
                   num_warps=4)
     return splits, (splits, num_kv_heads, batch), (batch * num_heads,), stage1, stage2
@@ -219,7 +240,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            v_scale: torch.Tensor | None = None, return_lse: bool = False,
            config: Config | None = None, splits: int | None = None,
            out: torch.Tensor | None = None, fused: bool | None = None,
-           lse: torch.Tensor | None = None):
+           lse: torch.Tensor | None = None, fp8_via_f16: bool | None = None):
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
     ``[B, W]``. Returns ``[B, H, D]`` in q's dtype, and with ``return_lse`` also lse float32
     ``[B, H]`` (natural log; -inf for a row with no key). ``sinks`` float32 ``[H]``; float8_e4m3fn
@@ -231,7 +252,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     ``[B, H, D]``) and ``lse`` (contiguous float32 ``[B, H]``) receive the results (tests poison
     them to catch unwritten elements); ``fused``
     (default :data:`FUSED_MERGE`) merges the splits in the last split program instead of a
-    second launch.
+    second launch; ``fp8_via_f16`` (default :data:`FP8_VIA_F16`) picks how an FP8 cache is
+    widened for bf16 queries.
     """
     batch, num_heads, head_dim = q.shape
     if out is None:
@@ -245,7 +267,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0,
         None if config is None else Config(*config), splits,
-        FUSED_MERGE if fused is None else fused)
+        FUSED_MERGE if fused is None else fused, k_cache.dtype,
+        FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16)
     if splits == 1:
         o_part = lse_part = out  # unused pointer arguments
     else:

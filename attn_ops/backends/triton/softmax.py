@@ -111,6 +111,23 @@ def kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs, qk_scale, cap_inv
 
 
 @triton.jit
+def to_f16_rows(q):
+    """``(q16, row_scale)``: fp16 rows with ``q = q16 * row_scale[:, None]``.
+
+    Each row is divided by a power of two (no rounding of q's values) that puts its largest
+    magnitude in [2^13, 2^14], so a bf16 q (8 exponent bits) fits fp16's range and keeps all of
+    its 8 significant bits (fp16 has 11); only elements below 2^-28 of their row's largest lose
+    bits, far below the dot product's own rounding. A non-finite row stays non-finite (NaN or
+    inf times 2^-inf gives NaN). Row scales are in 2^shift form, so ``row_scale`` is exact.
+    """
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.abs(qf), 1)
+    shift = tl.where(amax > 0, tl.math.ceil(tl.math.log2(tl.maximum(amax, 1e-30))) - 14.0,
+                     0.0)
+    return (qf * tl.math.exp2(-shift)[:, None]).to(tl.float16), tl.math.exp2(shift)
+
+
+@triton.jit
 def finish(m_i, l_i, sink2, v_scale, SINKS: tl.constexpr):
     """(factor, lse2) of rows (vectors or scalars): ``acc * factor`` is the normalised output
     and lse2 the log2 of the softmax denominator (in ``2^(s log2 e)`` units), the sink

@@ -205,6 +205,33 @@ def test_decode_fp8_without_sinks_or_lse_matches_the_reference():
         decode_kernel.decode(*args)
 
 
+def fp8_extreme_q_case(cuda=False, softcap=0.0):
+    """bf16 q rows far outside fp16's range (3e5) and far below it (1e-6), and a row of zeros,
+    over an FP8 cache: the decode kernel widens FP8 to fp16 and rescales each q row into fp16's
+    range by a power of two, which must give the reference's result for every row."""
+    dev = _device(cuda)
+    lens, h, hkv, d = ([3000, 77, 1], 32, 8, 128) if cuda else ([29, 5, 1], 4, 2, 32)
+    pb = random_paged(lens, hkv, d, 16, BF16, device=dev)
+    k_scale, v_scale = _scales("head", hkv, dev)
+    k, v = _quantize(pb.k_cache, pb.v_cache, k_scale, v_scale)
+    q = torch.randn(len(lens), h, d, device=dev)
+    q[0] *= 3e5
+    q[1] *= 1e-6
+    q[2, : h // 2] = 0.0
+    q = q.to(BF16)
+    args = (q, k, v, torch.tensor(lens, dtype=torch.int32, device=dev), pb.block_table,
+            d ** -0.5 * (1e-5 if softcap == 0 else 1.0), -1, softcap)
+    got = decode_kernel.decode(*args, k_scale=k_scale, v_scale=v_scale,
+                               out=_nan(q.shape, BF16, dev))
+    ref = reference.decode(*args, k_scale=k_scale, v_scale=v_scale)
+    assert_close(got, ref, *TOLERANCES[BF16], what="fp8 decode, extreme q magnitudes")
+
+
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_decode_fp8_extreme_q_magnitudes(softcap):
+    fp8_extreme_q_case(softcap=softcap)
+
+
 def test_prefill_with_lse_through_the_op_against_float64():
     # the independent oracle: a float64 loop with sinks and the lse
     lens_q, lens_k, h, hkv, d = [5, 13, 0], [9, 13, 0], 4, 2, 32
@@ -346,6 +373,12 @@ def test_decode_sinks_lse_fp8_cuda(kernel, splits, fused, fp8):
 def test_decode_window_softcap_fp8_cuda(window_left, softcap, block_size):
     decode_case(decode_kernel, [2000, 5, 0, 900], 16, 4, 128, FP16, window_left=window_left,
                 softcap=softcap, fp8="head", block_size=block_size, cuda=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_decode_fp8_extreme_q_magnitudes_cuda(softcap):
+    fp8_extreme_q_case(cuda=True, softcap=softcap)
 
 
 @pytest.mark.cuda
