@@ -22,7 +22,9 @@ import attn_ops
 from attn_ops import registry
 from attn_ops.contract import OpConfig
 from attn_ops.backends import flash, reference
-from tests.support.flash_fakes import FAKE_FA2, FAKE_FA3, NAN, aten_flash_forward, fa3_varlen, module
+from attn_ops.backends.flash import calls
+from tests.support.flash_fakes import (FAKE_FA2, FAKE_FA3, FAKE_FA3_FWD, FAKE_FA3_RAW, NAN,
+                                       aten_flash_forward, fa3_varlen, module)
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 CUDA = torch.device("cuda")
@@ -44,8 +46,9 @@ def _config(op="prefill", dtype=torch.bfloat16, d=128, paged=False, block_size=N
                     softcap=softcap)
 
 
-PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa2": flash._fa2_provider(FAKE_FA2),
-             "aten": flash.aten_provider(ATEN_213, "2.13.0")}
+PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa3_raw": flash._fa3_provider(FAKE_FA3_RAW),
+             "fa3_fwd": flash._fa3_fwd_provider(FAKE_FA3_FWD),
+             "fa2": flash._fa2_provider(FAKE_FA2), "aten": flash.aten_provider(ATEN_213, "2.13.0")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def test_aten_decisions(op, cfg, cap, expect):
 
 def test_providers_are_tried_fastest_first_and_can_be_forced():
     fwd = flash._fa3_fwd_provider(module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen))
-    everything = dict(PROVIDERS, fa3_fwd=fwd)
+    everything = {n: PROVIDERS[n] for n in ("fa3", "fa2", "aten")} | {"fa3_fwd": fwd}
     in_order = tuple((n, everything[n]) for n in flash.PROVIDER_ORDER)
     without_fa3 = in_order[1:]
     assert flash.choose(_config(), SM90, without_fa3)[0] is fwd  # FA3 kernels first
@@ -169,11 +172,11 @@ def test_loading_the_module_and_cpu_decisions_never_look_up_flash_packages(monke
 # Per-provider plumbing against the stand-in kernels (CPU, float32: exact to the reference)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["fa3", "fa2", "aten"])
+@pytest.fixture(params=sorted(PROVIDERS))
 def provider(request, monkeypatch):
     p = PROVIDERS[request.param]
     monkeypatch.setattr(flash, "_provider", lambda config: p)
-    monkeypatch.setattr(flash, "_aten_flash_forward", lambda: aten_flash_forward)
+    monkeypatch.setattr(calls, "_aten_flash_forward", lambda: aten_flash_forward)
     return p
 
 
