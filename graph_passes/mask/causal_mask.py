@@ -232,8 +232,8 @@ def causal_window(node: Node, usage: str, scores_rank: int = 4) -> int:
 def _cache_hint(node, usage, scores_rank) -> str:
     try:
         pos = cache_positions(node, usage, scores_rank).pos
-    except NotProvable:
-        return ""
+    except NotProvable as e:  # say why it is no attention over a cache either
+        return f"; not 'key j iff j <= position' over a cache: {e}"
     return f": key j seen by query i iff j <= {pos.target}[i], attention over a cache"
 
 
@@ -272,7 +272,9 @@ def cache_positions(node: Node, usage: str, scores_rank: int = 4,
                 lin, window_left = main, w
                 break
         else:
-            raise NotProvable("a band of positions that is not a window over one position")
+            inputs = sorted({str(n.target) for h in keep.half_planes for n, _, _ in h.terms})
+            raise NotProvable("a band of positions that is not a window over one position"
+                              + (f" (it reads {', '.join(inputs)})" if len(inputs) > 1 else ""))
     if lin is None or len(lin.terms) != 1:
         raise NotProvable("not a mask over one position input")
     (pos, onehot, c), = lin.terms

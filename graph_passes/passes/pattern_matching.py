@@ -26,6 +26,7 @@ Only the forms a graph can contain are traced (~0.3 s each on a 2-core CPU), onc
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from torch._dynamo.utils import counters
@@ -34,7 +35,9 @@ from torch.fx import Graph, Node
 from graph_passes.fx_nodes import erase_dead, meta_val, same
 from graph_passes.mask import causal_mask
 from graph_passes.mask.domain import NotProvable
-from graph_passes.passes.attention_forms import MASK_USAGE, SCALE_MAGIC, AttentionForm, forms
+from graph_passes.passes import handwritten_over_cache as over_cache
+from graph_passes.passes.attention_forms import (MASK_USAGE, SCALE_MAGIC, SOFTCAP_MAGIC,
+                                                 AttentionForm, forms)
 from graph_passes.rewrite.eligibility import left_alone, refuse_reason
 
 aten = torch.ops.aten
@@ -181,6 +184,12 @@ def _extra_check(form: AttentionForm, options):
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
             left_alone(PASS_NAME, where, f"its scale {scale!r} is not a positive constant")
             return False
+        if form.cache:  # over a cache (handwritten_over_cache.py), or for the dense forms
+            verdict = over_cache.check(kw, form, options)
+            if isinstance(verdict, str):
+                left_alone(PASS_NAME, where, verdict)
+                return False
+            return verdict
         if form.mask_op is not None:
             if not options.tensor_masks:
                 left_alone(PASS_NAME, where, "it has a mask tensor and tensor_masks is off")
@@ -204,16 +213,18 @@ def _extra_check(form: AttentionForm, options):
 
 
 @functools.lru_cache(maxsize=64)
-def pattern_pass_for(options, ir: str, softmax: str, scale_op: str, mask_op: str | None):
-    """A PatternMatcherPass for one (softmax, scale, mask) form, with and without GQA folding."""
+def pattern_pass_for(options, ir: str, softmax: str, scale_op: str, mask_op: str | None,
+                     softcap: bool = False, cache: bool = False):
+    """A PatternMatcherPass for one (softmax, scale, mask, softcap) form, with and without GQA
+    folding, over a cache or dense (a pass of its own: the search patterns are the same)."""
     from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
     patterns = PatternMatcherPass()
-    for form in forms(options.fold_gqa, softmax, scale_op, mask_op):
+    for form in forms(options.fold_gqa, softmax, scale_op, mask_op, softcap, cache):
         search, replace = form.functions()
         trace = functools.partial(_TRACERS[ir], argnames=form.argnames)
         register_replacement(search, replace, form.example_inputs(), trace, patterns,
                              extra_check=_extra_check(form, options),
-                             scalar_workaround={"scale": SCALE_MAGIC})
+                             scalar_workaround={"scale": SCALE_MAGIC, "softcap": SOFTCAP_MAGIC})
     return patterns
 
 
@@ -247,19 +258,36 @@ def _softmax_inputs(graph: Graph, ir: str):
                 yield "plain", x
 
 
+def _scores_form(x: Node) -> tuple[str, bool] | None:
+    """(scale_op, softcapped) when ``x`` looks like scaled scores, soft-capped or not
+    (``tanh(s * scale / c) * c``)."""
+    if x.target not in _SCALES:
+        return None
+    inner = x.args[0]
+    if x.target is aten.mul.Tensor and isinstance(inner, Node) \
+            and inner.target is aten.tanh.default and isinstance(inner.args[0], Node) \
+            and inner.args[0].target is aten.div.Tensor \
+            and isinstance(inner.args[0].args[0], Node) \
+            and inner.args[0].args[0].target in _SCALES:
+        return _SCALES[inner.args[0].args[0].target], True
+    return _SCALES[x.target], False
+
+
 def candidate_forms(graph: Graph, ir: str) -> set[tuple]:
-    """(softmax, scale_op, mask_op) of every softmax whose input looks like scaled scores."""
+    """(softmax, scale_op, mask_op, softcap) of every softmax whose input looks like scaled
+    scores."""
     out = set()
     for softmax, x in _softmax_inputs(graph, ir):
         if not isinstance(x, Node):
             continue
         if x.target in _SCALES:
-            out.add((softmax, _SCALES[x.target], None))
+            out.add((softmax, _SCALES[x.target], None, False))
             continue
         for mask_op in _MASKS.get(x.target, ()):
             for scores in x.all_input_nodes:
-                if scores.target in _SCALES:
-                    out.add((softmax, _SCALES[scores.target], mask_op))
+                found = _scores_form(scores)
+                if found is not None:
+                    out.add((softmax, found[0], mask_op, found[1]))
     return out
 
 
@@ -274,11 +302,14 @@ def apply_attention_patterns(graph: Graph, options, ir: str) -> int:
     else:
         normalize_dims(graph)
     try:
-        for key in sorted(candidates, key=repr):
-            count += pattern_pass_for(options, ir, *key).apply(graph)
+        for key, cache in itertools.product(sorted(candidates, key=repr), (True, False)):
+            # Over a cache first: those forms take only masks over cache positions, the dense
+            # ones then log why they leave the rest alone.
+            count += pattern_pass_for(options, ir, *key, cache=cache).apply(graph)
     finally:
         if ir == "inductor":
             restore_reshapes(graph)
+    over_cache.emit_cache_sites(graph, options)  # the placeholders of the cache forms
     if count:
         erase_dead(graph, reversed(list(graph.nodes)))  # the masks the replacements orphaned
     return count

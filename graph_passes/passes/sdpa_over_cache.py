@@ -15,23 +15,29 @@ from __future__ import annotations
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from attn_ops.contract import OpConfig
 
 from graph_passes.fx_nodes import meta_val, same
 from graph_passes.mask import causal_mask
 from graph_passes.mask.domain import NotProvable
 from graph_passes.rewrite import gqa_folding
 from graph_passes.rewrite.cache_attention import emit_cache_attention
-from graph_passes.rewrite.eligibility import refuse_cache_reason
+from graph_passes.rewrite.eligibility import backend_reason, refuse_cache_reason
 
 DECODE_COUNTER = "sdpa_to_decode"  # one query per sequence
 PREFILL_COUNTER = "sdpa_over_cache_to_prefill"  # several queries
 _SNAPSHOT_META = "graph_passes_positions_snapshot"
 
 
-def plan_cache_attention(a: dict, q: Node, mask: Node, usage: str, scale: float, options):
+def plan_cache_attention(a: dict, q: Node, mask: Node, usage: str, scale: float, options,
+                         softcap: float = 0.0):
     """``(plan, None)``, ``(None, reason)``, or None when the mask is not a position mask.
 
-    ``a`` holds the SDPA call's arguments by name; ``q`` its query node.
+    ``a`` holds the SDPA call's arguments by name (``key``, ``value``, ``enable_gqa``; the
+    hand-written pass gives its matched K/V with ``enable_gqa=True``); ``q`` its query node;
+    ``softcap`` > 0 the scores' cap (hand-written Gemma2 forms).
     """
     try:
         found = causal_mask.cache_positions(mask, usage, scores_rank=4)
@@ -47,6 +53,9 @@ def plan_cache_attention(a: dict, q: Node, mask: Node, usage: str, scale: float,
         k, v, _ = gqa_folding.unexpand_pair(k, v)
     reason = refuse_cache_reason(meta_val(q), meta_val(k), meta_val(v), options,
                                  found.window_left)
+    if reason is None and softcap > 0:
+        reason = _softcap_reason(meta_val(q), meta_val(k), meta_val(v), options,
+                                 found.window_left, softcap)
     sq = meta_val(q).shape[2]
     if reason is None and not isinstance(sq, int):
         reason = "a symbolic number of queries over a cache"
@@ -59,9 +68,24 @@ def plan_cache_attention(a: dict, q: Node, mask: Node, usage: str, scale: float,
                      f"over a cache)"
     if not a["enable_gqa"] and k is a["key"] and meta_val(k).shape[1] != meta_val(q).shape[1]:
         return None, "Hq != Hkv without enable_gqa (SDPA itself would reject it)"
-    return dict(q=q, k=k, v=v, scale=float(scale), pos=found.pos, kind=found.kind,
+    plan = dict(q=q, k=k, v=v, scale=float(scale), pos=found.pos, kind=found.kind,
                 check_mask=mask if found.assumed else None, window_left=found.window_left,
-                snapshot=bool(found.written)), None
+                snapshot=bool(found.written))
+    if softcap > 0:
+        plan["softcap"] = float(softcap)
+    return plan, None
+
+
+def _softcap_reason(q, k, v, options, window_left: int, softcap: float) -> str | None:
+    """Would the backend run the op with ``softcap``? (``refuse_cache_reason`` asks it without
+    one; flash's older providers have no softcap.)"""
+    contiguous = all(bool(statically_known_true(t.transpose(1, 2).is_contiguous()))
+                     for t in (k, v))
+    config = OpConfig("decode" if same(q.shape[2], 1) else "prefill", q.device, q.dtype,
+                      int(k.shape[3]), int(k.shape[1]), num_heads=int(q.shape[1]), paged=True,
+                      block_size=k.shape[2], window_left=window_left, softcap=float(softcap),
+                      cache_contiguous=contiguous)
+    return backend_reason(config, options.backend_choice, options.only_if_faster is not False)
 
 
 def _all_after(writers, mask: Node) -> bool:
@@ -93,10 +117,14 @@ def _snapshot(graph: Graph, pos: Node) -> Node:
     return copy
 
 
-def emit_over_cache(graph: Graph, sdpa: Node, plan: dict) -> tuple[Node, str]:
-    """Emit the planned op before ``sdpa``; return its output node and the counter to bump."""
+def emit_over_cache(graph: Graph, anchor: Node, plan: dict,
+                    counters: tuple[str, str] = (DECODE_COUNTER, PREFILL_COUNTER)
+                    ) -> tuple[Node, str]:
+    """Emit the planned op before ``anchor`` (the SDPA call, or the hand-written pass's
+    placeholder); return its output node and the counter to bump (``counters``: for a decode,
+    for a prefill)."""
     plan = dict(plan)
     if plan.pop("snapshot"):
         plan["pos"] = _snapshot(graph, plan["pos"])
     one = same(meta_val(plan["q"]).shape[2], 1)
-    return emit_cache_attention(graph, sdpa, **plan), DECODE_COUNTER if one else PREFILL_COUNTER
+    return emit_cache_attention(graph, anchor, **plan), counters[0] if one else counters[1]

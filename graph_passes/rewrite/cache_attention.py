@@ -43,7 +43,8 @@ def _assert(emit: Emitter, ok: Node, message: str) -> None:
 
 def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, pos: Node,
                          scale: float, kind: str = "each",
-                         check_mask: Node | None = None, window_left: int = -1) -> Node:
+                         check_mask: Node | None = None, window_left: int = -1,
+                         softcap: float = 0.0) -> Node:
     """Insert the op for SDPA ``anchor`` before it; return its ``[B, H, Sq, D]`` node.
 
     Args:
@@ -54,6 +55,7 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
             :class:`graph_passes.mask.causal_mask.CacheMask`.
         scale: multiplies q·k.
         window_left: query i also stops seeing keys before its position - window_left.
+        softcap: ``c > 0`` caps the scaled scores at ``c * tanh(s / c)`` (0: none).
         check_mask: a bool mask ``[..., Sq, S]`` proven equal to ``arange(S) <= pos[i]`` only
             under an assumption about a buffer's data: an async assert checks it at every call
             (one comparison of Sq x S bools, no host sync).
@@ -86,7 +88,8 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
     k_cache, v_cache = emit(aten.transpose.int, k, 1, 2), emit(aten.transpose.int, v, 1, 2)
     if same(meta_val(q).shape[2], 1):
         out = emit(DECODE, emit(aten.select.int, q, 2, 0), k_cache, v_cache,
-                   emit(aten.repeat.default, kv_len, [b]), table, float(scale), int(window_left))
+                   emit(aten.repeat.default, kv_len, [b]), table, float(scale), int(window_left),
+                   *((float(softcap),) if softcap else ()))
         return emit(aten.unsqueeze.default, out, 2)
     if kind == "each":  # consecutive by construction for "offset"; data for "each"
         steps = emit(aten.arange.default, sq, device=device)
@@ -98,5 +101,5 @@ def emit_cache_attention(graph: Graph, anchor: Node, q: Node, k: Node, v: Node, 
                         [emit.mul(b, sq), h, d])
     out = emit(PREFILL, tokens_major, k_cache, v_cache, emit(aten.mul.Tensor, batch, sq),
                emit(aten.mul.Tensor, batch, kv_len), sq, s, float(scale), True, table,
-               int(window_left))
+               int(window_left), *((float(softcap),) if softcap else ()))
     return emit(aten.transpose.int, emit(aten.view.default, out, [b, sq, h, d]), 1, 2)

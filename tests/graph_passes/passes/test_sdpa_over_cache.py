@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 import attn_ops  # noqa: F401
 import graph_passes
 from graph_passes.testing import inspecting_backend
-from tests.support.attention_models import CacheAttention
+from tests.support.attention_models import CacheAttention, TinyGptFast
 from tests.support.helpers import TOLERANCES, assert_close
 
 DECODE = torch.ops.attn.decode.default
@@ -213,23 +213,6 @@ def test_exported_decode_step():
     assert [n.target for n in program.graph.nodes if "attn" in str(n.target)] == [DECODE]
     with torch.no_grad():
         assert_close(program.module()(x, pos), eager(x, pos), *TOL)
-
-
-class TinyGptFast(torch.nn.Module):
-    """Embedding, ``n`` layers of :class:`CacheAttention` with residuals, tied head: enough of
-    gpt-fast for a greedy generate loop over a static cache."""
-
-    def __init__(self, n=2, vocab=97, **kw):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, 64)
-        self.layers = torch.nn.ModuleList(CacheAttention(batch=1, **kw) for _ in range(n))
-        self.out = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(n))
-
-    def forward(self, ids, input_pos):
-        x = self.embed(ids)
-        for attn, out in zip(self.layers, self.out):
-            x = x + out(attn(x, input_pos))
-        return x @ self.embed.weight.T
 
 
 def _generate(model, prompt, steps):
