@@ -13,8 +13,8 @@ that gets a documented rule wrong fails here loudly instead of on hardware. In p
   a 4-D paged cache is read as ``(nb, Hkv, bs, D)`` (so an unviewed ``(nb, bs, Hkv, D)`` cache gives
   wrong numbers, as on hardware); query length 1 in BNSD ignores sparse_mode; GQA head h reads kv
   head ``h // (N / Nkv)``; LSE is fp32. TND is accepted for bf16 with head dim 128/192 only.
-* Behaviour the docs leave open is poisoned: a query row that sees no key comes out NaN, so the
-  backend must not depend on it.
+* Behaviour the docs leave open is poisoned: a query row that sees no key comes out NaN (output
+  and softmax_lse), so the backend must not depend on it.
 * Scatter ops: slots must lie in ``[0, nb * bs)`` (the documented range); a repeated slot is
   accepted only when every row written there is identical; ``npu_scatter_pa_kv_cache`` accepts
   only ``cache_mode='Norm'`` for these ND caches (its default, 'PA_NZ', means another layout).
@@ -289,7 +289,9 @@ def _attend(q, k, v, scale, allowed):
     lse = torch.logsumexp(s, dim=-1)  # [N, Sq]
     p = torch.softmax(s, dim=-1)
     out = torch.einsum("nqk,knd->qnd", p, vv)
-    out[~allowed.any(dim=-1)] = float("nan")  # a row that sees no key: undocumented, poisoned
+    blind = ~allowed.any(dim=-1)
+    out[blind] = float("nan")  # a row that sees no key: undocumented, poisoned (its LSE too)
+    lse[:, blind] = float("nan")
     return out, lse.transpose(0, 1)
 
 

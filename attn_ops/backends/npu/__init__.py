@@ -7,6 +7,9 @@
   the compressed 2048x2048 causal mask (sparse_mode 4, band, for a left window); with a prefix
   cache, the caches viewed ``[nb, bs, Hkv*D]``, ``block_table`` and per-request key lengths.
 * ``decode``: FIA v2, BNSD layout, ``q`` viewed ``[B, H, 1, D]``, paged caches as above.
+* ``prefill_with_lse`` / ``decode_with_lse``: the same calls with ``return_softmax_lse=True``;
+  FIA's fp32 ``softmax_lse`` (``(T, N, 1)`` TND, ``(B, N, 1, 1)`` BNSD) squeezed to ``[Tq, H]`` /
+  ``[B, H]``; -inf for padded rows and rows that see no key (set here, not left to FIA).
 
 **Host sync.** FIA takes its lengths as host ``int`` lists, so ``prefill`` and ``decode`` copy
 ``cu_seqlens`` / ``seqlens_k`` to the host (``.tolist()``, one transfer per call). This is the only
@@ -25,6 +28,8 @@ Nothing here was run on Ascend hardware (see docs/npu.md).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -81,9 +86,6 @@ def supports(config) -> str | None:
         return "FIA v2 has no logit soft-capping (softcap > 0)"
     if config.has_sinks:
         return "FIA v2 has no per-head sink logits"
-    if config.with_lse:
-        return ("FIA v2's softmax_lse (return_softmax_lse=True, fp32 (T, N, 1) in TND) is not "
-                "wired into the lowering yet")
     if d % 16:
         return f"FIA v2 needs a head dim that is a multiple of 16 for fp16/bf16, got {d}"
     h, hkv = config.num_heads, config.num_kv_heads
@@ -143,11 +145,13 @@ def store_kvcache_with(impl: str, key: torch.Tensor, value: torch.Tensor, k_cach
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None, window_left: int = -1,
-            softcap: float = 0.0) -> torch.Tensor:
-    """``attn::prefill`` as one FIA v2 TND call. Copies the cu_seqlens to the host (one sync).
+            softcap: float = 0.0, return_lse: bool = False):
+    """``attn::prefill`` (``prefill_with_lse`` with ``return_lse``) as one FIA v2 TND call.
+    Copies the cu_seqlens to the host (one sync).
 
     q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or the paged caches. Rows past ``cu_seqlens_q[-1]``
-    (padding) are not sent to FIA and come back zero, as do all rows when no sequence has a query.
+    (padding) are not sent to FIA and come back zero (LSE -inf), as do all rows when no sequence
+    has a query, and rows that see no key (what FIA writes there is undocumented).
     """
     tq, h, d = q.shape
     paged = block_table is not None
@@ -155,28 +159,58 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     spec = lowering.prefill_spec(h, hkv, d, k.shape[1] if paged else 0, scale, causal,
                                  window_left, softcap)
     if cu_seqlens_q.shape[0] < 2 or tq == 0:
-        return torch.zeros_like(q)
+        return _nothing_seen(q, return_lse)
     q_ends, kv_lens = lowering.prefill_host_lengths(cu_seqlens_q, cu_seqlens_k, paged)
     used = q_ends[-1]
     if used == 0:
-        return torch.zeros_like(q)
+        return _nothing_seen(q, return_lse)
     if not paged:
         k, v = k[:kv_lens[-1]], v[:kv_lens[-1]]
     mask = lowering.compressed_causal_mask(q.device) if spec.sparse_mode else None
-    out = lowering.prefill_fia(q[:used], k, v, block_table, mask, q_ends, kv_lens, spec)
+    res = lowering.prefill_fia(q[:used], k, v, block_table, mask, q_ends, kv_lens,
+                               dataclasses.replace(spec, return_lse=return_lse))
+    out, lse = res if return_lse else (res, None)
+    empty = _keyless_rows(q_ends, kv_lens, paged, causal)
+    if empty:  # host ints already: one small copy, only when such rows exist
+        rows = torch.tensor(empty, dtype=torch.long, device=q.device)
+        out = out.index_fill(0, rows, 0)
+        lse = None if lse is None else lse.index_fill(0, rows, float("-inf"))
     if used < tq:
         out = torch.cat([out, out.new_zeros(tq - used, h, d)])
-    return out
+        if lse is not None:
+            lse = torch.cat([lse, lse.new_full((tq - used, h), float("-inf"))])
+    return (out, lse) if return_lse else out
+
+
+def _keyless_rows(q_ends: list, kv_lens: list, paged: bool, causal: bool) -> list[int]:
+    """Rows that see no key: every row of a sequence without keys and, causal (bottom-right),
+    the first ``Lq - Lk`` rows of a sequence with more queries than keys. A left window never
+    empties a row (it keeps the diagonal key)."""
+    rows, q0, k0 = [], 0, 0
+    for q1, kv in zip(q_ends, kv_lens):
+        lq, lk = q1 - q0, (kv if paged else kv - k0)
+        blind = lq if lk == 0 else (max(lq - lk, 0) if causal else 0)
+        rows.extend(range(q0, q0 + blind))
+        q0, k0 = q1, (k0 if paged else kv)
+    return rows
+
+
+def _nothing_seen(q: torch.Tensor, return_lse: bool):
+    out = torch.zeros_like(q)
+    if not return_lse:
+        return out
+    return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
            block_table: torch.Tensor, scale: float, window_left: int = -1,
-           softcap: float = 0.0) -> torch.Tensor:
-    """``attn::decode`` as one FIA v2 BNSD call. Copies ``seqlens_k`` to the host (one sync)."""
+           softcap: float = 0.0, return_lse: bool = False):
+    """``attn::decode`` (``decode_with_lse`` with ``return_lse``: lse float32 ``[B, H]``) as one
+    FIA v2 BNSD call. Copies ``seqlens_k`` to the host (one sync)."""
     b, h, d = q.shape
     spec = lowering.decode_spec(h, k_cache.shape[2], d, k_cache.shape[1], scale, window_left,
                                 softcap)
     if b == 0:
-        return torch.zeros_like(q)
+        return _nothing_seen(q, return_lse)
     return lowering.decode_fia(q, k_cache, v_cache, seqlens_k, block_table, seqlens_k.tolist(),
-                               spec)
+                               dataclasses.replace(spec, return_lse=return_lse))

@@ -78,7 +78,9 @@ class FiaSpec:
     """Everything static about one FIA v2 call (host ints and floats, read off shapes and args).
 
     ``block_size`` is 0 when the keys are not paged. ``pre_tokens`` / ``next_tokens`` matter only
-    with ``sparse_mode`` 4 (band), counted from the bottom-right diagonal.
+    with ``sparse_mode`` 4 (band), counted from the bottom-right diagonal. ``return_lse`` asks FIA
+    for its ``softmax_lse`` (fp32, natural log; ``(T, N, 1)`` in TND, ``(B, N, S, 1)`` in BNSD)
+    and makes :func:`prefill_fia` / :func:`decode_fia` return ``(out, lse)``.
     """
     num_heads: int
     num_kv_heads: int
@@ -88,6 +90,7 @@ class FiaSpec:
     sparse_mode: int = SPARSE_NONE
     pre_tokens: int = INT32_MAX
     next_tokens: int = INT32_MAX
+    return_lse: bool = False
 
 
 def prefill_spec(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, scale: float,
@@ -193,18 +196,20 @@ def prefill_fia(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask: the compressed causal mask when ``spec.sparse_mode`` is 3 or 4, else None.
         q_ends: B cumulative query ends (``cu_seqlens_q[1:]``), host ints or SymInts.
         kv_lens: B cumulative key ends, or, when paged, B per-request key lengths.
+
+    With ``spec.return_lse``: ``(out, lse [q_ends[-1], H])`` (FIA's TND ``(T, N, 1)`` squeezed).
     """
     paged = spec.block_size > 0
     if paged:
         k, v = k.flatten(2), v.flatten(2)
         block_table = block_table.to(torch.int32)
-    out, _ = fia_op()(
+    out, lse = fia_op()(
         q, k, v, atten_mask=mask, actual_seq_qlen=list(q_ends), actual_seq_kvlen=list(kv_lens),
         block_table=block_table if paged else None, num_query_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads, softmax_scale=spec.scale,
         pre_tokens=spec.pre_tokens, next_tokens=spec.next_tokens, input_layout="TND",
-        sparse_mode=spec.sparse_mode, block_size=spec.block_size)
-    return out
+        sparse_mode=spec.sparse_mode, block_size=spec.block_size, **_lse_flag(spec))
+    return (out, lse[:, :, 0]) if spec.return_lse else out
 
 
 def decode_fia(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -214,15 +219,25 @@ def decode_fia(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
     ``q [B, H, D]`` is viewed ``[B, H, 1, D]``; the caches ``[num_blocks, block_size, Hkv*D]``;
     ``kv_lens`` are the B values of ``seqlens_k`` (host ints or SymInts). Rows with
-    ``seqlens_k == 0`` are set to zero here: what FIA writes for a zero-length request is not
-    documented.
+    ``seqlens_k == 0`` are set to zero here (LSE -inf): what FIA writes for a zero-length
+    request is not documented. With ``spec.return_lse``: ``(out, lse [B, H])`` (FIA's BNSD
+    ``(B, N, 1, 1)`` squeezed).
     """
-    out, _ = fia_op()(
+    out, lse = fia_op()(
         q.unsqueeze(2), k_cache.flatten(2), v_cache.flatten(2), actual_seq_kvlen=list(kv_lens),
         block_table=block_table.to(torch.int32), num_query_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads, softmax_scale=spec.scale, input_layout="BNSD",
-        block_size=spec.block_size)
-    return torch.where((seqlens_k > 0)[:, None, None], out.squeeze(2), 0)
+        block_size=spec.block_size, **_lse_flag(spec))
+    seen = seqlens_k > 0
+    out = torch.where(seen[:, None, None], out.squeeze(2), 0)
+    if not spec.return_lse:
+        return out
+    return out, torch.where(seen[:, None], lse[:, :, 0, 0], float("-inf"))
+
+
+def _lse_flag(spec: FiaSpec) -> dict:
+    """``return_softmax_lse=True`` only when asked (the call stays as before otherwise)."""
+    return {"return_softmax_lse": True} if spec.return_lse else {}
 
 
 def redirect_padding_rows(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,

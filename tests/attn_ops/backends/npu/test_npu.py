@@ -147,6 +147,51 @@ def test_decode_matches_reference(dtype, h, hkv, d, block_size):
     assert (kw["num_query_heads"], kw["num_key_value_heads"]) == (h, hkv)
 
 
+def _same_lse(got, want):
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))  # no key / padding: -inf
+    finite = torch.isfinite(want)
+    assert torch.isfinite(got[finite]).all()
+    assert_close(got[finite], want[finite], 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("paged", [False, True])
+def test_prefill_with_lse_matches_reference(causal, paged):
+    # a sequence without keys, one with more queries than keys (causal rows that see nothing),
+    # an empty one, and 3 padded tail rows
+    lens_q, lens_k = ([4, 3, 0, 9], [0, 2, 0, 9]) if not paged else ([4, 3, 0, 9], [0, 2, 0, 140])
+    args = _prefill_inputs(lens_q, lens_k, 4, 2, 128 if paged else None, tail=3)
+    q, k, v, cq, ck, table = args
+    call = (q, k, v, cq, ck, 9, max(lens_k), D ** -0.5, causal, table)
+    with emu.recording() as calls:
+        out, lse = npu.prefill(*call, return_lse=True)
+    ref_out, ref_lse = reference.prefill(*call, return_lse=True)
+    assert_close(out, ref_out, *TOLERANCES[BF16])  # the emulator's NaN rows would fail here
+    _same_lse(lse, ref_lse)
+    (fia,) = _fia_calls(calls)
+    assert fia["kwargs"]["return_softmax_lse"] is True
+    assert npu.prefill(*call).shape == q.shape  # without the lse: no return_softmax_lse
+
+
+def test_decode_with_lse_matches_reference():
+    lens = [5, 0, 33, 1, 0]
+    pb = random_paged(lens, 2, 64, 16, BF16, table_width=4)
+    q = torch.randn(len(lens), 8, 64, dtype=BF16)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    args = (q, pb.k_cache, pb.v_cache, seqlens, pb.block_table, 0.125)
+    with emu.recording() as calls:
+        out, lse = npu.decode(*args, return_lse=True)
+    ref_out, ref_lse = reference.decode(*args, return_lse=True)
+    assert_close(out, ref_out, *TOLERANCES[BF16])
+    _same_lse(lse, ref_lse)
+    (fia,) = _fia_calls(calls)
+    assert fia["kwargs"]["return_softmax_lse"] is True
+    with emu.recording() as calls:
+        npu.decode(*args)
+    assert "return_softmax_lse" not in _fia_calls(calls)[0]["kwargs"]
+
+
 def test_decode_empty_batch():
     kc = torch.randn(2, 16, 1, 64, dtype=BF16)
     q = torch.randn(0, 2, 64, dtype=BF16)
@@ -276,7 +321,8 @@ DECODE_OK = OpConfig("decode", NPU, torch.float16, 64, 8, num_heads=32, paged=Tr
     ("store_kvcache", dict(dtype=torch.float32), None),
     # issue 16: what FIA v2 would map to is said in each reason
     ("prefill", dict(has_sinks=True), "sink"),
-    ("decode", dict(with_lse=True), "softmax_lse"),
+    ("decode", dict(with_lse=True), None),  # FIA's softmax_lse
+    ("prefill", dict(with_lse=True), None),
     ("decode", dict(cache_dtype=torch.float8_e4m3fn), "antiquant"),
     ("store_kvcache", dict(cache_dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
     ("merge_states", {}, "merge_states"),
