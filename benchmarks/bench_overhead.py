@@ -120,7 +120,23 @@ def eager_cases(dev):
                 t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08),
             "kernel wrapper, launch bound": prefill_w,
             "kernel wrapper, Triton's kernel[grid]": _unbound(prefill_w),
+            **_fa3_cases(t),
         },
+    }
+
+
+def _fa3_cases(t) -> dict:
+    """The flash backend on FA3 beside FA3's own varlen call (PyPI fa3-fwd), when installed."""
+    try:
+        import fa3_fwd_interface as fa3
+    except ImportError:
+        return {}
+    import attn_ops
+    return {
+        "attn_ops.prefill(backend='flash')": lambda: attn_ops.prefill(
+            t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08, backend="flash"),
+        "fa3-fwd flash_attn_varlen_func (direct)": lambda: fa3.flash_attn_varlen_func(
+            t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, softmax_scale=0.08, causal=True),
     }
 
 

@@ -92,6 +92,13 @@ def contenders(q, k, v, cu, b, s, causal, dev):
         run()
         return run, "flash_attn package"
 
+    def ours_flash():  # the flash backend (FA3 when installed) through the op path
+        run = lambda: attn_ops.prefill(q, k, v, cu, cu, s, s, scale, causal,  # noqa: E731
+                                       backend="flash")
+        run()
+        from attn_ops.backends import flash
+        return run, flash.describe(attn_ops.prefill_config(q, k, causal=causal))
+
     def fa3_varlen():
         import fa3_fwd_interface as fa3  # PyPI fa3-fwd: forward-only FA3, bf16
         run = lambda: fa3.flash_attn_varlen_func(q, k, v, cu, cu, s, s, softmax_scale=scale,  # noqa
@@ -108,6 +115,7 @@ def contenders(q, k, v, cu, b, s, causal, dev):
 
     return {
         "triton (ours)": ours,
+        "attn_ops flash backend": ours_flash,
         "fa3_varlen": fa3_varlen,
         "fa3_dense": fa3_dense,
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
@@ -189,7 +197,7 @@ def main():
     if args.tune_only:
         return
     rows = []
-    lengths = [32, 64] if args.smoke else [1024, 2048, 4096, 8192, 16384]
+    lengths = [32, 64] if args.smoke else [256, 1024, 2048, 4096, 8192, 16384]
     tokens = 64 if args.smoke else TOKENS
     for s in lengths:
         rows += run_shape(max(1, tokens // s), s, True, args, ceil,
