@@ -19,13 +19,16 @@ position), with the soft cap of Gemma2's form as the op's ``softcap``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch._dynamo.utils import counters
 from torch.fx import Graph, Node
 
-from graph_passes.fx_nodes import erase_dead
+from graph_passes.fx_nodes import erase_dead, meta_val
 from graph_passes.passes.attention_forms import MASK_USAGE, AttentionForm
 from graph_passes.passes.sdpa_over_cache import emit_over_cache, plan_cache_attention
+from graph_passes.rewrite.cache_attention import emit_cache_attention
 
 CACHE_SITE = torch.ops.graph_passes.attention_over_cache.default
 DECODE_COUNTER = "handwritten_to_decode"  # one query per sequence
@@ -71,15 +74,44 @@ def check(kw: dict, form: AttentionForm, options) -> str | bool:
     return found is not None
 
 
-def emit_cache_sites(graph: Graph, options) -> int:
-    """Replace each placeholder the cache forms left by the op; return how many."""
+_TENSOR_ARGS = ("q", "k", "v", "pos", "check_mask")
+
+
+def _emit_decomposed(graph: Graph, anchor: Node, **plan) -> Node:
+    """:func:`emit_cache_attention` for Inductor's aten graph, which comes after its
+    decompositions (Inductor has no lowering for ``aten.arange``, ``clamp``, ``transpose``, ...):
+    emitted into a scratch graph, traced again with those decompositions, spliced in before
+    ``anchor``."""
+    from torch._inductor.pattern_matcher import fwd_only
+    names = [n for n in _TENSOR_ARGS if plan.get(n) is not None]
+    scratch = Graph()
+    holders = {}
+    for name in names:
+        holders[name] = scratch.placeholder(name)
+        holders[name].meta.update(plan[name].meta)
+    output = scratch.output(None)
+    output.args = (emit_cache_attention(scratch, output, **{**plan, **holders}),)
+    module = torch.fx.GraphModule(torch.nn.Module(), scratch)
+    values = [meta_val(plan[n]) for n in names]
+    with torch._guards.detect_fake_mode(values) or contextlib.nullcontext():
+        traced = fwd_only(module, values)
+    inputs = dict(zip(traced.graph.find_nodes(op="placeholder"), (plan[n] for n in names)))
+    with graph.inserting_before(anchor):
+        return graph.graph_copy(traced.graph, inputs)
+
+
+def emit_cache_sites(graph: Graph, options, ir: str) -> int:
+    """Replace each placeholder the cache forms left by the op; return how many. ``ir``:
+    "inductor" (decomposed aten) or "export"."""
     count = 0
     for site in list(graph.find_nodes(op="call_function", target=CACHE_SITE)):
         q, k, v, mask, scale, softcap, mask_op = site.args
         found, reason = plan(q, k, v, mask, scale, softcap, mask_op, options)
         if found is None:  # checked when it matched: cannot happen
             raise AssertionError(f"graph_passes: {site.name} no longer plans ({reason})")
-        out, counter = emit_over_cache(graph, site, found, (DECODE_COUNTER, PREFILL_COUNTER))
+        out, counter = emit_over_cache(
+            graph, site, found, (DECODE_COUNTER, PREFILL_COUNTER),
+            _emit_decomposed if ir == "inductor" else emit_cache_attention)
         site.replace_all_uses_with(out)
         inputs = list(site.all_input_nodes)
         graph.erase_node(site)

@@ -309,7 +309,7 @@ def apply_attention_patterns(graph: Graph, options, ir: str) -> int:
     finally:
         if ir == "inductor":
             restore_reshapes(graph)
-    over_cache.emit_cache_sites(graph, options)  # the placeholders of the cache forms
+    over_cache.emit_cache_sites(graph, options, ir)  # the placeholders of the cache forms
     if count:
         erase_dead(graph, reversed(list(graph.nodes)))  # the masks the replacements orphaned
     return count

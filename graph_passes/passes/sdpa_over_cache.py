@@ -118,13 +118,13 @@ def _snapshot(graph: Graph, pos: Node) -> Node:
 
 
 def emit_over_cache(graph: Graph, anchor: Node, plan: dict,
-                    counters: tuple[str, str] = (DECODE_COUNTER, PREFILL_COUNTER)
-                    ) -> tuple[Node, str]:
+                    counters: tuple[str, str] = (DECODE_COUNTER, PREFILL_COUNTER),
+                    emit=emit_cache_attention) -> tuple[Node, str]:
     """Emit the planned op before ``anchor`` (the SDPA call, or the hand-written pass's
-    placeholder); return its output node and the counter to bump (``counters``: for a decode,
-    for a prefill)."""
+    placeholder) with ``emit`` (:func:`emit_cache_attention`'s arguments); return its output
+    node and the counter to bump (``counters``: for a decode, for a prefill)."""
     plan = dict(plan)
     if plan.pop("snapshot"):
         plan["pos"] = _snapshot(graph, plan["pos"])
     one = same(meta_val(plan["q"]).shape[2], 1)
-    return emit_cache_attention(graph, anchor, **plan), counters[0] if one else counters[1]
+    return emit(graph, anchor, **plan), counters[0] if one else counters[1]

@@ -8,8 +8,10 @@ included); positions change every step without a recompile. Several queries at c
 positions (a prefill chunk) become a paged attn.prefill; gpt-fast's ``causal_mask`` buffer is
 accepted with an on-device check of its rows. A heads-major cache ``[B, Hkv, S_max, D]``
 (gpt-fast's, transformers' StaticCache) goes to the ops as ``cache.transpose(1, 2)``, a strided
-view (one block per sequence, no copy). What stays put: a window other than the causal band,
-an unchecked buffer, a backend that refuses strided caches.
+view (one block per sequence, no copy). Masks: bool, additive 0 / dtype-min, additive 0 / -inf
+(``masked_fill`` or ``torch.where``), a window. What stays put: a window other than the causal
+band, an unchecked buffer, a backend that refuses strided caches (more in
+test_handwritten_over_cache.py, for both passes).
 """
 
 import copy
@@ -62,6 +64,7 @@ def _inspecting(options=None):
 
 @pytest.mark.parametrize("gqa,mask", [("repeat_interleave", "indexed_tril"),
                                       ("sdpa", "arange"), ("repeat_interleave", "additive"),
+                                      ("sdpa", "additive_inf"), ("repeat_kv", "where_inf"),
                                       ("repeat_interleave", "buffer"), ("sdpa", "window")])
 def test_decode_over_a_token_major_cache(gqa, mask):
     model = CacheAttention(layout="token_major", gqa=gqa, mask=mask)
@@ -174,7 +177,7 @@ def test_left_alone(kwargs, reason, caplog):
     assert reason in caplog.text
 
 
-@pytest.mark.parametrize("mask", ["indexed_tril", "buffer", "additive"])
+@pytest.mark.parametrize("mask", ["indexed_tril", "buffer", "additive", "additive_inf"])
 def test_prefill_chunks_over_the_cache(mask):
     """Several queries at consecutive positions: a paged attn.prefill, chunk after chunk."""
     model = CacheAttention(mask=mask).eval()
