@@ -120,6 +120,21 @@ def test_a_buffer_mask_that_is_not_causal_raises():
             step(torch.randn(2, 1, 64), torch.tensor([5]))
 
 
+@pytest.mark.parametrize("mask_op", ["add", "masked_fill", "where"])
+def test_the_placeholder_computes_the_attention_as_written(mask_op):
+    """Never left in a graph, but should one run: softmax(q k^T * scale, capped, masked) v,
+    GQA as repeat_interleave (a float64 reading for the oracle)."""
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 16)
+    keep = torch.arange(13)[None, :] <= torch.tensor([4, 5, 12])[:, None]
+    mask = {"add": torch.where(keep, 0.0, float("-inf")), "masked_fill": ~keep,
+            "where": keep}[mask_op]
+    out = torch.ops.graph_passes.attention_over_cache(q, k, v, mask, 0.3, 0.5, mask_op)
+    s = q.double() @ k.double().repeat_interleave(2, 1).transpose(-2, -1) * 0.3
+    s = (torch.tanh(s / 0.5) * 0.5).masked_fill(~keep, float("-inf"))
+    expected = torch.softmax(s, -1) @ v.double().repeat_interleave(2, 1)
+    assert_close(out, expected.float(), *TOL)
+
+
 class TestGolden(expecttest.TestCase):
     def test_hf_decode_over_a_heads_major_cache(self):
         """HF eager by hand over gpt-fast's cache: the functional write (index_put), then
