@@ -16,8 +16,13 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
 * ``--cpu-op-path`` (no GPU needed): the op path above the backend function, with a no-op backend
   registered in the registry, 20000 calls, 7 runs: median and range of the wall time and of the
   process CPU time (the development machine is shared: CPU time is the steadier figure).
+* ``--cpu-triton-path`` (no GPU needed): the Triton backend's host path on CPU tensors, every
+  kernel replaced by a stand-in whose compiled launcher does nothing, so launch.py takes the
+  direct path of a compiled kernel: the op path and the backend's ``bind(config)`` function
+  alone, 5000 calls, 7 runs, same statistics.
 
     python benchmarks/bench_overhead.py [--out DIR] [--profile] [--cpu-op-path]
+                                        [--cpu-triton-path]
 """
 
 from __future__ import annotations
@@ -228,6 +233,80 @@ def cpu_op_path(runs: int = 7, calls: int = 20000) -> list[dict]:
         "torch.ops.attn.decode, inference_mode": lambda: _inference(
             lambda: ops.decode(t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08)),
     }
+    return _time_paths(paths, runs, calls, "cpu_op_path")
+
+
+class _NoopCompiled:
+    """A compiled kernel whose launcher does nothing (the C launch left out of the timing)."""
+    function = packed_metadata = None
+
+    @staticmethod
+    def run(*args):
+        return None
+
+
+class _NoopKernel:
+    """A stand-in for a kernel's JITFunction: its ``run`` (Triton's path) returns
+    :class:`_NoopCompiled`, so launch.py pins it and every later launch takes the direct path
+    of a compiled kernel, with the no-op launcher."""
+
+    def __init__(self, real):
+        from triton.runtime.jit import JITFunction
+        self.params = JITFunction(getattr(real, "fn", real)).params
+        self.device_caches = {}
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return _NoopCompiled()
+
+
+def _mock_triton_launches():
+    """Point the Triton backend's kernels at no-op launchers (CPU, interpreter mode): the op
+    path and the kernel wrappers run all their Python, the launch path of a compiled kernel
+    included, up to the C launcher."""
+    from attn_ops.backends.triton import (decode_kernel, launch, prefill_kernel, store_kernel,
+                                          unified_kernel)
+    from attn_ops.backends import triton as backend
+    for module, name in ((store_kernel, "_store_kvcache_kernel"),
+                         (decode_kernel, "_decode_split_kernel"), (decode_kernel, "_merge_kernel"),
+                         (prefill_kernel, "_prefill_kernel"),
+                         (unified_kernel, "_unified_kernel"), (unified_kernel, "_merge_kernel")):
+        setattr(module, name, _NoopKernel(getattr(module, name)))
+    hooks = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    launch._driver = (lambda: 0, lambda device: 0, hooks)
+    if not hasattr(launch, "prepare"):  # the tree before per-signature plans: bind as on CUDA
+        backend.bind = lambda config: launch.bind_signature(getattr(backend, config.op))
+    return backend
+
+
+def cpu_triton_path(runs: int = 7, calls: int = 5000) -> list[dict]:
+    """The Triton backend's host path on the CPU with every launch a no-op (see
+    :func:`_mock_triton_launches`): the op path, and the backend's bound function alone."""
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the backend accepts them
+    os.environ["ATTN_OPS_BACKEND"] = "triton"
+    os.environ["ATTN_OPS_CHECK"] = "0"
+    from attn_ops import contract
+    backend = _mock_triton_launches()
+    t = _inputs("cpu")
+    ops = torch.ops.attn
+    store = (t.key, t.key, t.k_cache, t.v_cache, t.slots)
+    dec = (t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08)
+    pre = (t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08)
+    bound = {op: backend.bind(cfg) for op, cfg in (
+        ("store_kvcache", contract.store_config(t.key, t.k_cache, t.slots)),
+        ("decode", contract.decode_config(t.q1, t.k_cache)),
+        ("prefill", contract.prefill_config(t.qp, t.kp)))}
+    paths = {
+        "torch.ops.attn.store_kvcache (triton, no-op launch)": lambda: ops.store_kvcache(*store),
+        "torch.ops.attn.decode (triton, no-op launch)": lambda: ops.decode(*dec),
+        "torch.ops.attn.prefill (triton, no-op launch)": lambda: ops.prefill(*pre),
+        "triton bind(config) function: store_kvcache": lambda: bound["store_kvcache"](*store),
+        "triton bind(config) function: decode": lambda: bound["decode"](*dec),
+        "triton bind(config) function: prefill": lambda: bound["prefill"](*pre),
+    }
+    return _time_paths(paths, runs, calls, "cpu_triton_path")
+
+
+def _time_paths(paths: dict, runs: int, calls: int, bench: str) -> list[dict]:
     rows = []
     for name, fn in paths.items():
         for _ in range(500):
@@ -239,7 +318,7 @@ def cpu_op_path(runs: int = 7, calls: int = 20000) -> list[dict]:
                 fn()
             wall.append((time.perf_counter() - w) / calls * 1e6)
             cpu.append((time.process_time() - c) / calls * 1e6)
-        rows.append(dict(bench="cpu_op_path", path=name, wall_median=statistics.median(wall),
+        rows.append(dict(bench=bench, path=name, wall_median=statistics.median(wall),
                          wall_min=min(wall), wall_max=max(wall),
                          cpu_median=statistics.median(cpu), cpu_min=min(cpu), cpu_max=max(cpu)))
     return rows
@@ -269,8 +348,17 @@ def main():
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--profile", action="store_true", help="also cProfile the eager paths"),
         p.add_argument("--cpu-op-path", action="store_true",
-                       help="only the op path above a no-op backend, on the CPU")))
+                       help="only the op path above a no-op backend, on the CPU"),
+        p.add_argument("--cpu-triton-path", action="store_true",
+                       help="only the Triton backend's host path with no-op launches, on the "
+                            "CPU")))
     env = header("host overhead", args.smoke)
+    if args.cpu_triton_path:
+        rows = [dict(r, date=env["date"], torch=env["torch"]) for r in cpu_triton_path()]
+        write_csv(args.out / "overhead_cpu_triton_path.csv", rows)
+        print_table(rows, ["path", "wall_median", "wall_min", "wall_max", "cpu_median",
+                           "cpu_min", "cpu_max"])
+        return
     if args.cpu_op_path:
         rows = [dict(r, date=env["date"], torch=env["torch"]) for r in cpu_op_path()]
         write_csv(args.out / "overhead_cpu_op_path.csv", rows)

@@ -118,16 +118,58 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, s
 
 
 def bind(config):
-    """The op function for ``config`` (an ``OpConfig``), its launches pinned per call signature.
+    """The op function for ``config`` (an ``OpConfig``), bound to one call signature.
 
     The registry's dispatch memo calls ``bind`` once per call signature (shapes, strides,
-    dtypes, devices, scalars), so the function returned here sees one signature only: on CUDA
-    its first call launches through Triton and pins each launch's compiled kernel, later calls
-    go straight to the compiled launchers (:mod:`.launch`; ~20 us of host time per launch
-    saved). Under the interpreter there is nothing to pin.
+    dtypes, devices, scalars, which optional tensors are given), so the function returned here
+    sees one signature only. Its first call plans the call from its arguments: the kernel
+    (unified or prefill kernel), split count, grids, constexprs, every stride and scalar kernel
+    argument, the prepared launches (``bind_*`` of the kernel modules, :func:`launch.prepare`).
+    Every later call allocates the outputs and launches: on CUDA straight through the compiled
+    launchers (the 14 us of wrapper Python per decode call measured on the development CPU
+    become ~3). Calls on tensor subclasses or under a dispatch mode (tracing) run the plain
+    function.
     """
-    fn = globals()[config.op]
-    if config.device.type != "cuda":
-        return fn
-    from attn_ops.backends.triton import launch  # imports torch only, not triton
-    return launch.bind_signature(fn)
+    plain = globals()[config.op]
+    if config.op == "merge_states":
+        if config.device.type != "cuda":
+            return plain
+        from attn_ops.backends.triton import launch  # imports torch only, not triton
+        return launch.bind_signature(plain)
+    from attn_ops.backends.triton import launch
+    builder = globals()["_bind_" + config.op]
+    stats, tensor, depth = launch.stats, torch.Tensor, torch._C._len_torch_dispatch_stack
+    fast = None
+
+    def bound(*args, **kwargs):
+        nonlocal fast
+        if fast is not None and type(args[0]) is tensor and not depth():
+            stats["bound"] += 1
+            return fast(*args, **kwargs)
+        if type(args[0]) is not tensor or depth():
+            return plain(*args, **kwargs)  # traced or a subclass: the wrapper decides
+        fast = builder(*args, **kwargs)
+        stats["bound"] += 1
+        return fast(*args, **kwargs)
+    return bound
+
+
+def _bind_store_kvcache(*args, **kwargs):
+    from attn_ops.backends.triton import store_kernel
+    return store_kernel.bind_store_kvcache(*args, **kwargs)
+
+
+def _bind_decode(*args, **kwargs):
+    from attn_ops.backends.triton import decode_kernel
+    return decode_kernel.bind_decode(*args, **kwargs)
+
+
+def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kwargs):
+    block_table = args[4] if len(args) > 4 else kwargs.get("block_table")
+    num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
+    if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
+                           q.shape[1] // max(num_kv_heads, 1)):
+        from attn_ops.backends.triton.unified_launch import bind_prefill
+    else:
+        from attn_ops.backends.triton.prefill_kernel import bind_prefill
+    return bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kwargs)

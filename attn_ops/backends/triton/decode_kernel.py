@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.launch import launch
+from attn_ops.backends.triton.launch import launch, prepare
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
                                              next_pow2, paged_offsets, result, scores_log2,
@@ -275,17 +275,79 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         o_part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32,
                              device=q.device)
         lse_part = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
-    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
     fused_merge = stage1["FUSED"]
     sema = semaphores(batch * k_cache.shape[2], q.device) if fused_merge else seqlens_k
-    launch(
-        _decode_split_kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part,
-        lse_part, sema, *ex.pointers,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        seqlens_k.stride(0), *block_table.stride(), out.stride(0), out.stride(1), *ex.strides,
-        splits, qk_scale, cap_log2, cap_inv, window_left, **stage1, **ex.flags)
+    launch(_decode_split_kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part,
+           lse_part, sema, *ex.pointers,
+           *_stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out.stride(), ex,
+                            splits, scale, softcap, window_left), **stage1, **ex.flags)
     if splits > 1 and not fused_merge:
-        launch(_merge_kernel, grid2, o_part, lse_part, out, *ex.pointers[:2], splits,
-               out.stride(0), out.stride(1), ex.strides[0], **stage2,
+        launch(_merge_kernel, grid2, o_part, lse_part, out, *ex.pointers[:2],
+               splits, out.stride(0), out.stride(1), ex.strides[0], **stage2,
                HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
     return result(out, ex)
+
+
+def _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex, splits, scale,
+                    softcap, window_left) -> tuple:
+    """Stage 1's arguments after its 13 pointers: strides, split count, scalars."""
+    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
+    return (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            seqlens_k.stride(0), *block_table.stride(), out_strides[0], out_strides[1],
+            *ex.strides, splits, qk_scale, cap_log2, cap_inv, window_left)
+
+
+def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
+                sinks=None, k_scale=None, v_scale=None, return_lse=False):
+    """:func:`decode` (default tables, no overrides) for the call signature of these arguments.
+
+    Everything that depends only on the signature (shapes, strides, dtypes, devices, scalars,
+    which of sinks / FP8 scales / lse are present) is computed here, once: the plan, the
+    kernels' non-pointer arguments, the prepared launches (:func:`launch.prepare`). The
+    function returned allocates the outputs (and the split partials), takes the semaphores of
+    the current stream, and launches; call it only with arguments of this signature (the
+    registry's dispatch memo guarantees it).
+    """
+    batch, num_heads, head_dim = q.shape
+    if batch == 0 or k_cache.numel() == 0 or block_table.numel() == 0:
+        return decode  # nothing to launch: the wrapper's host-side result
+    ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse)
+    splits, grid1, grid2, stage1, stage2 = _plan(
+        batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
+        q.dtype, q.device, window_left >= 0, softcap > 0, None, None, FUSED_MERGE,
+        k_cache.dtype, FP8_VIA_F16)
+    shape, dtype, device = q.shape, q.dtype, q.device
+    out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's
+    scalars1 = _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex,
+                               splits, scale, softcap, window_left)
+    has_sinks, fp8, with_lse = ex.flags["HAS_SINKS"], ex.flags["FP8"], ex.flags["WITH_LSE"]
+    # Alignment checked per call: the caller's tensors (outputs, partials and semaphores are
+    # fresh allocations; q stands in for what is absent).
+    check = (0, 1, 2, 3, 4) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
+    stage1_launch = prepare(_decode_split_kernel, grid1, {**stage1, **ex.flags}, check)
+    fused, merge = stage1["FUSED"], splits > 1 and not stage1["FUSED"]
+    merge_launch = prepare(_merge_kernel, grid2, dict(stage2, HAS_SINKS=has_sinks,
+                                                      WITH_LSE=with_lse),
+                           (4,) if has_sinks else ()) if merge else None
+    scalars2 = (splits, out_strides[0], out_strides[1], ex.strides[0])
+    part_shape, lse_part_shape = (batch, num_heads, splits, head_dim), (batch, num_heads, splits)
+    lse_shape, sema_count = (batch, num_heads), batch * k_cache.shape[2]
+    empty, f32 = torch.empty, torch.float32
+
+    def run(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
+            sinks=None, k_scale=None, v_scale=None, return_lse=False):
+        out = empty(shape, dtype=dtype, device=device)
+        lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
+        if splits == 1:
+            o_part = lse_part = out  # unused pointer arguments
+        else:
+            o_part = empty(part_shape, dtype=f32, device=device)
+            lse_part = empty(lse_part_shape, dtype=f32, device=device)
+        sink = sinks if has_sinks else q
+        stage1_launch((q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
+                       semaphores(sema_count, device) if fused else seqlens_k, lse, sink,
+                       k_scale if fp8 else q, v_scale if fp8 else q, *scalars1))
+        if merge:
+            merge_launch((o_part, lse_part, out, lse, sink, *scalars2))
+        return (out, lse) if with_lse else out
+    return run

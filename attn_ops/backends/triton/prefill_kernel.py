@@ -24,7 +24,7 @@ import triton.language as tl
 
 from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, next_pow2, result,
                                              softcap_constants)
-from attn_ops.backends.triton.launch import launch
+from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.softmax import attend, finish, kv_scales, store_lse
 
 
@@ -203,23 +203,68 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         return result(out, ex)
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
         return result(out, ex, nothing_seen=True)  # no key anywhere (static shapes say so)
+    grid, consts, scalars = _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         scale, causal, block_table, window_left, softcap,
+                                         out.stride(), ex, config)
+    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k,
+           block_table if paged else cu_seqlens_k, *ex.pointers, *scalars, **consts)
+    return result(out, ex)
+
+
+def _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, block_table,
+                 window_left, softcap, out_strides, ex, config) -> tuple[tuple, dict, tuple]:
+    """(grid, constexprs and options, the arguments after the 11 pointers) of one launch."""
+    total_q, num_heads, head_dim = q.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    paged = block_table is not None
     # Index tensors and caches are read through their strides (see store_kernel for why not a
     # contiguous copy): a strided cu_seqlens or block table is never misread.
     if paged:
         page, num_kv_heads = k.shape[1], k.shape[2]
         strides = (*k.stride()[:3], *v.stride()[:3])
-        table, table_strides = block_table, block_table.stride()
+        table_strides = block_table.stride()
     else:
         page, num_kv_heads = 1, k.shape[1]
         strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
-        table, table_strides = cu_seqlens_k, (0, 0)  # unused pointer argument
+        table_strides = (0, 0)  # cu_seqlens_k stands in for the table: unused
     grid, consts = _plan(int(max_seqlen_q), num_seqs, num_heads, num_kv_heads, head_dim, q.dtype,
                          bool(causal), paged, page, window_left >= 0, softcap > 0,
                          None if config is None else Config(*config))
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
-    launch(_prefill_kernel, grid,
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, *ex.pointers, q.stride(0), q.stride(1),
-        *strides, out.stride(0), out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
-        *table_strides, *ex.strides, total_q, num_seqs, qk_scale, cap_log2, cap_inv,
-        window_left, **consts, **ex.flags)
-    return result(out, ex)
+    scalars = (q.stride(0), q.stride(1), *strides, out_strides[0], out_strides[1],
+               cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), *table_strides, *ex.strides,
+               total_q, num_seqs, qk_scale, cap_log2, cap_inv, window_left)
+    return grid, {**consts, **ex.flags}, scalars
+
+
+def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                 causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
+                 k_scale=None, v_scale=None, return_lse=False):
+    """:func:`prefill` (default tables, no overrides) for the call signature of these
+    arguments: grid, constexprs and every non-pointer argument computed once (see
+    decode_kernel.bind_decode); the function returned allocates the outputs and launches."""
+    if (q.shape[0] == 0 or k.numel() == 0 or cu_seqlens_q.shape[0] == 1
+            or (block_table is not None and block_table.numel() == 0)):
+        return prefill  # nothing to launch: the wrapper's host-side result
+    ex = extras(q, k, sinks, k_scale, v_scale, return_lse)
+    shape, dtype, device = q.shape, q.dtype, q.device
+    grid, consts, scalars = _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         scale, causal, block_table, window_left, softcap,
+                                         torch.empty(shape, device="meta").stride(), ex, None)
+    paged, has_sinks, fp8, with_lse = (block_table is not None, ex.flags["HAS_SINKS"],
+                                       ex.flags["FP8"], ex.flags["WITH_LSE"])
+    # Alignment checked per call: the caller's tensors, not out / lse (fresh allocations).
+    check = (0, 1, 2, 4, 5, 6) + ((8,) if has_sinks else ()) + ((9, 10) if fp8 else ())
+    go = prepare(_prefill_kernel, grid, consts, check)
+    empty, lse_shape, f32 = torch.empty, shape[:2], torch.float32
+
+    def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
+            block_table=None, window_left=-1, softcap=0.0, sinks=None, k_scale=None,
+            v_scale=None, return_lse=False):
+        out = empty(shape, dtype=dtype, device=device)
+        lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
+        go((q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_table if paged else cu_seqlens_k,
+            lse, sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q,
+            *scalars))
+        return (out, lse) if with_lse else out
+    return run

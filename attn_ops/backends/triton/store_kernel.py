@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import INTERPRET, device_sm_count, next_pow2
-from attn_ops.backends.triton.launch import launch
+from attn_ops.backends.triton.launch import launch, prepare
 
 # Elements per tensor per program: 8192 bf16 = 16 KB, i.e. 4 x 16-byte loads per thread at 8
 # warps. Fewer, larger programs matter at T = 65536 (65536 one-token programs leave the copy
@@ -118,21 +118,55 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
+    grid, consts, scalars = _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale)
+    if k_scale is not None:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        scale_strides = (_head_stride(k_scale), _head_stride(v_scale))
+    else:
+        k_scale = v_scale = slot_mapping  # unread placeholders (FP8 is a constexpr)
+        scale_strides = (0, 0)
+    launch(_store_kvcache_kernel, grid, key, value, k_cache, v_cache, slot_mapping, *scalars,
+           k_scale, v_scale, *scale_strides, **consts)
+
+
+def _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale):
+    """(grid, constexprs and options, the arguments between the 5 leading pointers and the
+    scales) of one store launch."""
+    num_tokens = key.shape[0]
     head_dim = k_cache.shape[3]
     row = k_cache.shape[2] * head_dim
     block_t, warps = launch_config(num_tokens, row, key.device)
     fp8 = k_scale is not None
-    if fp8:
-        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    else:
-        k_scale = v_scale = slot_mapping  # unread placeholders (FP8 is a constexpr)
-    launch(_store_kvcache_kernel, (triton.cdiv(num_tokens, block_t),),
-        key, value, k_cache, v_cache, slot_mapping, num_tokens, slot_mapping.stride(0),
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3],
-        k_scale, v_scale, _head_stride(k_scale) if fp8 else 0, _head_stride(v_scale) if fp8 else 0,
+    # A uint8 view of an FP8 cache (what the kernel stores through) has the cache's strides.
+    scalars = (num_tokens, slot_mapping.stride(0), key.stride(0), key.stride(1), value.stride(0),
+               value.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3])
+    return ((triton.cdiv(num_tokens, block_t),), dict(
         HEAD_DIM=head_dim, ROW=row, ROW_P2=next_pow2(row), PAGE=k_cache.shape[1],
-        BLOCK_T=block_t, FP8=fp8, num_warps=warps)
+        BLOCK_T=block_t, FP8=fp8, num_warps=warps), scalars)
+
+
+def bind_store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """:func:`store_kvcache` for the call signature of these arguments: grid, constexprs and
+    every non-pointer argument computed once; the function returned only launches."""
+    if key.shape[0] == 0:
+        return store_kvcache  # nothing to launch
+    grid, consts, scalars = _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale)
+    # Alignment checked per call: the five leading tensors (the scales too with FP8).
+    go = prepare(_store_kvcache_kernel, grid, consts, None if k_scale is not None else
+                 (0, 1, 2, 3, 4))
+    if k_scale is not None:
+        strides = (_head_stride(k_scale), _head_stride(v_scale))
+        u8 = torch.uint8
+
+        def store_fp8(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+            go((key, value, k_cache.view(u8), v_cache.view(u8), slot_mapping, *scalars,
+                k_scale, v_scale, *strides))
+        return store_fp8
+
+    def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+        go((key, value, k_cache, v_cache, slot_mapping, *scalars, slot_mapping, slot_mapping,
+            0, 0))
+    return store
 
 
 def _head_stride(scale: torch.Tensor) -> int:

@@ -32,10 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.launch import launch
-
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
-                                             next_pow2, result, semaphores, softcap_constants)
+                                             next_pow2, result)
 from attn_ops.backends.triton.softmax import attend, finish, kv_scales, merge_if_last, store_lse
 
 
@@ -362,43 +360,11 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
 
 def _launch(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,
             decode, causal, paged, window_left, softcap, config, splits, ex):
-    total_q, num_heads, head_dim = q.shape
-    if paged:
-        page, num_kv_heads = k.shape[1], k.shape[2]
-        kv_strides = (*k.stride()[:3], *v.stride()[:3])
-        table_strides = table.stride()
-    else:
-        page, num_kv_heads = 1, k.shape[1]
-        kv_strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
-        table, table_strides = cu_k, (0, 0)  # unused pointer argument
-    splits, grid, consts, merge = _plan(
-        total_q, num_seqs, num_heads, num_kv_heads, head_dim, int(max_seqlen_q), capacity,
-        q.dtype, q.device, decode, bool(causal), paged, page, window_left >= 0, softcap > 0,
-        None if config is None else Config(*config), splits)
-    part_rows = total_q * num_heads
-    if splits == 1:
-        o_part = lse_part = out  # unused pointer arguments
-    else:
-        o_part = torch.empty((splits, part_rows, head_dim), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((splits, part_rows), dtype=torch.float32, device=q.device)
-    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
-    stride_cq = 0 if decode else cu_q.stride(0)
-    stride_ck = 0 if decode else cu_k.stride(0)
-    stride_sl = seqlens.stride(0) if decode else 0
-    fused = consts["FUSED"]
-    sema = semaphores(grid[0] * grid[1], q.device) if fused else cu_q  # unused when not fused
-    launch(
-        _unified_kernel, grid, q, k, v, out, o_part, lse_part, sema, cu_q, cu_k, seqlens, table,
-        *ex.pointers, q.stride(0), q.stride(1),
-        *kv_strides, out.stride(0), out.stride(1), stride_cq, stride_ck, stride_sl,
-        *table_strides, *ex.strides, total_q, num_seqs, splits, qk_scale, cap_log2, cap_inv,
-        window_left, **consts, **ex.flags)
-    if splits > 1 and not fused:
-        launch(_merge_kernel, (part_rows,), o_part, lse_part, out, cu_q, *ex.pointers[:2],
-               splits, part_rows, out.stride(0), out.stride(1), stride_cq, ex.strides[0],
-               num_seqs, **merge, HAS_SINKS=ex.flags["HAS_SINKS"],
-               WITH_LSE=ex.flags["WITH_LSE"])
-    return result(out, ex)
+    """Plan, partials and launches: :func:`.unified_launch.run` (the host side, kept apart)."""
+    from attn_ops.backends.triton import unified_launch
+    return unified_launch.run(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q,
+                              capacity, scale, decode, causal, paged, window_left, softcap,
+                              config, splits, ex)
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

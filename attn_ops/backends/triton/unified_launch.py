@@ -1,0 +1,127 @@
+"""Host side of the unified kernel's launches (:mod:`.unified_kernel`): the arguments of one
+launch, the launch itself for the wrapper functions, and :func:`bind_prefill`, the launch bound
+to one call signature that the Triton backend's ``bind()`` uses for the prefills the unified
+kernel serves.
+
+Imported by the kernel module when it is first used; it reads the kernels and the plan through
+that module at call time (the two import each other).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attn_ops.backends.triton import unified_kernel as uk
+from attn_ops.backends.triton.common import result, semaphores, softcap_constants
+from attn_ops.backends.triton.launch import launch, prepare
+
+
+def launch_args(q, k, v, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,
+                decode, causal, paged, window_left, softcap, config, splits, out_strides, ex):
+    """Everything of the launches but the tensors: ``(splits, grid, constexprs of the main
+    kernel, its arguments after the 15 pointers, constexprs of the merge kernel, its arguments
+    after the 6 pointers)``, and the table pointer (the block table, or cu_k standing in)."""
+    total_q, num_heads, head_dim = q.shape
+    if paged:
+        page, num_kv_heads = k.shape[1], k.shape[2]
+        kv_strides = (*k.stride()[:3], *v.stride()[:3])
+        table_strides = table.stride()
+    else:
+        page, num_kv_heads = 1, k.shape[1]
+        kv_strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
+        table, table_strides = cu_k, (0, 0)  # unused pointer argument
+    splits, grid, consts, merge = uk._plan(
+        total_q, num_seqs, num_heads, num_kv_heads, head_dim, int(max_seqlen_q), capacity,
+        q.dtype, q.device, decode, bool(causal), paged, page, window_left >= 0, softcap > 0,
+        None if config is None else uk.Config(*config), splits)
+    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
+    stride_cq = 0 if decode else cu_q.stride(0)
+    stride_ck = 0 if decode else cu_k.stride(0)
+    stride_sl = seqlens.stride(0) if decode else 0
+    scalars = (q.stride(0), q.stride(1), *kv_strides, out_strides[0], out_strides[1], stride_cq,
+               stride_ck, stride_sl, *table_strides, *ex.strides, total_q, num_seqs, splits,
+               qk_scale, cap_log2, cap_inv, window_left)
+    merge_scalars = (splits, total_q * num_heads, out_strides[0], out_strides[1], stride_cq,
+                     ex.strides[0], num_seqs)
+    merge = dict(merge, HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
+    return splits, grid, {**consts, **ex.flags}, scalars, merge, merge_scalars, table
+
+
+def run(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,
+        decode, causal, paged, window_left, softcap, config, splits, ex):
+    """The wrappers' launch (unified_kernel.prefill / decode): plan, partials, launches."""
+    splits, grid, consts, scalars, merge, merge_scalars, table = launch_args(
+        q, k, v, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale, decode,
+        causal, paged, window_left, softcap, config, splits, out.stride(), ex)
+    total_q, num_heads, head_dim = q.shape
+    if splits == 1:
+        o_part = lse_part = out  # unused pointer arguments
+    else:
+        o_part = torch.empty((splits, total_q * num_heads, head_dim), dtype=torch.float32,
+                             device=q.device)
+        lse_part = torch.empty((splits, total_q * num_heads), dtype=torch.float32,
+                               device=q.device)
+    fused = consts["FUSED"]
+    sema = semaphores(grid[0] * grid[1], q.device) if fused else cu_q  # unused when not fused
+    launch(uk._unified_kernel, grid, q, k, v, out, o_part, lse_part, sema, cu_q, cu_k, seqlens,
+           table, *ex.pointers, *scalars, **consts)
+    if splits > 1 and not fused:
+        launch(uk._merge_kernel, (total_q * num_heads,), o_part, lse_part, out, cu_q,
+               *ex.pointers[:2], *merge_scalars, **merge)
+    return result(out, ex)
+
+
+def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                 causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
+                 k_scale=None, v_scale=None, return_lse=False):
+    """unified_kernel.prefill (default tables, no overrides) for the call signature of these
+    arguments: plan and every non-pointer argument computed once (see
+    decode_kernel.bind_decode); the function returned allocates the outputs, the split
+    partials, takes the semaphores of the current stream, and launches."""
+    total_q, num_heads, head_dim = q.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    paged = block_table is not None
+    if total_q == 0 or k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
+        return uk.prefill  # nothing to launch: the wrapper's host-side result
+    ex = uk.extras(q, k, sinks, k_scale, v_scale, return_lse)
+    capacity = int(max_seqlen_k)
+    if paged:
+        capacity = min(capacity, block_table.shape[1] * k.shape[1])
+    shape, dtype, device = q.shape, q.dtype, q.device
+    splits, grid, consts, scalars, merge_consts, merge_scalars, _ = launch_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table, num_seqs, max_seqlen_q,
+        capacity, scale, False, causal, paged, window_left, softcap, None, None,
+        torch.empty(shape, device="meta").stride(), ex)
+    fused = consts["FUSED"]
+    merge = splits > 1 and not fused
+    has_sinks, fp8, with_lse = consts["HAS_SINKS"], consts["FP8"], consts["WITH_LSE"]
+    # Alignment checked per call: the caller's tensors (out, lse, partials and semaphores are
+    # fresh allocations; q and cu_seqlens_q stand in for what is absent).
+    check = ((0, 1, 2, 7, 8) + ((10,) if paged else ()) + ((12,) if has_sinks else ())
+             + ((13, 14) if fp8 else ()))
+    go = prepare(uk._unified_kernel, grid, consts, check)
+    go_merge = prepare(uk._merge_kernel, (total_q * num_heads,), merge_consts,
+                       (3,) + ((5,) if has_sinks else ())) if merge else None
+    part_shape, lse_part_shape = ((splits, total_q * num_heads, head_dim),
+                                  (splits, total_q * num_heads))
+    empty, lse_shape, f32, sema_count = torch.empty, shape[:2], torch.float32, grid[0] * grid[1]
+
+    def bound(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+              causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
+              k_scale=None, v_scale=None, return_lse=False):
+        out = empty(shape, dtype=dtype, device=device)
+        lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
+        if splits == 1:
+            o_part = lse_part = out  # unused pointer arguments
+        else:
+            o_part = empty(part_shape, dtype=f32, device=device)
+            lse_part = empty(lse_part_shape, dtype=f32, device=device)
+        sink = sinks if has_sinks else q
+        go((q, k, v, out, o_part, lse_part,
+            semaphores(sema_count, device) if fused else cu_seqlens_q, cu_seqlens_q,
+            cu_seqlens_k, cu_seqlens_q, block_table if paged else cu_seqlens_k, lse, sink,
+            k_scale if fp8 else q, v_scale if fp8 else q, *scalars))
+        if merge:
+            go_merge((o_part, lse_part, out, cu_seqlens_q, lse, sink, *merge_scalars))
+        return (out, lse) if with_lse else out
+    return bound

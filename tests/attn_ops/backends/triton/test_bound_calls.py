@@ -1,0 +1,193 @@
+"""The Triton backend's per-signature functions (``bind(config)``: plan once, then allocate and
+launch): the op path uses them, they write exactly what the plain kernel wrappers write, and a
+new signature gets a new plan.
+
+Interpreter tests (CI) compare bit for bit with the wrappers called with poisoned ``out``; the
+bound functions' own allocations are poisoned too (``torch.empty`` patched while they bind), so
+an element they leave unwritten shows as NaN. Marked ``cuda``: the same on the GPU, where the
+launches go through the compiled launchers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import attn_ops  # noqa: E402,F401  (registers torch.ops.attn)
+from attn_ops import registry  # noqa: E402
+from attn_ops.backends import triton as backend  # noqa: E402
+from attn_ops.backends.triton import launch  # noqa: E402
+from tests.support.helpers import cu_seqlens, poisoned, random_paged  # noqa: E402
+
+_real_empty = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    t = _real_empty(*args, **kwargs)
+    if t.device.type != "meta":
+        t.fill_(float("nan") if t.is_floating_point() else -7)
+    return t
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """torch.empty returns NaN-filled (integers: -7) tensors; the memo starts empty."""
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    registry.clear_cache()
+    yield
+    registry.clear_cache()
+
+
+def _equal(a, b):
+    assert not torch.isnan(a).any()
+    assert torch.equal(a, b)
+
+
+def _decode_args(device, batch=3, lens=(5, 13, 1), h=6, hkv=2, d=24, **kw):
+    torch.manual_seed(batch)
+    pb = random_paged(list(lens)[:batch], hkv, d, 4, torch.float32, device=device)
+    q = torch.randn(batch, h, d, device=device)
+    seqlens = torch.tensor(list(lens)[:batch], dtype=torch.int32, device=device)
+    return (q, pb.k_cache, pb.v_cache, seqlens, pb.block_table, 0.3), kw
+
+
+def _prefill_args(device, lens=(4, 9), h=6, hkv=2, d=24, pad=3):
+    """A dense varlen prefill whose last ``pad`` rows belong to no sequence (padding)."""
+    torch.manual_seed(len(lens))
+    total = sum(lens) + pad
+    q = torch.randn(total, h, d, device=device)
+    k = torch.randn(total, hkv, d, device=device)
+    cu = cu_seqlens(list(lens), device=device)
+    return (q, k, k * 0.5, cu, cu, max(lens), max(lens), 0.3)
+
+
+def _run_op(op, args, **kw):
+    with attn_ops.use_backend("triton"):
+        return getattr(torch.ops.attn, op)(*args, **kw)
+
+
+@pytest.mark.parametrize("extras", ["plain", "sinks_lse", "window_softcap"])
+def test_op_path_decode_is_the_bound_function_and_equals_the_wrapper(poison, extras):
+    from attn_ops.backends.triton import decode_kernel
+    args, _ = _decode_args("cpu")
+    kw, op = {}, "decode"
+    if extras == "sinks_lse":
+        kw, op = {"sinks": torch.randn(6)}, "decode_with_lse"
+    elif extras == "window_softcap":
+        args = args + (4, 5.0)
+    before = launch.stats["bound"]
+    outs = [_run_op(op, args, **kw) for _ in range(2)]
+    assert launch.stats["bound"] == before + 2
+    ref_out = poisoned(args[0].shape, args[0].dtype)
+    lse = poisoned(args[0].shape[:2], torch.float32) if op == "decode_with_lse" else None
+    ref = decode_kernel.decode(*args, **kw, return_lse=lse is not None, out=ref_out, lse=lse)
+    for out in outs:
+        for a, b in zip(out if lse is not None else [out], ref if lse is not None else [ref]):
+            _equal(a, b)
+
+
+def test_op_path_prefill_and_store_are_bound_and_equal_the_wrappers(poison):
+    from attn_ops.backends.triton import store_kernel, unified_kernel
+    args = _prefill_args("cpu")
+    before = launch.stats["bound"]
+    out = _run_op("prefill", args)
+    out2, lse = _run_op("prefill_with_lse", args)
+    ref, ref_lse = unified_kernel.prefill(*args, return_lse=True, out=poisoned(
+        args[0].shape, args[0].dtype), lse=poisoned(args[0].shape[:2], torch.float32))
+    for a, b in ((out, ref), (out2, ref), (lse[:13], ref_lse[:13])):
+        _equal(a, b)
+    assert torch.equal(out[13:], torch.zeros_like(out[13:]))  # padding rows zeroed
+    key = torch.randn(13, 2, 24)
+    slots = torch.randperm(40)[:13]
+    slots[[3, 7]] = -1  # padding tokens
+    caches = [torch.randn(10, 4, 2, 24) for _ in range(2)]
+    mine, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+    _run_op("store_kvcache", (key, key * 2, *mine, slots))
+    store_kernel.store_kvcache(key, key * 2, *theirs, slots)
+    assert launch.stats["bound"] == before + 3
+    for a, b in zip(mine, theirs):
+        _equal(a, b)
+    assert not torch.equal(mine[0], caches[0])
+
+
+def test_the_plan_is_made_once_per_signature_and_again_for_a_new_one(poison, monkeypatch):
+    """Same signature: one bind, whatever the data; another batch, or another block-table
+    stride, binds again, and every output matches the wrapper (a stale plan would not)."""
+    from attn_ops.backends.triton import decode_kernel
+    binds = []
+    real = decode_kernel.bind_decode
+    monkeypatch.setattr(decode_kernel, "bind_decode",
+                        lambda *a, **k: binds.append(a[0].shape) or real(*a, **k))
+    wide = _decode_args("cpu")[0]
+    table = wide[4]
+    strided = torch.full((table.shape[0], 2 * table.shape[1]), -7, dtype=table.dtype)
+    strided[:, ::2] = table
+    cases = [_decode_args("cpu")[0], _decode_args("cpu")[0], _decode_args("cpu", batch=2)[0],
+             wide[:4] + (strided[:, ::2],) + wide[5:]]
+    for args in cases:
+        _equal(_run_op("decode", args), decode_kernel.decode(*args))
+    assert len(binds) == 3 and binds[1][0] == 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bound_decode_with_splits_equals_the_wrapper(poison, monkeypatch, fused):
+    """Split-KV (partials, semaphores or the merge launch) through the bound function."""
+    from attn_ops.backends.triton import decode_kernel
+    monkeypatch.setattr(decode_kernel, "_MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(decode_kernel, "FUSED_MERGE", fused)
+    decode_kernel._plan.cache_clear()
+    try:
+        args, _ = _decode_args("cpu", batch=2, lens=(37, 50))
+        assert decode_kernel._plan(2, 6, 2, 24, 4, args[4].shape[1], torch.float32,
+                                   args[0].device, False, False, None, None, fused,
+                                   torch.float32, True)[0] > 1
+        run = decode_kernel.bind_decode(*args, return_lse=True)
+        for _ in range(2):
+            out, lse = run(*args, return_lse=True)
+            ref, ref_lse = decode_kernel.decode(*args, return_lse=True, fused=fused)
+            _equal(out, ref)
+            _equal(lse, ref_lse)
+    finally:
+        decode_kernel._plan.cache_clear()
+
+
+def test_bound_prefill_kernel_equals_the_wrapper(poison):
+    """The FA2-style prefill kernel's bound function (the op path picks it for long prompts)."""
+    from attn_ops.backends.triton import prefill_kernel
+    args = _prefill_args("cpu")
+    sinks = torch.randn(6)
+    run = prefill_kernel.bind_prefill(*args, sinks=sinks, return_lse=True)
+    out, lse = run(*args, sinks=sinks, return_lse=True)
+    ref, ref_lse = prefill_kernel.prefill(*args, sinks=sinks, return_lse=True)
+    _equal(out, ref)
+    _equal(lse[:13], ref_lse[:13])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["store_kvcache", "decode", "prefill"])
+def test_bound_calls_on_the_gpu_go_direct_and_equal_the_wrappers(op, poison, monkeypatch):
+    """CUDA: from the second call on the bound function launches through the compiled
+    launcher (stats["direct"]), bit for bit what the wrapper writes through kernel[grid]."""
+    from attn_ops.backends.triton import decode_kernel, store_kernel, unified_kernel
+    outs, direct = [], launch.stats["direct"]
+    for _ in range(3):
+        if op == "decode":
+            args, _ = _decode_args("cuda")
+            outs.append((_run_op("decode", args), lambda a=args: decode_kernel.decode(*a)))
+        elif op == "prefill":
+            args = _prefill_args("cuda")
+            outs.append((_run_op("prefill", args), lambda a=args: unified_kernel.prefill(*a)))
+        else:
+            key = torch.randn(13, 2, 24, device="cuda")
+            slots = torch.randperm(40, device="cuda")[:13]
+            caches = [torch.randn(10, 4, 2, 24, device="cuda") for _ in range(2)]
+            mine = [c.clone() for c in caches]
+            _run_op("store_kvcache", (key, key, *mine, slots))
+            outs.append((mine[0], lambda k=key, c=caches, s=slots: (
+                store_kernel.store_kvcache(k, k, *c, s), c[0])[1]))
+    assert launch.stats["direct"] > direct
+    monkeypatch.setattr(launch, "enabled", False)
+    for mine, plain in outs:
+        _equal(mine, plain())
