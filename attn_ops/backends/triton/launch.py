@@ -37,6 +37,11 @@ n-th launch of the signature's first call after checking only what metadata cann
 kernel, the grid, the argument count, and that every tensor address is still a multiple of 16
 (one generated expression). Any mismatch takes the keyed path above.
 
+The Triton backend's ``bind()`` goes one step further (:func:`prepare`): it plans a call
+signature once, so each of its launches has every non-pointer argument, the grid and the
+constexprs fixed; a prepared launch then checks the current device and the alignment of the
+caller's tensors only, and calls the launcher (~1.5 us of Python on the development CPU).
+
 Under the interpreter (``TRITON_INTERPRET=1``, CPU tensors) there is no compiled launcher: every
 call is ``kernel[grid](...)``.
 

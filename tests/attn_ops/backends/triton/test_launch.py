@@ -243,3 +243,25 @@ def test_bound_launch_equals_triton_launch_on_the_gpu(op, monkeypatch):
     for a, b in zip(out_bound, out_plain):
         assert torch.equal(a, b)
     assert launch.stats["direct"] > 0
+
+
+def test_a_prepared_launch_goes_direct_and_checks_only_the_given_tensors(fake):
+    """launch.prepare: first call through Triton, then the launcher with every parameter in
+    order; a misaligned checked tensor, a device change or a hook leave the direct path."""
+    kernel, log, runtime = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    go = launch.prepare(kernel, (3,), dict(BLOCK=32, num_warps=4), check=(0,))
+    go((x, y, 5, 0.5, True))
+    go((torch.zeros(64), y, 5, 0.5, True))
+    assert [e[0] for e in log] == ["triton", "direct"]
+    assert log[1] == ("direct", 3, 1, 1, "stream0", "function", "packed", None, None, None,
+                      log[1][10], y, 5, 0.5, True, 32, "a")
+    go((torch.zeros(65)[1:], y, 5, 0.5, True))  # the checked tensor misaligned: keyed path
+    assert log[-1][0] == "triton"
+    runtime.launch_enter_hook = _HookChain([print])
+    go((x, y, 5, 0.5, True))
+    assert log[-1][0] == "direct" and log[-1][7] == ("meta", (3,), 7)
+    runtime.launch_enter_hook = _HookChain()
+    launch._driver = (lambda: 1, launch._driver[1], runtime)  # another current device
+    go((x, y, 5, 0.5, True))
+    assert log[-1][0] == "triton"
