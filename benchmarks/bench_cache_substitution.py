@@ -143,7 +143,7 @@ def graph_timer(fn, x, pos, device, warmup=3):
     for _ in range(warmup):
         out = fn(x, pos)
     if device != "cuda":
-        def run(p, reps=3):
+        def run(p, reps=15):
             pos.fill_(p)
             import time
             times = []
@@ -199,12 +199,15 @@ def main():
                    help="the attn backend the substitution uses (default: auto)")
     p.add_argument("--forms", nargs="+", default=["repeat_interleave", "enable_gqa"])
     p.add_argument("--positions", nargs="+", type=int, default=[512, 2048, 6144])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "cache_substitution.csv"))
     args = p.parse_args()
     import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     sizes = {  # h200: the shape, 4 layers of Llama-3-8B width, B 32, S_max 8192
