@@ -5,10 +5,11 @@ Both contenders are timed in the same process on the same inputs:
 * ``inductor``: ``torch.compile(model)`` -- Inductor lowers the model's attention as written
   (SDPA -> the fused CPU / flash kernel; hand-written -> its own fusions);
 * ``attn_ops``: ``torch.compile(model, backend="attn_ops")`` -- the same, with the attention
-  substituted by ``attn.prefill`` where "auto" has a backend faster than the original (on CPU
-  only the reference exists, so nothing is substituted and this equals ``inductor``);
-* ``attn_ops_ref`` (CPU): the substitution forced onto the reference backend
-  (``options={"attn_ops.attn_backend": "reference"}``), to show what it would cost.
+  substituted by ``attn.prefill`` where "auto" has a backend at least as fast as the original
+  (on CPU the sdpa backend, for cache-free prefill);
+* ``attn_ops_sdpa`` / ``attn_ops_ref`` (CPU): the substitution forced onto the sdpa / the
+  reference backend (``options={"attn_ops.attn_backend": ...}``), to show what each costs
+  (``--no-ref`` drops the slow reference).
 
 The model is Llama-shaped (RMSNorm, RoPE, GQA, SwiGLU) with random weights; ``--attention``
 selects how it writes attention: ``sdpa`` (``F.scaled_dot_product_attention(is_causal=True,
@@ -93,26 +94,33 @@ class Model(torch.nn.Module):
         return x
 
 
-def _time_ms(fns: dict, x, device: str, reps: int) -> dict:
-    """Median milliseconds per call of each function (warmed up).
+def _time_ms(fns: dict, x, device: str, reps: int) -> tuple[dict, dict]:
+    """Per contender: median ms per call (warmed up), and its median ratio to ``inductor``.
 
-    On CPU the contenders take turns call by call, so that load from other processes on the
-    machine falls on all of them alike; on CUDA each is timed by triton's do_bench.
+    On CPU the contenders take turns call by call, in an order that reverses every round, and
+    each ratio is the median over rounds of the round's own ``t / t_inductor``: the two calls
+    of a round run back to back, so load from other processes on a shared 2-core machine (which
+    moved the medians of one contender 3-10x between runs) falls on both alike. On CUDA each is
+    timed by triton's do_bench and the ratio is that of the medians.
     """
     for fn in fns.values():
         for _ in range(3):
             fn(x)
     if device == "cuda":
         import triton.testing
-        return {n: triton.testing.do_bench(lambda fn=fn: fn(x), return_mode="median")
-                for n, fn in fns.items()}
-    times = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, fn in fns.items():
+        times = {n: triton.testing.do_bench(lambda fn=fn: fn(x), return_mode="median")
+                 for n, fn in fns.items()}
+        return times, {n: times[n] / times["inductor"] for n in times if n != "inductor"}
+    samples = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            fn(x)
-            times[n].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(t) for n, t in times.items()}
+            fns[n](x)
+            samples[n].append((time.perf_counter() - t0) * 1e3)
+    ratios = {n: statistics.median(a / b for a, b in zip(samples[n], samples["inductor"]))
+              for n in fns if n != "inductor"}
+    return {n: statistics.median(t) for n, t in samples.items()}, ratios
 
 
 def main() -> None:
@@ -122,9 +130,13 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-ref", action="store_true", help="CPU: leave out attn_ops_ref")
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/...)")
     args = p.parse_args()
     cuda = args.device == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if cuda:  # ~1B-parameter-class layer shapes (D = 128, GQA 4:1), bf16
         cfg = dict(layers=4, hidden=2048, heads=16, kv_heads=4, ffn=5632)
         dtype, lengths, batch = torch.bfloat16, args.lengths or [512, 1024, 2048, 4096], 4
@@ -136,8 +148,11 @@ def main() -> None:
     model = Model(attention=args.attention, **cfg).to(args.device, dtype).eval()
     contenders = {"inductor": {}, "attn_ops": {"backend": "attn_ops"}}
     if not cuda:
-        contenders["attn_ops_ref"] = {"backend": "attn_ops",
-                                      "options": {"attn_ops.attn_backend": "reference"}}
+        contenders["attn_ops_sdpa"] = {"backend": "attn_ops",
+                                       "options": {"attn_ops.attn_backend": "sdpa"}}
+        if not args.no_ref:
+            contenders["attn_ops_ref"] = {"backend": "attn_ops",
+                                          "options": {"attn_ops.attn_backend": "reference"}}
     # Every (contender, length) pair is its own static-shape graph of one forward: lift
     # Dynamo's per-function limit (8) so that none of them silently falls back to eager.
     for knob in ("recompile_limit", "cache_size_limit"):
@@ -157,10 +172,10 @@ def main() -> None:
                 err = ((out - ref.float()).abs().max() / ref.float().abs().max()).item()
                 if not math.isfinite(err) or err > (3e-2 if dtype != torch.float32 else 1e-4):
                     raise SystemExit(f"{name} at S={s}: max relative error {err} vs eager")
-            times = _time_ms(compiled, x, args.device, args.reps)
-            row = dict(device=args.device, attention=args.attention, batch=batch, seq=s)
+            times, ratios = _time_ms(compiled, x, args.device, args.reps)
+            row = dict(device=args.device, attention=args.attention, batch=batch, seq=s,
+                       threads=torch.get_num_threads())
             row.update({f"{n}_ms": round(t, 4) for n, t in times.items()})
-            ratios = {n: times[n] / times["inductor"] for n in times if n != "inductor"}
             row.update({f"{n}_ratio": round(r, 3) for n, r in ratios.items()})
             rows.append(row)
             print(f"{args.device} {args.attention:5s} B={batch} S={s:5d}  " + "  ".join(

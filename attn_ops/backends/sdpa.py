@@ -14,15 +14,23 @@ masked NaN/Inf key would still reach its row (``NaN + -inf = NaN``) and a masked
 ``0 * NaN``: the shared tiles (:class:`~attn_ops.backends.reference.Tiles`) pad each sequence
 with its own last token and zero non-finite keys hidden by causality or a window, and rows that
 see a non-finite key or value come out NaN, as on the reference.
+
+Dense batches take no tiles (:func:`_dense_prefill`): when every sequence holds exactly
+``max_seqlen`` tokens, the THD q/k/v are free ``[B, S, H, D]`` views and one SDPA call on their
+transposes does the work, with ``is_causal`` (so the CPU kernel skips the blocks above the
+diagonal) and native GQA, writing a ``[B, S, H, D]`` output that is the ``[Tq, H, D]`` result.
+That is what a substituted model's cache-free prefill calls (graph_passes/rewrite/dense_prefill.py).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from attn_ops.backends.reference import (Tiles, _scatter_tokens, decode_tiles, prefill_tiles,
-                                         sees_bad, store_kvcache)
+from attn_ops.backends.reference import (Tiles, _on_host, _scatter_tokens, decode_tiles,
+                                         prefill_tiles, sees_bad, store_kvcache)
 
 name = "sdpa"
 
@@ -62,9 +70,107 @@ def _attend(tiles: Tiles, scale: float) -> torch.Tensor:
     return o.transpose(1, 2)
 
 
+# PyTorch's fused CPU kernel, which Inductor itself calls for SDPA on the CPU. Called directly
+# (not through F.scaled_dot_product_attention's choice) because the fast path relies on how it
+# applies is_causal: it writes -inf over the scores above the diagonal rather than adding a
+# mask, so a non-finite key hidden by causality never reaches a row (tests pin it).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _last(cu: torch.Tensor) -> int:
+    """``cu[-1]`` of a host tensor: through ``tolist`` for a short one (one call, ~13 us with the
+    caches cold after a matmul, where ``int(cu[-1])`` took 45: a select and an item)."""
+    return cu.tolist()[-1] if cu.shape[0] <= 64 else int(cu[-1])
+
+
+def _is_dense(q, k, cu_q, cu_k, mq: int, mk: int) -> bool:
+    """Every sequence has exactly ``mq`` queries and ``mk`` keys, read on the host (CPU only).
+
+    The shapes say ``Tq == B * mq`` and ``Tk == B * mk``; the lengths are at most the
+    ``max_seqlen`` bounds (a contract precondition) and sum to ``cu[-1]``, so ``cu[-1] == T``
+    leaves no length short of its bound. Shapes alone cannot say it (``cu_q = [0, 2, 4]`` with
+    ``Tq = 8``, ``mq = 4`` is two sequences of 2 and 4 rows owned by none), so the last offsets
+    are read: free for plain CPU tensors outside tracing (no device to wait for; a traced call
+    runs the fake kernel). Other devices take the tiles (there a read would be a device sync).
+    """
+    b = cu_q.shape[0] - 1
+    if b <= 0 or mq <= 0 or mk <= 0 or q.shape[0] != b * mq or k.shape[0] != b * mk:
+        return False
+    if not (q.is_cpu and cu_q.is_cpu and cu_k.is_cpu and type(cu_q) is torch.Tensor
+            and type(cu_k) is torch.Tensor and type(q) is torch.Tensor
+            and not torch.compiler.is_compiling()):
+        return False
+    return _last(cu_q) == q.shape[0] and (cu_k is cu_q or _last(cu_k) == k.shape[0])
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN/Inf in x (a host read: CPU only). One sum: every NaN/Inf makes it non-finite, and
+    so does a finite tensor summing past the dtype's range (then the caller merely takes a
+    slower path). fp16 sums in fp32 (its range ends at 65504); fp32/bf16 in their own dtype:
+    ``sum(dtype=float32)`` of an fp32 tensor took 78 us against 33 with the caches cold."""
+    total = x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum()
+    return math.isfinite(total.item())  # .item(): 20 us less than float(tensor) (cold)
+
+
+def _dense_prefill(q, k, v, cu_q, cu_k, mq, mk, scale, causal, window_left):
+    """The prefill of a dense batch on views (no gather, no scatter, no copy), or None.
+
+    q ``[B * mq, H, D]``, k/v ``[B * mk, Hkv, D]`` (any strides with a contiguous last dim) are
+    viewed as ``[B, S, H, D]`` and transposed for the kernel; its output, allocated in q's
+    ``[B, mq, H, D]`` memory order, reshapes to ``[Tq, H, D]`` as a view. Square causal goes as
+    ``is_causal`` (top-left = bottom-right when mq == mk): the CPU kernel skips the blocks above
+    the diagonal, about half the work at long lengths; a bottom-right causal with mq < mk, or a
+    window, as one ``[mq, mk]`` boolean mask shared by the batch. Every row sees a key.
+
+    Isolation (a key hidden from a row must not reach it, even NaN/Inf): with keys hidden
+    inside a sequence, the kernel still multiplies the zero weights of a hidden block's values
+    (``0 * NaN`` in ``p @ v`` inside the diagonal block), and an added mask lets a hidden
+    non-finite score through (``NaN + -inf``). So the values (and with a mask the keys too) are
+    checked by one sum each, a read of O(Tk * Hkv * D) against the O(mq * mk) attention; when
+    one is not finite (rare) the tiles run, which isolate it.
+    """
+    if _FLASH_CPU is None or not _is_dense(q, k, cu_q, cu_k, mq, mk):
+        return None
+    masked = window_left >= 0 or (causal and mq != mk)
+    if (causal or window_left >= 0) and mq > mk:
+        return None  # rows that see no key: the tiles zero them
+    if masked and not (_finite(k) and _finite(v)):
+        return None
+    if causal and not masked and mq > 1 and not _finite(v):
+        return None
+    b, h, d = cu_q.shape[0] - 1, q.shape[1], q.shape[2]
+    mask = None
+    if masked:
+        qi = torch.arange(mq, device=q.device)[:, None] + (mk - mq)  # query i is token i+mk-mq
+        kj = torch.arange(mk, device=q.device)[None, :]
+        keep = kj >= qi - window_left if window_left >= 0 else None
+        if causal:
+            keep = kj <= qi if keep is None else keep & (kj <= qi)
+        # The kernel takes an additive mask of q's dtype.
+        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+    o = _FLASH_CPU(_heads_major(q, b, mq), _heads_major(k, b, mk), _heads_major(v, b, mk), 0.0,
+                   causal and not masked, attn_mask=mask, scale=scale)[0]  # [B, H, mq, D]
+    if o.stride() == (mq * h * d, d, h * d, 1):  # the kernel wrote [B, mq, H, D] (q's order)
+        return o.as_strided((b * mq, h, d), (h * d, d, 1))
+    return o.transpose(1, 2).reshape(b * mq, h, d)
+
+
+def _heads_major(x: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """``x [B * s, heads, D]`` as the ``[B, heads, s, D]`` view SDPA takes: one as_strided (a
+    view and a transpose cost 20 us more per call of 3, with the caches cold after a matmul)."""
+    st = x.stride()
+    return x.as_strided((b, x.shape[1], s, x.shape[2]), (s * st[0], st[1], st[0], st[2]),
+                        x.storage_offset())
+
+
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
             block_table=None, window_left=-1, softcap=0.0):
     """As :func:`attn_ops.prefill`: q ``[Tq, H, D]`` -> ``[Tq, H, D]``."""
+    if block_table is None:
+        out = _dense_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, causal, window_left)
+        if out is not None:
+            return out
     tiles = prefill_tiles(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                           block_table, window_left)
     if tiles is None:
