@@ -165,7 +165,8 @@ def _bind_decode(*args, **kwargs):
 
 
 def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kwargs):
-    block_table = args[4] if len(args) > 4 else kwargs.get("block_table")
+    # args: max_seqlen_k, scale, causal, block_table, window_left, ... (prefill's order)
+    block_table = args[3] if len(args) > 3 else kwargs.get("block_table")
     num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
     if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
                            q.shape[1] // max(num_kv_heads, 1)):

@@ -191,3 +191,31 @@ def test_bound_calls_on_the_gpu_go_direct_and_equal_the_wrappers(op, poison, mon
     monkeypatch.setattr(launch, "enabled", False)
     for mine, plain in outs:
         _equal(mine, plain())
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_the_op_path_picks_the_kernel_the_wrapper_picks(monkeypatch, paged):
+    # a long dense prompt is the FA2-style prefill kernel's, as in backend.prefill; the bound
+    # path once read window_left as the block table, took every dense call for paged and sent
+    # 4 x 4096 to the unified kernel (347 vs 414 TFLOP/s on the H200)
+    from attn_ops.backends.triton import prefill_kernel, unified_launch
+    chosen = []
+    for module in (prefill_kernel, unified_launch):
+        monkeypatch.setattr(module, "bind_prefill",
+                            lambda *a, _m=module.__name__, **k: chosen.append(_m) or
+                            (lambda *a, **k: None))
+    lens, h, hkv, d = [1100, 1100], 4, 2, 16
+    q = torch.randn(sum(lens), h, d)
+    if paged:
+        batch = random_paged(lens, hkv, d, 16, torch.float32)
+        k, v, table = batch.k_cache, batch.v_cache, batch.block_table
+    else:
+        k = v = torch.randn(sum(lens), hkv, d)
+        table = None
+    cu = cu_seqlens(lens)
+    args = (q, k, v, cu, cu, 1100, 1100, 0.25, True, table, -1, 0.0)
+    fn = backend.bind(attn_ops.prefill_config(q, k, True, table, v=v))
+    fn(*args)
+    want = backend.use_unified_prefill(1100, q.shape[0], 2, h // hkv)
+    assert chosen == ["attn_ops.backends.triton." + ("unified_launch" if want else
+                                                      "prefill_kernel")]
