@@ -177,7 +177,7 @@ def growth(args, copy):
         }
         # FP8 tiles hold half the bytes: launch configs around fp8's row, each with the cache
         # widened to fp16 (the default) or to bf16 (kernel wrapper, not the op path)
-        for cfg in ((64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 3)):
+        for cfg in ((64, 4, 3), (128, 4, 3), (128, 4, 2, 128), (64, 4, 3, 128), (128, 8, 3)):
             for via in (True, False):
                 variants[f"fp8 config {cfg} via {'f16' if via else 'bf16'}"] = (
                     lambda *a, cfg=cfg, via=via: decode_kernel.decode(

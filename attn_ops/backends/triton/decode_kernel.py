@@ -154,10 +154,11 @@ def _merge_kernel(O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, num_splits, stride_ob
 
 
 class Config(NamedTuple):
-    """Launch parameters of stage 1."""
+    """Launch parameters of stage 1 (``maxnreg``: a register cap per thread, None: Triton's)."""
     block_n: int
     warps: int
     stages: int
+    maxnreg: int | None = None
 
 
 # Stage-1 programs to aim for, in multiples of the SM count, and the fewest keys worth a split.
@@ -174,7 +175,11 @@ _FUSED_MAX_SPLITS = 8
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
 # to bf16 (a longer conversion sequence per element on sm90, in the loop that must only load).
 FP8_VIA_F16 = True
-FP8_CONFIG = Config(128, 4, 3)
+# ncu (B 16, ctx 8192): at (128, 4, 3) the FP8 kernel holds 2 programs per SM (registers),
+# 12.5% occupancy, 43% of DRAM bandwidth, where bf16's (64, 4, 3) holds 4 at 86%. Capping the
+# registers at 128 with 2 stages: 114.2 vs 128.7 us at B 16 x 8192, 212.9 vs 236.4 at 64 x 4096
+# (1.14-1.15x bf16's speed; reproduce with bench_decode.py --growth).
+FP8_CONFIG = Config(128, 4, 2, 128)
 
 
 def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: int) -> int:
@@ -202,8 +207,7 @@ def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Confi
         return Config(32, 4, 2)
     if fp8:
         # An FP8 key row is half a bf16 one: twice the keys per tile keep as many bytes in
-        # flight. H200, B 16-128 x ctx 4096-8192: 0.89-1.04x bf16's time with (128, 4, 3)
-        # against 0.74-0.88x with bf16's row (BENCHMARKS.md, contract growth).
+        # flight (see FP8_CONFIG for the measurements).
         return FP8_CONFIG
     # 64 keys x 4 warps x 3 stages: best or within 2% of the best of 10 variants on every swept
     # shape (graph-timed, H100); 8 warps cost 3-17%, 128 keys 1-11%; an evict_first hint on the
@@ -228,7 +232,8 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
                   PAGE=page, BLOCK_N=cfg.block_n, DIRECT=splits == 1, SOFTCAP=softcap,
                   WINDOW=window, FUSED=fused and 1 < splits <= _FUSED_MAX_SPLITS,
                   DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages,
-                  FP8_VIA_F16=fp8 and fp8_via_f16 and dtype == torch.bfloat16)
+                  FP8_VIA_F16=fp8 and fp8_via_f16 and dtype == torch.bfloat16,
+                  **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
                   num_warps=4)
     return splits, (splits, num_kv_heads, batch), (batch * num_heads,), stage1, stage2
