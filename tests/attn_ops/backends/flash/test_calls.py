@@ -223,13 +223,19 @@ def _gpu_lse_check(p, op, call, **cfg):
 
 
 @pytest.mark.cuda
-def test_gpu_prefill_with_lse(gpu_provider):
-    lens_q, lens_k = [13, 0, 5, 123, 2], [13, 0, 0, 300, 1]
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_prefill_with_lse(gpu_provider, causal):
+    # causal: every query is among the last lq of its lk keys (the contract's rule), so only the
+    # padded tail sees no key; not causal: a sequence with queries and no keys too
+    lens_q = [13, 0, 5, 123, 2]
+    lens_k = [13, 0, 5, 300, 2] if causal else [13, 0, 0, 300, 1]
     q = torch.randn(sum(lens_q) + 3, 8, 128, dtype=torch.bfloat16, device=CUDA)
     k = torch.randn(sum(lens_k), 2, 128, dtype=torch.bfloat16, device=CUDA)
     cq, ck = cu_seqlens(lens_q, CUDA), cu_seqlens(lens_k, CUDA)
     out, lse = _gpu_lse_check(gpu_provider, "prefill", lambda b: attn_ops.prefill_with_lse(
-        q, k, k, cq, ck, 123, 300, 0.09, True, backend=b))
+        q, k, k, cq, ck, 123, 300, 0.09, causal, backend=b))
+    if not causal:
+        assert out[13:18].abs().sum() == 0 and torch.isneginf(lse[13:18]).all()
     assert out[-3:].abs().sum() == 0 and torch.isneginf(lse[-3:]).all()
 
 
