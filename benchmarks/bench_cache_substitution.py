@@ -186,7 +186,8 @@ def count_decode_calls(fn, x, pos) -> int:
         fn(x, pos)
     events = prof.key_averages()
     calls = sum(e.count for e in events if e.key == "attn::decode")
-    return calls or sum(e.count for e in events if "_decode_split_kernel" in e.key)
+    return calls or sum(e.count for e in events if "_decode_split_kernel" in e.key
+                        and e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def main():
