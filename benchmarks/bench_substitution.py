@@ -182,7 +182,8 @@ def main() -> None:
                 f"{n} {t:9.3f} ms" for n, t in times.items()) + "  " + "  ".join(
                 f"{n}/inductor {r:.3f}" for n, r in ratios.items()), flush=True)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"substitution_{args.device}_{args.attention}.csv")
+                                   f"substitution_{args.device}_{args.attention}"
+                                   + (f"_t{args.threads}" if args.threads else "") + ".csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -35,11 +35,37 @@ def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool,
                     num_heads=int(q.shape[1]), causal=bool(causal), window_left=window_left)
 
 
-# Backends that run the ops with plain torch on padded tiles. Neither beats the attention it
-# would replace: on the benchmark model (benchmarks/bench_substitution.py, CPU, 2026-11-21) the
-# reference is 1.8-8.4x and the sdpa backend 1.3-1.5x slower than Inductor's own SDPA call (its
-# varlen boolean mask keeps PyTorch's CPU kernel from skipping causal blocks).
+# Backends that run the ops with plain torch. The reference never beats the attention it would
+# replace (fp32 scores, O(S^2) memory: 1.8-7.3x Inductor's time on the benchmark model). The
+# sdpa backend can on the CPU for a cache-free prefill, which the passes always emit dense
+# (every sequence S long): it runs PyTorch's fused CPU kernel, the one Inductor calls itself,
+# on views of q/k/v (attn_ops/backends/sdpa.py). What it adds is a fixed host cost per call
+# (the op's dispatch and Python, the non-finite check: ~0.1-0.2 ms with the caches cold after
+# the projections), so it wins only where the attention is large enough. Measured with
+# benchmarks/bench_substitution.py (Llama-style, 2 layers, hidden 256, 8/2 heads, D 32, fp32,
+# B=1, one thread; results/substitution_cpu_{sdpa,eager}_t1.csv, 2026-11-30), time over
+# Inductor's at S = 128 / 256 / 512 / 1024: a model written with SDPA 1.086 / 1.054 / 1.034 /
+# 1.012, one written by hand (HF eager) 1.062 / 0.948 / 0.830 / 0.544. Decode and paged prefill
+# on it still gather padded tiles: left alone until measured.
 _PURE_TORCH = ("reference", "sdpa")
+# Under "auto", the least attention work per call (B * H * Sq * Sk * D, the multiply-adds of
+# q k^T) for which a CPU prefill goes to the sdpa backend: S = 512 above (2^26) is the first
+# measured length within 3% of Inductor for both forms. Symbolic shapes are substituted (the
+# loss below the line is bounded by the fixed cost; the win above it grows with S).
+CPU_MIN_WORK = 1 << 26
+
+
+def _pure_torch_wins(name: str, config: OpConfig) -> bool:
+    """Whether backend ``name`` (a pure-torch one) can beat what it replaces under "auto"."""
+    return (name == "sdpa" and config.device.type == "cpu" and config.op == "prefill"
+            and not config.paged)
+
+
+def _auto_choice(config: OpConfig, choice: str | None) -> str | None:
+    """The backend "auto" would run ``config`` on, or None under an explicit choice."""
+    if (choice or registry.current_choice()) != "auto":
+        return None
+    return registry.select(config, "auto").name
 
 
 def backend_reason(config: OpConfig, choice: str | None, only_if_faster: bool = True) -> str | None:
@@ -47,8 +73,9 @@ def backend_reason(config: OpConfig, choice: str | None, only_if_faster: bool = 
 
     An explicit choice (option, ``use_backend``, ``ATTN_OPS_BACKEND``) is taken as asked, the
     reference included. Under "auto" the substitution must not make the model slower, so a
-    call that only the reference backend would serve (fp32 scores, O(S^2) memory; 1.7-10x slower
-    than PyTorch's fused CPU attention on the benchmark model) is left alone.
+    call that only the reference backend would serve (fp32 scores, O(S^2) memory; 2-9x slower
+    than PyTorch's fused CPU attention on the benchmark model), or the sdpa backend outside a
+    CPU cache-free prefill (padded tiles), is left alone.
     """
     choice = choice or registry.current_choice()
     if choice != "auto":
@@ -64,7 +91,7 @@ def backend_reason(config: OpConfig, choice: str | None, only_if_faster: bool = 
         except ImportError:
             continue
         if module.supports(config) is None:
-            if name in _PURE_TORCH and only_if_faster:
+            if name in _PURE_TORCH and only_if_faster and not _pure_torch_wins(name, config):
                 return (f"only a pure-torch backend ({name}) would run it on "
                         f"{config.device.type} "
                         f"(dtype {config.dtype}, head dim {config.head_dim}), slower than "
@@ -119,8 +146,18 @@ def refuse_reason(q, k, v, causal: bool, options: SubstitutionOptions,
         # Dense SDPA is_causal is top-left aligned, attn.prefill bottom-right: equal only when
         # Sq == Sk.
         return f"it is causal with Sq={sq} and Sk={k.shape[2]} not provably equal"
-    return backend_reason(_prefill_config(q, k, causal, window_left), options.backend_choice,
-                          options.only_if_faster is not False)
+    config = _prefill_config(q, k, causal, window_left)
+    only_if_faster = options.only_if_faster is not False
+    reason = backend_reason(config, options.backend_choice, only_if_faster)
+    if reason is None and only_if_faster and config.device.type == "cpu" and \
+            _auto_choice(config, options.backend_choice) in _PURE_TORCH:
+        work = q.shape[0] * q.shape[1] * sq * k.shape[2] * q.shape[3]
+        if statically_known_true(work < CPU_MIN_WORK):
+            return (f"on the CPU under 'auto' its attention is too small ({work} multiply-adds "
+                    f"of q k^T < {CPU_MIN_WORK}) for the sdpa backend to beat the attention it "
+                    f"replaces (the op's fixed host cost); choose attn_backend='sdpa' to "
+                    f"substitute anyway")
+    return reason
 
 
 def refuse_cache_reason(q, k, v, options: SubstitutionOptions,

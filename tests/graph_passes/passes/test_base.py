@@ -73,7 +73,7 @@ def test_a_changed_table_changes_the_decision_on_a_warm_cache(tmp_path, monkeypa
     from torch._inductor.utils import fresh_cache
     model = HandAttention().eval()
     x = torch.randn(2, 7, 64)
-    no_spy = _table(tmp_path / "sdpa.json", ["sdpa"])    # pure torch: left alone under auto
+    no_spy = _table(tmp_path / "ref.json", ["reference"])  # left alone under auto
     spy = _table(tmp_path / "spy.json", ["spy"])         # substituted, runs on the spy
     with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
         for table, substituted in ((no_spy, False), (no_spy, False), (spy, True), (spy, True),

@@ -6,6 +6,7 @@ tests/graph_passes/test_compile_backend.py covers the real Inductor path.
 """
 
 import logging
+import re
 
 import expecttest
 import pytest
@@ -23,8 +24,8 @@ PREFILL = torch.ops.attn.prefill.default
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
-    """CPU has only the reference backend, which "auto" does not substitute for (slower than
-    what it replaces); these tests choose it explicitly, as a user would to force it."""
+    """The tests run on the reference (the oracle), chosen explicitly as a user would; "auto"
+    on the CPU would choose the sdpa backend (tested below)."""
     monkeypatch.setenv("ATTN_OPS_BACKEND", "reference")
 
 
@@ -263,12 +264,83 @@ def test_without_gqa_folding_the_expanded_heads_reach_prefill():
     assert node.args[1].meta["val"].shape[1] == 4
 
 
-def test_auto_leaves_alone_what_only_the_reference_would_run(monkeypatch, caplog):
+def test_auto_substitutes_a_large_enough_cpu_prefill_on_sdpa(monkeypatch, caplog):
+    # The sdpa backend runs a dense cache-free prefill on views with PyTorch's fused CPU kernel,
+    # no slower than Inductor's own SDPA once the attention outweighs the op's fixed host cost
+    # (eligibility.CPU_MIN_WORK): "auto" substitutes from there on, and leaves smaller ones.
+    from graph_passes.rewrite import eligibility
     monkeypatch.delenv("ATTN_OPS_BACKEND")
+    model, x = SdpaAttention(gqa="sdpa").eval(), torch.randn(2, 5, 64)  # 2*4*5*5*16 = 3200
     with caplog.at_level(logging.DEBUG, logger="graph_passes"):
-        _, _, graphs = _run(SdpaAttention().eval(), torch.randn(2, 5, 64))
-    assert counters["graph_passes"]["sdpa_to_prefill"] == 0
-    assert "only a pure-torch backend (sdpa) would run it on cpu" in caplog.text
-    _, _, graphs = _run(SdpaAttention().eval(), torch.randn(2, 5, 64),
-                        options={"only_if_faster": False})
+        out, ref, graphs = _run(model, x)
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 0 and not _prefill_nodes(graphs["aten"])
+    assert "too small (3200 multiply-adds of q k^T < 67108864)" in caplog.text
+    monkeypatch.setattr(eligibility, "CPU_MIN_WORK", 3200)
+    out, ref, graphs = _run(model, x)
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 1 and _prefill_nodes(graphs["aten"])
+    assert_close(out, ref, *TOLERANCES[torch.float32])
+    _run(model, x, options={"attn_backend": "sdpa"})  # explicit: substituted whatever the size
     assert counters["graph_passes"]["sdpa_to_prefill"] == 1
+    monkeypatch.setattr(eligibility, "CPU_MIN_WORK", 3201)
+    _run(model, x, options={"only_if_faster": False})
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 1
+
+
+@pytest.mark.parametrize("config,reason", [
+    (dict(op="prefill"), None),
+    (dict(op="prefill", paged=True, block_size=16), "only a pure-torch backend (sdpa)"),
+    (dict(op="decode", paged=True, block_size=16), "only a pure-torch backend (sdpa)"),
+    (dict(op="prefill", softcap=5.0), "only a pure-torch backend (reference)"),
+    (dict(op="prefill", device=torch.device("meta")), "only a pure-torch backend (sdpa)"),
+])
+def test_auto_on_cpu_substitutes_only_where_a_pure_torch_backend_wins(config, reason):
+    from attn_ops.contract import OpConfig
+    from graph_passes.rewrite.eligibility import backend_reason
+    cfg = OpConfig(**{"device": torch.device("cpu"), "dtype": torch.float32, "head_dim": 64,
+                      "num_kv_heads": 2, "num_heads": 4, **config})
+    got = backend_reason(cfg, "auto")
+    assert got is None if reason is None else reason in got, got
+    assert backend_reason(cfg, "auto", only_if_faster=False) is None
+
+
+def test_inductor_passes_views_to_the_op_and_adds_no_copy():
+    """Under Inductor (CPU, sdpa backend) the op reads q, k, v where their producers wrote them
+    and its output feeds the output projection directly: the generated code has the same
+    kernels as Inductor's own SDPA version and only views around the op."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = SdpaAttention(h=4, hkv=2, d=16, gqa="sdpa").eval()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.o = model, torch.nn.Linear(64, 64, bias=False)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            return self.o(self.attn(x).transpose(1, 2).reshape(b, s, 64))
+
+    block, x = Block().eval(), torch.randn(2, 9, 64)
+    codes = {}
+    with torch.no_grad():
+        for name, kw in (("inductor", {}), ("attn_ops", {
+                "backend": "attn_ops", "options": {"attn_ops.attn_backend": "sdpa"}})):
+            torch._dynamo.reset()
+            out, (code, *_) = run_and_get_code(torch.compile(block, **kw), x)
+            assert_close(out, block(x), *TOLERANCES[torch.float32], what=name)
+            codes[name] = code
+    code = codes["attn_ops"]
+    call = next(line for line in code.splitlines() if "torch.ops.attn.prefill.default(" in line)
+    # q, k, v: reinterpret_tensor views of buffers their producers wrote (no clone between).
+    assert call.count("reinterpret_tensor(") >= 3, call
+    for copy in ("clone", ".contiguous(", "copy_", "as_strided_scatter"):
+        assert copy not in code, copy
+
+    def kernels(text):
+        return re.findall(r"^ *(cpp_fused_\w+)\(([^)]*)\)", text, re.M)
+    # cu_seqlens (arange(B + 1) * S, int32) come from a small kernel of their own unless
+    # Inductor fuses them into a producer's; every other kernel is one Inductor's own SDPA
+    # version has too: none copies q, k, v or the output.
+    cu_args = set(re.findall(r"(buf\d+)", call.split("),")[-1])[:2])
+    ours = [k for k, args in kernels(code) if not set(args.replace(" ", "").split(",")) <= cu_args]
+    assert len(ours) == len(kernels(codes["inductor"])), (kernels(code), kernels(codes["inductor"]))
