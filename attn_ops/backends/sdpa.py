@@ -1,4 +1,5 @@
-"""sdpa backend: PyTorch's fused ``F.scaled_dot_product_attention`` on padded tiles, any device.
+"""sdpa backend: PyTorch's fused ``F.scaled_dot_product_attention``, any device: on views of
+q/k/v for a dense CPU prefill, else on padded tiles.
 
 The fast pure-torch backend, and "auto"'s choice on CPU. Variable-length and paged batches are
 gathered into padded ``[B, H, max_len, D]`` tiles exactly as the reference does (same helpers),
