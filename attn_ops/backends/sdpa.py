@@ -16,11 +16,15 @@ masked NaN/Inf key would still reach its row (``NaN + -inf = NaN``) and a masked
 with its own last token and zero non-finite keys hidden by causality or a window, and rows that
 see a non-finite key or value come out NaN, as on the reference.
 
-Dense batches take no tiles (:func:`_dense_prefill`): when every sequence holds exactly
-``max_seqlen`` tokens, the THD q/k/v are free ``[B, S, H, D]`` views and one SDPA call on their
-transposes does the work, with ``is_causal`` (so the CPU kernel skips the blocks above the
-diagonal) and native GQA, writing a ``[B, S, H, D]`` output that is the ``[Tq, H, D]`` result.
-That is what a substituted model's cache-free prefill calls (graph_passes/rewrite/dense_prefill.py).
+Dense CPU batches take no tiles (:func:`_dense_prefill`): when every sequence holds exactly
+``max_seqlen`` tokens (``cu_seqlens[-1]`` read on the host, free for CPU tensors), the THD q/k/v
+are free ``[B, S, H, D]`` views and one call of PyTorch's fused CPU kernel on their transposes
+does the work, with ``is_causal`` (so it skips the blocks above the diagonal) and native GQA,
+writing a ``[B, S, H, D]`` output that is the ``[Tq, H, D]`` result. That is what a substituted
+model's cache-free prefill calls (graph_passes/rewrite/dense_prefill.py). Its cost over the bare
+kernel is the op's host path plus one sum over v (and k with a mask) for the non-finite rule:
+on the 2-layer benchmark model (hidden 256, one thread) the sum costs ~2.5% of the forward at
+S = 128 and ~0.5% at S = 512.
 """
 
 from __future__ import annotations

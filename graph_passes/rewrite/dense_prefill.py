@@ -6,7 +6,12 @@ symbolic under dynamic shapes), ``max_seqlen = S``. q ``[B, H, Sq, D]`` becomes
 ``q.transpose(1, 2).reshape(B * Sq, H, D)`` (a view when q came from ``view(B, S, H, D)
 .transpose(1, 2)``, as in most models) and the output goes back the same way, as a
 ``[B, H, Sq, D]`` view of a ``[B, Sq, H, D]`` tensor, which is the layout the usual
-``out.transpose(1, 2).reshape(B, S, H * D)`` that follows wants.
+``out.transpose(1, 2).reshape(B, S, H * D)`` that follows wants. Under Inductor the THD views
+cost nothing: the op's inputs keep their traced strides, so RoPE's kernel writes q and k where
+the op reads them, v stays a strided view of the projection, and the output feeds the next
+matmul in place (checked on the generated code by
+tests/graph_passes/passes/test_sdpa_to_prefill.py); the one added kernel writes cu_seqlens,
+when Inductor does not fuse that into a producer.
 
 :func:`dense_prefill` is the eager form (the pattern passes trace it as their replacement);
 :func:`emit_dense_prefill` writes the same ops into an existing FX graph, in aten, with fake
