@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from attn_ops import ops as _ops  # noqa: F401  (registers torch.ops.attn.*)
-from attn_ops import registry
+from attn_ops.registry import call_under as _call  # op(*args) under backend=, as use_backend
 
 _STORE = torch.ops.attn.store_kvcache.default
 _PREFILL = torch.ops.attn.prefill.default
@@ -17,13 +17,6 @@ _DECODE = torch.ops.attn.decode.default
 _PREFILL_LSE = torch.ops.attn.prefill_with_lse.default
 _DECODE_LSE = torch.ops.attn.decode_with_lse.default
 _MERGE = torch.ops.attn.merge_states.default
-
-
-def _call(op, args, backend):
-    if backend is None:
-        return op(*args)
-    with registry.use_backend(backend):
-        return op(*args)
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,

@@ -285,13 +285,15 @@ def _check_scalars(scale, window_left, softcap) -> None:
 # Data checks (host sync; opt-in)
 # ---------------------------------------------------------------------------------------------
 
-_env_check = env.reader("ATTN_OPS_CHECK")
-_CHECK_OFF = (None, "", "0")
+# True when ATTN_OPS_CHECK is set to anything but "" or "0". The op path asks this first, on
+# every call (a dict lookup and a set test, not os.environ.get: see attn_ops.env), and calls
+# data_checks_enabled only when it says yes.
+data_checks_requested = env.switch("ATTN_OPS_CHECK", off=("", "0"))
 
 
 def data_checks_enabled(*tensors: torch.Tensor) -> bool:
     """True when ``ATTN_OPS_CHECK=1`` and the check can read real data without breaking a capture."""
-    if _env_check() in _CHECK_OFF:  # a dict lookup, not os.environ.get: see attn_ops.env
+    if not data_checks_requested():
         return False
     for t in tensors:
         if t is not None and (t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)):

@@ -41,3 +41,42 @@ def reader(name: str) -> Callable[[], str | None]:
         return value
 
     return read
+
+
+def switch(name: str, off: tuple[str, ...] = ("", "0")) -> Callable[[], bool]:
+    """A function returning True when variable ``name`` is set to a value not in ``off``.
+
+    One dict lookup and one set test on the raw value (no decoding): the op path asks it on
+    every call whether ``ATTN_OPS_CHECK`` is on, ~0.1 us instead of ~0.2 (CPU, 2026-11-30).
+    """
+    data = getattr(_ENVIRON, "_data", None)
+    encode = getattr(_ENVIRON, "encodekey", None)
+    encode_value = getattr(_ENVIRON, "encodevalue", None)
+    if not isinstance(data, dict) or encode is None or encode_value is None:
+        return lambda: os.environ.get(name) not in (None, *off)  # another Python
+    key = encode(name)
+    raw_off = frozenset([None, *(encode_value(v) for v in off)])
+
+    def on() -> bool:
+        if os.environ is not _ENVIRON:  # someone replaced os.environ wholesale
+            return os.environ.get(name) not in (None, *off)
+        return data.get(key) not in raw_off
+
+    return on
+
+
+def raw_reader(name: str) -> Callable[[], object]:
+    """A function returning variable ``name``'s value undecoded (bytes on POSIX; None: unset):
+    an equality key for a memo, one dict lookup with no decoding."""
+    data = getattr(_ENVIRON, "_data", None)
+    encode = getattr(_ENVIRON, "encodekey", None)
+    if not isinstance(data, dict) or encode is None:
+        return lambda: os.environ.get(name)  # another Python
+    key = encode(name)
+
+    def raw() -> object:
+        if os.environ is not _ENVIRON:  # someone replaced os.environ wholesale
+            return os.environ.get(name)
+        return data.get(key)
+
+    return raw

@@ -53,22 +53,22 @@ _LIB.define("merge_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b
             "-> (Tensor out, Tensor lse)")
 
 
-def _meta(t):
-    """The metadata of ``t`` that the checks and the choice read (None stays None).
-
-    The kernels spell it out inline for their required tensors: a Python call per tensor is
-    ~0.15 us of a ~10 us op path.
-    """
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
-
+# The memo's signature (see registry.lookup) holds what the tensor guard does not see: the op
+# name (which checks and which config), every scalar argument (each is checked, and the config
+# reads window_left, softcap and causal), which optional tensors were given (the checks, the
+# config's has_sinks / FP8, and the guard's arity), and the lead tensor's shape: not needed for
+# correctness (the guard checks it) but it keeps each dict entry to one signature when a serving
+# loop cycles through batch sizes. The guard covers every given tensor's shape, strides, dtype,
+# device, dispatch keys and requires_grad. Every tuple element is a cheap attribute read.
 
 _NO_EXTRAS: dict = {}
+_LSE = {"return_lse": True}
 
 
 def _extras(sinks, k_scale, v_scale, with_lse=False) -> dict:
     """The contract-growth arguments a backend receives, as keywords, only when used."""
-    if sinks is None and k_scale is None and v_scale is None and not with_lse:
-        return _NO_EXTRAS  # the common call: no new dict
+    if sinks is None and k_scale is None and v_scale is None:
+        return _LSE if with_lse else _NO_EXTRAS  # no new dict (the call unpacks a copy)
     kw = {}
     if sinks is not None:
         kw["sinks"] = sinks
@@ -79,9 +79,20 @@ def _extras(sinks, k_scale, v_scale, with_lse=False) -> dict:
     return kw
 
 
+def _given(tensors: tuple, optional: tuple) -> tuple[tuple, tuple]:
+    """``tensors`` plus the optional tensors given, and which were given (for the signature)."""
+    return (tensors + tuple(t for t in optional if t is not None),
+            tuple(t is not None for t in optional))
+
+
 def _lse_like(q: torch.Tensor) -> torch.Tensor:
     """An uninitialised float32 ``[rows, H]`` for the fake kernels (q ``[rows, H, D]``)."""
     return q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+_lookup = registry.lookup
+_decide = registry.decide
+_checks_requested = checks.data_checks_requested
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,18 +100,22 @@ def _lse_like(q: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _store_kvcache_kernel(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
-    run = registry.dispatch(
-        ("store_kvcache", key.shape, key.stride(), key.dtype, key.device, value.shape,
-         value.stride(), value.dtype, value.device, k_cache.shape, k_cache.stride(),
-         k_cache.dtype, k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype,
-         v_cache.device, slot_mapping.shape, slot_mapping.stride(), slot_mapping.dtype,
-         slot_mapping.device, _meta(k_scale), _meta(v_scale)),
-        lambda: checks.check_store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale,
-                                           v_scale),
-        lambda: contract.store_config(key, k_cache, slot_mapping, v_cache))
-    if checks.data_checks_enabled(slot_mapping):
+    tensors = (key, value, k_cache, v_cache, slot_mapping)
+    if k_scale is None and v_scale is None:
+        sig = ("store_kvcache", key.shape)
+        extras = _NO_EXTRAS
+    else:
+        tensors, given = _given(tensors, (k_scale, v_scale))
+        sig = ("store_kvcache", key.shape, given)
+        extras = {"k_scale": k_scale, "v_scale": v_scale}
+    run = _lookup(sig, tensors)
+    if run is None:
+        run = _decide(sig, tensors, lambda: checks.check_store_kvcache(
+            key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale),
+            lambda: contract.store_config(key, k_cache, slot_mapping, v_cache))
+    if _checks_requested() and checks.data_checks_enabled(slot_mapping):
         checks.check_slots_in_range(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
-    run(key, value, k_cache, v_cache, slot_mapping, **_extras(None, k_scale, v_scale))
+    run(key, value, k_cache, v_cache, slot_mapping, **extras)
 
 
 @torch.library.register_fake("attn::store_kvcache", lib=_LIB)
@@ -113,39 +128,42 @@ def _store_kvcache_fake(key, value, k_cache, v_cache, slot_mapping, k_scale=None
 # prefill, prefill_with_lse
 # ---------------------------------------------------------------------------------------------
 
-def _prefill(with_lse, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-             causal, block_table, window_left, softcap, sinks, k_scale, v_scale):
-    run = registry.dispatch(
-        ("prefill_with_lse" if with_lse else "prefill", q.shape, q.stride(), q.dtype, q.device,
-         k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(), v.dtype, v.device,
-         cu_seqlens_q.shape, cu_seqlens_q.stride(), cu_seqlens_q.dtype, cu_seqlens_q.device,
-         cu_seqlens_k.shape, cu_seqlens_k.stride(), cu_seqlens_k.dtype, cu_seqlens_k.device,
-         max_seqlen_q, max_seqlen_k, scale, causal, _meta(block_table), window_left, softcap,
-         _meta(sinks), _meta(k_scale), _meta(v_scale)),
-        lambda: checks.check_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, scale, causal, block_table, window_left,
-                                     softcap, sinks, k_scale, v_scale),
-        lambda: contract.prefill_config(q, k, causal, block_table, window_left, softcap, sinks,
-                                        with_lse, v))
-    if checks.data_checks_enabled(q, cu_seqlens_q):
-        checks.check_prefill_data(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  block_table, causal)
-    return run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-               block_table, window_left, softcap, **_extras(sinks, k_scale, v_scale, with_lse))
+def _prefill_kernel_for(with_lse: bool):
+    """The kernel of prefill (or prefill_with_lse): one Python frame per call, not two."""
+    op = "prefill_with_lse" if with_lse else "prefill"
+    plain = _LSE if with_lse else _NO_EXTRAS  # the keywords of a call with no optional tensor
+
+    def kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+               causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
+               k_scale=None, v_scale=None):
+        tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k)
+        if block_table is None and sinks is None and k_scale is None and v_scale is None:
+            sig = (op, q.shape, max_seqlen_q, max_seqlen_k, scale, causal, window_left, softcap)
+            extras = plain
+        else:
+            tensors, given = _given(tensors, (block_table, sinks, k_scale, v_scale))
+            sig = (op, q.shape, max_seqlen_q, max_seqlen_k, scale, causal, window_left, softcap,
+                   given)
+            extras = _extras(sinks, k_scale, v_scale, with_lse)
+        run = _lookup(sig, tensors)
+        if run is None:
+            run = _decide(sig, tensors, lambda: checks.check_prefill(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                block_table, window_left, softcap, sinks, k_scale, v_scale),
+                lambda: contract.prefill_config(q, k, causal, block_table, window_left, softcap,
+                                                sinks, with_lse, v))
+        if _checks_requested() and checks.data_checks_enabled(q, cu_seqlens_q):
+            checks.check_prefill_data(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, block_table, causal)
+        return run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                   causal, block_table, window_left, softcap, **extras)
+
+    kernel.__name__ = kernel.__qualname__ = f"_{op}_kernel"
+    return kernel
 
 
-def _prefill_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
-                    k_scale=None, v_scale=None):
-    return _prefill(False, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    scale, causal, block_table, window_left, softcap, sinks, k_scale, v_scale)
-
-
-def _prefill_with_lse_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, causal=True, block_table=None, window_left=-1, softcap=0.0,
-                             sinks=None, k_scale=None, v_scale=None):
-    return _prefill(True, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    scale, causal, block_table, window_left, softcap, sinks, k_scale, v_scale)
+_prefill_kernel = _prefill_kernel_for(False)
+_prefill_with_lse_kernel = _prefill_kernel_for(True)
 
 
 @torch.library.register_fake("attn::prefill", lib=_LIB)
@@ -166,35 +184,39 @@ def _prefill_with_lse_fake(*args):
 # decode, decode_with_lse
 # ---------------------------------------------------------------------------------------------
 
-def _decode(with_lse, q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap,
-            sinks, k_scale, v_scale):
-    run = registry.dispatch(
-        ("decode_with_lse" if with_lse else "decode", q.shape, q.stride(), q.dtype, q.device,
-         k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device, v_cache.shape,
-         v_cache.stride(), v_cache.dtype, v_cache.device, seqlens_k.shape, seqlens_k.stride(),
-         seqlens_k.dtype, seqlens_k.device, block_table.shape, block_table.stride(),
-         block_table.dtype, block_table.device, scale, window_left, softcap, _meta(sinks),
-         _meta(k_scale), _meta(v_scale)),
-        lambda: checks.check_decode(q, k_cache, v_cache, seqlens_k, block_table, scale,
-                                    window_left, softcap, sinks, k_scale, v_scale),
-        lambda: contract.decode_config(q, k_cache, window_left, softcap, sinks, with_lse,
-                                       v_cache))
-    if checks.data_checks_enabled(q, seqlens_k):
-        checks.check_decode_data(k_cache, seqlens_k, block_table)
-    return run(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap,
-               **_extras(sinks, k_scale, v_scale, with_lse))
+def _decode_kernel_for(with_lse: bool):
+    """The kernel of decode (or decode_with_lse): one Python frame per call, not two."""
+    op = "decode_with_lse" if with_lse else "decode"
+    plain = _LSE if with_lse else _NO_EXTRAS  # the keywords of a call with no optional tensor
+
+    def kernel(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
+               sinks=None, k_scale=None, v_scale=None):
+        tensors = (q, k_cache, v_cache, seqlens_k, block_table)
+        if sinks is None and k_scale is None and v_scale is None:
+            sig = (op, q.shape, scale, window_left, softcap)
+            extras = plain
+        else:
+            tensors, given = _given(tensors, (sinks, k_scale, v_scale))
+            sig = (op, q.shape, scale, window_left, softcap, given)
+            extras = _extras(sinks, k_scale, v_scale, with_lse)
+        run = _lookup(sig, tensors)
+        if run is None:
+            run = _decide(sig, tensors, lambda: checks.check_decode(
+                q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap, sinks,
+                k_scale, v_scale),
+                lambda: contract.decode_config(q, k_cache, window_left, softcap, sinks, with_lse,
+                                               v_cache))
+        if _checks_requested() and checks.data_checks_enabled(q, seqlens_k):
+            checks.check_decode_data(k_cache, seqlens_k, block_table)
+        return run(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap,
+                   **extras)
+
+    kernel.__name__ = kernel.__qualname__ = f"_{op}_kernel"
+    return kernel
 
 
-def _decode_kernel(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1,
-                   softcap=0.0, sinks=None, k_scale=None, v_scale=None):
-    return _decode(False, q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
-                   softcap, sinks, k_scale, v_scale)
-
-
-def _decode_with_lse_kernel(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1,
-                            softcap=0.0, sinks=None, k_scale=None, v_scale=None):
-    return _decode(True, q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
-                   softcap, sinks, k_scale, v_scale)
+_decode_kernel = _decode_kernel_for(False)
+_decode_with_lse_kernel = _decode_kernel_for(True)
 
 
 @torch.library.register_fake("attn::decode", lib=_LIB)
@@ -216,7 +238,7 @@ def _decode_with_lse_fake(*args):
 
 def _merge_states_kernel(out_a, lse_a, out_b, lse_b):
     run = registry.dispatch(
-        ("merge_states", _meta(out_a), _meta(lse_a), _meta(out_b), _meta(lse_b)),
+        ("merge_states", out_a.shape), (out_a, lse_a, out_b, lse_b),
         lambda: checks.check_merge_states(out_a, lse_a, out_b, lse_b),
         lambda: contract.merge_config(out_a))
     return run(out_a, lse_a, out_b, lse_b)
@@ -277,7 +299,7 @@ def _runs_directly(keyset) -> bool:
     return direct
 
 
-def _autograd_kernel(op, impl):
+def _autograd_kernel(op, impl, tensors: int, first_optional: int):
     """A thin Autograd-key kernel: run below autograd; attach the raising node only if needed.
 
     torch.library.register_autograd would do the same through a generic Python layer that cost
@@ -287,15 +309,28 @@ def _autograd_kernel(op, impl):
     kernel) is called directly: the redispatch it replaces, with its below-autograd guard, cost
     ~5 us of the op path's ~11 (no-op backend, CPU, 2026-11-30). Everything else (fake
     tensors while tracing, subclasses, modes, inputs that require grad) redispatches.
+
+    ``tensors``: the op's leading Tensor arguments; ``first_optional``: the position of its first
+    optional tensor (the arguments from there are tensors, None or scalars). Reading
+    ``requires_grad`` by position costs ~0.1 us less than testing every argument's type.
     """
     grad_enabled = torch.is_grad_enabled
+    direct_keysets = _direct_keysets
+    tensor = torch.Tensor
 
     def kernel(keyset, *args):
         needs = None
         if grad_enabled():
-            needs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        if not needs and _runs_directly(keyset):
-            return impl(*args)
+            needs = [a for a in args[:tensors] if a.requires_grad]
+            if len(args) > first_optional:
+                needs += [a for a in args[first_optional:]
+                          if isinstance(a, tensor) and a.requires_grad]
+        if not needs:
+            direct = direct_keysets.get(keyset.raw_repr())
+            if direct is None:
+                direct = _runs_directly(keyset)
+            if direct:
+                return impl(*args)
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*args)
         if needs:
@@ -306,6 +341,10 @@ def _autograd_kernel(op, impl):
     return kernel
 
 
-for _name in ("prefill", "decode", "prefill_with_lse", "decode_with_lse", "merge_states"):
-    _LIB.impl(_name, _autograd_kernel(getattr(torch.ops.attn, _name).default, _KERNELS[_name]),
+# Per op: its leading Tensor arguments and the position of its first optional tensor.
+_TENSOR_ARGS = {"prefill": (5, 9), "prefill_with_lse": (5, 9), "decode": (5, 8),
+                "decode_with_lse": (5, 8), "merge_states": (4, 4)}
+for _name, (_tensors, _first_optional) in _TENSOR_ARGS.items():
+    _LIB.impl(_name, _autograd_kernel(getattr(torch.ops.attn, _name).default, _KERNELS[_name],
+                                      _tensors, _first_optional),
               "Autograd", with_keyset=True)

@@ -134,3 +134,123 @@ def test_fake_tensors_take_the_fake_kernel(recorders):
     assert not ops._runs_directly(torch._C._dispatch_keys(
         FakeTensorMode().from_tensor(torch.empty(1))))
     assert ops._runs_directly(torch._C._dispatch_keys(torch.empty(1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The memo's guard: every metadata change the checks or the choice read misses the memo
+# ---------------------------------------------------------------------------------------------
+
+def _decode_args(b=2):
+    q = torch.randn(b, 4, 16)
+    k_cache = torch.randn(3, 4, 2, 16)
+    seqlens = torch.full((b,), 5, dtype=torch.int32)
+    table = torch.tensor([[0, 1]] * b, dtype=torch.int32)
+    return q, k_cache, torch.randn_like(k_cache), seqlens, table, 0.25
+
+
+@pytest.fixture
+def decisions(monkeypatch):
+    """The choices the registry makes (one per memo miss that passed the checks)."""
+    made = []
+    real = registry.select
+    monkeypatch.setattr(registry, "select",
+                        lambda cfg, choice=None: (made.append(cfg), real(cfg, choice))[1])
+    return made
+
+
+def test_a_stride_change_on_a_memoised_signature_is_checked_again(recorders, decisions):
+    q, k_cache, v_cache, seqlens, table, scale = _decode_args()
+    call = lambda *a: attn_ops.decode(*a, backend="rec_a")
+    call(q, k_cache, v_cache, seqlens, table, scale)
+    call(q, k_cache, v_cache, seqlens, table, scale)
+    assert len(decisions) == 1  # memoised
+    # Same shape and dtype, last dim not contiguous: the checks must run and refuse it.
+    strided = torch.randn(3, 4, 2, 32)[..., ::2]
+    assert strided.shape == k_cache.shape
+    with pytest.raises(ValueError, match="k_cache.*last dim"):
+        call(q, strided, v_cache, seqlens, table, scale)
+    q_strided = torch.randn(2, 4, 32)[..., ::2]
+    with pytest.raises(ValueError, match="q: the last dim must be contiguous"):
+        call(q_strided, k_cache, v_cache, seqlens, table, scale)
+    # A valid stride change (a transposed dense cache) is decided again: the config reads it.
+    dense = torch.randn(3, 2, 4, 16).transpose(1, 2)
+    call(q, dense, v_cache, seqlens, table, scale)
+    assert len(decisions) == 2 and not decisions[1].cache_contiguous
+    assert [c for _, c in recorders] == ["decode"] * 3
+
+
+def test_dtype_shape_scalar_and_optional_changes_miss_the_memo(recorders, decisions):
+    q, k_cache, v_cache, seqlens, table, scale = _decode_args()
+    call = lambda *a, **kw: attn_ops.decode(*a, backend="rec_a", **kw)
+    call(q, k_cache, v_cache, seqlens, table, scale)
+    with pytest.raises(ValueError, match="seqlens_k"):
+        call(q, k_cache, v_cache, seqlens.long(), table, scale)  # dtype only
+    with pytest.raises(ValueError, match="seqlens_k"):
+        call(q, k_cache, v_cache, seqlens[:1], table, scale)  # shape of a non-lead tensor
+    with pytest.raises(ValueError, match="block_table"):
+        call(q, k_cache, v_cache, seqlens, table[:, 0], scale)  # rank
+    with pytest.raises(ValueError, match="v_cache"):
+        call(q, k_cache, v_cache.double(), seqlens, table, scale)
+    with pytest.raises(ValueError, match="scale"):
+        call(q, k_cache, v_cache, seqlens, table, float("inf"))  # a scalar
+    with pytest.raises(ValueError, match="window_left"):
+        call(q, k_cache, v_cache, seqlens, table, scale, window_left=-2)
+    with pytest.raises(ValueError, match="sinks"):
+        call(q, k_cache, v_cache, seqlens, table, scale, sinks=torch.zeros(3))  # optional
+    call(q, k_cache, v_cache, seqlens, table, scale, sinks=torch.zeros(4))
+    assert len(decisions) == 2 and decisions[1].has_sinks
+    assert [c for _, c in recorders] == ["decode"] * 2
+
+
+def test_repeated_tensor_arguments_are_guarded(recorders, decisions):
+    """k is v (and one cu_seqlens for q and k) is memoised as such; unrepeating them with a
+    bad v is checked again."""
+    q = torch.randn(6, 4, 16)
+    k = torch.randn(6, 2, 16)
+    cu = cu_seqlens([2, 4])
+    call = lambda *a: attn_ops.prefill(*a, 4, 4, 0.25, backend="rec_a")
+    call(q, k, k, cu, cu)
+    call(q, k, k, cu, cu)
+    assert len(decisions) == 1
+    with pytest.raises(ValueError, match="v"):
+        call(q, k, k[:, :1], cu, cu)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        call(q, k, k, cu, cu.long())
+    call(q, k, k.clone(), cu, cu.clone())  # valid, no longer repeated: decided once more
+    call(q, k, k.clone(), cu, cu.clone())
+    call(q, k, k, cu, cu)  # the first entry still serves
+    assert len(decisions) == 2
+    assert [c for _, c in recorders] == ["prefill"] * 5
+
+
+@pytest.mark.parametrize("kind", ["torch", "python"])
+def test_metadata_guard_rejects_every_metadata_change(kind, monkeypatch):
+    assert registry._TORCH_GUARD, "torch's C++ tensor check is unavailable: the op path is slow"
+    monkeypatch.setattr(registry, "_TORCH_GUARD", kind == "torch")
+    a, b = torch.randn(2, 3, 4), torch.zeros(3, dtype=torch.int32)
+    guard = registry.metadata_guard((a, b))
+    assert guard(a, b) and guard(torch.randn(2, 3, 4), torch.zeros(3, dtype=torch.int32))
+    repeated = registry.metadata_guard((a, a))
+    assert repeated(a, a)
+    # The same metadata in two objects: torch's check wants the objects repeated as memoised
+    # (a miss decides again: slower, never wrong); the portable one compares metadata only.
+    assert repeated(a, torch.randn(2, 3, 4)) == (kind == "python")
+    assert not repeated(a, torch.randn(2, 3, 5))
+    for other in (torch.randn(3, 2, 4).transpose(0, 1), torch.randn(2, 3, 8)[..., ::2],
+                  a.double(), torch.randn(2, 3, 5), torch.randn(2, 3), a.to("meta")):
+        assert not guard(other, b), (other.shape, other.stride(), other.dtype, other.device)
+    assert not guard(a, b.long()) and not guard(a, b[None])
+    assert not guard(a.clone().requires_grad_(), b) or kind == "python"
+
+
+def test_backend_argument_restores_the_context_after_an_error(recorders):
+    q, k_cache, v_cache, seqlens, table, scale = _decode_args()
+    with attn_ops.use_backend("rec_b"):
+        with pytest.raises(ValueError, match="seqlens_k"):
+            attn_ops.decode(q, k_cache, v_cache, seqlens[:1], table, scale, backend="rec_a")
+        assert attn_ops.current_choice() == "rec_b"
+        torch.ops.attn.decode(q, k_cache, v_cache, seqlens, table, scale)
+    with pytest.raises(ValueError, match="unknown backend"):
+        attn_ops.decode(q, k_cache, v_cache, seqlens, table, scale, backend="tritn")
+    assert attn_ops.current_choice() != "tritn"
+    assert recorders == [("rec_b", "decode")]
