@@ -289,6 +289,9 @@ def _check_scalars(scale, window_left, softcap) -> None:
 # every call (a dict lookup and a set test, not os.environ.get: see attn_ops.env), and calls
 # data_checks_enabled only when it says yes.
 data_checks_requested = env.switch("ATTN_OPS_CHECK", off=("", "0"))
+# The same question as a value and its off set, read by graph_passes' Triton lowering.
+_env_check = env.reader("ATTN_OPS_CHECK")
+_CHECK_OFF = (None, "", "0")
 
 
 def data_checks_enabled(*tensors: torch.Tensor) -> bool:
