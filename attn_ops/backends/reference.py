@@ -142,7 +142,7 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) ->
     (block, offset) pairs, which writes through the strides.
     """
     if cache.is_contiguous():
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows)
+        cache.flatten(0, 1).index_copy_(0, slots, rows)
     else:
         bs = cache.shape[1]
         cache.index_put_((torch.div(slots, bs, rounding_mode="floor"), slots % bs), rows)

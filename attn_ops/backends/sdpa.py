@@ -202,8 +202,135 @@ def _attend_decode(tiles: Tiles, scale: float) -> torch.Tensor:
     return o
 
 
+def _key_range(lens: list[int], window_left: int):
+    """Per sequence the first key its query sees (``lo``), and over the batch's non-empty
+    sequences the smallest ``lo`` and the largest length: the key span ``[start, end)`` that one
+    SDPA call over all sequences must cover."""
+    los = [max(n - 1 - window_left, 0) for n in lens] if window_left >= 0 else [0] * len(lens)
+    seen = [(lo, n) for lo, n in zip(los, lens) if n > 0]
+    return los, min(lo for lo, _ in seen), max(n for _, n in seen)
+
+
+def _progression(blocks: list[int], lens: list[int], num_blocks: int):
+    """``(first, step)`` when the non-empty sequences' blocks are ``first + step * b``
+    (``step >= 1``, every such row inside the cache: an empty sequence's row is read but its
+    output zeroed), else None. A dense cache viewed as paged (``arange(B)``) is one."""
+    used = [(b, x) for b, (x, n) in enumerate(zip(blocks, lens)) if n > 0]
+    b0, x0 = used[0]
+    step = 1 if len(used) == 1 else (used[1][1] - x0) // (used[1][0] - b0)
+    first = x0 - step * b0
+    if step < 1 or first < 0 or first + step * (len(blocks) - 1) >= num_blocks or \
+            any(x != first + step * b for b, x in used):
+        return None
+    return first, step
+
+
+def _block_view(cache: torch.Tensor, first: int, step: int, b: int, start: int, end: int):
+    """Tokens ``[start, end)`` of blocks ``first + step * i``, i < b: a ``[b, end - start, Hkv,
+    D]`` view of ``cache [N, bs, Hkv, D]`` (any strides): metadata only, no copy."""
+    st = cache.stride()
+    return cache.as_strided((b, end - start, cache.shape[2], cache.shape[3]),
+                            (step * st[0], st[1], st[2], st[3]),
+                            cache.storage_offset() + first * st[0] + start * st[1])
+
+
+def _hidden(los: list[int], lens: list[int], start: int, end: int):
+    """The ``(b, from, to)`` spans of the ``[B, end - start]`` key tile that a non-empty
+    sequence's query does not see (before its window, past its length)."""
+    spans = []
+    for b, (lo, n) in enumerate(zip(los, lens)):
+        if n > 0 and lo > start:
+            spans.append((b, 0, lo - start))
+        if 0 < n < end:
+            spans.append((b, n - start, end - start))
+    return spans
+
+
+def _host_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left):
+    """The decode of plain CPU tensors with the lengths and block ids read on the host, or None.
+
+    A host read of a CPU tensor waits on no device (the precedent: the dense prefill above and
+    the reference's CPU store), and traced calls run the fake kernel, so the padded-tile gather
+    (about 25 small ops, ~200 us at B 1 over 16 tokens, and a per-token index_select: 11 ms of
+    17.5 at B 4 x 1024 tokens in pages of 16, bf16, one thread) is replaced by:
+
+    * keys read once, over the batch's key span ``[start, end)`` (the window's first key to the
+      longest length): when every non-empty sequence's span lies in its first block at a block
+      id in arithmetic progression (a dense ``[B, Hkv, S, D]`` cache viewed as B blocks, one
+      sequence: ``block_table`` of width 1), a strided view of the cache, no copy; else one
+      ``index_select`` of whole blocks (a block's tokens are contiguous rows: 0.38 ms where the
+      per-token index took 0.62 for the same 8 MB), entries a sequence does not own replaced by
+      block 0;
+    * one boolean ``[B, 1, 1, end - start]`` key mask from seqlens and the window, only when
+      sequences differ in what they see; no mask when all see the same span (gpt-fast's step);
+    * SDPA with the G query heads of a kv head folded into G query rows, as before.
+
+    Isolation (SDPA adds the mask, so a hidden NaN/Inf key still reaches its row, a hidden value
+    through ``0 * NaN``): a gathered tile is ours, and its hidden spans are zeroed (a few small
+    writes per sequence that has one); a view is the cache itself, so its hidden spans are
+    checked (one sum each, only where a sequence sees less than the span) and a non-finite one
+    sends the call to the tiles. Keys a row sees take SDPA's arithmetic: a NaN one makes the
+    row NaN. Sequences with no key get zeros.
+    """
+    if not (_on_host(q) and _on_host(seqlens_k) and _on_host(block_table)
+            and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor):
+        return None
+    b, h, d = q.shape
+    num_blocks, bs, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    width = block_table.shape[1]
+    if b == 0 or width == 0 or k_cache.numel() == 0 or h % hkv:
+        return None
+    lens = seqlens_k.tolist()  # B ints; a short list costs ~0.2 us
+    if max(lens) <= 0:
+        return torch.zeros_like(q)
+    los, start, end = _key_range(lens, window_left)
+    if end > width * bs or min(lens) < 0:
+        return None  # outside the contract (the tiles clamp; ATTN_OPS_CHECK=1 raises)
+    hidden = _hidden(los, lens, start, end)
+    place = None
+    if end <= bs:  # every span inside its sequence's first block
+        place = _progression(block_table[:, 0].tolist(), lens, num_blocks)
+    if place is not None:
+        kp = _block_view(k_cache, *place, b, start, end)
+        vp = _block_view(v_cache, *place, b, start, end)
+        if hidden and not _finite(torch.stack([x[i, lo:hi].sum(dtype=torch.float32)
+                                               for i, lo, hi in hidden for x in (kp, vp)])):
+            return None  # a hidden non-finite key or value in the cache: the tiles isolate it
+    else:
+        c0, c1 = start // bs, (end - 1) // bs + 1
+        ids = block_table[:, c0:c1]
+        if any(lo // bs > c0 or (n - 1) // bs < c1 - 1 for lo, n in zip(los, lens)):
+            col = torch.arange(c0, c1)
+            first = torch.tensor([lo // bs if n > 0 else c1 for lo, n in zip(los, lens)])
+            last = torch.tensor([(n - 1) // bs for n in lens])
+            ids = ids.masked_fill((col < first[:, None]) | (col > last[:, None]), 0)
+        ids = ids.reshape(-1)
+        kp, vp = (c.index_select(0, ids).view(b, (c1 - c0) * bs, hkv, d)[:, start - c0 * bs:
+                                                                          end - c0 * bs]
+                  for c in (k_cache, v_cache))
+        for i, lo, hi in hidden:
+            kp[i, lo:hi] = 0.0
+            vp[i, lo:hi] = 0.0
+    mask = None
+    if hidden or min(lens) == 0:
+        j = torch.arange(start, end)
+        keep = j < seqlens_k[:, None]
+        if window_left >= 0:
+            keep &= j >= torch.tensor(los)[:, None]
+        mask = keep[:, None, None]  # [B, 1, 1, end - start]: every folded row of a sequence
+    o = F.scaled_dot_product_attention(q.reshape(b, hkv, h // hkv, d), kp.transpose(1, 2),
+                                       vp.transpose(1, 2), attn_mask=mask, scale=scale)
+    o = o.reshape(b, h, d)
+    if min(lens) == 0:
+        o.masked_fill_((seqlens_k == 0)[:, None, None], 0.0)
+    return o
+
+
 def decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0):
     """As :func:`attn_ops.decode`: q ``[B, H, D]`` -> ``[B, H, D]``."""
+    out = _host_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left)
+    if out is not None:
+        return out
     tiles = decode_tiles(q, k_cache, v_cache, seqlens_k, block_table, window_left)
     if tiles is None:
         return torch.zeros_like(q)

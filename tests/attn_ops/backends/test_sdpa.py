@@ -197,3 +197,167 @@ def test_dense_prefill_check_cost_is_one_sum_per_checked_tensor():
         _, names = _aten_ops(lambda: sdpa.prefill(q, k, v, cu, cu, 13, 13, 0.2, causal, None,
                                                   window))
         assert names.count("aten::sum") == sums, (causal, window, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The host decode: lengths and block ids read on the host, keys as a view or a block gather
+# ---------------------------------------------------------------------------------------------
+
+def _dense_as_paged(lens, hkv, d, dtype, s_max=None, first=1, step=2):
+    """A dense cache viewed as paged: one block of ``s_max`` tokens per sequence, sequence b in
+    block ``first + step * b`` (an arithmetic progression: the no-copy view), of a cache with
+    spare blocks poisoned with NaN (never read). An empty sequence's entry is garbage."""
+    b = len(lens)
+    s_max = s_max or max(lens + [1])
+    k_cache = torch.full((first + step * b + 1, s_max, hkv, d), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    table = torch.tensor([[first + step * i if n else -7] for i, n in enumerate(lens)],
+                         dtype=torch.int32)
+    for i in range(b):
+        blk = first + step * i
+        k_cache[blk] = _never_zero(s_max, hkv, d, dtype=dtype)
+        v_cache[blk] = _never_zero(s_max, hkv, d, dtype=dtype)
+    return k_cache, v_cache, table
+
+
+def _never_zero(*shape, dtype=torch.float32):
+    x = torch.randn(*shape)
+    return torch.where(x == 0, 0.5, x).to(dtype)
+
+
+def _decode_both(q, k_cache, v_cache, lens, table, window, dtype):
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    args = (q, k_cache, v_cache, seqlens, table, q.shape[-1] ** -0.5, window, 0.0)
+    got = attn_ops.decode(*args, backend="sdpa")
+    want = attn_ops.decode(*args, backend="reference")
+    assert got.dtype == dtype and got.shape == q.shape
+    return got, want, args
+
+
+_HOST_CASES = [  # (lens, H, Hkv, window)
+    ([13], 4, 4, -1),              # one sequence: no mask
+    ([13, 13, 13], 8, 2, -1),      # equal lengths (gpt-fast's step): no mask, GQA
+    ([13, 0, 123, 5], 8, 2, -1),   # a mask, an empty sequence, odd lengths
+    ([123, 40], 4, 1, 7),          # MQA, a window: keys before it are hidden too
+    ([9, 30, 1], 4, 2, 0),         # window 0: the last key only
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,h,hkv,window", _HOST_CASES)
+@pytest.mark.parametrize("layout", ["dense_view", "pages_of_8", "one_block_gathered"])
+def test_host_decode_matches_reference(dtype, lens, h, hkv, window, layout):
+    d = 32
+    if layout == "dense_view":
+        k_cache, v_cache, table = _dense_as_paged(lens, hkv, d, dtype, s_max=max(lens) + 3)
+    elif layout == "one_block_gathered":  # width 1, block ids in no progression: a gather
+        k_cache, v_cache, table = _dense_as_paged(lens, hkv, d, dtype, s_max=max(lens) + 3)
+        table = table.flip(0).contiguous()
+        lens = lens[::-1]
+    else:
+        pb = random_paged(lens, hkv, d, 8, dtype, table_width=18)
+        k_cache, v_cache, table = pb.k_cache, pb.v_cache, pb.block_table
+    q = _never_zero(len(lens), h, d, dtype=dtype)
+    got, want, _ = _decode_both(q, k_cache, v_cache, lens, table, window, dtype)
+    assert_close(got, want, *TOLERANCES[dtype])
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(got[b], torch.zeros_like(got[b]))
+
+
+def test_host_decode_takes_a_strided_query():
+    # q a slice of a packed projection (token stride (H + 2 Hkv) * D): folding its heads is a
+    # reshape, not a view
+    lens, h, hkv, d = [13, 7], 4, 2, 32
+    k_cache, v_cache, table = _dense_as_paged(lens, hkv, d, torch.float32)
+    q = _never_zero(2, (h + 2 * hkv) * d)[:, :h * d].view(2, h, d)
+    got, want, _ = _decode_both(q, k_cache, v_cache, lens, table, -1, torch.float32)
+    assert_close(got, want, *TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["dense_view", "pages_of_8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("window", [-1, 5])
+def test_host_decode_keeps_hidden_non_finite_out(layout, bad, window):
+    """NaN/Inf in every cache slot a sequence does not see (past its length, before its window,
+    the rest of its last page, unowned pages): the output equals that of clean slots, finite."""
+    lens, h, hkv, d = [13, 123, 1, 0], 4, 2, 32
+    if layout == "dense_view":
+        k_cache, v_cache, table = _dense_as_paged(lens, hkv, d, torch.float32, s_max=128)
+        slot = lambda b, p: (int(table[b, 0]), p)  # noqa: E731
+    else:
+        pb = random_paged(lens, hkv, d, 8, torch.float32, table_width=16, spare_blocks=4)
+        k_cache, v_cache, table = pb.k_cache, pb.v_cache, pb.block_table
+        slot = lambda b, p: (int(table[b, p // 8]), p % 8)  # noqa: E731
+    q = _never_zero(len(lens), h, d)
+    clean, want, args = _decode_both(q, k_cache, v_cache, lens, table, window, torch.float32)
+    seen = {slot(b, p) for b, n in enumerate(lens) for p in range(n)
+            if window < 0 or p >= n - 1 - window}
+    unseen = torch.ones(k_cache.shape[:2], dtype=torch.bool)
+    for blk, p in seen:
+        unseen[blk, p] = False
+    assert int(unseen.sum()) > k_cache.shape[0]  # a test that can fail: hidden slots exist
+    k_cache[unseen] = bad
+    v_cache[unseen] = bad
+    got = sdpa.decode(*args)
+    assert_close(got, want, *TOLERANCES[torch.float32], what="hidden non-finite keys")
+    assert_close(got, clean, 1e-6, 1e-6, what="against clean hidden slots")
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+
+
+@pytest.mark.parametrize("layout", ["dense_view", "pages_of_8"])
+def test_host_decode_rows_that_see_nan_are_nan(layout):
+    lens, h, hkv, d = [13, 30], 4, 2, 32
+    if layout == "dense_view":
+        k_cache, v_cache, table = _dense_as_paged(lens, hkv, d, torch.float32)
+        where = (int(table[1, 0]), 20)
+    else:
+        pb = random_paged(lens, hkv, d, 8, torch.float32)
+        k_cache, v_cache, table = pb.k_cache, pb.v_cache, pb.block_table
+        where = (int(table[1, 2]), 4)
+    k_cache[where][1, 3] = float("nan")  # sequence 1, token 20, kv head 1: a NaN score
+    v_cache[where][0, 5] = float("nan")  # kv head 0: column 5 of its weighted sum
+    q = _never_zero(2, h, d)
+    got = sdpa.decode(q, k_cache, v_cache, torch.tensor(lens, dtype=torch.int32), table, 0.2)
+    assert torch.isnan(got[1, 2:]).all()          # query heads 2, 3 read kv head 1
+    assert torch.isnan(got[1, :2, 5]).all()       # heads 0, 1 (kv head 0): the NaN value's column
+    got[1, :2, 5] = 0.0
+    assert torch.isfinite(got[1, :2]).all() and torch.isfinite(got[0]).all()
+
+
+def test_host_decode_reads_a_dense_cache_without_a_gather():
+    """Where the block table reads one block per sequence at ids in progression (a dense cache
+    viewed as paged: what the cache substitution emits), the keys are a view of the cache: no
+    gather, no copy; a paged cache is gathered by whole blocks (2 index_select, [B * blocks]
+    ids), never token by token."""
+    def ops_of(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=True) as prof:
+            fn()
+        return [(e.name, e.input_shapes) for e in prof.events() if e.name.startswith("aten::")]
+
+    lens, h, hkv, d = [13, 13], 8, 2, 32
+    k_cache, v_cache, table = _dense_as_paged(lens, hkv, d, torch.float32, s_max=64)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    q = _never_zero(2, h, d)
+    names = [n for n, _ in ops_of(lambda: sdpa.decode(q, k_cache, v_cache, seqlens, table, 0.2))]
+    assert not [n for n in names if any(g in n for g in _GATHERS + ("copy", "where"))], names
+    assert "aten::scaled_dot_product_attention" in names
+    pb = random_paged([13, 123], hkv, d, 8, torch.float32)
+    seqlens = torch.tensor([13, 123], dtype=torch.int32)
+    events = ops_of(lambda: sdpa.decode(q, pb.k_cache, pb.v_cache, seqlens, pb.block_table, 0.2))
+    gathers = [shapes for n, shapes in events if n == "aten::index_select"]
+    assert len(gathers) == 2, events
+    assert all(s[0] == list(pb.k_cache.shape) and s[2] == [2 * 16] for s in gathers), gathers
+    assert not [n for n, _ in events if n in ("aten::gather", "aten::index")]
+
+
+def test_host_decode_is_off_under_compile_and_for_tensor_subclasses():
+    # A traced call must not read lengths on the host (the fake kernel runs there): the fast
+    # path declines and the tiles run, sync-free (test_traces_fullgraph_without_host_sync).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    k_cache, v_cache, table = _dense_as_paged([5], 2, 32, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        q = mode.from_tensor(torch.randn(1, 4, 32))
+        seqlens = mode.from_tensor(torch.tensor([5], dtype=torch.int32))
+        assert sdpa._host_decode(q, k_cache, v_cache, seqlens, table, 0.2, -1) is None
