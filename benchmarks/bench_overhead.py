@@ -16,13 +16,16 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
 * ``--cpu-op-path`` (no GPU needed): the op path above the backend function, with a no-op backend
   registered in the registry, 20000 calls, 7 runs: median and range of the wall time and of the
   process CPU time (the development machine is shared: CPU time is the steadier figure).
+* ``--cpu-defaults`` (no GPU needed): the default CPU store and decode through the op beside
+  the torch calls they replace (two ``index_copy_``; F.scaled_dot_product_attention on the dense
+  cache slice), one thread, interleaved runs, medians (:func:`cpu_defaults`).
 * ``--cpu-triton-path`` (no GPU needed): the Triton backend's host path on CPU tensors, every
   kernel replaced by a stand-in whose compiled launcher does nothing, so launch.py takes the
   direct path of a compiled kernel: the op path and the backend's ``bind(config)`` function
   alone, 5000 calls, 7 runs, same statistics.
 
     python benchmarks/bench_overhead.py [--out DIR] [--profile] [--cpu-op-path]
-                                        [--cpu-triton-path]
+                                        [--cpu-triton-path] [--cpu-defaults]
 """
 
 from __future__ import annotations
@@ -329,6 +332,84 @@ def _inference(fn):
         return fn()
 
 
+def _decode_case(b: int, ctx: int, page: int):
+    """A bf16 decode (H 32, Hkv 8, D 128) of B sequences of ``ctx`` tokens: ``page == ctx``
+    is a dense token-major cache viewed as paged (one block per sequence, block ids 2, 6, ...:
+    block table width 1), a smaller page a shuffled paged cache; and the dense ``[B, Hkv, ctx,
+    D]`` slices F.scaled_dot_product_attention would read instead."""
+    hkv, h, d, bf = 8, 32, 128, torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    if page >= ctx:
+        k_cache = torch.randn(4 * b, page, hkv, d, dtype=bf, generator=g)
+        table = (torch.arange(b, dtype=torch.int32) * 4 + 2)[:, None].contiguous()
+    else:
+        width = ctx // page
+        k_cache = torch.randn(b * width + 3, page, hkv, d, dtype=bf, generator=g)
+        table = torch.randperm(b * width + 3, generator=g)[:b * width].view(b, width)
+        table = table.to(torch.int32).contiguous()
+    v_cache = torch.randn(k_cache.shape, dtype=bf, generator=g)
+    dense = [c[table.long()].reshape(b, -1, hkv, d)[:, :ctx].transpose(1, 2).contiguous()
+             for c in (k_cache, v_cache)]  # [B, Hkv, ctx, D], heads-major as gpt-fast's cache
+    q = torch.randn(b, h, d, dtype=bf, generator=g)
+    seqlens = torch.full((b,), ctx, dtype=torch.int32)
+    return q, k_cache, v_cache, seqlens, table, dense
+
+
+def cpu_defaults(runs: int = 7) -> list[dict]:
+    """The default (auto) CPU store and decode through ``torch.ops.attn`` beside the torch
+    primitives they replace, one thread, the paths of a shape interleaved in every run: process
+    CPU time and wall per call, median (min-max) of ``runs``. Shapes: the tiny one above (B 1
+    over 16 tokens, pages of 16: table width 1), and B 4 over 1024 tokens as a dense cache
+    viewed as paged (width 1) and in shuffled pages of 16 (width 64). The decode baselines:
+    F.scaled_dot_product_attention on the dense slice with ``enable_gqa`` (as bench rows above
+    write it), and with the G query heads of a kv head folded into its rows (the faster form
+    of the same call on the CPU)."""
+    os.environ.pop("ATTN_OPS_BACKEND", None)
+    os.environ["ATTN_OPS_CHECK"] = "0"
+    torch.set_num_threads(1)
+    import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
+    ops = torch.ops.attn
+    t = _inputs("cpu")
+    v_flat = t.v_cache.view(-1, *t.v_cache.shape[2:])
+    cases = [("store_kvcache B 1", 20000, {
+        "torch.ops.attn.store_kvcache": lambda: ops.store_kvcache(t.key, t.key, t.k_cache,
+                                                                  t.v_cache, t.slots),
+        "torch index_copy_ x2": lambda: (t.k_flat.index_copy_(0, t.slots, t.key),
+                                         v_flat.index_copy_(0, t.slots, t.key))})]
+    for b, ctx, page, calls in ((1, 16, 16, 5000), (4, 1024, 1024, 100), (4, 1024, 16, 100)):
+        q, kc, vc, seqlens, table, (kd, vd) = _decode_case(b, ctx, page)
+        qd, qf = q.view(b, 32, 1, 128), q.view(b, 8, 4, 128)
+        cases.append((f"decode B {b} x {ctx}, pages of {page}", calls, {
+            "torch.ops.attn.decode": (lambda q=q, kc=kc, vc=vc, s=seqlens, tb=table:
+                                      ops.decode(q, kc, vc, s, tb, 0.08)),
+            "F.sdpa, enable_gqa": (lambda qd=qd, kd=kd, vd=vd: F.scaled_dot_product_attention(
+                qd, kd, vd, scale=0.08, enable_gqa=True)),
+            "F.sdpa, GQA folded": (lambda qf=qf, kd=kd, vd=vd: F.scaled_dot_product_attention(
+                qf, kd, vd, scale=0.08))}))
+    rows = []
+    for shape, calls, paths in cases:
+        wall = {name: [] for name in paths}
+        cpu = {name: [] for name in paths}
+        for fn in paths.values():
+            for _ in range(max(calls // 20, 3)):
+                fn()
+        for _ in range(runs):
+            for name, fn in paths.items():  # interleaved: every run times each path once
+                w, c = time.perf_counter(), time.process_time()
+                for _ in range(calls):
+                    fn()
+                wall[name].append((time.perf_counter() - w) / calls * 1e6)
+                cpu[name].append((time.process_time() - c) / calls * 1e6)
+        base = statistics.median(cpu[list(paths)[-1]])
+        for name in paths:
+            rows.append(dict(bench="cpu_defaults", shape=shape, path=name,
+                             cpu_median=statistics.median(cpu[name]), cpu_min=min(cpu[name]),
+                             cpu_max=max(cpu[name]), wall_median=statistics.median(wall[name]),
+                             wall_min=min(wall[name]), wall_max=max(wall[name]),
+                             cpu_vs_last=statistics.median(cpu[name]) / base))
+    return rows
+
+
 def profile(paths: dict, calls: int) -> None:
     """Print where the host time of each path goes (cProfile, top functions by own time)."""
     import cProfile
@@ -349,10 +430,19 @@ def main():
         p.add_argument("--profile", action="store_true", help="also cProfile the eager paths"),
         p.add_argument("--cpu-op-path", action="store_true",
                        help="only the op path above a no-op backend, on the CPU"),
+        p.add_argument("--cpu-defaults", action="store_true",
+                       help="only the default CPU store and decode beside the torch calls they "
+                            "replace, one thread"),
         p.add_argument("--cpu-triton-path", action="store_true",
                        help="only the Triton backend's host path with no-op launches, on the "
                             "CPU")))
     env = header("host overhead", args.smoke)
+    if args.cpu_defaults:
+        rows = [dict(r, date=env["date"], torch=env["torch"]) for r in cpu_defaults()]
+        write_csv(args.out / "overhead_cpu_defaults.csv", rows)
+        print_table(rows, ["shape", "path", "cpu_median", "cpu_min", "cpu_max", "wall_median",
+                           "cpu_vs_last"])
+        return
     if args.cpu_triton_path:
         rows = [dict(r, date=env["date"], torch=env["torch"]) for r in cpu_triton_path()]
         write_csv(args.out / "overhead_cpu_triton_path.csv", rows)

@@ -45,8 +45,16 @@ def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool,
 # benchmarks/bench_substitution.py (Llama-style, 2 layers, hidden 256, 8/2 heads, D 32, fp32,
 # B=1, one thread; results/substitution_cpu_{sdpa,eager}_t1.csv, 2026-11-30), time over
 # Inductor's at S = 128 / 256 / 512 / 1024: a model written with SDPA 1.086 / 1.054 / 1.034 /
-# 1.012, one written by hand (HF eager) 1.062 / 0.948 / 0.830 / 0.544. Decode and paged prefill
-# on it still gather padded tiles: left alone until measured.
+# 1.012, one written by hand (HF eager) 1.062 / 0.948 / 0.830 / 0.544. Paged prefill on it
+# gathers padded tiles: left alone. Decode over a cache is left alone too, though on CPU
+# tensors it now reads pos + 1 keys through a view of the cache (sdpa.py, _host_decode): on the
+# gpt-fast-style step (benchmarks/bench_cache_substitution.py --device cpu --size cpu
+# --threads 1: 2 layers, B 4, Hkv 2, S_max 2048, D 64, fp32; results/cache_substitution_cpu.csv,
+# 2026-11-30; the sdpa backend, chosen by "auto" under a trial rule) Inductor's time over the substituted step at pos 128 / 1024 /
+# 1900 / 2047 is 3.76 / 2.92 / 2.12 / 2.32x written with repeat_interleave, but 1.67 / 1.38 /
+# 0.94 / 0.96x written with enable_gqa: near S_max both read the whole cache and the op's
+# fixed cost loses ~5%. Positions are dynamic and the form is not known here, so no rule on
+# S_max alone holds at every position; attn_backend='sdpa' substitutes it.
 _PURE_TORCH = ("reference", "sdpa")
 # Under "auto", the least attention work per call (B * H * Sq * Sk * D, the multiply-adds of
 # q k^T) for which a CPU prefill goes to the sdpa backend: S = 512 above (2^26) is the first
