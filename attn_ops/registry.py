@@ -121,7 +121,9 @@ def current_choice() -> str:
 
 
 def auto_order(config: OpConfig) -> tuple[str, ...]:
-    """Backends "auto" tries for ``config``, fastest first."""
+    """Backends "auto" tries for ``config``, fastest first. A table item ``flash:<provider>``
+    counts as ``flash`` only where the flash backend would serve ``config`` with that provider
+    (see :mod:`attn_ops.auto_table`). Called once per call signature (the dispatch memo)."""
     from attn_ops import auto_table  # reads a JSON file on first use: not at import
 
     order = auto_table.order_for(config)
@@ -153,8 +155,34 @@ def select(config: OpConfig, choice: str | None = None) -> ModuleType:
 
 
 def explain(config: OpConfig) -> dict[str, str]:
-    """For each known backend, "ok" or the reason it can't serve ``config``."""
-    return {name: _reason(name, config)[1] or "ok" for name in BACKENDS}
+    """For each known backend, "ok" or the reason it can't serve ``config``; then, under
+    ``"auto"``, the backend "auto" picks and why: what the auto table measured for it (with
+    which flash provider, on which GPU) and the table items skipped on this install, e.g.
+    ``"flash (fa3_fwd measured 1.62x faster than triton on NVIDIA H200 for this key (...))"``
+    or ``"triton (...); flash:fa3_fwd skipped: flash would serve this with aten"``."""
+    out = {name: _reason(name, config)[1] or "ok" for name in BACKENDS}
+    out["auto"] = _explain_auto(config, out)
+    return out
+
+
+def _explain_auto(config: OpConfig, verdicts: dict[str, str]) -> str:
+    from attn_ops import auto_table
+
+    try:
+        order = auto_order(config)
+    except Exception as e:  # noqa: BLE001 (a CUDA config on a machine without CUDA: say so)
+        return f"undecided: {type(e).__name__}: {e}"
+    refused = []
+    for name in order:
+        verdict = verdicts.get(name) or _reason(name, config)[1] or "ok"
+        if verdict == "ok":
+            break
+        refused.append(f"{name} refused: {verdict}")
+    else:
+        name = "reference"
+    text = auto_table.why(config, name) if config.device.type == "cuda" else \
+        f"the static order for {config.device.type} devices"
+    return f"{name} ({'; '.join([text] + refused)})"
 
 
 # ---------------------------------------------------------------------------------------------

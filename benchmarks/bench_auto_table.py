@@ -11,9 +11,11 @@ contender (``--with-reference`` times it anyway).
 
 Writes to ``--out`` (default benchmarks/results):
 * ``auto_table.csv``: one row per key x workload x backend (median us, TFLOP/s or GB/s, the
-  flash provider used, or why a backend was skipped);
+  flash provider's id (``impl``: "fa3_fwd", "aten", ...) and label, or why a backend was
+  skipped);
 * ``auto_table.json``: the table, also installed as attn_ops/auto_table.json unless
-  ``--smoke`` or ``--no-install`` (measured entries of other GPU kinds are kept);
+  ``--smoke`` or ``--no-install`` (the entries of keys not measured here, and each key's runs
+  measured with other flash providers, are kept: ``auto_table_builder``);
 * ``auto_table.md``: which backend "auto" picks per key and by how much, for BENCHMARKS.md.
 
 Usage on a GPU::
@@ -171,7 +173,8 @@ def main():
         p.add_argument("--with-reference", action="store_true",
                        help="also time the reference backend for prefill and decode"),
         p.add_argument("--no-install", action="store_true",
-                       help="do not rewrite attn_ops/auto_table.json")))
+                       help="do not rewrite attn_ops/auto_table.json"),
+        p.add_argument("--note", default="", help="appended to the source of the runs")))
     env = common.header("auto table: backend timings per static configuration", args.smoke)
     dev = common.device(args)
     arch = "smoke" if args.smoke else auto_table.arch_of(dev)
@@ -188,8 +191,9 @@ def main():
                            kv=kv, workload=wname, backend=name, median_us=None)
                 reason = reasons[name]
                 if reason is None:
-                    if name == "flash":
-                        row["impl"] = flash.describe(case.config)
+                    if name == "flash":  # the provider's id keys the table's flash:<id> items
+                        row["impl"] = flash.provider_id(case.config)
+                        row["impl_label"] = flash.describe(case.config)
                     with attn_ops.use_backend(name):
                         ms, reason = common.try_time(lambda: case.run, args.smoke)
                     if ms is not None:
@@ -204,10 +208,11 @@ def main():
     common.write_csv(out / "auto_table.csv", rows)
     previous = {} if args.smoke else auto_table.load()
     meta = {k: env[k] for k in ("date", "device", "torch", "triton", "cuda") if k in env}
-    meta["flash_impls"] = sorted({r["impl"] for r in rows if r.get("impl")})
-    table = auto_table_builder.build_table(
-        [r for r in rows if r["median_us"] is not None],
-        f"measured with benchmarks/bench_auto_table.py on {env['device']}", meta, previous)
+    timed = [r for r in rows if r["median_us"] is not None]
+    meta["flash_providers"] = auto_table_builder.providers_of(timed)
+    source = f"measured with benchmarks/bench_auto_table.py{' --quick' * args.quick} on " \
+             f"{env['device']}" + (f"; {args.note}" if args.note else "")
+    table = auto_table_builder.build_table(timed, source, meta, previous)
     text = auto_table_builder.dumps(table)
     (out / "auto_table.json").write_text(text)
     if not (args.smoke or args.no_install):
@@ -223,17 +228,21 @@ def _markdown(table: dict, env: dict) -> str:
     lines = [f"### Which backend \"auto\" picks ({env['device']}, torch {env['torch']}, "
              f"triton {env['triton']}, {env['date']})", "",
              "Median us per backend (geometric mean over the key's workloads); speedup = "
-             "runner-up time / winner time.", "",
+             "runner-up time / winner time; `flash:<id>`: the flash backend on that provider. "
+             "One row per run on this GPU (other GPUs' runs are kept in the table).", "",
              "| op | dtype | head | kv | auto picks | speedup | medians (us) |",
              "|---|---|---|---|---|---|---|"]
     for key, entry in table["entries"].items():
-        if "median_us" not in entry or "*" in key:
+        if "*" in key:
             continue
-        op, _, dtype, head, kv = key.split("|")
-        times = ", ".join(f"{b} {t:.1f}" for b, t in entry["median_us"].items())
-        speed = f"{entry['speedup']:.2f}x" if "speedup" in entry else "only one"
-        lines.append(f"| {op} | {dtype} | {head} | {kv} | {entry['order'][0]} | {speed} | "
-                     f"{times} |")
+        for run in entry.get("runs", []):
+            if run.get("device") != env["device"] or run.get("date") != env["date"]:
+                continue
+            op, _, dtype, head, kv = key.split("|")
+            times = ", ".join(f"{b} {t:.1f}" for b, t in run["median_us"].items())
+            speed = f"{run['speedup']:.2f}x" if "speedup" in run else "only one"
+            lines.append(f"| {op} | {dtype} | {head} | {kv} | {run['order'][0]} | {speed} | "
+                         f"{times} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,13 +1,16 @@
-"""The auto table loader: keys, lookup relaxation, the committed data (building: tests/benchmarks)."""
+"""The auto table loader: keys, lookup relaxation, flash-provider items, the committed data
+(building: tests/benchmarks)."""
 
 import json
 
 import pytest
 import torch
 
-from attn_ops import registry
-from attn_ops import auto_table
+import attn_ops
+from attn_ops import auto_table, registry
+from attn_ops.backends import flash
 from attn_ops.contract import OpConfig
+from tests.support.flash_fakes import FAKE_FA3_FWD
 
 CUDA = torch.device("cuda")
 KNOWN = set(registry.BACKENDS)
@@ -58,11 +61,13 @@ def test_committed_table_is_valid_and_names_known_backends():
     for key, entry in table["entries"].items():
         assert len(key.split("|")) == 5 and key.split("|")[0] in ("prefill", "decode",
                                                                   "store_kvcache")
-        assert set(entry["order"]) <= KNOWN, key
+        assert {auto_table.split_item(i)[0] for i in entry["order"]} <= KNOWN, key
+        for item in entry["order"]:  # a named flash provider is one the flash backend knows
+            assert auto_table.split_item(item)[1] in (None,) + flash.PROVIDER_ORDER, key
     if table["source"].startswith("provisional"):
         assert "regenerate with" in table["source"]
     else:  # measured: every exact entry carries its times
-        assert any("median_us" in e for e in table["entries"].values())
+        assert any("median_us" in e or "runs" in e for e in table["entries"].values())
 
 
 def test_malformed_table_fails_loudly(tmp_path):
@@ -84,3 +89,131 @@ def test_registry_follows_the_table(monkeypatch, tmp_path):
     assert registry.auto_order(_prefill()) == ("flash", "triton", "sdpa", "reference")
     monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm75")
     assert registry.auto_order(_decode()) == registry._AUTO_DEFAULT["cuda"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash providers (format version 2): "flash:<provider>" items
+# ---------------------------------------------------------------------------------------------
+
+DENSE = "prefill|sm90|bf16|d128|dense"
+# aten::_flash_attention_forward's argument names in torch 2.11 (no block_table).
+ATEN_211 = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+            "is_causal", "return_debug_mask", "scale", "window_size_left", "window_size_right",
+            "seqused_k", "alibi_slopes"]
+INSTALLS = {"fa3_fwd": (("fa3_fwd", flash._fa3_fwd_provider(FAKE_FA3_FWD)),
+                        ("aten", flash.aten_provider(ATEN_211, "2.11.0"))),
+            "aten": (("fa3_fwd", "fa3_fwd_interface is not installed"),
+                     ("aten", flash.aten_provider(ATEN_211, "2.11.0"))),
+            "none": (("aten", "this PyTorch build has no FlashAttention kernels"),)}
+V2 = {"version": 2, "entries": {
+    DENSE: {"order": ["flash:fa3_fwd", "triton", "flash:aten"], "runs": [
+        {"order": ["triton", "flash:aten"], "flash": "aten", "device": "NVIDIA H100 80GB HBM3",
+         "median_us": {"triton": 330.0, "flash:aten": 545.8}},
+        {"order": ["flash:fa3_fwd", "triton"], "flash": "fa3_fwd", "device": "NVIDIA H200",
+         "median_us": {"flash:fa3_fwd": 216.8, "triton": 351.2}}]},
+    "prefill|sm90|bf16|*|*": {"order": ["triton", "flash:aten"], "wins": {"triton": 3,
+                                                                          "flash:aten": 0}}}}
+
+
+@pytest.fixture
+def on_sm90(monkeypatch, tmp_path):
+    """A CPU-only machine that looks like an sm90 GPU to the table and to the flash backend,
+    whose flash providers are the ones ``install(name)`` picks from :data:`INSTALLS`."""
+    monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm90")
+    monkeypatch.delenv("ATTN_OPS_FLASH_IMPL", raising=False)
+
+    def install(name, table=V2):
+        providers = INSTALLS[name]
+        monkeypatch.setattr(flash, "_plan", lambda config, forced: flash.choose(
+            config, (9, 0), providers, forced))
+        if table is not None:
+            path = tmp_path / f"table_{len(list(tmp_path.iterdir()))}.json"
+            path.write_text(json.dumps(table))
+            monkeypatch.setenv("ATTN_OPS_AUTO_TABLE", str(path))
+    yield install
+    auto_table.load.cache_clear()
+
+
+def test_loader_accepts_both_versions_and_checks_provider_items(tmp_path):
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(V2))
+    assert auto_table.load(str(path)) == V2
+    for n, (bad, match) in enumerate([
+            ({**V2, "version": 1}, "only 'flash:<provider>' items, and only in format"),  # v1
+            ({"version": 2, "entries": {DENSE: {"order": ["triton:x"]}}}, "'triton:x'"),
+            ({**V2, "version": 3}, "format version 3"),
+            ({"version": 2, "entries": {DENSE: {"order": ["triton"], "runs": [{}]}}}, "runs")]):
+        path = tmp_path / f"bad{n}.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            auto_table.load(str(path))
+    assert auto_table.load.cache_info().currsize  # the committed (version-1 or 2) table loads
+    assert auto_table.load()["version"] in auto_table.VERSIONS
+
+
+@pytest.mark.parametrize("install,expected", [
+    ("fa3_fwd", ("flash", "triton", "sdpa", "reference")),  # FA3 measured first: flash first
+    ("aten", ("triton", "flash", "sdpa", "reference")),     # only PyTorch's FA2: Triton first
+    ("none", ("triton", "flash", "sdpa", "reference")),     # no provider: flash as a fallback
+])
+def test_auto_order_takes_flash_only_with_the_measured_provider(on_sm90, install, expected):
+    on_sm90(install)
+    assert flash.provider_id(_prefill()) == (None if install == "none" else install)
+    assert registry.auto_order(_prefill()) == expected
+    # Paged prefill relaxes to the wildcard; fa3-fwd has no paged KV, so aten would serve it
+    # only with a block table (torch >= 2.13): here no provider, flash:aten skipped.
+    assert registry.auto_order(_prefill(paged=True, block_size=256))[0] == "triton"
+
+
+def test_plain_flash_items_keep_their_meaning(on_sm90):
+    on_sm90("aten", {"entries": {DENSE: {"order": ["flash", "triton"]}}})  # version 1
+    assert registry.auto_order(_prefill()) == ("flash", "triton", "sdpa", "reference")
+
+
+def test_forcing_a_provider_follows_into_the_order(on_sm90, monkeypatch):
+    on_sm90("fa3_fwd")
+    monkeypatch.setenv("ATTN_OPS_FLASH_IMPL", "aten")
+    assert registry.auto_order(_prefill())[:2] == ("triton", "flash")
+
+
+def test_explain_says_which_provider_was_measured_and_what_was_skipped(on_sm90, monkeypatch):
+    on_sm90("fa3_fwd")
+    assert auto_table.why(_prefill(), "flash") == (
+        f"fa3_fwd measured 1.62x faster than triton on NVIDIA H200 for this key ({DENSE}); "
+        "flash:aten skipped: flash would serve this with fa3_fwd")
+    on_sm90("aten")
+    assert auto_table.why(_prefill(), "triton") == (
+        f"triton measured 1.65x faster than flash:aten on NVIDIA H100 80GB HBM3 for this key "
+        f"({DENSE}); flash:fa3_fwd skipped: flash would serve this with aten")
+    paged = _prefill(paged=True, block_size=256)
+    assert auto_table.why(paged, "triton") == (
+        "wildcard entry prefill|sm90|bf16|*|* (keys won: triton 3, flash:aten 0); "
+        "flash:aten skipped: no flash provider serves this here")
+    # Through attn_ops.explain: the backend auto picks, then why (triton's own verdict aside).
+    monkeypatch.setattr(registry, "_reason", lambda name, config: (None, None))
+    on_sm90("fa3_fwd")
+    assert attn_ops.explain(_prefill())["auto"].startswith("flash (fa3_fwd measured 1.62x")
+
+
+def test_committed_table_sends_only_fa3_to_flash_for_dense_bf16_prefill(on_sm90):
+    """Whatever the committed table holds for this key, a machine with only PyTorch's FA2 keeps
+    dense bf16 d128 prefill on Triton (aten FA2 measured 0.6x of it); FA3 goes first only where
+    the table has an FA3 run that measured it first."""
+    on_sm90("aten", table=None)
+    assert registry.auto_order(_prefill())[:2] == ("triton", "flash")
+    entry = auto_table.load()["entries"][DENSE]
+    on_sm90("fa3_fwd", table=None)
+    fa3_first = entry["order"][0] == "flash:fa3_fwd"
+    assert registry.auto_order(_prefill())[0] == ("flash" if fa3_first else "triton")
+
+
+def test_the_graph_cache_uuid_follows_a_changed_provider(on_sm90):
+    """The passes' uuid hashes the table in force: swapping which provider a row names changes
+    both the decision and the uuid (a warm FX graph cache cannot serve the old decision)."""
+    from graph_passes.passes.handwritten_attention import HandwrittenAttentionPass
+    on_sm90("fa3_fwd")
+    first = (HandwrittenAttentionPass().uuid(), registry.auto_order(_prefill()))
+    swapped = json.loads(json.dumps(V2).replace("fa3_fwd", "fa3"))
+    on_sm90("fa3_fwd", swapped)
+    second = (HandwrittenAttentionPass().uuid(), registry.auto_order(_prefill()))
+    assert first[0] != second[0] and first[1][0] == "flash" and second[1][0] == "triton"

@@ -77,7 +77,8 @@ def test_auto_on_cpu_is_sdpa_then_reference():
 def test_explain_gives_each_backends_own_answer():
     cfg = attn_ops.decode_config(torch.randn(2, 4, 64), torch.randn(3, 16, 2, 64))
     reasons = attn_ops.explain(cfg)
-    assert list(reasons) == list(registry.BACKENDS)
+    assert list(reasons) == list(registry.BACKENDS) + ["auto"]  # every backend, then auto's
+    assert reasons["auto"].startswith("sdpa (the static order for cpu devices")
     assert reasons["reference"] == "ok" and reasons["sdpa"] == "ok"
     assert reasons["triton"] == "ok"  # CPU through the interpreter (tests set TRITON_INTERPRET)
     assert "CUDA device" in reasons["flash"]

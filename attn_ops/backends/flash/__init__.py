@@ -76,6 +76,14 @@ def describe(config: OpConfig) -> str:
     return provider.label if provider is not None else f"unavailable: {reason}"
 
 
+def provider_id(config: OpConfig) -> str | None:
+    """The id (one of :data:`PROVIDER_ORDER`, e.g. "fa3_fwd", "aten") of the provider serving
+    ``config``, or None when none does: what the auto table's ``flash:<id>`` items and the
+    benchmark's ``impl`` column name. Memoised per config (with :func:`supports`)."""
+    provider = _plan(config, _forced())[0]
+    return provider.name if provider is not None else None
+
+
 def _provider(config: OpConfig) -> Provider:
     provider, reason = _plan(config, _forced())
     if provider is None:
