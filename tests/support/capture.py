@@ -201,8 +201,8 @@ def cache_copies(code: str, cache_numel: int) -> list[str]:
     found = []
     for line in code.splitlines():
         stripped = line.strip()
-        if stripped.startswith(("#", "//")) and "Original ATen" in stripped:
-            continue  # provenance comments name the source ops, not what the code does
+        if stripped.startswith(("#", "//")):
+            continue  # comments: provenance (the source ops' names), compile commands (paths)
         if _ALIGNMENT_GUARD.search(line):
             continue
         if _COPY_WORD.search(line) and not any(b in line for b in _BOILERPLATE):
