@@ -121,6 +121,7 @@ def on_sm90(monkeypatch, tmp_path):
     whose flash providers are the ones ``install(name)`` picks from :data:`INSTALLS`."""
     monkeypatch.setattr(auto_table, "arch_of", lambda device: "sm90")
     monkeypatch.delenv("ATTN_OPS_FLASH_IMPL", raising=False)
+    monkeypatch.delenv("ATTN_OPS_AUTO_TABLE", raising=False)  # the committed table by default
 
     def install(name, table=V2):
         providers = INSTALLS[name]
@@ -196,15 +197,22 @@ def test_explain_says_which_provider_was_measured_and_what_was_skipped(on_sm90, 
 
 
 def test_committed_table_sends_only_fa3_to_flash_for_dense_bf16_prefill(on_sm90):
-    """Whatever the committed table holds for this key, a machine with only PyTorch's FA2 keeps
-    dense bf16 d128 prefill on Triton (aten FA2 measured 0.6x of it); FA3 goes first only where
-    the table has an FA3 run that measured it first."""
+    """The committed table holds the H200's FA3 run for this key (flash:fa3_fwd first) beside
+    the H100's aten run (triton first): a machine with only PyTorch's FA2 keeps dense bf16 d128
+    prefill on Triton (aten measured 0.60x of it), one with fa3-fwd goes to flash."""
+    entry = auto_table.load()["entries"][DENSE]
+    assert entry["order"][:2] == ["flash:fa3_fwd", "triton"]
+    assert {r.get("flash") for r in entry["runs"]} == {"fa3_fwd", "aten"}
     on_sm90("aten", table=None)
     assert registry.auto_order(_prefill())[:2] == ("triton", "flash")
-    entry = auto_table.load()["entries"][DENSE]
+    assert "flash:fa3_fwd skipped: flash would serve this with aten" in auto_table.why(
+        _prefill(), "triton")
     on_sm90("fa3_fwd", table=None)
-    fa3_first = entry["order"][0] == "flash:fa3_fwd"
-    assert registry.auto_order(_prefill())[0] == ("flash" if fa3_first else "triton")
+    assert registry.auto_order(_prefill())[:2] == ("flash", "triton")
+    assert auto_table.why(_prefill(), "flash").startswith(
+        "fa3_fwd measured 1.62x faster than triton on NVIDIA H200")
+    # Keys the H200 did not measure with FA3 keep Triton first there (d64: only aten measured).
+    assert registry.auto_order(_prefill(d=64))[:2] == ("triton", "flash")
 
 
 def test_the_graph_cache_uuid_follows_a_changed_provider(on_sm90):
