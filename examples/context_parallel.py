@@ -83,6 +83,10 @@ def main(argv=None) -> int:
         return 0 if all(r["ok"] for r in results) else 1
     finally:
         if dist.is_initialized():
+            # Both ranks reach teardown together: a gloo group torn down on one rank while the
+            # other still talks to it aborted the process once in CI-like runs (std::terminate
+            # from a communication thread).
+            dist.barrier()
             dist.destroy_process_group()
 
 
