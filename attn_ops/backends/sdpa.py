@@ -112,9 +112,7 @@ def _is_dense(q, k, cu_q, cu_k, mq: int, mk: int) -> bool:
     b = cu_q.shape[0] - 1
     if b <= 0 or mq <= 0 or mk <= 0 or q.shape[0] != b * mq or k.shape[0] != b * mk:
         return False
-    if not (q.is_cpu and cu_q.is_cpu and cu_k.is_cpu and type(cu_q) is torch.Tensor
-            and type(cu_k) is torch.Tensor and type(q) is torch.Tensor
-            and not torch.compiler.is_compiling()):
+    if not (_on_host(q) and _on_host(cu_q) and _on_host(cu_k)):
         return False
     return _last(cu_q) == q.shape[0] and (cu_k is cu_q or _last(cu_k) == k.shape[0])
 
