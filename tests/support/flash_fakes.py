@@ -204,3 +204,27 @@ FAKE_FA3_RAW = module("flash_attn_interface", flash_attn_varlen_func=fa3_varlen,
 FAKE_FA3_FWD = module("fa3_fwd_interface", flash_attn_varlen_func=fa3_varlen,
                       flash_attn_with_kvcache=fa3_with_kvcache,
                       fa3_fwd_cuda=types.SimpleNamespace(fwd=fa3_raw_fwd))
+
+
+# aten::_flash_attention_forward argument names, torch 2.11 and torch 2.13.
+ATEN_211 = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
+            "is_causal", "return_debug_mask", "scale", "window_size_left", "window_size_right",
+            "seqused_k", "alibi_slopes"]
+ATEN_213 = ATEN_211 + ["block_table", "num_splits"]
+
+
+def stand_in_providers() -> dict:
+    """The flash backend's providers built over the stand-ins above, by provider name."""
+    from attn_ops.backends import flash
+    return {"fa3": flash._fa3_provider(FAKE_FA3), "fa3_raw": flash._fa3_provider(FAKE_FA3_RAW),
+            "fa3_fwd": flash._fa3_fwd_provider(FAKE_FA3_FWD),
+            "fa2": flash._fa2_provider(FAKE_FA2),
+            "aten": flash.aten_provider(ATEN_213, "2.13.0")}
+
+
+def serve_with(monkeypatch, provider) -> None:
+    """Make the flash backend serve every call with ``provider`` and aten's FA2 the stand-in."""
+    from attn_ops.backends import flash
+    from attn_ops.backends.flash import calls
+    monkeypatch.setattr(flash, "_provider", lambda config: provider)
+    monkeypatch.setattr(calls, "_aten_flash_forward", lambda: aten_flash_forward)

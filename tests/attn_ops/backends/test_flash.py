@@ -23,17 +23,13 @@ from attn_ops import registry
 from attn_ops.contract import OpConfig
 from attn_ops.backends import flash, reference
 from attn_ops.backends.flash import calls
-from tests.support.flash_fakes import (FAKE_FA2, FAKE_FA3, FAKE_FA3_FWD, FAKE_FA3_RAW, NAN,
+from tests.support.flash_fakes import (ATEN_211, ATEN_213, serve_with, stand_in_providers,
+                                       FAKE_FA2, FAKE_FA3, FAKE_FA3_FWD, FAKE_FA3_RAW, NAN,
                                        aten_flash_forward, fa3_varlen, module)
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 CUDA = torch.device("cuda")
 SM90, SM80, SM75 = (9, 0), (8, 0), (7, 5)
-# aten::_flash_attention_forward argument names, torch 2.11 and torch 2.13.
-ATEN_211 = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
-            "is_causal", "return_debug_mask", "scale", "window_size_left", "window_size_right",
-            "seqused_k", "alibi_slopes"]
-ATEN_213 = ATEN_211 + ["block_table", "num_splits"]
 
 
 def _config(op="prefill", dtype=torch.bfloat16, d=128, paged=False, block_size=None,
@@ -46,9 +42,7 @@ def _config(op="prefill", dtype=torch.bfloat16, d=128, paged=False, block_size=N
                     softcap=softcap)
 
 
-PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa3_raw": flash._fa3_provider(FAKE_FA3_RAW),
-             "fa3_fwd": flash._fa3_fwd_provider(FAKE_FA3_FWD),
-             "fa2": flash._fa2_provider(FAKE_FA2), "aten": flash.aten_provider(ATEN_213, "2.13.0")}
+PROVIDERS = stand_in_providers()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +169,7 @@ def test_loading_the_module_and_cpu_decisions_never_look_up_flash_packages(monke
 @pytest.fixture(params=sorted(PROVIDERS))
 def provider(request, monkeypatch):
     p = PROVIDERS[request.param]
-    monkeypatch.setattr(flash, "_provider", lambda config: p)
-    monkeypatch.setattr(calls, "_aten_flash_forward", lambda: aten_flash_forward)
+    serve_with(monkeypatch, p)
     return p
 
 

@@ -13,24 +13,19 @@ from attn_ops import registry
 from attn_ops.backends import flash, reference
 from attn_ops.backends.flash import calls
 from attn_ops.contract import OpConfig, prefill_config
-from tests.support.flash_fakes import (FAKE_FA2, FAKE_FA3, FAKE_FA3_FWD, FAKE_FA3_RAW, NAN,
+from tests.support.flash_fakes import (serve_with, stand_in_providers,
+                                       FAKE_FA2, FAKE_FA3, FAKE_FA3_FWD, FAKE_FA3_RAW, NAN,
                                        aten_flash_forward, fa3_raw_fwd, module)
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 CUDA = torch.device("cuda")
-ATEN_213 = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
-            "is_causal", "return_debug_mask", "scale", "window_size_left", "window_size_right",
-            "seqused_k", "alibi_slopes", "block_table", "num_splits"]
-PROVIDERS = {"fa3": flash._fa3_provider(FAKE_FA3), "fa3_raw": flash._fa3_provider(FAKE_FA3_RAW),
-             "fa3_fwd": flash._fa3_fwd_provider(FAKE_FA3_FWD),
-             "fa2": flash._fa2_provider(FAKE_FA2), "aten": flash.aten_provider(ATEN_213, "2.13")}
+PROVIDERS = stand_in_providers()
 
 
 @pytest.fixture(params=sorted(PROVIDERS))
 def provider(request, monkeypatch):
     p = PROVIDERS[request.param]
-    monkeypatch.setattr(flash, "_provider", lambda config: p)
-    monkeypatch.setattr(calls, "_aten_flash_forward", lambda: aten_flash_forward)
+    serve_with(monkeypatch, p)
     return p
 
 
