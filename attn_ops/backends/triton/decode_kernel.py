@@ -329,19 +329,21 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     # Alignment checked per call: the caller's tensors (outputs, partials and semaphores are
     # fresh allocations; q stands in for what is absent).
     check = (0, 1, 2, 3, 4) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
-    stage1_launch = prepare(_decode_split_kernel, grid1, {**stage1, **ex.flags}, check)
+    stage1_launch = prepare(_decode_split_kernel, grid1, {**stage1, **ex.flags}, check,
+                            scalars1)
     fused, merge = stage1["FUSED"], splits > 1 and not stage1["FUSED"]
+    scalars2 = (splits, out_strides[0], out_strides[1], ex.strides[0])
     merge_launch = prepare(_merge_kernel, grid2, dict(stage2, HAS_SINKS=has_sinks,
                                                       WITH_LSE=with_lse),
-                           (4,) if has_sinks else ()) if merge else None
-    scalars2 = (splits, out_strides[0], out_strides[1], ex.strides[0])
+                           (4,) if has_sinks else (), scalars2) if merge else None
     part_shape, lse_part_shape = (batch, num_heads, splits, head_dim), (batch, num_heads, splits)
     lse_shape, sema_count = (batch, num_heads), batch * k_cache.shape[2]
-    empty, f32 = torch.empty, torch.float32
+    empty, empty_like, f32 = torch.empty, torch.empty_like, torch.float32
+    like_q = q.stride() == out_strides  # empty_like(q): ~0.9 us less than empty(shape, ...)
 
     def run(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
             sinks=None, k_scale=None, v_scale=None, return_lse=False):
-        out = empty(shape, dtype=dtype, device=device)
+        out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
         if splits == 1:
             o_part = lse_part = out  # unused pointer arguments
@@ -351,8 +353,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
         sink = sinks if has_sinks else q
         stage1_launch((q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
                        semaphores(sema_count, device) if fused else seqlens_k, lse, sink,
-                       k_scale if fp8 else q, v_scale if fp8 else q, *scalars1))
+                       k_scale if fp8 else q, v_scale if fp8 else q))
         if merge:
-            merge_launch((o_part, lse_part, out, lse, sink, *scalars2))
+            merge_launch((o_part, lse_part, out, lse, sink))
         return (out, lse) if with_lse else out
     return run

@@ -248,23 +248,24 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         return prefill  # nothing to launch: the wrapper's host-side result
     ex = extras(q, k, sinks, k_scale, v_scale, return_lse)
     shape, dtype, device = q.shape, q.dtype, q.device
+    out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's
     grid, consts, scalars = _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          scale, causal, block_table, window_left, softcap,
-                                         torch.empty(shape, device="meta").stride(), ex, None)
+                                         out_strides, ex, None)
     paged, has_sinks, fp8, with_lse = (block_table is not None, ex.flags["HAS_SINKS"],
                                        ex.flags["FP8"], ex.flags["WITH_LSE"])
     # Alignment checked per call: the caller's tensors, not out / lse (fresh allocations).
     check = (0, 1, 2, 4, 5, 6) + ((8,) if has_sinks else ()) + ((9, 10) if fp8 else ())
-    go = prepare(_prefill_kernel, grid, consts, check)
+    go = prepare(_prefill_kernel, grid, consts, check, scalars)
     empty, lse_shape, f32 = torch.empty, shape[:2], torch.float32
+    empty_like, like_q = torch.empty_like, q.stride() == out_strides  # ~0.9 us less than empty
 
     def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
             block_table=None, window_left=-1, softcap=0.0, sinks=None, k_scale=None,
             v_scale=None, return_lse=False):
-        out = empty(shape, dtype=dtype, device=device)
+        out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
         go((q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_table if paged else cu_seqlens_k,
-            lse, sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q,
-            *scalars))
+            lse, sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q))
         return (out, lse) if with_lse else out
     return run

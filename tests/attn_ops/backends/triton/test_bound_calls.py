@@ -21,20 +21,29 @@ from attn_ops.backends import triton as backend  # noqa: E402
 from attn_ops.backends.triton import launch  # noqa: E402
 from tests.support.helpers import cu_seqlens, poisoned, random_paged  # noqa: E402
 
-_real_empty = torch.empty
+_real_empty, _real_empty_like = torch.empty, torch.empty_like
 
 
-def _poisoned_empty(*args, **kwargs):
-    t = _real_empty(*args, **kwargs)
+def _poisoned(t):
     if t.device.type != "meta":
         t.fill_(float("nan") if t.is_floating_point() else -7)
     return t
 
 
+def _poisoned_empty(*args, **kwargs):
+    return _poisoned(_real_empty(*args, **kwargs))
+
+
+def _poisoned_empty_like(*args, **kwargs):
+    return _poisoned(_real_empty_like(*args, **kwargs))
+
+
 @pytest.fixture
 def poison(monkeypatch):
-    """torch.empty returns NaN-filled (integers: -7) tensors; the memo starts empty."""
+    """torch.empty / empty_like return NaN-filled (integers: -7) tensors; the memo starts
+    empty."""
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", _poisoned_empty_like)
     registry.clear_cache()
     yield
     registry.clear_cache()

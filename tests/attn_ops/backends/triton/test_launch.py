@@ -55,9 +55,11 @@ def fake(monkeypatch):
         return Compiled()
 
     kernel.run = run
-    runtime = types.SimpleNamespace(launch_enter_hook=_HookChain(), launch_exit_hook=None)
-    monkeypatch.setattr(launch, "_driver", (lambda: 0, lambda device: f"stream{device}",
-                                            runtime))
+    # runtime.device: the current device the driver's getter reports (a test may switch it)
+    runtime = types.SimpleNamespace(launch_enter_hook=_HookChain(), launch_exit_hook=None,
+                                    device=0)
+    monkeypatch.setattr(launch, "_driver", (lambda: runtime.device,
+                                            lambda device: f"stream{device}", runtime))
     launch.clear()
     yield kernel, log, runtime
     launch.clear()
@@ -262,6 +264,40 @@ def test_a_prepared_launch_goes_direct_and_checks_only_the_given_tensors(fake):
     go((x, y, 5, 0.5, True))
     assert log[-1][0] == "direct" and log[-1][7] == ("meta", (3,), 7)
     runtime.launch_enter_hook = _HookChain()
-    launch._driver = (lambda: 1, launch._driver[1], runtime)  # another current device
+    runtime.device = 1  # another current device
     go((x, y, 5, 0.5, True))
     assert log[-1][0] == "triton"
+
+
+def test_a_prepared_launch_joins_the_fixed_arguments_in_order(fake):
+    """prepare(..., fixed=...): the caller passes the tensors, the signature's scalars follow
+    them on every path (Triton's run, the direct launcher, a hook's metadata)."""
+    kernel, log, runtime = fake
+    x, y = torch.zeros(64), torch.zeros(64)
+    go = launch.prepare(kernel, (2, 3), dict(BLOCK=16, MODE="b"), fixed=(7, 0.25, False))
+    go((x, y))
+    go((y, x))
+    assert log[0][0] == "triton" and log[0][1] == (x, y, 7, 0.25, False)
+    assert log[0][2] == (2, 3) and log[0][3] == dict(BLOCK=16, MODE="b")
+    assert log[1][0] == "direct" and log[1][1:4] == (2, 3, 1)
+    assert log[1][10:] == (y, x, 7, 0.25, False, 16, "b")
+    runtime.launch_enter_hook = _HookChain([print])
+    go((x, y))
+    assert log[-1][0] == "direct" and log[-1][7] == ("meta", (2, 3), 7)
+    assert log[-1][10:] == (x, y, 7, 0.25, False, 16, "b")
+    launch.enabled = False
+    try:
+        go((x, y))  # disabled: kernel[grid] with every argument
+    finally:
+        launch.enabled = True
+    assert log[-1][0] == "triton" and log[-1][1] == (x, y, 7, 0.25, False)
+
+
+def test_the_pinned_device_getter_is_torch_c_for_torch_cuda_current_device():
+    """Triton's getter is torch.cuda.current_device (a Python lazy-init check per call); a
+    pinned launch calls torch's C getter instead, any other getter as it is."""
+    other = lambda: 3  # noqa: E731
+    assert launch._device_getter(other) is other
+    raw = getattr(torch._C, "_cuda_getDevice", None)
+    expected = raw if raw is not None else torch.cuda.current_device
+    assert launch._device_getter(torch.cuda.current_device) is expected
