@@ -360,6 +360,11 @@ def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype) -> Config:
     if INTERPRET:
         return Config(16, 0 if max_rows <= 16 else 16, 16, 4, 1)
     wide = dtype == torch.float32 or head_dim > 128
+    if 16 < max_rows <= 32 and not wide:
+        # 32 packed rows (8 queries at G = 4): 128-key steps. H200, bf16, D 128, B 16/64 over
+        # 2048/8192 keys: 1.17-1.24x the one-token decode's time vs 1.45-1.57x with 64-key
+        # steps (32-key steps 2.0x; BENCHMARKS.md, "few queries").
+        return Config(32, 0, 128, 4, 3)
     if max_rows <= _SMALL_ROWS_MAX:  # decode, speculative verification: memory-bound
         return Config(max(16, next_pow2(max_rows)), 0, 32 if wide else 64, 4, 2 if wide else 3)
     if wide:
@@ -390,8 +395,11 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
     n_large = (total_q * group) // cfg.block_m + num_seqs if cfg.block_m else 0
     if splits is None:
         real_tiles = n_small if not cfg.block_m else (total_q * group) // cfg.block_m + num_seqs
-        splits = num_splits(real_tiles * num_kv_heads, capacity, device_sm_count(device),
-                            cfg.block_n)
+        # A 32-row small tile does twice a 16-row tile's work per key, so it counts twice
+        # (H200, B 16 x 8 queries over 2048 keys: 2 splits 53.0 us, 4 splits 57.8).
+        weight = 2 if cfg.small_m == 32 and not cfg.block_m else 1
+        splits = num_splits(real_tiles * num_kv_heads * weight, capacity,
+                            device_sm_count(device), cfg.block_n)
     if config is None and causal and splits == 1 and cfg.stages > 2:
         # H200, B = 64 sequences of 1-4 queries, ctx 2048, one split: 3 stages 176 us, 2 stages
         # 132 us (the one-token decode: 130); with splits (B = 16) 3 stages measured at parity.

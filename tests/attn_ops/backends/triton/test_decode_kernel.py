@@ -83,6 +83,11 @@ def test_decode_split_count_is_static():
     assert decode_kernel.num_splits(1, 8, 64, 132, 64) == 1  # a tiny table: no split
     assert decode_kernel.num_splits(0, 8, 1024, 132, 64) == 1
     assert decode_kernel.num_splits(1, 1, 10 ** 7, 132, 64) == decode_kernel._MAX_SPLITS
+    # one sequence's heads: the most splits, down to 128 keys each (64 at 8k keys, where the
+    # wave rule alone would stop at 32 of 256 keys); two sequences: the wave rule (25)
+    assert decode_kernel.num_splits(1, 8, 8192, 132, 64) == 64
+    assert decode_kernel.num_splits(1, 8, 4096, 132, 64) == 32
+    assert decode_kernel.num_splits(2, 8, 16384, 132, 64) == 25
 
 
 def _every_other_column(t):

@@ -140,6 +140,25 @@ def test_split_count_and_grid_are_static():
     assert unified_kernel.num_splits(8, 100, 132, 64) == 1  # a tiny key bound: no split
 
 
+def test_thirty_two_row_tiles_take_long_steps_and_count_twice(monkeypatch):
+    # 8 queries at G = 4: one 32-row small tile of 128-key steps, split as if twice the
+    # programs (B 16 over 2048 keys: 2 splits where 16-row tiles take 4)
+    monkeypatch.setattr(unified_kernel, "INTERPRET", False)
+    assert unified_kernel.launch_config(32, 128, BF16) == unified_kernel.Config(32, 0, 128, 4, 3)
+    assert unified_kernel.launch_config(16, 128, BF16).block_n == 64
+    assert unified_kernel.launch_config(32, 256, BF16).block_n == 32  # wide rows: unchanged
+    monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
+    unified_kernel._plan.cache_clear()
+    try:
+        def splits(nq):
+            return unified_kernel._plan(16 * nq, 16, 32, 8, 128, nq, 2048, BF16,
+                                        torch.device("cpu"), False, True, True, 16, False,
+                                        False, None, None)[0]
+        assert (splits(4), splits(8)) == (4, 2)
+    finally:
+        unified_kernel._plan.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA (the static tables' tiles: small path up to 64 packed rows, 128-row large tiles)
 # ---------------------------------------------------------------------------------------------
