@@ -16,14 +16,18 @@ Inside it three partitions run at once:
 P stays in registers as wgmma's A operand. Causal tiles past the diagonal are never loaded;
 masks are applied only on tiles that need them (the diagonal and the sequence's last partial
 tile). K/V come from the packed ``[Tk, Hkv * D]`` rows through 2-D TMA descriptors, so a tile's
-tail can hold the next sequence's keys (or TMA's zero fill past Tk): masked scores are ``-inf``,
-and on masked tiles a value row that is not finite (hidden by causality or owned by another
-sequence) is zeroed in shared memory before ``P V``, so ``0 * NaN`` never reaches a row that does
-not see it; ``P`` becomes NaN where a row does see such a row. Rows past ``cu_seqlens_q[-1]``
-are zeroed by the extra ``b = B`` column of the grid; a query row that sees no key gets zeros.
+tail can hold the next sequence's keys (or TMA's zero fill past Tk): their scores are ``-inf``.
+Rows past ``cu_seqlens_q[-1]`` are zeroed by the extra ``b = B`` column of the grid; a query row
+that sees no key gets zeros.
 
-Needs Triton with Gluon's Hopper API (3.5 / 3.6 tested: 3.6); the host side is
-hopper_prefill_launch.py.
+Contract gap (ISOLATE off): a NaN/Inf value row that a query row must not see (hidden by
+causality on the diagonal tile, or the next sequence's row in the last tile) still reaches that
+row through ``0 * NaN`` in ``P V``. ``ISOLATE=True`` adds a sanitizer warp that zeroes such rows
+in shared memory and marks the rows that do see one; on the H200 it failed the odd-length
+GPU tests with spurious NaN rows (not yet found why), so it is off.
+
+Needs Triton with Gluon's Hopper API (tested: 3.6); the host side (descriptors, grid, the
+supports / available checks) is hopper_prefill_launch.py.
 """
 
 from __future__ import annotations
@@ -37,9 +41,6 @@ try:
     GLUON = True
 except Exception:  # noqa: BLE001 - an older Triton, or one whose Gluon API moved: no kernel
     GLUON = False
-
-LOG2E = 1.4426950408889634
-
 
 if GLUON:
     @gluon.jit
@@ -78,29 +79,54 @@ if GLUON:
                                             v_bufs.index(st))
 
     @gluon.jit
-    def _isolate(v_smem, p, ok, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 s_layout: gl.constexpr, num_warps: gl.constexpr):
-        """Zero the value rows of a masked tile that are not finite (in shared memory, only when
-        one exists) and make ``p`` NaN where a row sees one (the reference's rule). Costs 64
-        registers for the tile: with it the consumers spill (ISOLATE is off by default)."""
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        vt = v_smem.load(blk)
-        vs = gl.sum(vt.to(gl.float32), axis=1)
-        fin = (vs - vs) == 0.0  # False for a row holding NaN or +-Inf
-        if gl.min(fin.to(gl.int32), axis=0) == 0:
-            v_smem.store(gl.where(gl.expand_dims(fin, 1), vt, gl.zeros_like(vt)))
+    def _sanitizer(v_bufs, bad_smem, v_ready, v_clean, n_iter, i_iso, lk,
+                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """One warp, on the tiles ``i >= i_iso`` (those holding a key that some row of the
+        program must not see: the causal diagonal, the sequence's last partial tile): zeroes the
+        value rows that are not finite, in shared memory, so ``0 * NaN`` in ``P V`` cannot carry
+        them into rows that do not see them, then releases the tile on ``v_clean`` (its own ring:
+        k-th such tile, slot ``k % STAGES``). ``bad_smem`` gets the lowest such key below lk:
+        the consumers turn the rows that see it NaN (the reference's rule; visible keys are a
+        prefix). 8 rows at a time: the partition has 24 registers."""
+        ROWS: gl.constexpr = 8
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        bad = lk
+        for i in range(i_iso, n_iter):
+            st = i % STAGES
+            mbarrier.wait(v_ready.index(st), (i // STAGES) & 1)
+            for r in gl.static_range(BLOCK_N // ROWS):
+                part = v_bufs.index(st).slice(r * ROWS, ROWS)
+                chunk = part.load(blk)
+                vs = gl.sum(chunk.to(gl.float32), axis=1)
+                fin = (vs - vs) == 0.0  # False for a row holding NaN or +-Inf
+                keys = i * BLOCK_N + r * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
+                bad = gl.minimum(bad, gl.min(gl.where(fin | (keys >= lk), lk, keys), axis=0))
+                if gl.min(fin.to(gl.int32), axis=0) == 0:
+                    part.store(gl.where(gl.expand_dims(fin, 1), chunk, gl.zeros_like(chunk)))
             fence_async_shared()
-        fin_s = gl.expand_dims(gl.convert_layout(fin, gl.SliceLayout(0, s_layout)), 0)
-        return gl.where(fin_s | ~ok, p, float("nan"))
+            bad_smem.store(gl.full([1], 0, gl.int32, one) + bad)
+            k = i - i_iso
+            mbarrier.arrive(v_clean.index(k % STAGES), count=1)
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, n0, v_smem, v_bar, v_phase, full_hi, lk, q_pos, offs_n, qk_scale,
-                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
-                 ISOLATE: gl.constexpr, s_layout: gl.constexpr):
+    def _wait_v(j, i_iso, v_ready, v_clean, STAGES: gl.constexpr, ISOLATE: gl.constexpr):
+        """Wait until V_j may enter ``P V``: loaded, and sanitized when it needs to be."""
+        if ISOLATE:
+            if j >= i_iso:
+                k = j - i_iso
+                mbarrier.wait(v_clean.index(k % STAGES), (k // STAGES) & 1)
+            else:
+                mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+        else:
+            mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+
+    @gluon.jit
+    def _softmax(s, m_i, l_i, n0, full_hi, lk, q_pos, offs_n, qk_scale,
+                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
         """Online-softmax step (exp2 domain, ``m`` kept scaled) over raw scores ``s`` of keys
         ``n0 ..``; masks only when the tile has a key some row must not see."""
-        masked = n0 + BLOCK_N > full_hi
-        if masked:
+        if n0 + BLOCK_N > full_hi:
             ok = (n0 + offs_n) < lk
             if CAUSAL:
                 ok = ok & ((n0 + offs_n) <= q_pos)
@@ -109,19 +135,13 @@ if GLUON:
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
         alpha = gl.exp2(m_i - m_use)
-        if ISOLATE:
-            if masked:
-                ok = (n0 + offs_n) < lk
-                if CAUSAL:
-                    ok = ok & ((n0 + offs_n) <= q_pos)
-                mbarrier.wait(v_bar, v_phase)
-                p = _isolate(v_smem, p, ok, BLOCK_N, HEAD_DIM, s_layout, 4)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, o_desc, O,
-                  stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, qk_scale,
+    def _consumer(q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean, k_empty,
+                  v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter,
+                  i_iso, qk_scale,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                   ISOLATE: gl.constexpr):
@@ -157,9 +177,8 @@ if GLUON:
                               is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, v_bufs.index(0), v_ready.index(0), 0,
-                                      full_hi, lk, q_pos, offs_n, qk_scale, BLOCK_N, HEAD_DIM,
-                                      CAUSAL, ISOLATE, s_layout)
+        p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, full_hi, lk, q_pos, offs_n, qk_scale,
+                                      BLOCK_N, CAUSAL)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for i in range(1, n_iter):
             st = i % STAGES
@@ -169,24 +188,32 @@ if GLUON:
             s_tok = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)), zero_s,
                                   use_acc=False, is_async=True)
             # O += P_{i-1} V_{i-1} runs while this tile's softmax does.
-            mbarrier.wait(v_ready.index(pst), ((i - 1) // STAGES) & 1)
+            _wait_v(i - 1, i_iso, v_ready, v_clean, STAGES, ISOLATE)
             acc_tok = warpgroup_mma(p_op, v_bufs.index(pst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(st), count=1)
-            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, i * BLOCK_N, v_bufs.index(st),
-                                          v_ready.index(st), ph, full_hi, lk, q_pos, offs_n,
-                                          qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, ISOLATE, s_layout)
+            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, i * BLOCK_N, full_hi, lk, q_pos, offs_n,
+                                          qk_scale, BLOCK_N, CAUSAL)
             acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
             mbarrier.arrive(v_empty.index(pst), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         last = (n_iter - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_iter - 1) // STAGES) & 1)
+        _wait_v(n_iter - 1, i_iso, v_ready, v_clean, STAGES, ISOLATE)
         acc_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(v_empty.index(last), count=1)
 
+        if ISOLATE:
+            if n_iter > i_iso:  # rows that see a non-finite value row the sanitizer zeroed
+                bad = gl.min(bad_smem.load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
+                pos = m0w + diag + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+                if CAUSAL:
+                    sees = pos >= bad
+                else:
+                    sees = pos * 0 + bad < lk
+                acc = gl.where(gl.expand_dims(sees, 1), float("nan"), acc)
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
         out = (acc * gl.expand_dims(inv, 1)).to(dtype)
@@ -258,105 +285,42 @@ if GLUON:
 
         q_row = q_start + m0
         kv_col = (head // GROUP) * HEAD_DIM
-        gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                         o_desc, O, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter,
-                         qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ISOLATE)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
-                         o_desc, O, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter,
-                         qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, ISOLATE)),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
-                         v_ready, k_empty, v_empty, q_row, head * HEAD_DIM, k_start, kv_col,
-                         n_iter, BLOCK_M, BLOCK_N, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        iso_hi = lk  # keys below iso_hi are visible to every row of the program
+        if CAUSAL:
+            iso_hi = gl.minimum(lk, m0 + lk - lq + 1)
+        i_iso = iso_hi // BLOCK_N  # tiles from i_iso on hold a key some row must not see
+        bad_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        v_clean = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(v_clean.index(s), count=1)
+        if ISOLATE:
+            gl.warp_specialize([
+                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
+                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
+                             head, m0, n_iter, i_iso, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, CAUSAL, ISOLATE)),
+                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
+                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
+                             head, m0, n_iter, i_iso, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, CAUSAL, ISOLATE)),
+                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
+                             v_ready, k_empty, v_empty, q_row, head * HEAD_DIM, k_start, kv_col,
+                             n_iter, BLOCK_M, BLOCK_N, STAGES)),
+                (_sanitizer, (v_bufs, bad_smem, v_ready, v_clean, n_iter, i_iso, lk, BLOCK_N,
+                              HEAD_DIM, STAGES)),
+            ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
+                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
+                             head, m0, n_iter, i_iso, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, CAUSAL, ISOLATE)),
+                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
+                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
+                             head, m0, n_iter, i_iso, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, CAUSAL, ISOLATE)),
+                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
+                             v_ready, k_empty, v_empty, q_row, head * HEAD_DIM, k_start, kv_col,
+                             n_iter, BLOCK_M, BLOCK_N, STAGES)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
-
-# Host side ---------------------------------------------------------------------------------
-
-BLOCK_M = 64  # rows per consumer warpgroup (wgmma's M); a program owns 2 * BLOCK_M rows
-# BLOCK_N, STAGES per head dim. Shared memory at D=128: Q 32 KB + (K + V) 64 KB per stage.
-_CONFIGS = {64: (128, 3), 128: (128, 2)}
-# Registers per thread: 4 + 4 + 1 warps round to 12 (3 warpgroups); the kernel is capped at
-# 168 (168 * 384 <= 64 K) and the warpgroups re-split it: 240 per consumer, 24 for the producer.
-MAXNREG, CONSUMER_REGS, PRODUCER_REGS = 168, 224, 24
-
-
-def available(device=None) -> bool:
-    """Gluon's Hopper API importable, and ``device`` (default: the current CUDA device) is an
-    sm90 GPU."""
-    if not GLUON:
-        return False
-    import torch
-    if not torch.cuda.is_available():
-        return False
-    dev = torch.device("cuda") if device is None else torch.device(device)
-    if dev.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(dev) == (9, 0) and torch.version.hip is None
-
-
-def supports(q_dtype, head_dim: int, causal: bool = True, paged: bool = False,
-             window_left: int = -1, softcap: float = 0.0, sinks: bool = False,
-             fp8: bool = False, return_lse: bool = False) -> str | None:
-    """None when this kernel can serve the call, else the reason (static facts only)."""
-    import torch
-    if q_dtype not in (torch.float16, torch.bfloat16):
-        return f"hopper prefill: q dtype {q_dtype} (serves float16 / bfloat16)"
-    if head_dim not in _CONFIGS:
-        return f"hopper prefill: head_dim {head_dim} (serves {sorted(_CONFIGS)})"
-    for flag, what in ((paged, "a paged KV cache (block_table)"),
-                       (window_left >= 0, "a sliding window"), (softcap > 0, "softcap"),
-                       (sinks, "sinks"), (fp8, "fp8 caches"), (return_lse, "the LSE output")):
-        if flag:
-            return f"hopper prefill: {what} is not supported"
-    return None
-
-
-def _tma_ready(x):
-    """``x`` as a [T, heads * D] row matrix TMA can read: packed heads, 16-byte rows and base
-    (a copy otherwise)."""
-    t, h, d = x.shape
-    if (x.stride(2) != 1 or x.stride(1) != d or (x.stride(0) * x.element_size()) % 16
-            or x.data_ptr() % 16):
-        x = x.contiguous()
-    return x.as_strided((t, h * d), (x.stride(0), 1))
-
-
-def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-            scale: float, causal: bool = True, out=None):
-    """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv ==
-    0``), cu_seqlens ``[B + 1]`` int32 on q's device. Returns ``[Tq, H, D]`` in q's dtype (or
-    fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
-    sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the grid comes
-    from ``max_seqlen_q`` and B."""
-    import torch
-    import triton
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    total_q, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    num_seqs = cu_seqlens_q.shape[0] - 1
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if total_q == 0:
-        return out
-    if k.shape[0] == 0 or num_seqs == 0:
-        return out.zero_()  # no key anywhere (static shapes say so)
-    block_n, stages = _CONFIGS[head_dim]
-    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], dt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], dt)
-    q2, k2, v2 = _tma_ready(q), _tma_ready(k), _tma_ready(v)
-    o2 = out.view(total_q, num_heads * head_dim)
-    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, head_dim], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [block_n, head_dim], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [block_n, head_dim], kv_layout)
-    o_desc = TensorDescriptor.from_tensor(o2, [BLOCK_M, head_dim], q_layout)
-    grid = (max(1, triton.cdiv(int(max_seqlen_q), 2 * BLOCK_M)), num_seqs + 1, num_heads)
-    hopper_prefill_kernel[grid](
-        q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k, out.stride(0),
-        out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
-        float(scale) * LOG2E, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), ISOLATE=False,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
-        maxnreg=MAXNREG)
-    return out

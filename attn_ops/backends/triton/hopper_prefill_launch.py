@@ -1,0 +1,109 @@
+"""Host side of the Gluon Hopper prefill (hopper_prefill_kernel.py): what it serves, where it
+runs, and the launch (TMA descriptors over the packed rows, the grid from static bounds).
+
+Public surface: :func:`available`, :func:`supports`, :func:`prefill`.
+"""
+
+from __future__ import annotations
+
+from attn_ops.backends.triton.hopper_prefill_kernel import GLUON
+
+if GLUON:
+    from triton.experimental.gluon import language as gl
+
+    from attn_ops.backends.triton.hopper_prefill_kernel import hopper_prefill_kernel
+
+LOG2E = 1.4426950408889634
+BLOCK_M = 64  # rows per consumer warpgroup (wgmma's M); a program owns 2 * BLOCK_M rows
+# BLOCK_N, STAGES per head dim. Shared memory at D=128: Q 32 KB + (K + V) 64 KB per stage.
+_CONFIGS = {64: (128, 3), 128: (128, 2)}
+# Registers per thread: 4 + 4 + 1 warps round to 12 (3 warpgroups), capped at 168 (168 * 384 <=
+# 64 K). Triton 3.6 gives the default partition 256, so the workers get 224 + 24 (256 + 224 + 24
+# = 3 * 168: more and the consumer's setmaxnreg.inc would wait for registers that never free).
+# At 224 the consumer uses 221 with no spills (sm_90a SASS, compiled off the GPU).
+MAXNREG, CONSUMER_REGS, PRODUCER_REGS = 168, 224, 24
+# The sanitizer warp for non-finite value rows a query row must not see (see the kernel's
+# docstring): off, it gave spurious NaN rows on the H200 (odd-length tests). Its cost there,
+# causal bf16 32/8: 4 x 4096 none, 1 x 16384 -3%, 16 x 1024 -33%, 64 x 256 -59%.
+ISOLATE = False
+
+
+def available(device=None) -> bool:
+    """Gluon's Hopper API importable, and ``device`` (default: the current CUDA device) is an
+    sm90 GPU."""
+    if not GLUON:
+        return False
+    import torch
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device("cuda") if device is None else torch.device(device)
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(dev) == (9, 0) and torch.version.hip is None
+
+
+def supports(q_dtype, head_dim: int, causal: bool = True, paged: bool = False,
+             window_left: int = -1, softcap: float = 0.0, sinks: bool = False,
+             fp8: bool = False, return_lse: bool = False) -> str | None:
+    """None when this kernel can serve the call, else the reason (static facts only)."""
+    import torch
+    if q_dtype not in (torch.float16, torch.bfloat16):
+        return f"hopper prefill: q dtype {q_dtype} (serves float16 / bfloat16)"
+    if head_dim not in _CONFIGS:
+        return f"hopper prefill: head_dim {head_dim} (serves {sorted(_CONFIGS)})"
+    for flag, what in ((paged, "a paged KV cache (block_table)"),
+                       (window_left >= 0, "a sliding window"), (softcap > 0, "softcap"),
+                       (sinks, "sinks"), (fp8, "fp8 caches"), (return_lse, "the LSE output")):
+        if flag:
+            return f"hopper prefill: {what} is not supported"
+    return None
+
+
+def _tma_ready(x):
+    """``x`` as a [T, heads * D] row matrix TMA can read: packed heads, 16-byte rows and base
+    (a copy otherwise)."""
+    t, h, d = x.shape
+    if (x.stride(2) != 1 or x.stride(1) != d or (x.stride(0) * x.element_size()) % 16
+            or x.data_ptr() % 16):
+        x = x.contiguous()
+    return x.as_strided((t, h * d), (x.stride(0), 1))
+
+
+def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+            scale: float, causal: bool = True, out=None):
+    """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv ==
+    0``), cu_seqlens ``[B + 1]`` int32 on q's device. Returns ``[Tq, H, D]`` in q's dtype (or
+    fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
+    sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the grid comes
+    from ``max_seqlen_q`` and B."""
+    import torch
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    total_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if total_q == 0:
+        return out
+    if k.shape[0] == 0 or num_seqs == 0:
+        return out.zero_()  # no key anywhere (static shapes say so)
+    block_n, stages = _CONFIGS[head_dim]
+    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], dt)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], dt)
+    q2, k2, v2 = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+    o2 = out.view(total_q, num_heads * head_dim)
+    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, head_dim], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [block_n, head_dim], kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v2, [block_n, head_dim], kv_layout)
+    o_desc = TensorDescriptor.from_tensor(o2, [BLOCK_M, head_dim], q_layout)
+    grid = (max(1, triton.cdiv(int(max_seqlen_q), 2 * BLOCK_M)), num_seqs + 1, num_heads)
+    hopper_prefill_kernel[grid](
+        q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k, out.stride(0),
+        out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
+        float(scale) * LOG2E, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), ISOLATE=ISOLATE,
+        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
+        maxnreg=MAXNREG)
+    return out

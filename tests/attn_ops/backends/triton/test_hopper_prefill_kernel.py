@@ -1,0 +1,110 @@
+"""The Gluon Hopper prefill kernel against the reference backend (GPU), and its static
+surface (CPU): supports() reasons, available() off sm90."""
+
+import pytest
+import torch
+
+from attn_ops.backends import reference
+from attn_ops.backends.triton import hopper_prefill_launch as hp
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens
+
+
+def test_supports_serves_the_plain_call():
+    assert hp.supports(torch.bfloat16, 128) is None
+    assert hp.supports(torch.float16, 64, causal=False) is None
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(q_dtype=torch.float32), "dtype"), (dict(head_dim=96), "head_dim"),
+    (dict(head_dim=256), "head_dim"), (dict(paged=True), "paged"),
+    (dict(window_left=0), "window"), (dict(softcap=30.0), "softcap"),
+    (dict(sinks=True), "sinks"), (dict(fp8=True), "fp8"), (dict(return_lse=True), "LSE")])
+def test_supports_refuses_with_a_reason(kwargs, word):
+    args = dict(q_dtype=torch.bfloat16, head_dim=128)
+    args.update(kwargs)
+    reason = hp.supports(**args)
+    assert isinstance(reason, str) and word in reason
+
+
+def test_not_available_off_sm90():
+    assert hp.available("cpu") is False
+    if not torch.cuda.is_available():
+        assert hp.available() is False
+
+
+def _gpu_only():
+    if not hp.available():
+        pytest.skip("needs an sm90 GPU and Gluon's Hopper API")
+
+
+def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=()):
+    """Random never-zero inputs; ``out`` poisoned with NaN; checks against the reference, with
+    ``nan_rows`` (key rows) of v set to NaN: only query rows that see them may turn NaN."""
+    dev = "cuda"
+    tq, tk = sum(lens_q) + extra_rows, sum(lens_k)
+    q = torch.randn(tq, h, d, device=dev).to(dtype)
+    k = torch.randn(tk, hkv, d, device=dev).to(dtype)
+    v = (torch.rand(tk, hkv, d, device=dev) + 0.5).to(dtype)
+    for r in nan_rows:
+        v[r] = float("nan")
+    cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
+    scale = d ** -0.5
+    expected = reference.prefill(q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal)
+    out = torch.full_like(q, float("nan"))
+    got = hp.prefill(q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    atol, rtol = TOLERANCES[dtype]
+    if nan_rows:
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), "NaN rows differ"
+        keep = ~torch.isnan(expected)
+        assert_close(got[keep], expected[keep], atol, rtol)
+    else:
+        assert_close(got, expected, atol, rtol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("h, hkv", [(32, 8), (8, 8)])
+def test_odd_lengths(dtype, causal, h, hkv):
+    _gpu_only()
+    _run([13, 123, 1000], [13, 123, 1000], h, hkv, 128, causal, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_with_an_empty_sequence_and_tail_rows(causal):
+    _gpu_only()
+    _run([13, 0, 300, 5], [13, 0, 300, 5], 8, 2, 128, causal, torch.bfloat16, extra_rows=77)
+
+
+@pytest.mark.cuda
+def test_bottom_right_causal_with_more_keys():
+    _gpu_only()
+    _run([100, 37, 250], [300, 37, 251], 32, 8, 128, True, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_a_sequence_without_keys_gives_zeros():
+    _gpu_only()
+    _run([100, 37, 250], [0, 77, 251], 8, 8, 128, False, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_dim_64(causal):
+    _gpu_only()
+    _run([13, 123, 1000], [13, 123, 1000], 16, 4, 64, causal, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.xfail(not hp.ISOLATE, strict=True,
+                   reason="hidden non-finite value rows leak through 0 * NaN without ISOLATE")
+@pytest.mark.parametrize("causal", [True, False])
+def test_nan_values_reach_only_the_rows_that_see_them(causal):
+    """Key 200 of sequence 0 is hidden from its rows 0..199 by causality; rows 0..19 of
+    sequence 1 sit right after sequence 0's last tile (sequence 0: 250 keys, not a multiple of
+    the tile) and must not leak into it."""
+    _gpu_only()
+    _run([250, 130], [250, 130], 8, 2, 128, causal, torch.bfloat16,
+         nan_rows=[200] + list(range(250, 270)))
