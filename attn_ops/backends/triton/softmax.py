@@ -1,6 +1,7 @@
 """The online softmax shared by the Triton attention kernels: the key-tile step over a key range
-(prefill and unified kernels), the FP8 scales, the row finish that adds the sink and gives the
-log-sum-exp, and the split-KV merge inside the last split program (unified and decode kernels).
+(prefill and unified kernels), the finiteness check of a key range's values (prefill kernel),
+the FP8 scales, the row finish that adds the sink and gives the log-sum-exp, and the split-KV
+merge inside the last split program (unified and decode kernels).
 
 Scores live in the log2 domain (``common.scores_log2``): ``m_i`` is a row's running maximum of
 ``s * log2(e)``, ``l_i`` its running sum of ``2^(s log2 e - m_i)``, ``acc`` the unnormalised
@@ -41,7 +42,7 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
            offs_d, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
            PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr,
-           ISOLATE: tl.constexpr = True):
+           ISOLATE: tl.constexpr = True, STAGES: tl.constexpr = None):
     """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
 
     ``q_pos[r]`` is row r's query position in key coordinates (``i + lk - lq``); keys at or past
@@ -53,17 +54,22 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
     tile must not see can still be non-finite, and ``0 * NaN`` would carry it through ``P @ V``
     into that row. Such value rows are zeroed with a select, and ``p`` becomes NaN exactly where
     a row does see one, so the rows that see it still say so (the reference's rule). Cost: a
-    row sum of the V tile and two selects, on masked steps only.
+    row sum of the V tile and two selects, on masked steps only; the V tile makes a round trip
+    through registers (LDS, select, STS, fence) before ``P @ V`` reads it. A caller that can
+    check the range first (:func:`value_sums`, :func:`all_finite`) runs it only when one of the
+    values is non-finite (the prefill kernel's causal diagonal).
+
+    ``STAGES`` sets the loop's software pipelining depth (None: the launch's ``num_stages``).
     """
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         pos = start + offs_n
         key_ok = pos < key_end
         if PAGED:
             k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
                                          stride_vb, stride_vt, PAGE)
         else:
-            # int32 within one sequence (its base is already int64), as before the stride
-            # change: the suspected cause of 406-414 vs 437 TFLOP/s at 4 x 4096 (not re-timed)
+            # int32 within one sequence (its base is already int64): the unmasked step's SASS
+            # matches the one before the stride change (sm_90a, 4 x 4096 causal config)
             k_off = pos * stride_kt
             v_off = pos * stride_vt
         k = load_rows(K + k_off[:, None] + offs_d[None, :], key_ok, dim_ok, MASKED, MASK_DIM)
@@ -95,6 +101,42 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
         acc = mma(p.to(v.dtype), v, acc, DOT)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def value_sums(V, table_row, stride_tc, stride_vb, stride_vt, lo, hi, offs_n, offs_d, dim_ok,
+               TILES: tl.constexpr, BLOCK_N: tl.constexpr, MASK_DIM: tl.constexpr,
+               PAGED: tl.constexpr, PAGE: tl.constexpr, DTYPE: tl.constexpr):
+    """fp32 ``[BLOCK_N]``: the value rows of keys ``lo .. hi-1`` (at most ``TILES * BLOCK_N``
+    keys), read in BLOCK_N-key tiles as :func:`attend` reads them, added tile over tile in
+    ``DTYPE`` (q's: two bf16 per add), then each row summed. Non-finite where a value is NaN or
+    +-Inf, or where a sum overflows (a false alarm only, see :func:`all_finite`).
+
+    The tiles are unrolled and the rows are summed within a warp (no barrier), so the caller's
+    next loads can issue before :func:`all_finite` waits for these (sm_90a, D = 128: the check
+    and q loads all in flight together).
+    """
+    total = tl.zeros([BLOCK_N, offs_d.shape[0]], dtype=DTYPE)
+    for t in tl.static_range(TILES):
+        pos = lo + t * BLOCK_N + offs_n
+        key_ok = pos < hi
+        if PAGED:
+            _, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_vb, stride_vt,
+                                     stride_vb, stride_vt, PAGE)
+        else:
+            v_off = pos * stride_vt
+        v = load_rows(V + v_off[:, None] + offs_d[None, :], key_ok, dim_ok, True, MASK_DIM)
+        total += v.to(DTYPE)
+    return tl.sum(total.to(tl.float32), 1)
+
+
+@triton.jit
+def all_finite(sums):
+    """True (a scalar) when every element of ``sums`` (from :func:`value_sums`) is finite. A
+    false result from an overflow on finite values only makes the caller isolate, which is
+    exact either way."""
+    total = tl.sum(sums, 0)
+    return (total - total) == 0.0
 
 
 @triton.jit

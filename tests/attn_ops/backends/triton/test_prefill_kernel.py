@@ -148,6 +148,45 @@ def test_prefill_paged_strided_cache():
     assert_close(out, ref, *TOLERANCES[dtype], what="prefill, strided cache")
 
 
+def _hidden_value_case(lens_q, lens_k, planted, causal, window_left, paged, dev="cpu"):
+    """NaN and Inf value rows at ``planted`` key positions of sequence 0, each loaded by a masked
+    step of some tile whose rows must not all see it (past the tile's causal end inside its last
+    loaded key tile, or below a window inside its leading tile): rows that do not see one match
+    the reference, rows that see one are non-finite. The kernel checks those keys before its
+    masked loops and isolates only then, so this fails if a checked range misses a loaded key."""
+    dtype, h, hkv, d = torch.bfloat16, 4, 2, 32
+    q = torch.randn(sum(lens_q), h, d, dtype=dtype, device=dev)
+    if paged:
+        pb = random_paged(lens_k, hkv, d, 16, dtype, device=dev)
+        k, v, table = pb.k_cache, pb.v_cache, pb.block_table
+        slots = [int(table[0, p // 16]) * 16 + p % 16 for p in planted]
+        flat = v.view(-1, hkv, d)
+    else:
+        k = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=dev)
+        v, table, slots = torch.randn_like(k), None, list(planted)
+        flat = v
+    for slot, value in zip(slots, (float("nan"), float("inf"))):
+        flat[slot, 1] = value  # kv head 1 only: heads 0-1 stay clean everywhere
+    args = (q, k, v, cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev), max(lens_q), max(lens_k),
+            0.2, causal, table, window_left)
+    out = prefill_kernel.prefill(*args, out=poisoned(q.shape, dtype, dev))
+    ref = reference.prefill(*args)
+    finite = torch.isfinite(ref).all(-1)
+    assert finite[:, :2].all() and not finite.all() and finite[:, 2:].any()  # the setup
+    assert_close(out[finite], ref[finite], *TOLERANCES[dtype], what="rows that see no NaN/Inf")
+    assert (~torch.isfinite(out[~finite])).any(-1).all(), "a row that sees NaN/Inf is finite"
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("causal,window_left,planted", [
+    (True, -1, (25, 27)),  # lk - lq = 5: the 16-row tile at 0 loads keys 21..31 past its end
+    (True, 4, (16, 35)),  # the tile at 16: key 16 below its window, 35 past its end
+    (False, 4, (16, 30))])  # the tile at 16's leading keys 16..31: hidden from some rows
+def test_hidden_non_finite_value_past_the_tile_or_below_the_window(paged, causal, window_left,
+                                                                   planted):
+    _hidden_value_case([40, 6], [45, 6], planted, causal, window_left, paged)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +208,17 @@ def _prefill_case(lens_q, lens_k, h, hkv, d, dtype, causal, window_left=-1, soft
     assert_close(out, ref, *TOLERANCES[dtype], what="prefill")
     if extra_rows:
         assert torch.all(out[-extra_rows:] == 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("causal,window_left,planted", [
+    (True, -1, (200, 230)),  # lk - lq = 33: the 128-row tile at 0 loads keys 161..255 unseen
+    (True, 50, (20, 300)),  # the tile at 128: key 20 below its window, 300 past its end
+    (False, 50, (20, 200))])  # below the windows of the tiles at 128 and 256
+def test_hidden_non_finite_value_past_the_tile_or_below_the_window_cuda(paged, causal,
+                                                                        window_left, planted):
+    _hidden_value_case([300, 77], [333, 77], planted, causal, window_left, paged, dev=DEV)
 
 
 @pytest.mark.cuda
