@@ -22,10 +22,15 @@ The Python functions with keyword arguments and ``backend=`` live in :mod:`attn_
 
 Backend functions take the contract's new arguments as keywords, passed only when used
 (``sinks=``, ``k_scale=``/``v_scale=``, ``return_lse=True``): a backend whose ``supports()``
-refuses sinks, FP8 caches and LSE keeps its original signature.
+refuses sinks, FP8 caches and LSE keeps its original signature. The kernels call the memoised
+function with the op's own positional arguments; :func:`attn_ops.registry.decide` adapts a
+backend function to that once per call signature (or binds one that takes them: the Triton
+backend's ``bind_args``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -60,23 +65,9 @@ _LIB.define("merge_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b
 # correctness (the guard checks it) but it keeps each dict entry to one signature when a serving
 # loop cycles through batch sizes. The guard covers every given tensor's shape, strides, dtype,
 # device, dispatch keys and requires_grad. Every tuple element is a cheap attribute read.
-
-_NO_EXTRAS: dict = {}
-_LSE = {"return_lse": True}
-
-
-def _extras(sinks, k_scale, v_scale, with_lse=False) -> dict:
-    """The contract-growth arguments a backend receives, as keywords, only when used."""
-    if sinks is None and k_scale is None and v_scale is None:
-        return _LSE if with_lse else _NO_EXTRAS  # no new dict (the call unpacks a copy)
-    kw = {}
-    if sinks is not None:
-        kw["sinks"] = sinks
-    if k_scale is not None or v_scale is not None:
-        kw["k_scale"], kw["v_scale"] = k_scale, v_scale
-    if with_lse:
-        kw["return_lse"] = True
-    return kw
+#
+# The memoised function takes the op's own positional arguments, all of them (see
+# registry.decide): no keyword dict is built per call.
 
 
 def _given(tensors: tuple, optional: tuple) -> tuple[tuple, tuple]:
@@ -90,9 +81,12 @@ def _lse_like(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-_lookup = registry.lookup
+# registry.lookup's reads, for the kernels' inline copy of it
+_choice, _env_choice, _memo_get = registry._CHOICE.get, registry._env_backend_raw, \
+    registry._memo.get
 _decide = registry.decide
 _checks_requested = checks.data_checks_requested
+_grad_enabled = torch.is_grad_enabled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,19 +97,21 @@ def _store_kvcache_kernel(key, value, k_cache, v_cache, slot_mapping, k_scale=No
     tensors = (key, value, k_cache, v_cache, slot_mapping)
     if k_scale is None and v_scale is None:
         sig = ("store_kvcache", key.shape)
-        extras = _NO_EXTRAS
     else:
         tensors, given = _given(tensors, (k_scale, v_scale))
         sig = ("store_kvcache", key.shape, given)
-        extras = {"k_scale": k_scale, "v_scale": v_scale}
-    run = _lookup(sig, tensors)
-    if run is None:
+    choice = _choice()  # registry.lookup, inline (a frame less: ~0.2 us)
+    for guard, run in _memo_get((choice if choice is not None else _env_choice(), sig), ()):
+        if guard(*tensors):
+            break
+    else:
         run = _decide(sig, tensors, lambda: checks.check_store_kvcache(
             key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale),
-            lambda: contract.store_config(key, k_cache, slot_mapping, v_cache))
+            lambda: contract.store_config(key, k_cache, slot_mapping, v_cache),
+            (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale))
     if _checks_requested() and checks.data_checks_enabled(slot_mapping):
         checks.check_slots_in_range(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
-    run(key, value, k_cache, v_cache, slot_mapping, **extras)
+    run(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 @torch.library.register_fake("attn::store_kvcache", lib=_LIB)
@@ -129,34 +125,49 @@ def _store_kvcache_fake(key, value, k_cache, v_cache, slot_mapping, k_scale=None
 # ---------------------------------------------------------------------------------------------
 
 def _prefill_kernel_for(with_lse: bool):
-    """The kernel of prefill (or prefill_with_lse): one Python frame per call, not two."""
+    """The kernel of prefill (or prefill_with_lse) for the Autograd key (``keyset`` given) and
+    below it (``keyset`` None, :func:`functools.partial`): one Python frame per call."""
     op = "prefill_with_lse" if with_lse else "prefill"
-    plain = _LSE if with_lse else _NO_EXTRAS  # the keywords of a call with no optional tensor
+    overload = getattr(torch.ops.attn, op).default
 
-    def kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+    def kernel(keyset, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
                k_scale=None, v_scale=None):
+        # At the Autograd key: straight on for plain tensors that need no gradient (see
+        # _redispatch); the index tensors are integers, which cannot require grad.
+        if keyset is not None and (
+                _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                     or sinks is not None and sinks.requires_grad
+                                     or k_scale is not None and k_scale.requires_grad
+                                     or v_scale is not None and v_scale.requires_grad)
+                or _direct_keysets.get(keyset.raw_repr()) is not True):
+            return _redispatch(overload, kernel, keyset, (
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                block_table, window_left, softcap, sinks, k_scale, v_scale))
         tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k)
         if block_table is None and sinks is None and k_scale is None and v_scale is None:
             sig = (op, q.shape, max_seqlen_q, max_seqlen_k, scale, causal, window_left, softcap)
-            extras = plain
         else:
             tensors, given = _given(tensors, (block_table, sinks, k_scale, v_scale))
             sig = (op, q.shape, max_seqlen_q, max_seqlen_k, scale, causal, window_left, softcap,
                    given)
-            extras = _extras(sinks, k_scale, v_scale, with_lse)
-        run = _lookup(sig, tensors)
-        if run is None:
+        choice = _choice()  # registry.lookup, inline (a frame less: ~0.2 us)
+        for guard, run in _memo_get((choice if choice is not None else _env_choice(), sig), ()):
+            if guard(*tensors):
+                break
+        else:
             run = _decide(sig, tensors, lambda: checks.check_prefill(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                 block_table, window_left, softcap, sinks, k_scale, v_scale),
                 lambda: contract.prefill_config(q, k, causal, block_table, window_left, softcap,
-                                                sinks, with_lse, v))
+                                                sinks, with_lse, v),
+                (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                 block_table, window_left, softcap, sinks, k_scale, v_scale))
         if _checks_requested() and checks.data_checks_enabled(q, cu_seqlens_q):
             checks.check_prefill_data(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, block_table, causal)
         return run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                   causal, block_table, window_left, softcap, **extras)
+                   causal, block_table, window_left, softcap, sinks, k_scale, v_scale)
 
     kernel.__name__ = kernel.__qualname__ = f"_{op}_kernel"
     return kernel
@@ -185,31 +196,45 @@ def _prefill_with_lse_fake(*args):
 # ---------------------------------------------------------------------------------------------
 
 def _decode_kernel_for(with_lse: bool):
-    """The kernel of decode (or decode_with_lse): one Python frame per call, not two."""
+    """The kernel of decode (or decode_with_lse) for the Autograd key (``keyset`` given) and
+    below it (``keyset`` None): one Python frame per call."""
     op = "decode_with_lse" if with_lse else "decode"
-    plain = _LSE if with_lse else _NO_EXTRAS  # the keywords of a call with no optional tensor
+    overload = getattr(torch.ops.attn, op).default
 
-    def kernel(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
-               sinks=None, k_scale=None, v_scale=None):
+    def kernel(keyset, q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1,
+               softcap=0.0, sinks=None, k_scale=None, v_scale=None):
+        if keyset is not None and (
+                _grad_enabled() and (q.requires_grad or k_cache.requires_grad
+                                     or v_cache.requires_grad
+                                     or sinks is not None and sinks.requires_grad
+                                     or k_scale is not None and k_scale.requires_grad
+                                     or v_scale is not None and v_scale.requires_grad)
+                or _direct_keysets.get(keyset.raw_repr()) is not True):
+            return _redispatch(overload, kernel, keyset, (
+                q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap, sinks,
+                k_scale, v_scale))
         tensors = (q, k_cache, v_cache, seqlens_k, block_table)
         if sinks is None and k_scale is None and v_scale is None:
             sig = (op, q.shape, scale, window_left, softcap)
-            extras = plain
         else:
             tensors, given = _given(tensors, (sinks, k_scale, v_scale))
             sig = (op, q.shape, scale, window_left, softcap, given)
-            extras = _extras(sinks, k_scale, v_scale, with_lse)
-        run = _lookup(sig, tensors)
-        if run is None:
+        choice = _choice()  # registry.lookup, inline (a frame less: ~0.2 us)
+        for guard, run in _memo_get((choice if choice is not None else _env_choice(), sig), ()):
+            if guard(*tensors):
+                break
+        else:
             run = _decide(sig, tensors, lambda: checks.check_decode(
                 q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap, sinks,
                 k_scale, v_scale),
                 lambda: contract.decode_config(q, k_cache, window_left, softcap, sinks, with_lse,
-                                               v_cache))
+                                               v_cache),
+                (q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap, sinks,
+                 k_scale, v_scale))
         if _checks_requested() and checks.data_checks_enabled(q, seqlens_k):
             checks.check_decode_data(k_cache, seqlens_k, block_table)
         return run(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left, softcap,
-                   **extras)
+                   sinks, k_scale, v_scale)
 
     kernel.__name__ = kernel.__qualname__ = f"_{op}_kernel"
     return kernel
@@ -236,7 +261,13 @@ def _decode_with_lse_fake(*args):
 # merge_states
 # ---------------------------------------------------------------------------------------------
 
-def _merge_states_kernel(out_a, lse_a, out_b, lse_b):
+def _merge_states_kernel(keyset, out_a, lse_a, out_b, lse_b):
+    if keyset is not None and (
+            _grad_enabled() and (out_a.requires_grad or lse_a.requires_grad
+                                 or out_b.requires_grad or lse_b.requires_grad)
+            or _direct_keysets.get(keyset.raw_repr()) is not True):
+        return _redispatch(torch.ops.attn.merge_states.default, _merge_states_kernel, keyset,
+                           (out_a, lse_a, out_b, lse_b))
     run = registry.dispatch(
         ("merge_states", out_a.shape), (out_a, lse_a, out_b, lse_b),
         lambda: checks.check_merge_states(out_a, lse_a, out_b, lse_b),
@@ -250,11 +281,19 @@ def _merge_states_fake(out_a, lse_a, out_b, lse_b):
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
 
 
+# The kernels that take the Autograd key's ``keyset`` first serve the CompositeExplicitAutograd
+# key too, as ``partial(kernel, None)``: a C-level call, no Python frame in between (inference
+# mode skips the Autograd key and enters there).
 _KERNELS = {"store_kvcache": _store_kvcache_kernel, "prefill": _prefill_kernel,
             "decode": _decode_kernel, "prefill_with_lse": _prefill_with_lse_kernel,
             "decode_with_lse": _decode_with_lse_kernel, "merge_states": _merge_states_kernel}
+_WITH_KEYSET = ("prefill", "prefill_with_lse", "decode", "decode_with_lse", "merge_states")
 for _name, _kernel in _KERNELS.items():
-    _LIB.impl(_name, _kernel, "CompositeExplicitAutograd")
+    if _name in _WITH_KEYSET:
+        _LIB.impl(_name, functools.partial(_kernel, None), "CompositeExplicitAutograd")
+        _LIB.impl(_name, _kernel, "Autograd", with_keyset=True)
+    else:
+        _LIB.impl(_name, _kernel, "CompositeExplicitAutograd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,52 +338,27 @@ def _runs_directly(keyset) -> bool:
     return direct
 
 
-def _autograd_kernel(op, impl, tensors: int, first_optional: int):
-    """A thin Autograd-key kernel: run below autograd; attach the raising node only if needed.
+def _redispatch(overload, kernel, keyset, args: tuple):
+    """The Autograd key's general path: run below autograd; attach the raising node if needed.
 
     torch.library.register_autograd would do the same through a generic Python layer that cost
     ~13 us more per eager call (CPU, 2026-11-21), a third of a small decode call's host time.
-    When no input needs a gradient and nothing but the device backend lies below Autograd
-    (plain tensors, no mode: the eager serving path), ``impl`` (the CompositeExplicitAutograd
-    kernel) is called directly: the redispatch it replaces, with its below-autograd guard, cost
-    ~5 us of the op path's ~11 (no-op backend, CPU, 2026-11-30). Everything else (fake
-    tensors while tracing, subclasses, modes, inputs that require grad) redispatches.
-
-    ``tensors``: the op's leading Tensor arguments; ``first_optional``: the position of its first
-    optional tensor (the arguments from there are tensors, None or scalars). Reading
-    ``requires_grad`` by position costs ~0.1 us less than testing every argument's type.
+    The kernels test the common case inline (plain tensors, no mode, no input that needs a
+    gradient: the eager serving path) and go on below Autograd themselves: the redispatch it
+    replaces, with its below-autograd guard, cost ~5 us of the op path's ~11 (no-op backend,
+    CPU, 2026-11-30), and a second Python frame ~0.5 us more. They come here for the rest: a
+    keyset seen for the first time (then ``kernel`` is called directly when only the device
+    backend lies below Autograd), fake tensors while tracing, subclasses, modes, inputs that
+    require grad (redispatched).
     """
-    grad_enabled = torch.is_grad_enabled
-    direct_keysets = _direct_keysets
-    tensor = torch.Tensor
-
-    def kernel(keyset, *args):
-        needs = None
-        if grad_enabled():
-            needs = [a for a in args[:tensors] if a.requires_grad]
-            if len(args) > first_optional:
-                needs += [a for a in args[first_optional:]
-                          if isinstance(a, tensor) and a.requires_grad]
-        if not needs:
-            direct = direct_keysets.get(keyset.raw_repr())
-            if direct is None:
-                direct = _runs_directly(keyset)
-            if direct:
-                return impl(*args)
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(*args)
-        if needs:
-            if isinstance(out, tuple):
-                return tuple(_InferenceOnly.apply(o, *needs) for o in out)
-            out = _InferenceOnly.apply(out, *needs)
-        return out
-    return kernel
-
-
-# Per op: its leading Tensor arguments and the position of its first optional tensor.
-_TENSOR_ARGS = {"prefill": (5, 9), "prefill_with_lse": (5, 9), "decode": (5, 8),
-                "decode_with_lse": (5, 8), "merge_states": (4, 4)}
-for _name, (_tensors, _first_optional) in _TENSOR_ARGS.items():
-    _LIB.impl(_name, _autograd_kernel(getattr(torch.ops.attn, _name).default, _KERNELS[_name],
-                                      _tensors, _first_optional),
-              "Autograd", with_keyset=True)
+    needs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] \
+        if torch.is_grad_enabled() else []
+    if not needs and _runs_directly(keyset):
+        return kernel(None, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        out = overload(*args)
+    if needs:
+        if isinstance(out, tuple):
+            return tuple(_InferenceOnly.apply(o, *needs) for o in out)
+        out = _InferenceOnly.apply(out, *needs)
+    return out

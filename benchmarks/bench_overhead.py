@@ -21,8 +21,8 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
   cache slice), one thread, interleaved runs, medians (:func:`cpu_defaults`).
 * ``--cpu-triton-path`` (no GPU needed): the Triton backend's host path on CPU tensors, every
   kernel replaced by a stand-in whose compiled launcher does nothing, so launch.py takes the
-  direct path of a compiled kernel: the op path and the backend's ``bind(config)`` function
-  alone, 5000 calls, 7 runs, same statistics.
+  direct path of a compiled kernel: the op path and the backend's bound function alone (what
+  the op path's memo calls), 5000 calls, 7 runs, same statistics.
 
     python benchmarks/bench_overhead.py [--out DIR] [--profile] [--cpu-op-path]
                                         [--cpu-triton-path] [--cpu-defaults]
@@ -294,17 +294,26 @@ def cpu_triton_path(runs: int = 7, calls: int = 5000) -> list[dict]:
     store = (t.key, t.key, t.k_cache, t.v_cache, t.slots)
     dec = (t.q1, t.k_cache, t.v_cache, t.seqlens, t.table, 0.08)
     pre = (t.qp, t.kp, t.kp, t.cu, t.cu, 16, 16, 0.08)
-    bound = {op: backend.bind(cfg) for op, cfg in (
-        ("store_kvcache", contract.store_config(t.key, t.k_cache, t.slots)),
-        ("decode", contract.decode_config(t.q1, t.k_cache)),
-        ("prefill", contract.prefill_config(t.qp, t.kp)))}
+    # What the op path's memo calls: bind_args(config, args) with every positional argument of
+    # the op (the tree before it: bind(config) with the arguments given above).
+    full = {"store_kvcache": store + (None, None), "decode": dec + (-1, 0.0, None, None, None),
+            "prefill": pre + (True, None, -1, 0.0, None, None, None)}
+    bind_args = getattr(backend, "bind_args", None)
+    given = full if bind_args is not None else {"store_kvcache": store, "decode": dec,
+                                                 "prefill": pre}
+    bound = {op: bind_args(cfg, full[op]) if bind_args is not None else backend.bind(cfg)
+             for op, cfg in (
+                 ("store_kvcache", contract.store_config(t.key, t.k_cache, t.slots)),
+                 ("decode", contract.decode_config(t.q1, t.k_cache)),
+                 ("prefill", contract.prefill_config(t.qp, t.kp)))}
     paths = {
         "torch.ops.attn.store_kvcache (triton, no-op launch)": lambda: ops.store_kvcache(*store),
         "torch.ops.attn.decode (triton, no-op launch)": lambda: ops.decode(*dec),
         "torch.ops.attn.prefill (triton, no-op launch)": lambda: ops.prefill(*pre),
-        "triton bind(config) function: store_kvcache": lambda: bound["store_kvcache"](*store),
-        "triton bind(config) function: decode": lambda: bound["decode"](*dec),
-        "triton bind(config) function: prefill": lambda: bound["prefill"](*pre),
+        "triton bound function: store_kvcache": lambda: bound["store_kvcache"](
+            *given["store_kvcache"]),
+        "triton bound function: decode": lambda: bound["decode"](*given["decode"]),
+        "triton bound function: prefill": lambda: bound["prefill"](*given["prefill"]),
     }
     return _time_paths(paths, runs, calls, "cpu_triton_path")
 

@@ -254,3 +254,38 @@ def test_backend_argument_restores_the_context_after_an_error(recorders):
         attn_ops.decode(q, k_cache, v_cache, seqlens, table, scale, backend="tritn")
     assert attn_ops.current_choice() != "tritn"
     assert recorders == [("rec_b", "decode")]
+
+
+def test_an_optional_input_that_requires_grad_still_raises_on_backward():
+    """The kernels test requires_grad inline, the optional tensors (sinks, FP8 scales) too."""
+    q, k_cache, v_cache, seqlens, table, scale = _decode_args()
+    sinks = torch.zeros(4, requires_grad=True)
+    out = attn_ops.decode(q, k_cache, v_cache, seqlens, table, scale, sinks=sinks,
+                          backend="reference")
+    with pytest.raises(RuntimeError, match="inference-only"):
+        out.sum().backward()
+    cu = cu_seqlens([2, 4])
+    out, lse = attn_ops.prefill_with_lse(torch.randn(6, 4, 16), torch.randn(6, 2, 16),
+                                         torch.randn(6, 2, 16), cu, cu, 4, 4, 0.25,
+                                         sinks=sinks, backend="reference")
+    with pytest.raises(RuntimeError, match="inference-only"):
+        (out.sum() + lse.sum()).backward()
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_every_grad_mode_reaches_the_chosen_backend_with_every_argument(recorders, mode):
+    """inference_mode enters below the Autograd key (partial(kernel, None)), the others at it:
+    each call reaches the backend the context chooses, memoised or not, with its own tensors."""
+    q, k_cache, v_cache, seqlens, table, scale = _decode_args()
+    seen = []
+    with attn_ops.use_backend("rec_a"):
+        registry.clear_cache()
+        ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+               "grad": torch.enable_grad}[mode]
+        with ctx():
+            for backend in ("rec_a", "rec_b", "rec_a"):
+                q2 = torch.randn_like(q)
+                with attn_ops.use_backend(backend):
+                    out = torch.ops.attn.decode(q2, k_cache, v_cache, seqlens, table, scale)
+                seen.append(out.shape == q2.shape and torch.isnan(out).all().item())
+    assert [name for name, _ in recorders] == ["rec_a", "rec_b", "rec_a"] and all(seen)

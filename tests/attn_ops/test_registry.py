@@ -118,3 +118,78 @@ def test_choice_is_made_at_run_time_under_compile(spy_backend):
     with attn_ops.use_backend("spy"):
         fn(q, cu)
     assert spy_backend == ["prefill"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The memo's calling convention: the op's positional arguments, adapted once per signature
+# ---------------------------------------------------------------------------------------------
+
+def _keyword_backend(calls):
+    """A backend without bind_args whose functions record how they were called."""
+    def record(op):
+        def fn(*args, **kwargs):
+            calls.append((op, len(args), dict(kwargs)))
+            return args[0]
+        return fn
+    return types.SimpleNamespace(name="kw", supports=lambda cfg: None, decode=record("decode"),
+                                 prefill=record("prefill"),
+                                 store_kvcache=record("store_kvcache"))
+
+
+def test_bind_args_adapts_a_keyword_backend_to_the_positional_call():
+    """Leading arguments positionally, the optional tensors given as keywords (both scales when
+    either is), return_lse=True for the _with_lse ops: what the ops passed before the memo held
+    positional functions."""
+    calls = []
+    module = _keyword_backend(calls)
+    q, k = torch.randn(2, 4, 16), torch.randn(3, 4, 2, 16)
+    s, t = torch.ones(2, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32)
+    sinks, scale = torch.zeros(4), torch.ones(())
+    lead = (q, k, k, s, t, 0.25, -1, 0.0)
+    cases = [((None, None, None), False, {}),
+             ((sinks, None, None), False, {"sinks": sinks}),
+             ((None, scale, None), False, {"k_scale": scale, "v_scale": None}),
+             ((sinks, scale, scale), True, {"sinks": sinks, "k_scale": scale, "v_scale": scale,
+                                            "return_lse": True})]
+    for optional, with_lse, expected in cases:
+        calls.clear()
+        cfg = attn_ops.decode_config(q, k, with_lse=with_lse)
+        args = lead + optional
+        fn = registry.bind_args(module, cfg, args)
+        assert fn(*args) is q
+        assert calls == [("decode", 8, expected)]
+    # Another call of the same signature passes its own tensors, not the first call's.
+    q2, sinks2 = torch.randn(2, 4, 16), torch.ones(4)
+    fn = registry.bind_args(module, attn_ops.decode_config(q, k), lead + (sinks, None, None))
+    calls.clear()
+    assert fn(q2, *lead[1:], sinks2, None, None) is q2
+    assert calls[0][2]["sinks"] is sinks2
+    # merge_states: every argument is a leading one; the function itself is kept.
+    merge = lambda *a: a  # noqa: E731
+    module.merge_states = merge
+    cfg = attn_ops.OpConfig("merge_states", torch.device("cpu"), torch.float32, 16, 4,
+                            num_heads=4, with_lse=True)
+    assert registry.bind_args(module, cfg, (q, q, q, q)) is merge
+
+
+def test_bind_args_prefers_the_backends_own(monkeypatch):
+    seen = []
+    module = types.SimpleNamespace(bind_args=lambda cfg, args: seen.append(args) or "planned",
+                                   bind=lambda cfg: "not this")
+    q = torch.randn(2, 4, 16)
+    args = (q,) * 5 + (0.25, -1, 0.0, None, None, None)
+    assert registry.bind_args(module, attn_ops.decode_config(q, q.view(2, 1, 4, 16)),
+                              args) == "planned"
+    assert seen == [args]
+
+
+def test_an_aliased_guard_checks_identity_and_the_first_objects_metadata():
+    a, b = torch.randn(2, 3), torch.zeros(3, dtype=torch.int32)
+    guard = registry.metadata_guard((a, b, a, b))  # k is v, cu_seqlens_q is cu_seqlens_k
+    assert guard(a, b, a, b)
+    a2, b2 = torch.randn(2, 3), torch.zeros(3, dtype=torch.int32)
+    assert guard(a2, b2, a2, b2)  # other objects, same metadata, same repeats
+    assert not guard(a, b, a2, b)  # a repeat broken: decided again
+    assert not guard(a, b, a, b2)
+    assert not guard(a.double(), b, a.double(), b) or not registry._TORCH_GUARD
+    assert not guard(torch.randn(2, 4), b, a, b)

@@ -314,13 +314,21 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     go = prepare(_prefill_kernel, grid, consts, check, scalars)
     empty, lse_shape, f32 = torch.empty, shape[:2], torch.float32
     empty_like, like_q = torch.empty_like, q.stride() == out_strides  # ~0.9 us less than empty
+    from attn_ops.backends.triton.launch import stats
+    tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
 
     def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
             block_table=None, window_left=-1, softcap=0.0, sinks=None, k_scale=None,
             v_scale=None, return_lse=False):
+        if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
+            return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           scale, causal, block_table, window_left, softcap, sinks, k_scale,
+                           v_scale, with_lse)
+        stats["bound"] += 1
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
         go((q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_table if paged else cu_seqlens_k,
             lse, sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q))
         return (out, lse) if with_lse else out
+    run.routes_traced = True  # the dispatch memo may call it directly (triton.bind_args)
     return run

@@ -106,10 +106,17 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                                   (splits, total_q * num_heads))
     empty, lse_shape, f32, sema_count = torch.empty, shape[:2], torch.float32, grid[0] * grid[1]
     empty_like, like_q = torch.empty_like, q.stride() == out_strides  # ~0.9 us less than empty
+    from attn_ops.backends.triton.launch import stats
+    tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
 
     def bound(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
               causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
               k_scale=None, v_scale=None, return_lse=False):
+        if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
+            return uk.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              scale, causal, block_table, window_left, softcap, sinks, k_scale,
+                              v_scale, with_lse)
+        stats["bound"] += 1
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
         if splits == 1:
@@ -125,4 +132,5 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         if merge:
             go_merge((o_part, lse_part, out, cu_seqlens_q, lse, sink))
         return (out, lse) if with_lse else out
+    bound.routes_traced = True  # the dispatch memo may call it directly (triton.bind_args)
     return bound

@@ -228,3 +228,101 @@ def test_the_op_path_picks_the_kernel_the_wrapper_picks(monkeypatch, paged):
     want = backend.use_unified_prefill(1100, q.shape[0], 2, h // hkv)
     assert chosen == ["attn_ops.backends.triton." + ("unified_launch" if want else
                                                       "prefill_kernel")]
+
+
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_a_q_with_other_strides_gets_a_contiguous_output(poison, op):
+    """The bound functions allocate out as empty_like(q) only when q has a fresh contiguous
+    output's strides; a q with padded rows or heads-major (other signatures) gets a contiguous
+    out too, and every one equals the wrapper."""
+    from attn_ops.backends.triton import decode_kernel, unified_kernel
+    if op == "decode":
+        args, _ = _decode_args("cpu")
+        wrapper = decode_kernel.decode
+    else:
+        args = _prefill_args("cpu")
+        wrapper = unified_kernel.prefill
+    q = args[0]
+    padded = torch.randn(q.shape[0], q.shape[1] + 2, q.shape[2])[:, 1:-1]
+    padded.copy_(q)
+    # dense but heads-major: empty_like would keep these strides, the kernel writes row-major
+    permuted = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert len({padded.stride(), permuted.stride(), q.stride()}) == 3
+    for query in (q, padded, permuted, q):
+        out = _run_op(op, (query,) + args[1:])
+        assert out.is_contiguous() and out.shape == q.shape
+        _equal(out, wrapper(*args))
+
+
+@pytest.mark.parametrize("op", ["decode", "prefill", "prefill_kernel", "store_kvcache"])
+def test_the_bound_function_routes_calls_under_a_dispatch_mode_to_the_wrapper(monkeypatch, op):
+    """bind_args' function: a plain call launches the plan; a call under a dispatch mode
+    (tracing) goes to the plain wrapper, which decides (wrap_triton when traced)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attn_ops.backends.triton import decode_kernel, prefill_kernel, store_kernel
+    from attn_ops.backends.triton import unified_kernel
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    wrapped = []
+    if op == "decode":
+        args, _ = _decode_args("cpu")
+        args = args + (-1, 0.0, None, None, None)
+        cfg = attn_ops.decode_config(args[0], args[1])
+        module, name = decode_kernel, "decode"
+    elif op == "store_kvcache":
+        key = torch.randn(5, 2, 24)
+        args = (key, key, torch.randn(10, 4, 2, 24), torch.randn(10, 4, 2, 24),
+                torch.arange(5) * 3, None, None)
+        cfg = attn_ops.store_config(key, args[2], args[4])
+        module, name = backend, "store_kvcache"
+    else:
+        args = _prefill_args("cpu") + (True, None, -1, 0.0, None, None, None)
+        if op == "prefill_kernel":
+            monkeypatch.setattr(backend, "use_unified_prefill", lambda *a: False)
+        cfg = attn_ops.prefill_config(args[0], args[1])
+        module = prefill_kernel if op == "prefill_kernel" else unified_kernel
+        name = "prefill"
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: wrapped.append(1) or real(*a, **k))
+    fn = backend.bind_args(cfg, args)
+    before = launch.stats["bound"]
+    first = fn(*args)
+    assert wrapped == [] and launch.stats["bound"] == before + 1
+    with Passthrough():
+        second = fn(*args)
+    assert wrapped == [1] and launch.stats["bound"] == before + 1
+    if op != "store_kvcache":
+        _equal(second, first)
+
+
+def test_a_choice_change_between_calls_of_one_signature_is_followed(poison):
+    """The memo keys on the choice: triton, reference, triton again on one signature; each
+    call runs the chosen backend (the bound count moves on the Triton calls only)."""
+    from attn_ops.backends import reference
+    args, _ = _decode_args("cpu")
+    ref = reference.decode(*args)
+    for choice, bound in (("triton", 1), ("reference", 0), ("triton", 1), ("auto", 0)):
+        before = launch.stats["bound"]
+        with attn_ops.use_backend(choice):
+            out = torch.ops.attn.decode(*args)
+        assert launch.stats["bound"] == before + bound, choice
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_scalar_change_rebinds(poison, monkeypatch):
+    """window_left / softcap / scale are part of the signature: a change plans again, and the
+    new plan computes the new call (a stale one would keep the old scale or window)."""
+    from attn_ops.backends.triton import decode_kernel
+    binds = []
+    real = decode_kernel.bind_decode
+    monkeypatch.setattr(decode_kernel, "bind_decode",
+                        lambda *a, **k: binds.append(a[5:8]) or real(*a, **k))
+    args, _ = _decode_args("cpu")
+    for extra in ((0.3, -1, 0.0), (0.3, -1, 0.0), (0.5, -1, 0.0), (0.3, 3, 0.0), (0.3, 3, 4.0)):
+        call = args[:5] + extra
+        _equal(_run_op("decode", call), decode_kernel.decode(*call))
+    assert binds == [(0.3, -1, 0.0), (0.5, -1, 0.0), (0.3, 3, 0.0), (0.3, 3, 4.0)]
