@@ -232,10 +232,14 @@ def short_prompts(args, mm):
         cu = _cu(lens, dev)
         sc = d ** -0.5
         flops = _causal_flops(lens, lens, h, d)
-        runs = {"old prefill kernel": lambda: prefill_kernel.prefill(q, k, v, cu, cu, mx, mx, sc,
-                                                                      True),
+        runs = {"FA2-style prefill kernel": lambda: prefill_kernel.prefill(q, k, v, cu, cu, mx,
+                                                                            mx, sc, True),
                 "attn.prefill, triton backend": lambda: attn_ops.prefill(
                     q, k, v, cu, cu, mx, mx, sc, True, backend="triton")}
+        from attn_ops.backends.triton import hopper_prefill_launch as hopper
+        if hopper.available(dev):  # the Gluon kernel without its guard (the V scan + fallback)
+            runs["hopper kernel, unguarded"] = lambda: hopper.prefill(q, k, v, cu, cu, mx, mx, sc,
+                                                                      True)
         for cfg in configs:
             if cfg is not None and mx >= 4096:
                 continue

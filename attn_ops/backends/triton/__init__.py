@@ -88,14 +88,49 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
     return 2 * total_q < num_seqs * max_seqlen_q
 
 
+# The Gluon Hopper prefill (hopper_prefill_kernel.py) serves dense fp16/bf16 prompts on sm90 (D 64
+# / 128; no paged K/V, window, softcap, sinks, FP8 or lse), guarded by a scan of V so that a
+# non-finite value row still reaches only the rows that see it (finite_check_kernel.py). H200,
+# bf16 32/8 heads, TFLOP/s vs this backend's kernels: causal 4 x 4096 529-535 vs 410, 1 x 16384
+# 603 vs 477, 16 x 1024 377-380 vs 257, 64 x 256 162 vs 101-128, non-causal 4 x 4096 604-608
+# vs 467 (BENCHMARKS.md "Hopper prefill"). False: never route there.
+HOPPER_PREFILL = True
+
+
+def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=None,
+                  window_left=-1, softcap=0.0, sinks=None, k_scale=None,
+                  return_lse=False) -> str:
+    """Which kernel serves a prefill, from host-known metadata only (no sync; CUDA-graph safe):
+    "unified" (few rows per sequence, or a batch far shorter than ``B * max_seqlen_q``),
+    "hopper" (the guarded Gluon kernel, where it serves the call), else "prefill" (FA2-style).
+    Also read by the compiled path (graph_passes/lowering), which leaves "hopper" calls to the
+    op: Inductor cannot launch a Gluon kernel inline."""
+    num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
+    max_q, total_q, num_seqs = int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1
+    group = q.shape[1] // max(num_kv_heads, 1)
+    few_rows = max_q * group <= _UNIFIED_MAX_ROWS
+    skewed = 2 * total_q < num_seqs * max_q
+    if HOPPER_PREFILL and not few_rows and not skewed and q.device.type == "cuda":
+        from attn_ops.backends.triton import hopper_prefill_launch as hopper
+        if hopper.available(q.device) and hopper.supports(
+                q.dtype, q.shape[2], bool(causal), block_table is not None, window_left,
+                softcap, sinks is not None, k_scale is not None, return_lse) is None:
+            return "hopper"
+    return "unified" if use_unified_prefill(max_q, total_q, num_seqs, group) else "prefill"
+
+
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
             block_table=None, window_left=-1, softcap=0.0, sinks=None, k_scale=None,
             v_scale=None, return_lse=False):
     """attn::prefill (``return_lse``: prefill_with_lse, ``(out, lse)``) on the kernel that
-    serves the call's shapes."""
-    num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
-    if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
-                           q.shape[1] // max(num_kv_heads, 1)):
+    serves the call's shapes (:func:`prefill_route`)."""
+    route = prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal, block_table, window_left,
+                          softcap, sinks, k_scale, return_lse)
+    if route == "hopper":
+        from attn_ops.backends.triton import hopper_prefill_launch
+        return hopper_prefill_launch.prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                     max_seqlen_q, max_seqlen_k, scale, causal)
+    if route == "unified":
         from attn_ops.backends.triton import unified_kernel as kernel
     else:
         from attn_ops.backends.triton import prefill_kernel as kernel
@@ -199,11 +234,18 @@ def _bind_decode(*args, **kwargs):
 
 
 def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kwargs):
-    # args: max_seqlen_k, scale, causal, block_table, window_left, ... (prefill's order)
-    block_table = args[3] if len(args) > 3 else kwargs.get("block_table")
-    num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
-    if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
-                           q.shape[1] // max(num_kv_heads, 1)):
+    # args: max_seqlen_k, scale, causal, block_table, window_left, softcap, sinks, k_scale,
+    # v_scale, return_lse (prefill's order)
+    names = ("max_seqlen_k", "scale", "causal", "block_table", "window_left", "softcap",
+             "sinks", "k_scale", "v_scale", "return_lse")
+    given = dict(zip(names, args), **kwargs)
+    route = prefill_route(q, k, cu_seqlens_q, max_seqlen_q, given.get("causal", True),
+                          given.get("block_table"), given.get("window_left", -1),
+                          given.get("softcap", 0.0), given.get("sinks"), given.get("k_scale"),
+                          given.get("return_lse", False))
+    if route == "hopper":
+        return prefill  # the guarded Hopper route plans per call (descriptors, three launches)
+    if route == "unified":
         from attn_ops.backends.triton.unified_launch import bind_prefill
     else:
         from attn_ops.backends.triton.prefill_kernel import bind_prefill

@@ -230,16 +230,24 @@ if GLUON:
             gl.store(ptrs, out, mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
 
     @gluon.jit
-    def hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, O, CU_Q, CU_K,
+    def hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, O, CU_Q, CU_K, GATE,
                               stride_ot, stride_oh, stride_cq, stride_ck, total_q, num_seqs,
                               qk_scale,
                               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                               ISOLATE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                              PRODUCER_REGS: gl.constexpr):
+                              PRODUCER_REGS: gl.constexpr, GATE_PARTS: gl.constexpr = 0,
+                              GATE_P2: gl.constexpr = 1):
         """Program ``(i, b, h)``: rows ``[128 * t, 128 * t + 128)`` of sequence b, head h, with
-        ``t`` counted from the sequence's last tile. ``qk_scale`` = scale * log2(e)."""
+        ``t`` counted from the sequence's last tile. ``qk_scale`` = scale * log2(e).
+        ``GATE_PARTS > 0``: ``GATE`` holds finite_check_kernel's parts, and the program returns
+        at once when one is non-zero (a non-finite value row: the isolating kernel runs)."""
+        if GATE_PARTS > 0:
+            gate_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+            offs_g = gl.arange(0, GATE_P2, layout=gate_layout)
+            if gl.max(gl.load(GATE + offs_g, mask=offs_g < GATE_PARTS, other=0), axis=0) != 0:
+                return
         pid = gl.program_id(0)
         seq = gl.program_id(1)
         head = gl.program_id(2)

@@ -70,12 +70,16 @@ def _tma_ready(x):
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-            scale: float, causal: bool = True, out=None):
+            scale: float, causal: bool = True, out=None, gate=None):
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv ==
     0``), cu_seqlens ``[B + 1]`` int32 on q's device. Returns ``[Tq, H, D]`` in q's dtype (or
     fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
     sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the grid comes
-    from ``max_seqlen_q`` and B."""
+    from ``max_seqlen_q`` and B. ``gate``: int32 parts from
+    finite_check_kernel.nonfinite_parts; the launch writes nothing when one is non-zero.
+
+    Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
+    entry point."""
     import torch
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -100,10 +104,38 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     o_desc = TensorDescriptor.from_tensor(o2, [BLOCK_M, head_dim], q_layout)
     grid = (max(1, triton.cdiv(int(max_seqlen_q), 2 * BLOCK_M)), num_seqs + 1, num_heads)
     hopper_prefill_kernel[grid](
-        q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k, out.stride(0),
+        q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k,
+        cu_seqlens_k if gate is None else gate, out.stride(0),
         out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
         float(scale) * LOG2E, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), ISOLATE=ISOLATE,
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
-        maxnreg=MAXNREG)
+        maxnreg=MAXNREG, **({} if gate is None else dict(GATE_PARTS=gate.shape[0],
+                                                         GATE_P2=_next_pow2(gate.shape[0]))))
+    return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                    scale: float, causal: bool = True, out=None):
+    """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
+    row reaches only the query rows that see it. Three launches, the same every call (no host
+    sync, CUDA-graph safe): the scan of V (finite_check_kernel), this kernel (returns at once
+    if the scan found a non-finite value), the isolating FA2-style prefill kernel (returns at
+    once unless it did). Same arguments and result as :func:`prefill`."""
+    import torch
+    from attn_ops.backends.triton import finite_check_kernel, prefill_kernel
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
+        return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                       causal, out)  # nothing to launch
+    parts = finite_check_kernel.nonfinite_parts(v)
+    prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+            out, gate=parts)
+    prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           scale, causal, out=out, gate=parts)
     return out

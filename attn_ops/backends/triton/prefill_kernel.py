@@ -70,7 +70,12 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                     PAGE: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
-                    FP8: tl.constexpr, WITH_LSE: tl.constexpr):
+                    FP8: tl.constexpr, WITH_LSE: tl.constexpr, GATE_PARTS: tl.constexpr = 0,
+                    GATE_P2: tl.constexpr = 1):
+    if GATE_PARTS > 0:  # the Hopper route's fallback: TABLE holds finite_check_kernel's parts
+        offs_g = tl.arange(0, GATE_P2)
+        if tl.max(tl.load(TABLE + offs_g, mask=offs_g < GATE_PARTS, other=0), 0) == 0:
+            return  # every value row finite: the Hopper kernel wrote the output
     pid = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -237,7 +242,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             softcap: float = 0.0, sinks: torch.Tensor | None = None,
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
             return_lse: bool = False, config: Config | None = None,
-            out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            gate: torch.Tensor | None = None):
     """q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype,
     and with ``return_lse`` also lse float32 ``[Tq, H]`` (natural log, -inf for a row with no
@@ -246,7 +252,9 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
 
     ``config`` overrides the static :class:`Config` table (benchmarks); ``out`` (contiguous
     ``[Tq, H, D]``) and ``lse`` (contiguous float32 ``[Tq, H]``) receive the results (tests
-    poison them to catch unwritten elements).
+    poison them to catch unwritten elements). ``gate`` (dense K/V only): int32 parts from
+    finite_check_kernel.nonfinite_parts; the launch then writes nothing unless one is non-zero
+    (the Hopper route's fallback).
     """
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
@@ -261,8 +269,12 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     grid, consts, scalars = _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          scale, causal, block_table, window_left, softcap,
                                          out.stride(), ex, config)
+    if gate is not None:
+        assert not paged, "gate: dense K/V only (the parts take the block table's place)"
+        consts = dict(consts, GATE_PARTS=gate.shape[0], GATE_P2=next_pow2(gate.shape[0]))
     launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k,
-           block_table if paged else cu_seqlens_k, *ex.pointers, *scalars, **consts)
+           gate if gate is not None else block_table if paged else cu_seqlens_k, *ex.pointers,
+           *scalars, **consts)
     return result(out, ex)
 
 

@@ -33,55 +33,9 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
-                                             mma, next_pow2, paged_offsets, result,
-                                             scores_log2)
-from attn_ops.backends.triton.softmax import attend, finish, kv_scales, merge_if_last, store_lse
-
-
-@triton.jit
-def _attend_diagonal(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt,
-                     stride_vb, stride_vt, lo, hi, q_pos, qk_scale, cap_log2, cap_inv, offs_d,
-                     dim_ok, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                     DOT: tl.constexpr):
-    """Online-softmax update over causal keys ``lo .. hi-1`` that some rows of the tile see and
-    others do not (a few-query tile's own keys: fewer than its queries), in 16-key tiles loaded
-    straight into registers (no pipelining ring).
-
-    Isolation as softmax.attend's (a non-finite value row is zeroed and turns ``p`` NaN exactly
-    in the rows that see it), but only on these keys and on a 16-key tile: applied to the whole
-    one-loop walk it cost the small path 16 KB of shared memory and 28 registers per program
-    (sm_90a: 151 vs 123, one program fewer per SM; H200, B 64 x 4 queries over 2048 keys:
-    189 us vs 130 before isolation).
-    """
-    offs_t = tl.arange(0, 16)
-    for start in tl.range(lo, hi, 16, num_stages=1):
-        pos = start + offs_t
-        key_ok = pos < hi
-        if PAGED:
-            k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
-                                         stride_vb, stride_vt, PAGE)
-        else:
-            k_off = pos * stride_kt
-            v_off = pos * stride_vt
-        tile_ok = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        s = scores_log2(mma(q, tl.trans(k.to(q.dtype)), None, DOT), qk_scale, cap_log2, cap_inv,
-                        SOFTCAP)
-        sees = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
-        s = tl.where(sees, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw no key yet
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0).to(q.dtype)
-        v_sum = tl.sum(v.to(tl.float32), 1)
-        finite = (v_sum - v_sum) == 0.0  # False for a row holding NaN or +-Inf
-        v = tl.where(finite[:, None], v, 0.0)
-        p = tl.where(finite[None, :] | ~sees, p, float("nan"))
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT)
-        m_i = m_new
-    return acc, m_i, l_i
+                                             next_pow2, result)
+from attn_ops.backends.triton.softmax import (attend, attend_diagonal, finish, kv_scales,
+                                              merge_if_last, store_lse)
 
 
 @triton.jit
@@ -150,17 +104,17 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, 
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
     if ONE_LOOP and CAUSAL and not WINDOW:
         # Few rows, causal: keys up to first_q are seen by every row (one loop, no per-row
-        # mask, so nothing to isolate); the few keys past it, one at a time (_attend_diagonal).
+        # mask, so nothing to isolate); the few keys past it in 16-key tiles (attend_diagonal).
         every = tl.minimum(tl.maximum(first_q + 1, s_lo), s_hi)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, s_lo, every, every, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                                BLOCK_N, True, MASK_DIM, False, False, SOFTCAP, PAGED, PAGE, DOT,
                                False)
-        acc, m_i, l_i = _attend_diagonal(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
-                                         stride_kb, stride_kt, stride_vb, stride_vt, every, s_hi,
-                                         q_pos, qk_scale, cap_log2, cap_inv, offs_d, dim_ok,
-                                         SOFTCAP, PAGED, PAGE, DOT)
+        acc, m_i, l_i = attend_diagonal(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                        stride_kb, stride_kt, stride_vb, stride_vt, every, s_hi,
+                                        q_pos, qk_scale, cap_log2, cap_inv, offs_d, dim_ok,
+                                        SOFTCAP, PAGED, PAGE, DOT)
     elif ONE_LOOP:  # few rows: masked steps only (a third of the code; the mask is cheap here)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, s_lo, s_hi, s_hi, q_pos,

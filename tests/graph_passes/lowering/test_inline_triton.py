@@ -171,3 +171,21 @@ def test_inlining_compiles_float_arguments_as_triton_does():
     assert "_use_fp64_for_unbacked_floats" not in pass_config_patches(SubstitutionOptions())
     assert "_use_fp64_for_unbacked_floats" not in pass_config_patches(
         SubstitutionOptions(inline_triton=False), "triton")
+
+
+def test_prefill_the_backend_routes_to_the_hopper_kernel_stays_an_extern_call(monkeypatch):
+    # Inductor cannot launch the Gluon kernel inline: such prefills keep the attn op (which
+    # routes them there at run time); the others still become triton_ops
+    from attn_ops.backends import triton as tb
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")
+    torch.manual_seed(0)
+    q = torch.randn(20, 4, 32)
+    k, v = torch.randn(20, 2, 32), torch.randn(20, 2, 32)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+
+    def fn(q, k, v, cu):
+        return torch.ops.attn.prefill(q, k, v, cu, cu, 13, 13, 0.2, True)
+    for route, inlined in (("hopper", 0), ("prefill", 1)):
+        monkeypatch.setattr(tb, "prefill_route", lambda *a, route=route, **kw: route)
+        gm = _captured(fn, (q, k, v, cu))
+        assert InlineTritonPass(choice="triton", devices=("cpu",)).run(gm.graph) == inlined

@@ -65,6 +65,33 @@ def test_prefill_kernel_choice_is_static():
     assert tb.use_unified_prefill(4096, 1104, 58, 4)
 
 
+def _route(q_shape=(4 * 512, 32, 128), k_heads=8, seqs=4, max_q=512, dtype=torch.bfloat16,
+           **kwargs):
+    q = torch.empty(q_shape, dtype=dtype, device="meta")
+    k = torch.empty(q_shape[0], k_heads, q_shape[2], dtype=dtype, device="meta")
+    cu = torch.empty(seqs + 1, dtype=torch.int32, device="meta")
+    return tb.prefill_route(q, k, cu, max_q, **kwargs)
+
+
+def test_prefill_route_takes_the_hopper_kernel_where_it_serves(monkeypatch):
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    # off sm90 (here: meta tensors, no GPU) the route is the static rule's
+    assert _route() == "unified" and _route(max_q=2048, q_shape=(4 * 2048, 32, 128)) == "prefill"
+    monkeypatch.setattr(hopper, "available", lambda device: True)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))
+    assert _route() == "hopper"  # uniform 4 x 512 prompts
+    assert _route(q_shape=(64, 32, 128), seqs=16, max_q=4) == "unified"  # few rows: packed
+    assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512) == "unified"  # skewed batch
+    assert _route(dtype=torch.float32) == "unified"  # what the Gluon kernel refuses
+    assert _route(q_shape=(2048, 32, 96)) == "unified"
+    for kwargs in (dict(block_table=torch.empty(4, 8, device="meta")), dict(window_left=8),
+                   dict(softcap=30.0), dict(sinks=torch.empty(32, device="meta")),
+                   dict(return_lse=True)):
+        assert _route(**kwargs) != "hopper", kwargs
+    monkeypatch.setattr(tb, "HOPPER_PREFILL", False)
+    assert _route() == "unified"
+
+
 def test_few_query_paged_prefill_through_the_op():
     lens_q, lens_k = [4, 1, 0, 3], [40, 17, 0, 9]
     paged = random_paged(lens_k, 2, 32, 16, torch.float16)
