@@ -93,7 +93,8 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 # non-finite value row still reaches only the rows that see it (finite_check_kernel.py). H200,
 # bf16 32/8 heads, TFLOP/s vs this backend's kernels: causal 4 x 4096 529-535 vs 410, 1 x 16384
 # 603 vs 477, 16 x 1024 377-380 vs 257, 64 x 256 162 vs 101-128, non-causal 4 x 4096 604-608
-# vs 467 (BENCHMARKS.md "Hopper prefill"). False: never route there.
+# vs 467; guarded (the scan and the second launch): 526 at 4 x 4096, 343 at 16 x 1024, 131 at
+# 64 x 256 (BENCHMARKS.md "Hopper prefill"). False: never route there.
 HOPPER_PREFILL = True
 
 
@@ -109,8 +110,11 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
     max_q, total_q, num_seqs = int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1
     group = q.shape[1] // max(num_kv_heads, 1)
     few_rows = max_q * group <= _UNIFIED_MAX_ROWS
-    skewed = 2 * total_q < num_seqs * max_q
-    if HOPPER_PREFILL and not few_rows and not skewed and q.device.type == "cuda":
+    # Hopper tiles are per sequence, so a batch of mixed lengths leaves programs idle: H200,
+    # 96 prompts of U(1, 400) tokens (half of B * max_seqlen_q): unified 116.9 TFLOP/s, the
+    # guarded Hopper route 98.2. Uniform prompts (full batches) take it.
+    padded = 4 * total_q < 3 * num_seqs * max_q
+    if HOPPER_PREFILL and not few_rows and not padded and q.device.type == "cuda":
         from attn_ops.backends.triton import hopper_prefill_launch as hopper
         if hopper.available(q.device) and hopper.supports(
                 q.dtype, q.shape[2], bool(causal), block_table is not None, window_left,

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import INTERPRET, device_sm_count, next_pow2
+from attn_ops.backends.triton.launch import launch
 
 # Rows of [Tk * Hkv, D] per program step; programs per SM of the fixed grid.
 _BLOCK_ROWS = 64
@@ -66,7 +67,6 @@ def nonfinite_parts(v: torch.Tensor, parts: torch.Tensor | None = None) -> torch
     n = parts_count(v.device)
     if parts is None:
         parts = torch.empty(n, dtype=torch.int32, device=v.device)
-    _nonfinite_parts_kernel[(n,)](v, parts, tk * hkv, hkv, v.stride(0), v.stride(1),
-                                  HEAD_DIM=d, D_P2=max(16, next_pow2(d)),
-                                  BLOCK_ROWS=_BLOCK_ROWS, num_warps=4)
+    launch(_nonfinite_parts_kernel, (n,), v, parts, tk * hkv, hkv, v.stride(0), v.stride(1),
+           HEAD_DIM=d, D_P2=max(16, next_pow2(d)), BLOCK_ROWS=_BLOCK_ROWS, num_warps=4)
     return parts

@@ -82,6 +82,8 @@ def test_prefill_route_takes_the_hopper_kernel_where_it_serves(monkeypatch):
     assert _route() == "hopper"  # uniform 4 x 512 prompts
     assert _route(q_shape=(64, 32, 128), seqs=16, max_q=4) == "unified"  # few rows: packed
     assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512) == "unified"  # skewed batch
+    assert _route(q_shape=(19200, 32, 128), seqs=96, max_q=400) == "unified"  # half full
+    assert _route(q_shape=(1600, 32, 128), seqs=4, max_q=500) == "hopper"  # 80% full
     assert _route(dtype=torch.float32) == "unified"  # what the Gluon kernel refuses
     assert _route(q_shape=(2048, 32, 96)) == "unified"
     for kwargs in (dict(block_table=torch.empty(4, 8, device="meta")), dict(window_left=8),

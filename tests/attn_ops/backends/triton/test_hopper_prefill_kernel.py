@@ -111,6 +111,8 @@ def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, request):
     the tile) and must not leak into it. The kernel alone leaks them (0 * NaN in P V; strict
     xfail while its ISOLATE is off); the guarded entry point, the backend's, does not."""
     if entry == "prefill" and not hp.ISOLATE:
+        if not causal:
+            pytest.skip("the kernel alone promises nothing here; the guarded entry is tested")
         request.applymarker(pytest.mark.xfail(strict=True, reason="0 * NaN without ISOLATE"))
     _gpu_only()
     _run([250, 130], [250, 130], 8, 2, 128, causal, torch.bfloat16,
