@@ -170,7 +170,13 @@ _ONE_SEQUENCE = 8  # (sequence, kv head) programs up to which num_splits splits 
 # than in a second launch, up to _FUSED_MAX_SPLITS splits. H200, B = 16 (4 splits): 41.5 vs
 # 42.1 us at ctx 2048, 130.2 vs 131.1 at 8192; B = 1 (32-50 splits): the merging program's
 # serial walk over the splits costs more than the launch it saves (59.4 vs 47.5 us at 32k).
-FUSED_MERGE = True
+# Off by default: its counters live in a buffer cached per (device, stream), a persistent
+# allocation that torch.compile's CUDA-graph trees (mode="reduce-overhead") reject when it is
+# first made inside their memory pool ("tensor(s) in the cudagraph pool not tracked as
+# outputs"; tests/integration/test_cuda_graphs.py, as soon as a captured decode splits). The
+# launched merge keeps no state; it cost 1.0-2.4% at B 16 on the H200 (42.6 vs 41.6 us at
+# ctx 2048, 133.9 vs 132.6 at 8192).
+FUSED_MERGE = False
 _FUSED_MAX_SPLITS = 8
 # FP8 caches with bf16 queries: widen the cache to fp16 (one cvt per pair of e4m3 values on
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
