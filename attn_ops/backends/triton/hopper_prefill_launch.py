@@ -6,6 +6,8 @@ Public surface: :func:`available`, :func:`supports`, :func:`prefill`.
 
 from __future__ import annotations
 
+import functools
+
 from attn_ops.backends.triton.hopper_prefill_kernel import GLUON
 
 if GLUON:
@@ -39,7 +41,14 @@ def available(device=None) -> bool:
     dev = torch.device("cuda") if device is None else torch.device(device)
     if dev.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(dev) == (9, 0) and torch.version.hip is None
+    return _is_sm90(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    """Device ``index`` is an sm90 NVIDIA GPU (read once: the route asks on every call)."""
+    import torch
+    return torch.cuda.get_device_capability(index) == (9, 0) and torch.version.hip is None
 
 
 def supports(q_dtype, head_dim: int, causal: bool = True, paged: bool = False,
