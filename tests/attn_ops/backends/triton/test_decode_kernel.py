@@ -90,6 +90,30 @@ def test_decode_split_count_is_static():
     assert decode_kernel.num_splits(2, 8, 16384, 132, 64) == 25
 
 
+def test_default_split_decode_holds_no_persistent_buffer(monkeypatch):
+    # The split merge's default is a second launch: the fused merge's per-stream semaphore
+    # buffer is a persistent allocation that torch.compile's CUDA-graph trees reject when it is
+    # first made inside their pool. The default path (wrapper and bound function) never asks
+    # for it, and still merges the splits right.
+    from attn_ops.backends.triton import common, unified_kernel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the default decode path took the persistent semaphore buffer")
+    monkeypatch.setattr(common, "semaphores", refuse)
+    monkeypatch.setattr(decode_kernel, "semaphores", refuse)
+    lens = [40, 1, 0, 23]
+    paged = random_paged(lens, 2, 32, 4, torch.float32)
+    q = torch.randn(len(lens), 4, 32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    args = (q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, 0.2)
+    ref = reference.decode(*args)
+    assert_close(decode_kernel.decode(*args, splits=3), ref, *TOLERANCES[torch.float32])
+    assert not decode_kernel._plan(4, 4, 2, 32, 4, 10, torch.float32, torch.device("cpu"), False,
+                                   False, None, 3, decode_kernel.FUSED_MERGE, torch.float32,
+                                   False)[3]["FUSED"]
+    assert unified_kernel.Config(16, 0, 64, 4, 3).fused is False
+
+
 def _every_other_column(t):
     """The same values as ``t`` ``[B, W]``, as columns 0, 2, 4.. of a ``[B, 2W]`` tensor
     (column stride 2) whose other columns are garbage block ids."""
