@@ -8,6 +8,7 @@
 #   benchmarks/gpu_run.sh                    # tests bench plot sanitizer
 #   benchmarks/gpu_run.sh tests tune bench   # any subset (run in the order above); `tune`
 #                                            # also sweeps our launch configs
+#   benchmarks/gpu_run.sh auto               # the full "auto" table grid, installed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
@@ -49,9 +50,13 @@ if has bench; then
     stage bench_overhead $PY benchmarks/bench_overhead.py --out "$WORK/results"
     stage bench_decode $PY benchmarks/bench_decode.py $tune --out "$WORK/results"
     stage bench_prefill $PY benchmarks/bench_prefill.py $tune --out "$WORK/results"
+    stage bench_unified $PY benchmarks/bench_unified.py --out "$WORK/results"
 elif has tune; then
     stage tune_decode $PY benchmarks/bench_decode.py --tune-only --out "$WORK/results"
     stage tune_prefill $PY benchmarks/bench_prefill.py --tune-only --out "$WORK/results"
+fi
+if has auto; then  # the full auto-table grid, installed into attn_ops/auto_table.json
+    stage auto $PY benchmarks/bench_auto_table.py --out "$WORK/results"
 fi
 if has plot; then
     stage plot $PY benchmarks/plot.py --out "$WORK/results"
