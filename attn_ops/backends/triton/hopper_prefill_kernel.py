@@ -22,9 +22,12 @@ that sees no key gets zeros.
 
 Contract gap (ISOLATE off): a NaN/Inf value row that a query row must not see (hidden by
 causality on the diagonal tile, or the next sequence's row in the last tile) still reaches that
-row through ``0 * NaN`` in ``P V``. ``ISOLATE=True`` adds a sanitizer warp that zeroes such rows
-in shared memory and marks the rows that do see one; on the H200 it failed the odd-length
-GPU tests with spurious NaN rows (not yet found why), so it is off.
+row through ``0 * NaN`` in ``P V``. The backend therefore never calls this kernel alone: its
+entry point, hopper_prefill_launch.prefill_guarded, scans V first and lets the isolating
+FA2-style kernel write the output when a value is non-finite (the ``GATE`` argument).
+``ISOLATE=True`` (experimental, never set by the backend) adds a sanitizer warp that zeroes such
+rows in shared memory and marks the rows that do see one; on the H200 it failed the odd-length
+GPU tests with spurious NaN rows (not yet found why).
 
 Needs Triton with Gluon's Hopper API (tested: 3.6); the host side (descriptors, grid, the
 supports / available checks) is hopper_prefill_launch.py.
