@@ -247,8 +247,14 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                           given.get("block_table"), given.get("window_left", -1),
                           given.get("softcap", 0.0), given.get("sinks"), given.get("k_scale"),
                           given.get("return_lse", False))
-    if route == "hopper":
-        return prefill  # the guarded Hopper route plans per call (descriptors, three launches)
+    if route == "hopper":  # decided once per signature; descriptors and launches per call
+        from attn_ops.backends.triton.hopper_prefill_launch import prefill_guarded
+
+        def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                   causal=True, *unused, **unused_kw):  # the route serves none of the extras
+            return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, scale, causal)
+        return hopper
     if route == "unified":
         from attn_ops.backends.triton.unified_launch import bind_prefill
     else:

@@ -248,3 +248,18 @@ def test_inductor_compiled_prefill_and_decode_cuda():
     with attn_ops.use_backend("triton"):
         got = torch.compile(fn, fullgraph=True)(*args)
     assert_close(got, expected, *TOLERANCES[BF16])
+
+
+def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch):
+    # The route is decided when the signature is planned; each call then goes straight to the
+    # guarded Hopper entry with prefill's leading arguments.
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    routes, calls = [], []
+    monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: routes.append(1) or "hopper")
+    monkeypatch.setattr(hopper, "prefill_guarded", lambda *a: calls.append(a) or a[0])
+    q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    args = (q, k, k, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
+    run = tb._bind_prefill(*args)
+    assert run(*args) is q and run(*args) is q
+    assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True)] * 2
