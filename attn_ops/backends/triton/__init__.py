@@ -89,11 +89,12 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 
 
 # The Gluon Hopper prefill (hopper_prefill_kernel.py) serves dense fp16/bf16 prompts on sm90 (D 64
-# / 128; no paged K/V, window, softcap, sinks, FP8 or lse), guarded by a scan of V so that a
-# non-finite value row still reaches only the rows that see it (finite_check_kernel.py). H200,
+# / 128; no paged K/V, window, softcap, sinks, FP8 or lse), guarded by its own output check and
+# the FA2-style kernel's fixup launch so that a non-finite value row still reaches only the rows
+# that see it (hopper_prefill_launch.prefill_guarded). H200,
 # bf16 32/8 heads, TFLOP/s vs this backend's kernels: causal 4 x 4096 529-535 vs 410, 1 x 16384
 # 603 vs 477, 16 x 1024 377-380 vs 257, 64 x 256 162 vs 101-128, non-causal 4 x 4096 604-608
-# vs 467; guarded (the scan and the second launch): 526 at 4 x 4096, 343 at 16 x 1024, 131 at
+# vs 467; guarded by the V scan this replaced: 526 at 4 x 4096, 343 at 16 x 1024, 131 at
 # 64 x 256 (BENCHMARKS.md "Hopper prefill"). False: never route there.
 HOPPER_PREFILL = True
 

@@ -20,14 +20,16 @@ tail can hold the next sequence's keys (or TMA's zero fill past Tk): their score
 Rows past ``cu_seqlens_q[-1]`` are zeroed by the extra ``b = B`` column of the grid; a query row
 that sees no key gets zeros.
 
-Contract gap (ISOLATE off): a NaN/Inf value row that a query row must not see (hidden by
-causality on the diagonal tile, or the next sequence's row in the last tile) still reaches that
-row through ``0 * NaN`` in ``P V``. The backend therefore never calls this kernel alone: its
-entry point, hopper_prefill_launch.prefill_guarded, scans V first and lets the isolating
-FA2-style kernel write the output when a value is non-finite (the ``GATE`` argument).
-``ISOLATE=True`` (experimental, never set by the backend) adds a sanitizer warp that zeroes such
-rows in shared memory and marks the rows that do see one; on the H200 it failed the odd-length
-GPU tests with spurious NaN rows (not yet found why).
+Non-finite values: a NaN/Inf value row that a query row must not see (hidden by causality on
+the diagonal tile, or the next sequence's row in the last tile) still reaches that row through
+``0 * NaN`` in ``P V``; such a row then holds a non-finite output. So each consumer warpgroup
+checks its 64 output rows (those below lq) and writes one int32 flag, 1 when one is not finite
+(a leak, or a row that legitimately sees a NaN/Inf), else 0, to ``FLAGS[g, b, h, half]`` (every
+program writes both of its flags, also when it returns early: no memset). The backend's entry
+point, hopper_prefill_launch.prefill_guarded, then launches the isolating FA2-style kernel in
+its fixup mode, which rewrites exactly the flagged halves and returns at once when none is set.
+A finite output row cannot hide a leak (NaN and Inf never turn finite through ``P V``), so with
+finite outputs this kernel's result stands.
 
 Needs Triton with Gluon's Hopper API (tested: 3.6); the host side (descriptors, grid, the
 supports / available checks) is hopper_prefill_launch.py.
@@ -82,49 +84,6 @@ if GLUON:
                                             v_bufs.index(st))
 
     @gluon.jit
-    def _sanitizer(v_bufs, bad_smem, v_ready, v_clean, n_iter, i_iso, lk,
-                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
-        """One warp, on the tiles ``i >= i_iso`` (those holding a key that some row of the
-        program must not see: the causal diagonal, the sequence's last partial tile): zeroes the
-        value rows that are not finite, in shared memory, so ``0 * NaN`` in ``P V`` cannot carry
-        them into rows that do not see them, then releases the tile on ``v_clean`` (its own ring:
-        k-th such tile, slot ``k % STAGES``). ``bad_smem`` gets the lowest such key below lk:
-        the consumers turn the rows that see it NaN (the reference's rule; visible keys are a
-        prefix). 8 rows at a time: the partition has 24 registers."""
-        ROWS: gl.constexpr = 8
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        bad = lk
-        for i in range(i_iso, n_iter):
-            st = i % STAGES
-            mbarrier.wait(v_ready.index(st), (i // STAGES) & 1)
-            for r in gl.static_range(BLOCK_N // ROWS):
-                part = v_bufs.index(st).slice(r * ROWS, ROWS)
-                chunk = part.load(blk)
-                vs = gl.sum(chunk.to(gl.float32), axis=1)
-                fin = (vs - vs) == 0.0  # False for a row holding NaN or +-Inf
-                keys = i * BLOCK_N + r * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
-                bad = gl.minimum(bad, gl.min(gl.where(fin | (keys >= lk), lk, keys), axis=0))
-                if gl.min(fin.to(gl.int32), axis=0) == 0:
-                    part.store(gl.where(gl.expand_dims(fin, 1), chunk, gl.zeros_like(chunk)))
-            fence_async_shared()
-            bad_smem.store(gl.full([1], 0, gl.int32, one) + bad)
-            k = i - i_iso
-            mbarrier.arrive(v_clean.index(k % STAGES), count=1)
-
-    @gluon.jit
-    def _wait_v(j, i_iso, v_ready, v_clean, STAGES: gl.constexpr, ISOLATE: gl.constexpr):
-        """Wait until V_j may enter ``P V``: loaded, and sanitized when it needs to be."""
-        if ISOLATE:
-            if j >= i_iso:
-                k = j - i_iso
-                mbarrier.wait(v_clean.index(k % STAGES), (k // STAGES) & 1)
-            else:
-                mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
-        else:
-            mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
-
-    @gluon.jit
     def _softmax(s, m_i, l_i, n0, full_hi, lk, q_pos, offs_n, qk_scale,
                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
         """Online-softmax step (exp2 domain, ``m`` kept scaled) over raw scores ``s`` of keys
@@ -142,12 +101,10 @@ if GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean, k_empty,
-                  v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter,
-                  i_iso, qk_scale,
-                  WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  ISOLATE: gl.constexpr):
+    def _consumer(q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty, o_desc, O,
+                  FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, flag_idx,
+                  qk_scale, WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """One warpgroup: query rows ``m0 + WG * 64 ..`` against every loaded K/V tile."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -191,7 +148,7 @@ if GLUON:
             s_tok = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)), zero_s,
                                   use_acc=False, is_async=True)
             # O += P_{i-1} V_{i-1} runs while this tile's softmax does.
-            _wait_v(i - 1, i_iso, v_ready, v_clean, STAGES, ISOLATE)
+            mbarrier.wait(v_ready.index(pst), ((i - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p_op, v_bufs.index(pst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(st), count=1)
@@ -203,68 +160,67 @@ if GLUON:
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
         last = (n_iter - 1) % STAGES
-        _wait_v(n_iter - 1, i_iso, v_ready, v_clean, STAGES, ISOLATE)
+        mbarrier.wait(v_ready.index(last), ((n_iter - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(v_empty.index(last), count=1)
 
-        if ISOLATE:
-            if n_iter > i_iso:  # rows that see a non-finite value row the sanitizer zeroed
-                bad = gl.min(bad_smem.load(gl.BlockedLayout([1], [32], [4], [0])), axis=0)
-                pos = m0w + diag + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-                if CAUSAL:
-                    sees = pos >= bad
-                else:
-                    sees = pos * 0 + bad < lk
-                acc = gl.where(gl.expand_dims(sees, 1), float("nan"), acc)
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
-        out = (acc * gl.expand_dims(inv, 1)).to(dtype)
+        out_f = acc * gl.expand_dims(inv, 1)
+        # The flag (module docstring): x - x is NaN exactly for NaN and +-Inf.
+        r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        bad_row = gl.max(((out_f - out_f) != 0.0).to(gl.int32), axis=1)
+        dirty = gl.max(gl.where(r < lq, bad_row, 0), axis=0)
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        gl.store(FLAGS + flag_idx + WG + gl.arange(0, 1, layout=one),
+                 gl.full([1], 0, gl.int32, one) + dirty)
+        out = out_f.to(dtype)
         if m0w + BLOCK_M <= lq:  # the whole tile is this sequence's: TMA store through Q's slot
             q_smem.store(out)
             fence_async_shared()
             tma.async_copy_shared_to_global(o_desc, [q_start + m0w, head * HEAD_DIM], q_smem)
             tma.store_wait(0)
         else:
-            r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
             d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
             ptrs = (O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot, 1)
                     + head * stride_oh + gl.expand_dims(d, 0))
             gl.store(ptrs, out, mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
 
     @gluon.jit
-    def hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, O, CU_Q, CU_K, GATE,
+    def _no_flags(FLAGS, flag_idx):
+        """Both halves' flags 0: a program that returns before its consumers run."""
+        two: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        gl.store(FLAGS + flag_idx + gl.arange(0, 2, layout=two), gl.zeros([2], gl.int32, two))
+
+    @gluon.jit
+    def hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, O, CU_Q, CU_K, FLAGS,
                               stride_ot, stride_oh, stride_cq, stride_ck, total_q, num_seqs,
                               qk_scale,
                               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                              ISOLATE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                              PRODUCER_REGS: gl.constexpr, GATE_PARTS: gl.constexpr = 0,
-                              GATE_P2: gl.constexpr = 1):
+                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Program ``(i, b, h)``: rows ``[128 * t, 128 * t + 128)`` of sequence b, head h, with
-        ``t`` counted from the sequence's last tile. ``qk_scale`` = scale * log2(e).
-        ``GATE_PARTS > 0``: ``GATE`` holds finite_check_kernel's parts, and the program returns
-        at once when one is non-zero (a non-finite value row: the isolating kernel runs)."""
-        if GATE_PARTS > 0:
-            gate_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-            offs_g = gl.arange(0, GATE_P2, layout=gate_layout)
-            if gl.max(gl.load(GATE + offs_g, mask=offs_g < GATE_PARTS, other=0), axis=0) != 0:
-                return
+        ``t`` counted from the sequence's last tile. ``qk_scale`` = scale * log2(e). ``FLAGS``:
+        int32 ``[grid0, B + 1, H, 2]``, both of this program's written (module docstring)."""
         pid = gl.program_id(0)
         seq = gl.program_id(1)
         head = gl.program_id(2)
+        flag_idx = ((pid * gl.num_programs(1) + seq) * gl.num_programs(2) + head) * 2
         TILE: gl.constexpr = 2 * BLOCK_M
         if seq == num_seqs:  # rows past cu_seqlens_q[-1]: zeros, strided over the pid axis
             first = gl.load(CU_Q + num_seqs * stride_cq)
             for r0 in range(first + pid * TILE, total_q, gl.num_programs(0) * TILE):
                 _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE, HEAD_DIM,
                            gl.num_warps())
+            _no_flags(FLAGS, flag_idx)
             return
         q_start = gl.load(CU_Q + seq * stride_cq)
         lq = gl.load(CU_Q + (seq + 1) * stride_cq) - q_start
         tile = gl.cdiv(lq, TILE) - 1 - pid
         if tile < 0:
+            _no_flags(FLAGS, flag_idx)
             return
         k_start = gl.load(CU_K + seq * stride_ck)
         lk = gl.load(CU_K + (seq + 1) * stride_ck) - k_start
@@ -275,6 +231,7 @@ if GLUON:
         if hi <= 0:  # no key for any row of the tile
             _zero_rows(O, q_start + m0, q_start + lq, head, stride_ot, stride_oh, TILE,
                        HEAD_DIM, gl.num_warps())
+            _no_flags(FLAGS, flag_idx)
             return
         n_iter = gl.cdiv(hi, BLOCK_N)
 
@@ -296,42 +253,16 @@ if GLUON:
 
         q_row = q_start + m0
         kv_col = (head // GROUP) * HEAD_DIM
-        iso_hi = lk  # keys below iso_hi are visible to every row of the program
-        if CAUSAL:
-            iso_hi = gl.minimum(lk, m0 + lk - lq + 1)
-        i_iso = iso_hi // BLOCK_N  # tiles from i_iso on hold a key some row must not see
-        bad_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        v_clean = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(v_clean.index(s), count=1)
-        if ISOLATE:
-            gl.warp_specialize([
-                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
-                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
-                             head, m0, n_iter, i_iso, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM,
-                             STAGES, CAUSAL, ISOLATE)),
-                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
-                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
-                             head, m0, n_iter, i_iso, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM,
-                             STAGES, CAUSAL, ISOLATE)),
-                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
-                             v_ready, k_empty, v_empty, q_row, head * HEAD_DIM, k_start, kv_col,
-                             n_iter, BLOCK_M, BLOCK_N, STAGES)),
-                (_sanitizer, (v_bufs, bad_smem, v_ready, v_clean, n_iter, i_iso, lk, BLOCK_N,
-                              HEAD_DIM, STAGES)),
-            ], [4, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([
-                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
-                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
-                             head, m0, n_iter, i_iso, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM,
-                             STAGES, CAUSAL, ISOLATE)),
-                (_consumer, (q_bufs, k_bufs, v_bufs, bad_smem, q_bar, k_ready, v_ready, v_clean,
-                             k_empty, v_empty, o_desc, O, stride_ot, stride_oh, q_start, lq, lk,
-                             head, m0, n_iter, i_iso, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM,
-                             STAGES, CAUSAL, ISOLATE)),
-                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
-                             v_ready, k_empty, v_empty, q_row, head * HEAD_DIM, k_start, kv_col,
-                             n_iter, BLOCK_M, BLOCK_N, STAGES)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
+        gl.warp_specialize([
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
+                         o_desc, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
+                         n_iter, flag_idx, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                         CAUSAL)),
+            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, k_ready, v_ready, k_empty, v_empty,
+                         o_desc, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
+                         n_iter, flag_idx, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                         CAUSAL)),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready,
+                         v_ready, k_empty, v_empty, q_row, head * HEAD_DIM, k_start, kv_col,
+                         n_iter, BLOCK_M, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

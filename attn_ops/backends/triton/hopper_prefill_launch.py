@@ -24,10 +24,6 @@ _CONFIGS = {64: (128, 3), 128: (128, 2)}
 # = 3 * 168: more and the consumer's setmaxnreg.inc would wait for registers that never free).
 # At 224 the consumer uses 221 with no spills (sm_90a SASS, compiled off the GPU).
 MAXNREG, CONSUMER_REGS, PRODUCER_REGS = 168, 224, 24
-# The sanitizer warp for non-finite value rows a query row must not see (see the kernel's
-# docstring): off, it gave spurious NaN rows on the H200 (odd-length tests). Its cost there,
-# causal bf16 32/8: 4 x 4096 none, 1 x 16384 -3%, 16 x 1024 -33%, 64 x 256 -59%.
-ISOLATE = False
 
 
 def available(device=None) -> bool:
@@ -79,13 +75,14 @@ def _tma_ready(x):
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-            scale: float, causal: bool = True, out=None, gate=None):
+            scale: float, causal: bool = True, out=None, flags=None):
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv ==
     0``), cu_seqlens ``[B + 1]`` int32 on q's device. Returns ``[Tq, H, D]`` in q's dtype (or
     fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
     sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the grid comes
-    from ``max_seqlen_q`` and B. ``gate``: int32 parts from
-    finite_check_kernel.nonfinite_parts; the launch writes nothing when one is non-zero.
+    from ``max_seqlen_q`` and B. ``flags``: int32 ``[cdiv(max_seqlen_q, 128), B + 1, H, 2]``
+    (see :func:`flags_shape`), 1 where a half tile's output is not finite (allocated here when
+    None).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
@@ -111,40 +108,44 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     k_desc = TensorDescriptor.from_tensor(k2, [block_n, head_dim], kv_layout)
     v_desc = TensorDescriptor.from_tensor(v2, [block_n, head_dim], kv_layout)
     o_desc = TensorDescriptor.from_tensor(o2, [BLOCK_M, head_dim], q_layout)
-    grid = (max(1, triton.cdiv(int(max_seqlen_q), 2 * BLOCK_M)), num_seqs + 1, num_heads)
-    hopper_prefill_kernel[grid](
-        q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k,
-        cu_seqlens_k if gate is None else gate, out.stride(0),
+    shape = flags_shape(max_seqlen_q, num_seqs, num_heads)
+    if flags is None:
+        flags = torch.empty(shape, dtype=torch.int32, device=q.device)
+    hopper_prefill_kernel[shape[:3]](
+        q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k, flags, out.stride(0),
         out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
         float(scale) * LOG2E, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), ISOLATE=ISOLATE,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
-        maxnreg=MAXNREG, **({} if gate is None else dict(GATE_PARTS=gate.shape[0],
-                                                         GATE_P2=_next_pow2(gate.shape[0]))))
+        maxnreg=MAXNREG)
     return out
 
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, int, int, int]:
+    """The kernel's grid (tiles of 2 * BLOCK_M rows, B + 1, H) and the two halves of a tile:
+    one int32 flag each."""
+    return (max(1, -(-int(max_seqlen_q) // (2 * BLOCK_M))), num_seqs + 1, num_heads, 2)
 
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float, causal: bool = True, out=None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
-    row reaches only the query rows that see it. Three launches, the same every call (no host
-    sync, CUDA-graph safe): the scan of V (finite_check_kernel), this kernel (returns at once
-    if the scan found a non-finite value), the isolating FA2-style prefill kernel (returns at
-    once unless it did). Same arguments and result as :func:`prefill`."""
+    row reaches only the query rows that see it. Two launches, the same every call (no host
+    sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
+    (a leak shows there, see the kernel's docstring), then the isolating FA2-style kernel in its
+    fixup mode, which rewrites the flagged halves and otherwise returns after one load per
+    program. Same arguments and result as :func:`prefill`."""
     import torch
-    from attn_ops.backends.triton import finite_check_kernel, prefill_kernel
+    from attn_ops.backends.triton import prefill_kernel
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
         return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                        causal, out)  # nothing to launch
-    parts = finite_check_kernel.nonfinite_parts(v)
+    shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1])
+    flags = torch.empty(shape, dtype=torch.int32, device=q.device)
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-            out, gate=parts)
+            out, flags)
     prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           scale, causal, out=out, gate=parts)
+                           scale, causal, out=out, fixup=(flags, shape[0], BLOCK_M))
     return out

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, next_pow2, result,
-                                             softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
+                                             next_pow2, result, softcap_constants)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.softmax import (all_finite, attend, finish, kv_scales, store_lse,
                                               value_sums)
@@ -60,51 +60,23 @@ def _attend_masked(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stri
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["total_q", "window_left"])
-def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE,
-                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                    stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
-                    stride_sk, stride_ks, stride_vs, total_q, num_seqs,
-                    qk_scale, cap_log2, cap_inv, window_left,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
-                    PAGE: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
-                    FP8: tl.constexpr, WITH_LSE: tl.constexpr, GATE_PARTS: tl.constexpr = 0,
-                    GATE_P2: tl.constexpr = 1):
-    if GATE_PARTS > 0:  # the Hopper route's fallback: TABLE holds finite_check_kernel's parts
-        offs_g = tl.arange(0, GATE_P2)
-        if tl.max(tl.load(TABLE + offs_g, mask=offs_g < GATE_PARTS, other=0), 0) == 0:
-            return  # every value row finite: the Hopper kernel wrote the output
-    pid = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+@triton.jit
+def _tile(Q, K, V, O, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt, stride_qh, stride_kb,
+          stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ot, stride_oh, stride_tb,
+          stride_tc, stride_sk, stride_ks, stride_vs, seq, head, num_heads, m0, q_start, lq,
+          k_start, lk, qk_scale, cap_log2, cap_inv, window_left,
+          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+          WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+          DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
+          WITH_LSE: tl.constexpr):
+    """Query rows ``m0 .. m0 + BLOCK_M - 1`` (those below lq) of sequence ``seq``, head
+    ``head``: out (and lse) written, every row's keys in three loops."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_P2)
     dim_ok = offs_d < HEAD_DIM
     MASK_DIM: tl.constexpr = HEAD_DIM != D_P2
-
-    if seq == num_seqs:  # zero the rows past cu_seqlens_q[-1], strided over the pid axis
-        zeros = tl.zeros([BLOCK_M, D_P2], dtype=O.dtype.element_ty)
-        first = tl.load(CU_Q + num_seqs * stride_cq)
-        for r0 in range(first + pid * BLOCK_M, total_q, tl.num_programs(0) * BLOCK_M):
-            r = r0 + offs_m
-            ptrs = O + r.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
-            tl.store(ptrs, zeros, mask=(r < total_q)[:, None] & dim_ok[None, :])
-            store_lse(LSE, r.to(tl.int64) * tl.num_programs(2) + head,
-                      tl.full([BLOCK_M], float("-inf"), tl.float32), r < total_q, WITH_LSE)
-        return
-
-    q_start = tl.load(CU_Q + seq * stride_cq)
-    lq = tl.load(CU_Q + (seq + 1) * stride_cq) - q_start
-    tile = tl.cdiv(lq, BLOCK_M) - 1 - pid
-    if tile < 0:
-        return
-    k_start = tl.load(CU_K + seq * stride_ck)
-    lk = tl.load(CU_K + (seq + 1) * stride_ck) - k_start
-
-    m0 = tile * BLOCK_M
     rows = m0 + offs_m
     row_ok = rows < lq
     q_rows = (q_start + rows).to(tl.int64)
@@ -184,9 +156,115 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
         sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
     factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)  # no key seen: zeros, -inf
     out = acc * factor[:, None]
-    store_lse(LSE, q_rows * tl.num_programs(2) + head, lse2, row_ok, WITH_LSE)
+    store_lse(LSE, q_rows * num_heads + head, lse2, row_ok, WITH_LSE)
     o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _fixup(Q, K, V, O, CU_Q, CU_K, FLAGS, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt,
+           stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+           stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc, stride_sk,
+           stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv, window_left, tiles,
+           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+           WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+           DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
+           WITH_LSE: tl.constexpr):
+    """The ``FIXUP`` program of :func:`_prefill_kernel` (see there). A flagged half is rows
+    ``(cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M ..`` of its sequence."""
+    SCAN: tl.constexpr = 64  # (g, sequence) pairs per vector load: one load for most calls
+    head = tl.program_id(2)
+    num_heads = tl.num_programs(2)
+    pairs = tiles * (num_seqs + 1)
+    share = tl.cdiv(pairs, tl.num_programs(0))
+    lo = tl.program_id(0) * share
+    hi = tl.minimum(lo + share, pairs)
+    offs_j = tl.arange(0, SCAN)
+    halves = tl.arange(0, 2)
+    dirty = 0
+    for c in range(lo, hi, SCAN):
+        j = (c + offs_j).to(tl.int64)
+        f = tl.load(FLAGS + (j * num_heads + head)[:, None] * 2 + halves[None, :],
+                    mask=(j < hi)[:, None], other=0)
+        dirty = tl.maximum(dirty, tl.max(tl.max(f, 1), 0))
+    if dirty != 0:  # a flagged half: rewritten here (rare: a non-finite value reached it)
+        for j in range(lo, hi):
+            g = j // (num_seqs + 1)
+            seq = j % (num_seqs + 1)
+            for half in range(2):
+                flag = tl.load(FLAGS + (j * num_heads + head) * 2 + half)  # few: int32
+                q_start = tl.load(CU_Q + seq * stride_cq, mask=seq < num_seqs, other=0)
+                lq = tl.load(CU_Q + (seq + 1) * stride_cq, mask=seq < num_seqs, other=0) - q_start
+                m0 = (tl.cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M
+                if (flag != 0) & (seq < num_seqs) & (m0 >= 0) & (m0 < lq):
+                    k_start = tl.load(CU_K + seq * stride_ck)
+                    lk = tl.load(CU_K + (seq + 1) * stride_ck) - k_start
+                    _tile(Q, K, V, O, FLAGS, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt,
+                          stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                          stride_vh, stride_ot, stride_oh, stride_tb, stride_tc, stride_sk,
+                          stride_ks, stride_vs, seq, head, num_heads, m0, q_start, lq, k_start,
+                          lk, qk_scale, cap_log2, cap_inv, window_left, GROUP, HEAD_DIM, D_P2,
+                          BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
+                          HAS_SINKS, FP8, WITH_LSE)
+
+
+@triton.jit(do_not_specialize=["total_q", "window_left", "fixup_tiles"])
+def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE,
+                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                    stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
+                    stride_sk, stride_ks, stride_vs, total_q, num_seqs,
+                    qk_scale, cap_log2, cap_inv, window_left, fixup_tiles,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
+                    PAGE: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
+                    FP8: tl.constexpr, WITH_LSE: tl.constexpr, FIXUP: tl.constexpr = False):
+    """Program ``(i, b, h)``: tile i (counted from the sequence's last) of sequence b, head h.
+
+    ``FIXUP`` (dense K/V, no window: the Hopper route): TABLE holds the Hopper kernel's int32
+    flags, one per (its tile g < fixup_tiles, sequence, head, half of 2 * BLOCK_M rows), in that
+    order; program ``(p, 0, h)`` rewrites the halves of head h that are flagged among its share
+    of the (g, sequence) pairs and returns at once when none is (one vector load)."""
+    if FIXUP:
+        _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt,
+               stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+               stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc, stride_sk,
+               stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv, window_left,
+               fixup_tiles, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP,
+               PAGED, PAGE, DOT, HAS_SINKS, FP8, WITH_LSE)
+        return
+    pid = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+
+    if seq == num_seqs:  # zero the rows past cu_seqlens_q[-1], strided over the pid axis
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_P2)
+        dim_ok = offs_d < HEAD_DIM
+        zeros = tl.zeros([BLOCK_M, D_P2], dtype=O.dtype.element_ty)
+        first = tl.load(CU_Q + num_seqs * stride_cq)
+        for r0 in range(first + pid * BLOCK_M, total_q, tl.num_programs(0) * BLOCK_M):
+            r = r0 + offs_m
+            ptrs = O + r.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+            tl.store(ptrs, zeros, mask=(r < total_q)[:, None] & dim_ok[None, :])
+            store_lse(LSE, r.to(tl.int64) * tl.num_programs(2) + head,
+                      tl.full([BLOCK_M], float("-inf"), tl.float32), r < total_q, WITH_LSE)
+        return
+
+    q_start = tl.load(CU_Q + seq * stride_cq)
+    lq = tl.load(CU_Q + (seq + 1) * stride_cq) - q_start
+    tile = tl.cdiv(lq, BLOCK_M) - 1 - pid
+    if tile < 0:
+        return
+    k_start = tl.load(CU_K + seq * stride_ck)
+    lk = tl.load(CU_K + (seq + 1) * stride_ck) - k_start
+    _tile(Q, K, V, O, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt, stride_qh, stride_kb,
+          stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_ot, stride_oh, stride_tb,
+          stride_tc, stride_sk, stride_ks, stride_vs, seq, head, tl.num_programs(2),
+          tile * BLOCK_M, q_start, lq, k_start, lk, qk_scale, cap_log2, cap_inv, window_left,
+          GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
+          HAS_SINKS, FP8, WITH_LSE)
 
 
 class Config(NamedTuple):
@@ -243,7 +321,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
             return_lse: bool = False, config: Config | None = None,
             out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-            gate: torch.Tensor | None = None):
+            fixup: tuple[torch.Tensor, int, int] | None = None):
     """q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype,
     and with ``return_lse`` also lse float32 ``[Tq, H]`` (natural log, -inf for a row with no
@@ -252,9 +330,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
 
     ``config`` overrides the static :class:`Config` table (benchmarks); ``out`` (contiguous
     ``[Tq, H, D]``) and ``lse`` (contiguous float32 ``[Tq, H]``) receive the results (tests
-    poison them to catch unwritten elements). ``gate`` (dense K/V only): int32 parts from
-    finite_check_kernel.nonfinite_parts; the launch then writes nothing unless one is non-zero
-    (the Hopper route's fallback).
+    poison them to catch unwritten elements).
+
+    ``fixup = (flags, tiles, rows)`` (dense K/V, no window; the Hopper route): rewrite only the
+    row blocks another kernel flagged. ``flags`` int32 ``[tiles, B + 1, H, 2]`` (contiguous), one
+    per half of that kernel's tile ``g`` of ``2 * rows`` query rows counted from a sequence's last
+    tile; ``out`` must be given (it holds the other kernel's result). A fixed grid of about two
+    programs per SM reads the flags; with none set the launch writes nothing.
     """
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
@@ -266,16 +348,32 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         return result(out, ex)
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
         return result(out, ex, nothing_seen=True)  # no key anywhere (static shapes say so)
+    table = block_table if paged else cu_seqlens_k  # dense: cu_seqlens_k stands in (unused)
+    if fixup is not None:
+        flags, tiles, rows = fixup
+        assert not paged and window_left < 0, "fixup: dense K/V, no window (the Hopper route)"
+        cfg = config or _fixup_config(rows, head_dim, q.dtype)
+        table, config = flags, cfg
     grid, consts, scalars = _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          scale, causal, block_table, window_left, softcap,
                                          out.stride(), ex, config)
-    if gate is not None:
-        assert not paged, "gate: dense K/V only (the parts take the block table's place)"
-        consts = dict(consts, GATE_PARTS=gate.shape[0], GATE_P2=next_pow2(gate.shape[0]))
-    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k,
-           gate if gate is not None else block_table if paged else cu_seqlens_k, *ex.pointers,
-           *scalars, **consts)
+    if fixup is not None:
+        sms = device_sm_count(q.device) if q.device.type == "cuda" else 2
+        grid = (max(1, min(tiles * (num_seqs + 1), triton.cdiv(2 * sms, num_heads))), 1,
+                num_heads)
+        consts, scalars = dict(consts, FIXUP=True), scalars[:-1] + (tiles,)
+    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
+           *ex.pointers, *scalars, **consts)
     return result(out, ex)
+
+
+def _fixup_config(rows: int, head_dim: int, dtype: torch.dtype) -> Config:
+    """The fixup launch's tiles: ``rows`` query rows (the flagging kernel's half tile), small
+    key steps (a rare path: a non-finite value reached the rows; its programs that find no flag
+    return after one load, so little shared memory keeps them all resident)."""
+    if INTERPRET:
+        return Config(rows, 16, 4, 1)
+    return Config(rows, 64 if head_dim <= 128 else 32, 4, 2)
 
 
 def _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, block_table,
@@ -300,7 +398,7 @@ def _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causa
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
     scalars = (q.stride(0), q.stride(1), *strides, out_strides[0], out_strides[1],
                cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), *table_strides, *ex.strides,
-               total_q, num_seqs, qk_scale, cap_log2, cap_inv, window_left)
+               total_q, num_seqs, qk_scale, cap_log2, cap_inv, window_left, 0)
     return grid, {**consts, **ex.flags}, scalars
 
 

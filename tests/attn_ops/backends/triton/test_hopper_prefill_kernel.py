@@ -108,12 +108,43 @@ def test_head_dim_64(causal):
 def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, request):
     """Key 200 of sequence 0 is hidden from its rows 0..199 by causality; rows 0..19 of
     sequence 1 sit right after sequence 0's last tile (sequence 0: 250 keys, not a multiple of
-    the tile) and must not leak into it. The kernel alone leaks them (0 * NaN in P V; strict
-    xfail while its ISOLATE is off); the guarded entry point, the backend's, does not."""
-    if entry == "prefill" and not hp.ISOLATE:
+    the tile) and must not leak into it. The kernel alone leaks them (0 * NaN in P V: strict
+    xfail); the guarded entry point, the backend's, does not (its fixup launch rewrites the
+    flagged rows)."""
+    if entry == "prefill":
         if not causal:
             pytest.skip("the kernel alone promises nothing here; the guarded entry is tested")
         request.applymarker(pytest.mark.xfail(strict=True, reason="0 * NaN without ISOLATE"))
     _gpu_only()
     _run([250, 130], [250, 130], 8, 2, 128, causal, torch.bfloat16,
          nan_rows=[200] + list(range(250, 270)), entry=entry)
+
+
+@pytest.mark.cuda
+def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
+    """The leak of the test above, through the kernel alone: every flag is written (poisoned
+    with -1 first), and a half tile's flag is 1 exactly when one of its rows below the
+    sequence's length came out non-finite."""
+    _gpu_only()
+    lens, h, hkv, d, dev = [250, 130], 8, 2, 128, "cuda"
+    q = torch.randn(sum(lens) + 5, h, d, device=dev).to(torch.bfloat16)
+    k = torch.randn(sum(lens), hkv, d, device=dev).to(torch.bfloat16)
+    v = (torch.rand(sum(lens), hkv, d, device=dev) + 0.5).to(torch.bfloat16)
+    v[[200] + list(range(250, 270))] = float("nan")
+    cu = cu_seqlens(lens, dev)
+    flags = torch.full(hp.flags_shape(max(lens), len(lens), h), -1, dtype=torch.int32,
+                       device=dev)
+    out = hp.prefill(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, True,
+                     out=torch.full_like(q, float("nan")), flags=flags)
+    bad = ~torch.isfinite(out.float()).all(-1)  # [T, H]
+    want = torch.zeros_like(flags)
+    rows = 64  # a half tile
+    for g in range(flags.shape[0]):
+        for seq, lq in enumerate(lens):
+            for half in range(2):
+                m0 = (-(-lq // (2 * rows)) - 1 - g) * 2 * rows + half * rows
+                lo, hi = max(m0, 0) + sum(lens[:seq]), min(m0 + rows, lq) + sum(lens[:seq])
+                if m0 >= 0 and lo < hi:
+                    want[g, seq, :, half] = bad[lo:hi].any(0).int()
+    assert torch.equal(flags, want)
+    assert int(flags.sum()) > 0, "the leak must be flagged"

@@ -249,3 +249,55 @@ def test_prefill_fp32_and_window_noncausal_cuda():
     _prefill_case([64, 100], [64, 300], 4, 2, 64, torch.float32, False, window_left=50)
     _prefill_case([333], [333], 4, 4, 128, FP16, False, window_left=17, softcap=5.0)
 
+
+
+# --- fixup mode: rewrite only the row blocks another kernel flagged (the Hopper route) -------
+
+def _flagged_rows(flags, lens, rows):
+    """{(seq, head): set of rows} that flags ``[tiles, B + 1, H, 2]`` name (see prefill())."""
+    want = {}
+    for g, seq, head, half in flags.nonzero().tolist():
+        if seq >= len(lens):
+            continue  # the rows-past-the-end column: never rewritten
+        lq = lens[seq]
+        m0 = (-(-lq // (2 * rows)) - 1 - g) * 2 * rows + half * rows
+        want.setdefault((seq, head), set()).update(r for r in range(m0, m0 + rows)
+                                                   if 0 <= r < lq)
+    return want
+
+
+@pytest.mark.parametrize("pattern", ["none", "some", "all"])
+def test_fixup_rewrites_exactly_the_flagged_rows(pattern):
+    """Poisoned output, a flag pattern over a varlen batch (odd lengths, an empty sequence, GQA,
+    padding rows past the end): flagged half tiles equal the reference, every other element is
+    still poison (the launch wrote nothing else)."""
+    torch.manual_seed(3)
+    lens, rows, h, hkv, d = [13, 0, 45, 33], 16, 4, 2, 32
+    tiles = -(-max(lens) // (2 * rows))
+    q = torch.randn(sum(lens) + 3, h, d, dtype=torch.bfloat16)
+    k = torch.randn(sum(lens), hkv, d, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cu = cu_seqlens(lens)
+    flags = torch.zeros(tiles, len(lens) + 1, h, 2, dtype=torch.int32)
+    if pattern == "some":
+        flags[0, 2, 1, 1] = 1  # seq 2's last tile, second half: rows 48.. (none: lq 45)
+        flags[0, 2, 3, 0] = 1  # seq 2's last tile, first half: rows 32..44
+        flags[1, 3, 0, 1] = 1  # seq 3's first tile, second half: rows 16..31
+        flags[1, 0, 2, 0] = 1  # seq 0 has one tile: tile 1 does not exist
+        flags[0, 1, 0, 0] = 1  # the empty sequence
+        flags[0, 4, 0, 0] = 1  # the padding column
+    elif pattern == "all":
+        flags.fill_(1)
+    out = poisoned(q.shape, torch.bfloat16, "cpu")
+    prefill_kernel.prefill(q, k, v, cu, cu, max(lens), max(lens), 0.3, True, out=out,
+                           fixup=(flags, tiles, rows))
+    ref = reference.prefill(q, k, v, cu, cu, max(lens), max(lens), 0.3, True)
+    want = _flagged_rows(flags, lens, rows)
+    written = torch.zeros(q.shape[:2], dtype=torch.bool)
+    for (seq, head), rs in want.items():
+        for r in rs:
+            written[sum(lens[:seq]) + r, head] = True
+    assert_close(out[written], ref[written], *TOLERANCES[torch.bfloat16], what="fixed rows")
+    assert torch.isnan(out[~written]).all(), "the fixup wrote rows nobody flagged"
+    if pattern == "some":
+        assert int(written.sum()) == 13 + 16  # seq 2 head 3 rows 32..44, seq 3 head 0 16..31
