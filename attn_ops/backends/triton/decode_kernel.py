@@ -30,6 +30,31 @@ from attn_ops.backends.triton.softmax import (finish, kv_scales, merge_if_last, 
                                               to_f16_rows)
 
 
+@triton.jit
+def _fp8_pairs(x, ASM: tl.constexpr):
+    """fp16 ``(even, odd)``: the two e4m3 bytes of each 16-bit element of ``x`` (an FP8 row read
+    as int16: columns 2j and 2j+1), widened. ``ASM``: one byte permute and two paired
+    conversions per two elements (sm89+), where Triton's own casts take shifts and masks."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "
+            "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        even = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        odd = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        return even, odd
+
+
+@triton.jit
+def _fp8_pair_tile(base16, off, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
+    """A [BLOCK_N, D_P2 // 2] pair of fp16 tiles (even and odd columns) of the FP8 rows at
+    element offsets ``off`` (even) from ``base16`` (the cache read as int16)."""
+    x = tl.load(base16 + (off // 2)[:, None] + offs_j[None, :],
+                mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
+    return _fp8_pairs(x, ASM)
+
+
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
 def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, LSE,
                          SINK_LOGITS, K_SCALE, V_SCALE,
@@ -42,7 +67,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                          DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
                          FUSED: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
                          FP8: tl.constexpr, WITH_LSE: tl.constexpr,
-                         FP8_VIA_F16: tl.constexpr = False):
+                         FP8_VIA_F16: tl.constexpr = False, FP8_PAIRS: tl.constexpr = False,
+                         PAIR_ASM: tl.constexpr = False):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -79,27 +105,46 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
     m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_P2], dtype=tl.float32)
     acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
+    # FP8_PAIRS (see FP8_PAIRS below): even and odd columns as separate fp16 tiles and dots
+    offs_j = tl.arange(0, D_P2 // 2)
+    k16 = k_base.to(tl.pointer_type(tl.int16), bitcast=True)
+    v16 = v_base.to(tl.pointer_type(tl.int16), bitcast=True)
+    q_even, q_odd = tl.split(tl.reshape(q, [G_P2, D_P2 // 2, 2]))
+    acc_even = tl.zeros([G_P2, D_P2 // 2], dtype=tl.float32)
+    acc_odd = tl.zeros([G_P2, D_P2 // 2], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < hi
         k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
                                      stride_vb, stride_vt, PAGE)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
-        # FP8: loaded as stored (half of bf16's bytes), widened in registers
-        k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        k = k.to(mma_dtype)
-        v = v.to(mma_dtype)
-        qk = mma(q, tl.trans(k), None, DOT)
+        if FP8_PAIRS:
+            k_even, k_odd = _fp8_pair_tile(k16, k_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
+            v_even, v_odd = _fp8_pair_tile(v16, v_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
+            qk = mma(q_odd, tl.trans(k_odd), mma(q_even, tl.trans(k_even), None, DOT), DOT)
+        else:
+            # FP8: loaded as stored (half of bf16's bytes), widened in registers
+            k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+            k = k.to(mma_dtype)
+            v = v.to(mma_dtype)
+            qk = mma(q, tl.trans(k), None, DOT)
         s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step has >= 1 valid key
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = mma(p.to(v.dtype), v, acc, DOT)
+        if FP8_PAIRS:
+            p16 = p.to(tl.float16)
+            acc_even = mma(p16, v_even, acc_even * alpha[:, None], DOT)
+            acc_odd = mma(p16, v_odd, acc_odd * alpha[:, None], DOT)
+        else:
+            acc = acc * alpha[:, None]
+            acc = mma(p.to(v.dtype), v, acc, DOT)
         m_i = m_new
+    if FP8_PAIRS:  # columns back in order: (j, parity) -> 2j + parity
+        acc = tl.reshape(tl.join(acc_even, acc_odd), [G_P2, D_P2])
 
     out_mask = g_ok[:, None] & dim_ok[None, :]
     lse_idx = seq.to(tl.int64) * num_heads + heads
@@ -184,9 +229,24 @@ _FUSED_MAX_SPLITS = 8
 FP8_VIA_F16 = True
 # ncu (B 16, ctx 8192): at (128, 4, 3) the FP8 kernel holds 2 programs per SM (registers),
 # 12.5% occupancy, 43% of DRAM bandwidth, where bf16's (64, 4, 3) holds 4 at 86%. Capping the
-# registers at 128 with 2 stages: 114.2 vs 128.7 us at B 16 x 8192, 212.9 vs 236.4 at 64 x 4096
-# (1.14-1.15x bf16's speed; reproduce with bench_decode.py --growth).
+# registers at 128 with 2 stages keeps 4. With FP8_PAIRS, H200 graph replays vs bf16's default:
+# 78.0 vs 132.5 us at B 16 x 8192 (1.70x), 138.1 vs 249.2 at 64 x 4096 (1.80x), 139.1 vs 252.4
+# at 32 x 8192 (1.81x), 45.3 vs 72.7 at 16 x 4096 (1.60x: the merge launch's ~3.5 us weighs
+# more). Uncapped (146 registers without splits: 3 programs per SM) 186 us at 64 x 4096; 64 or
+# 32 keys, 5-9 stages (Triton double-buffers these loads only from 5) or 8 warps: 1-35% slower.
 FP8_CONFIG = Config(128, 4, 2, 128)
+# FP8 caches read as int16 pairs (:func:`_fp8_pair_tile`): each K and V tile is two fp16 tiles,
+# the even and the odd columns, and each product is two dots (``q . k = q_even . k_even +
+# q_odd . k_odd``; the output's even and odd columns accumulate apart and are interleaved once at
+# the end). Why: the MMA takes V's operand in pairs along the keys, which a tile stored along D
+# gives 8-bit elements only one byte load at a time (Triton reads an FP8 V tile from shared
+# memory with 128 LDS.U8 and 64 IMADs per thread per 128-key tile; a 16-bit element has the
+# transposing matrix load). sm_90a, FP8_CONFIG: 1355 -> 796 instructions per 128-key tile in
+# the loop (bf16: 1146 per 128 keys); H200, B 16 x 8192: 115.4 -> 78.0 us, 64 x 4096: 215.0 ->
+# 138.1 (same outputs to 2.4e-4 against the reference-scaled one-tile path). Needs an fp16 MMA (fp16 q, or bf16 q with
+# FP8_VIA_F16), an even head dim, even cache strides and 2-byte aligned caches (else the
+# one-tile path).
+FP8_PAIRS = True
 
 
 def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: int) -> int:
@@ -232,7 +292,7 @@ def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Confi
 def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int, width: int,
           dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
           config: Config | None, splits: int | None, fused: bool, cache_dtype: torch.dtype,
-          fp8_via_f16: bool):
+          fp8_via_f16: bool, fp8_pairs: bool = False):
     """Split count, grids and constexprs from static facts only (cached: ~1 us per call)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
@@ -241,11 +301,14 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
                             cfg.block_n)
     d_p2 = max(16, next_pow2(head_dim))
     group = num_heads // num_kv_heads
+    via_f16 = fp8 and fp8_via_f16 and dtype == torch.bfloat16
+    pairs = (fp8 and fp8_pairs and head_dim % 2 == 0
+             and (via_f16 or dtype == torch.float16))
     stage1 = dict(GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2,
                   PAGE=page, BLOCK_N=cfg.block_n, DIRECT=splits == 1, SOFTCAP=softcap,
                   WINDOW=window, FUSED=fused and 1 < splits <= _FUSED_MAX_SPLITS,
                   DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages,
-                  FP8_VIA_F16=fp8 and fp8_via_f16 and dtype == torch.bfloat16,
+                  FP8_VIA_F16=via_f16, FP8_PAIRS=pairs, PAIR_ASM=pairs and not INTERPRET,
                   **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
                   num_warps=4)
@@ -258,7 +321,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            v_scale: torch.Tensor | None = None, return_lse: bool = False,
            config: Config | None = None, splits: int | None = None,
            out: torch.Tensor | None = None, fused: bool | None = None,
-           lse: torch.Tensor | None = None, fp8_via_f16: bool | None = None):
+           lse: torch.Tensor | None = None, fp8_via_f16: bool | None = None,
+           fp8_pairs: bool | None = None):
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
     ``[B, W]``. Returns ``[B, H, D]`` in q's dtype, and with ``return_lse`` also lse float32
     ``[B, H]`` (natural log; -inf for a row with no key). ``sinks`` float32 ``[H]``; float8_e4m3fn
@@ -271,7 +335,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     them to catch unwritten elements); ``fused``
     (default :data:`FUSED_MERGE`) merges the splits in the last split program instead of a
     second launch; ``fp8_via_f16`` (default :data:`FP8_VIA_F16`) picks how an FP8 cache is
-    widened for bf16 queries.
+    widened for bf16 queries, ``fp8_pairs`` (default :data:`FP8_PAIRS`) whether it is read as
+    int16 pairs where the caches allow.
     """
     batch, num_heads, head_dim = q.shape
     if out is None:
@@ -286,7 +351,9 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         q.dtype, q.device, window_left >= 0, softcap > 0,
         None if config is None else Config(*config), splits,
         FUSED_MERGE if fused is None else fused, k_cache.dtype,
-        FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16)
+        FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16,
+        (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and _pairs_ok(k_cache, v_cache)
+        and _even(k_cache, v_cache))
     if splits == 1:
         o_part = lse_part = out  # unused pointer arguments
     else:
@@ -304,6 +371,16 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
                splits, out.stride(0), out.stride(1), ex.strides[0], **stage2,
                HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
     return result(out, ex)
+
+
+def _pairs_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether both caches' block, in-page and head strides are even (FP8_PAIRS reads int16)."""
+    return all(st % 2 == 0 for st in (*k_cache.stride()[:3], *v_cache.stride()[:3]))
+
+
+def _even(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether both caches start at an even address (a view can start at any element)."""
+    return (k_cache.data_ptr() | v_cache.data_ptr()) & 1 == 0
 
 
 def _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex, splits, scale,
@@ -333,12 +410,13 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     splits, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0, None, None, FUSED_MERGE,
-        k_cache.dtype, FP8_VIA_F16)
+        k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache))
     shape, dtype, device = q.shape, q.dtype, q.device
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's
     scalars1 = _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex,
                                splits, scale, softcap, window_left)
     has_sinks, fp8, with_lse = ex.flags["HAS_SINKS"], ex.flags["FP8"], ex.flags["WITH_LSE"]
+    pairs = stage1["FP8_PAIRS"]  # int16 reads: 2-byte aligned caches, checked per call
     # Alignment checked per call: the caller's tensors (outputs, partials and semaphores are
     # fresh allocations; q stands in for what is absent).
     check = (0, 1, 2, 3, 4) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
@@ -358,7 +436,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
 
     def run(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
             sinks=None, k_scale=None, v_scale=None, return_lse=False):
-        if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
+        if type(q) is not tensor or depth() or pairs and (  # traced, a subclass, or
+                k_cache.data_ptr() | v_cache.data_ptr()) & 1:  # odd caches: the wrapper
             return decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left,
                           softcap, sinks, k_scale, v_scale, with_lse)
         stats["bound"] += 1

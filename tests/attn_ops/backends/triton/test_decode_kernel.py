@@ -162,6 +162,62 @@ def test_decode_transposed_dense_cache(splits):
     assert_close(out, ref, *TOLERANCES[torch.bfloat16], what="decode, transposed cache")
 
 
+def _fp8_paged(lens, hkv, d, block_size, pad):
+    """FP8 paged caches and per-head scales; with ``pad`` the caches are views of wider rows,
+    starting ``pad`` elements in (an odd address for pad 1, even strides for an even width)."""
+    paged = random_paged(lens, hkv, d, block_size, torch.bfloat16)
+    k_scale = torch.rand(hkv) * 0.01 + 0.01
+    v_scale = torch.rand(hkv) * 0.01 + 0.01
+    caches = []
+    for x, scale in ((paged.k_cache, k_scale), (paged.v_cache, v_scale)):
+        x8 = reference.quantize_fp8(x, scale, torch.float8_e4m3fn)
+        if pad:
+            wide = torch.zeros((*x8.shape[:-1], d + 2), dtype=torch.float8_e4m3fn)
+            wide[..., pad:pad + d] = x8
+            x8 = wide[..., pad:pad + d]
+        caches.append(x8)
+    return caches, k_scale, v_scale, paged.block_table
+
+
+@pytest.mark.parametrize("q_dtype,d,pad", [(torch.bfloat16, 32, 0), (torch.float16, 40, 0),
+                                            (torch.bfloat16, 32, 1), (torch.float16, 32, 2)])
+def test_decode_fp8_pairs(monkeypatch, q_dtype, d, pad):
+    # FP8 caches read as int16 pairs (even and odd columns, two dots) where the caches allow,
+    # else the one-tile path: an odd start address (pad 1) must not take the int16 reads.
+    lens = [37, 0, 5]
+    (k8, v8), k_scale, v_scale, table = _fp8_paged(lens, 2, d, 16, pad)
+    q = torch.randn(len(lens), 4, d, dtype=q_dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    args = (q, k8, v8, seqlens, table, d ** -0.5)
+    ref = reference.decode(*args, k_scale=k_scale, v_scale=v_scale)
+    taken = []
+    launch = decode_kernel.launch
+
+    def record(kernel, grid, *a, **kw):
+        taken.append(kw.get("FP8_PAIRS"))
+        return launch(kernel, grid, *a, **kw)
+    monkeypatch.setattr(decode_kernel, "launch", record)
+    for splits in (1, 2):
+        out = poisoned(q.shape, q_dtype)
+        decode_kernel.decode(*args, k_scale=k_scale, v_scale=v_scale, splits=splits, out=out)
+        assert_close(out, ref, *TOLERANCES[q_dtype], what=f"fp8 decode, {splits} splits")
+    assert taken[0] is (pad != 1), taken
+    # the per-signature function: planned with int16 reads, checks the address per call
+    bound = decode_kernel.bind_decode(*args, k_scale=k_scale, v_scale=v_scale)
+    assert_close(bound(*args, k_scale=k_scale, v_scale=v_scale), ref, *TOLERANCES[q_dtype],
+                 what="fp8 decode, bound")
+    if pad == 2:  # the same signature (strides) at an odd address: the wrapper, one tile
+        (k_odd, v_odd), *_ = _fp8_paged(lens, 2, d, 16, 1)
+        k_odd.copy_(k8)
+        v_odd.copy_(v8)
+        assert k_odd.stride() == k8.stride() and k_odd.data_ptr() % 2 == 1
+        taken.clear()
+        got = bound(q, k_odd, v_odd, seqlens, table, d ** -0.5, k_scale=k_scale,
+                    v_scale=v_scale)
+        assert taken[0] is False, taken  # stage 1 without the int16 reads
+        assert_close(got, ref, *TOLERANCES[q_dtype], what="fp8 decode, bound, odd address")
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------
