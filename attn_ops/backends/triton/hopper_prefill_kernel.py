@@ -23,11 +23,12 @@ that sees no key gets zeros.
 Non-finite values: a NaN/Inf value row that a query row must not see (hidden by causality on
 the diagonal tile, or the next sequence's row in the last tile) still reaches that row through
 ``0 * NaN`` in ``P V``; such a row then holds a non-finite output. So each consumer warpgroup
-checks its 64 output rows (those below lq) and writes one int32 flag, 1 when one is not finite
-(a leak, or a row that legitimately sees a NaN/Inf), else 0, to ``FLAGS[g, b, h, half]`` (every
-program writes both of its flags, also when it returns early: no memset). The backend's entry
-point, hopper_prefill_launch.prefill_guarded, then launches the isolating FA2-style kernel in
-its fixup mode, which rewrites exactly the flagged halves and returns at once when none is set.
+checks its 64 output rows (those below lq) and raises its int32 flag ``FLAGS[g, b, h, half]``
+(zeroed by the caller) to 1 when one is not finite (a leak, or a row that legitimately sees a
+NaN/Inf): an atomic max from the threads of such rows only, so a clean tile issues none. The
+backend's entry point, hopper_prefill_launch.prefill_guarded, then launches the isolating
+FA2-style kernel in its fixup mode, which rewrites exactly the flagged halves and returns at
+once when none is set.
 A finite output row cannot hide a leak (NaN and Inf never turn finite through ``P V``), so with
 finite outputs this kernel's result stands.
 
@@ -170,11 +171,13 @@ if GLUON:
         out_f = acc * gl.expand_dims(inv, 1)
         # The flag (module docstring): x - x is NaN exactly for NaN and +-Inf.
         r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        bad_row = gl.max(((out_f - out_f) != 0.0).to(gl.int32), axis=1)
-        dirty = gl.max(gl.where(r < lq, bad_row, 0), axis=0)
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        gl.store(FLAGS + flag_idx + WG + gl.arange(0, 1, layout=one),
-                 gl.full([1], 0, gl.int32, one) + dirty)
+        # No tensor constant here: Gluon (Triton 3.6) gave a zero constant in this layout the
+        # registers of the zero accumulator that wgmma overwrites, and a compare against it
+        # flagged every clean row on the H200. A row sum of x - x is NaN or 0: compare it
+        # with itself. Its threads raise the flag (an atomic max) only for a non-finite row.
+        chk = gl.sum(out_f - out_f, axis=1)  # within a warp (a row sits in one quad)
+        bad = chk != chk
+        gl.atomic_max(FLAGS + flag_idx + WG + r * 0, bad.to(gl.int32), mask=(r < lq) & bad)
         out = out_f.to(dtype)
         if m0w + BLOCK_M <= lq:  # the whole tile is this sequence's: TMA store through Q's slot
             q_smem.store(out)
@@ -188,12 +191,6 @@ if GLUON:
             gl.store(ptrs, out, mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
 
     @gluon.jit
-    def _no_flags(FLAGS, flag_idx):
-        """Both halves' flags 0: a program that returns before its consumers run."""
-        two: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        gl.store(FLAGS + flag_idx + gl.arange(0, 2, layout=two), gl.zeros([2], gl.int32, two))
-
-    @gluon.jit
     def hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, O, CU_Q, CU_K, FLAGS,
                               stride_ot, stride_oh, stride_cq, stride_ck, total_q, num_seqs,
                               qk_scale,
@@ -203,7 +200,8 @@ if GLUON:
                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Program ``(i, b, h)``: rows ``[128 * t, 128 * t + 128)`` of sequence b, head h, with
         ``t`` counted from the sequence's last tile. ``qk_scale`` = scale * log2(e). ``FLAGS``:
-        int32 ``[grid0, B + 1, H, 2]``, both of this program's written (module docstring)."""
+        int32 ``[grid0, B + 1, H, 2]``, zeros, raised where an output row is not finite (module
+        docstring)."""
         pid = gl.program_id(0)
         seq = gl.program_id(1)
         head = gl.program_id(2)
@@ -214,13 +212,11 @@ if GLUON:
             for r0 in range(first + pid * TILE, total_q, gl.num_programs(0) * TILE):
                 _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE, HEAD_DIM,
                            gl.num_warps())
-            _no_flags(FLAGS, flag_idx)
             return
         q_start = gl.load(CU_Q + seq * stride_cq)
         lq = gl.load(CU_Q + (seq + 1) * stride_cq) - q_start
         tile = gl.cdiv(lq, TILE) - 1 - pid
         if tile < 0:
-            _no_flags(FLAGS, flag_idx)
             return
         k_start = gl.load(CU_K + seq * stride_ck)
         lk = gl.load(CU_K + (seq + 1) * stride_ck) - k_start
@@ -231,7 +227,6 @@ if GLUON:
         if hi <= 0:  # no key for any row of the tile
             _zero_rows(O, q_start + m0, q_start + lq, head, stride_ot, stride_oh, TILE,
                        HEAD_DIM, gl.num_warps())
-            _no_flags(FLAGS, flag_idx)
             return
         n_iter = gl.cdiv(hi, BLOCK_N)
 

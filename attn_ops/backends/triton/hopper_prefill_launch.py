@@ -81,8 +81,8 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
     sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the grid comes
     from ``max_seqlen_q`` and B. ``flags``: int32 ``[cdiv(max_seqlen_q, 128), B + 1, H, 2]``
-    (see :func:`flags_shape`), 1 where a half tile's output is not finite (allocated here when
-    None).
+    (see :func:`flags_shape`), zeros: raised to 1 where a half tile's output is not finite
+    (allocated here when None).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
@@ -110,7 +110,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     o_desc = TensorDescriptor.from_tensor(o2, [BLOCK_M, head_dim], q_layout)
     shape = flags_shape(max_seqlen_q, num_seqs, num_heads)
     if flags is None:
-        flags = torch.empty(shape, dtype=torch.int32, device=q.device)
+        flags = torch.zeros(shape, dtype=torch.int32, device=q.device)
     hopper_prefill_kernel[shape[:3]](
         q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k, flags, out.stride(0),
         out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
@@ -130,8 +130,8 @@ def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float, causal: bool = True, out=None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
-    row reaches only the query rows that see it. Two launches, the same every call (no host
-    sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
+    row reaches only the query rows that see it. A memset and two launches, the same every call
+    (no host sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
     (a leak shows there, see the kernel's docstring), then the isolating FA2-style kernel in its
     fixup mode, which rewrites the flagged halves and otherwise returns after one load per
     program. Same arguments and result as :func:`prefill`."""
@@ -143,7 +143,7 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
         return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                        causal, out)  # nothing to launch
     shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1])
-    flags = torch.empty(shape, dtype=torch.int32, device=q.device)
+    flags = torch.zeros(shape, dtype=torch.int32, device=q.device)  # one memset
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
             out, flags)
     prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -114,7 +114,7 @@ def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, request):
     if entry == "prefill":
         if not causal:
             pytest.skip("the kernel alone promises nothing here; the guarded entry is tested")
-        request.applymarker(pytest.mark.xfail(strict=True, reason="0 * NaN without ISOLATE"))
+        request.applymarker(pytest.mark.xfail(strict=True, reason="0 * NaN: the kernel alone does not isolate"))
     _gpu_only()
     _run([250, 130], [250, 130], 8, 2, 128, causal, torch.bfloat16,
          nan_rows=[200] + list(range(250, 270)), entry=entry)
@@ -122,9 +122,9 @@ def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, request):
 
 @pytest.mark.cuda
 def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
-    """The leak of the test above, through the kernel alone: every flag is written (poisoned
-    with -1 first), and a half tile's flag is 1 exactly when one of its rows below the
-    sequence's length came out non-finite."""
+    """The leak of the test above, through the kernel alone: a half tile's flag (zeros before)
+    is 1 exactly when one of its rows below the sequence's length came out non-finite; a clean
+    call leaves every flag 0."""
     _gpu_only()
     lens, h, hkv, d, dev = [250, 130], 8, 2, 128, "cuda"
     q = torch.randn(sum(lens) + 5, h, d, device=dev).to(torch.bfloat16)
@@ -132,8 +132,11 @@ def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
     v = (torch.rand(sum(lens), hkv, d, device=dev) + 0.5).to(torch.bfloat16)
     v[[200] + list(range(250, 270))] = float("nan")
     cu = cu_seqlens(lens, dev)
-    flags = torch.full(hp.flags_shape(max(lens), len(lens), h), -1, dtype=torch.int32,
-                       device=dev)
+    shape = hp.flags_shape(max(lens), len(lens), h)
+    clean = torch.zeros(shape, dtype=torch.int32, device=dev)
+    hp.prefill(q, k, v.nan_to_num(), cu, cu, max(lens), max(lens), d ** -0.5, True, flags=clean)
+    assert int(clean.abs().sum()) == 0, "finite values must raise no flag"
+    flags = torch.zeros(shape, dtype=torch.int32, device=dev)
     out = hp.prefill(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, True,
                      out=torch.full_like(q, float("nan")), flags=flags)
     bad = ~torch.isfinite(out.float()).all(-1)  # [T, H]
