@@ -94,8 +94,8 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 # that see it (hopper_prefill_launch.prefill_guarded). H200,
 # bf16 32/8 heads, TFLOP/s vs this backend's kernels: causal 4 x 4096 529-535 vs 410, 1 x 16384
 # 603 vs 477, 16 x 1024 377-380 vs 257, 64 x 256 162 vs 101-128, non-causal 4 x 4096 604-608
-# vs 467; guarded by the V scan this replaced: 526 at 4 x 4096, 343 at 16 x 1024, 131 at
-# 64 x 256 (BENCHMARKS.md "Hopper prefill"). False: never route there.
+# vs 467; the guard (output check + fixup launch) costs 0.1-1.5% of the kernel's time, where
+# the V scan it replaced cost 13-19% (BENCHMARKS.md, fourth pass). False: never route there.
 HOPPER_PREFILL = True
 
 
