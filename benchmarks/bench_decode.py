@@ -36,6 +36,18 @@ def kv_bytes(b, ctx, hkv=HKV, d=D) -> int:
     return 2 * b * ctx * hkv * d * 2
 
 
+def default_plan(b, hkv, capacity, d, q, cfg=None):
+    """(splits, Config) the half-precision decode picks without overrides (``cfg``: a fixed
+    config, then only the wave rule applies), as decode_kernel._plan does."""
+    from attn_ops.backends.triton import decode_kernel as dk
+    sms = dk.device_sm_count(q.device)
+    deep = cfg is None and dk.deep_splits(b * hkv, sms, capacity)
+    if deep:
+        return deep, dk.DEEP_CONFIG
+    config = dk.Config(*(cfg or dk.launch_config(d, q.dtype)))
+    return dk.num_splits(b, hkv, capacity, sms, config.block_n), config
+
+
 def paged_copy(k, v, page, gen_device):
     """[B, ctx, Hkv, D] K/V -> shuffled paged caches [blocks, page, Hkv, D] and a block table
     [B, ctx/page]."""
@@ -66,9 +78,7 @@ def contenders(q, k, v, b, ctx, dev, pages):
     for page in pages:
         def ours(page=page):
             k_cache, v_cache, table = paged_copy(k, v, page, dev)
-            splits = decode_kernel.num_splits(b, hkv, table.shape[1] * page,
-                                              decode_kernel.device_sm_count(q.device),
-                                              decode_kernel.launch_config(d, q.dtype)[0])
+            splits, _ = default_plan(b, hkv, table.shape[1] * page, d, q)
             run = lambda: attn_ops.decode(q, k_cache, v_cache, seqlens, table, scale,  # noqa
                                           backend="triton")
             return run, f"paged, {splits} splits"
@@ -227,10 +237,8 @@ def tune(args, copy):
                 q, k_cache, v_cache, seqlens, table, d ** -0.5, config=cfg, splits=sp)),
                 args.smoke, graph=True)
             gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
-            cfg_used = decode_kernel.Config(*(cfg or decode_kernel.launch_config(d, q.dtype)))
-            auto = decode_kernel.num_splits(b, hkv, table.shape[1] * page,
-                                            decode_kernel.device_sm_count(q.device),
-                                            cfg_used.block_n)
+            auto, cfg_auto = default_plan(b, hkv, table.shape[1] * page, d, q, cfg)
+            cfg_used = decode_kernel.Config(*(cfg or cfg_auto))
             rows.append(dict(batch=b, ctx=ctx, page=page, **cfg_used._asdict(),
                              splits=sp if sp is not None else f"auto={auto}",
                              graph_us=ms * 1e3 if ms else None, gbs=gbs,

@@ -26,33 +26,8 @@ from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
                                              next_pow2, paged_offsets, result, scores_log2,
                                              semaphores, softcap_constants)
-from attn_ops.backends.triton.softmax import (finish, kv_scales, merge_if_last, store_lse,
-                                              to_f16_rows)
-
-
-@triton.jit
-def _fp8_pairs(x, ASM: tl.constexpr):
-    """fp16 ``(even, odd)``: the two e4m3 bytes of each 16-bit element of ``x`` (an FP8 row read
-    as int16: columns 2j and 2j+1), widened. ``ASM``: one byte permute and two paired
-    conversions per two elements (sm89+), where Triton's own casts take shifts and masks."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "
-            "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
-            "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
-    else:
-        even = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        odd = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        return even, odd
-
-
-@triton.jit
-def _fp8_pair_tile(base16, off, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
-    """A [BLOCK_N, D_P2 // 2] pair of fp16 tiles (even and odd columns) of the FP8 rows at
-    element offsets ``off`` (even) from ``base16`` (the cache read as int16)."""
-    x = tl.load(base16 + (off // 2)[:, None] + offs_j[None, :],
-                mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
-    return _fp8_pairs(x, ASM)
+from attn_ops.backends.triton.softmax import (finish, fp8_pair_tile, kv_scales, merge_if_last,
+                                              store_lse, to_f16_rows)
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
@@ -119,8 +94,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                                      stride_vb, stride_vt, PAGE)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
         if FP8_PAIRS:
-            k_even, k_odd = _fp8_pair_tile(k16, k_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
-            v_even, v_odd = _fp8_pair_tile(v16, v_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
+            k_even, k_odd = fp8_pair_tile(k16, k_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
+            v_even, v_odd = fp8_pair_tile(v16, v_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
             qk = mma(q_odd, tl.trans(k_odd), mma(q_even, tl.trans(k_even), None, DOT), DOT)
         else:
             # FP8: loaded as stored (half of bf16's bytes), widened in registers
@@ -227,25 +202,20 @@ _FUSED_MAX_SPLITS = 8
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
 # to bf16 (a longer conversion sequence per element on sm90, in the loop that must only load).
 FP8_VIA_F16 = True
-# ncu (B 16, ctx 8192): at (128, 4, 3) the FP8 kernel holds 2 programs per SM (registers),
-# 12.5% occupancy, 43% of DRAM bandwidth, where bf16's (64, 4, 3) holds 4 at 86%. Capping the
-# registers at 128 with 2 stages keeps 4. With FP8_PAIRS, H200 graph replays vs bf16's default:
-# 78.0 vs 132.5 us at B 16 x 8192 (1.70x), 138.1 vs 249.2 at 64 x 4096 (1.80x), 139.1 vs 252.4
-# at 32 x 8192 (1.81x), 45.3 vs 72.7 at 16 x 4096 (1.60x: the merge launch's ~3.5 us weighs
-# more). Uncapped (146 registers without splits: 3 programs per SM) 186 us at 64 x 4096; 64 or
-# 32 keys, 5-9 stages (Triton double-buffers these loads only from 5) or 8 warps: 1-35% slower.
+# At most 128 registers: 4 programs per SM (uncapped: 146 without splits, 3 per SM, 186 vs
+# 138 us at B 64 x 4096). With FP8_PAIRS, H200 graph replays vs bf16 at (64, 4, 3): 78.0 vs
+# 132.5 us at B 16 x 8192 (1.70x; 1.67x against bf16's DEEP_CONFIG, 130.0), 138.1 vs 249.2 at
+# 64 x 4096 (1.80x), 139.1 vs 252.4 at 32 x 8192 (1.81x), 45.3 vs 72.7 at 16 x 4096 (1.60x).
+# 64 or 32 keys, 5-9 stages or 8 warps: 1-35% slower.
 FP8_CONFIG = Config(128, 4, 2, 128)
-# FP8 caches read as int16 pairs (:func:`_fp8_pair_tile`): each K and V tile is two fp16 tiles,
-# the even and the odd columns, and each product is two dots (``q . k = q_even . k_even +
-# q_odd . k_odd``; the output's even and odd columns accumulate apart and are interleaved once at
-# the end). Why: the MMA takes V's operand in pairs along the keys, which a tile stored along D
-# gives 8-bit elements only one byte load at a time (Triton reads an FP8 V tile from shared
-# memory with 128 LDS.U8 and 64 IMADs per thread per 128-key tile; a 16-bit element has the
-# transposing matrix load). sm_90a, FP8_CONFIG: 1355 -> 796 instructions per 128-key tile in
+# FP8 caches read as int16 pairs (softmax.fp8_pair_tile): each K and V tile is two fp16 tiles,
+# the even and the odd columns, each product two dots (``q.k = q_even.k_even + q_odd.k_odd``;
+# the output's two halves are interleaved once at the end). Why: Triton read the FP8 V tile from
+# shared memory one byte at a time (128 LDS.U8 + 64 IMADs per thread per 128-key tile), 16-bit
+# pairs load with the transposing matrix load. sm_90a: 1355 -> 796 instructions per tile in
 # the loop (bf16: 1146 per 128 keys); H200, B 16 x 8192: 115.4 -> 78.0 us, 64 x 4096: 215.0 ->
-# 138.1 (same outputs to 2.4e-4 against the reference-scaled one-tile path). Needs an fp16 MMA (fp16 q, or bf16 q with
-# FP8_VIA_F16), an even head dim, even cache strides and 2-byte aligned caches (else the
-# one-tile path).
+# 138.1. Needs an fp16 MMA (fp16 q, or bf16 q with FP8_VIA_F16), an even head dim, even cache
+# strides and 2-byte aligned caches (else the one-tile path).
 FP8_PAIRS = True
 
 
@@ -256,7 +226,8 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
 
     On the H100 (bf16, Hkv=8, D=128) the graph-timed sweeps in BENCHMARKS.md put this within 2%
     of the best fixed count: B=16 gets S=4 (2..5 equal, 6+ slower), B=1 at 32k gets S=50 (>= 33
-    within 3%), B >= 64 gets S=1 (S=2 costs 2-7%).
+    within 3%), B >= 64 gets S=1 (S=2 costs 2-7%). The plan prefers :func:`deep_splits` where
+    it applies (half-precision caches on a GPU).
     """
     programs = batch * num_kv_heads
     if programs == 0 or capacity <= 0:
@@ -270,6 +241,28 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     want = triton.cdiv(_TARGET_WAVES * sms, programs)
     by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
     return max(1, min(want, by_length, _MAX_SPLITS))
+
+
+# Batches whose (sequence, kv head) programs, times 1 or 2 splits, give each SM about two
+# programs at once (1.55-2 per SM): a deeper pipeline instead of more splits. Triton 3.6
+# double-buffers the paged K/V loads only from 5 stages (one buffer at 3 or 4: 39 vs 72 KB of
+# shared memory), which pays where programs are few and costs 20-23% where 3+ share an SM (B 16
+# at 4 splits, B 64). H200, bf16, Hkv 8, graph replays, vs the wave rule at (64, 4, 3): B 16 (2
+# splits) 40.2 vs 41.9 us at ctx 2048 (cuDNN SDPA 37.0), 25.7 vs 26.9 at 1024, 130.0 vs 132.9
+# at 8192 (SDPA 125.4); B 13 x 4096 (2) 61.0 vs 63.6; B 28 x 2048 (1) 62.3 vs 65.6; B 32 (1)
+# 69.1 vs 72.2 at 2048 (SDPA 67.4), 126.0 vs 129.6 at 4096. Below: B 25 x 8192 (1.52 per SM)
+# 215.3 vs 209.1; one program per SM (B 16, 1 split) 47-48 vs 42 us at 2048.
+DEEP_CONFIG = Config(64, 4, 5)
+
+
+def deep_splits(programs: int, sms: int, capacity: int) -> int:
+    """1 or 2: the split count that puts 1.55-2 programs per SM (see DEEP_CONFIG), with no
+    split shorter than ``_MIN_SPLIT_KEYS`` keys of ``capacity``; 0 where neither does."""
+    for splits in (1, 2):
+        if 1.55 * sms < programs * splits <= 2 * sms and (
+                splits == 1 or capacity >= splits * _MIN_SPLIT_KEYS):
+            return splits
+    return 0
 
 
 def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Config:
@@ -296,6 +289,11 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     """Split count, grids and constexprs from static facts only (cached: ~1 us per call)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
+    deep = (config is None and splits is None and not fp8 and not INTERPRET and head_dim <= 128
+            and dtype in (torch.float16, torch.bfloat16)
+            and deep_splits(batch * num_kv_heads, device_sm_count(device), width * page))
+    if deep:
+        splits, cfg = deep, DEEP_CONFIG
     if splits is None:
         splits = num_splits(batch, num_kv_heads, width * page, device_sm_count(device),
                             cfg.block_n)

@@ -170,6 +170,34 @@ def to_f16_rows(q):
 
 
 @triton.jit
+def fp8_pairs(x, ASM: tl.constexpr):
+    """fp16 ``(even, odd)``: the two e4m3 bytes of each 16-bit element of ``x`` (an FP8 row read
+    as int16: columns 2j and 2j+1), widened. ``ASM``: one byte permute and two paired
+    conversions per two elements (sm89+), where Triton's own casts take shifts and masks."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "
+            "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        even = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        odd = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        return even, odd
+
+
+@triton.jit
+def fp8_pair_tile(base16, off, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
+    """A pair of fp16 tiles ``[len(off), len(offs_j)]``, the even and the odd columns of the FP8
+    rows at element offsets ``off`` (even) from ``base16`` (the cache read as int16). The split
+    decode kernel reads FP8 caches so (see its FP8_PAIRS): Triton loads an 8-bit tile the MMA
+    takes along its rows (V) from shared memory one byte at a time, a 16-bit one with the
+    transposing matrix load."""
+    x = tl.load(base16 + (off // 2)[:, None] + offs_j[None, :],
+                mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
+    return fp8_pairs(x, ASM)
+
+
+@triton.jit
 def finish(m_i, l_i, sink2, v_scale, SINKS: tl.constexpr):
     """(factor, lse2) of rows (vectors or scalars): ``acc * factor`` is the normalised output
     and lse2 the log2 of the softmax denominator (in ``2^(s log2 e)`` units), the sink

@@ -90,6 +90,32 @@ def test_decode_split_count_is_static():
     assert decode_kernel.num_splits(2, 8, 16384, 132, 64) == 25
 
 
+def test_decode_deep_pipeline_plan(monkeypatch):
+    # 1.5-2 programs per SM at 1 or 2 splits: the deep-pipeline row instead of the wave rule,
+    # for half-precision caches on a GPU only (never FP8, fp32, overrides, the interpreter).
+    deep = decode_kernel.deep_splits
+    assert deep(128, 132, 2048) == 2 and deep(256, 132, 2048) == 1  # B 16, B 32 at Hkv 8
+    assert deep(128, 132, 256) == 0  # two splits would be shorter than 256 keys
+    assert deep(104, 132, 4096) == 2 and deep(224, 132, 2048) == 1  # B 13, B 28
+    assert deep(512, 132, 4096) == 0 and deep(64, 132, 4096) == 0 and deep(160, 132, 4096) == 0
+    assert deep(200, 132, 8192) == 0  # B 25: 1.52 programs per SM, slower on the H200
+    monkeypatch.setattr(decode_kernel, "INTERPRET", False)
+    monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
+    plan = decode_kernel._plan.__wrapped__
+
+    def stage1(dtype=torch.bfloat16, cache=torch.bfloat16, batch=16, config=None, splits=None):
+        got = plan(batch, 32, 8, 128, 16, 128, dtype, torch.device("cpu"), False, False, config,
+                   splits, False, cache, True)
+        return got[0], (got[3]["BLOCK_N"], got[3]["num_warps"], got[3]["num_stages"])
+    assert stage1() == (2, (64, 4, 5)) and stage1(batch=32) == (1, (64, 4, 5))
+    assert stage1(torch.float16, torch.float16) == (2, (64, 4, 5))
+    assert stage1(batch=64) == (1, (64, 4, 3))  # 512 programs: the wave rule's row
+    assert stage1(cache=torch.float8_e4m3fn) == (4, (128, 4, 2))
+    assert stage1(torch.float32, torch.float32)[1] == (32, 4, 2)
+    assert stage1(splits=4) == (4, (64, 4, 3))
+    assert stage1(config=decode_kernel.Config(64, 4, 3)) == (4, (64, 4, 3))
+
+
 def test_default_split_decode_holds_no_persistent_buffer(monkeypatch):
     # The split merge's default is a second launch: the fused merge's per-stream semaphore
     # buffer is a persistent allocation that torch.compile's CUDA-graph trees reject when it is
@@ -162,17 +188,18 @@ def test_decode_transposed_dense_cache(splits):
     assert_close(out, ref, *TOLERANCES[torch.bfloat16], what="decode, transposed cache")
 
 
-def _fp8_paged(lens, hkv, d, block_size, pad):
+def _fp8_paged(lens, hkv, d, block_size, pad, device="cpu"):
     """FP8 paged caches and per-head scales; with ``pad`` the caches are views of wider rows,
     starting ``pad`` elements in (an odd address for pad 1, even strides for an even width)."""
-    paged = random_paged(lens, hkv, d, block_size, torch.bfloat16)
-    k_scale = torch.rand(hkv) * 0.01 + 0.01
-    v_scale = torch.rand(hkv) * 0.01 + 0.01
+    paged = random_paged(lens, hkv, d, block_size, torch.bfloat16, device=device)
+    k_scale = torch.rand(hkv, device=device) * 0.01 + 0.01
+    v_scale = torch.rand(hkv, device=device) * 0.01 + 0.01
     caches = []
     for x, scale in ((paged.k_cache, k_scale), (paged.v_cache, v_scale)):
         x8 = reference.quantize_fp8(x, scale, torch.float8_e4m3fn)
         if pad:
-            wide = torch.zeros((*x8.shape[:-1], d + 2), dtype=torch.float8_e4m3fn)
+            wide = torch.zeros((*x8.shape[:-1], d + 2), dtype=torch.float8_e4m3fn,
+                               device=device)
             wide[..., pad:pad + d] = x8
             x8 = wide[..., pad:pad + d]
         caches.append(x8)
@@ -282,3 +309,19 @@ def test_decode_int64_block_table_cuda():
     ref = reference.decode(q, paged.k_cache, paged.v_cache, seqlens, table, 0.125)
     assert_close(out, ref, *TOLERANCES[BF16])
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,pad", [(64, 0), (96, 2), (128, 1), (128, 0)])
+@pytest.mark.parametrize("q_dtype", HALF)
+def test_decode_fp8_pairs_cuda(q_dtype, d, pad):
+    # the int16 pair reads compiled (inline conversion), and the odd-address fallback
+    lens = [3000, 0, 1, 777]
+    (k8, v8), k_scale, v_scale, table = _fp8_paged(lens, 8, d, 16, pad, DEV)
+    q = torch.randn(len(lens), 32, d, dtype=q_dtype, device=DEV)
+    args = (q, k8, v8, torch.tensor(lens, dtype=torch.int32, device=DEV), table, d ** -0.5)
+    ref = reference.decode(*args, k_scale=k_scale, v_scale=v_scale)
+    for splits in (None, 1):
+        out = decode_kernel.decode(*args, k_scale=k_scale, v_scale=v_scale, splits=splits,
+                                   out=_nan(q.shape, q_dtype))
+        assert_close(out, ref, *TOLERANCES[q_dtype], what=f"fp8 decode, {splits} splits")
