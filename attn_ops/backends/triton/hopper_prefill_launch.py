@@ -20,10 +20,11 @@ BLOCK_M = 64  # rows per consumer warpgroup (wgmma's M); a program owns 2 * BLOC
 # BLOCK_N, STAGES per head dim. Shared memory at D=128: Q 32 KB + (K + V) 64 KB per stage.
 _CONFIGS = {64: (128, 3), 128: (128, 2)}
 # Registers per thread: 4 + 4 + 1 warps round to 12 (3 warpgroups), capped at 168 (168 * 384 <=
-# 64 K). Triton 3.6 gives the default partition 256, so the workers get 224 + 24 (256 + 224 + 24
-# = 3 * 168: more and the consumer's setmaxnreg.inc would wait for registers that never free).
-# At 224 the consumer uses 221 with no spills (sm_90a SASS, compiled off the GPU).
-MAXNREG, CONSUMER_REGS, PRODUCER_REGS = 168, 224, 24
+# 64 K). Triton 3.6 gives the default partition 256, so the workers share 248 (256 + 248 = 3 *
+# 168: more and the consumer's setmaxnreg.inc would wait for registers that never free). The
+# persistent producer walks the item list itself: at 24 registers it spilled 24 bytes, at 32 none,
+# and the consumer worker still fits in 216 (208 spills 92 bytes; ptxas for sm_90a, off the GPU).
+MAXNREG, CONSUMER_REGS, PRODUCER_REGS = 168, 216, 32
 
 
 def available(device=None) -> bool:
@@ -79,16 +80,17 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv ==
     0``), cu_seqlens ``[B + 1]`` int32 on q's device. Returns ``[Tq, H, D]`` in q's dtype (or
     fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
-    sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the grid comes
-    from ``max_seqlen_q`` and B. ``flags``: int32 ``[cdiv(max_seqlen_q, 128), B + 1, H, 2]``
+    sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the items come
+    from ``max_seqlen_q`` and B, the persistent grid is one program per SM (at most). ``flags``: int32 ``[cdiv(max_seqlen_q, 128), B + 1, H, 2]``
     (see :func:`flags_shape`), zeros: raised to 1 where a half tile's output is not finite
     (allocated here when None).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
     import torch
-    import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from attn_ops.backends.triton.common import device_sm_count
     total_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     num_seqs = cu_seqlens_q.shape[0] - 1
@@ -103,18 +105,18 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], dt)
     kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], dt)
     q2, k2, v2 = _tma_ready(q), _tma_ready(k), _tma_ready(v)
-    o2 = out.view(total_q, num_heads * head_dim)
     q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, head_dim], q_layout)
     k_desc = TensorDescriptor.from_tensor(k2, [block_n, head_dim], kv_layout)
     v_desc = TensorDescriptor.from_tensor(v2, [block_n, head_dim], kv_layout)
-    o_desc = TensorDescriptor.from_tensor(o2, [BLOCK_M, head_dim], q_layout)
     shape = flags_shape(max_seqlen_q, num_seqs, num_heads)
     if flags is None:
         flags = torch.zeros(shape, dtype=torch.int32, device=q.device)
-    hopper_prefill_kernel[shape[:3]](
-        q_desc, k_desc, v_desc, o_desc, out, cu_seqlens_q, cu_seqlens_k, flags, out.stride(0),
+    items = shape[0] * shape[1] * shape[2]
+    hopper_prefill_kernel[(min(items, device_sm_count(q.device)),)](
+        q_desc, k_desc, v_desc, out, cu_seqlens_q, cu_seqlens_k, flags, out.stride(0),
         out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
-        float(scale) * LOG2E, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        num_heads, shape[0], float(scale) * LOG2E, GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
         maxnreg=MAXNREG)
@@ -122,7 +124,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
 
 
 def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, int, int, int]:
-    """The kernel's grid (tiles of 2 * BLOCK_M rows, B + 1, H) and the two halves of a tile:
+    """The kernel's items (tiles of 2 * BLOCK_M rows, B + 1, H) and the two halves of a tile:
     one int32 flag each."""
     return (max(1, -(-int(max_seqlen_q) // (2 * BLOCK_M))), num_seqs + 1, num_heads, 2)
 
