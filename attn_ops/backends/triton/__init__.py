@@ -97,6 +97,14 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 # vs 467; the guard (output check + fixup launch) costs 0.1-1.5% of the kernel's time, where
 # the V scan it replaced cost 13-19% (BENCHMARKS.md, fourth pass). False: never route there.
 HOPPER_PREFILL = True
+# Host time per eager call on the H200 host (2026-11-30, prompts of 2 x 256): the guarded Hopper
+# route 151 us (its Gluon launch through JITFunction.run 86, the fixup launch 31, the flags'
+# memset 14), a bound FA2-style or unified prefill about 25. So an eager call whose work is
+# small enough that the kernel takes less than that (causal FLOPs below ~2^35: the FA2-style
+# kernel needs ~150 us for 34 GFLOP at 230 TFLOP/s) takes the bound kernel of the other route;
+# a call being captured into a CUDA graph (no host time per replay) always takes the Hopper one.
+_HOPPER_EAGER_MIN_WORK = 1 << 35
+_capturing = torch.cuda.is_current_stream_capturing
 
 
 def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=None,
@@ -250,9 +258,24 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                           given.get("return_lse", False))
     if route == "hopper":  # decided once per signature; descriptors and launches per call
         from attn_ops.backends.triton.hopper_prefill_launch import prefill_guarded
+        # Causal FLOPs of a full batch (4 * Tq * Sk / 2 * H * D); see _HOPPER_EAGER_MIN_WORK.
+        work = q.shape[0] * int(given.get("max_seqlen_k", max_seqlen_q)) * q.shape[1] * q.shape[2]
+        eager = None
+        if work < _HOPPER_EAGER_MIN_WORK:
+            group = q.shape[1] // k.shape[1]
+            if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
+                                   group):
+                from attn_ops.backends.triton.unified_launch import bind_prefill
+            else:
+                from attn_ops.backends.triton.prefill_kernel import bind_prefill
+            eager = bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args,
+                                 **kwargs)
 
         def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                   causal=True, *unused, **unused_kw):  # the route serves none of the extras
+                   causal=True, *rest, **rest_kw):  # the route serves none of the extras
+            if eager is not None and not _capturing():
+                return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, causal, *rest, **rest_kw)
             return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, scale, causal)
         return hopper

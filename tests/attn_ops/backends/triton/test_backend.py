@@ -12,6 +12,7 @@ import torch
 
 import attn_ops
 from attn_ops import registry
+from attn_ops.backends import reference
 from attn_ops.backends import triton as tb
 from attn_ops.contract import OpConfig
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
@@ -260,6 +261,29 @@ def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch):
     q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     args = (q, k, k, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
+    monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)  # this tiny call counts as large
     run = tb._bind_prefill(*args)
     assert run(*args) is q and run(*args) is q
     assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True)] * 2
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_a_small_eager_call_on_the_hopper_route_takes_the_bound_kernel(monkeypatch, capturing):
+    # Below the work threshold an eager call would spend more host time on the Hopper route's
+    # launches than the kernel runs: it takes the other route's bound kernel (same result); a
+    # call being captured into a CUDA graph still takes the Hopper entry.
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    calls = []
+    monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "hopper")
+    monkeypatch.setattr(tb, "_capturing", lambda: capturing)
+    monkeypatch.setattr(hopper, "prefill_guarded", lambda *a: calls.append(a) or a[0])
+    q, k, v = torch.randn(20, 4, 32), torch.randn(20, 2, 32), torch.randn(20, 2, 32)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    args = (q, k, v, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
+    out = tb._bind_prefill(*args)(*args)
+    if capturing:
+        assert out is q and len(calls) == 1
+    else:
+        assert not calls
+        assert_close(out, reference.prefill(q, k, v, cu, cu, 13, 13, 0.2, True),
+                     *TOLERANCES[torch.float32])
