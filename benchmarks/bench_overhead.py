@@ -270,7 +270,8 @@ def _mock_triton_launches():
                                           unified_kernel)
     from attn_ops.backends import triton as backend
     for module, name in ((store_kernel, "_store_kvcache_kernel"),
-                         (decode_kernel, "_decode_split_kernel"), (decode_kernel, "_merge_kernel"),
+                         (decode_kernel, "_decode_split_kernel"),
+                         (decode_kernel, "merge_splits_kernel"),
                          (prefill_kernel, "_prefill_kernel"),
                          (unified_kernel, "_unified_kernel"), (unified_kernel, "_merge_kernel")):
         setattr(module, name, _NoopKernel(getattr(module, name)))

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.launch import launch, prepare
+from attn_ops.backends.triton.merge_kernel import merge_splits_kernel
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
                                              next_pow2, paged_offsets, result, scores_log2,
@@ -142,35 +143,6 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
             merge_if_last(SEMA, seq * tl.num_programs(1) + kv_head, O_PART, LSE_PART,
                           part - split, 1, num_splits, OUT, o_ptrs, g_ok, offs_d, dim_ok, sink2,
                           LSE, lse_idx, G_P2, D_P2, HEAD_DIM, HAS_SINKS, WITH_LSE)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_kernel(O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, num_splits, stride_ob, stride_oh,
-                  stride_sk, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  D_P2: tl.constexpr, S_P2: tl.constexpr, HAS_SINKS: tl.constexpr,
-                  WITH_LSE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # seq * H + head
-    seq = row // NUM_HEADS
-    head = row % NUM_HEADS
-    offs_s = tl.arange(0, S_P2)
-    offs_d = tl.arange(0, D_P2)
-    s_ok = offs_s < num_splits
-    dim_ok = offs_d < HEAD_DIM
-    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)  # empty split: exp2(-inf) = 0
-    den = tl.sum(w, 0)
-    o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
-    sink2 = 0.0
-    if HAS_SINKS:
-        sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
-    factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
-    out = tl.sum(w[:, None] * o, 0) * factor
-    tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
-             mask=dim_ok)
-    store_lse(LSE, row, lse2, True, WITH_LSE)
 
 
 class Config(NamedTuple):
@@ -365,7 +337,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            *_stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out.stride(), ex,
                             splits, scale, softcap, window_left), **stage1, **ex.flags)
     if splits > 1 and not fused_merge:
-        launch(_merge_kernel, grid2, o_part, lse_part, out, *ex.pointers[:2],
+        launch(merge_splits_kernel, grid2, o_part, lse_part, out, *ex.pointers[:2],
                splits, out.stride(0), out.stride(1), ex.strides[0], **stage2,
                HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
     return result(out, ex)
@@ -422,7 +394,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
                             scalars1)
     fused, merge = stage1["FUSED"], splits > 1 and not stage1["FUSED"]
     scalars2 = (splits, out_strides[0], out_strides[1], ex.strides[0])
-    merge_launch = prepare(_merge_kernel, grid2, dict(stage2, HAS_SINKS=has_sinks,
+    merge_launch = prepare(merge_splits_kernel, grid2, dict(stage2, HAS_SINKS=has_sinks,
                                                       WITH_LSE=with_lse),
                            (4,) if has_sinks else (), scalars2) if merge else None
     part_shape, lse_part_shape = (batch, num_heads, splits, head_dim), (batch, num_heads, splits)

@@ -1,4 +1,8 @@
-"""merge_states in one launch: two attention parts over disjoint key sets -> their union.
+"""Merges of attention states by their log-sum-exps: merge_states (two parts over disjoint key
+sets -> their union, one launch) and the split-KV decode's stage 2 (:func:`merge_splits_kernel`:
+S partials of one row).
+
+merge_states:
 
 Each program merges ``BLOCK_R`` (row, head) pairs: it reads both log-sum-exps, both output rows
 (``D`` elements each) and writes one output row and one lse, so the kernel moves
@@ -21,6 +25,7 @@ import triton.language as tl
 
 from attn_ops.backends.triton.common import INTERPRET, next_pow2
 from attn_ops.backends.triton.launch import launch
+from attn_ops.backends.triton.softmax import finish, store_lse
 
 # Elements of one output tensor per program: 4096 bf16 = 8 KB, 16 (row, head) pairs at D = 128;
 # the kernel is a streaming copy, so tiles only need to be big enough to keep loads in flight.
@@ -88,3 +93,36 @@ def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
         lse_b.stride(0), lse_b.stride(1), lse.stride(0), lse.stride(1),
         HEAD_DIM=d, D_P2=next_pow2(d), BLOCK_R=block_r, num_warps=warps)
     return out, lse
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def merge_splits_kernel(O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, num_splits, stride_ob,
+                        stride_oh, stride_sk, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        D_P2: tl.constexpr, S_P2: tl.constexpr, HAS_SINKS: tl.constexpr,
+                        WITH_LSE: tl.constexpr):
+    """Stage 2 of the split-KV decode (decode_kernel.py), grid ``(B * H,)``: program ``b * H +
+    h`` merges the ``num_splits`` normalised partials ``O_PART[b, h, s, :]`` (float32) by their
+    log2-sum-exps ``LSE_PART[b, h, s]`` (an empty split: -inf, weight 0), adds the sink once
+    (``HAS_SINKS``) and writes the output row (and its lse with ``WITH_LSE``)."""
+    row = tl.program_id(0).to(tl.int64)  # seq * H + head
+    seq = row // NUM_HEADS
+    head = row % NUM_HEADS
+    offs_s = tl.arange(0, S_P2)
+    offs_d = tl.arange(0, D_P2)
+    s_ok = offs_s < num_splits
+    dim_ok = offs_d < HEAD_DIM
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)  # empty split: exp2(-inf) = 0
+    den = tl.sum(w, 0)
+    o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
+    factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
+    out = tl.sum(w[:, None] * o, 0) * factor
+    tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=dim_ok)
+    store_lse(LSE, row, lse2, True, WITH_LSE)
