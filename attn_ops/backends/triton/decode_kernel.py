@@ -322,8 +322,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         None if config is None else Config(*config), splits,
         FUSED_MERGE if fused is None else fused, k_cache.dtype,
         FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16,
-        (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and _pairs_ok(k_cache, v_cache)
-        and _even(k_cache, v_cache))
+        (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and k_cache.dtype == torch.float8_e4m3fn
+        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache))
     if splits == 1:
         o_part = lse_part = out  # unused pointer arguments
     else:
@@ -349,7 +349,13 @@ def _pairs_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 
 
 def _even(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether both caches start at an even address (a view can start at any element)."""
+    """Whether both caches start at an even address (a view can start at any element): only
+    FP8 caches can start at an odd one, and a traced (fake) cache has no address, so its
+    storage offset stands in (allocations are aligned far beyond 2 bytes)."""
+    if k_cache.element_size() > 1 and v_cache.element_size() > 1:
+        return True
+    if torch._C._len_torch_dispatch_stack() or not k_cache.device.type == "cuda":
+        return (k_cache.storage_offset() | v_cache.storage_offset()) & 1 == 0
     return (k_cache.data_ptr() | v_cache.data_ptr()) & 1 == 0
 
 
