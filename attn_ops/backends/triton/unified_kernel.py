@@ -34,7 +34,8 @@ import triton.language as tl
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
                                              next_pow2, result)
-from attn_ops.backends.triton.softmax import attend, finish, kv_scales, merge_if_last, store_lse
+from attn_ops.backends.triton.softmax import (attend, attend_diagonal, finish, kv_scales,
+                                              merge_if_last, store_lse)
 
 
 @triton.jit
@@ -103,22 +104,17 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, 
     acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
     if ONE_LOOP and CAUSAL and not WINDOW:
         # Few rows, causal: keys up to first_q are seen by every row (one loop, no per-row
-        # mask, so nothing to isolate); the few keys past it (the tile's own queries' keys) in
-        # 16-key steps loaded straight into registers (one stage), isolated there only. The
-        # isolation over the whole walk cost the small path 16 KB of shared memory and 28
-        # registers per program (sm_90a: 151 vs 123, one program fewer per SM; H200, B 64 x 4
-        # queries over 2048 keys: 189 us vs 130 before it).
+        # mask, so nothing to isolate); the few keys past it in 16-key tiles (attend_diagonal).
         every = tl.minimum(tl.maximum(first_q + 1, s_lo), s_hi)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, s_lo, every, every, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                                BLOCK_N, True, MASK_DIM, False, False, SOFTCAP, PAGED, PAGE, DOT,
                                False)
-        acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
-                               stride_kt, stride_vb, stride_vt, every, s_hi, s_hi, q_pos,
-                               window_left, qk_scale, cap_log2, cap_inv, tl.arange(0, 16),
-                               offs_d, dim_ok, 16, True, MASK_DIM, True, False, SOFTCAP, PAGED,
-                               PAGE, DOT, True, 1)
+        acc, m_i, l_i = attend_diagonal(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
+                                        stride_kb, stride_kt, stride_vb, stride_vt, every, s_hi,
+                                        q_pos, qk_scale, cap_log2, cap_inv, offs_d, dim_ok,
+                                        SOFTCAP, PAGED, PAGE, DOT)
     elif ONE_LOOP:  # few rows: masked steps only (a third of the code; the mask is cheap here)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, s_lo, s_hi, s_hi, q_pos,
