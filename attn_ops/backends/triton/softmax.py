@@ -120,7 +120,8 @@ def attend_diagonal(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, str
 
     Its step repeats :func:`attend`'s masked, isolating step on purpose: the same keys through
     ``attend`` itself (16-key steps, one stage; the same ptxas resources) ran B 16 x 4 queries
-    over 2048 keys in 49.9 us against 45.7 here (H200, graph replays, two runs of one script).
+    over 2048 keys in 49.9 us against 45.7 here (H200, graph replays of bench_unified.py's
+    few-query table in two passes on two machines, where B 64 ran 1-3% faster in the second).
     """
     offs_t = tl.arange(0, 16)
     for start in tl.range(lo, hi, 16, num_stages=1):
