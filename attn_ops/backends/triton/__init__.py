@@ -99,10 +99,12 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 HOPPER_PREFILL = True
 # Host time per eager call on the H200 host (2026-11-30, prompts of 2 x 256): the guarded Hopper
 # route 151 us (its Gluon launch through JITFunction.run 86, the fixup launch 31, the flags'
-# memset 14), a bound FA2-style or unified prefill about 25. So an eager call whose work is
-# small enough that the kernel takes less than that (causal FLOPs below ~2^35: the FA2-style
-# kernel needs ~150 us for 34 GFLOP at 230 TFLOP/s) takes the bound kernel of the other route;
-# a call being captured into a CUDA graph (no host time per replay) always takes the Hopper one.
+# memset 14; 297 us on a second host), a bound FA2-style or unified prefill about 25. So an
+# eager call whose work is small enough that the kernels take about that long or less takes the
+# bound kernel of the other route: Tq * Sk * H * D below 2^35, i.e. causal FLOPs below 2^36
+# (69 GFLOP; 64 x 256 prompts, 34 GFLOP: unified 297 us eager vs the Gluon kernel's 195 us plus
+# that host time; 16 x 1024, 137 GFLOP: the route 441 us vs unified 539 on the slower host). A
+# call being captured into a CUDA graph (no host time per replay) always takes the Hopper one.
 _HOPPER_EAGER_MIN_WORK = 1 << 35
 _capturing = torch.cuda.is_current_stream_capturing
 
@@ -258,7 +260,8 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                           given.get("return_lse", False))
     if route == "hopper":  # decided once per signature; descriptors and launches per call
         from attn_ops.backends.triton.hopper_prefill_launch import prefill_guarded
-        # Causal FLOPs of a full batch (4 * Tq * Sk / 2 * H * D); see _HOPPER_EAGER_MIN_WORK.
+        # Half the causal FLOPs of a full batch (4 * Tq * Sk / 2 * H * D); see
+        # _HOPPER_EAGER_MIN_WORK.
         work = q.shape[0] * int(given.get("max_seqlen_k", max_seqlen_q)) * q.shape[1] * q.shape[2]
         eager = None
         if work < _HOPPER_EAGER_MIN_WORK:
