@@ -81,9 +81,9 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     0``), cu_seqlens ``[B + 1]`` int32 on q's device. Returns ``[Tq, H, D]`` in q's dtype (or
     fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
     sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the items come
-    from ``max_seqlen_q`` and B, the persistent grid is one program per SM (at most). ``flags``: int32 ``[cdiv(max_seqlen_q, 128), B + 1, H, 2]``
-    (see :func:`flags_shape`), zeros: raised to 1 where a half tile's output is not finite
-    (allocated here when None).
+    from ``max_seqlen_q`` and B, the persistent grid is one program per SM (at most).
+    ``flags``: int32 ``[cdiv(max_seqlen_q, 128), B + 1, H, 2]`` (see :func:`flags_shape`),
+    zeros: raised to 1 where a half tile's output is not finite (allocated here when None).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
@@ -116,8 +116,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
         q_desc, k_desc, v_desc, out, cu_seqlens_q, cu_seqlens_k, flags, out.stride(0),
         out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
         num_heads, shape[0], float(scale) * LOG2E, GROUP=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
+        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
         maxnreg=MAXNREG)
     return out
@@ -133,10 +132,10 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
                     scale: float, causal: bool = True, out=None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. A memset and two launches, the same every call
-    (no host sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
-    (a leak shows there, see the kernel's docstring), then the isolating FA2-style kernel in its
-    fixup mode, which rewrites the flagged halves and otherwise returns after one load per
-    program. Same arguments and result as :func:`prefill`."""
+    (no host sync, CUDA-graph safe): this kernel, which flags every half tile whose output is
+    not finite (a leak shows there, see the kernel's docstring), then the isolating FA2-style
+    kernel in its fixup mode, which rewrites the flagged halves and otherwise returns after one
+    load per program. Same arguments and result as :func:`prefill`."""
     import torch
     from attn_ops.backends.triton import prefill_kernel
     if out is None:

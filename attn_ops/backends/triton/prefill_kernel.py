@@ -358,9 +358,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
                                          scale, causal, block_table, window_left, softcap,
                                          out.stride(), ex, config)
     if fixup is not None:
-        sms = device_sm_count(q.device) if q.device.type == "cuda" else 2
-        grid = (max(1, min(tiles * (num_seqs + 1), triton.cdiv(2 * sms, num_heads))), 1,
-                num_heads)
+        programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
+        grid = (max(1, min(tiles * (num_seqs + 1), programs)), 1, num_heads)
         consts, scalars = dict(consts, FIXUP=True), scalars[:-1] + (tiles,)
     launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
            *ex.pointers, *scalars, **consts)
