@@ -258,8 +258,8 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                           given.get("block_table"), given.get("window_left", -1),
                           given.get("softcap", 0.0), given.get("sinks"), given.get("k_scale"),
                           given.get("return_lse", False))
-    if route == "hopper":  # decided once per signature; descriptors and launches per call
-        from attn_ops.backends.triton.hopper_prefill_launch import prefill_guarded
+    if route == "hopper":  # decided and planned once per signature
+        from attn_ops.backends.triton.hopper_prefill_launch import bind_prefill_guarded
         # Half the causal FLOPs of a full batch (4 * Tq * Sk / 2 * H * D); see
         # _HOPPER_EAGER_MIN_WORK.
         work = q.shape[0] * int(given.get("max_seqlen_k", max_seqlen_q)) * q.shape[1] * q.shape[2]
@@ -273,14 +273,17 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                 from attn_ops.backends.triton.prefill_kernel import bind_prefill
             eager = bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args,
                                  **kwargs)
+        guarded = bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       given["max_seqlen_k"], given["scale"],
+                                       given.get("causal", True))
 
         def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                    causal=True, *rest, **rest_kw):  # the route serves none of the extras
             if eager is not None and not _capturing():
                 return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              scale, causal, *rest, **rest_kw)
-            return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, scale, causal)
+            return guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           scale, causal)
         return hopper
     if route == "unified":
         from attn_ops.backends.triton.unified_launch import bind_prefill

@@ -1,7 +1,9 @@
 """Host side of the Gluon Hopper prefill (hopper_prefill_kernel.py): what it serves, where it
 runs, and the launch (TMA descriptors over the packed rows, the grid from static bounds).
 
-Public surface: :func:`available`, :func:`supports`, :func:`prefill`.
+Public surface: :func:`available`, :func:`supports`, :func:`prefill`, :func:`prefill_guarded`
+(the contract's entry point: this kernel, then the FA2-style kernel's fixup launch, :func:`fixup`)
+and :func:`bind_prefill_guarded` (the same for one call signature, planned once).
 """
 
 from __future__ import annotations
@@ -65,16 +67,6 @@ def supports(q_dtype, head_dim: int, causal: bool = True, paged: bool = False,
     return None
 
 
-def _tma_ready(x):
-    """``x`` as a [T, heads * D] row matrix TMA can read: packed heads, 16-byte rows and base
-    (a copy otherwise)."""
-    t, h, d = x.shape
-    if (x.stride(2) != 1 or x.stride(1) != d or (x.stride(0) * x.element_size()) % 16
-            or x.data_ptr() % 16):
-        x = x.contiguous()
-    return x.as_strided((t, h * d), (x.stride(0), 1))
-
-
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
             scale: float, causal: bool = True, out=None, flags=None):
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv ==
@@ -89,36 +81,20 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     entry point."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from attn_ops.backends.triton.common import device_sm_count
-    total_q, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    num_seqs = cu_seqlens_q.shape[0] - 1
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if total_q == 0:
+    if q.shape[0] == 0:
         return out
-    if k.shape[0] == 0 or num_seqs == 0:
+    if k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
         return out.zero_()  # no key anywhere (static shapes say so)
-    block_n, stages = _CONFIGS[head_dim]
-    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], dt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], dt)
-    q2, k2, v2 = _tma_ready(q), _tma_ready(k), _tma_ready(v)
-    q_desc = TensorDescriptor.from_tensor(q2, [BLOCK_M, head_dim], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [block_n, head_dim], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [block_n, head_dim], kv_layout)
-    shape = flags_shape(max_seqlen_q, num_seqs, num_heads)
+    grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 scale, causal, out.stride())
     if flags is None:
         flags = torch.zeros(shape, dtype=torch.int32, device=q.device)
-    items = shape[0] * shape[1] * shape[2]
-    hopper_prefill_kernel[(min(items, device_sm_count(q.device)),)](
-        q_desc, k_desc, v_desc, out, cu_seqlens_q, cu_seqlens_k, flags, out.stride(0),
-        out.stride(1), cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), total_q, num_seqs,
-        num_heads, shape[0], float(scale) * LOG2E, GROUP=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
-        maxnreg=MAXNREG)
+    descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
+             for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1]))]
+    hopper_prefill_kernel[grid](*descs, out, cu_seqlens_q, cu_seqlens_k, flags, *scalars,
+                                **consts)
     return out
 
 
@@ -128,16 +104,106 @@ def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, 
     return (max(1, -(-int(max_seqlen_q) // (2 * BLOCK_M))), num_seqs + 1, num_heads, 2)
 
 
+def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
+          out_strides) -> tuple:
+    """(grid, the scalars after the 7 pointers, constexprs and options, the flags' shape,
+    ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch, from
+    static facts only."""
+    import torch
+
+    from attn_ops.backends.triton.common import device_sm_count
+    total_q, num_heads, head_dim = q.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    block_n, stages = _CONFIGS[head_dim]
+    shape = flags_shape(max_seqlen_q, num_seqs, num_heads)
+    grid = (min(shape[0] * shape[1] * shape[2], device_sm_count(q.device)),)  # items, SMs
+    scalars = (out_strides[0], out_strides[1], cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
+               total_q, num_seqs, num_heads, shape[0], float(scale) * LOG2E)
+    consts = dict(GROUP=num_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
+                  BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
+                  CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
+                  maxnreg=MAXNREG)
+    fp16 = q.dtype == torch.float16
+    blocks = ((BLOCK_M, _layout(BLOCK_M, head_dim, fp16)),
+              (block_n, _layout(block_n, head_dim, fp16)))
+    return grid, scalars, consts, shape, blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(rows: int, head_dim: int, fp16: bool):
+    """The shared-memory layout of a ``[rows, head_dim]`` tile (~6 us to build, so once)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, head_dim],
+                                                gl.float16 if fp16 else gl.bfloat16)
+
+
+def _rows(x) -> tuple:
+    """``x`` ``[T, heads, D]`` as TMA reads it: (base tensor, ``[T, heads * D]``, its strides),
+    a contiguous copy unless :func:`_packed` and its base is 16-byte aligned."""
+    t, h, d = x.shape
+    if not _packed(x) or x.data_ptr() % 16:
+        x = x.contiguous()
+    return x, [t, h * d], [x.stride(0), 1]
+
+
+def _packed(x) -> bool:
+    """Heads packed (``[T, heads * D]`` is a row matrix) and rows 16-byte aligned."""
+    return (x.stride(2) == 1 and x.stride(1) == x.shape[2]
+            and (x.stride(0) * x.element_size()) % 16 == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard: the FA2-style kernel's fixup launch over the flags
+# ---------------------------------------------------------------------------------------------
+
+def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
+          out, flags, rows: int = BLOCK_M, config=None) -> None:
+    """Rewrite, with the isolating FA2-style kernel (prefill_kernel.py, ``FIXUP`` mode), only
+    the half tiles ``flags`` names; write nothing else. ``flags`` int32 ``[tiles, B + 1, H, 2]``
+    (contiguous; see :func:`flags_shape`, with ``2 * rows``-row tiles counted from a sequence's
+    last); ``out`` contiguous ``[Tq, H, D]`` holds the flagging kernel's result. Dense K/V, no
+    window. A fixed grid of about two programs per SM reads the flags (one vector load each);
+    with none set the launch writes nothing."""
+    from attn_ops.backends.triton.launch import launch
+    from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
+    grid, consts, scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                              scale, causal, flags.shape[0], rows, config)
+    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, flags, q, q, q, q,
+           *scalars, **consts)
+
+
+def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
+                      causal: bool, tiles: int, rows: int = BLOCK_M, config=None) -> tuple:
+    """(grid, constexprs and options, the arguments after the 11 pointers) of :func:`fixup`'s
+    launch; the output is contiguous."""
+    import torch
+    import triton
+
+    from attn_ops.backends.triton.common import INTERPRET, device_sm_count, extras
+    from attn_ops.backends.triton.prefill_kernel import Config, launch_args
+    if config is None:
+        # Small key steps: a rare path (a non-finite value reached the rows); its programs that
+        # find no flag return after one load, so little shared memory keeps them all resident.
+        config = (Config(rows, 16, 4, 1) if INTERPRET
+                  else Config(rows, 64 if q.shape[2] <= 128 else 32, 4, 2))
+    out_strides = torch.empty(q.shape, device="meta").stride()
+    _, consts, scalars = launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale,
+                                     causal, None, -1, 0.0, out_strides,
+                                     extras(q, k, None, None, None, False), config)
+    num_heads = q.shape[1]
+    programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
+    grid = (max(1, min(tiles * cu_seqlens_q.shape[0], programs)), 1, num_heads)
+    return grid, dict(consts, FIXUP=True), scalars[:-1] + (tiles,)
+
+
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float, causal: bool = True, out=None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. A memset and two launches, the same every call
     (no host sync, CUDA-graph safe): this kernel, which flags every half tile whose output is
-    not finite (a leak shows there, see the kernel's docstring), then the isolating FA2-style
-    kernel in its fixup mode, which rewrites the flagged halves and otherwise returns after one
-    load per program. Same arguments and result as :func:`prefill`."""
+    not finite (a leak shows there, see the kernel's docstring), then :func:`fixup`, which
+    rewrites the flagged halves with the isolating FA2-style kernel and otherwise returns after
+    one load per program. Same arguments and result as :func:`prefill`."""
     import torch
-    from attn_ops.backends.triton import prefill_kernel
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
@@ -147,6 +213,75 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     flags = torch.zeros(shape, dtype=torch.int32, device=q.device)  # one memset
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
             out, flags)
-    prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           scale, causal, out=out, fixup=(flags, shape[0], BLOCK_M))
+    fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags)
     return out
+
+
+def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                         max_seqlen_k: int, scale: float, causal: bool = True):
+    """:func:`prefill_guarded` for the call signature of these arguments (shapes, strides,
+    dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
+    computed once, both launches prepared (launch.prepare: the compiled launchers are called
+    directly once the first call has compiled them). A call allocates the output and the flags,
+    wraps q/k/v in descriptors whose fields are set directly (fixed by the signature but for
+    the base) and calls the two launchers; Triton's launcher encodes each descriptor
+    (``cuTensorMapEncodeTiled``). Gluon's ``JITFunction.run`` with three descriptors cost
+    86-145 us per launch on H200 hosts, the unbound fixup wrapper 31-53 us.
+
+    Calls the signature cannot serve directly (traced, tensor subclasses, q/k/v whose heads are
+    not packed or whose base is not 16-byte aligned: TMA needs a copy) take
+    :func:`prefill_guarded`."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from attn_ops.backends.triton.launch import prepare, stats
+    from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
+    if (q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1
+            or not (_packed(q) and _packed(k) and _packed(v))):
+        return prefill_guarded
+    out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
+    grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 scale, causal, out_strides)
+    # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
+    # shape with rows) but for the base's alignment, which each call checks.
+    desc_q, desc_k, desc_v = (
+        _descriptor_maker(TensorDescriptor, [x.shape[0], x.shape[1] * x.shape[2]],
+                          [x.stride(0), 1], [rows, x.shape[2]], layout)
+        for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1])))
+    # Alignment checked per call: cu_seqlens (positions 4, 5); out and flags are fresh
+    # allocations, the descriptors' bases are checked below.
+    gluon = prepare(hopper_prefill_kernel, grid, consts, (4, 5), scalars)
+    f_grid, f_consts, f_scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                    max_seqlen_q, scale, causal, shape[0])
+    fix = prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5), f_scalars)
+    empty, empty_like, zeros = torch.empty, torch.empty_like, torch.zeros
+    out_shape, dtype, device, i32 = q.shape, q.dtype, q.device, torch.int32
+    like_q = q.stride() == out_strides
+    tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
+
+    def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+            causal=True):
+        if type(q) is not tensor or depth() or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, scale, causal)
+        stats["bound"] += 1
+        out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
+        flags = zeros(shape, dtype=i32, device=device)  # one memset
+        gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags))
+        fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, flags, q, q, q, q))
+        return out
+    return run
+
+
+def _descriptor_maker(cls, shape, strides, block_shape, layout):
+    """``make(base)``: a ``cls`` (Gluon's TensorDescriptor) over ``base`` with these fields,
+    set directly (0.4 us against 1.8 for the validating constructor, development CPU): for a
+    base whose dtype, shape and strides the caller has already checked."""
+    new, fields = cls.__new__, dict(shape=shape, strides=strides, block_shape=block_shape,
+                                    layout=layout, padding="zero")
+
+    def make(base):
+        d = new(cls)
+        d.__dict__.update(fields, base=base)
+        return d
+    return make

@@ -22,8 +22,12 @@ Triton would run):
 * the constexpr and option keywords (``BLOCK_N=64, num_warps=4``): their values;
 * the current device (Triton keeps one kernel cache per device).
 
-Other arguments (a grid given as a function, a tuple, a tensor descriptor, an unhashable
-constexpr) make the call go through ``kernel[grid]`` unchanged. Triton's knobs that change how a
+* a host TMA descriptor (the Gluon Hopper prefill's Q/K/V): its base's dtype and alignment,
+  block shape, shape, strides, padding and shared layout (Triton specialises on a subset); the
+  compiled launcher encodes the descriptor itself on every call (``fill_tma_descriptor``).
+
+Other arguments (a grid given as a function, a tuple, an unhashable constexpr) make the call go
+through ``kernel[grid]`` unchanged. Triton's knobs that change how a
 kernel compiles (``TRITON_DEBUG``, instrumentation) are read when a specialisation is first seen:
 set them before the first launch. The per-call check that a kernel's global variables have not
 changed is not repeated (ours read only constants).
@@ -107,9 +111,27 @@ def _arg_key(args: tuple) -> tuple | None:
             append((a.dtype, a.data_ptr() % 16 == 0))
         elif t is float or t is bool or a is None:
             append(t)
+        elif _is_descriptor(a):  # everything of a host TMA descriptor but its base's address
+            append((t, a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape),
+                    tuple(a.shape), tuple(a.strides), a.padding, repr(a.layout)))
         else:
             return None
     return tuple(key)
+
+
+def _is_descriptor(a) -> bool:
+    """``a`` is a host TMA descriptor (Gluon's or Triton's ``TensorDescriptor``: a base tensor,
+    shape, strides, block shape and shared layout), which the compiled launcher encodes."""
+    return hasattr(a, "block_shape") and hasattr(a, "base")
+
+
+def _traced(first) -> bool:
+    """The launch is being traced: its first argument (a descriptor's base, for Gluon kernels
+    that lead with descriptors) is a fake / functional tensor or a subclass, or a dispatch mode
+    is active."""
+    if _is_descriptor(first):
+        first = first.base
+    return type(first) is not torch.Tensor or bool(torch._C._len_torch_dispatch_stack())
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -119,7 +141,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     its remaining parameters (constexprs) by name and launch options (``num_warps``,
     ``num_stages``). ``grid`` is a tuple of 1 to 3 ints.
     """
-    if type(args[0]) is not torch.Tensor or torch._C._len_torch_dispatch_stack():
+    if _traced(args[0]):
         # Traced (fake or functional tensors, a dispatch mode): inside a triton_op being traced
         # by AOTAutograd, the launch must become a node Inductor can compile.
         from torch.library import wrap_triton
@@ -322,8 +344,7 @@ def prepare(kernel, grid: tuple, kwargs: dict, check: tuple[int, ...] | None = N
                 _direct(pinned, grid, get_stream(device), runtime, args + fixed)
             return
         full = args + fixed if fixed else args
-        if (type(args[0]) is not torch.Tensor or torch._C._len_torch_dispatch_stack()
-                or not enabled or not hasattr(kernel, "device_caches")):
+        if _traced(args[0]) or not enabled or not hasattr(kernel, "device_caches"):
             launch(kernel, grid, *full, **kwargs)  # traced, disabled or interpreted
             return
         getters = _runtime()

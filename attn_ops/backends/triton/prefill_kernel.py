@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
-                                             next_pow2, result, softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, next_pow2, result,
+                                             softcap_constants)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.softmax import (all_finite, attend, finish, kv_scales, store_lse,
                                               value_sums)
@@ -320,8 +320,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             softcap: float = 0.0, sinks: torch.Tensor | None = None,
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
             return_lse: bool = False, config: Config | None = None,
-            out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-            fixup: tuple[torch.Tensor, int, int] | None = None):
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """q ``[Tq, H, D]``; k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` ``[B, W]``; cu_seqlens ``[B+1]`` int32. Returns ``[Tq, H, D]`` in q's dtype,
     and with ``return_lse`` also lse float32 ``[Tq, H]`` (natural log, -inf for a row with no
@@ -332,11 +331,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     ``[Tq, H, D]``) and ``lse`` (contiguous float32 ``[Tq, H]``) receive the results (tests
     poison them to catch unwritten elements).
 
-    ``fixup = (flags, tiles, rows)`` (dense K/V, no window; the Hopper route): rewrite only the
-    row blocks another kernel flagged. ``flags`` int32 ``[tiles, B + 1, H, 2]`` (contiguous), one
-    per half of that kernel's tile ``g`` of ``2 * rows`` query rows counted from a sequence's last
-    tile; ``out`` must be given (it holds the other kernel's result). A fixed grid of about two
-    programs per SM reads the flags; with none set the launch writes nothing.
+    The kernel's ``FIXUP`` mode (the Hopper route's guard) is launched by
+    hopper_prefill_launch.fixup.
     """
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
@@ -349,33 +345,15 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     if k.numel() == 0 or num_seqs == 0 or (paged and block_table.numel() == 0):
         return result(out, ex, nothing_seen=True)  # no key anywhere (static shapes say so)
     table = block_table if paged else cu_seqlens_k  # dense: cu_seqlens_k stands in (unused)
-    if fixup is not None:
-        flags, tiles, rows = fixup
-        assert not paged and window_left < 0, "fixup: dense K/V, no window (the Hopper route)"
-        cfg = config or _fixup_config(rows, head_dim, q.dtype)
-        table, config = flags, cfg
-    grid, consts, scalars = _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         scale, causal, block_table, window_left, softcap,
-                                         out.stride(), ex, config)
-    if fixup is not None:
-        programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
-        grid = (max(1, min(tiles * (num_seqs + 1), programs)), 1, num_heads)
-        consts, scalars = dict(consts, FIXUP=True), scalars[:-1] + (tiles,)
+    grid, consts, scalars = launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        scale, causal, block_table, window_left, softcap,
+                                        out.stride(), ex, config)
     launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
            *ex.pointers, *scalars, **consts)
     return result(out, ex)
 
 
-def _fixup_config(rows: int, head_dim: int, dtype: torch.dtype) -> Config:
-    """The fixup launch's tiles: ``rows`` query rows (the flagging kernel's half tile), small
-    key steps (a rare path: a non-finite value reached the rows; its programs that find no flag
-    return after one load, so little shared memory keeps them all resident)."""
-    if INTERPRET:
-        return Config(rows, 16, 4, 1)
-    return Config(rows, 64 if head_dim <= 128 else 32, 4, 2)
-
-
-def _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, block_table,
+def launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, block_table,
                  window_left, softcap, out_strides, ex, config) -> tuple[tuple, dict, tuple]:
     """(grid, constexprs and options, the arguments after the 11 pointers) of one launch."""
     total_q, num_heads, head_dim = q.shape
@@ -413,9 +391,9 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     ex = extras(q, k, sinks, k_scale, v_scale, return_lse)
     shape, dtype, device = q.shape, q.dtype, q.device
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's
-    grid, consts, scalars = _launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         scale, causal, block_table, window_left, softcap,
-                                         out_strides, ex, None)
+    grid, consts, scalars = launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        scale, causal, block_table, window_left, softcap,
+                                        out_strides, ex, None)
     paged, has_sinks, fp8, with_lse = (block_table is not None, ex.flags["HAS_SINKS"],
                                        ex.flags["FP8"], ex.flags["WITH_LSE"])
     # Alignment checked per call: the caller's tensors, not out / lse (fresh allocations).

@@ -253,11 +253,12 @@ def test_inductor_compiled_prefill_and_decode_cuda():
 
 def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch):
     # The route is decided when the signature is planned; each call then goes straight to the
-    # guarded Hopper entry with prefill's leading arguments.
+    # guarded Hopper entry bound to that signature, with prefill's leading arguments.
     from attn_ops.backends.triton import hopper_prefill_launch as hopper
     routes, calls = [], []
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: routes.append(1) or "hopper")
-    monkeypatch.setattr(hopper, "prefill_guarded", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(hopper, "bind_prefill_guarded",
+                        lambda *s: lambda *a: calls.append(a) or a[0])
     q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     args = (q, k, k, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
@@ -276,7 +277,8 @@ def test_a_small_eager_call_on_the_hopper_route_takes_the_bound_kernel(monkeypat
     calls = []
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "hopper")
     monkeypatch.setattr(tb, "_capturing", lambda: capturing)
-    monkeypatch.setattr(hopper, "prefill_guarded", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(hopper, "bind_prefill_guarded",
+                        lambda *s: lambda *a: calls.append(a) or a[0])
     q, k, v = torch.randn(20, 4, 32), torch.randn(20, 2, 32), torch.randn(20, 2, 32)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     args = (q, k, v, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)

@@ -12,7 +12,7 @@ from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisone
                                    random_paged)
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import prefill_kernel  # noqa: E402  (imports triton)
+from attn_ops.backends.triton import hopper_prefill_launch, prefill_kernel  # noqa: E402
 
 HALF = (torch.float16, torch.bfloat16)
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -289,8 +289,7 @@ def test_fixup_rewrites_exactly_the_flagged_rows(pattern):
     elif pattern == "all":
         flags.fill_(1)
     out = poisoned(q.shape, torch.bfloat16, "cpu")
-    prefill_kernel.prefill(q, k, v, cu, cu, max(lens), max(lens), 0.3, True, out=out,
-                           fixup=(flags, tiles, rows))
+    hopper_prefill_launch.fixup(q, k, v, cu, cu, max(lens), 0.3, True, out, flags, rows)
     ref = reference.prefill(q, k, v, cu, cu, max(lens), max(lens), 0.3, True)
     want = _flagged_rows(flags, lens, rows)
     written = torch.zeros(q.shape[:2], dtype=torch.bool)

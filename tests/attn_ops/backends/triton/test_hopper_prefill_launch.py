@@ -1,0 +1,128 @@
+"""The Hopper route's host side off the GPU: the entry bound to a call signature
+(bind_prefill_guarded) plans exactly the launches of the unbound guarded entry, and the calls
+it cannot serve directly take the unbound entry. The launches are recorded, not run (Gluon
+kernels need an sm90 GPU; the GPU tests in test_hopper_prefill_kernel.py run them)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from attn_ops.backends.triton import hopper_prefill_launch as hp  # noqa: E402
+from attn_ops.backends.triton import launch as launch_mod  # noqa: E402
+from tests.support.helpers import cu_seqlens  # noqa: E402
+
+if not hp.GLUON:
+    pytest.skip("Gluon's Hopper API is not importable", allow_module_level=True)
+
+
+def _inputs(dtype=torch.bfloat16, lens=(13, 0, 123), h=8, hkv=2, d=128, extra_rows=3):
+    q = torch.randn(sum(lens) + extra_rows, h, d).to(dtype)
+    k = torch.randn(sum(lens), hkv, d).to(dtype)
+    v = torch.randn(sum(lens), hkv, d).to(dtype)
+    cu = cu_seqlens(list(lens))
+    return (q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, True)
+
+
+def _descriptor(d):
+    """What the compiled launcher reads of a descriptor, and what specialises the kernel."""
+    return ("desc", d.base.data_ptr(), list(d.shape), list(d.strides), list(d.block_shape),
+            d.layout, d.padding)
+
+
+def _normal(a):
+    if isinstance(a, torch.Tensor):
+        return ("tensor", a.data_ptr(), tuple(a.shape), a.dtype)
+    if hasattr(a, "block_shape"):
+        return _descriptor(a)
+    return a
+
+
+class _Recorder:
+    """Stands in for the launches: every one becomes (kernel name, grid, arguments in order,
+    constexprs and options)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        rec = self
+
+        class Kernel:  # hp.hopper_prefill_kernel[grid](*args, **consts)
+            def __getitem__(self, grid):
+                return lambda *args, **consts: rec.add("gluon", grid, args, consts)
+
+        def launch(kernel, grid, *args, **consts):  # launch.launch (the fixup)
+            rec.add(kernel.__name__ if hasattr(kernel, "__name__") else "fixup", grid, args,
+                    consts)
+
+        def prepare(kernel, grid, consts, check=None, fixed=()):
+            name = "gluon" if kernel is hp.hopper_prefill_kernel else "fixup"
+            return lambda args: rec.add(name, grid, args + fixed, consts)
+
+        monkeypatch.setattr(hp, "hopper_prefill_kernel", Kernel())
+        monkeypatch.setattr(launch_mod, "launch", launch)
+        monkeypatch.setattr(launch_mod, "prepare", prepare)
+
+    def add(self, name, grid, args, consts):
+        name = "fixup" if name == "_prefill_kernel" else name
+        self.calls.append((name, tuple(grid), [_normal(a) for a in args], dict(consts)))
+
+
+def _flags_free(calls):
+    """The calls with each call's own flags buffer (a fresh allocation) replaced by its shape."""
+    return [(n, g, [a if not (isinstance(a, tuple) and a[0] == "tensor" and a[3] == torch.int32
+                              and len(a[2]) == 4) else ("flags", a[2]) for a in args], c)
+            for n, g, args, c in calls]
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d):
+    rec = _Recorder(monkeypatch)
+    args = _inputs(dtype, d=d)
+    hp.prefill_guarded(*args)
+    unbound = rec.calls[:]
+    rec.calls.clear()
+    run = hp.bind_prefill_guarded(*args)
+    out = run(*args)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    bound = rec.calls[:]
+    assert [c[0] for c in unbound] == ["gluon", "fixup"]
+    # Both outputs are fresh; compare everything but the output's address.
+    for calls in (unbound, bound):
+        for _, _, a, _ in calls:
+            a[3] = ("out",) + a[3][2:]
+    assert _flags_free(bound) == _flags_free(unbound)
+    gluon = bound[0][2]
+    assert gluon[0][1] == args[0].data_ptr() and gluon[0][2] == [args[0].shape[0], 8 * d]
+    assert gluon[1][1] == args[1].data_ptr() and gluon[2][1] == args[2].data_ptr()
+
+
+def test_each_call_describes_its_own_tensors(monkeypatch):
+    rec = _Recorder(monkeypatch)
+    args = _inputs()
+    run = hp.bind_prefill_guarded(*args)
+    other = _inputs()
+    run(*other)
+    gluon, fixup = rec.calls
+    assert [gluon[2][i][1] for i in range(3)] == [t.data_ptr() for t in other[:3]]
+    assert [fixup[2][i][1] for i in (0, 1, 2)] == [t.data_ptr() for t in other[:3]]
+    assert gluon[2][6] == fixup[2][6], "the fixup reads the flags the kernel wrote"
+
+
+def test_calls_it_cannot_serve_directly_take_the_unbound_entry(monkeypatch):
+    _Recorder(monkeypatch)
+    taken = []
+    monkeypatch.setattr(hp, "prefill_guarded", lambda *a: taken.append(a) or a[0])
+    args = _inputs()
+    q, k, v = args[:3]
+    # Heads not packed (every other head of a wider tensor): TMA needs a copy, per signature.
+    wide = torch.randn(q.shape[0], 16, 128).to(q.dtype)
+    strided = (wide[:, ::2],) + args[1:]
+    assert hp.bind_prefill_guarded(*strided) is hp.prefill_guarded
+    # A base that is not 16-byte aligned: decided per call.
+    run = hp.bind_prefill_guarded(*args)
+    flat = torch.randn(q.numel() + 1).to(q.dtype)
+    shifted = flat[1:].view(q.shape)
+    assert shifted.stride() == q.stride() and shifted.data_ptr() % 16
+    assert run(shifted, *args[1:]) is shifted and len(taken) == 1
+    # Nothing to launch: the unbound entry's host-side result.
+    empty = (q[:0],) + args[1:]
+    assert hp.bind_prefill_guarded(*empty) is hp.prefill_guarded
