@@ -98,14 +98,15 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 # the V scan it replaced cost 13-19% (BENCHMARKS.md, fourth pass). False: never route there.
 HOPPER_PREFILL = True
 # Host time per eager call on the H200 host (2026-11-30, prompts of 2 x 256): the guarded Hopper
-# route 151 us (its Gluon launch through JITFunction.run 86, the fixup launch 31, the flags'
-# memset 14; 297 us on a second host), a bound FA2-style or unified prefill about 25. So an
-# eager call whose work is small enough that the kernels take about that long or less takes the
-# bound kernel of the other route: Tq * Sk * H * D below 2^35, i.e. causal FLOPs below 2^36
-# (69 GFLOP; 64 x 256 prompts, 34 GFLOP: unified 297 us eager vs the Gluon kernel's 195 us plus
-# that host time; 16 x 1024, 137 GFLOP: the route 441 us vs unified 539 on the slower host). A
-# call being captured into a CUDA graph (no host time per replay) always takes the Hopper one.
-_HOPPER_EAGER_MIN_WORK = 1 << 35
+# route bound to its signature 36 us (a memset and two compiled launches:
+# hopper_prefill_launch.bind_prefill_guarded; 133 through JITFunction.run), a bound unified or
+# FA2-style prefill 11-17. Eager calls back to back, wall time per call (host + GPU), Hopper
+# route vs unified (bf16, 32/8 heads, D 128): 2 x 256 (Tq * Sk * H * D = 2^29) 35.5 vs 17.1 us,
+# 16 x 256 (2^32) 61.8 vs 79.1, 4 x 1024 (2^34) 96.7 vs 145.4, 64 x 256 (2^34) 195.6 vs
+# 292.6. So an eager call below 2^32 (causal FLOPs below 2^33), where the Hopper route's host
+# time is about its kernel's, takes the other route's bound kernel. A call being captured into
+# a CUDA graph (no host time per replay) always takes the Hopper one.
+_HOPPER_EAGER_MIN_WORK = 1 << 32
 _capturing = torch.cuda.is_current_stream_capturing
 
 
