@@ -237,9 +237,12 @@ def short_prompts(args, mm):
                 "attn.prefill, triton backend": lambda: attn_ops.prefill(
                     q, k, v, cu, cu, mx, mx, sc, True, backend="triton")}
         from attn_ops.backends.triton import hopper_prefill_launch as hopper
-        if hopper.available(dev):  # the Gluon kernel without its guard (the V scan + fallback)
+        if hopper.available(dev):  # the Gluon kernel without, then with its guard (flags + fixup)
             runs["hopper kernel, unguarded"] = lambda: hopper.prefill(q, k, v, cu, cu, mx, mx, sc,
                                                                       True)
+            guarded = hopper.bind_prefill_guarded(q, k, v, cu, cu, mx, mx, sc, True)
+            runs["hopper kernel, guarded (bound)"] = lambda: guarded(q, k, v, cu, cu, mx, mx, sc,
+                                                                     True)
         for cfg in configs:
             if cfg is not None and mx >= 4096:
                 continue
