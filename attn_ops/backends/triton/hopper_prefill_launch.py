@@ -167,8 +167,9 @@ def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, 
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     grid, consts, scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                               scale, causal, flags.shape[0], rows, config)
-    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, flags, q, q, q, q,
-           *scalars, **consts)
+    # Dense: cu_seqlens_k stands in for the block table; q for the lse, sinks and FP8 scales.
+    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k, q, q,
+           q, q, flags, *scalars, **consts)
 
 
 def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
@@ -268,7 +269,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
         flags = zeros(shape, dtype=i32, device=device)  # one memset
         gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags))
-        fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, flags, q, q, q, q))
+        fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k, q, q, q, q, flags))
         return out
     return run
 

@@ -162,8 +162,8 @@ def _tile(Q, K, V, O, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt, stri
 
 
 @triton.jit
-def _fixup(Q, K, V, O, CU_Q, CU_K, FLAGS, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt,
-           stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FLAGS,
+           stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
            stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc, stride_sk,
            stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv, window_left, tiles,
            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
@@ -200,7 +200,7 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, FLAGS, LSE, SINK_LOGITS, K_SCALE, V_SCALE, st
                 if (flag != 0) & (seq < num_seqs) & (m0 >= 0) & (m0 < lq):
                     k_start = tl.load(CU_K + seq * stride_ck)
                     lk = tl.load(CU_K + (seq + 1) * stride_ck) - k_start
-                    _tile(Q, K, V, O, FLAGS, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt,
+                    _tile(Q, K, V, O, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt,
                           stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                           stride_vh, stride_ot, stride_oh, stride_tb, stride_tc, stride_sk,
                           stride_ks, stride_vs, seq, head, num_heads, m0, q_start, lq, k_start,
@@ -210,7 +210,7 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, FLAGS, LSE, SINK_LOGITS, K_SCALE, V_SCALE, st
 
 
 @triton.jit(do_not_specialize=["total_q", "window_left", "fixup_tiles"])
-def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE,
+def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FLAGS,
                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                     stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
                     stride_sk, stride_ks, stride_vs, total_q, num_seqs,
@@ -222,13 +222,13 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
                     FP8: tl.constexpr, WITH_LSE: tl.constexpr, FIXUP: tl.constexpr = False):
     """Program ``(i, b, h)``: tile i (counted from the sequence's last) of sequence b, head h.
 
-    ``FIXUP`` (dense K/V, no window: the Hopper route): TABLE holds the Hopper kernel's int32
-    flags, one per (its tile g < fixup_tiles, sequence, head, half of 2 * BLOCK_M rows), in that
-    order; program ``(p, 0, h)`` rewrites the halves of head h that are flagged among its share
-    of the (g, sequence) pairs and returns at once when none is (one vector load)."""
+    ``FIXUP`` (no window: the Hopper route): FLAGS holds the Hopper kernel's int32 flags (else
+    unused), one per (its tile g < fixup_tiles, sequence, head, half of 2 * BLOCK_M rows), in
+    that order; program ``(p, 0, h)`` rewrites the halves of head h that are flagged among its
+    share of the (g, sequence) pairs and returns at once when none is (one vector load)."""
     if FIXUP:
-        _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt,
-               stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FLAGS,
+               stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc, stride_sk,
                stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv, window_left,
                fixup_tiles, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP,
@@ -349,7 +349,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
                                         scale, causal, block_table, window_left, softcap,
                                         out.stride(), ex, config)
     launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
-           *ex.pointers, *scalars, **consts)
+           *ex.pointers, q, *scalars, **consts)  # q: FLAGS, unused
     return result(out, ex)
 
 
@@ -415,7 +415,7 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
         go((q, k, v, out, cu_seqlens_q, cu_seqlens_k, block_table if paged else cu_seqlens_k,
-            lse, sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q))
+            lse, sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q, q))
         return (out, lse) if with_lse else out
     run.routes_traced = True  # the dispatch memo may call it directly (triton.bind_args)
     return run
