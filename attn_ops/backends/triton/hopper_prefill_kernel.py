@@ -16,14 +16,7 @@ tiles costs two loads. Inside a program three partitions walk the same items at 
   same K/V slots. Each overlaps the next tile's ``Q K^T`` and its softmax with the previous
   tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for S_j, softmax, wait for O,
   rescale); the warp schedulers interleave the two warpgroups, so one's softmax runs against
-  the other's MMAs. They take turns to issue their wgmmas (an mbarrier each: wait for one's
-  turn, issue, pass it on), so each one's batch is queued whole behind the other's and one
-  warpgroup's softmax runs while the other's batch does (FA3's ping-pong). Without the turns
-  both batches were issued together, finished together, and both softmaxes left the tensor
-  cores idle; and the in-warpgroup overlap alone does not happen: ptxas (sm_90a, Triton 3.6)
-  writes the new P into the registers the in-flight ``P V`` reads and so waits for that
-  ``P V`` before the softmax (SASS: ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` at its first FMNMX, in
-  both consumers, both builds); a second P register set spills 288 bytes at 216 registers.
+  the other's MMAs.
 
 P stays in registers as wgmma's A operand. Causal tiles past the diagonal are never loaded;
 masks are applied only on tiles that need them (the diagonal and the sequence's last partial
@@ -152,25 +145,13 @@ if GLUON:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _take_turn(turn, turns, WG: gl.constexpr):
-        """Wait for this warpgroup's ``turns``-th turn to issue wgmmas: warpgroup 0 goes first
-        (a fresh barrier passes phase 1), then the two alternate."""
-        mbarrier.wait(turn.index(WG), (turns & 1) ^ (1 - WG))
-
-    @gluon.jit
-    def _pass_turn(turn, WG: gl.constexpr):
-        """This warpgroup's wgmmas are issued: the other one's turn."""
-        mbarrier.arrive(turn.index(1 - WG), count=1)
-
-    @gluon.jit
-    def _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn,
-                O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, it, done,
-                turns, flag_idx, qk_scale, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+    def _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
+                FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, it, done,
+                flag_idx, qk_scale, WG: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                 CAUSAL: gl.constexpr):
         """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` against the item's K/V tiles
-        (ring slots from ``it`` on), out and the flag written. Each batch of wgmma issues waits
-        for this warpgroup's turn and passes it on (``turns``: batches so far; returned)."""
+        (ring slots from ``it`` on), out and the flag written."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -199,11 +180,8 @@ if GLUON:
         # Tile 0: S_0 and its softmax, no P V yet.
         st = it % STAGES
         mbarrier.wait(k_ready.index(st), (it // STAGES) & 1)
-        _take_turn(turn, turns, WG)
         s_tok = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)), zero_s, use_acc=False,
                               is_async=True)
-        _pass_turn(turn, WG)
-        turns += 1
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(st), count=1)
         p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, full_hi, lk, q_pos, offs_n, qk_scale,
@@ -214,14 +192,11 @@ if GLUON:
             st = j % STAGES
             pst = (j - 1) % STAGES
             mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
-            _take_turn(turn, turns, WG)
             s_tok = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)), zero_s,
                                   use_acc=False, is_async=True)
             # O += P_{i-1} V_{i-1} runs while this tile's softmax does.
+            mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
             acc_tok = warpgroup_mma(p_op, v_bufs.index(pst), acc, is_async=True)
-            _pass_turn(turn, WG)
-            turns += 1
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(st), count=1)
             p, m_i, l_i, alpha = _softmax(s, m_i, l_i, i * BLOCK_N, full_hi, lk, q_pos, offs_n,
@@ -236,10 +211,7 @@ if GLUON:
         j = it + n_iter - 1
         last = j % STAGES
         mbarrier.wait(v_ready.index(last), (j // STAGES) & 1)
-        _take_turn(turn, turns, WG)
         acc_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-        _pass_turn(turn, WG)
-        turns += 1
         acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -261,11 +233,10 @@ if GLUON:
                 + head * stride_oh + gl.expand_dims(d, 0))
         gl.store(ptrs, out_f.to(dtype),
                  mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
-        return turns
 
     @gluon.jit
-    def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-                  turn, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
+    def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
+                  FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
                   num_seqs, num_heads, n_items, tiles, qk_scale, WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr):
@@ -274,16 +245,15 @@ if GLUON:
         TILE: gl.constexpr = 2 * BLOCK_M
         it = 0
         done = 0
-        turns = 0
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, TILE, BLOCK_N, CAUSAL)
             if n_iter > 0:
                 flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
-                turns = _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready,
-                                k_empty, v_empty, turn, O, FLAGS, stride_ot, stride_oh, q_start,
-                                lq, lk, head, m0, n_iter, it, done, turns, flag_idx, qk_scale,
-                                WG, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)
+                _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
+                        v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
+                        n_iter, it, done, flag_idx, qk_scale, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
+                        STAGES, CAUSAL)
                 it += n_iter
                 done += 1
             elif WG == 0:
@@ -320,11 +290,8 @@ if GLUON:
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         mbarrier.init(q_empty, count=2)  # both consumer warpgroups release Q
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
         for s in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(s), count=1)
             mbarrier.init(v_ready.index(s), count=1)
@@ -333,11 +300,11 @@ if GLUON:
 
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, turn, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
+                         v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                          stride_ck, total_q, num_seqs, num_heads, n_items, tiles, qk_scale, 0,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, turn, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
+                         v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                          stride_ck, total_q, num_seqs, num_heads, n_items, tiles, qk_scale, 1,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
