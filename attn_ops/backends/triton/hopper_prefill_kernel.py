@@ -13,10 +13,20 @@ tiles costs two loads. Inside a program three partitions walk the same items at 
   as both consumers have issued their last ``Q K^T`` of the current one (``q_empty``), so the
   next item's loads overlap this item's last ``P V``, its epilogue and the next item's start;
 - two consumer warpgroups (the default partition and one worker), 64 query rows each, read the
-  same K/V slots. Each overlaps the next tile's ``Q K^T`` and its softmax with the previous
-  tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for S_j, softmax, wait for O,
+  same K/V slots. The source overlaps the next tile's ``Q K^T`` and its softmax with the
+  previous tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for S_j, softmax, wait for O,
   rescale); the warp schedulers interleave the two warpgroups, so one's softmax runs against
-  the other's MMAs.
+  the other's MMAs. In the SASS (ptxas 12.8, sm_90a) the in-warpgroup overlap does not happen:
+  ptxas writes the new P into the registers the in-flight ``P V`` still reads, so it waits for
+  that ``P V`` (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) before the softmax's first FMNMX, in both
+  consumers and both builds. A second P register set (two steps per trip) moves the wait past
+  the softmax but spills 288 bytes at the worker's 216 registers (84 at 256 for the default
+  partition alone). FA3's ping-pong (the two warpgroups taking turns, through two mbarriers, to
+  issue their wgmmas) was slower on the H200 but at 16 x 1024 (graph replays, kernel alone,
+  TFLOP/s, ping-pong vs this): non-causal 4 x 4096 581 vs 593, causal 4 x 4096 549 vs 559,
+  16 x 1024 407 vs 404, 64 x 256 176 vs 179. No build spills as the JIT specializes it (out's
+  strides divisible by 16, as a contiguous ``[Tq, H, D]`` has): the 28 bytes of the non-causal
+  D 128 build came from compiling with unspecialized strides (16-bit stores in the epilogue).
 
 P stays in registers as wgmma's A operand. Causal tiles past the diagonal are never loaded;
 masks are applied only on tiles that need them (the diagonal and the sequence's last partial
