@@ -7,7 +7,10 @@ causal sequence (4*H*D*lq*lk otherwise); % is of the bf16 matmul rate measured i
 SDPA contenders get GQA through ``enable_gqa=True`` where the backend takes it, else K/V
 expanded to H heads (noted in the CSV).
 
-    python benchmarks/bench_prefill.py [--tune] [--out DIR]
+    python benchmarks/bench_prefill.py [--tune] [--only dense|paged] [--out DIR]
+
+``--only paged``: only the paged-prefix section (new tokens over a prefix held in a paged
+cache, prefix reuse and chunked prefill).
 """
 
 from __future__ import annotations
@@ -148,6 +151,63 @@ def run_shape(b, s, causal, args, ceil_tflops, with_flex=True):
     return rows
 
 
+def paged_prefix(args, ceil_tflops):
+    """New tokens over a prefix held in a paged cache (pages of 16 in shuffled order): chunked
+    prefill and prefix reuse. Ours through the route, the guarded Hopper entry alone, the
+    FA2-style and unified kernels, and FA3 varlen over a dense copy of the same keys (what a
+    dense kernel does with no page gather; bottom-right causal, as ours)."""
+    import attn_ops
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    from attn_ops.backends.triton import prefill_kernel, unified_kernel
+    dev = device(args)
+    h, hkv, d, page = (4, 2, 32, 16) if args.smoke else (H, HKV, D, 16)
+    cases = [(2, 16, 48)] if args.smoke else [(4, 1024, 3072), (2, 512, 4096), (1, 4096, 12288),
+                                              (8, 2048, 2048)]
+    rows = []
+    for b, new, prefix in cases:
+        lq, lk = new, new + prefix
+        pages = b * lk // page
+        k_cache = torch.randn(pages, page, hkv, d, device=dev, dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        table = torch.randperm(pages, device=dev).to(torch.int32).view(b, lk // page)
+        q = torch.randn(b * lq, h, d, device=dev, dtype=torch.bfloat16)
+        cq = torch.arange(b + 1, device=dev, dtype=torch.int32) * lq
+        ck = torch.arange(b + 1, device=dev, dtype=torch.int32) * lk
+        sc = d ** -0.5
+        args_ = (q, k_cache, v_cache, cq, ck, lq, lk, sc, True, table)
+        kd = k_cache[table.flatten().long()].view(b * lk, hkv, d)  # the same keys, dense
+        vd = v_cache[table.flatten().long()].view(b * lk, hkv, d)
+
+        def fa3():
+            import fa3_fwd_interface as fa3_mod
+            run = lambda: fa3_mod.flash_attn_varlen_func(  # noqa: E731
+                q, kd, vd, cq, ck, lq, lk, softmax_scale=sc, causal=True)
+            run()
+            return run, "fa3-fwd varlen, dense copy of the keys"
+
+        def hopper_bound():
+            run = hopper.bind_prefill_guarded(*args_)
+            return (lambda: run(*args_)), "guarded, bound"
+        runs = {"triton (ours, route)": lambda: ((lambda: attn_ops.prefill(
+                    *args_, backend="triton")), ""),
+                "hopper kernel, paged": hopper_bound,
+                "FA2-style kernel, paged": lambda: ((lambda: prefill_kernel.prefill(*args_)), ""),
+                "unified kernel, paged": lambda: ((lambda: unified_kernel.prefill(*args_)), ""),
+                "fa3_varlen (dense keys)": fa3}
+        fl = b * 4 * h * d * lq * (lk - lq / 2)
+        for name, factory in runs.items():
+            ms, _, note = time_contender(factory, args.smoke, graph=False)
+            tf = fl / (ms * 1e-3) / 1e12 if ms else None
+            rows.append(dict(bench="prefill_paged_prefix", batch=b, seqlen=lq, prefix=prefix,
+                             causal=True, heads=h, kv_heads=hkv, head_dim=d, page=page,
+                             contender=name, ms=ms, tflops=tf,
+                             pct_matmul=100 * tf / ceil_tflops if tf else None, note=note))
+        del k_cache, v_cache, kd, vd, q
+    print_table(rows, ["batch", "seqlen", "prefix", "contender", "ms", "tflops", "pct_matmul",
+                       "note"])
+    return rows
+
+
 def tune(args, ceil_tflops):
     """Sweep (BLOCK_M, BLOCK_N, warps, stages) of our kernel on 4 x 4096 (and D=64/256)."""
     from attn_ops.backends.triton import prefill_kernel
@@ -188,13 +248,21 @@ def tune(args, ceil_tflops):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--only", default=None, help="one section: dense or paged (default: both)"))
     env = header("prefill", args.smoke)
     ceil = matmul_tflops(args.smoke)
     print(f"ceilings: bf16 matmul {ceil:.0f} TFLOP/s, copy {copy_gbs(args.smoke):.0f} GB/s")
     if args.tune or args.tune_only:
         tune(args, ceil)
     if args.tune_only:
+        return
+    if args.only in (None, "paged"):
+        paged = paged_prefix(args, ceil)
+        for r in paged:
+            r.update(matmul_tflops=ceil, device=env["device"], date=env["date"])
+        write_csv(args.out / "prefill_paged_prefix.csv", paged)
+    if args.only == "paged":
         return
     rows = []
     lengths = [32, 64] if args.smoke else [256, 1024, 2048, 4096, 8192, 16384]

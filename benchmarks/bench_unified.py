@@ -183,6 +183,13 @@ def mixed(args, copy, mm):
             add("part: chunks (old prefill kernel)", lambda qs=qs, cq=cq, ck=ck, tb=tb, lq=lq,
                 lk=lk: prefill_kernel.prefill(qs, k_cache, v_cache, cq, ck, max(lq), max(lk), sc,
                                               True, tb), lq, lk, roof)
+            from attn_ops.backends.triton import hopper_prefill_launch as hopper
+            if hopper.available(dev):
+                hop = hopper.bind_prefill_guarded(qs, k_cache, v_cache, cq, ck, max(lq), max(lk),
+                                                  sc, True, tb)
+                add("part: chunks (hopper kernel, paged, guarded)", lambda hop=hop, qs=qs,
+                    cq=cq, ck=ck, tb=tb, lq=lq, lk=lk: hop(qs, k_cache, v_cache, cq, ck, max(lq),
+                                                           max(lk), sc, True, tb), lq, lk, roof)
         at += n
     cu_q, cu_k = _cu(lens_q, dev), _cu(lens_k, dev)
     whole = add("mixed batch, one call (attn.prefill, triton backend)", lambda: attn_ops.prefill(

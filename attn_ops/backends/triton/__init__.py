@@ -128,9 +128,11 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
     padded = 4 * total_q < 3 * num_seqs * max_q
     if HOPPER_PREFILL and not few_rows and not padded and q.device.type == "cuda":
         from attn_ops.backends.triton import hopper_prefill_launch as hopper
+        paged = block_table is not None
         if hopper.available(q.device) and hopper.supports(
-                q.dtype, q.shape[2], bool(causal), block_table is not None, window_left,
-                softcap, sinks is not None, k_scale is not None, return_lse) is None:
+                q.dtype, q.shape[2], bool(causal), k.shape[1] if paged else 0, window_left,
+                softcap, sinks is not None, k_scale is not None, return_lse) is None and (
+                not paged or hopper.cache_reason(k, k) is None):
             return "hopper"
     return "unified" if use_unified_prefill(max_q, total_q, num_seqs, group) else "prefill"
 
@@ -276,15 +278,15 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                                  **kwargs)
         guarded = bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        given["max_seqlen_k"], given["scale"],
-                                       given.get("causal", True))
+                                       given.get("causal", True), given.get("block_table"))
 
         def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                   causal=True, *rest, **rest_kw):  # the route serves none of the extras
+                   causal=True, block_table=None, *rest, **rest_kw):  # no other extra served
             if eager is not None and not _capturing():
                 return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, causal, *rest, **rest_kw)
+                             scale, causal, block_table, *rest, **rest_kw)
             return guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           scale, causal)
+                           scale, causal, block_table)
         return hopper
     if route == "unified":
         from attn_ops.backends.triton.unified_launch import bind_prefill

@@ -32,6 +32,10 @@ P stays in registers as wgmma's A operand. Causal tiles past the diagonal are ne
 masks are applied only on tiles that need them (the diagonal and the sequence's last partial
 tile). K/V come from the packed ``[Tk, Hkv * D]`` rows through 2-D TMA descriptors, so a tile's
 tail can hold the next sequence's keys (or TMA's zero fill past Tk): their scores are ``-inf``.
+A paged cache (``PAGE`` > 0: ``[blocks, page, Hkv, D]`` read as ``[blocks * page, Hkv * D]``
+rows) fills a slot with ``BLOCK_N / PAGE_ROWS`` copies of page pieces into row slices of it
+(16-row multiples: whole 8-row swizzle atoms), their blocks read from the block table with one
+vector load per tile; a piece past the sequence's keys is a box wholly out of bounds, so zeros.
 Rows past ``cu_seqlens_q[-1]`` are zeroed by the items of the extra ``b = B`` column; a query
 row that sees no key gets zeros.
 
@@ -99,14 +103,35 @@ if GLUON:
         return g, seq, head, q_start, lq, m0, k_start, lk, n_iter
 
     @gluon.jit
+    def _page_rows(table_row, stride_tc, table_width, key0, lk, PAGE: gl.constexpr,
+                   PAGE_ROWS: gl.constexpr, PIECES: gl.constexpr):
+        """The cache rows (``block * PAGE + offset``) of the ``PIECES`` page pieces of
+        ``PAGE_ROWS`` keys from key ``key0`` on, one vector load of the block table (its row
+        ``table_row``); ``-PAGE_ROWS`` for a piece past the sequence's ``lk`` keys, whose table
+        entry may be anything: a box wholly out of bounds, which TMA fills with zeros."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        keys = key0 + gl.arange(0, PIECES, layout=layout) * PAGE_ROWS
+        blocks = gl.load(table_row + gl.minimum(keys // PAGE, table_width - 1) * stride_tc)
+        return gl.where(keys < lk, blocks * PAGE + keys % PAGE, -PAGE_ROWS)
+
+    @gluon.jit
+    def _piece(rows, p: gl.constexpr, PIECES: gl.constexpr):
+        """Element ``p`` of ``rows`` as a scalar (a warp reduction: TMA takes scalars)."""
+        idx = gl.arange(0, PIECES, layout=rows.type.layout)
+        return gl.sum(gl.where(idx == p, rows, 0), axis=0)
+
+    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready,
-                  v_ready, k_empty, v_empty, CU_Q, CU_K, stride_cq, stride_ck, num_seqs,
-                  num_heads, n_items, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr):
+                  v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq, stride_ck, stride_tb,
+                  stride_tc, table_width, num_seqs, num_heads, n_items, GROUP: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
+                  PAGE_ROWS: gl.constexpr):
         """One warp: per item, Q once both consumers released the previous item's Q, then K_j /
         V_j into ring slot ``(it + j) % STAGES`` when both consumers have released it (empty
-        barriers count two arrivals; a fresh barrier passes phase 1)."""
+        barriers count two arrivals; a fresh barrier passes phase 1). Paged K/V (``PAGE`` > 0):
+        a tile is ``BLOCK_N // PAGE_ROWS`` TMA copies, one per page piece, into row slices of the
+        slot (see :func:`_page_rows`)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position
         done = 0  # items loaded so far: the Q barriers' phase
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -125,15 +150,32 @@ if GLUON:
                 for i in range(n_iter):
                     st = (it + i) % STAGES
                     ph = ((it + i) // STAGES) & 1
-                    row = k_start + i * BLOCK_N
-                    mbarrier.wait(k_empty.index(st), ph ^ 1)
-                    mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [row, kv_col], k_ready.index(st),
-                                                    k_bufs.index(st))
-                    mbarrier.wait(v_empty.index(st), ph ^ 1)
-                    mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [row, kv_col], v_ready.index(st),
-                                                    v_bufs.index(st))
+                    if PAGE == 0:
+                        row = k_start + i * BLOCK_N
+                        mbarrier.wait(k_empty.index(st), ph ^ 1)
+                        mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(k_desc, [row, kv_col],
+                                                        k_ready.index(st), k_bufs.index(st))
+                        mbarrier.wait(v_empty.index(st), ph ^ 1)
+                        mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(v_desc, [row, kv_col],
+                                                        v_ready.index(st), v_bufs.index(st))
+                    else:
+                        PIECES: gl.constexpr = BLOCK_N // PAGE_ROWS
+                        rows = _page_rows(TABLE + seq * stride_tb, stride_tc, table_width,
+                                          i * BLOCK_N, lk, PAGE, PAGE_ROWS, PIECES)
+                        mbarrier.wait(k_empty.index(st), ph ^ 1)
+                        mbarrier.expect(k_ready.index(st), PIECES * k_desc.block_type.nbytes)
+                        for p in gl.static_range(PIECES):
+                            tma.async_copy_global_to_shared(
+                                k_desc, [_piece(rows, p, PIECES), kv_col], k_ready.index(st),
+                                k_bufs.index(st).slice(p * PAGE_ROWS, PAGE_ROWS))
+                        mbarrier.wait(v_empty.index(st), ph ^ 1)
+                        mbarrier.expect(v_ready.index(st), PIECES * v_desc.block_type.nbytes)
+                        for p in gl.static_range(PIECES):
+                            tma.async_copy_global_to_shared(
+                                v_desc, [_piece(rows, p, PIECES), kv_col], v_ready.index(st),
+                                v_bufs.index(st).slice(p * PAGE_ROWS, PAGE_ROWS))
                 it += n_iter
                 done += 1
 
@@ -277,18 +319,21 @@ if GLUON:
                                HEAD_DIM, 4)
 
     @gluon.jit
-    def hopper_prefill_kernel(q_desc, k_desc, v_desc, O, CU_Q, CU_K, FLAGS,
-                              stride_ot, stride_oh, stride_cq, stride_ck, total_q, num_seqs,
-                              num_heads, tiles, qk_scale,
+    def hopper_prefill_kernel(q_desc, k_desc, v_desc, O, CU_Q, CU_K, FLAGS, TABLE,
+                              stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
+                              table_width, total_q, num_seqs, num_heads, tiles, qk_scale,
                               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                              STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
+                              PAGE_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              PRODUCER_REGS: gl.constexpr):
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (B + 1) * H``
         (module docstring); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
         head h, with ``t`` counted from the sequence's last tile. ``qk_scale`` = scale *
         log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, zeros, raised where an output row is
-        not finite."""
+        not finite. ``TABLE``: the block table ``[B, table_width]`` int32 when ``PAGE`` > 0
+        (else unused); ``PAGE_ROWS`` = min(PAGE, BLOCK_N), the rows of the K/V descriptors'
+        blocks."""
         n_items = tiles * (num_seqs + 1) * num_heads
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -318,7 +363,8 @@ if GLUON:
                          stride_ck, total_q, num_seqs, num_heads, n_items, tiles, qk_scale, 1,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
-                         k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, stride_cq, stride_ck,
-                         num_seqs, num_heads, n_items, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                         CAUSAL)),
+                         k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
+                         stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
+                         n_items, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, PAGE,
+                         PAGE_ROWS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

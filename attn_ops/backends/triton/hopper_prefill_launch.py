@@ -1,5 +1,6 @@
 """Host side of the Gluon Hopper prefill (hopper_prefill_kernel.py): what it serves, where it
-runs, and the launch (TMA descriptors over the packed rows, the grid from static bounds).
+runs, and the launch (TMA descriptors over the packed rows or the cache's pages, the grid from
+static bounds).
 
 Public surface: :func:`available`, :func:`supports`, :func:`prefill`, :func:`prefill_guarded`
 (the contract's entry point: this kernel, then the FA2-style kernel's fixup launch, :func:`fixup`)
@@ -50,32 +51,55 @@ def _is_sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0) and torch.version.hip is None
 
 
-def supports(q_dtype, head_dim: int, causal: bool = True, paged: bool = False,
+def supports(q_dtype, head_dim: int, causal: bool = True, page_size: int = 0,
              window_left: int = -1, softcap: float = 0.0, sinks: bool = False,
              fp8: bool = False, return_lse: bool = False) -> str | None:
-    """None when this kernel can serve the call, else the reason (static facts only)."""
+    """None when this kernel can serve the call, else the reason (static facts only).
+    ``page_size``: the paged cache's (0: dense K/V); see :func:`cache_reason` for its layout."""
     import torch
     if q_dtype not in (torch.float16, torch.bfloat16):
         return f"hopper prefill: q dtype {q_dtype} (serves float16 / bfloat16)"
     if head_dim not in _CONFIGS:
         return f"hopper prefill: head_dim {head_dim} (serves {sorted(_CONFIGS)})"
-    for flag, what in ((paged, "a paged KV cache (block_table)"),
-                       (window_left >= 0, "a sliding window"), (softcap > 0, "softcap"),
+    block_n = _CONFIGS[head_dim][0]
+    if page_size and (page_size % 16 or (block_n % page_size and page_size % block_n)):
+        # A tile's keys are TMA copies of whole page pieces into row slices of its slot: 16-row
+        # pieces keep the slices on the shared layout's 8-row swizzle atoms.
+        return (f"hopper prefill: page size {page_size} (serves multiples of 16 that divide "
+                f"{block_n} or that {block_n} divides)")
+    for flag, what in ((window_left >= 0, "a sliding window"), (softcap > 0, "softcap"),
                        (sinks, "sinks"), (fp8, "fp8 caches"), (return_lse, "the LSE output")):
         if flag:
             return f"hopper prefill: {what} is not supported"
     return None
 
 
+def cache_reason(k, v) -> str | None:
+    """None when the paged caches ``[blocks, page, Hkv, D]`` are rows TMA can read (each page's
+    tokens ``[page, Hkv * D]`` packed, pages one after another, 16-byte rows, fewer than 2^31
+    rows), else the reason. Strides only: a call signature fixes the answer."""
+    for name, x in (("k_cache", k), ("v_cache", v)):
+        blocks, page, heads, d = x.shape
+        if (x.stride(3) != 1 or x.stride(2) != d or x.stride(1) != heads * d
+                or (blocks > 1 and x.stride(0) != page * x.stride(1))):
+            return (f"hopper prefill: {name} strides {tuple(x.stride())} (serves pages of packed "
+                    f"[page, Hkv * D] rows, one after another)")
+        if (x.stride(1) * x.element_size()) % 16 or blocks * page >= 2 ** 31:
+            return f"hopper prefill: {name} rows are not 16-byte aligned, or 2^31 or more"
+    return None
+
+
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-            scale: float, causal: bool = True, out=None, flags=None):
-    """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv ==
-    0``), cu_seqlens ``[B + 1]`` int32 on q's device. Returns ``[Tq, H, D]`` in q's dtype (or
-    fills ``out``, contiguous ``[Tq, H, D]``). Causal masks are bottom-right aligned; a row that
-    sees no key, and every row past ``cu_seqlens_q[-1]``, is zero. No host sync: the items come
-    from ``max_seqlen_q`` and B, the persistent grid is one program per SM (at most).
-    ``flags``: int32 ``[cdiv(max_seqlen_q, 128), B + 1, H, 2]`` (see :func:`flags_shape`),
-    zeros: raised to 1 where a half tile's output is not finite (allocated here when None).
+            scale: float, causal: bool = True, block_table=None, out=None, flags=None):
+    """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
+    ``block_table`` int32 ``[B, W]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv == 0``; pages
+    as :func:`supports` and :func:`cache_reason` say), cu_seqlens ``[B + 1]`` int32 on q's
+    device. Returns ``[Tq, H, D]`` in q's dtype (or fills ``out``, contiguous ``[Tq, H, D]``).
+    Causal masks are bottom-right aligned; a row that sees no key, and every row past
+    ``cu_seqlens_q[-1]``, is zero. No host sync: the items come from ``max_seqlen_q`` and B, the
+    persistent grid is one program per SM (at most). ``flags``: int32 ``[cdiv(max_seqlen_q,
+    128), B + 1, H, 2]`` (see :func:`flags_shape`), zeros: raised to 1 where a half tile's
+    output is not finite (allocated here when None).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
@@ -83,19 +107,24 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.shape[0] == 0:
-        return out
-    if k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
-        return out.zero_()  # no key anywhere (static shapes say so)
+    if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
+        return out if q.shape[0] == 0 else out.zero_()  # no key anywhere (static shapes)
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 scale, causal, out.stride())
+                                                 scale, causal, out.stride(), block_table)
     if flags is None:
         flags = torch.zeros(shape, dtype=torch.int32, device=q.device)
     descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
              for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1]))]
-    hopper_prefill_kernel[grid](*descs, out, cu_seqlens_q, cu_seqlens_k, flags, *scalars,
+    table = block_table if block_table is not None else cu_seqlens_k  # dense: unused
+    hopper_prefill_kernel[grid](*descs, out, cu_seqlens_q, cu_seqlens_k, flags, table, *scalars,
                                 **consts)
     return out
+
+
+def _nothing_to_launch(q, k, cu_seqlens_q, block_table) -> bool:
+    """Static shapes hold no query row, no sequence or no key."""
+    return (q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1
+            or (block_table is not None and block_table.numel() == 0))
 
 
 def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, int, int, int]:
@@ -105,8 +134,8 @@ def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, 
 
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
-          out_strides) -> tuple:
-    """(grid, the scalars after the 7 pointers, constexprs and options, the flags' shape,
+          out_strides, block_table=None) -> tuple:
+    """(grid, the scalars after the 8 pointers, constexprs and options, the flags' shape,
     ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch, from
     static facts only."""
     import torch
@@ -117,15 +146,21 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
     block_n, stages = _CONFIGS[head_dim]
     shape = flags_shape(max_seqlen_q, num_seqs, num_heads)
     grid = (min(shape[0] * shape[1] * shape[2], device_sm_count(q.device)),)  # items, SMs
+    if block_table is None:
+        page, kv_rows, num_kv_heads, table_strides = 0, block_n, k.shape[1], (0, 0, 1)
+    else:
+        page, num_kv_heads = k.shape[1], k.shape[2]
+        kv_rows = min(page, block_n)
+        table_strides = (*block_table.stride(), block_table.shape[1])
     scalars = (out_strides[0], out_strides[1], cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
-               total_q, num_seqs, num_heads, shape[0], float(scale) * LOG2E)
-    consts = dict(GROUP=num_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
-                  BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal),
-                  CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
-                  maxnreg=MAXNREG)
+               *table_strides, total_q, num_seqs, num_heads, shape[0], float(scale) * LOG2E)
+    consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
+                  BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), PAGE=page,
+                  PAGE_ROWS=kv_rows, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+                  num_warps=4, maxnreg=MAXNREG)
     fp16 = q.dtype == torch.float16
     blocks = ((BLOCK_M, _layout(BLOCK_M, head_dim, fp16)),
-              (block_n, _layout(block_n, head_dim, fp16)))
+              (kv_rows, _layout(kv_rows, head_dim, fp16)))
     return grid, scalars, consts, shape, blocks
 
 
@@ -137,12 +172,20 @@ def _layout(rows: int, head_dim: int, fp16: bool):
 
 
 def _rows(x) -> tuple:
-    """``x`` ``[T, heads, D]`` as TMA reads it: (base tensor, ``[T, heads * D]``, its strides),
-    a contiguous copy unless :func:`_packed` and its base is 16-byte aligned."""
-    t, h, d = x.shape
-    if not _packed(x) or x.data_ptr() % 16:
+    """``x`` ``[T, heads, D]`` (or a paged cache ``[blocks, page, heads, D]`` that
+    :func:`cache_reason` accepts) as TMA reads it: (base tensor, *:func:`_row_matrix`);
+    ``[T, heads, D]`` is copied unless :func:`_packed` with a 16-byte aligned base."""
+    if x.dim() == 3 and (not _packed(x) or x.data_ptr() % 16):
         x = x.contiguous()
-    return x, [t, h * d], [x.stride(0), 1]
+    return (x, *_row_matrix(x))
+
+
+def _row_matrix(x) -> tuple[list, list]:
+    """The shape and strides of ``x`` as the row matrix TMA reads: ``[T, heads * D]``, or
+    ``[blocks * page, heads * D]`` for a paged cache."""
+    if x.dim() == 4:
+        return [x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]], [x.stride(1), 1]
+    return [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1]
 
 
 def _packed(x) -> bool:
@@ -156,25 +199,28 @@ def _packed(x) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
-          out, flags, rows: int = BLOCK_M, config=None) -> None:
+          out, flags, rows: int = BLOCK_M, config=None, block_table=None) -> None:
     """Rewrite, with the isolating FA2-style kernel (prefill_kernel.py, ``FIXUP`` mode), only
     the half tiles ``flags`` names; write nothing else. ``flags`` int32 ``[tiles, B + 1, H, 2]``
     (contiguous; see :func:`flags_shape`, with ``2 * rows``-row tiles counted from a sequence's
-    last); ``out`` contiguous ``[Tq, H, D]`` holds the flagging kernel's result. Dense K/V, no
-    window. A fixed grid of about two programs per SM reads the flags (one vector load each);
-    with none set the launch writes nothing."""
+    last); ``out`` contiguous ``[Tq, H, D]`` holds the flagging kernel's result. No window. A
+    fixed grid of about two programs per SM reads the flags (one vector load each); with none
+    set the launch writes nothing."""
     from attn_ops.backends.triton.launch import launch
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     grid, consts, scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                              scale, causal, flags.shape[0], rows, config)
-    # Dense: cu_seqlens_k stands in for the block table; q for the lse, sinks and FP8 scales.
-    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k, q, q,
-           q, q, flags, *scalars, **consts)
+                                              scale, causal, flags.shape[0], rows, config,
+                                              block_table)
+    # q stands in for the lse, sinks and FP8 scales; dense, cu_seqlens_k for the block table.
+    table = block_table if block_table is not None else cu_seqlens_k
+    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q,
+           flags, *scalars, **consts)
 
 
 def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
-                      causal: bool, tiles: int, rows: int = BLOCK_M, config=None) -> tuple:
-    """(grid, constexprs and options, the arguments after the 11 pointers) of :func:`fixup`'s
+                      causal: bool, tiles: int, rows: int = BLOCK_M, config=None,
+                      block_table=None) -> tuple:
+    """(grid, constexprs and options, the arguments after the 12 pointers) of :func:`fixup`'s
     launch; the output is contiguous."""
     import torch
     import triton
@@ -188,7 +234,7 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
                   else Config(rows, 64 if q.shape[2] <= 128 else 32, 4, 2))
     out_strides = torch.empty(q.shape, device="meta").stride()
     _, consts, scalars = launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale,
-                                     causal, None, -1, 0.0, out_strides,
+                                     causal, block_table, -1, 0.0, out_strides,
                                      extras(q, k, None, None, None, False), config)
     num_heads = q.shape[1]
     programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
@@ -197,79 +243,89 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
 
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                    scale: float, causal: bool = True, out=None):
+                    scale: float, causal: bool = True, block_table=None, out=None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. A memset and two launches, the same every call
     (no host sync, CUDA-graph safe): this kernel, which flags every half tile whose output is
     not finite (a leak shows there, see the kernel's docstring), then :func:`fixup`, which
     rewrites the flagged halves with the isolating FA2-style kernel and otherwise returns after
-    one load per program. Same arguments and result as :func:`prefill`."""
+    one load per program. Same arguments and result as :func:`prefill`. A paged cache TMA
+    cannot read (see :func:`cache_reason`, or a base not 16-byte aligned) is served by the
+    FA2-style kernel alone."""
     import torch
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
+    if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
         return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                       causal, out)  # nothing to launch
+                       causal, block_table, out)  # the host-side result
+    if block_table is not None and ((k.data_ptr() | v.data_ptr()) % 16 or cache_reason(k, v)):
+        from attn_ops.backends.triton import prefill_kernel
+        return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, scale, causal, block_table, out=out)
     shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1])
     flags = torch.zeros(shape, dtype=torch.int32, device=q.device)  # one memset
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-            out, flags)
-    fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags)
+            block_table, out, flags)
+    fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags,
+          block_table=block_table)
     return out
 
 
 def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                         max_seqlen_k: int, scale: float, causal: bool = True):
+                         max_seqlen_k: int, scale: float, causal: bool = True,
+                         block_table=None):
     """:func:`prefill_guarded` for the call signature of these arguments (shapes, strides,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
     directly once the first call has compiled them). A call allocates the output and the flags,
     wraps q/k/v in descriptors whose fields are set directly (fixed by the signature but for
     the base) and calls the two launchers; Triton's launcher encodes each descriptor
-    (``cuTensorMapEncodeTiled``). Gluon's ``JITFunction.run`` with three descriptors cost
-    86-145 us per launch on H200 hosts, the unbound fixup wrapper 31-53 us.
+    (``cuTensorMapEncodeTiled``). H200 host, 2 x 256 prompts: 36 us per call against 133
+    for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three descriptors alone cost
+    86-145 us per launch on two hosts).
 
     Calls the signature cannot serve directly (traced, tensor subclasses, q/k/v whose heads are
-    not packed or whose base is not 16-byte aligned: TMA needs a copy) take
-    :func:`prefill_guarded`."""
+    not packed or whose base is not 16-byte aligned) take :func:`prefill_guarded`."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from attn_ops.backends.triton.launch import prepare, stats
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
-    if (q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1
-            or not (_packed(q) and _packed(k) and _packed(v))):
+    paged = block_table is not None
+    if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not _packed(q)
+            or not (cache_reason(k, v) is None if paged else _packed(k) and _packed(v))):
         return prefill_guarded
     out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 scale, causal, out_strides)
+                                                 scale, causal, out_strides, block_table)
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (
-        _descriptor_maker(TensorDescriptor, [x.shape[0], x.shape[1] * x.shape[2]],
-                          [x.stride(0), 1], [rows, x.shape[2]], layout)
+        _descriptor_maker(TensorDescriptor, *_row_matrix(x), [rows, q.shape[2]], layout)
         for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1])))
-    # Alignment checked per call: cu_seqlens (positions 4, 5); out and flags are fresh
-    # allocations, the descriptors' bases are checked below.
-    gluon = prepare(hopper_prefill_kernel, grid, consts, (4, 5), scalars)
+    # Alignment checked per call: cu_seqlens and the table (positions 4, 5, 7); out and flags
+    # are fresh allocations, the descriptors' bases are checked below.
+    gluon = prepare(hopper_prefill_kernel, grid, consts, (4, 5, 7), scalars)
     f_grid, f_consts, f_scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                    max_seqlen_q, scale, causal, shape[0])
-    fix = prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5), f_scalars)
+                                                    max_seqlen_q, scale, causal, shape[0],
+                                                    block_table=block_table)
+    fix = prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5, 6), f_scalars)
     empty, empty_like, zeros = torch.empty, torch.empty_like, torch.zeros
     out_shape, dtype, device, i32 = q.shape, q.dtype, q.device, torch.int32
     like_q = q.stride() == out_strides
     tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
 
     def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            causal=True):
+            causal=True, block_table=None):
         if type(q) is not tensor or depth() or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, scale, causal)
+                                   max_seqlen_k, scale, causal, block_table)
         stats["bound"] += 1
         out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
         flags = zeros(shape, dtype=i32, device=device)  # one memset
-        gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags))
-        fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k, q, q, q, q, flags))
+        table = block_table if paged else cu_seqlens_k
+        gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table))
+        fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q, flags))
         return out
     return run
 

@@ -67,9 +67,10 @@ def test_prefill_kernel_choice_is_static():
 
 
 def _route(q_shape=(4 * 512, 32, 128), k_heads=8, seqs=4, max_q=512, dtype=torch.bfloat16,
-           **kwargs):
+           k=None, **kwargs):
     q = torch.empty(q_shape, dtype=dtype, device="meta")
-    k = torch.empty(q_shape[0], k_heads, q_shape[2], dtype=dtype, device="meta")
+    if k is None:
+        k = torch.empty(q_shape[0], k_heads, q_shape[2], dtype=dtype, device="meta")
     cu = torch.empty(seqs + 1, dtype=torch.int32, device="meta")
     return tb.prefill_route(q, k, cu, max_q, **kwargs)
 
@@ -87,9 +88,17 @@ def test_prefill_route_takes_the_hopper_kernel_where_it_serves(monkeypatch):
     assert _route(q_shape=(1600, 32, 128), seqs=4, max_q=500) == "hopper"  # 80% full
     assert _route(dtype=torch.float32) == "unified"  # what the Gluon kernel refuses
     assert _route(q_shape=(2048, 32, 96)) == "unified"
-    for kwargs in (dict(block_table=torch.empty(4, 8, device="meta")), dict(window_left=8),
-                   dict(softcap=30.0), dict(sinks=torch.empty(32, device="meta")),
-                   dict(return_lse=True)):
+    table = torch.empty(4, 40, dtype=torch.int32, device="meta")
+    for page in (16, 64, 128, 256):  # a paged prefix: pages TMA copies whole into its tiles
+        cache = torch.empty(200, page, 8, 128, dtype=torch.bfloat16, device="meta")
+        assert _route(k=cache, block_table=table) == "hopper", page
+    pair = torch.empty(200, 2, 16, 8, 128, dtype=torch.bfloat16, device="meta")
+    for cache in (torch.empty(200, 8, 8, 128, dtype=torch.bfloat16, device="meta"),  # 8-row pages
+                  torch.empty(200, 48, 8, 128, dtype=torch.bfloat16, device="meta"),
+                  pair[:, 0]):  # K and V pages interleaved: not one row matrix
+        assert _route(k=cache, block_table=table) != "hopper", cache.shape
+    for kwargs in (dict(window_left=8), dict(softcap=30.0),
+                   dict(sinks=torch.empty(32, device="meta")), dict(return_lse=True)):
         assert _route(**kwargs) != "hopper", kwargs
     monkeypatch.setattr(tb, "HOPPER_PREFILL", False)
     assert _route() == "unified"
@@ -265,7 +274,7 @@ def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch):
     monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)  # this tiny call counts as large
     run = tb._bind_prefill(*args)
     assert run(*args) is q and run(*args) is q
-    assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True)] * 2
+    assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True, None)] * 2
 
 
 @pytest.mark.parametrize("capturing", [False, True])

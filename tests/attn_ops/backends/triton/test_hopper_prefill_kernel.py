@@ -7,17 +7,20 @@ import torch
 
 from attn_ops.backends import reference
 from attn_ops.backends.triton import hopper_prefill_launch as hp
-from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 
-def test_supports_serves_the_plain_call():
+def test_supports_serves_the_plain_call_and_a_paged_prefix():
     assert hp.supports(torch.bfloat16, 128) is None
     assert hp.supports(torch.float16, 64, causal=False) is None
+    for page in (16, 32, 64, 128, 256, 1024):
+        assert hp.supports(torch.bfloat16, 128, page_size=page) is None, page
 
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(q_dtype=torch.float32), "dtype"), (dict(head_dim=96), "head_dim"),
-    (dict(head_dim=256), "head_dim"), (dict(paged=True), "paged"),
+    (dict(head_dim=256), "head_dim"), (dict(page_size=8), "page size"),
+    (dict(page_size=48), "page size"),
     (dict(window_left=0), "window"), (dict(softcap=30.0), "softcap"),
     (dict(sinks=True), "sinks"), (dict(fp8=True), "fp8"), (dict(return_lse=True), "LSE")])
 def test_supports_refuses_with_a_reason(kwargs, word):
@@ -160,3 +163,43 @@ def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
                     want[g, seq, :, half] = bad[lo:hi].any(0).int()
     assert torch.equal(flags, want)
     assert int(flags.sum()) > 0, "the leak must be flagged"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("page", [16, 64, 256])
+def test_paged_prefix(page, causal, entry):
+    """Queries over a paged cache holding a prefix (more keys than queries: bottom-right causal),
+    odd lengths, an empty sequence, GQA, blocks in random order, garbage table entries past each
+    sequence's pages. Through the guarded entries, NaN in the unused rows of each sequence's
+    last page: those rows are masked, so only the guard (flags + fixup) keeps their ``0 * NaN``
+    out. The kernel alone, on finite caches: exact, and no flag raised."""
+    _gpu_only()
+    torch.manual_seed(0)
+    dev, h, hkv, d, dtype = "cuda", 16, 4, 128, torch.bfloat16
+    lens_q, lens_k = [13, 0, 300, 128], [213, 37, 817, 128]
+    paged = random_paged(lens_k, hkv, d, page, dtype, dev)
+    for b, n in enumerate(lens_k):
+        if n % page and entry != "prefill":
+            last = int(paged.block_table[b, n // page])
+            paged.k_cache[last, n % page:] = float("nan")
+            paged.v_cache[last, n % page:] = float("nan")
+    q = torch.randn(sum(lens_q) + 5, h, d, device=dev).to(dtype)
+    cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
+    args = (q, paged.k_cache, paged.v_cache, cq, ck, max(lens_q), max(lens_k), d ** -0.5,
+            causal, paged.block_table)
+    expected = reference.prefill(*args)
+    assert not torch.isnan(expected).any()
+    if entry == "bound":
+        run = hp.bind_prefill_guarded(*args)
+        run(*args)
+        got = run(*args)
+    elif entry == "prefill":
+        flags = torch.zeros(hp.flags_shape(max(lens_q), len(lens_q), h), dtype=torch.int32,
+                            device=dev)
+        got = hp.prefill(*args, out=torch.full_like(q, float("nan")), flags=flags)
+        assert int(flags.sum()) == 0, "finite caches must raise no flag"
+    else:
+        got = hp.prefill_guarded(*args, out=torch.full_like(q, float("nan")))
+    assert_close(got, expected, *TOLERANCES[dtype])

@@ -9,17 +9,22 @@ import torch
 pytest.importorskip("triton")
 from attn_ops.backends.triton import hopper_prefill_launch as hp  # noqa: E402
 from attn_ops.backends.triton import launch as launch_mod  # noqa: E402
-from tests.support.helpers import cu_seqlens  # noqa: E402
+from tests.support.helpers import cu_seqlens, random_paged  # noqa: E402
 
 if not hp.GLUON:
     pytest.skip("Gluon's Hopper API is not importable", allow_module_level=True)
 
 
-def _inputs(dtype=torch.bfloat16, lens=(13, 0, 123), h=8, hkv=2, d=128, extra_rows=3):
+def _inputs(dtype=torch.bfloat16, lens=(13, 0, 123), h=8, hkv=2, d=128, extra_rows=3, page=0):
     q = torch.randn(sum(lens) + extra_rows, h, d).to(dtype)
+    cu = cu_seqlens(list(lens))
+    if page:  # a prefix of 50 keys per sequence in a paged cache
+        lens_k = [n + 50 for n in lens]
+        paged = random_paged(lens_k, hkv, d, page, dtype)
+        return (q, paged.k_cache, paged.v_cache, cu, cu_seqlens(lens_k), max(lens), max(lens_k),
+                d ** -0.5, True, paged.block_table)
     k = torch.randn(sum(lens), hkv, d).to(dtype)
     v = torch.randn(sum(lens), hkv, d).to(dtype)
-    cu = cu_seqlens(list(lens))
     return (q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, True)
 
 
@@ -73,10 +78,11 @@ def _flags_free(calls):
             for n, g, args, c in calls]
 
 
-@pytest.mark.parametrize("dtype, d", [(torch.bfloat16, 128), (torch.float16, 64)])
-def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d):
+@pytest.mark.parametrize("dtype, d, page", [(torch.bfloat16, 128, 0), (torch.float16, 64, 0),
+                                           (torch.bfloat16, 128, 16), (torch.float16, 64, 256)])
+def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d, page):
     rec = _Recorder(monkeypatch)
-    args = _inputs(dtype, d=d)
+    args = _inputs(dtype, d=d, page=page)
     hp.prefill_guarded(*args)
     unbound = rec.calls[:]
     rec.calls.clear()
@@ -90,9 +96,17 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
         for _, _, a, _ in calls:
             a[3] = ("out",) + a[3][2:]
     assert _flags_free(bound) == _flags_free(unbound)
-    gluon = bound[0][2]
+    gluon, consts = bound[0][2], bound[0][3]
     assert gluon[0][1] == args[0].data_ptr() and gluon[0][2] == [args[0].shape[0], 8 * d]
     assert gluon[1][1] == args[1].data_ptr() and gluon[2][1] == args[2].data_ptr()
+    if page:  # the caches as [blocks * page, Hkv * D] rows, blocks of page pieces; the table
+        blocks = args[1].shape[0]
+        assert gluon[1][2:5] == ([blocks * page, 2 * d], [2 * d, 1], [min(page, 128), d])
+        assert consts["PAGE"] == page and consts["PAGE_ROWS"] == min(page, 128)
+        assert gluon[7][1] == args[9].data_ptr()
+        assert bound[1][2][6][1] == args[9].data_ptr(), "the fixup reads the block table"
+    else:
+        assert consts["PAGE"] == 0
 
 
 def test_each_call_describes_its_own_tensors(monkeypatch):
@@ -126,3 +140,20 @@ def test_calls_it_cannot_serve_directly_take_the_unbound_entry(monkeypatch):
     # Nothing to launch: the unbound entry's host-side result.
     empty = (q[:0],) + args[1:]
     assert hp.bind_prefill_guarded(*empty) is hp.prefill_guarded
+
+
+def test_a_paged_cache_tma_cannot_read_takes_the_fa2_style_kernel(monkeypatch):
+    """K and V pages interleaved in one buffer (a page of K, then one of V) are not one row
+    matrix: the bound entry is not built, and the guarded entry hands the call to the
+    isolating FA2-style kernel whole."""
+    rec = _Recorder(monkeypatch)
+    from attn_ops.backends.triton import prefill_kernel
+    taken = []
+    monkeypatch.setattr(prefill_kernel, "prefill", lambda *a, **kw: taken.append(a) or kw["out"])
+    q, k, v, cq, ck, mq, mk, scale, causal, table = _inputs(page=16)
+    pair = torch.stack((k, v), dim=1)  # [blocks, 2, page, Hkv, D]
+    args = (q, pair[:, 0], pair[:, 1], cq, ck, mq, mk, scale, causal, table)
+    assert "strides" in hp.cache_reason(pair[:, 0], pair[:, 1])
+    assert hp.bind_prefill_guarded(*args) is hp.prefill_guarded
+    hp.prefill_guarded(*args)
+    assert len(taken) == 1 and not rec.calls
