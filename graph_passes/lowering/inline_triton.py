@@ -103,7 +103,7 @@ class InlineTritonPass(AttentionPass):
             return f"backend {module.name!r} serves it under choice {self.choice!r}"
         if op == "prefill" and module.prefill_route(
                 q, k, meta_val(args[3]), _const(args[5], 0), config.causal, block_table,
-                config.window_left, config.softcap) == "hopper":
+                config.window_left, config.softcap) in ("hopper", "split"):
             return "the Triton backend serves it on its Gluon Hopper kernel (not inlinable)"
         return None
 

@@ -115,26 +115,47 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
                   return_lse=False) -> str:
     """Which kernel serves a prefill, from host-known metadata only (no sync; CUDA-graph safe):
     "unified" (few rows per sequence, or a batch far shorter than ``B * max_seqlen_q``),
-    "hopper" (the guarded Gluon kernel, where it serves the call), else "prefill" (FA2-style).
-    Also read by the compiled path (graph_passes/lowering), which leaves "hopper" calls to the
-    op: Inductor cannot launch a Gluon kernel inline."""
+    "hopper" (the guarded Gluon kernel, where it serves the call), "split" (where it serves a
+    batch far shorter than ``B * max_seqlen_q``: the unified kernel's small path takes the
+    sequences of at most ``_SPLIT_ROWS`` packed rows, the Gluon kernel the others), else
+    "prefill" (FA2-style). Also read by the compiled path (graph_passes/lowering), which leaves
+    "hopper" and "split" calls to the op: Inductor cannot launch a Gluon kernel inline."""
     num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
     max_q, total_q, num_seqs = int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1
     group = q.shape[1] // max(num_kv_heads, 1)
     few_rows = max_q * group <= _UNIFIED_MAX_ROWS
-    # Hopper tiles are per sequence, so a batch of mixed lengths leaves programs idle: H200,
-    # 96 prompts of U(1, 400) tokens (half of B * max_seqlen_q): unified 116.9 TFLOP/s, the
-    # guarded Hopper route 98.2. Uniform prompts (full batches) take it.
+    # A batch far shorter than B * max_seqlen_q holds short sequences (decode or speculative
+    # rows beside chunks; prompts of mixed lengths): the Gluon kernel's tiles are per sequence
+    # and head, so it leaves those few-row sequences to the unified kernel's GQA-packed small
+    # path (the split route).
     padded = 4 * total_q < 3 * num_seqs * max_q
-    if HOPPER_PREFILL and not few_rows and not padded and q.device.type == "cuda":
+    if HOPPER_PREFILL and not few_rows and q.device.type == "cuda":
         from attn_ops.backends.triton import hopper_prefill_launch as hopper
         paged = block_table is not None
         if hopper.available(q.device) and hopper.supports(
                 q.dtype, q.shape[2], bool(causal), k.shape[1] if paged else 0, window_left,
                 softcap, sinks is not None, k_scale is not None, return_lse) is None and (
                 not paged or hopper.cache_reason(k, k) is None):
-            return "hopper"
+            return "split" if padded else "hopper"
     return "unified" if use_unified_prefill(max_q, total_q, num_seqs, group) else "prefill"
+
+
+# The split route's share of the unified kernel: sequences of at most 16 packed rows (4 queries at
+# G = 4: decode and speculative rows), one small-path tile each, the tile the few-query
+# measurements were made with (BENCHMARKS.md, "few queries": 1.02-1.04x the one-token decode).
+_SPLIT_ROWS = 16
+
+
+def _split_config(q):
+    """The unified kernel's small path alone, for ``_SPLIT_ROWS`` rows (unified_kernel.Config)."""
+    from attn_ops.backends.triton import unified_kernel
+    return unified_kernel.launch_config(_SPLIT_ROWS, q.shape[2], q.dtype)
+
+
+def _split_min_q(q, k, block_table) -> int:
+    """The most queries of a sequence the split route leaves to the unified kernel."""
+    num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
+    return _SPLIT_ROWS // (q.shape[1] // num_kv_heads)
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal=True,
@@ -144,10 +165,18 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
     serves the call's shapes (:func:`prefill_route`)."""
     route = prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal, block_table, window_left,
                           softcap, sinks, k_scale, return_lse)
-    if route == "hopper":
+    if route in ("hopper", "split"):
         from attn_ops.backends.triton import hopper_prefill_launch
+        out, min_q = None, 0
+        if route == "split":
+            from attn_ops.backends.triton import unified_kernel
+            out = unified_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, scale, causal, block_table,
+                                         config=_split_config(q))
+            min_q = _split_min_q(q, k, block_table)
         return hopper_prefill_launch.prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                     max_seqlen_q, max_seqlen_k, scale, causal)
+                                                     max_seqlen_q, max_seqlen_k, scale, causal,
+                                                     block_table, out, min_q)
     if route == "unified":
         from attn_ops.backends.triton import unified_kernel as kernel
     else:
@@ -261,32 +290,42 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                           given.get("block_table"), given.get("window_left", -1),
                           given.get("softcap", 0.0), given.get("sinks"), given.get("k_scale"),
                           given.get("return_lse", False))
-    if route == "hopper":  # decided and planned once per signature
+    if route in ("hopper", "split"):  # decided and planned once per signature
         from attn_ops.backends.triton.hopper_prefill_launch import bind_prefill_guarded
+        from attn_ops.backends.triton.unified_launch import bind_prefill as bind_unified
+        table = given.get("block_table")
         # Half the causal FLOPs of a full batch (4 * Tq * Sk / 2 * H * D); see
         # _HOPPER_EAGER_MIN_WORK.
         work = q.shape[0] * int(given.get("max_seqlen_k", max_seqlen_q)) * q.shape[1] * q.shape[2]
         eager = None
         if work < _HOPPER_EAGER_MIN_WORK:
-            group = q.shape[1] // k.shape[1]
+            group = q.shape[1] // (k.shape[2] if table is not None else k.shape[1])
             if use_unified_prefill(int(max_seqlen_q), q.shape[0], cu_seqlens_q.shape[0] - 1,
                                    group):
-                from attn_ops.backends.triton.unified_launch import bind_prefill
+                bind_other = bind_unified
             else:
-                from attn_ops.backends.triton.prefill_kernel import bind_prefill
-            eager = bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args,
-                                 **kwargs)
+                from attn_ops.backends.triton.prefill_kernel import bind_prefill as bind_other
+            eager = bind_other(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kwargs)
+        small, min_q = None, 0
+        if route == "split":
+            small = bind_unified(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args,
+                                 config=_split_config(q), **kwargs)
+            min_q = _split_min_q(q, k, table)
         guarded = bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        given["max_seqlen_k"], given["scale"],
-                                       given.get("causal", True), given.get("block_table"))
+                                       given.get("causal", True), table, min_q)
 
         def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                    causal=True, block_table=None, *rest, **rest_kw):  # no other extra served
             if eager is not None and not _capturing():
                 return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              scale, causal, block_table, *rest, **rest_kw)
+            out = None
+            if small is not None:  # the split route: the unified kernel's rows first
+                out = small(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            scale, causal, block_table, *rest, **rest_kw)
             return guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           scale, causal, block_table)
+                           scale, causal, block_table, out)
         return hopper
     if route == "unified":
         from attn_ops.backends.triton.unified_launch import bind_prefill

@@ -80,11 +80,13 @@ if GLUON:
         gl.store(ptrs, zeros, mask=mask)
 
     @gluon.jit
-    def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads,
+    def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q,
               TILE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
         """Item ``w``: (g, seq, head, q_start, lq, m0, k_start, lk, n_iter). ``n_iter`` is the
         count of K/V tiles to walk, 0 when there is nothing to compute: the padding column
-        (``seq == num_seqs``), a tile past the sequence's, or one that sees no key."""
+        (``seq == num_seqs``), a tile past the sequence's, or one that sees no key. A sequence
+        of at most ``min_q`` queries is another kernel's (see the launcher's split route): it
+        counts as empty here (``lq`` 0), so nothing of it is computed or zeroed."""
         per_g = (num_seqs + 1) * num_heads
         g = w // per_g
         seq = (w % per_g) // num_heads
@@ -92,7 +94,8 @@ if GLUON:
         real = seq < num_seqs
         s = gl.minimum(seq, num_seqs - 1)  # the padding column reads a real sequence's bounds
         q_start = gl.load(CU_Q + s * stride_cq)
-        lq = gl.where(real, gl.load(CU_Q + (s + 1) * stride_cq) - q_start, 0)
+        lq = gl.load(CU_Q + (s + 1) * stride_cq) - q_start
+        lq = gl.where(real & (lq > min_q), lq, 0)
         k_start = gl.load(CU_K + s * stride_ck)
         lk = gl.load(CU_K + (s + 1) * stride_ck) - k_start
         m0 = (gl.cdiv(lq, TILE) - 1 - g) * TILE
@@ -123,7 +126,8 @@ if GLUON:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready,
                   v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq, stride_ck, stride_tb,
-                  stride_tc, table_width, num_seqs, num_heads, n_items, GROUP: gl.constexpr,
+                  stride_tc, table_width, num_seqs, num_heads, n_items, min_q,
+                  GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                   PAGE_ROWS: gl.constexpr):
@@ -136,8 +140,8 @@ if GLUON:
         done = 0  # items loaded so far: the Q barriers' phase
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
-                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, 2 * BLOCK_M, BLOCK_N,
-                CAUSAL)
+                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q, 2 * BLOCK_M,
+                BLOCK_N, CAUSAL)
             if n_iter > 0:
                 q_row = q_start + m0
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
@@ -289,7 +293,7 @@ if GLUON:
     @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
                   FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
-                  num_seqs, num_heads, n_items, tiles, qk_scale, WG: gl.constexpr,
+                  num_seqs, num_heads, n_items, tiles, min_q, qk_scale, WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """One warpgroup over the program's items: :func:`_attend` for those with keys; the
@@ -299,7 +303,8 @@ if GLUON:
         done = 0
         for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
-                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, TILE, BLOCK_N, CAUSAL)
+                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q, TILE, BLOCK_N,
+                CAUSAL)
             if n_iter > 0:
                 flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
@@ -321,7 +326,8 @@ if GLUON:
     @gluon.jit
     def hopper_prefill_kernel(q_desc, k_desc, v_desc, O, CU_Q, CU_K, FLAGS, TABLE,
                               stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
-                              table_width, total_q, num_seqs, num_heads, tiles, qk_scale,
+                              table_width, total_q, num_seqs, num_heads, tiles, min_q,
+                              qk_scale,
                               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
@@ -333,7 +339,7 @@ if GLUON:
         log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, zeros, raised where an output row is
         not finite. ``TABLE``: the block table ``[B, table_width]`` int32 when ``PAGE`` > 0
         (else unused); ``PAGE_ROWS`` = min(PAGE, BLOCK_N), the rows of the K/V descriptors'
-        blocks."""
+        blocks. Sequences of at most ``min_q`` queries are left alone (0: none)."""
         n_items = tiles * (num_seqs + 1) * num_heads
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -356,15 +362,17 @@ if GLUON:
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                         stride_ck, total_q, num_seqs, num_heads, n_items, tiles, qk_scale, 0,
+                         stride_ck, total_q, num_seqs, num_heads, n_items, tiles, min_q,
+                         qk_scale, 0,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                         stride_ck, total_q, num_seqs, num_heads, n_items, tiles, qk_scale, 1,
+                         stride_ck, total_q, num_seqs, num_heads, n_items, tiles, min_q,
+                         qk_scale, 1,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                          k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                          stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
-                         n_items, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, PAGE,
+                         n_items, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, PAGE,
                          PAGE_ROWS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

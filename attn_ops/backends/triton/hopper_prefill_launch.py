@@ -90,7 +90,8 @@ def cache_reason(k, v) -> str | None:
 
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-            scale: float, causal: bool = True, block_table=None, out=None, flags=None):
+            scale: float, causal: bool = True, block_table=None, out=None, flags=None,
+            min_q: int = 0):
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` int32 ``[B, W]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv == 0``; pages
     as :func:`supports` and :func:`cache_reason` say), cu_seqlens ``[B + 1]`` int32 on q's
@@ -99,7 +100,8 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     ``cu_seqlens_q[-1]``, is zero. No host sync: the items come from ``max_seqlen_q`` and B, the
     persistent grid is one program per SM (at most). ``flags``: int32 ``[cdiv(max_seqlen_q,
     128), B + 1, H, 2]`` (see :func:`flags_shape`), zeros: raised to 1 where a half tile's
-    output is not finite (allocated here when None).
+    output is not finite (allocated here when None). ``min_q``: sequences of at most that many
+    queries are left alone, their rows unwritten (another kernel's: the split route).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
@@ -110,7 +112,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
         return out if q.shape[0] == 0 else out.zero_()  # no key anywhere (static shapes)
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 scale, causal, out.stride(), block_table)
+                                                 scale, causal, out.stride(), block_table, min_q)
     if flags is None:
         flags = torch.zeros(shape, dtype=torch.int32, device=q.device)
     descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
@@ -134,7 +136,7 @@ def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, 
 
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
-          out_strides, block_table=None) -> tuple:
+          out_strides, block_table=None, min_q: int = 0) -> tuple:
     """(grid, the scalars after the 8 pointers, constexprs and options, the flags' shape,
     ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch, from
     static facts only."""
@@ -153,7 +155,8 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
         kv_rows = min(page, block_n)
         table_strides = (*block_table.stride(), block_table.shape[1])
     scalars = (out_strides[0], out_strides[1], cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
-               *table_strides, total_q, num_seqs, num_heads, shape[0], float(scale) * LOG2E)
+               *table_strides, total_q, num_seqs, num_heads, shape[0], int(min_q),
+               float(scale) * LOG2E)
     consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), PAGE=page,
                   PAGE_ROWS=kv_rows, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
@@ -243,7 +246,8 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
 
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                    scale: float, causal: bool = True, block_table=None, out=None):
+                    scale: float, causal: bool = True, block_table=None, out=None,
+                    min_q: int = 0):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. A memset and two launches, the same every call
     (no host sync, CUDA-graph safe): this kernel, which flags every half tile whose output is
@@ -251,7 +255,7 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     rewrites the flagged halves with the isolating FA2-style kernel and otherwise returns after
     one load per program. Same arguments and result as :func:`prefill`. A paged cache TMA
     cannot read (see :func:`cache_reason`, or a base not 16-byte aligned) is served by the
-    FA2-style kernel alone."""
+    FA2-style kernel alone (all of it, ``min_q`` or not: the rows it rewrites are the same)."""
     import torch
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -265,7 +269,7 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1])
     flags = torch.zeros(shape, dtype=torch.int32, device=q.device)  # one memset
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-            block_table, out, flags)
+            block_table, out, flags, min_q)
     fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags,
           block_table=block_table)
     return out
@@ -273,7 +277,7 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
 
 def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, causal: bool = True,
-                         block_table=None):
+                         block_table=None, min_q: int = 0):
     """:func:`prefill_guarded` for the call signature of these arguments (shapes, strides,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
@@ -284,8 +288,10 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three descriptors alone cost
     86-145 us per launch on two hosts).
 
-    Calls the signature cannot serve directly (traced, tensor subclasses, q/k/v whose heads are
-    not packed or whose base is not 16-byte aligned) take :func:`prefill_guarded`."""
+    The function returned takes ``out`` (contiguous ``[Tq, H, D]``, written in place) as an
+    optional last argument: the split route passes the unified kernel's. Calls the signature
+    cannot serve directly (traced, tensor subclasses, q/k/v whose heads are not packed or whose
+    base is not 16-byte aligned) take :func:`prefill_guarded`."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -294,10 +300,10 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     paged = block_table is not None
     if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not _packed(q)
             or not (cache_reason(k, v) is None if paged else _packed(k) and _packed(v))):
-        return prefill_guarded
+        return functools.partial(prefill_guarded, min_q=min_q) if min_q else prefill_guarded
     out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 scale, causal, out_strides, block_table)
+                                                 scale, causal, out_strides, block_table, min_q)
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (
@@ -316,12 +322,13 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
 
     def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            causal=True, block_table=None):
+            causal=True, block_table=None, out=None):
         if type(q) is not tensor or depth() or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, scale, causal, block_table)
+                                   max_seqlen_k, scale, causal, block_table, out, min_q)
         stats["bound"] += 1
-        out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
+        if out is None:
+            out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
         flags = zeros(shape, dtype=i32, device=device)  # one memset
         table = block_table if paged else cu_seqlens_k
         gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table))

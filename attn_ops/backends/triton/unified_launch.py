@@ -73,11 +73,13 @@ def run(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capaci
 
 def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                  causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
-                 k_scale=None, v_scale=None, return_lse=False):
-    """unified_kernel.prefill (default tables, no overrides) for the call signature of these
+                 k_scale=None, v_scale=None, return_lse=False, *, config=None):
+    """unified_kernel.prefill (default tables, or ``config``) for the call signature of these
     arguments: plan and every non-pointer argument computed once (see
     decode_kernel.bind_decode); the function returned allocates the outputs, the split
-    partials, takes the semaphores of the current stream, and launches."""
+    partials, takes the semaphores of the current stream, and launches. A ``config`` with no
+    large path (``block_m`` 0) writes only the sequences its small path serves (the Triton
+    backend's split route)."""
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     paged = block_table is not None
@@ -91,7 +93,8 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's
     splits, grid, consts, scalars, merge_consts, merge_scalars, _ = launch_args(
         q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table, num_seqs, max_seqlen_q,
-        capacity, scale, False, causal, paged, window_left, softcap, None, None, out_strides, ex)
+        capacity, scale, False, causal, paged, window_left, softcap, config, None, out_strides,
+        ex)
     fused = consts["FUSED"]
     merge = splits > 1 and not fused
     has_sinks, fp8, with_lse = consts["HAS_SINKS"], consts["FP8"], consts["WITH_LSE"]
@@ -115,7 +118,7 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
             return uk.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               scale, causal, block_table, window_left, softcap, sinks, k_scale,
-                              v_scale, with_lse)
+                              v_scale, with_lse, config=config)
         stats["bound"] += 1
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q

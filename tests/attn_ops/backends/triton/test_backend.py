@@ -83,8 +83,9 @@ def test_prefill_route_takes_the_hopper_kernel_where_it_serves(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))
     assert _route() == "hopper"  # uniform 4 x 512 prompts
     assert _route(q_shape=(64, 32, 128), seqs=16, max_q=4) == "unified"  # few rows: packed
-    assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512) == "unified"  # skewed batch
-    assert _route(q_shape=(19200, 32, 128), seqs=96, max_q=400) == "unified"  # half full
+    # far shorter than B * max_seqlen_q: decode rows + chunks, prompts of mixed lengths
+    assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512) == "split"
+    assert _route(q_shape=(19200, 32, 128), seqs=96, max_q=400) == "split"
     assert _route(q_shape=(1600, 32, 128), seqs=4, max_q=500) == "hopper"  # 80% full
     assert _route(dtype=torch.float32) == "unified"  # what the Gluon kernel refuses
     assert _route(q_shape=(2048, 32, 96)) == "unified"
@@ -274,7 +275,7 @@ def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch):
     monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)  # this tiny call counts as large
     run = tb._bind_prefill(*args)
     assert run(*args) is q and run(*args) is q
-    assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True, None)] * 2
+    assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True, None, None)] * 2
 
 
 @pytest.mark.parametrize("capturing", [False, True])
@@ -298,3 +299,90 @@ def test_a_small_eager_call_on_the_hopper_route_takes_the_bound_kernel(monkeypat
         assert not calls
         assert_close(out, reference.prefill(q, k, v, cu, cu, 13, 13, 0.2, True),
                      *TOLERANCES[torch.float32])
+
+
+# --- the split route: the unified kernel's small path, then the Gluon kernel past min_q -------
+
+def _mixed_batch(dtype=torch.float32):
+    """Decode rows (1 query), speculative rows (4) and two chunks over a paged cache; G = 4."""
+    lens_q = [1, 4, 1, 9, 4, 13]
+    lens_k = [n + p for n, p in zip(lens_q, [20, 7, 33, 16, 0, 21])]
+    paged = random_paged(lens_k, 2, 32, 16, dtype)
+    q = torch.randn(sum(lens_q), 8, 32, dtype=dtype)
+    return (q, paged.k_cache, paged.v_cache, cu_seqlens(lens_q), cu_seqlens(lens_k),
+            max(lens_q), max(lens_k), 0.3, True, paged.block_table), lens_q
+
+
+def test_the_split_routes_small_path_writes_exactly_the_short_sequences():
+    from attn_ops.backends.triton import unified_kernel
+    from tests.support.helpers import poisoned
+    args, lens_q = _mixed_batch()
+    q = args[0]
+    out = poisoned(q.shape, q.dtype)
+    unified_kernel.prefill(*args, config=tb._split_config(q), out=out)
+    expected = reference.prefill(*args)
+    min_q = tb._split_min_q(q, args[1], args[9])
+    assert min_q == 4  # 16 packed rows at G = 4
+    starts = [0] + torch.tensor(lens_q).cumsum(0).tolist()
+    for b, n in enumerate(lens_q):
+        rows = slice(starts[b], starts[b + 1])
+        if n <= min_q:
+            assert_close(out[rows], expected[rows], *TOLERANCES[torch.float32])
+        else:
+            assert torch.isnan(out[rows]).all(), f"sequence {b} ({n} queries) is the other's"
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_the_split_route_hands_its_output_to_the_hopper_entry(monkeypatch, bound):
+    """Routed "split", a call runs the small path, then the guarded Gluon entry on the same
+    output with min_q (stand-in: the reference writes the sequences past min_q)."""
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    args, lens_q = _mixed_batch()
+    seen = []
+
+    def guarded(q, k, v, cq, ck, mq, mk, scale, causal, table, out, min_q):
+        seen.append(min_q)
+        full = reference.prefill(q, k, v, cq, ck, mq, mk, scale, causal, table)
+        for b in range(len(lens_q)):
+            lo, hi = int(cq[b]), int(cq[b + 1])
+            if hi - lo > min_q:
+                out[lo:hi] = full[lo:hi]
+        return out
+    monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "split")
+    monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)
+    if bound:
+        monkeypatch.setattr(hopper, "bind_prefill_guarded",
+                            lambda *s: lambda *a: guarded(*a[:10], a[10], s[10]))
+        full = args + (-1, 0.0, None, None, None, False)
+        got = tb._bind_prefill(*full)(*full)
+    else:
+        monkeypatch.setattr(hopper, "prefill_guarded", guarded)
+        got = tb.prefill(*args)
+    assert seen == [4]
+    assert_close(got, reference.prefill(*args), *TOLERANCES[torch.float32])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["op", "wrapper"])
+def test_a_mixed_batch_takes_the_split_route_on_sm90(path):
+    """Decode rows, speculative rows and two chunks over a paged prefix in one call: on an sm90
+    GPU the split route (unified small path + Gluon kernel), against the reference."""
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    if not hopper.available():
+        pytest.skip("needs an sm90 GPU and Gluon's Hopper API")
+    torch.manual_seed(1)
+    dev, dtype = "cuda", torch.bfloat16
+    lens_q = [1] * 5 + [4] * 3 + [300, 129]
+    lens_k = [700, 33, 900, 1, 64] + [200, 17, 1000] + [1300, 129]
+    paged = random_paged(lens_k, 8, 128, 16, dtype, dev)
+    q = torch.randn(sum(lens_q), 32, 128, device=dev).to(dtype)
+    args = (q, paged.k_cache, paged.v_cache, cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev),
+            max(lens_q), max(lens_k), 128 ** -0.5, True, paged.block_table)
+    assert tb.prefill_route(q, paged.k_cache, args[3], args[5], True, args[9]) == "split"
+    expected = reference.prefill(*args)
+    if path == "op":
+        got = attn_ops.prefill(*args, backend="triton")
+        got = attn_ops.prefill(*args, backend="triton")  # the bound call, planned above
+    else:
+        got = tb.prefill(*args)
+    assert_close(got, expected, *TOLERANCES[dtype])
