@@ -43,7 +43,7 @@ def default_plan(b, hkv, capacity, d, q, cfg=None):
     sms = dk.device_sm_count(q.device)
     deep = cfg is None and dk.deep_splits(b * hkv, sms, capacity)
     if deep:
-        return deep, dk.DEEP_CONFIG
+        return deep
     config = dk.Config(*(cfg or dk.launch_config(d, q.dtype)))
     return dk.num_splits(b, hkv, capacity, sms, config.block_n), config
 

@@ -22,13 +22,14 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.launch import launch, prepare
-from attn_ops.backends.triton.merge_kernel import merge_splits_kernel
+from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_splits_kernel,
+                                                   split_counters)
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
                                              next_pow2, paged_offsets, result, scores_log2,
-                                             semaphores, softcap_constants)
-from attn_ops.backends.triton.softmax import (finish, fp8_pair_tile, kv_scales, merge_if_last,
-                                              store_lse, to_f16_rows)
+                                             softcap_constants)
+from attn_ops.backends.triton.softmax import (finish, fp8_pair_tile, kv_scales, store_lse,
+                                              to_f16_rows)
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
@@ -44,7 +45,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                          FUSED: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
                          FP8: tl.constexpr, WITH_LSE: tl.constexpr,
                          FP8_VIA_F16: tl.constexpr = False, FP8_PAIRS: tl.constexpr = False,
-                         PAIR_ASM: tl.constexpr = False):
+                         PAIR_ASM: tl.constexpr = False, R_P2: tl.constexpr = 1,
+                         S_P2: tl.constexpr = 1):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -140,9 +142,11 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                  mask=out_mask)
         tl.store(LSE_PART + part, lse2, mask=g_ok)
         if FUSED:  # the last split of (seq, kv head) merges; no second launch
-            merge_if_last(SEMA, seq * tl.num_programs(1) + kv_head, O_PART, LSE_PART,
-                          part - split, 1, num_splits, OUT, o_ptrs, g_ok, offs_d, dim_ok, sink2,
-                          LSE, lse_idx, G_P2, D_P2, HEAD_DIM, HAS_SINKS, WITH_LSE)
+            merge_last_split(SEMA, seq * tl.num_programs(1) + kv_head, O_PART, LSE_PART, OUT,
+                             LSE, SINK_LOGITS, seq, kv_head * GROUP,
+                             seq.to(tl.int64) * num_heads + kv_head * GROUP, num_splits,
+                             stride_ob, stride_oh, stride_sk, GROUP, R_P2, HEAD_DIM, D_P2, S_P2,
+                             HAS_SINKS, WITH_LSE)
 
 
 class Config(NamedTuple):
@@ -158,17 +162,13 @@ _TARGET_WAVES = 3
 _MIN_SPLIT_KEYS = 256
 _MAX_SPLITS = 64
 _ONE_SEQUENCE = 8  # (sequence, kv head) programs up to which num_splits splits to the maximum
-# Merge the splits inside stage 1 (the last split program of a (sequence, kv head) merges) rather
-# than in a second launch, up to _FUSED_MAX_SPLITS splits. H200, B = 16 (4 splits): 41.5 vs
-# 42.1 us at ctx 2048, 130.2 vs 131.1 at 8192; B = 1 (32-50 splits): the merging program's
-# serial walk over the splits costs more than the launch it saves (59.4 vs 47.5 us at 32k).
-# Off by default: its counters live in a buffer cached per (device, stream), a persistent
-# allocation that torch.compile's CUDA-graph trees (mode="reduce-overhead") reject when it is
-# first made inside their memory pool ("tensor(s) in the cudagraph pool not tracked as
-# outputs"; tests/integration/test_cuda_graphs.py, as soon as a captured decode splits). The
-# launched merge keeps no state; it cost 1.0-2.4% at B 16 on the H200 (42.6 vs 41.6 us at
-# ctx 2048, 133.9 vs 132.6 at 8192).
-FUSED_MERGE = False
+# Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: split_counters), not in a
+# second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x
+# 4096 (2 splits) 40.1 vs 42.6 us, B 4 x 8192 (4) 40.2 vs 42.4, B 16 x 2048 (2) 40.2 vs 41.0;
+# FP8 B 16 x 4096 (4) 43.3 vs 44.9, x 8192 75.6 vs 77.2, B 32 x 8192 (2) 138.8 vs 140.0; 16
+# splits (B 1, WIDE_CONFIG) 43.6 vs 42.7. Counters zeroed per call (a memset) lose to the launch
+# (B 16 x 2048: 42.0 vs 41.0).
+FUSED_MERGE = True
 _FUSED_MAX_SPLITS = 8
 # FP8 caches with bf16 queries: widen the cache to fp16 (one cvt per pair of e4m3 values on
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
@@ -178,7 +178,8 @@ FP8_VIA_F16 = True
 # 138 us at B 64 x 4096). With FP8_PAIRS, H200 graph replays vs bf16 at (64, 4, 3): 78.0 vs
 # 132.5 us at B 16 x 8192 (1.70x; 1.67x against bf16's DEEP_CONFIG, 130.0), 138.1 vs 249.2 at
 # 64 x 4096 (1.80x), 139.1 vs 252.4 at 32 x 8192 (1.81x), 45.3 vs 72.7 at 16 x 4096 (1.60x).
-# 64 or 32 keys, 5-9 stages or 8 warps: 1-35% slower.
+# 64 or 32 keys, 5-9 stages or 8 warps: 1-35% slower; at B 16, 2 or 3 splits (fused merge,
+# 2-5 stages): 6-45% slower than 4.
 FP8_CONFIG = Config(128, 4, 2, 128)
 # FP8 caches read as int16 pairs (softmax.fp8_pair_tile): each K and V tile is two fp16 tiles,
 # the even and the odd columns, each product two dots (``q.k = q_even.k_even + q_odd.k_odd``;
@@ -196,10 +197,8 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     ``_TARGET_WAVES * sms``, no split shorter than ``_MIN_SPLIT_KEYS`` of the table's capacity
     (``block_table width * page``), at most ``_MAX_SPLITS`` (stage 2 holds them in registers).
 
-    On the H100 (bf16, Hkv=8, D=128) the graph-timed sweeps in BENCHMARKS.md put this within 2%
-    of the best fixed count: B=16 gets S=4 (2..5 equal, 6+ slower), B=1 at 32k gets S=50 (>= 33
-    within 3%), B >= 64 gets S=1 (S=2 costs 2-7%). The plan prefers :func:`deep_splits` where
-    it applies (half-precision caches on a GPU).
+    H100 sweeps (BENCHMARKS.md): within 2% of the best fixed count (B 16: S 4, B >= 64: S 1).
+    The plan prefers :func:`deep_splits` where it applies (half-precision caches on a GPU).
     """
     programs = batch * num_kv_heads
     if programs == 0 or capacity <= 0:
@@ -215,26 +214,44 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     return max(1, min(want, by_length, _MAX_SPLITS))
 
 
-# Batches whose (sequence, kv head) programs, times 1 or 2 splits, give each SM about two
+# Batches whose (sequence, kv head) programs, times a split count, give each SM about two
 # programs at once (1.55-2 per SM): a deeper pipeline instead of more splits. Triton 3.6
 # double-buffers the paged K/V loads only from 5 stages (one buffer at 3 or 4: 39 vs 72 KB of
 # shared memory), which pays where programs are few and costs 20-23% where 3+ share an SM (B 16
-# at 4 splits, B 64). H200, bf16, Hkv 8, graph replays, vs the wave rule at (64, 4, 3): B 16 (2
-# splits) 40.2 vs 41.9 us at ctx 2048 (cuDNN SDPA 37.0), 25.7 vs 26.9 at 1024, 130.0 vs 132.9
-# at 8192 (SDPA 125.4); B 13 x 4096 (2) 61.0 vs 63.6; B 28 x 2048 (1) 62.3 vs 65.6; B 32 (1)
-# 69.1 vs 72.2 at 2048 (SDPA 67.4), 126.0 vs 129.6 at 4096. Below: B 25 x 8192 (1.52 per SM)
-# 215.3 vs 209.1; one program per SM (B 16, 1 split) 47-48 vs 42 us at 2048.
+# at 4 splits, B 64). H200, bf16, Hkv 8, graph replays, vs the wave rule at (64, 4, 3): B 13 x
+# 4096 (2 splits) 62.2 vs 63.6 us (and vs WIDE_CONFIG at 1 split: 63.8); B 28 x 2048 (1) 62.3
+# vs 65.6; B 32 (1) 69.1 vs 72.2 at 2048 (SDPA 67.4), 126.0 vs 129.6 at 4096. Below: B 25 x
+# 8192 (1.52 per SM) 215.3 vs 209.1. One sequence (B 1, 32 splits, launched merge) vs the
+# _ONE_SEQUENCE rule's 64 at (64, 4, 3): 41.2 vs 42.5 us at 32k keys (cuDNN 40.4), 18.7 vs
+# 19.6 at 8k (19.0); vs WIDE_CONFIG at 16 splits: 42.7 (launched merge), 43.6 (fused).
 DEEP_CONFIG = Config(64, 4, 5)
+# Batches whose programs, times a split count, give each SM about one program (0.95-1 per SM):
+# 128-key tiles, 5 stages (two 64 KB K/V buffers, 140 KB of shared memory), no split shorter
+# than _WIDE_MIN_KEYS. H200 bf16 graph replays, same run, vs the rules before (cuDNN SDPA):
+# B 16 (1 split) x 1024 23.6 vs 26.0 us (22.6), x 2048 38.8 vs 40.9 (36.9), x 4096 69.3 vs
+# 70.8 (66.9), x 8192 129.2 vs 132.3 (125.6); B 8 x 4096 (2 splits) 40.1 vs 44.4 (40.3); B 4
+# x 8192 (4) 40.2 vs 43.9 (40.0); B 13 (0.79 per SM) 63.8 vs DEEP's 62.2. B 16 x 2048, 1 split:
+# 64-key tiles 47.5-49.8 us at 5, 7 or 9 stages; (128, 4, 7) 40.4.
+WIDE_CONFIG = Config(128, 4, 5)
+_WIDE_MIN_KEYS = 512
 
 
-def deep_splits(programs: int, sms: int, capacity: int) -> int:
-    """1 or 2: the split count that puts 1.55-2 programs per SM (see DEEP_CONFIG), with no
-    split shorter than ``_MIN_SPLIT_KEYS`` keys of ``capacity``; 0 where neither does."""
-    for splits in (1, 2):
-        if 1.55 * sms < programs * splits <= 2 * sms and (
+def deep_splits(programs: int, sms: int, capacity: int) -> tuple[int, Config] | None:
+    """(splits, config) of the deep rows, or None: WIDE_CONFIG where a split count gives each SM
+    0.95-1 programs of >= ``_WIDE_MIN_KEYS`` keys, else DEEP_CONFIG where one gives it 1.55-2
+    (1 or 2 splits; a power of two for one sequence's heads, up to ``_ONE_SEQUENCE`` programs,
+    which never take WIDE), none shorter than ``_MIN_SPLIT_KEYS`` keys of ``capacity``."""
+    if programs <= 0:
+        return None
+    one = programs <= _ONE_SEQUENCE
+    wide = 0 if one else min(sms // programs, _MAX_SPLITS, capacity // _WIDE_MIN_KEYS)
+    if wide > 0 and programs * wide >= 0.95 * sms:
+        return wide, WIDE_CONFIG
+    for splits in (next_pow2(2 * sms // programs + 1) // 2,) if one else (1, 2):
+        if 1.55 * sms < programs * splits <= 2 * sms and splits <= _MAX_SPLITS and (
                 splits == 1 or capacity >= splits * _MIN_SPLIT_KEYS):
-            return splits
-    return 0
+            return splits, DEEP_CONFIG
+    return None
 
 
 def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Config:
@@ -265,20 +282,22 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
             and dtype in (torch.float16, torch.bfloat16)
             and deep_splits(batch * num_kv_heads, device_sm_count(device), width * page))
     if deep:
-        splits, cfg = deep, DEEP_CONFIG
+        splits, cfg = deep
     if splits is None:
         splits = num_splits(batch, num_kv_heads, width * page, device_sm_count(device),
                             cfg.block_n)
     d_p2 = max(16, next_pow2(head_dim))
     group = num_heads // num_kv_heads
+    fused = fused and 1 < splits <= _FUSED_MAX_SPLITS
     via_f16 = fp8 and fp8_via_f16 and dtype == torch.bfloat16
     pairs = (fp8 and fp8_pairs and head_dim % 2 == 0
              and (via_f16 or dtype == torch.float16))
     stage1 = dict(GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2,
                   PAGE=page, BLOCK_N=cfg.block_n, DIRECT=splits == 1, SOFTCAP=softcap,
-                  WINDOW=window, FUSED=fused and 1 < splits <= _FUSED_MAX_SPLITS,
+                  WINDOW=window, FUSED=fused,
                   DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages,
                   FP8_VIA_F16=via_f16, FP8_PAIRS=pairs, PAIR_ASM=pairs and not INTERPRET,
+                  R_P2=next_pow2(group), S_P2=next_pow2(splits) if fused else 1,  # merge tile
                   **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
                   num_warps=4)
@@ -300,13 +319,10 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     bytes) and read as ``x * scale``. Every index tensor and cache is read through its strides
     (any strided view with a contiguous last dim; see store_kernel for why not a copy).
 
-    ``config``/``splits`` override the static tables (benchmarks); ``out`` (contiguous
-    ``[B, H, D]``) and ``lse`` (contiguous float32 ``[B, H]``) receive the results (tests poison
-    them to catch unwritten elements); ``fused``
-    (default :data:`FUSED_MERGE`) merges the splits in the last split program instead of a
-    second launch; ``fp8_via_f16`` (default :data:`FP8_VIA_F16`) picks how an FP8 cache is
-    widened for bf16 queries, ``fp8_pairs`` (default :data:`FP8_PAIRS`) whether it is read as
-    int16 pairs where the caches allow.
+    ``config``/``splits`` override the static tables; ``out`` (contiguous ``[B, H, D]``) and
+    ``lse`` (contiguous float32 ``[B, H]``) receive the results (tests poison them); ``fused``,
+    ``fp8_via_f16``, ``fp8_pairs`` override :data:`FUSED_MERGE`, :data:`FP8_VIA_F16` (how an FP8
+    cache is widened for bf16 queries), :data:`FP8_PAIRS` (int16 pair reads where allowed).
     """
     batch, num_heads, head_dim = q.shape
     if out is None:
@@ -331,7 +347,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
                              device=q.device)
         lse_part = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     fused_merge = stage1["FUSED"]
-    sema = semaphores(batch * k_cache.shape[2], q.device) if fused_merge else seqlens_k
+    sema = split_counters(batch * k_cache.shape[2], q.device) if fused_merge else seqlens_k
     launch(_decode_split_kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part,
            lse_part, sema, *ex.pointers,
            *_stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out.stride(), ex,
@@ -393,8 +409,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
                                splits, scale, softcap, window_left)
     has_sinks, fp8, with_lse = ex.flags["HAS_SINKS"], ex.flags["FP8"], ex.flags["WITH_LSE"]
     pairs = stage1["FP8_PAIRS"]  # int16 reads: 2-byte aligned caches, checked per call
-    # Alignment checked per call: the caller's tensors (outputs, partials and semaphores are
-    # fresh allocations; q stands in for what is absent).
+    # Alignment checked per call: the caller's tensors (q stands in for what is absent).
     check = (0, 1, 2, 3, 4) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
     stage1_launch = prepare(_decode_split_kernel, grid1, {**stage1, **ex.flags}, check,
                             scalars1)
@@ -426,7 +441,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
             lse_part = empty(lse_part_shape, dtype=f32, device=device)
         sink = sinks if has_sinks else q
         stage1_launch((q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
-                       semaphores(sema_count, device) if fused else seqlens_k, lse, sink,
+                       split_counters(sema_count, device) if fused else seqlens_k, lse, sink,
                        k_scale if fp8 else q, v_scale if fp8 else q))
         if merge:
             merge_launch((o_part, lse_part, out, lse, sink))

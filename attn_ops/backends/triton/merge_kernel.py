@@ -1,6 +1,7 @@
 """Merges of attention states by their log-sum-exps: merge_states (two parts over disjoint key
-sets -> their union, one launch) and the split-KV decode's stage 2 (:func:`merge_splits_kernel`:
-S partials of one row).
+sets -> their union, one launch) and the split-KV decode's stage 2: S partials of one row, in a
+launch of their own (:func:`merge_splits_kernel`) or by the last split program of a (sequence, kv
+head) inside stage 1 (:func:`merge_last_split`).
 
 merge_states:
 
@@ -18,12 +19,13 @@ Every tensor is read through its strides (the last dim contiguous), so a part ma
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import INTERPRET, next_pow2
+from attn_ops.backends.triton.common import INTERPRET, _raw_stream, next_pow2
 from attn_ops.backends.triton.launch import launch
 from attn_ops.backends.triton.softmax import finish, store_lse
 
@@ -126,3 +128,89 @@ def merge_splits_kernel(O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, num_splits, str
     tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
              mask=dim_ok)
     store_lse(LSE, row, lse2, True, WITH_LSE)
+
+
+@triton.jit
+def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0, row0,
+                     num_splits, stride_ob, stride_oh, stride_sk, ROWS: tl.constexpr,
+                     R_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                     S_P2: tl.constexpr, HAS_SINKS: tl.constexpr, WITH_LSE: tl.constexpr):
+    """Stage 2 of the split-KV decode inside stage 1: called by every split program of a
+    (sequence, kv head) after it stored its partial; the last one to count in at
+    ``SEMA[sema_idx]`` merges the ``ROWS`` heads ``head0..`` (rows ``row0..`` of ``[B * H]``)
+    as :func:`merge_splits_kernel` does, and sets the counter back to 0.
+
+    All partials load at once (a ``[rows, splits, D]`` tile: one trip to L2, where a walk over
+    the splits pays one per split). Ordering: each thread's partial stores happen before the
+    barrier, the counter's atomic is acq_rel at GPU scope, and the partials are read through L2
+    (``.cg``), never a stale L1 line.
+    """
+    tl.debug_barrier()
+    count = tl.atomic_add(SEMA + sema_idx, 1, sem="acq_rel")
+    if count == num_splits - 1:
+        offs_r = tl.arange(0, R_P2)
+        offs_s = tl.arange(0, S_P2)
+        offs_d = tl.arange(0, D_P2)
+        r_ok = offs_r < ROWS
+        d_ok = offs_d < HEAD_DIM
+        rs_ok = r_ok[:, None] & (offs_s < num_splits)[None, :]
+        idx = (row0 + offs_r)[:, None] * num_splits + offs_s[None, :]  # [R, S]
+        lse = tl.load(LSE_PART + idx, mask=rs_ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=rs_ok[:, :, None] & d_ok[None, None, :], other=0.0,
+                    cache_modifier=".cg")
+        m = tl.max(lse, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.math.exp2(lse - m[:, None])  # empty split: exp2(-inf) = 0
+        heads = head0 + offs_r
+        sink2 = 0.0
+        if HAS_SINKS:
+            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=r_ok, other=0.0)
+            sink2 = sink2 * 1.4426950408889634  # log2(e)
+        factor, lse2 = finish(m, tl.sum(w, 1), sink2, 1.0, HAS_SINKS)
+        out = tl.sum(w[:, :, None] * o, 1) * factor[:, None]
+        tl.store(OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+        store_lse(LSE, row0 + offs_r, lse2, r_ok, WITH_LSE)
+        tl.atomic_xchg(SEMA + sema_idx, 0)
+
+
+# merge_last_split's counters: one int32 per (sequence, kv head) of a split launch, zero between
+# calls (the merging program resets its own), one buffer per (device, stream) so that launches on
+# two streams never share one. Grown, never shrunk (~4 KB for B 128 x Hkv 8).
+_COUNTERS: dict = {}
+_RETIRED: list = []
+
+
+def split_counters(count: int, device: torch.device) -> torch.Tensor:
+    """At least ``count`` zeroed int32 counters for ``device``'s current stream, kept between
+    calls (a fresh zeroed buffer costs a memset per call: 1.8 us on the H200, more than the
+    merge launch it replaces).
+
+    The buffer is allocated on a thread of its own, so it never lands in a memory pool that the
+    calling thread routes its allocations to: torch.compile's CUDA-graph trees route a warm-up's
+    allocations to their pool and reject a live tensor there that is no graph output ("not
+    tracked as outputs"). It is zeroed on the current stream (a memset inside a capture, where a
+    capture makes it). Under a dispatch mode (fake or functional tensors) a fresh buffer.
+    """
+    if torch._C._len_torch_dispatch_stack():
+        return torch.zeros(max(count, 1), dtype=torch.int32, device=device)
+    key = (device, _raw_stream(device.index if device.index is not None
+                               else torch.cuda.current_device()) if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < count:
+        box = []
+        size = max(count, 4096)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            worker = threading.Thread(target=lambda: box.append(
+                torch.empty(size, dtype=torch.int32, device=torch.device("cuda", index))))
+            worker.start()
+            worker.join()
+        else:
+            box.append(torch.empty(size, dtype=torch.int32, device=device))
+        if buf is not None:  # kept alive: a launch on the stream may still use it
+            _RETIRED.append(buf)
+        buf = box[0].zero_()
+        _COUNTERS[key] = buf
+    return buf

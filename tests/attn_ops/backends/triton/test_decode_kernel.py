@@ -91,14 +91,21 @@ def test_decode_split_count_is_static():
 
 
 def test_decode_deep_pipeline_plan(monkeypatch):
-    # 1.5-2 programs per SM at 1 or 2 splits: the deep-pipeline row instead of the wave rule,
-    # for half-precision caches on a GPU only (never FP8, fp32, overrides, the interpreter).
-    deep = decode_kernel.deep_splits
-    assert deep(128, 132, 2048) == 2 and deep(256, 132, 2048) == 1  # B 16, B 32 at Hkv 8
-    assert deep(128, 132, 256) == 0  # two splits would be shorter than 256 keys
-    assert deep(104, 132, 4096) == 2 and deep(224, 132, 2048) == 1  # B 13, B 28
-    assert deep(512, 132, 4096) == 0 and deep(64, 132, 4096) == 0 and deep(160, 132, 4096) == 0
-    assert deep(200, 132, 8192) == 0  # B 25: 1.52 programs per SM, slower on the H200
+    # About one program per SM (0.95-1) at some split count of >= 512 keys: the wide row; else
+    # 1.55-2 programs per SM at 1 or 2 splits (one sequence's heads: a power of two): the deep
+    # row; for half-precision caches on a GPU only (never FP8, fp32, overrides, the interpreter).
+    deep, wide, deep_row = decode_kernel.deep_splits, decode_kernel.WIDE_CONFIG, \
+        decode_kernel.DEEP_CONFIG
+    assert deep(128, 132, 2048) == (1, wide) and deep(64, 132, 4096) == (2, wide)  # B 16, 8
+    assert deep(32, 132, 8192) == (4, wide) and deep(32, 132, 1024) is None  # B 4
+    assert deep(104, 132, 4096) == (2, deep_row) and deep(120, 132, 4096) == (2, deep_row)
+    assert deep(8, 132, 32768) == (32, deep_row) and deep(8, 132, 8192) == (32, deep_row)
+    assert deep(8, 132, 4096) is None  # one sequence: 32 splits of 128 keys are too short
+    assert deep(256, 132, 2048) == (1, deep_row) and deep(224, 132, 2048) == (1, deep_row)
+    assert deep(96, 132, 4096) is None  # B 12: 0.73 programs per SM, 1.45 at 2 splits
+    assert deep(128, 132, 256) is None  # too short for a wide split or two deep ones
+    assert deep(512, 132, 4096) is None and deep(160, 132, 4096) is None
+    assert deep(200, 132, 8192) is None  # B 25: 1.52 programs per SM, slower on the H200
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
     plan = decode_kernel._plan.__wrapped__
@@ -107,8 +114,8 @@ def test_decode_deep_pipeline_plan(monkeypatch):
         got = plan(batch, 32, 8, 128, 16, 128, dtype, torch.device("cpu"), False, False, config,
                    splits, False, cache, True)
         return got[0], (got[3]["BLOCK_N"], got[3]["num_warps"], got[3]["num_stages"])
-    assert stage1() == (2, (64, 4, 5)) and stage1(batch=32) == (1, (64, 4, 5))
-    assert stage1(torch.float16, torch.float16) == (2, (64, 4, 5))
+    assert stage1() == (1, (128, 4, 5)) and stage1(batch=32) == (1, (64, 4, 5))
+    assert stage1(torch.float16, torch.float16) == (1, (128, 4, 5))
     assert stage1(batch=64) == (1, (64, 4, 3))  # 512 programs: the wave rule's row
     assert stage1(cache=torch.float8_e4m3fn) == (4, (128, 4, 2))
     assert stage1(torch.float32, torch.float32)[1] == (32, 4, 2)
@@ -116,28 +123,32 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert stage1(config=decode_kernel.Config(64, 4, 3)) == (4, (64, 4, 3))
 
 
-def test_default_split_decode_holds_no_persistent_buffer(monkeypatch):
-    # The split merge's default is a second launch: the fused merge's per-stream semaphore
-    # buffer is a persistent allocation that torch.compile's CUDA-graph trees reject when it is
-    # first made inside their pool. The default path (wrapper and bound function) never asks
-    # for it, and still merges the splits right.
-    from attn_ops.backends.triton import common, unified_kernel
+def test_fused_merge_counters_reset_and_plan():
+    # The default merges up to 8 splits in the last split program; its counters (one buffer per
+    # stream, kept) are zero again after every call; a traced call gets a fresh buffer.
+    from attn_ops.backends.triton import merge_kernel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    assert decode_kernel.FUSED_MERGE
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the default decode path took the persistent semaphore buffer")
-    monkeypatch.setattr(common, "semaphores", refuse)
-    monkeypatch.setattr(decode_kernel, "semaphores", refuse)
+    def fused(splits):
+        return decode_kernel._plan(4, 4, 2, 32, 4, 10, torch.float32, torch.device("cpu"),
+                                   False, False, None, splits, True, torch.float32, False)[3]
+    assert fused(3)["FUSED"] and fused(8)["S_P2"] == 8
+    assert not fused(9)["FUSED"] and not fused(1)["FUSED"] and fused(9)["S_P2"] == 1
+    cpu = torch.device("cpu")
+    buf = merge_kernel.split_counters(8, cpu)
     lens = [40, 1, 0, 23]
     paged = random_paged(lens, 2, 32, 4, torch.float32)
-    q = torch.randn(len(lens), 4, 32)
-    seqlens = torch.tensor(lens, dtype=torch.int32)
-    args = (q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, 0.2)
+    q = torch.randn(len(lens), 6, 32)
+    args = (q, paged.k_cache, paged.v_cache, torch.tensor(lens, dtype=torch.int32),
+            paged.block_table, 0.2)
     ref = reference.decode(*args)
-    assert_close(decode_kernel.decode(*args, splits=3), ref, *TOLERANCES[torch.float32])
-    assert not decode_kernel._plan(4, 4, 2, 32, 4, 10, torch.float32, torch.device("cpu"), False,
-                                   False, None, 3, decode_kernel.FUSED_MERGE, torch.float32,
-                                   False)[3]["FUSED"]
-    assert unified_kernel.Config(16, 0, 64, 4, 3).fused is False
+    for splits in (3, 5):
+        assert_close(decode_kernel.decode(*args, splits=splits, out=poisoned(q.shape, q.dtype)),
+                     ref, *TOLERANCES[torch.float32])
+        assert merge_kernel.split_counters(8, cpu) is buf and torch.count_nonzero(buf) == 0
+    with FakeTensorMode():
+        assert merge_kernel.split_counters(8, cpu) is not buf
 
 
 def _every_other_column(t):
