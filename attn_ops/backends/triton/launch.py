@@ -20,16 +20,15 @@ Triton would run):
 * an int: whether it is 1, a multiple of 16, and within int32 (Triton's int specialisations);
 * a float, a bool, None: their type (Triton specialises no value of these);
 * the constexpr and option keywords (``BLOCK_N=64, num_warps=4``): their values;
-* the current device (Triton keeps one kernel cache per device).
-
+* the current device (Triton keeps one kernel cache per device);
 * a host TMA descriptor (the Gluon Hopper prefill's Q/K/V): its base's dtype and alignment,
   block shape, shape, strides, padding and shared layout (Triton specialises on a subset); the
   compiled launcher encodes the descriptor itself on every call (``fill_tma_descriptor``).
 
 Other arguments (a grid given as a function, a tuple, an unhashable constexpr) make the call go
-through ``kernel[grid]`` unchanged. Triton's knobs that change how a
-kernel compiles (``TRITON_DEBUG``, instrumentation) are read when a specialisation is first seen:
-set them before the first launch. The per-call check that a kernel's global variables have not
+through ``kernel[grid]`` unchanged. Triton's knobs that change how a kernel compiles
+(``TRITON_DEBUG``, instrumentation) are read when a specialisation is first seen: set them
+before the first launch. The per-call check that a kernel's global variables have not
 changed is not repeated (ours read only constants).
 
 Computing that key costs ~7 us per launch of a 26-argument kernel on the development CPU. Inside
@@ -111,7 +110,7 @@ def _arg_key(args: tuple) -> tuple | None:
             append((a.dtype, a.data_ptr() % 16 == 0))
         elif t is float or t is bool or a is None:
             append(t)
-        elif _is_descriptor(a):  # everything of a host TMA descriptor but its base's address
+        elif _is_descriptor(a):  # all of a host TMA descriptor but its base's address
             append((t, a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape),
                     tuple(a.shape), tuple(a.strides), a.padding, repr(a.layout)))
         else:

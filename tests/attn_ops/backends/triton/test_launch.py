@@ -301,3 +301,26 @@ def test_the_pinned_device_getter_is_torch_c_for_torch_cuda_current_device():
     raw = getattr(torch._C, "_cuda_getDevice", None)
     expected = raw if raw is not None else torch.cuda.current_device
     assert launch._device_getter(torch.cuda.current_device) is expected
+
+
+def test_a_host_tma_descriptor_is_keyed_by_all_but_its_base_address():
+    """Two descriptors over different bases with the same fields share a specialisation; one
+    field changed (block shape, strides, dtype) does not; a traced base marks the launch as
+    traced, a real one does not."""
+    gluon_hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from triton.experimental.gluon import language as gl
+    layout = gl.NVMMASharedLayout.get_default_for([16, 32], gl.bfloat16)
+
+    def desc(x, block=(16, 32)):
+        return gluon_hopper.TensorDescriptor(x, list(x.shape), list(x.stride()), list(block),
+                                             layout)
+    a, b = torch.randn(64, 32).to(torch.bfloat16), torch.randn(64, 32).to(torch.bfloat16)
+    assert launch._arg_key((desc(a), 3)) == launch._arg_key((desc(b), 3))
+    assert launch._arg_key((desc(a),)) != launch._arg_key((desc(a, (32, 32)),))
+    wide = torch.randn(64, 64).to(torch.bfloat16)[:, :32]
+    assert launch._arg_key((desc(a),)) != launch._arg_key((desc(wide),))
+    assert launch._arg_key((desc(a.half()),)) != launch._arg_key((desc(a),))
+    assert not launch._traced(desc(a))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fake = FakeTensorMode().from_tensor(a)  # judged by its type, outside the mode
+    assert launch._traced(desc(fake)) and not launch._traced(a)
