@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -106,31 +107,48 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
     return block * stride_kb + offset * stride_kt, block * stride_vb + offset * stride_vt
 
 
-# Split-KV semaphores (``softmax.merge_if_last``): one int32 counter per (tile, kv head) of a
-# split launch, zero between calls (the program that merges resets its counter), one buffer per
-# (device, stream) so that launches on two streams never share a counter. Grown, never shrunk;
-# ~4 KB for B = 128, Hkv = 8.
+# Split-KV semaphores (``softmax.merge_if_last``, ``merge_kernel.merge_last_split``): one int32
+# counter per (tile or sequence, kv head) of a split launch, zero between calls (the program that
+# merges resets its counter), one buffer per (device, stream) so that launches on two streams
+# never share a counter. Grown, never shrunk; ~4 KB for B = 128, Hkv = 8. A buffer that was
+# outgrown stays alive (_RETIRED): a launch queued on the stream may still use it.
 _SEMAPHORES: dict = {}
+_RETIRED: list = []
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream",
                       lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 def semaphores(count: int, device: torch.device) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``count`` counters for ``device``'s current stream.
+    """A zeroed int32 buffer of at least ``count`` counters for ``device``'s current stream,
+    kept between calls (a fresh zeroed buffer costs a memset per call: 1.8 us on the H200, more
+    than the merge launch a fused merge saves).
 
-    Under a dispatch mode (fake or functional tensors: a ``triton_op`` traced by AOTAutograd) a
-    fresh zeroed buffer, never cached: a traced tensor in the cache would reach a real launch.
+    The buffer is allocated on a thread of its own, so it never lands in a memory pool that the
+    calling thread routes its allocations to: torch.compile's CUDA-graph trees route a warm-up's
+    allocations to their pool and reject a live tensor there that is no graph output ("not
+    tracked as outputs"). It is zeroed on the current stream (a memset inside a capture, where a
+    capture makes it). Under a dispatch mode (fake or functional tensors: a ``triton_op`` traced
+    by AOTAutograd) a fresh zeroed buffer, never cached: a traced tensor in the cache would reach
+    a real launch.
     """
     if torch._C._len_torch_dispatch_stack():
         return torch.zeros(max(count, 1), dtype=torch.int32, device=device)
     # The raw stream handle, as Triton's launch reads it (~0.2 us; torch.cuda.current_stream
     # builds a Stream object: ~2 us on the development CPU).
-    key = (device, _raw_stream(device.index if device.index is not None
-                               else torch.cuda.current_device()) if device.type == "cuda" else 0)
+    index = (device.index if device.index is not None else torch.cuda.current_device()
+             ) if device.type == "cuda" else None
+    key = (device, _raw_stream(index) if index is not None else 0)
     buf = _SEMAPHORES.get(key)
     if buf is None or buf.numel() < count:
-        buf = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _SEMAPHORES[key] = buf
+        size, box = max(count, 4096), []
+        where = torch.device("cuda", index) if index is not None else device
+        worker = threading.Thread(target=lambda: box.append(
+            torch.empty(size, dtype=torch.int32, device=where)))
+        worker.start()
+        worker.join()
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _SEMAPHORES[key] = box[0].zero_()
     return buf
 
 

@@ -22,12 +22,11 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.launch import launch, prepare
-from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_splits_kernel,
-                                                   split_counters)
+from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
                                              next_pow2, paged_offsets, result, scores_log2,
-                                             softcap_constants)
+                                             semaphores, softcap_constants)
 from attn_ops.backends.triton.softmax import (finish, fp8_pair_tile, kv_scales, store_lse,
                                               to_f16_rows)
 
@@ -160,8 +159,8 @@ class Config(NamedTuple):
 # Stage-1 programs to aim for, in multiples of the SM count, and the fewest keys worth a split.
 _TARGET_WAVES, _MIN_SPLIT_KEYS, _MAX_SPLITS = 3, 256, 64
 _ONE_SEQUENCE = 8  # (sequence, kv head) programs up to which num_splits splits to the maximum
-# Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: split_counters), not in a
-# second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x
+# Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: common.semaphores), not
+# in a second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x
 # 4096 (2 splits) 40.1 vs 42.6 us, B 4 x 8192 (4) 40.2 vs 42.4, B 16 x 2048 (2) 40.2 vs 41.0;
 # FP8 B 16 x 4096 (4) 43.3 vs 44.9, x 8192 75.6 vs 77.2, B 32 x 8192 (2) 138.8 vs 140.0; 16
 # splits (B 1) 43.6 vs 42.7; counters zeroed per call lose (42.0 vs 41.0). Off: kept counters are
@@ -346,7 +345,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
                              device=q.device)
         lse_part = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     fused_merge = stage1["FUSED"]
-    sema = split_counters(batch * k_cache.shape[2], q.device) if fused_merge else seqlens_k
+    sema = semaphores(batch * k_cache.shape[2], q.device) if fused_merge else seqlens_k
     launch(_decode_split_kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part,
            lse_part, sema, *ex.pointers,
            *_stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out.stride(), ex,
@@ -440,7 +439,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
             lse_part = empty(lse_part_shape, dtype=f32, device=device)
         sink = sinks if has_sinks else q
         stage1_launch((q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
-                       split_counters(sema_count, device) if fused else seqlens_k, lse, sink,
+                       semaphores(sema_count, device) if fused else seqlens_k, lse, sink,
                        k_scale if fp8 else q, v_scale if fp8 else q))
         if merge:
             merge_launch((o_part, lse_part, out, lse, sink))

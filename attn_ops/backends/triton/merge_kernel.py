@@ -19,13 +19,12 @@ Every tensor is read through its strides (the last dim contiguous), so a part ma
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import INTERPRET, _raw_stream, next_pow2
+from attn_ops.backends.triton.common import INTERPRET, next_pow2
 from attn_ops.backends.triton.launch import launch
 from attn_ops.backends.triton.softmax import finish, store_lse
 
@@ -173,44 +172,3 @@ def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, se
                  out.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
         store_lse(LSE, row0 + offs_r, lse2, r_ok, WITH_LSE)
         tl.atomic_xchg(SEMA + sema_idx, 0)
-
-
-# merge_last_split's counters: one int32 per (sequence, kv head) of a split launch, zero between
-# calls (the merging program resets its own), one buffer per (device, stream) so that launches on
-# two streams never share one. Grown, never shrunk (~4 KB for B 128 x Hkv 8).
-_COUNTERS: dict = {}
-_RETIRED: list = []
-
-
-def split_counters(count: int, device: torch.device) -> torch.Tensor:
-    """At least ``count`` zeroed int32 counters for ``device``'s current stream, kept between
-    calls (a fresh zeroed buffer costs a memset per call: 1.8 us on the H200, more than the
-    merge launch it replaces).
-
-    The buffer is allocated on a thread of its own, so it never lands in a memory pool that the
-    calling thread routes its allocations to: torch.compile's CUDA-graph trees route a warm-up's
-    allocations to their pool and reject a live tensor there that is no graph output ("not
-    tracked as outputs"). It is zeroed on the current stream (a memset inside a capture, where a
-    capture makes it). Under a dispatch mode (fake or functional tensors) a fresh buffer.
-    """
-    if torch._C._len_torch_dispatch_stack():
-        return torch.zeros(max(count, 1), dtype=torch.int32, device=device)
-    key = (device, _raw_stream(device.index if device.index is not None
-                               else torch.cuda.current_device()) if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < count:
-        box = []
-        size = max(count, 4096)
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            worker = threading.Thread(target=lambda: box.append(
-                torch.empty(size, dtype=torch.int32, device=torch.device("cuda", index))))
-            worker.start()
-            worker.join()
-        else:
-            box.append(torch.empty(size, dtype=torch.int32, device=device))
-        if buf is not None:  # kept alive: a launch on the stream may still use it
-            _RETIRED.append(buf)
-        buf = box[0].zero_()
-        _COUNTERS[key] = buf
-    return buf

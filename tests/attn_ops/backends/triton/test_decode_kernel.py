@@ -127,7 +127,7 @@ def test_fused_merge_counters_reset_and_plan():
     # Opt-in (fused=True; off by default, see FUSED_MERGE): up to 8 splits merged in the last
     # split program; its counters (one buffer per stream, kept) are zero again after every call;
     # a traced call gets a fresh buffer.
-    from attn_ops.backends.triton import merge_kernel
+    from attn_ops.backends.triton.common import semaphores
     from torch._subclasses.fake_tensor import FakeTensorMode
     assert not decode_kernel.FUSED_MERGE
 
@@ -137,7 +137,7 @@ def test_fused_merge_counters_reset_and_plan():
     assert fused(3)["FUSED"] and fused(8)["S_P2"] == 8
     assert not fused(9)["FUSED"] and not fused(1)["FUSED"] and fused(9)["S_P2"] == 1
     cpu = torch.device("cpu")
-    buf = merge_kernel.split_counters(8, cpu)
+    buf = semaphores(8, cpu)
     lens = [40, 1, 0, 23]
     paged = random_paged(lens, 2, 32, 4, torch.float32)
     q = torch.randn(len(lens), 6, 32)
@@ -147,9 +147,9 @@ def test_fused_merge_counters_reset_and_plan():
     for splits in (3, 5):
         assert_close(decode_kernel.decode(*args, splits=splits, out=poisoned(q.shape, q.dtype),
                                           fused=True), ref, *TOLERANCES[torch.float32])
-        assert merge_kernel.split_counters(8, cpu) is buf and torch.count_nonzero(buf) == 0
+        assert semaphores(8, cpu) is buf and torch.count_nonzero(buf) == 0
     with FakeTensorMode():
-        assert merge_kernel.split_counters(8, cpu) is not buf
+        assert semaphores(8, cpu) is not buf
 
 
 def _every_other_column(t):
