@@ -128,7 +128,9 @@ def _traced(first) -> bool:
     """The launch is being traced: its first argument (a descriptor's base, for Gluon kernels
     that lead with descriptors) is a fake / functional tensor or a subclass, or a dispatch mode
     is active."""
-    if _is_descriptor(first):
+    if type(first) is not torch.Tensor:  # a plain tensor first skips the attribute probes
+        if not _is_descriptor(first):
+            return True
         first = first.base
     return type(first) is not torch.Tensor or bool(torch._C._len_torch_dispatch_stack())
 
