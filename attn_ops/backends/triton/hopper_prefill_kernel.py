@@ -124,6 +124,17 @@ if GLUON:
         return gl.sum(gl.where(idx == p, rows, 0), axis=0)
 
     @gluon.jit
+    def _copy_pieces(desc, rows, kv_col, empty, ready, buf, ph, PAGE_ROWS: gl.constexpr,
+                     PIECES: gl.constexpr):
+        """Once ``empty`` is past phase ``ph``: the page pieces at cache ``rows`` (see
+        :func:`_page_rows`) into row slices of ``buf``, completing ``ready``."""
+        mbarrier.wait(empty, ph ^ 1)
+        mbarrier.expect(ready, PIECES * desc.block_type.nbytes)
+        for p in gl.static_range(PIECES):
+            tma.async_copy_global_to_shared(desc, [_piece(rows, p, PIECES), kv_col], ready,
+                                            buf.slice(p * PAGE_ROWS, PAGE_ROWS))
+
+    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready,
                   v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq, stride_ck, stride_tb,
                   stride_tc, table_width, num_seqs, num_heads, n_items, min_q,
@@ -168,18 +179,10 @@ if GLUON:
                         PIECES: gl.constexpr = BLOCK_N // PAGE_ROWS
                         rows = _page_rows(TABLE + seq * stride_tb, stride_tc, table_width,
                                           i * BLOCK_N, lk, PAGE, PAGE_ROWS, PIECES)
-                        mbarrier.wait(k_empty.index(st), ph ^ 1)
-                        mbarrier.expect(k_ready.index(st), PIECES * k_desc.block_type.nbytes)
-                        for p in gl.static_range(PIECES):
-                            tma.async_copy_global_to_shared(
-                                k_desc, [_piece(rows, p, PIECES), kv_col], k_ready.index(st),
-                                k_bufs.index(st).slice(p * PAGE_ROWS, PAGE_ROWS))
-                        mbarrier.wait(v_empty.index(st), ph ^ 1)
-                        mbarrier.expect(v_ready.index(st), PIECES * v_desc.block_type.nbytes)
-                        for p in gl.static_range(PIECES):
-                            tma.async_copy_global_to_shared(
-                                v_desc, [_piece(rows, p, PIECES), kv_col], v_ready.index(st),
-                                v_bufs.index(st).slice(p * PAGE_ROWS, PAGE_ROWS))
+                        _copy_pieces(k_desc, rows, kv_col, k_empty.index(st),
+                                     k_ready.index(st), k_bufs.index(st), ph, PAGE_ROWS, PIECES)
+                        _copy_pieces(v_desc, rows, kv_col, v_empty.index(st),
+                                     v_ready.index(st), v_bufs.index(st), ph, PAGE_ROWS, PIECES)
                 it += n_iter
                 done += 1
 
