@@ -276,6 +276,67 @@ def test_hand_captured_graph_replays_new_lengths_tables_slots(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# Split-KV merges fused into the last split program: graphs replayed at once on two streams
+# ---------------------------------------------------------------------------------------------
+
+def test_graphs_captured_on_one_stream_replay_at_once_on_two():
+    # Decode (B 2 over ~8k keys: 8 splits) and 4-query paged prefill (split too), both merged by
+    # the last split program through kept counters (common.semaphores). Two graphs captured on
+    # one stream, as CUDA-graph trees capture them, must not share counters: replayed at once on
+    # two streams, each still gives its own eager result, every time.
+    from attn_ops.backends.triton import common
+    from tests.support.helpers import random_paged
+    bf16, lens = torch.bfloat16, [8191, 7000]
+    paged = random_paged(lens, 8, 128, 16, bf16, device=DEV)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    cu_q = torch.tensor([0, 4, 8], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=DEV)
+
+    def step(q1, q4):
+        return (torch.ops.attn.decode(q1, paged.k_cache, paged.v_cache, seqlens,
+                                      paged.block_table, 0.088),
+                torch.ops.attn.prefill(q4, paged.k_cache, paged.v_cache, cu_q, cu_k, 4,
+                                       max(lens), 0.088, True, paged.block_table))
+
+    inputs = [(torch.randn(2, 32, 128, device=DEV, dtype=bf16),
+               torch.randn(8, 32, 128, device=DEV, dtype=bf16)) for _ in range(2)]
+    graphs, outs, wants = [], [], []
+    with attn_ops.use_backend("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            wants = [step(*x) for x in inputs]  # eager: compiles, fills the counter slab
+        torch.cuda.current_stream().wait_stream(side)
+        slab = common._SLABS[torch.device(DEV, torch.cuda.current_device())]
+        capture = torch.cuda.Stream()
+        for x in inputs:
+            used = slab.used
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=capture):
+                outs.append(step(*x))
+            assert slab.used > used, "a captured split launch took no counters of its own"
+            graphs.append(graph)
+    with attn_ops.use_backend("reference"):
+        for x, want in zip(inputs, wants):
+            for got, ref in zip(want, step(*x)):
+                assert_close(got, ref, 2e-2, 2e-2, what="eager triton vs reference")
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for i in range(40):
+        for out in outs:
+            for t in out:
+                t.fill_(float("nan"))
+        for graph, stream in zip(graphs, streams):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                graph.replay()
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+        for out, want in zip(outs, wants):
+            for got, ref in zip(out, want):
+                assert_close(got, ref, 1e-3, 1e-3, what=f"replay {i}")
+
+
+# ---------------------------------------------------------------------------------------------
 # AOTInductor on CUDA
 # ---------------------------------------------------------------------------------------------
 

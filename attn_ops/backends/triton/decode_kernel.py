@@ -163,10 +163,10 @@ _ONE_SEQUENCE = 8  # (sequence, kv head) programs up to which num_splits splits 
 # in a second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x
 # 4096 (2 splits) 40.1 vs 42.6 us, B 4 x 8192 (4) 40.2 vs 42.4, B 16 x 2048 (2) 40.2 vs 41.0;
 # FP8 B 16 x 4096 (4) 43.3 vs 44.9, x 8192 75.6 vs 77.2, B 32 x 8192 (2) 138.8 vs 140.0; 16
-# splits (B 1) 43.6 vs 42.7; counters zeroed per call lose (42.0 vs 41.0). Off: kept counters are
-# per stream, so two graphs captured on one stream (as graph trees do) replayed at once on two
-# streams would share them and could merge wrong splits.
-FUSED_MERGE = False
+# splits (B 1) 43.6 vs 42.7; counters zeroed per call lose (42.0 vs 41.0). The counters are
+# kept (common.semaphores): per stream for eager calls, per captured call in a CUDA graph, so
+# graphs replayed at once on two streams never share one.
+FUSED_MERGE = True
 _FUSED_MAX_SPLITS = 8
 # FP8 caches with bf16 queries: widen the cache to fp16 (one cvt per pair of e4m3 values on
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening

@@ -42,9 +42,10 @@ row that sees no key gets zeros.
 Non-finite values: a NaN/Inf value row that a query row must not see (hidden by causality on
 the diagonal tile, or the next sequence's row in the last tile) still reaches that row through
 ``0 * NaN`` in ``P V``; such a row then holds a non-finite output. So each consumer warpgroup
-checks its 64 output rows (those below lq) and raises its int32 flag ``FLAGS[g, b, h, half]``
-(zeroed by the caller) to 1 when one is not finite (a leak, or a row that legitimately sees a
-NaN/Inf): an atomic max from the threads of such rows only, so a clean tile issues none. The
+checks its 64 output rows (those below lq) and writes its int32 flag ``FLAGS[g, b, h, half]``:
+1 when one is not finite (a leak, or a row that legitimately sees a NaN/Inf), else 0. Every
+item writes both its flags, those with nothing to compute included, so the caller hands over
+uninitialised flags (a memset per call cost 9 us of host time on the H200 host). The
 backend's entry point, hopper_prefill_launch.prefill_guarded, then launches the isolating
 FA2-style kernel in its fixup mode, which rewrites exactly the flagged halves and returns at
 once when none is set. A finite output row cannot hide a leak (NaN and Inf never turn finite
@@ -78,6 +79,13 @@ if GLUON:
         mask = gl.expand_dims(r < row_hi, 1) & gl.expand_dims(d < HEAD_DIM, 0)
         zeros = gl.zeros([ROWS, HEAD_DIM], O.dtype.element_ty, layout)
         gl.store(ptrs, zeros, mask=mask)
+
+    @gluon.jit
+    def _store_flag(ptr, value):
+        """``*ptr = value`` (int32 scalar) from one thread of a 4-warp partition."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        i = gl.arange(0, 128, layout=layout)
+        gl.store(ptr + i * 0, value + i * 0, mask=i == 0)
 
     @gluon.jit
     def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q,
@@ -283,8 +291,8 @@ if GLUON:
         # and a compare against it flagged every clean row on the H200. A row sum of x - x is
         # NaN or 0: compare it with itself (within a warp: a row sits in one quad).
         chk = gl.sum(out_f - out_f, axis=1)
-        bad = chk != chk
-        gl.atomic_max(FLAGS + flag_idx + WG + r * 0, bad.to(gl.int32), mask=(r < lq) & bad)
+        bad = (chk != chk) & (r < lq)
+        _store_flag(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0))
         # Stored from registers: Q's slot, the staging buffer a TMA store would use, already
         # holds the next item's Q.
         d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -308,23 +316,25 @@ if GLUON:
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q, TILE, BLOCK_N,
                 CAUSAL)
+            flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
             if n_iter > 0:
-                flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                         v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
                         n_iter, it, done, flag_idx, qk_scale, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
                         STAGES, CAUSAL)
                 it += n_iter
                 done += 1
-            elif WG == 0:
-                if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
-                    first = gl.load(CU_Q + num_seqs * stride_cq)
-                    for r0 in range(first + g * TILE, total_q, tiles * TILE):
-                        _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE, HEAD_DIM,
-                                   4)
-                elif m0 >= 0:  # a tile with no key for any row
-                    _zero_rows(O, q_start + m0, q_start + lq, head, stride_ot, stride_oh, TILE,
-                               HEAD_DIM, 4)
+            else:
+                _store_flag(FLAGS + flag_idx + WG, 0)
+                if WG == 0:
+                    if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
+                        first = gl.load(CU_Q + num_seqs * stride_cq)
+                        for r0 in range(first + g * TILE, total_q, tiles * TILE):
+                            _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE,
+                                       HEAD_DIM, 4)
+                    elif m0 >= 0:  # a tile with no key for any row
+                        _zero_rows(O, q_start + m0, q_start + lq, head, stride_ot, stride_oh,
+                                   TILE, HEAD_DIM, 4)
 
     @gluon.jit
     def hopper_prefill_kernel(q_desc, k_desc, v_desc, O, CU_Q, CU_K, FLAGS, TABLE,
@@ -339,8 +349,8 @@ if GLUON:
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (B + 1) * H``
         (module docstring); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
         head h, with ``t`` counted from the sequence's last tile. ``qk_scale`` = scale *
-        log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, zeros, raised where an output row is
-        not finite. ``TABLE``: the block table ``[B, table_width]`` int32 when ``PAGE`` > 0
+        log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, each written: 1 where an output row
+        of that half tile is not finite, else 0. ``TABLE``: the block table ``[B, table_width]`` int32 when ``PAGE`` > 0
         (else unused); ``PAGE_ROWS`` = min(PAGE, BLOCK_N), the rows of the K/V descriptors'
         blocks. Sequences of at most ``min_q`` queries are left alone (0: none)."""
         n_items = tiles * (num_seqs + 1) * num_heads

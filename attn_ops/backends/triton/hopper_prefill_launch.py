@@ -10,6 +10,7 @@ and :func:`bind_prefill_guarded` (the same for one call signature, planned once)
 from __future__ import annotations
 
 import functools
+import math
 
 from attn_ops.backends.triton.hopper_prefill_kernel import GLUON
 
@@ -99,8 +100,8 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     Causal masks are bottom-right aligned; a row that sees no key, and every row past
     ``cu_seqlens_q[-1]``, is zero. No host sync: the items come from ``max_seqlen_q`` and B, the
     persistent grid is one program per SM (at most). ``flags``: int32 ``[cdiv(max_seqlen_q,
-    128), B + 1, H, 2]`` (see :func:`flags_shape`), zeros: raised to 1 where a half tile's
-    output is not finite (allocated here when None). ``min_q``: sequences of at most that many
+    128), B + 1, H, 2]`` (see :func:`flags_shape`; its contents need not be initialised), all
+    written: 1 where a half tile's output is not finite, else 0 (allocated here when None). ``min_q``: sequences of at most that many
     queries are left alone, their rows unwritten (another kernel's: the split route).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
@@ -114,7 +115,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  scale, causal, out.stride(), block_table, min_q)
     if flags is None:
-        flags = torch.zeros(shape, dtype=torch.int32, device=q.device)
+        flags = torch.empty(shape, dtype=torch.int32, device=q.device)
     descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
              for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1]))]
     table = block_table if block_table is not None else cu_seqlens_k  # dense: unused
@@ -249,10 +250,9 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
                     scale: float, causal: bool = True, block_table=None, out=None,
                     min_q: int = 0):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
-    row reaches only the query rows that see it. A memset and two launches, the same every call
-    (no host sync, CUDA-graph safe): this kernel, which flags every half tile whose output is
-    not finite (a leak shows there, see the kernel's docstring), then :func:`fixup`, which
-    rewrites the flagged halves with the isolating FA2-style kernel and otherwise returns after
+    row reaches only the query rows that see it. Two launches, the same every call (no host
+    sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
+    (a leak shows there, see the kernel's docstring), then :func:`fixup`, which rewrites the flagged halves with the isolating FA2-style kernel and otherwise returns after
     one load per program. Same arguments and result as :func:`prefill`. A paged cache TMA
     cannot read (see :func:`cache_reason`, or a base not 16-byte aligned) is served by the
     FA2-style kernel alone (all of it, ``min_q`` or not: the rows it rewrites are the same)."""
@@ -267,7 +267,7 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
         return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, scale, causal, block_table, out=out)
     shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1])
-    flags = torch.zeros(shape, dtype=torch.int32, device=q.device)  # one memset
+    flags = torch.empty(shape, dtype=torch.int32, device=q.device)  # the kernel writes each
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
             block_table, out, flags, min_q)
     fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags,
@@ -281,8 +281,8 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     """:func:`prefill_guarded` for the call signature of these arguments (shapes, strides,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
-    directly once the first call has compiled them). A call allocates the output and the flags,
-    wraps q/k/v in descriptors whose fields are set directly (fixed by the signature but for
+    directly once the first call has compiled them). A call allocates the output, takes the
+    flags (common.scratch: kept per stream for eager calls, no memset), wraps q/k/v in descriptors whose fields are set directly (fixed by the signature but for
     the base) and calls the two launchers; Triton's launcher encodes each descriptor
     (``cuTensorMapEncodeTiled``). H200 host, 2 x 256 prompts: 36 us per call against 133
     for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three descriptors alone cost
@@ -295,6 +295,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from attn_ops.backends.triton.common import scratch
     from attn_ops.backends.triton.launch import prepare, stats
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     paged = block_table is not None
@@ -316,8 +317,8 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                                                     max_seqlen_q, scale, causal, shape[0],
                                                     block_table=block_table)
     fix = prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5, 6), f_scalars)
-    empty, empty_like, zeros = torch.empty, torch.empty_like, torch.zeros
-    out_shape, dtype, device, i32 = q.shape, q.dtype, q.device, torch.int32
+    empty, empty_like, flag_count = torch.empty, torch.empty_like, math.prod(shape)
+    out_shape, dtype, device = q.shape, q.dtype, q.device
     like_q = q.stride() == out_strides
     tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
 
@@ -329,7 +330,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         stats["bound"] += 1
         if out is None:
             out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
-        flags = zeros(shape, dtype=i32, device=device)  # one memset
+        flags = scratch(flag_count, device)  # kept per stream: each flag is written
         table = block_table if paged else cu_seqlens_k
         gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table))
         fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q, flags))

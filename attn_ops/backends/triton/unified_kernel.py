@@ -294,7 +294,7 @@ class Config(NamedTuple):
     warps: int
     stages: int
     one_loop: bool = True
-    fused: bool = False  # see decode_kernel.FUSED_MERGE (CUDA-graph trees)
+    fused: bool = True  # see decode_kernel.FUSED_MERGE (counters: common.semaphores)
 
 
 # Split-KV rule of decode_kernel: enough (tile, kv head, split) programs for _TARGET_WAVES times

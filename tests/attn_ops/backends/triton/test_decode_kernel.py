@@ -124,12 +124,12 @@ def test_decode_deep_pipeline_plan(monkeypatch):
 
 
 def test_fused_merge_counters_reset_and_plan():
-    # Opt-in (fused=True; off by default, see FUSED_MERGE): up to 8 splits merged in the last
-    # split program; its counters (one buffer per stream, kept) are zero again after every call;
-    # a traced call gets a fresh buffer.
+    # The default (FUSED_MERGE): up to 8 splits merged in the last split program; its counters
+    # (one buffer per stream for eager calls, kept) are zero again after every call; a traced
+    # call gets a fresh buffer.
     from attn_ops.backends.triton.common import semaphores
     from torch._subclasses.fake_tensor import FakeTensorMode
-    assert not decode_kernel.FUSED_MERGE
+    assert decode_kernel.FUSED_MERGE
 
     def fused(splits):
         return decode_kernel._plan(4, 4, 2, 32, 4, 10, torch.float32, torch.device("cpu"),
@@ -150,6 +150,17 @@ def test_fused_merge_counters_reset_and_plan():
         assert semaphores(8, cpu) is buf and torch.count_nonzero(buf) == 0
     with FakeTensorMode():
         assert semaphores(8, cpu) is not buf
+
+
+def test_capture_counters_are_handed_out_once():
+    # A captured call's counters (common._Slab): disjoint ranges of one zeroed buffer, front to
+    # back, then None (the caller falls back to a fresh zeroed buffer).
+    from attn_ops.backends.triton.common import _Slab
+    slab = _Slab(torch.zeros(10, dtype=torch.int32))
+    a, b, c = slab.take(4), slab.take(6), slab.take(1)
+    assert c is None and a.numel() == 4 and b.numel() == 6
+    assert a.data_ptr() + 4 * 4 == b.data_ptr() == slab.buf.data_ptr() + 16
+    assert slab.take(0) is not None and slab.used == 10
 
 
 def _every_other_column(t):

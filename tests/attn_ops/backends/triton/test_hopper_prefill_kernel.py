@@ -134,9 +134,10 @@ def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, request):
 
 @pytest.mark.cuda
 def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
-    """The leak of the test above, through the kernel alone: a half tile's flag (zeros before)
-    is 1 exactly when one of its rows below the sequence's length came out non-finite; a clean
-    call leaves every flag 0."""
+    """The leak of the test above, through the kernel alone: every flag is written (poisoned
+    before), 1 exactly when one of its half tile's rows below the sequence's length came out
+    non-finite, else 0; a clean call writes every flag 0. The padding rows (5 past the last
+    sequence) and the padding column ``B`` have flags too."""
     _gpu_only()
     lens, h, hkv, d, dev = [250, 130], 8, 2, 128, "cuda"
     q = torch.randn(sum(lens) + 5, h, d, device=dev).to(torch.bfloat16)
@@ -145,10 +146,10 @@ def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
     v[[200] + list(range(250, 270))] = float("nan")
     cu = cu_seqlens(lens, dev)
     shape = hp.flags_shape(max(lens), len(lens), h)
-    clean = torch.zeros(shape, dtype=torch.int32, device=dev)
+    clean = torch.full(shape, -7, dtype=torch.int32, device=dev)
     hp.prefill(q, k, v.nan_to_num(), cu, cu, max(lens), max(lens), d ** -0.5, True, flags=clean)
-    assert int(clean.abs().sum()) == 0, "finite values must raise no flag"
-    flags = torch.zeros(shape, dtype=torch.int32, device=dev)
+    assert torch.equal(clean, torch.zeros_like(clean)), "finite values: every flag written 0"
+    flags = torch.full(shape, -7, dtype=torch.int32, device=dev)
     out = hp.prefill(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, True,
                      out=torch.full_like(q, float("nan")), flags=flags)
     bad = ~torch.isfinite(out.float()).all(-1)  # [T, H]
@@ -196,10 +197,10 @@ def test_paged_prefix(page, causal, entry):
         run(*args)
         got = run(*args)
     elif entry == "prefill":
-        flags = torch.zeros(hp.flags_shape(max(lens_q), len(lens_q), h), dtype=torch.int32,
-                            device=dev)
+        flags = torch.full(hp.flags_shape(max(lens_q), len(lens_q), h), 5, dtype=torch.int32,
+                           device=dev)
         got = hp.prefill(*args, out=torch.full_like(q, float("nan")), flags=flags)
-        assert int(flags.sum()) == 0, "finite caches must raise no flag"
+        assert torch.equal(flags, torch.zeros_like(flags)), "finite caches: every flag 0"
     else:
         got = hp.prefill_guarded(*args, out=torch.full_like(q, float("nan")))
     assert_close(got, expected, *TOLERANCES[dtype])

@@ -3,6 +3,8 @@
 it cannot serve directly take the unbound entry. The launches are recorded, not run (Gluon
 kernels need an sm90 GPU; the GPU tests in test_hopper_prefill_kernel.py run them)."""
 
+import math
+
 import pytest
 import torch
 
@@ -71,11 +73,20 @@ class _Recorder:
         self.calls.append((name, tuple(grid), [_normal(a) for a in args], dict(consts)))
 
 
+_FLAGS_AT = {"gluon": 6, "fixup": 11}  # the flags' position in each launch's arguments
+
+
 def _flags_free(calls):
-    """The calls with each call's own flags buffer (a fresh allocation) replaced by its shape."""
-    return [(n, g, [a if not (isinstance(a, tuple) and a[0] == "tensor" and a[3] == torch.int32
-                              and len(a[2]) == 4) else ("flags", a[2]) for a in args], c)
-            for n, g, args, c in calls]
+    """The calls with the flags (int32, at least as many as flags_shape says; the unbound entry
+    allocates them, the bound one takes common.scratch) replaced by a marker."""
+    out = []
+    for n, g, args, c in calls:
+        args = list(args)
+        kind, _, shape, dtype = args[_FLAGS_AT[n]]
+        assert kind == "tensor" and dtype == torch.int32
+        args[_FLAGS_AT[n]] = ("flags", math.prod(shape))
+        out.append((n, g, args, c))
+    return out
 
 
 @pytest.mark.parametrize("dtype, d, page", [(torch.bfloat16, 128, 0), (torch.float16, 64, 0),
@@ -95,6 +106,8 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
     for calls in (unbound, bound):
         for _, _, a, _ in calls:
             a[3] = ("out",) + a[3][2:]
+    flags = math.prod(hp.flags_shape(args[5], args[3].shape[0] - 1, args[0].shape[1]))
+    assert _flags_free(unbound)[0][2][6] == ("flags", flags)
     assert _flags_free(bound) == _flags_free(unbound)
     gluon, consts = bound[0][2], bound[0][3]
     assert gluon[0][1] == args[0].data_ptr() and gluon[0][2] == [args[0].shape[0], 8 * d]
