@@ -1,10 +1,18 @@
 """Hopper (sm90) varlen prefill in Gluon: persistent, TMA ring, async wgmma, warp specialization.
 
-Work items are 128-row query tiles of one sequence and one head, numbered ``w = (g * (B + 1) +
-b) * H + h`` with g counted from the sequence's last tile (every sequence's longest causal tile
-first, and the heads that share a KV head next to each other). A persistent grid of about one
-program per SM walks them: program p takes items ``p, p + P, ...``; an item past its sequence's
-tiles costs two loads. Inside a program three partitions walk the same items at once:
+Work items are 128-row query tiles of one sequence and one head. Only the R sequences of more
+than ``min_q`` queries have items (0 but for the split route: shorter ones are another kernel's,
+empty ones have no row), numbered ``w = (g * R + r) * H + h`` for the r-th of them, with g
+counted from the sequence's last tile (every sequence's longest causal tile first, and the heads
+that share a KV head next to each other); then the items of a padding column ``b = B`` (``w =
+tiles * R * H + g * H + h``: the zeros of the rows past the last sequence). A persistent grid
+of about one program per SM walks them: program p takes items ``p, p + P, ...``; an item past
+its sequence's tiles costs a few loads. Each partition counts R at its start, and finds the r-th
+sequence per item (one pass over cu_seqlens_q, 32 sequences a step) only when R < B. Items
+that cost nothing, numbered among the others, gave some programs three real items where the
+mean was two: 2 chunks of 512 queries over 4k paged prefixes, 32 heads, 256 real items on 132
+SMs, with the padding column between the bands (``(g * (B + 1) + b) * H + h``) or beside 56
+decode sequences of the split route. Inside a program three partitions walk the same items:
 
 - a producer warp issues TMA loads: an item's two 64-row Q tiles, then its K and V tiles of
   BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier per stage
@@ -88,17 +96,47 @@ if GLUON:
         gl.store(ptr + i * 0, value + i * 0, mask=i == 0)
 
     @gluon.jit
-    def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q,
-              TILE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _real_sequences(CU_Q, stride_cq, num_seqs, min_q, j, NW: gl.constexpr):
+        """(the index of sequence ``j`` (from 0) among those of more than ``min_q`` queries, or
+        ``num_seqs``; how many such sequences there are): one pass over cu_seqlens_q, 32
+        sequences a step, each warp of the ``NW`` holding them all (reductions stay in-warp; the
+        producer warp's 32 registers leave room for one per thread)."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+        seen = num_seqs * 0
+        found = num_seqs
+        for c0 in range(0, num_seqs, 32):
+            b = c0 + gl.arange(0, 32, layout=layout)
+            ok = b < num_seqs
+            lo = gl.load(CU_Q + b * stride_cq, mask=ok, other=0)
+            hi = gl.load(CU_Q + (b + 1) * stride_cq, mask=ok, other=0)
+            real = (ok & (hi - lo > min_q)).to(gl.int32)
+            rank = seen + gl.associative_scan(real, 0, _add)
+            found = gl.minimum(found, gl.min(gl.where((real > 0) & (rank == j + 1), b, num_seqs),
+                                             axis=0))
+            seen += gl.sum(real, axis=0)
+        return found, seen
+
+    @gluon.jit
+    def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
+              TILE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+              NW: gl.constexpr):
         """Item ``w``: (g, seq, head, q_start, lq, m0, k_start, lk, n_iter). ``n_iter`` is the
         count of K/V tiles to walk, 0 when there is nothing to compute: the padding column
-        (``seq == num_seqs``), a tile past the sequence's, or one that sees no key. A sequence
-        of at most ``min_q`` queries is another kernel's (see the launcher's split route): it
-        counts as empty here (``lq`` 0), so nothing of it is computed or zeroed."""
-        per_g = (num_seqs + 1) * num_heads
-        g = w // per_g
+        (``seq == num_seqs``), a tile past the sequence's, or one that sees no key. Items
+        number only the ``n_real`` sequences of more than ``min_q`` queries (module docstring):
+        shorter ones are another kernel's (the launcher's split route), or empty."""
+        per_g = gl.maximum(n_real, 1) * num_heads
+        pad = w >= tiles * n_real * num_heads
+        g = gl.where(pad, (w - tiles * n_real * num_heads) // num_heads, w // per_g)
         seq = (w % per_g) // num_heads
-        head = w % num_heads
+        if n_real < num_seqs:  # some sequences have no item: find the seq-th that has
+            seq, _ = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, seq, NW)
+        seq = gl.where(pad, num_seqs, seq)
+        head = w % num_heads  # tiles * n_real * num_heads is a multiple of num_heads
         real = seq < num_seqs
         s = gl.minimum(seq, num_seqs - 1)  # the padding column reads a real sequence's bounds
         q_start = gl.load(CU_Q + s * stride_cq)
@@ -145,7 +183,7 @@ if GLUON:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready,
                   v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq, stride_ck, stride_tb,
-                  stride_tc, table_width, num_seqs, num_heads, n_items, min_q,
+                  stride_tc, table_width, num_seqs, num_heads, tiles, min_q,
                   GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
@@ -157,10 +195,11 @@ if GLUON:
         slot (see :func:`_page_rows`)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position
         done = 0  # items loaded so far: the Q barriers' phase
-        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 1)
+        for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
-                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q, 2 * BLOCK_M,
-                BLOCK_N, CAUSAL)
+                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
+                2 * BLOCK_M, BLOCK_N, CAUSAL, 1)
             if n_iter > 0:
                 q_row = q_start + m0
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
@@ -302,9 +341,24 @@ if GLUON:
                  mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
 
     @gluon.jit
+    def _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head):
+        """Zeros for the flags of tile ``g``, head ``head`` of every sequence of at most
+        ``min_q`` queries (no item visits them; the fixup reads every flag)."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [4, 1], [1, 0])
+        halves = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, layout)), 0)
+        for c0 in range(0, num_seqs, 128):
+            b = c0 + gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
+            ok = b < num_seqs
+            lo = gl.load(CU_Q + b * stride_cq, mask=ok, other=0)
+            hi = gl.load(CU_Q + (b + 1) * stride_cq, mask=ok, other=0)
+            idx = ((g * (num_seqs + 1) + b) * num_heads + head) * 2
+            skip = gl.expand_dims(ok & (hi - lo <= min_q), 1) & (halves < 2)
+            gl.store(FLAGS + gl.expand_dims(idx, 1) + halves, halves * 0, mask=skip)
+
+    @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
                   FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
-                  num_seqs, num_heads, n_items, tiles, min_q, qk_scale, WG: gl.constexpr,
+                  num_seqs, num_heads, tiles, min_q, qk_scale, WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """One warpgroup over the program's items: :func:`_attend` for those with keys; the
@@ -312,10 +366,11 @@ if GLUON:
         TILE: gl.constexpr = 2 * BLOCK_M
         it = 0
         done = 0
-        for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 4)
+        for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
-                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, min_q, TILE, BLOCK_N,
-                CAUSAL)
+                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
+                TILE, BLOCK_N, CAUSAL, 4)
             flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
             if n_iter > 0:
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
@@ -328,6 +383,9 @@ if GLUON:
                 _store_flag(FLAGS + flag_idx + WG, 0)
                 if WG == 0:
                     if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
+                        if n_real < num_seqs:  # the flags no item writes
+                            _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads,
+                                                  min_q, g, head)
                         first = gl.load(CU_Q + num_seqs * stride_cq)
                         for r0 in range(first + g * TILE, total_q, tiles * TILE):
                             _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE,
@@ -346,14 +404,14 @@ if GLUON:
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                               PAGE_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                               PRODUCER_REGS: gl.constexpr):
-        """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (B + 1) * H``
+        """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
         (module docstring); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
         head h, with ``t`` counted from the sequence's last tile. ``qk_scale`` = scale *
         log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, each written: 1 where an output row
-        of that half tile is not finite, else 0. ``TABLE``: the block table ``[B, table_width]`` int32 when ``PAGE`` > 0
-        (else unused); ``PAGE_ROWS`` = min(PAGE, BLOCK_N), the rows of the K/V descriptors'
-        blocks. Sequences of at most ``min_q`` queries are left alone (0: none)."""
-        n_items = tiles * (num_seqs + 1) * num_heads
+        of that half tile is not finite, else 0. ``TABLE``: the block table ``[B,
+        table_width]`` int32 when ``PAGE`` > 0 (else unused); ``PAGE_ROWS`` = min(PAGE,
+        BLOCK_N), the rows of the K/V descriptors' blocks. Sequences of at most ``min_q``
+        queries are left alone (0: none)."""
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -375,17 +433,17 @@ if GLUON:
         gl.warp_specialize([
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                         stride_ck, total_q, num_seqs, num_heads, n_items, tiles, min_q,
+                         stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                          qk_scale, 0,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                         stride_ck, total_q, num_seqs, num_heads, n_items, tiles, min_q,
+                         stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                          qk_scale, 1,
                          BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                          k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                          stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
-                         n_items, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, PAGE,
-                         PAGE_ROWS)),
+                         tiles, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                         CAUSAL, PAGE, PAGE_ROWS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -101,8 +101,9 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     ``cu_seqlens_q[-1]``, is zero. No host sync: the items come from ``max_seqlen_q`` and B, the
     persistent grid is one program per SM (at most). ``flags``: int32 ``[cdiv(max_seqlen_q,
     128), B + 1, H, 2]`` (see :func:`flags_shape`; its contents need not be initialised), all
-    written: 1 where a half tile's output is not finite, else 0 (allocated here when None). ``min_q``: sequences of at most that many
-    queries are left alone, their rows unwritten (another kernel's: the split route).
+    written: 1 where a half tile's output is not finite, else 0 (allocated here when None).
+    ``min_q``: sequences of at most that many queries are left alone, their rows unwritten
+    (another kernel's: the split route).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
@@ -252,8 +253,9 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. Two launches, the same every call (no host
     sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
-    (a leak shows there, see the kernel's docstring), then :func:`fixup`, which rewrites the flagged halves with the isolating FA2-style kernel and otherwise returns after
-    one load per program. Same arguments and result as :func:`prefill`. A paged cache TMA
+    (a leak shows there, see the kernel's docstring), then :func:`fixup`, which rewrites the
+    flagged halves with the isolating FA2-style kernel and otherwise returns after one load per
+    program. Same arguments and result as :func:`prefill`. A paged cache TMA
     cannot read (see :func:`cache_reason`, or a base not 16-byte aligned) is served by the
     FA2-style kernel alone (all of it, ``min_q`` or not: the rows it rewrites are the same)."""
     import torch
@@ -282,8 +284,9 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
     directly once the first call has compiled them). A call allocates the output, takes the
-    flags (common.scratch: kept per stream for eager calls, no memset), wraps q/k/v in descriptors whose fields are set directly (fixed by the signature but for
-    the base) and calls the two launchers; Triton's launcher encodes each descriptor
+    flags (common.scratch: kept per stream for eager calls, no memset), wraps q/k/v in
+    descriptors whose fields are set directly (fixed by the signature but for the base) and
+    calls the two launchers; Triton's launcher encodes each descriptor
     (``cuTensorMapEncodeTiled``). H200 host, 2 x 256 prompts: 36 us per call against 133
     for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three descriptors alone cost
     86-145 us per launch on two hosts).

@@ -204,3 +204,41 @@ def test_paged_prefix(page, causal, entry):
     else:
         got = hp.prefill_guarded(*args, out=torch.full_like(q, float("nan")))
     assert_close(got, expected, *TOLERANCES[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("page", [0, 16])
+def test_min_q_leaves_short_sequences_and_writes_every_flag(page):
+    """The split route's half (``min_q``): items only for the sequences of more than ``min_q``
+    queries (compacted: found per item among the others), their rows exact; the short
+    sequences' rows untouched (poisoned before), the rows past the last sequence zero, every
+    flag written 0 (poisoned before) on finite inputs, and 37 sequences (two steps of the
+    sequence search)."""
+    _gpu_only()
+    torch.manual_seed(1)
+    dev, h, hkv, d, dtype, min_q = "cuda", 8, 2, 128, torch.bfloat16, 4
+    lens_q = [3, 200, 0, 4, 130, 1] + [2, 5] * 15 + [129]
+    lens_k = [n + 40 for n in lens_q]
+    q = torch.randn(sum(lens_q) + 7, h, d, device=dev).to(dtype)
+    cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
+    if page:
+        paged = random_paged(lens_k, hkv, d, page, dtype, dev)
+        kv = (paged.k_cache, paged.v_cache)
+        tail = (paged.block_table,)
+    else:
+        kv = tuple(torch.randn(sum(lens_k), hkv, d, device=dev).to(dtype) for _ in range(2))
+        tail = (None,)
+    args = (q, *kv, cq, ck, max(lens_q), max(lens_k), d ** -0.5, True, *tail)
+    flags = torch.full(hp.flags_shape(max(lens_q), len(lens_q), h), 9, dtype=torch.int32,
+                       device=dev)
+    got = hp.prefill(*args, out=torch.full_like(q, float("nan")), flags=flags, min_q=min_q)
+    expected = reference.prefill(*args)
+    starts = cq.tolist()
+    for b, n in enumerate(lens_q):
+        rows = slice(starts[b], starts[b + 1])
+        if n > min_q:
+            assert_close(got[rows], expected[rows], *TOLERANCES[dtype], what=f"sequence {b}")
+        else:
+            assert torch.isnan(got[rows].float()).all(), f"sequence {b} is another kernel's"
+    assert torch.equal(got[starts[-1]:], torch.zeros_like(got[starts[-1]:]))
+    assert torch.equal(flags, torch.zeros_like(flags)), "every flag written, 0"
