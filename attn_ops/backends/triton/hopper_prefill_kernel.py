@@ -12,7 +12,10 @@ sequence per item (one pass over cu_seqlens_q, 32 sequences a step) only when R 
 that cost nothing, numbered among the others, gave some programs three real items where the
 mean was two: 2 chunks of 512 queries over 4k paged prefixes, 32 heads, 256 real items on 132
 SMs, with the padding column between the bands (``(g * (B + 1) + b) * H + h``) or beside 56
-decode sequences of the split route. Inside a program three partitions walk the same items:
+decode sequences of the split route. The count and the search are compiled in only for the
+split route (``COMPACT``): elsewhere R = B, and the search code cost dense prompts 3-8% (H200
+graph replays, 4 x 4096 1103 vs 1023 us, 16 x 1024 378 vs 349). Inside a program three
+partitions walk the same items:
 
 - a producer warp issues TMA loads: an item's two 64-row Q tiles, then its K and V tiles of
   BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier per stage
@@ -24,17 +27,8 @@ decode sequences of the split route. Inside a program three partitions walk the 
   same K/V slots. The source overlaps the next tile's ``Q K^T`` and its softmax with the
   previous tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for S_j, softmax, wait for O,
   rescale); the warp schedulers interleave the two warpgroups, so one's softmax runs against
-  the other's MMAs. In the SASS (ptxas 12.8, sm_90a) the in-warpgroup overlap does not happen:
-  ptxas writes the new P into the registers the in-flight ``P V`` still reads, so it waits for
-  that ``P V`` (``WARPGROUP.DEPBAR.LE gsb0, 0x0``) before the softmax's first FMNMX, in both
-  consumers and both builds. A second P register set (two steps per trip) moves the wait past
-  the softmax but spills 288 bytes at the worker's 216 registers (84 at 256 for the default
-  partition alone). FA3's ping-pong (the two warpgroups taking turns, through two mbarriers, to
-  issue their wgmmas) was slower on the H200 but at 16 x 1024 (graph replays, kernel alone,
-  TFLOP/s, ping-pong vs this): non-causal 4 x 4096 581 vs 593, causal 4 x 4096 549 vs 559,
-  16 x 1024 407 vs 404, 64 x 256 176 vs 179. No build spills as the JIT specializes it (out's
-  strides divisible by 16, as a contiguous ``[Tq, H, D]`` has): the 28 bytes of the non-causal
-  D 128 build came from compiling with unspecialized strides (16-bit stores in the epilogue).
+  the other's MMAs. As compiled, the in-warpgroup overlap does not happen, and FA3's ping-pong
+  measured slower: docs/backends.md, "the Gluon prefill's consumers, as compiled".
 
 P stays in registers as wgmma's A operand. Causal tiles past the diagonal are never loaded;
 masks are applied only on tiles that need them (the diagonal and the sequence's last partial
@@ -123,7 +117,7 @@ if GLUON:
     @gluon.jit
     def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
               TILE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-              NW: gl.constexpr):
+              NW: gl.constexpr, COMPACT: gl.constexpr):
         """Item ``w``: (g, seq, head, q_start, lq, m0, k_start, lk, n_iter). ``n_iter`` is the
         count of K/V tiles to walk, 0 when there is nothing to compute: the padding column
         (``seq == num_seqs``), a tile past the sequence's, or one that sees no key. Items
@@ -133,8 +127,9 @@ if GLUON:
         pad = w >= tiles * n_real * num_heads
         g = gl.where(pad, (w - tiles * n_real * num_heads) // num_heads, w // per_g)
         seq = (w % per_g) // num_heads
-        if n_real < num_seqs:  # some sequences have no item: find the seq-th that has
-            seq, _ = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, seq, NW)
+        if COMPACT:
+            if n_real < num_seqs:  # some sequences have no item: find the seq-th that has
+                seq, _ = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, seq, NW)
         seq = gl.where(pad, num_seqs, seq)
         head = w % num_heads  # tiles * n_real * num_heads is a multiple of num_heads
         real = seq < num_seqs
@@ -187,7 +182,7 @@ if GLUON:
                   GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
-                  PAGE_ROWS: gl.constexpr):
+                  PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr):
         """One warp: per item, Q once both consumers released the previous item's Q, then K_j /
         V_j into ring slot ``(it + j) % STAGES`` when both consumers have released it (empty
         barriers count two arrivals; a fresh barrier passes phase 1). Paged K/V (``PAGE`` > 0):
@@ -195,11 +190,13 @@ if GLUON:
         slot (see :func:`_page_rows`)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position
         done = 0  # items loaded so far: the Q barriers' phase
-        _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 1)
+        n_real = num_seqs
+        if COMPACT:
+            _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 1)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
-                2 * BLOCK_M, BLOCK_N, CAUSAL, 1)
+                2 * BLOCK_M, BLOCK_N, CAUSAL, 1, COMPACT)
             if n_iter > 0:
                 q_row = q_start + m0
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
@@ -360,17 +357,19 @@ if GLUON:
                   FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
                   num_seqs, num_heads, tiles, min_q, qk_scale, WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, COMPACT: gl.constexpr):
         """One warpgroup over the program's items: :func:`_attend` for those with keys; the
         first warpgroup also writes the zeros (padding rows, tiles that see no key)."""
         TILE: gl.constexpr = 2 * BLOCK_M
         it = 0
         done = 0
-        _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 4)
+        n_real = num_seqs
+        if COMPACT:
+            _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 4)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
-                TILE, BLOCK_N, CAUSAL, 4)
+                TILE, BLOCK_N, CAUSAL, 4, COMPACT)
             flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
             if n_iter > 0:
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
@@ -383,7 +382,7 @@ if GLUON:
                 _store_flag(FLAGS + flag_idx + WG, 0)
                 if WG == 0:
                     if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
-                        if n_real < num_seqs:  # the flags no item writes
+                        if COMPACT:  # the flags no item writes
                             _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads,
                                                   min_q, g, head)
                         first = gl.load(CU_Q + num_seqs * stride_cq)
@@ -402,8 +401,8 @@ if GLUON:
                               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
-                              PAGE_ROWS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                              PRODUCER_REGS: gl.constexpr):
+                              PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr,
+                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
         (module docstring); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
         head h, with ``t`` counted from the sequence's last tile. ``qk_scale`` = scale *
@@ -411,7 +410,9 @@ if GLUON:
         of that half tile is not finite, else 0. ``TABLE``: the block table ``[B,
         table_width]`` int32 when ``PAGE`` > 0 (else unused); ``PAGE_ROWS`` = min(PAGE,
         BLOCK_N), the rows of the K/V descriptors' blocks. Sequences of at most ``min_q``
-        queries are left alone (0: none)."""
+        queries are left alone (0: none). ``COMPACT`` (the launcher sets it when ``min_q`` >
+        0): items only for the other sequences (module docstring); without it R = B, and the
+        short sequences' items are cheap ones among the others."""
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -435,15 +436,15 @@ if GLUON:
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                          stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                          qk_scale, 0,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                          stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                          qk_scale, 1,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                          k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                          stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
                          tiles, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                         CAUSAL, PAGE, PAGE_ROWS)),
+                         CAUSAL, PAGE, PAGE_ROWS, COMPACT)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

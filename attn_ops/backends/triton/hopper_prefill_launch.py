@@ -161,7 +161,8 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
                float(scale) * LOG2E)
     consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), PAGE=page,
-                  PAGE_ROWS=kv_rows, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+                  PAGE_ROWS=kv_rows, COMPACT=min_q > 0, CONSUMER_REGS=CONSUMER_REGS,
+                  PRODUCER_REGS=PRODUCER_REGS,
                   num_warps=4, maxnreg=MAXNREG)
     fp16 = q.dtype == torch.float16
     blocks = ((BLOCK_M, _layout(BLOCK_M, head_dim, fp16)),

@@ -170,3 +170,17 @@ def test_a_paged_cache_tma_cannot_read_takes_the_fa2_style_kernel(monkeypatch):
     assert hp.bind_prefill_guarded(*args) is hp.prefill_guarded
     hp.prefill_guarded(*args)
     assert len(taken) == 1 and not rec.calls
+
+
+@pytest.mark.parametrize("min_q", [0, 4])
+def test_only_the_split_routes_launch_numbers_items_over_the_longer_sequences(monkeypatch, min_q):
+    # COMPACT (the item count and the per-item sequence search) is compiled in only where
+    # min_q > 0 skips sequences: in dense prompts the search code cost 3-8%.
+    rec = _Recorder(monkeypatch)
+    args = _inputs()
+    hp.bind_prefill_guarded(*args, min_q=min_q)(*args)
+    hp.prefill_guarded(*args, min_q=min_q)
+    gluon = [c for c in rec.calls if c[0] == "gluon"]
+    assert len(gluon) == 2
+    assert all(c[3]["COMPACT"] is (min_q > 0) for c in gluon)
+    assert all(c[2][8 + 11] == min_q for c in gluon), "min_q: the 12th scalar"
