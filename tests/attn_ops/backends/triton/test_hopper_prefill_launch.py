@@ -120,6 +120,12 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
         assert bound[1][2][6][1] == args[9].data_ptr(), "the fixup reads the block table"
     else:
         assert consts["PAGE"] == 0
+    # A third K/V stage for paged chunks of at most 1024 queries at D 128 (measured there).
+    assert consts["STAGES"] == (3 if page and d == 128 else hp._CONFIGS[d][1])
+    if page and d == 128:  # longer chunks keep two
+        plan = hp._plan(args[0], args[1], args[3], args[4], 2048, args[7], True,
+                        args[0].stride(), args[9])
+        assert plan[2]["STAGES"] == 2
 
 
 def test_each_call_describes_its_own_tensors(monkeypatch):
