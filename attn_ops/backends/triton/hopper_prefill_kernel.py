@@ -7,14 +7,12 @@ counted from the sequence's last tile (every sequence's longest causal tile firs
 that share a KV head next to each other); then the items of a padding column ``b = B`` (``w =
 tiles * R * H + g * H + h``: the zeros of the rows past the last sequence). A persistent grid
 of about one program per SM walks them: program p takes items ``p, p + P, ...``; an item past
-its sequence's tiles costs a few loads. Each partition counts R at its start, and finds the r-th
-sequence per item (one pass over cu_seqlens_q, 32 sequences a step) only when R < B. Items
-that cost nothing, numbered among the others, gave some programs three real items where the
-mean was two: 2 chunks of 512 queries over 4k paged prefixes, 32 heads, 256 real items on 132
-SMs, with the padding column between the bands (``(g * (B + 1) + b) * H + h``) or beside 56
-decode sequences of the split route. The count and the search are compiled in only for the
-split route (``COMPACT``): elsewhere R = B, and the search code cost dense prompts 3-8% (H200
-graph replays, 4 x 4096 1103 vs 1023 us, 16 x 1024 378 vs 349). Inside a program three
+its sequence's tiles costs a few loads. Cheap items numbered among the real ones gave some
+programs three real items where the mean was two (2 chunks of 512 queries over 4k paged
+prefixes, 256 real items on 132 SMs; the split route's 56 decode sequences beside them). Only
+the split route (``COMPACT``) counts R and finds the r-th sequence per item (a scan over
+cu_seqlens_q, 32 sequences a step, when R < B); elsewhere R = B: the search code cost dense
+prompts 3-8% (H200 graph replays, 4 x 4096 1103 vs 1023 us). Inside a program three
 partitions walk the same items:
 
 - a producer warp issues TMA loads: an item's two 64-row Q tiles, then its K and V tiles of
@@ -96,9 +94,8 @@ if GLUON:
     @gluon.jit
     def _real_sequences(CU_Q, stride_cq, num_seqs, min_q, j, NW: gl.constexpr):
         """(the index of sequence ``j`` (from 0) among those of more than ``min_q`` queries, or
-        ``num_seqs``; how many such sequences there are): one pass over cu_seqlens_q, 32
-        sequences a step, each warp of the ``NW`` holding them all (reductions stay in-warp; the
-        producer warp's 32 registers leave room for one per thread)."""
+        ``num_seqs``; their count): 32 sequences a step, each of the ``NW`` warps holding them
+        all (in-warp reductions; the producer's 32 registers leave room for one per thread)."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
         seen = num_seqs * 0
         found = num_seqs
@@ -115,14 +112,22 @@ if GLUON:
         return found, seen
 
     @gluon.jit
+    def _sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, NW: gl.constexpr,
+                              COMPACT: gl.constexpr):
+        """R (module docstring): B, or with ``COMPACT`` the sequences of > ``min_q`` queries."""
+        n_real = num_seqs
+        if COMPACT:
+            _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, NW)
+        return n_real
+
+    @gluon.jit
     def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
               TILE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
               NW: gl.constexpr, COMPACT: gl.constexpr):
         """Item ``w``: (g, seq, head, q_start, lq, m0, k_start, lk, n_iter). ``n_iter`` is the
         count of K/V tiles to walk, 0 when there is nothing to compute: the padding column
         (``seq == num_seqs``), a tile past the sequence's, or one that sees no key. Items
-        number only the ``n_real`` sequences of more than ``min_q`` queries (module docstring):
-        shorter ones are another kernel's (the launcher's split route), or empty."""
+        number the ``n_real`` sequences of more than ``min_q`` queries (module docstring)."""
         per_g = gl.maximum(n_real, 1) * num_heads
         pad = w >= tiles * n_real * num_heads
         g = gl.where(pad, (w - tiles * n_real * num_heads) // num_heads, w // per_g)
@@ -190,9 +195,7 @@ if GLUON:
         slot (see :func:`_page_rows`)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position
         done = 0  # items loaded so far: the Q barriers' phase
-        n_real = num_seqs
-        if COMPACT:
-            _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 1)
+        n_real = _sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 1, COMPACT)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
@@ -339,8 +342,7 @@ if GLUON:
 
     @gluon.jit
     def _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head):
-        """Zeros for the flags of tile ``g``, head ``head`` of every sequence of at most
-        ``min_q`` queries (no item visits them; the fixup reads every flag)."""
+        """Zeros for the flags (tile ``g``, ``head``) of the sequences no item visits."""
         layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [4, 1], [1, 0])
         halves = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, layout)), 0)
         for c0 in range(0, num_seqs, 128):
@@ -363,9 +365,7 @@ if GLUON:
         TILE: gl.constexpr = 2 * BLOCK_M
         it = 0
         done = 0
-        n_real = num_seqs
-        if COMPACT:
-            _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, 4)
+        n_real = _sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 4, COMPACT)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
