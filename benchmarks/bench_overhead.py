@@ -7,7 +7,11 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
   device time of one call (do_bench). Our op path (``torch.ops.attn.*``, ``attn_ops.*`` with
   ``backend=``), the Triton kernel wrapper alone, with its launch bound (the compiled launcher
   called directly, attn_ops/backends/triton/launch.py) and through Triton's own
-  ``kernel[grid]`` path, beside torch calls of similar size.
+  ``kernel[grid]`` path, beside torch calls of similar size. On an sm90 GPU also the Hopper
+  route (2 x 256 prompts: the guarded Gluon kernel and its fixup launch), through the op and
+  bound alone. The op and bound rows run twice, ``launcher`` ``Python`` (before: prepared
+  launches call ``CompiledKernel.run``, Triton's Python wrapper of the launcher) and ``C``
+  (after: attn_ops/backends/triton/raw_launch.py calls the launcher's C function).
 * ``chain``: a torch.compile'd function of 32 decode calls, each feeding the next, per call:
   ``attn_ops`` backend with Triton inlined (Inductor launches our kernels), the same with the
   attn ops kept as extern calls (``attn_ops.inline_triton=False``), and 32 SDPA calls compiled by
@@ -76,6 +80,10 @@ def _inputs(dev, b=1):
     t.qd = t.q1.view(b, h, 1, d)
     t.kd = t.k_cache.view(b, 4, page, hkv, d)[:, 2].transpose(1, 2)  # [b, Hkv, 16, D]
     t.k_flat = t.k_cache.view(-1, hkv, d)
+    # 2 x 256 prompts: the Hopper route's launches (sm90), eager threshold lifted (see main)
+    t.qh = torch.randn(512, h, d, device=dev, dtype=bf)
+    t.kh, t.vh = (torch.randn(512, hkv, d, device=dev, dtype=bf) for _ in range(2))
+    t.cuh = torch.tensor([0, 256, 512], dtype=torch.int32, device=dev)
     return t
 
 
@@ -129,7 +137,29 @@ def eager_cases(dev):
             "kernel wrapper, launch bound": prefill_w,
             "kernel wrapper, Triton's kernel[grid]": _unbound(prefill_w),
             **_fa3_cases(t),
+            **_hopper_cases(t),
         },
+    }
+
+
+def _hopper_cases(t) -> dict:
+    """The Hopper route (the guarded Gluon kernel and its fixup: two launches) on 2 x 256
+    prompts, through the op and bound alone, on an sm90 GPU."""
+    from attn_ops.backends import triton as tb
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    args = (t.qh, t.kh, t.vh, t.cuh, t.cuh, 256, 256, 0.08, True)
+    if tb.prefill_route(t.qh, t.kh, t.cuh, 256) != "hopper":
+        return {}
+    run = None
+
+    def bound():
+        nonlocal run
+        if run is None:  # bound on the first call (after main has chosen raw_launch or not)
+            run = hopper.bind_prefill_guarded(*args)
+        return run(*args)
+    return {
+        "torch.ops.attn.prefill, Hopper route, 2 x 256": lambda: torch.ops.attn.prefill(*args),
+        "Hopper route bound (bind_prefill_guarded), 2 x 256": bound,
     }
 
 
@@ -466,14 +496,28 @@ def main():
                            "cpu_min", "cpu_max"])
         return
     os.environ["ATTN_OPS_BACKEND"] = "triton"  # for the torch.ops.attn.* rows
+    from attn_ops import registry
+    from attn_ops.backends import triton as tb
+    from attn_ops.backends.triton import launch
+    # The Hopper rows' 2 x 256 prompts are below the eager work threshold: lifted so that they
+    # take the route (the other rows' shapes are not on it).
+    tb._HOPPER_EAGER_MIN_WORK = 0
     dev = device(args)
     calls = 20 if args.smoke else CALLS
     rows = []
-    for op, paths in eager_cases(dev).items():
-        for path, fn in paths.items():
-            rows.append(dict(bench="eager", op=op, path=path,
-                             host_us=host_us(fn, calls, not args.smoke),
-                             gpu_us=bench_ms(fn, args.smoke) * 1e3))
+    # Before (prepared launches through the launcher's Python wrapper, CompiledKernel.run) and
+    # after (raw_launch: its C function), the op and bound rows only; each pass binds afresh.
+    for raw in (True,) if args.smoke else (False, True):
+        launch.raw = raw
+        registry.clear_cache()
+        launch.clear()
+        for op, paths in eager_cases(dev).items():
+            for path, fn in paths.items():
+                if not raw and not (path.startswith("torch.ops") or "bound" in path):
+                    continue
+                rows.append(dict(bench="eager", op=op, launcher="C" if raw else "Python",
+                                 path=path, host_us=host_us(fn, calls, not args.smoke),
+                                 gpu_us=bench_ms(fn, args.smoke) * 1e3))
     if not args.smoke:
         for path, fn in chain_cases(dev).items():
             try:  # one path failing (a compile error) leaves the others measured
@@ -488,7 +532,7 @@ def main():
         r.update(device=env["device"], date=env["date"], torch=env["torch"],
                  triton=env["triton"])
     write_csv(args.out / "overhead.csv", rows)
-    print_table(rows, ["bench", "op", "path", "host_us", "gpu_us"])
+    print_table(rows, ["bench", "op", "launcher", "path", "host_us", "gpu_us"])
     if args.profile:
         cases = eager_cases(dev)
         profile({f"{op}: {path}": cases[op][path] for op in ("store_kvcache", "decode")

@@ -109,7 +109,9 @@ HOPPER_PREFILL = True
 # time is about its kernel's, takes the other route's bound kernel. A call being captured into
 # a CUDA graph (no host time per replay) always takes the Hopper one.
 _HOPPER_EAGER_MIN_WORK = 1 << 32
-_capturing = torch.cuda.is_current_stream_capturing
+# torch.cuda.is_current_stream_capturing without its Python frame (read once per signature)
+_capturing = (torch._C._cuda_isCurrentStreamCapturing if torch.backends.cuda.is_built()
+              else torch.cuda.is_current_stream_capturing)
 
 
 def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=None,
@@ -320,9 +322,14 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                                        given["max_seqlen_k"], given["scale"],
                                        given.get("causal", True), table, min_q)
 
+        tensor, depth, capturing = torch.Tensor, torch._C._len_torch_dispatch_stack, _capturing
+
         def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                    causal=True, block_table=None, *rest, **rest_kw):  # no other extra served
-            if eager is not None and not _capturing():
+            if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
+                return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               scale, causal, block_table, *rest, **rest_kw)
+            if eager is not None and not capturing():
                 return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              scale, causal, block_table, *rest, **rest_kw)
             out = None
@@ -331,6 +338,8 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                             scale, causal, block_table, *rest, **rest_kw)
             return guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            scale, causal, block_table, out)
+        # The functions it calls count their calls (launch.stats["bound"]) themselves.
+        hopper.routes_traced = True  # the dispatch memo may call it directly (bind_args)
         return hopper
     if route == "unified":
         from attn_ops.backends.triton.unified_launch import bind_prefill

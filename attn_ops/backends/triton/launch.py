@@ -62,6 +62,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from attn_ops.backends.triton import raw_launch
+from attn_ops.backends.triton.raw_launch import is_descriptor
+
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
@@ -79,9 +82,13 @@ class _Bound(NamedTuple):
 _bound: dict[int, dict] = {}
 _MAX_PER_KERNEL = 256  # a long-running server sees a handful; a sweep may see more
 # Launches each way, and calls served by a per-signature function of the Triton backend's
-# bind() ("bound"); tests and benchmarks read it.
-stats = {"direct": 0, "triton": 0, "bound": 0}
+# bind() ("bound"); of the direct ones, those through raw_launch ("raw"). Tests and benchmarks
+# read it.
+stats = {"direct": 0, "triton": 0, "bound": 0, "raw": 0}
 enabled = True  # False: every launch through kernel[grid] (tests compare; debugging)
+# False: prepared launches pinned from now on call CompiledKernel.run, not raw_launch's call of
+# the C launch function (benchmarks compare; debugging).
+raw = True
 
 _driver = None
 
@@ -110,7 +117,7 @@ def _arg_key(args: tuple) -> tuple | None:
             append((a.dtype, a.data_ptr() % 16 == 0))
         elif t is float or t is bool or a is None:
             append(t)
-        elif _is_descriptor(a):  # all of a host TMA descriptor but its base's address
+        elif is_descriptor(a):  # all of a host TMA descriptor but its base's address
             append((t, a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape),
                     tuple(a.shape), tuple(a.strides), a.padding, repr(a.layout)))
         else:
@@ -118,18 +125,12 @@ def _arg_key(args: tuple) -> tuple | None:
     return tuple(key)
 
 
-def _is_descriptor(a) -> bool:
-    """``a`` is a host TMA descriptor (Gluon's or Triton's ``TensorDescriptor``: a base tensor,
-    shape, strides, block shape and shared layout), which the compiled launcher encodes."""
-    return hasattr(a, "block_shape") and hasattr(a, "base")
-
-
 def _traced(first) -> bool:
     """The launch is being traced: its first argument (a descriptor's base, for Gluon kernels
     that lead with descriptors) is a fake / functional tensor or a subclass, or a dispatch mode
     is active."""
     if type(first) is not torch.Tensor:  # a plain tensor first skips the attribute probes
-        if not _is_descriptor(first):
+        if not is_descriptor(first):
             return True
         first = first.base
     return type(first) is not torch.Tensor or bool(torch._C._len_torch_dispatch_stack())
@@ -311,8 +312,10 @@ def prepare(kernel, grid: tuple, kwargs: dict, check: tuple[int, ...] | None = N
     checks only what the signature cannot pin, the current device and that every tensor address
     is still a multiple of 16 (one generated expression), and calls the compiled launcher
     (~1.5 us of Python on the development CPU against 3.5 for :func:`bind_signature`'s lookup
-    and 7.5 for the keyed path). A launch hook (a profiler) gets what ``JITFunction.run`` gives
-    it. Under the interpreter every call is ``kernel[grid](...)``.
+    and 7.5 for the keyed path). Where raw_launch knows the launcher, the call goes one level
+    lower: the C launch function with the addresses as ints and TMA descriptors encoded once
+    per base address (see raw_launch). A launch hook (a profiler) gets what
+    ``JITFunction.run`` gives it. Under the interpreter every call is ``kernel[grid](...)``.
 
     ``check``: the positions of the tensors whose alignment a call must check (default: every
     tensor). The wrappers leave out what they allocate themselves (torch's allocators align
@@ -330,20 +333,28 @@ def prepare(kernel, grid: tuple, kwargs: dict, check: tuple[int, ...] | None = N
     get_device = get_stream = runtime = None
     hook_chain = None  # Triton's HookChain class: a chain with no calls is no hook
     pinned = None  # the _Bound specialisation
+    fire = None  # raw_launch.build's call of the C launch function, when it knows the launcher
 
     def launcher(args: tuple) -> None:
         nonlocal device, aligned, run, function, packed, tail, get_device, get_stream, runtime
-        nonlocal hook_chain, pinned
-        if run is not None and enabled and get_device() == device and aligned(args):
+        nonlocal hook_chain, pinned, fire
+        if run is not None and enabled and get_device() == device:
             enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-            if (enter is None or enter.__class__ is hook_chain and not enter.calls) and (
-                    leave is None or leave.__class__ is hook_chain and not leave.calls):
-                run(g0, g1, g2, get_stream(device), function, packed, None, None, None, *args,
-                    *tail)
-                stats["direct"] += 1
-            else:  # a profiler's hooks are set: give them what JITFunction.run gives them
-                _direct(pinned, grid, get_stream(device), runtime, args + fixed)
-            return
+            idle = (enter is None or enter.__class__ is hook_chain and not enter.calls) and (
+                leave is None or leave.__class__ is hook_chain and not leave.calls)
+            if idle and fire is not None:
+                if fire(args, get_stream(device)):  # False: an address moved off 16 bytes
+                    stats["direct"] += 1
+                    stats["raw"] += 1
+                    return
+            elif aligned(args):
+                if idle:
+                    run(g0, g1, g2, get_stream(device), function, packed, None, None, None,
+                        *args, *tail)
+                    stats["direct"] += 1
+                else:  # a profiler's hooks are set: give them what JITFunction.run gives them
+                    _direct(pinned, grid, get_stream(device), runtime, args + fixed)
+                return
         full = args + fixed if fixed else args
         if _traced(args[0]) or not enabled or not hasattr(kernel, "device_caches"):
             launch(kernel, grid, *full, **kwargs)  # traced, disabled or interpreted
@@ -363,6 +374,7 @@ def prepare(kernel, grid: tuple, kwargs: dict, check: tuple[int, ...] | None = N
                     if type(hook).__name__ == "HookChain":
                         hook_chain = type(hook)
                 run = bound.run
+                fire = raw_launch.build(bound, args, tail, (g0, g1, g2), check) if raw else None
     launcher.kernel, launcher.grid, launcher.kwargs, launcher.fixed = kernel, grid, kwargs, fixed
     return launcher
 

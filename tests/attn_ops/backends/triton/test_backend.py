@@ -278,6 +278,33 @@ def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch):
     assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True, None, None)] * 2
 
 
+def test_the_hopper_route_sends_traced_calls_to_the_wrapper(monkeypatch):
+    # The memo calls the route's planned function directly (routes_traced), so the function
+    # itself sends a call under a dispatch mode (tracing) to the wrapper, all arguments on.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    calls, wrapped = [], []
+    monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "hopper")
+    monkeypatch.setattr(hopper, "bind_prefill_guarded",
+                        lambda *s: lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(tb, "prefill", lambda *a: wrapped.append(a) or a[1])
+    monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)
+    q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    args = (q, k, k, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
+    run = tb._bind_prefill(*args)
+    assert run.routes_traced
+    with Passthrough():
+        assert run(*args) is k
+    assert wrapped == [args] and not calls
+    assert run(*args) is q and len(calls) == 1
+
+
 @pytest.mark.parametrize("capturing", [False, True])
 def test_a_small_eager_call_on_the_hopper_route_takes_the_bound_kernel(monkeypatch, capturing):
     # Below the work threshold an eager call would spend more host time on the Hopper route's

@@ -180,7 +180,7 @@ def test_bound_calls_on_the_gpu_go_direct_and_equal_the_wrappers(op, poison, mon
     """CUDA: from the second call on the bound function launches through the compiled
     launcher (stats["direct"]), bit for bit what the wrapper writes through kernel[grid]."""
     from attn_ops.backends.triton import decode_kernel, store_kernel, unified_kernel
-    outs, direct = [], launch.stats["direct"]
+    outs, direct, raw = [], launch.stats["direct"], launch.stats["raw"]
     for _ in range(3):
         if op == "decode":
             args, _ = _decode_args("cuda")
@@ -197,6 +197,7 @@ def test_bound_calls_on_the_gpu_go_direct_and_equal_the_wrappers(op, poison, mon
             outs.append((mine[0], lambda k=key, c=caches, s=slots: (
                 store_kernel.store_kvcache(k, k, *c, s), c[0])[1]))
     assert launch.stats["direct"] > direct
+    assert launch.stats["raw"] > raw, "Triton 3.6's launcher: called below its Python wrapper"
     monkeypatch.setattr(launch, "enabled", False)
     for mine, plain in outs:
         _equal(mine, plain())

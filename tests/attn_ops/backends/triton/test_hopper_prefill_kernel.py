@@ -7,6 +7,7 @@ import torch
 
 from attn_ops.backends import reference
 from attn_ops.backends.triton import hopper_prefill_launch as hp
+from attn_ops.backends.triton import launch
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 
@@ -65,7 +66,12 @@ def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
         run = hp.bind_prefill_guarded(*args)
         run(*args)
         del out  # poison: the caching allocator hands this block to the next output
+        raw = launch.stats["raw"]
         got = run(*args)
+        # q at another address: its descriptor encoded anew, k's and v's kept (raw_launch).
+        torch.testing.assert_close(run(q.clone(), *args[1:]), got, rtol=0, atol=0,
+                                   equal_nan=True)
+        assert launch.stats["raw"] == raw + 4, "both launches of both calls through raw_launch"
     else:
         got = getattr(hp, entry)(*args, out=out)
         assert got.data_ptr() == out.data_ptr()
