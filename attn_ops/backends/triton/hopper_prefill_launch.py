@@ -295,11 +295,11 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     directly once the first call has compiled them). A call allocates the output, takes the
     flags (common.scratch: kept per stream for eager calls, no memset), wraps q/k/v in
     descriptors whose fields are set directly (fixed by the signature but for the base) and
-    calls the two launchers; Triton's launcher encodes each descriptor
-    (``cuTensorMapEncodeTiled``). 2 x 256 prompts, three H200 hosts: 36-51 us per call
-    against 133-270 for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three
-    descriptors alone cost 86-145 us per launch); of the 51, Triton's launcher of this kernel
-    (each descriptor made a CUtensorMap in Python) takes 23 us and the fixup's 15.
+    makes the two launches, each through the launcher's C function (raw_launch: a descriptor
+    encoded once per base address). 2 x 256 prompts, H200 host: 20 us per call (30 through
+    Triton's Python launcher, which encoded every descriptor per call; 133-270 for
+    :func:`prefill_guarded`: Gluon's ``JITFunction.run`` with three descriptors alone cost
+    86-145 us per launch); each launch about 7 us of it.
 
     The function returned takes ``out`` (contiguous ``[Tq, H, D]``, written in place) as an
     optional last argument: the split route passes the unified kernel's. Calls the signature

@@ -23,7 +23,8 @@ Triton would run):
 * the current device (Triton keeps one kernel cache per device);
 * a host TMA descriptor (the Gluon Hopper prefill's Q/K/V): its base's dtype and alignment,
   block shape, shape, strides, padding and shared layout (Triton specialises on a subset); the
-  compiled launcher encodes the descriptor itself on every call (``fill_tma_descriptor``).
+  compiled launcher encodes the descriptor itself on every call (``fill_tma_descriptor``),
+  except in a prepared launch that raw_launch serves (once per base address there).
 
 Other arguments (a grid given as a function, a tuple, an unhashable constexpr) make the call go
 through ``kernel[grid]`` unchanged. Triton's knobs that change how a kernel compiles

@@ -52,8 +52,8 @@ def _fake(monkeypatch, descriptors=None, **attrs):
     class CudaLauncher:
         global_scratch_size = profile_scratch_size = 0
         launch_cooperative_grid, launch_pdl = False, False
-        launch = (c_function if descriptors is None
-                  else _descriptor_wrapper(c_function, set(descriptors), list(descriptors.values())))
+        launch = (c_function if descriptors is None else _descriptor_wrapper(
+            c_function, set(descriptors), list(descriptors.values())))
 
         def __call__(self, *args):
             log.append(("wrapper",) + args)
