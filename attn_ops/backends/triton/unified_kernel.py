@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attn_ops.backends.triton import decode_kernel
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
                                              next_pow2, result)
 from attn_ops.backends.triton.softmax import (attend, attend_diagonal, finish, kv_scales,
@@ -347,6 +348,16 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
     cfg = config or launch_config(max_seqlen_q * group, head_dim, dtype)
     n_small = num_seqs if cfg.small_m else 0
     n_large = (total_q * group) // cfg.block_m + num_seqs if cfg.block_m else 0
+    # Small tiles alone, paged, about one (tile, kv head) program per SM: the decode kernel's
+    # WIDE pipeline (128-key steps, 5 stages, its split count). H200 graph replays, B 16 x
+    # 2048 keys, 1 / 2 / 4 / 8 queries: 39.9 / 41.5 / 41.7 / 46.8 us vs 42.9 / 44.7 / 45.2 / 53.4
+    # (the one-token decode 38.8); x 4096 and x 8192 -3 to -9%; at B 64 it loses (not taken).
+    deep = (config is None and splits is None and paged and not cfg.block_m and not INTERPRET
+            and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16)
+            and decode_kernel.deep_splits(n_small * num_kv_heads, device_sm_count(device),
+                                          capacity))
+    if deep and deep[1] == decode_kernel.WIDE_CONFIG:
+        splits, cfg = deep[0], cfg._replace(block_n=deep[1].block_n, stages=deep[1].stages)
     if splits is None:
         real_tiles = n_small if not cfg.block_m else (total_q * group) // cfg.block_m + num_seqs
         # A 32-row small tile does twice a 16-row tile's work per key, so it counts twice
@@ -354,7 +365,7 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
         weight = 2 if cfg.small_m == 32 and not cfg.block_m else 1
         splits = num_splits(real_tiles * num_kv_heads * weight, capacity,
                             device_sm_count(device), cfg.block_n)
-    if config is None and causal and splits == 1 and cfg.stages > 2:
+    if config is None and causal and splits == 1 and 2 < cfg.stages < 5:  # not WIDE's
         # H200, B = 64 sequences of 1-4 queries, ctx 2048, one split: 3 stages 176 us, 2 stages
         # 132 us (the one-token decode: 130); with splits (B = 16) 3 stages measured at parity.
         cfg = cfg._replace(stages=2)

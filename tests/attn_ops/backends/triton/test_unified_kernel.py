@@ -150,11 +150,38 @@ def test_thirty_two_row_tiles_take_long_steps_and_count_twice(monkeypatch):
     monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
     unified_kernel._plan.cache_clear()
     try:
-        def splits(nq):
+        def splits(nq):  # dense K/V: the paged cache's WIDE rule (below) stays out
             return unified_kernel._plan(16 * nq, 16, 32, 8, 128, nq, 2048, BF16,
-                                        torch.device("cpu"), False, True, True, 16, False,
+                                        torch.device("cpu"), False, True, False, 0, False,
                                         False, None, None)[0]
         assert (splits(4), splits(8)) == (4, 2)
+    finally:
+        unified_kernel._plan.cache_clear()
+
+
+def test_one_program_per_sm_over_a_paged_cache_takes_the_wide_pipeline(monkeypatch):
+    # Small tiles alone over a paged cache with about one (tile, kv head) program per SM (B 16
+    # x 8 kv heads on 132 SMs; B 8 with 2 splits): decode_kernel's WIDE pipeline, 128-key
+    # steps and 5 stages, its split count. Not at B 64 (4 programs per SM), dense K/V, a
+    # given config, or tiles with a large path.
+    monkeypatch.setattr(unified_kernel, "INTERPRET", False)
+    monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
+    unified_kernel._plan.cache_clear()
+
+    def plan(b, nq, paged=True, config=None, ctx=2048):
+        splits, grid, consts, _ = unified_kernel._plan(
+            b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"), False, True, paged,
+            16 if paged else 0, False, False, config, None)
+        return splits, consts["BLOCK_N"], consts["num_stages"], grid
+    try:
+        for nq in (1, 4, 8):
+            assert plan(16, nq)[:3] == (1, 128, 5)
+        assert plan(8, 4, ctx=4096)[:3] == (2, 128, 5)
+        assert plan(16, 4)[3] == (17, 8, 1)
+        assert plan(64, 4)[1:3] == (64, 2)  # one split, two stages (the rule for B 64)
+        assert plan(16, 4, paged=False)[:3] == (4, 64, 3)
+        assert plan(16, 4, config=unified_kernel.Config(16, 0, 64, 4, 3))[:3] == (4, 64, 3)
+        assert plan(16, 32)[1] == 64  # 128 packed rows: large tiles, no WIDE
     finally:
         unified_kernel._plan.cache_clear()
 
