@@ -112,21 +112,34 @@ def merge_splits_kernel(O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, num_splits, str
     offs_d = tl.arange(0, D_P2)
     s_ok = offs_s < num_splits
     dim_ok = offs_d < HEAD_DIM
-    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    idx = row * num_splits + offs_s
+    lse = tl.load(LSE_PART + idx, mask=s_ok, other=float("-inf"))
+    out, lse2 = merge_row(lse, O_PART, idx, s_ok, offs_d, dim_ok, SINK_LOGITS, head, stride_sk,
+                          HEAD_DIM, HAS_SINKS)
+    tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=dim_ok)
+    store_lse(LSE, row, lse2, True, WITH_LSE)
+
+
+@triton.jit
+def merge_row(lse, O_PART, idx, s_ok, offs_d, dim_ok, SINK_LOGITS, head, stride_sk,
+              HEAD_DIM: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """One row's merge (float32 output ``[D_P2]`` and log2-sum-exp) from its partials:
+    ``lse`` ``[S_P2]`` their log2-sum-exps (-inf: an empty split or padding, weight 0), the
+    normalised partials ``O_PART[idx, :HEAD_DIM]`` (``idx`` ``[S_P2]``, valid where ``s_ok``),
+    the sink of ``head`` added once (``HAS_SINKS``). :func:`merge_splits_kernel` and the
+    unified kernel's merge; the partials load after the weights, as each did on its own."""
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)  # empty split: exp2(-inf) = 0
     den = tl.sum(w, 0)
-    o = tl.load(O_PART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+    o = tl.load(O_PART + idx[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
     sink2 = 0.0
     if HAS_SINKS:
         sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
     factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
-    out = tl.sum(w[:, None] * o, 0) * factor
-    tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
-             mask=dim_ok)
-    store_lse(LSE, row, lse2, True, WITH_LSE)
+    return tl.sum(w[:, None] * o, 0) * factor, lse2
 
 
 @triton.jit

@@ -35,6 +35,7 @@ import triton.language as tl
 from attn_ops.backends.triton import decode_kernel
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
                                              next_pow2, result)
+from attn_ops.backends.triton.merge_kernel import merge_row
 from attn_ops.backends.triton.softmax import (attend, attend_diagonal, finish, kv_scales,
                                               merge_if_last, store_lse)
 
@@ -268,17 +269,8 @@ def _merge_kernel(O_PART, LSE_PART, O, CU_Q, LSE, SINK_LOGITS, num_splits, part_
     dim_ok = offs_d < HEAD_DIM
     idx = offs_s.to(tl.int64) * part_rows + row
     lse = tl.load(LSE_PART + idx, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)
-    den = tl.sum(w, 0)
-    o = tl.load(O_PART + idx[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
-    sink2 = 0.0
-    if HAS_SINKS:
-        sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
-    factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
-    out = tl.sum(w[:, None] * o, 0) * factor
+    out, lse2 = merge_row(lse, O_PART, idx, s_ok, offs_d, dim_ok, SINK_LOGITS, head, stride_sk,
+                          HEAD_DIM, HAS_SINKS)
     tl.store(O + token * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=dim_ok)
     store_lse(LSE, row, lse2, True, WITH_LSE)
