@@ -300,6 +300,8 @@ _MAX_SPLITS = 64
 _FUSED_MAX_SPLITS = 8
 # Packed rows up to which a sequence is one small-path tile: 64 = 16 queries at G = 4.
 _SMALL_ROWS_MAX = 64
+# 32-row small tiles over a paged cache take WIDE unsplit from this many programs per SM (_plan).
+_WIDE_32_ROWS_MIN = 0.7
 
 
 def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype) -> Config:
@@ -344,12 +346,18 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
     # WIDE pipeline (128-key steps, 5 stages, its split count). H200 graph replays, B 16 x
     # 2048 keys, 1 / 2 / 4 / 8 queries: 39.9 / 41.5 / 41.7 / 46.8 us vs 42.9 / 44.7 / 45.2 / 53.4
     # (the one-token decode 38.8); x 4096 and x 8192 -3 to -9%; at B 64 it loses (not taken).
-    deep = (config is None and splits is None and paged and not cfg.block_m and not INTERPRET
-            and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16)
-            and decode_kernel.deep_splits(n_small * num_kv_heads, device_sm_count(device),
-                                          capacity))
-    if deep and deep[1] == decode_kernel.WIDE_CONFIG:
-        splits, cfg = deep[0], cfg._replace(block_n=deep[1].block_n, stages=deep[1].stages)
+    free = (config is None and splits is None and paged and not cfg.block_m and not INTERPRET
+            and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16))
+    programs, sms = n_small * num_kv_heads, device_sm_count(device) if free else 0
+    deep = free and decode_kernel.deep_splits(programs, sms, capacity)
+    wide = decode_kernel.WIDE_CONFIG
+    if deep and deep[1] == wide:
+        splits, cfg = deep[0], cfg._replace(block_n=wide.block_n, stages=wide.stages)
+    elif free and cfg.small_m == 32 and _WIDE_32_ROWS_MIN * sms <= programs <= sms:
+        # 32-row tiles split dearly (a 32-row merge), so fewer programs take WIDE unsplit.
+        # H200, B 12 x 4096, 8 queries (0.73 per SM): 79.5 us vs 101.6 at the rule's 3 splits
+        # and 83.4 at 2 (the one-token decode: 56.6).
+        splits, cfg = 1, cfg._replace(block_n=wide.block_n, stages=wide.stages)
     if splits is None:
         real_tiles = n_small if not cfg.block_m else (total_q * group) // cfg.block_m + num_seqs
         # A 32-row small tile does twice a 16-row tile's work per key, so it counts twice
@@ -357,9 +365,10 @@ def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_d
         weight = 2 if cfg.small_m == 32 and not cfg.block_m else 1
         splits = num_splits(real_tiles * num_kv_heads * weight, capacity,
                             device_sm_count(device), cfg.block_n)
-    if config is None and causal and splits == 1 and 2 < cfg.stages < 5:  # not WIDE's
+    if config is None and causal and splits == 1 and 2 < cfg.stages < 5 and cfg.small_m < 32:
         # H200, B = 64 sequences of 1-4 queries, ctx 2048, one split: 3 stages 176 us, 2 stages
         # 132 us (the one-token decode: 130); with splits (B = 16) 3 stages measured at parity.
+        # 32-row tiles (8 queries) keep 3: B 64 x 2048 154.4 vs 157.8 us, x 8192 564.4 vs 576.2.
         cfg = cfg._replace(stages=2)
     grid = (n_small + n_large + 1, num_kv_heads, splits)
     consts = dict(GROUP=group, HEAD_DIM=head_dim, D_P2=max(16, next_pow2(head_dim)),

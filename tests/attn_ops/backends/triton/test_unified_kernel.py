@@ -186,6 +186,29 @@ def test_one_program_per_sm_over_a_paged_cache_takes_the_wide_pipeline(monkeypat
         unified_kernel._plan.cache_clear()
 
 
+def test_thirty_two_row_tiles_prefer_wide_and_three_stages_to_splits(monkeypatch):
+    # 8 queries at G = 4 (32-row tiles): B 12 x 8 kv heads (0.73 programs per SM) take WIDE
+    # unsplit where the wave rule gave 3 splits; 16-row tiles there keep the rule; below 0.7
+    # per SM (B 11) the rule stands. At B 64 one split keeps 3 stages (16-row tiles: 2).
+    monkeypatch.setattr(unified_kernel, "INTERPRET", False)
+    monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
+    unified_kernel._plan.cache_clear()
+
+    def plan(b, nq, ctx=4096):
+        splits, _, consts, _ = unified_kernel._plan(
+            b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"), False, True, True, 16,
+            False, False, None, None)
+        return splits, consts["BLOCK_N"], consts["num_stages"]
+    try:
+        assert plan(12, 8) == (1, 128, 5)
+        assert plan(11, 8) == (3, 128, 3)
+        assert plan(12, 4) == (5, 64, 3)
+        assert plan(64, 8, 2048) == (1, 128, 3)
+        assert plan(64, 4, 2048) == (1, 64, 2)
+    finally:
+        unified_kernel._plan.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA (the static tables' tiles: small path up to 64 packed rows, 128-row large tiles)
 # ---------------------------------------------------------------------------------------------
