@@ -39,6 +39,19 @@ def device_sm_count(device: torch.device) -> int:
     return sm_count(index)
 
 
+def device_is_sm90(device: torch.device) -> bool:
+    """``device`` is a Hopper (sm90) NVIDIA GPU, where Triton issues wgmma for 64-row tiles."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def softcap_constants(scale: float, softcap: float) -> tuple[float, float, float]:
     """(qk_scale, cap_log2, cap_inv) for :func:`scores_log2`.
 

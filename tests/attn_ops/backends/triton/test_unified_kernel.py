@@ -11,7 +11,7 @@ from attn_ops.backends import reference
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import unified_kernel  # noqa: E402  (imports triton)
+from attn_ops.backends.triton import common, unified_kernel  # noqa: E402  (imports triton)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -187,24 +187,41 @@ def test_one_program_per_sm_over_a_paged_cache_takes_the_wide_pipeline(monkeypat
 
 
 def test_thirty_two_row_tiles_prefer_wide_and_three_stages_to_splits(monkeypatch):
-    # 8 queries at G = 4 (32-row tiles): B 12 x 8 kv heads (0.73 programs per SM) take WIDE
-    # unsplit where the wave rule gave 3 splits; 16-row tiles there keep the rule; below 0.7
-    # per SM (B 11) the rule stands. At B 64 one split keeps 3 stages (16-row tiles: 2).
+    # 8 queries at G = 4 (32-row tiles) over a paged cache: B 12 x 8 kv heads (0.73 programs
+    # per SM) take WIDE unsplit where the wave rule gave 3 splits; 16-row tiles there keep the
+    # rule; below 0.7 per SM (B 11) the rule stands; from 1.55 per SM, 64-row tiles on sm90.
     monkeypatch.setattr(unified_kernel, "INTERPRET", False)
     monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
+    monkeypatch.setattr(unified_kernel, "device_is_sm90", lambda device: True)
     unified_kernel._plan.cache_clear()
 
-    def plan(b, nq, ctx=4096):
-        splits, _, consts, _ = unified_kernel._plan(
-            b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"), False, True, True, 16,
-            False, False, None, None)
+    def planned(b, nq, ctx, paged):
+        return unified_kernel._plan(b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"),
+                                    False, True, paged, 16 if paged else 0, False, False, None,
+                                    None)
+
+    def plan(b, nq, ctx=4096, paged=True):
+        splits, _, consts, _ = planned(b, nq, ctx, paged)
         return splits, consts["BLOCK_N"], consts["num_stages"]
+
+    def small_rows(b, nq):
+        return planned(b, nq, 2048, True)[2]["SMALL_M"]
     try:
         assert plan(12, 8) == (1, 128, 5)
         assert plan(11, 8) == (3, 128, 3)
         assert plan(12, 4) == (5, 64, 3)
-        assert plan(64, 8, 2048) == (1, 128, 3)
         assert plan(64, 4, 2048) == (1, 64, 2)
+        # from 1.55 programs per SM: 64-row tiles (Hopper's wgmma), 64-key steps, 5 stages
+        assert plan(64, 8, 2048) == (1, 64, 5)
+        assert plan(26, 8, 2048) == (1, 64, 5)
+        assert plan(25, 8, 2048) == (1, 128, 3)  # 1.52 per SM: 32 rows, the wave rule
+        assert small_rows(64, 8) == 64 and small_rows(25, 8) == 32
+        # dense K/V at B 64: 32-row tiles, one split, 3 stages kept (16-row tiles: 2)
+        assert plan(64, 8, 2048, paged=False) == (1, 128, 3)
+        unified_kernel._plan.cache_clear()  # not Hopper: no wgmma, 32-row tiles stay
+        monkeypatch.setattr(unified_kernel, "device_is_sm90", lambda device: False)
+        assert plan(64, 8, 2048) == (1, 128, 3) and small_rows(64, 8) == 32
+        assert not common.device_is_sm90(torch.device("cpu"))
     finally:
         unified_kernel._plan.cache_clear()
 
