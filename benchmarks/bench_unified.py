@@ -84,7 +84,7 @@ def _causal_flops(lens_q, lens_k, h=H, d=D):
 
 def few_queries(args, copy):
     import attn_ops
-    from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel
+    from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel, unified_plan
     dev = device(args)
     fa3 = _fa3()
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
@@ -99,7 +99,7 @@ def few_queries(args, copy):
         cu_q, cu_k = _cu([nq] * b, dev), _cu(lens_k, dev)
         seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
         sc = d ** -0.5
-        three_loops = unified_kernel.launch_config(nq * h // hkv, d, q.dtype)._replace(
+        three_loops = unified_plan.launch_config(nq * h // hkv, d, q.dtype)._replace(
             one_loop=False)
         runs = {
             "decode 1 token (split-KV kernel)": lambda: decode_kernel.decode(
@@ -139,7 +139,7 @@ def few_queries(args, copy):
 
 def mixed(args, copy, mm):
     import attn_ops
-    from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel
+    from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel, unified_plan
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
     ctx, chunk = (64, 16) if args.smoke else (4096, 512)
@@ -351,7 +351,7 @@ def decode(args, copy):
 def probe(args, copy):
     """Variants that locate the few-query gap at one split (B = 64) and at 8 queries, and the
     mixed batch's large-tile config and split count."""
-    from attn_ops.backends.triton import decode_kernel, unified_kernel
+    from attn_ops.backends.triton import decode_kernel, unified_kernel, unified_plan
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
     sc = d ** -0.5
@@ -365,7 +365,7 @@ def probe(args, copy):
         seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
         runs = {"decode 1 token": lambda: decode_kernel.decode(q[:b], k_cache, v_cache, seqlens,
                                                                 table, sc)}
-        cfg = unified_kernel.launch_config(nq * h // hkv, d, q.dtype)
+        cfg = unified_plan.launch_config(nq * h // hkv, d, q.dtype)
         variants = [("default", {}), ("non-causal", dict(causal=False)),
                     ("2 splits", dict(splits=2)), ("4 splits", dict(splits=4)),
                     ("block_n 32", dict(config=cfg._replace(block_n=32))),

@@ -154,9 +154,9 @@ _SPLIT_ROWS = 16
 
 
 def _split_config(q):
-    """The unified kernel's small path alone, for ``_SPLIT_ROWS`` rows (unified_kernel.Config)."""
-    from attn_ops.backends.triton import unified_kernel
-    return unified_kernel.launch_config(_SPLIT_ROWS, q.shape[2], q.dtype)
+    """The unified kernel's small path alone, for ``_SPLIT_ROWS`` rows (unified_plan.Config)."""
+    from attn_ops.backends.triton import unified_plan
+    return unified_plan.launch_config(_SPLIT_ROWS, q.shape[2], q.dtype)
 
 
 def _split_min_q(q, k, block_table) -> int:

@@ -25,19 +25,15 @@ Serves prefill (paged or packed dense K/V) and decode (``DECODE``: lengths from 
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton import decode_kernel
-from attn_ops.backends.triton.common import (INTERPRET, device_is_sm90, device_sm_count,
-                                             dot_mode, extras, next_pow2, result)
+from attn_ops.backends.triton.common import extras, result
 from attn_ops.backends.triton.merge_kernel import merge_row
 from attn_ops.backends.triton.softmax import (attend, attend_diagonal, finish, kv_scales,
                                               merge_if_last, store_lse)
+from attn_ops.backends.triton.unified_plan import Config
 
 
 @triton.jit
@@ -274,122 +270,6 @@ def _merge_kernel(O_PART, LSE_PART, O, CU_Q, LSE, SINK_LOGITS, num_splits, part_
     tl.store(O + token * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=dim_ok)
     store_lse(LSE, row, lse2, True, WITH_LSE)
-
-
-class Config(NamedTuple):
-    """Launch parameters: rows of a small-path tile (0: no small path), rows of a large-path tile
-    (0: no large path), keys per step, warps, pipeline stages; ``one_loop``: the small path walks
-    its keys in one masked loop (else masked / unmasked / masked loops, as the large path);
-    ``fused``: the last split program merges (else a second launch, :func:`_merge_kernel`)."""
-    small_m: int
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-    one_loop: bool = True
-    fused: bool = True  # see decode_kernel.FUSED_MERGE (counters: common.semaphores)
-
-
-# Split-KV rule of decode_kernel: enough (tile, kv head, split) programs for _TARGET_WAVES times
-# the SM count, no split shorter than _MIN_SPLIT_KEYS keys of the static key bound, at most
-# _MAX_SPLITS (the merge holds them in registers).
-_TARGET_WAVES = 3
-_MIN_SPLIT_KEYS = 256
-_MAX_SPLITS = 64
-# The last split program merges up to this many splits (decode_kernel._FUSED_MAX_SPLITS).
-_FUSED_MAX_SPLITS = 8
-# Packed rows up to which a sequence is one small-path tile: 64 = 16 queries at G = 4.
-_SMALL_ROWS_MAX = 64
-# 32-row small tiles over a paged cache (_plan): WIDE unsplit from this many programs per SM,
-_WIDE_32_ROWS_MIN = 0.7
-# and unsplit 64-row (wgmma) tiles from this many.
-_WGMMA_32_ROWS_MIN = 1.55
-
-
-def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype) -> Config:
-    """Static table from the packed-row bound ``max_seqlen_q * G`` (no autotuning: graphs)."""
-    if INTERPRET:
-        return Config(16, 0 if max_rows <= 16 else 16, 16, 4, 1)
-    wide = dtype == torch.float32 or head_dim > 128
-    if 16 < max_rows <= 32 and not wide:
-        # 32 packed rows (8 queries at G = 4): 128-key steps. H200, bf16, D 128, B 16/64 over
-        # 2048/8192 keys: 1.17-1.24x the one-token decode's time vs 1.45-1.57x with 64-key
-        # steps (32-key steps 2.0x; BENCHMARKS.md, "few queries").
-        return Config(32, 0, 128, 4, 3)
-    if max_rows <= _SMALL_ROWS_MAX:  # decode, speculative verification: memory-bound
-        return Config(max(16, next_pow2(max_rows)), 0, 32 if wide else 64, 4, 2 if wide else 3)
-    if wide:
-        return Config(16, 64, 32, 4, 2)
-    # 64-row large tiles, 4 warps (H200, bf16, D = 128): the mixed batch of BENCHMARKS.md in
-    # 573 us vs 733 with 128 x 64 / 8 warps; short prompts within -2% .. +5% of 128 x 64.
-    return Config(16, 64, 64, 4, 3)
-
-
-def num_splits(programs: int, capacity: int, sms: int, block_n: int) -> int:
-    """Split count from static shapes only (see decode_kernel.num_splits)."""
-    if programs <= 0 or capacity <= 0:
-        return 1
-    want = triton.cdiv(_TARGET_WAVES * sms, programs)
-    by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
-    return max(1, min(want, by_length, _MAX_SPLITS))
-
-
-@functools.lru_cache(maxsize=1024)
-def _plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
-          max_seqlen_q: int, capacity: int, dtype: torch.dtype, device: torch.device,
-          decode: bool, causal: bool, paged: bool, page: int, window: bool, softcap: bool,
-          config: Config | None, splits: int | None):
-    """Grid, split count and constexprs from static facts only (cached: ~1 us per call)."""
-    group = num_heads // num_kv_heads
-    cfg = config or launch_config(max_seqlen_q * group, head_dim, dtype)
-    n_small = num_seqs if cfg.small_m else 0
-    n_large = (total_q * group) // cfg.block_m + num_seqs if cfg.block_m else 0
-    # Small tiles alone, paged, about one (tile, kv head) program per SM: the decode kernel's
-    # WIDE pipeline (128-key steps, 5 stages, its split count). H200 graph replays, B 16 x
-    # 2048 keys, 1 / 2 / 4 / 8 queries: 39.9 / 41.5 / 41.7 / 46.8 us vs 42.9 / 44.7 / 45.2 / 53.4
-    # (the one-token decode 38.8); x 4096 and x 8192 -3 to -9%; at B 64 it loses (not taken).
-    free = (config is None and splits is None and paged and not cfg.block_m and not INTERPRET
-            and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16))
-    programs, sms = n_small * num_kv_heads, device_sm_count(device) if free else 0
-    deep = free and decode_kernel.deep_splits(programs, sms, capacity)
-    wide = decode_kernel.WIDE_CONFIG
-    if deep and deep[1] == wide:
-        splits, cfg = deep[0], cfg._replace(block_n=wide.block_n, stages=wide.stages)
-    elif free and cfg.small_m == 32 and _WIDE_32_ROWS_MIN * sms <= programs <= sms:
-        # 32-row tiles split dearly (a 32-row merge), so fewer programs take WIDE unsplit.
-        # H200, B 12 x 4096, 8 queries (0.73 per SM): 79.5 us vs 101.6 at the rule's 3 splits
-        # and 83.4 at 2 (the one-token decode: 56.6).
-        splits, cfg = 1, cfg._replace(block_n=wide.block_n, stages=wide.stages)
-    elif (free and cfg.small_m == 32 and programs >= _WGMMA_32_ROWS_MIN * sms
-          and device_is_sm90(device)):
-        # Many 32-row programs: pad them to 64 rows, where Triton issues Hopper's wgmma, with
-        # 64-key steps, 5 stages, one split. H200, B 64, 8 queries, over the one-token decode:
-        # 1.104x at 2048 keys, 1.055x at 8192 (32 rows: 1.200 / 1.161x).
-        splits, cfg = 1, cfg._replace(small_m=64, block_n=64, stages=5)
-    if splits is None:
-        real_tiles = n_small if not cfg.block_m else (total_q * group) // cfg.block_m + num_seqs
-        # A 32-row small tile does twice a 16-row tile's work per key, so it counts twice
-        # (H200, B 16 x 8 queries over 2048 keys: 2 splits 53.0 us, 4 splits 57.8).
-        weight = 2 if cfg.small_m == 32 and not cfg.block_m else 1
-        splits = num_splits(real_tiles * num_kv_heads * weight, capacity,
-                            device_sm_count(device), cfg.block_n)
-    if config is None and causal and splits == 1 and 2 < cfg.stages < 5 and cfg.small_m < 32:
-        # H200, B = 64 sequences of 1-4 queries, ctx 2048, one split: 3 stages 176 us, 2 stages
-        # 132 us (the one-token decode: 130); with splits (B = 16) 3 stages measured at parity.
-        # 32-row tiles (8 queries) keep 3: B 64 x 2048 154.4 vs 157.8 us, x 8192 564.4 vs 576.2.
-        cfg = cfg._replace(stages=2)
-    grid = (n_small + n_large + 1, num_kv_heads, splits)
-    consts = dict(GROUP=group, HEAD_DIM=head_dim, D_P2=max(16, next_pow2(head_dim)),
-                  SMALL_M=max(cfg.small_m, 16), BLOCK_M=max(cfg.block_m, 16),
-                  BLOCK_N=cfg.block_n, SMALL_PATH=cfg.small_m > 0, LARGE_PATH=cfg.block_m > 0,
-                  SEARCH_STEPS=max(1, num_seqs.bit_length()), DECODE=decode, CAUSAL=causal,
-                  WINDOW=window, SOFTCAP=softcap, PAGED=paged, PAGE=page, DIRECT=splits == 1,
-                  ONE_LOOP=cfg.one_loop, FUSED=cfg.fused and 1 < splits <= _FUSED_MAX_SPLITS,
-                  DOT=dot_mode(dtype),
-                  num_warps=cfg.warps, num_stages=cfg.stages)
-    merge = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=consts["D_P2"],
-                 S_P2=next_pow2(splits), DECODE=decode, num_warps=4)
-    return splits, grid, consts, merge
 
 
 def _launch(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_ops.backends.triton import unified_kernel as uk
+from attn_ops.backends.triton import unified_kernel as uk, unified_plan
 from attn_ops.backends.triton.common import result, semaphores, softcap_constants
 from attn_ops.backends.triton.launch import launch, prepare
 
@@ -30,10 +30,10 @@ def launch_args(q, k, v, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, cap
         page, num_kv_heads = 1, k.shape[1]
         kv_strides = (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
         table, table_strides = cu_k, (0, 0)  # unused pointer argument
-    splits, grid, consts, merge = uk._plan(
+    splits, grid, consts, merge = unified_plan.plan(
         total_q, num_seqs, num_heads, num_kv_heads, head_dim, int(max_seqlen_q), capacity,
         q.dtype, q.device, decode, bool(causal), paged, page, window_left >= 0, softcap > 0,
-        None if config is None else uk.Config(*config), splits)
+        None if config is None else unified_plan.Config(*config), splits)
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
     stride_cq = 0 if decode else cu_q.stride(0)
     stride_ck = 0 if decode else cu_k.stride(0)

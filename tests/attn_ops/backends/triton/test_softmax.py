@@ -18,7 +18,7 @@ from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, prefill
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import (decode_kernel, prefill_kernel,  # noqa: E402
-                                      unified_kernel)
+                                      unified_kernel, unified_plan)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 FP8 = torch.float8_e4m3fn
@@ -151,7 +151,7 @@ def test_unified_prefill_splits_add_the_sink_once(splits):
 
 
 def test_unified_prefill_launched_merge():
-    cfg = unified_kernel.Config(16, 16, 16, 4, 1, True, False)  # fused=False: second launch
+    cfg = unified_plan.Config(16, 16, 16, 4, 1, True, False)  # fused=False: second launch
     dev_args = dict(causal=True, paged=True, splits=3)
     q_lens, k_lens = [3, 0, 2], [30, 0, 17]
     dev = "cpu"

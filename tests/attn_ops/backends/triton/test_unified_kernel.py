@@ -11,7 +11,7 @@ from attn_ops.backends import reference
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import common, unified_kernel  # noqa: E402  (imports triton)
+from attn_ops.backends.triton import common, unified_kernel, unified_plan  # noqa: E402
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -81,7 +81,7 @@ def test_dense_varlen_odd_lengths(causal):
 @pytest.mark.parametrize("one_loop,fused", [(False, False), (True, False), (False, True)])
 def test_loop_and_merge_variants(one_loop, fused):
     # the three-loop small path and the second-launch merge (the defaults are one loop, fused)
-    cfg = unified_kernel.Config(16, 16, 16, 4, 1, one_loop, fused)
+    cfg = unified_plan.Config(16, 16, 16, 4, 1, one_loop, fused)
     _prefill_case([1, 13, 0, 4], [37, 13, 5, 20], 4, 2, 32, window_left=6, extra_rows=2,
                   splits=3, config=cfg)
 
@@ -129,34 +129,34 @@ def test_strided_index_tensors_and_caches():
 
 def test_split_count_and_grid_are_static():
     # the grid depends on (Tq, B, H, Hkv, max_seqlen_q, capacity) only, never on lengths
-    plan = unified_kernel._plan
+    plan = unified_plan.plan
     splits, grid, consts, _ = plan(256, 64, 32, 8, 128, 4, 2048, BF16, torch.device("cpu"),
                                    False, True, True, 16, False, False,
-                                   unified_kernel.Config(16, 0, 64, 4, 3), None)
+                                   unified_plan.Config(16, 0, 64, 4, 3), None)
     assert grid == (64 + 1, 8, splits) and consts["SMALL_PATH"] and not consts["LARGE_PATH"]
-    assert unified_kernel.num_splits(64 * 8, 2048, 132, 64) == 1
-    assert unified_kernel.num_splits(16 * 8, 4096, 132, 64) == 4
-    assert unified_kernel.num_splits(1, 10 ** 7, 132, 64) == unified_kernel._MAX_SPLITS
-    assert unified_kernel.num_splits(8, 100, 132, 64) == 1  # a tiny key bound: no split
+    assert unified_plan.num_splits(64 * 8, 2048, 132, 64) == 1
+    assert unified_plan.num_splits(16 * 8, 4096, 132, 64) == 4
+    assert unified_plan.num_splits(1, 10 ** 7, 132, 64) == unified_plan._MAX_SPLITS
+    assert unified_plan.num_splits(8, 100, 132, 64) == 1  # a tiny key bound: no split
 
 
 def test_thirty_two_row_tiles_take_long_steps_and_count_twice(monkeypatch):
     # 8 queries at G = 4: one 32-row small tile of 128-key steps, split as if twice the
     # programs (B 16 over 2048 keys: 2 splits where 16-row tiles take 4)
-    monkeypatch.setattr(unified_kernel, "INTERPRET", False)
-    assert unified_kernel.launch_config(32, 128, BF16) == unified_kernel.Config(32, 0, 128, 4, 3)
-    assert unified_kernel.launch_config(16, 128, BF16).block_n == 64
-    assert unified_kernel.launch_config(32, 256, BF16).block_n == 32  # wide rows: unchanged
-    monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
-    unified_kernel._plan.cache_clear()
+    monkeypatch.setattr(unified_plan, "INTERPRET", False)
+    assert unified_plan.launch_config(32, 128, BF16) == unified_plan.Config(32, 0, 128, 4, 3)
+    assert unified_plan.launch_config(16, 128, BF16).block_n == 64
+    assert unified_plan.launch_config(32, 256, BF16).block_n == 32  # wide rows: unchanged
+    monkeypatch.setattr(unified_plan, "device_sm_count", lambda device: 132)
+    unified_plan.plan.cache_clear()
     try:
         def splits(nq):  # dense K/V: the paged cache's WIDE rule (below) stays out
-            return unified_kernel._plan(16 * nq, 16, 32, 8, 128, nq, 2048, BF16,
+            return unified_plan.plan(16 * nq, 16, 32, 8, 128, nq, 2048, BF16,
                                         torch.device("cpu"), False, True, False, 0, False,
                                         False, None, None)[0]
         assert (splits(4), splits(8)) == (4, 2)
     finally:
-        unified_kernel._plan.cache_clear()
+        unified_plan.plan.cache_clear()
 
 
 def test_one_program_per_sm_over_a_paged_cache_takes_the_wide_pipeline(monkeypatch):
@@ -164,12 +164,12 @@ def test_one_program_per_sm_over_a_paged_cache_takes_the_wide_pipeline(monkeypat
     # x 8 kv heads on 132 SMs; B 8 with 2 splits): decode_kernel's WIDE pipeline, 128-key
     # steps and 5 stages, its split count. Not at B 64 (4 programs per SM), dense K/V, a
     # given config, or tiles with a large path.
-    monkeypatch.setattr(unified_kernel, "INTERPRET", False)
-    monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
-    unified_kernel._plan.cache_clear()
+    monkeypatch.setattr(unified_plan, "INTERPRET", False)
+    monkeypatch.setattr(unified_plan, "device_sm_count", lambda device: 132)
+    unified_plan.plan.cache_clear()
 
     def plan(b, nq, paged=True, config=None, ctx=2048):
-        splits, grid, consts, _ = unified_kernel._plan(
+        splits, grid, consts, _ = unified_plan.plan(
             b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"), False, True, paged,
             16 if paged else 0, False, False, config, None)
         return splits, consts["BLOCK_N"], consts["num_stages"], grid
@@ -180,23 +180,23 @@ def test_one_program_per_sm_over_a_paged_cache_takes_the_wide_pipeline(monkeypat
         assert plan(16, 4)[3] == (17, 8, 1)
         assert plan(64, 4)[1:3] == (64, 2)  # one split, two stages (the rule for B 64)
         assert plan(16, 4, paged=False)[:3] == (4, 64, 3)
-        assert plan(16, 4, config=unified_kernel.Config(16, 0, 64, 4, 3))[:3] == (4, 64, 3)
+        assert plan(16, 4, config=unified_plan.Config(16, 0, 64, 4, 3))[:3] == (4, 64, 3)
         assert plan(16, 32)[1] == 64  # 128 packed rows: large tiles, no WIDE
     finally:
-        unified_kernel._plan.cache_clear()
+        unified_plan.plan.cache_clear()
 
 
 def test_thirty_two_row_tiles_prefer_wide_and_three_stages_to_splits(monkeypatch):
     # 8 queries at G = 4 (32-row tiles) over a paged cache: B 12 x 8 kv heads (0.73 programs
     # per SM) take WIDE unsplit where the wave rule gave 3 splits; 16-row tiles there keep the
-    # rule; below 0.7 per SM (B 11) the rule stands; from 1.55 per SM, 64-row tiles on sm90.
-    monkeypatch.setattr(unified_kernel, "INTERPRET", False)
-    monkeypatch.setattr(unified_kernel, "device_sm_count", lambda device: 132)
-    monkeypatch.setattr(unified_kernel, "device_is_sm90", lambda device: True)
-    unified_kernel._plan.cache_clear()
+    # rule; below 0.7 per SM (B 11) the rule stands; more, 64-row tiles on sm90 (below).
+    monkeypatch.setattr(unified_plan, "INTERPRET", False)
+    monkeypatch.setattr(unified_plan, "device_sm_count", lambda device: 132)
+    monkeypatch.setattr(unified_plan, "device_is_sm90", lambda device: True)
+    unified_plan.plan.cache_clear()
 
     def planned(b, nq, ctx, paged):
-        return unified_kernel._plan(b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"),
+        return unified_plan.plan(b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"),
                                     False, True, paged, 16 if paged else 0, False, False, None,
                                     None)
 
@@ -211,19 +211,20 @@ def test_thirty_two_row_tiles_prefer_wide_and_three_stages_to_splits(monkeypatch
         assert plan(11, 8) == (3, 128, 3)
         assert plan(12, 4) == (5, 64, 3)
         assert plan(64, 4, 2048) == (1, 64, 2)
-        # from 1.55 programs per SM: 64-row tiles (Hopper's wgmma), 64-key steps, 5 stages
-        assert plan(64, 8, 2048) == (1, 64, 5)
-        assert plan(26, 8, 2048) == (1, 64, 5)
-        assert plan(25, 8, 2048) == (1, 128, 3)  # 1.52 per SM: 32 rows, the wave rule
-        assert small_rows(64, 8) == 64 and small_rows(25, 8) == 32
+        # past one program per SM: 64-row tiles (Hopper's wgmma), 64-key steps, 5 stages, one
+        # split; at B 16 (WIDE, one split) over 8192+ keys the same tiles in two splits
+        assert plan(64, 8, 2048) == (1, 64, 5) and plan(17, 8, 2048) == (1, 64, 5)
+        assert plan(16, 8, 8192) == (2, 64, 5) and plan(16, 8, 4096) == (1, 128, 5)
+        assert small_rows(64, 8) == 64 and small_rows(16, 8) == 32
         # dense K/V at B 64: 32-row tiles, one split, 3 stages kept (16-row tiles: 2)
         assert plan(64, 8, 2048, paged=False) == (1, 128, 3)
-        unified_kernel._plan.cache_clear()  # not Hopper: no wgmma, 32-row tiles stay
-        monkeypatch.setattr(unified_kernel, "device_is_sm90", lambda device: False)
+        unified_plan.plan.cache_clear()  # not Hopper: no wgmma, 32-row tiles stay
+        monkeypatch.setattr(unified_plan, "device_is_sm90", lambda device: False)
         assert plan(64, 8, 2048) == (1, 128, 3) and small_rows(64, 8) == 32
+        assert plan(16, 8, 8192) == (1, 128, 5)
         assert not common.device_is_sm90(torch.device("cpu"))
     finally:
-        unified_kernel._plan.cache_clear()
+        unified_plan.plan.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +241,24 @@ def test_few_queries_paged_cuda(queries, block_size):
     lens_k = [2000, 0, 1, 333, 4096, 77]
     lens_q = [min(queries, n) for n in lens_k]
     _prefill_case(lens_q, lens_k, 32, 8, 128, dtype=BF16, block_size=block_size, device=DEV)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch,ctx,rows", [(20, 701, 64), (16, 8192, 64), (12, 900, 32)])
+def test_eight_queries_on_the_planned_tiles_cuda(batch, ctx, rows):
+    # 8 queries at G = 4 over a paged cache: the tiles plan() picks on an H200 (64 rows with
+    # wgmma past one program per SM, or at B 16 over 8192 keys in two splits; B 12: WIDE
+    # unsplit, 32 rows), an empty and a short sequence among them
+    lens_k = [ctx - 13 * i for i in range(batch)]
+    lens_k[1], lens_k[2] = 0, 5
+    lens_q = [min(8, n) for n in lens_k]
+    planned = unified_plan.plan(sum(lens_q), batch, 32, 8, 128, 8, ctx, BF16,
+                                torch.device(DEV), False, True, True, 16, False, False, None,
+                                None)
+    if common.device_is_sm90(torch.device(DEV)) and common.device_sm_count(
+            torch.device(DEV)) == 132:
+        assert planned[2]["SMALL_M"] == rows
+    _prefill_case(lens_q, lens_k, 32, 8, 128, dtype=BF16, device=DEV)
 
 
 @pytest.mark.cuda
@@ -282,7 +301,7 @@ def test_fp32_cuda():
                                      (64, 0, 64, 4, 3), (0, 64, 64, 4, 3)])
 def test_configs_cuda(configs):
     # every config a benchmark may time computes the same function (small/large paths alone too)
-    cfg = unified_kernel.Config(*configs)
+    cfg = unified_plan.Config(*configs)
     lens_q = [1, 4, 16] if cfg.block_m == 0 else [1, 4, 16, 300]
     lens_k = [1500, 900, 16, 2300][:len(lens_q)]
     _prefill_case(lens_q, lens_k, 32, 8, 128, dtype=BF16, config=cfg, device=DEV)
