@@ -1,6 +1,6 @@
-"""Decode bandwidth: our paged split-KV Triton kernel (pages of 16 and 256) beside SDPA, FA2
-varlen and FA3's kvcache kernel (PyPI ``fa3-fwd``, when installed) on the same K/V held
-contiguously, and FlexAttention, in one run.
+"""Decode bandwidth: our paged split-KV Triton kernel (pages of 16 and 256, and SDPA's contiguous
+cache read in place) beside SDPA, FA2 varlen and FA3's kvcache kernel (PyPI ``fa3-fwd``, when
+installed) on the same K/V held contiguously, and FlexAttention, in one run.
 
 bf16, Hq=32, Hkv=8, D=128, one query per sequence, every sequence ``ctx`` tokens long, blocks of
 our paged caches shuffled. Each contender is timed eagerly and as CUDA-graph replays (device time,
@@ -86,6 +86,16 @@ def contenders(q, k, v, b, ctx, dev, pages):
 
     qd = q.view(b, h, 1, d)
     kd, vd = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, ctx, D] views (strided)
+
+    def ours_contiguous():
+        # SDPA's own heads-major cache, read as one page of ctx tokens per sequence (the
+        # contract's strided caches): the same bytes in the same order as SDPA reads them
+        kc, vc = kd.contiguous(), vd.contiguous()
+        one = torch.arange(b, dtype=torch.int32, device=dev)[:, None]
+        run = lambda: attn_ops.decode(q, kc.transpose(1, 2), vc.transpose(1, 2),  # noqa: E731
+                                      seqlens, one, scale, backend="triton")
+        return run, "SDPA's contiguous [B, Hkv, ctx, D] cache as one page per sequence"
+    out["triton contiguous (ours)"] = ours_contiguous
 
     def sdpa():
         kc, vc = kd.contiguous(), vd.contiguous()
