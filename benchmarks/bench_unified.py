@@ -119,10 +119,10 @@ def few_queries(args, copy):
                     q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table,
                     config=three_loops)})
             if nq == 8:  # the 32-row tiles against the 64-row (wgmma) ones (unified_plan)
-                for rows, block_n, stages, splits in ((32, 128, 3, 1), (32, 128, 5, 1),
+                for tile, block_n, stages, splits in ((32, 128, 3, 1), (32, 128, 5, 1),
                                                       (64, 64, 5, 1), (64, 64, 5, 2)):
-                    cfg = unified_plan.Config(rows, 0, block_n, 4, stages)
-                    runs[f"unified prefill, {rows} rows, {block_n}/{stages}, {splits} split"] = (
+                    cfg = unified_plan.Config(tile, 0, block_n, 4, stages)
+                    runs[f"unified prefill, {tile} rows, {block_n}/{stages}, {splits} split"] = (
                         lambda cfg=cfg, splits=splits: unified_kernel.prefill(
                             q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table,
                             config=cfg, splits=splits))
