@@ -86,6 +86,14 @@ def test_loop_and_merge_variants(one_loop, fused):
                   splits=3, config=cfg)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_eight_queries_in_a_padded_sixty_four_row_tile(splits):
+    # unified_plan's Hopper rule: 8 queries at G = 4 (32 packed rows) in a 64-row small tile,
+    # half of it padding, over a paged cache; fewer queries, an empty sequence among them
+    cfg = unified_plan.Config(64, 0, 16, 4, 1)
+    _prefill_case([8, 8, 0, 3, 8], [45, 8, 6, 19, 30], 8, 2, 32, splits=splits, config=cfg)
+
+
 def test_fused_merge_leaves_semaphores_zero():
     from attn_ops.backends.triton.common import semaphores
     _prefill_case([1, 4, 2], [40, 30, 3], 4, 2, 32, splits=4)
