@@ -49,6 +49,7 @@ def device_is_sm90(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
+    """(major, minor) compute capability of CUDA device ``device_index``, read once."""
     return torch.cuda.get_device_capability(device_index)
 
 
