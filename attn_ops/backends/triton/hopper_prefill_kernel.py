@@ -1,19 +1,12 @@
 """Hopper (sm90) varlen prefill in Gluon: persistent, TMA ring, async wgmma, warp specialization.
 
-Work items are 128-row query tiles of one sequence and one head. Only the R sequences of more
-than ``min_q`` queries have items (0 but for the split route: shorter ones are another kernel's,
-empty ones have no row), numbered ``w = (g * R + r) * H + h`` for the r-th of them, with g
-counted from the sequence's last tile (every sequence's longest causal tile first, and the heads
-that share a KV head next to each other); then the items of a padding column ``b = B`` (``w =
-tiles * R * H + g * H + h``: the zeros of the rows past the last sequence). A persistent grid
-of about one program per SM walks them: program p takes items ``p, p + P, ...``; an item past
-its sequence's tiles costs a few loads. Cheap items numbered among the real ones gave some
-programs three real items where the mean was two (2 chunks of 512 queries over 4k paged
-prefixes, 256 real items on 132 SMs; the split route's 56 decode sequences beside them). Only
-the split route (``COMPACT``) counts R and finds the r-th sequence per item (a scan over
-cu_seqlens_q, 32 sequences a step, when R < B); elsewhere R = B: the search code cost dense
-prompts 3-8% (H200 graph replays, 4 x 4096 1103 vs 1023 us). Inside a program three
-partitions walk the same items:
+Work items are 128-row query tiles of one sequence and one head, numbered and handed to a
+persistent grid of about one program per SM as hopper_prefill_items.py says (program p takes
+items ``p, p + P, ...``); an item past its sequence's tiles costs a few loads. Cheap items
+numbered among the real ones gave some programs three real items where the mean was two (2
+chunks of 512 queries over 4k paged prefixes, 256 real items on 132 SMs; the split route's 56
+decode sequences beside them). Inside a program three partitions walk
+the same items:
 
 - a producer warp issues TMA loads: an item's two 64-row Q tiles, then its K and V tiles of
   BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier per stage
@@ -62,6 +55,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
+    from attn_ops.backends.triton.hopper_prefill_items import item, sequences_with_items
     GLUON = True
 except Exception:  # noqa: BLE001 - an older Triton, or one whose Gluon API moved: no kernel
     GLUON = False
@@ -86,70 +80,6 @@ if GLUON:
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         i = gl.arange(0, 128, layout=layout)
         gl.store(ptr + i * 0, value + i * 0, mask=i == 0)
-
-    @gluon.jit
-    def _add(a, b):
-        return a + b
-
-    @gluon.jit
-    def _real_sequences(CU_Q, stride_cq, num_seqs, min_q, j, NW: gl.constexpr):
-        """(the index of sequence ``j`` (from 0) among those of more than ``min_q`` queries, or
-        ``num_seqs``; their count): 32 sequences a step, each of the ``NW`` warps holding them
-        all (in-warp reductions; the producer's 32 registers leave room for one per thread)."""
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-        seen = num_seqs * 0
-        found = num_seqs
-        for c0 in range(0, num_seqs, 32):
-            b = c0 + gl.arange(0, 32, layout=layout)
-            ok = b < num_seqs
-            lo = gl.load(CU_Q + b * stride_cq, mask=ok, other=0)
-            hi = gl.load(CU_Q + (b + 1) * stride_cq, mask=ok, other=0)
-            real = (ok & (hi - lo > min_q)).to(gl.int32)
-            rank = seen + gl.associative_scan(real, 0, _add)
-            found = gl.minimum(found, gl.min(gl.where((real > 0) & (rank == j + 1), b, num_seqs),
-                                             axis=0))
-            seen += gl.sum(real, axis=0)
-        return found, seen
-
-    @gluon.jit
-    def _sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, NW: gl.constexpr,
-                              COMPACT: gl.constexpr):
-        """R (module docstring): B, or with ``COMPACT`` the sequences of > ``min_q`` queries."""
-        n_real = num_seqs
-        if COMPACT:
-            _, n_real = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, NW)
-        return n_real
-
-    @gluon.jit
-    def _item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
-              TILE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-              NW: gl.constexpr, COMPACT: gl.constexpr):
-        """Item ``w``: (g, seq, head, q_start, lq, m0, k_start, lk, n_iter). ``n_iter`` is the
-        count of K/V tiles to walk, 0 when there is nothing to compute: the padding column
-        (``seq == num_seqs``), a tile past the sequence's, or one that sees no key. Items
-        number the ``n_real`` sequences of more than ``min_q`` queries (module docstring)."""
-        per_g = gl.maximum(n_real, 1) * num_heads
-        pad = w >= tiles * n_real * num_heads
-        g = gl.where(pad, (w - tiles * n_real * num_heads) // num_heads, w // per_g)
-        seq = (w % per_g) // num_heads
-        if COMPACT:
-            if n_real < num_seqs:  # some sequences have no item: find the seq-th that has
-                seq, _ = _real_sequences(CU_Q, stride_cq, num_seqs, min_q, seq, NW)
-        seq = gl.where(pad, num_seqs, seq)
-        head = w % num_heads  # tiles * n_real * num_heads is a multiple of num_heads
-        real = seq < num_seqs
-        s = gl.minimum(seq, num_seqs - 1)  # the padding column reads a real sequence's bounds
-        q_start = gl.load(CU_Q + s * stride_cq)
-        lq = gl.load(CU_Q + (s + 1) * stride_cq) - q_start
-        lq = gl.where(real & (lq > min_q), lq, 0)
-        k_start = gl.load(CU_K + s * stride_ck)
-        lk = gl.load(CU_K + (s + 1) * stride_ck) - k_start
-        m0 = (gl.cdiv(lq, TILE) - 1 - g) * TILE
-        hi = lk
-        if CAUSAL:
-            hi = gl.minimum(lk, m0 + TILE + lk - lq)
-        n_iter = gl.where(real & (m0 >= 0) & (hi > 0), gl.cdiv(hi, BLOCK_N), 0)
-        return g, seq, head, q_start, lq, m0, k_start, lk, n_iter
 
     @gluon.jit
     def _page_rows(table_row, stride_tc, table_width, key0, lk, PAGE: gl.constexpr,
@@ -195,9 +125,9 @@ if GLUON:
         slot (see :func:`_page_rows`)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position
         done = 0  # items loaded so far: the Q barriers' phase
-        n_real = _sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 1, COMPACT)
+        n_real = sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 1, COMPACT)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
-            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
+            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
                 2 * BLOCK_M, BLOCK_N, CAUSAL, 1, COMPACT)
             if n_iter > 0:
@@ -255,7 +185,7 @@ if GLUON:
                 FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, it, done,
                 flag_idx, qk_scale, WG: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                CAUSAL: gl.constexpr):
+                CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr):
         """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` against the item's K/V tiles
         (ring slots from ``it`` on), out and the flag written."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -332,13 +262,20 @@ if GLUON:
         chk = gl.sum(out_f - out_f, axis=1)
         bad = (chk != chk) & (r < lq)
         _store_flag(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0))
-        # Stored from registers: Q's slot, the staging buffer a TMA store would use, already
-        # holds the next item's Q.
-        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        # STAGE_OUT: stored in 16-byte pieces, whole rows per warp, through a shared-memory
+        # scratch tile; wgmma's layout gives a thread 4-byte pieces of 8 rows, and storing from
+        # it cost 6-20% (H200 graph replays, 64 x 256: 192 vs 160 us; 4 x 4096: 1033 vs 972).
+        # Not a TMA store: a box would write the next sequence's rows.
+        out_t = out_f.to(dtype)
+        st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8],
+                                                   [4, 1], [1, 0])
+        if STAGE_OUT:
+            out_t = gl.convert_layout(out_t, st_layout)
+        r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_t.type.layout))
+        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_t.type.layout))
         ptrs = (O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot, 1)
                 + head * stride_oh + gl.expand_dims(d, 0))
-        gl.store(ptrs, out_f.to(dtype),
-                 mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
+        gl.store(ptrs, out_t, mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
 
     @gluon.jit
     def _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head):
@@ -359,15 +296,16 @@ if GLUON:
                   FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
                   num_seqs, num_heads, tiles, min_q, qk_scale, WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, COMPACT: gl.constexpr):
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, COMPACT: gl.constexpr,
+                  STAGE_OUT: gl.constexpr):
         """One warpgroup over the program's items: :func:`_attend` for those with keys; the
         first warpgroup also writes the zeros (padding rows, tiles that see no key)."""
         TILE: gl.constexpr = 2 * BLOCK_M
         it = 0
         done = 0
-        n_real = _sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 4, COMPACT)
+        n_real = sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 4, COMPACT)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
-            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = _item(
+            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
                 TILE, BLOCK_N, CAUSAL, 4, COMPACT)
             flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
@@ -375,7 +313,7 @@ if GLUON:
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                         v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
                         n_iter, it, done, flag_idx, qk_scale, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
-                        STAGES, CAUSAL)
+                        STAGES, CAUSAL, STAGE_OUT)
                 it += n_iter
                 done += 1
             else:
@@ -402,7 +340,7 @@ if GLUON:
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                               PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr,
-                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                              STAGE_OUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
         (module docstring); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
         head h, with ``t`` counted from the sequence's last tile. ``qk_scale`` = scale *
@@ -412,7 +350,8 @@ if GLUON:
         BLOCK_N), the rows of the K/V descriptors' blocks. Sequences of at most ``min_q``
         queries are left alone (0: none). ``COMPACT`` (the launcher sets it when ``min_q`` >
         0): items only for the other sequences (module docstring); without it R = B, and the
-        short sequences' items are cheap ones among the others."""
+        short sequences' items are cheap ones among the others. ``STAGE_OUT``: the output
+        stored through a shared-memory tile (a 64-row tile of scratch beside the ring)."""
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -436,12 +375,12 @@ if GLUON:
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                          stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                          qk_scale, 0,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT, STAGE_OUT)),
             (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                          stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                          qk_scale, 1,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT, STAGE_OUT)),
             (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                          k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                          stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,

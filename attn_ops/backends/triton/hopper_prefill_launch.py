@@ -21,6 +21,8 @@ if GLUON:
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64  # rows per consumer warpgroup (wgmma's M); a program owns 2 * BLOCK_M rows
+# The shared memory a block may opt into on sm90 (227 KB).
+SHARED_MEMORY = 227 * 1024
 # BLOCK_N, STAGES per head dim. Shared memory at D=128: Q 32 KB + (K + V) 64 KB per stage.
 _CONFIGS = {64: (128, 3), 128: (128, 2)}
 # Paged prefixes with chunks of at most 1024 queries (chunked prefill) at D 128: a third K/V
@@ -169,13 +171,22 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
                float(scale) * LOG2E)
     consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), PAGE=page,
-                  PAGE_ROWS=kv_rows, COMPACT=min_q > 0, CONSUMER_REGS=CONSUMER_REGS,
+                  PAGE_ROWS=kv_rows, COMPACT=min_q > 0,
+                  STAGE_OUT=_stage_out(head_dim, block_n, stages), CONSUMER_REGS=CONSUMER_REGS,
                   PRODUCER_REGS=PRODUCER_REGS,
                   num_warps=4, maxnreg=MAXNREG)
     fp16 = q.dtype == torch.float16
     blocks = ((BLOCK_M, _layout(BLOCK_M, head_dim, fp16)),
               (kv_rows, _layout(kv_rows, head_dim, fp16)))
     return grid, scalars, consts, shape, blocks
+
+
+def _stage_out(head_dim: int, block_n: int, stages: int) -> bool:
+    """Whether the output's 64-row scratch tile (2-byte elements) fits in shared memory beside
+    the two Q tiles and the K/V ring: not beside the paged chunks' 3-stage ring at D 128 (224
+    KB), where the kernel stores from wgmma's layout instead."""
+    tile = 2 * head_dim  # bytes per row
+    return (3 * BLOCK_M + 2 * stages * block_n) * tile + 1024 <= SHARED_MEMORY
 
 
 @functools.lru_cache(maxsize=None)

@@ -122,10 +122,21 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
         assert consts["PAGE"] == 0
     # A third K/V stage for paged chunks of at most 1024 queries at D 128 (measured there).
     assert consts["STAGES"] == (3 if page and d == 128 else hp._CONFIGS[d][1])
-    if page and d == 128:  # longer chunks keep two
+    # The output goes through a shared-memory tile but beside that 3-stage ring (224 KB).
+    assert consts["STAGE_OUT"] == (not (page and d == 128))
+    if page and d == 128:  # longer chunks keep two stages, and stage the output
         plan = hp._plan(args[0], args[1], args[3], args[4], 2048, args[7], True,
                         args[0].stride(), args[9])
-        assert plan[2]["STAGES"] == 2
+        assert plan[2]["STAGES"] == 2 and plan[2]["STAGE_OUT"]
+
+
+def test_the_staged_output_tile_is_planned_only_where_shared_memory_holds_it():
+    # Q (2 x 64 rows) + the K/V ring + a 64-row output tile, against sm90's 227 KB: what
+    # ptxas reported for these kernels (sm_90a, off the GPU) was 180320 bytes at D 128 with 2
+    # stages and 131232 at D 64 with 3; D 128 with 3 stages would need 245920.
+    assert hp._stage_out(128, 128, 2) and hp._stage_out(64, 128, 3)
+    assert not hp._stage_out(128, 128, 3)
+    assert hp.SHARED_MEMORY == 232448
 
 
 def test_each_call_describes_its_own_tensors(monkeypatch):
