@@ -116,12 +116,13 @@ _capturing = (torch._C._cuda_isCurrentStreamCapturing if torch.backends.cuda.is_
 
 def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=None,
                   window_left=-1, softcap=0.0, sinks=None, k_scale=None,
-                  return_lse=False) -> str:
+                  return_lse=False, max_seqlen_k=None) -> str:
     """Which kernel serves a prefill, from host-known metadata only (no sync; CUDA-graph safe):
     "unified" (few rows per sequence, or a batch far shorter than ``B * max_seqlen_q``),
     "hopper" (the guarded Gluon kernel, where it serves the call), "split" (where it serves a
-    batch far shorter than ``B * max_seqlen_q``: the unified kernel's small path takes the
-    sequences of at most ``_SPLIT_ROWS`` packed rows, the Gluon kernel the others), else
+    batch far shorter than ``B * max_seqlen_q`` whose keys reach past its queries, or
+    ``max_seqlen_k`` not given: the unified kernel's small path takes the sequences of at most
+    ``_SPLIT_ROWS`` packed rows, the Gluon kernel the others), else
     "prefill" (FA2-style). Also read by the compiled path (graph_passes/lowering), which leaves
     "hopper" and "split" calls to the op: Inductor cannot launch a Gluon kernel inline."""
     num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
@@ -136,6 +137,14 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
     # unified kernel alone (1.33x vs 1.76x the parts' roofline); 96 prompts of U(1, 400)
     # 0.351 ms vs 0.394 (BENCHMARKS.md, fifth pass).
     padded = 4 * total_q < 3 * num_seqs * max_q
+    # Only where some keys lie before the queries (a cache: decode rows read long prefixes, which
+    # the Gluon kernel would read once per head) does the split pay. Prompts of mixed lengths
+    # with no prefix run faster on the Gluon kernel alone, the few prompts of at most 4 tokens
+    # as cheap items among the others (H200 graph replays, bf16 32/8 heads: 96 x U(1, 400) 274.5
+    # us vs 382.1 split; 64 x U(1, 100) 69.0 vs 87.4; with prefixes the split still wins: 48
+    # decode + 8 x 4 + 2 x 512 over 4k 359.9 vs 1011.8, 16 decode + 4 x 1024 over 1k 285.4 vs
+    # 438.7; BENCHMARKS.md, ninth pass).
+    split = padded and (max_seqlen_k is None or int(max_seqlen_k) > max_q)
     if HOPPER_PREFILL and not few_rows and q.device.type == "cuda":
         from attn_ops.backends.triton import hopper_prefill_launch as hopper
         paged = block_table is not None
@@ -143,7 +152,7 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
                 q.dtype, q.shape[2], bool(causal), k.shape[1] if paged else 0, window_left,
                 softcap, sinks is not None, k_scale is not None, return_lse) is None and (
                 not paged or hopper.cache_reason(k, k) is None):
-            return "split" if padded else "hopper"
+            return "split" if split else "hopper"
     return "unified" if use_unified_prefill(max_q, total_q, num_seqs, group) else "prefill"
 
 
@@ -171,7 +180,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
     """attn::prefill (``return_lse``: prefill_with_lse, ``(out, lse)``) on the kernel that
     serves the call's shapes (:func:`prefill_route`)."""
     route = prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal, block_table, window_left,
-                          softcap, sinks, k_scale, return_lse)
+                          softcap, sinks, k_scale, return_lse, max_seqlen_k)
     if route in ("hopper", "split"):
         from attn_ops.backends.triton import hopper_prefill_launch
         out, min_q = None, 0
@@ -296,7 +305,7 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
     route = prefill_route(q, k, cu_seqlens_q, max_seqlen_q, given.get("causal", True),
                           given.get("block_table"), given.get("window_left", -1),
                           given.get("softcap", 0.0), given.get("sinks"), given.get("k_scale"),
-                          given.get("return_lse", False))
+                          given.get("return_lse", False), given.get("max_seqlen_k"))
     if route in ("hopper", "split"):  # decided and planned once per signature
         from attn_ops.backends.triton.hopper_prefill_launch import bind_prefill_guarded
         from attn_ops.backends.triton.unified_launch import bind_prefill as bind_unified

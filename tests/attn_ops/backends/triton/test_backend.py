@@ -86,6 +86,11 @@ def test_prefill_route_takes_the_hopper_kernel_where_it_serves(monkeypatch):
     # far shorter than B * max_seqlen_q: decode rows + chunks, prompts of mixed lengths
     assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512) == "split"
     assert _route(q_shape=(19200, 32, 128), seqs=96, max_q=400) == "split"
+    # ... but only where keys reach past the queries (a prefix: decode rows, chunks); prompts
+    # of mixed lengths with no prefix take the Gluon kernel alone (measured faster on the H200)
+    assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512, max_seqlen_k=4608) == "split"
+    assert _route(q_shape=(19200, 32, 128), seqs=96, max_q=400, max_seqlen_k=400) == "hopper"
+    assert _route(q_shape=(3072, 32, 128), seqs=64, max_q=100, max_seqlen_k=100) == "hopper"
     assert _route(q_shape=(1600, 32, 128), seqs=4, max_q=500) == "hopper"  # 80% full
     assert _route(dtype=torch.float32) == "unified"  # what the Gluon kernel refuses
     assert _route(q_shape=(2048, 32, 96)) == "unified"
