@@ -189,6 +189,11 @@ def build_table(rows, source: str, meta: dict | None = None,
             runs[key] = sorted(kept + [run], key=lambda r: r.get("flash") or "")
     measured = {key: {"order": merge_orders(rs), "runs": rs} for key, rs in runs.items()}
     entries = dict(sorted({**measured, **_defaults(measured)}.items()))
+    meta = dict(meta)
+    if "flash_providers" in meta:  # this run's labels, and the kept runs' from ``previous``
+        used = {r["flash"] for rs in runs.values() for r in rs if r.get("flash")}
+        known = {**((previous or {}).get("flash_providers") or {}), **meta["flash_providers"]}
+        meta["flash_providers"] = {p: known[p] for p in sorted(used) if p in known}
     return {"version": VERSION, "source": source, **meta, "entries": entries}
 
 

@@ -176,3 +176,16 @@ def test_the_script_rebuilds_from_a_csv_through_the_builder(tmp_path, monkeypatc
         tuple(K3.split("|")), n)) for n in range(1, 5)}
     assert table["entries"][K3]["runs"][0]["source"].endswith("; triton before the fix")
     assert table["flash_providers"] == {"fa3_fwd": "fa3_fwd"}
+
+
+def test_a_partial_run_keeps_the_labels_of_the_providers_whose_runs_it_keeps():
+    # A --quick run (bf16 only, fa3-fwd installed) keeps the fp16 key's run measured on aten:
+    # the table still names aten's label, takes fa3_fwd's new one, drops a provider no run uses.
+    fp16 = "prefill|sm90|fp16|d128|dense"
+    before = auto_table_builder.build_table(
+        [dict(r, key=fp16) for r in ATEN_ROWS], "first", {"flash_providers": {"aten": "FA2"}})
+    before["flash_providers"] = {"aten": "FA2", "fa3_fwd": "old", "gone": "unused"}
+    table = auto_table_builder.build_table(
+        FA3_ROWS, "quick", {"flash_providers": {"fa3_fwd": "FA3 new"}}, previous=before)
+    assert {r["flash"] for r in table["entries"][fp16]["runs"]} == {"aten"}
+    assert table["flash_providers"] == {"aten": "FA2", "fa3_fwd": "FA3 new"}
