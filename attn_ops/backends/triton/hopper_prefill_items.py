@@ -60,7 +60,8 @@ if GLUON:
     @gluon.jit
     def sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, NW: gl.constexpr,
                               COMPACT: gl.constexpr):
-        """R (this module's docstring): B, or with ``COMPACT`` the sequences of > ``min_q`` queries."""
+        """R (this module's docstring): B, or with ``COMPACT`` the sequences of more than
+        ``min_q`` queries."""
         n_real = num_seqs
         if COMPACT:
             _, n_real = real_sequences(CU_Q, stride_cq, num_seqs, min_q, -1, NW)

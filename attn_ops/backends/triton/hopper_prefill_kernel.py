@@ -5,8 +5,7 @@ persistent grid of about one program per SM as hopper_prefill_items.py says (pro
 items ``p, p + P, ...``); an item past its sequence's tiles costs a few loads. Cheap items
 numbered among the real ones gave some programs three real items where the mean was two (2
 chunks of 512 queries over 4k paged prefixes, 256 real items on 132 SMs; the split route's 56
-decode sequences beside them). Inside a program three partitions walk
-the same items:
+decode sequences beside them). Inside a program three partitions walk the same items:
 
 - a producer warp issues TMA loads: an item's two 64-row Q tiles, then its K and V tiles of
   BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier per stage
@@ -340,16 +339,17 @@ if GLUON:
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                               PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr,
-                              STAGE_OUT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                              STAGE_OUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                              PRODUCER_REGS: gl.constexpr):
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
-        (module docstring); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
+        (hopper_prefill_items); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
         head h, with ``t`` counted from the sequence's last tile. ``qk_scale`` = scale *
         log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, each written: 1 where an output row
         of that half tile is not finite, else 0. ``TABLE``: the block table ``[B,
         table_width]`` int32 when ``PAGE`` > 0 (else unused); ``PAGE_ROWS`` = min(PAGE,
         BLOCK_N), the rows of the K/V descriptors' blocks. Sequences of at most ``min_q``
         queries are left alone (0: none). ``COMPACT`` (the launcher sets it when ``min_q`` >
-        0): items only for the other sequences (module docstring); without it R = B, and the
+        0): items only for the other sequences (hopper_prefill_items); without it R = B, and the
         short sequences' items are cheap ones among the others. ``STAGE_OUT``: the output
         stored through a shared-memory tile (a 64-row tile of scratch beside the ring)."""
         dtype: gl.constexpr = q_desc.dtype
