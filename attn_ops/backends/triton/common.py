@@ -40,7 +40,8 @@ def device_sm_count(device: torch.device) -> int:
 
 
 def device_is_sm90(device: torch.device) -> bool:
-    """``device`` is a Hopper (sm90) NVIDIA GPU, where Triton issues wgmma for 64-row tiles."""
+    """``device`` is a Hopper (sm90) NVIDIA GPU: the Gluon prefill runs there, and Triton issues
+    wgmma for the unified kernel's 64-row tiles."""
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()

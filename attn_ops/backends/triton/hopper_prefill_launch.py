@@ -47,17 +47,9 @@ def available(device=None) -> bool:
     import torch
     if not torch.cuda.is_available():
         return False
+    from attn_ops.backends.triton.common import device_is_sm90  # capability read once
     dev = torch.device("cuda") if device is None else torch.device(device)
-    if dev.type != "cuda":
-        return False
-    return _is_sm90(dev.index if dev.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _is_sm90(index: int) -> bool:
-    """Device ``index`` is an sm90 NVIDIA GPU (read once: the route asks on every call)."""
-    import torch
-    return torch.cuda.get_device_capability(index) == (9, 0) and torch.version.hip is None
+    return device_is_sm90(dev)
 
 
 def supports(q_dtype, head_dim: int, causal: bool = True, page_size: int = 0,
