@@ -34,9 +34,15 @@ _PAGED_CHUNK_STAGES, _PAGED_CHUNK_MAX_Q = 3, 1024
 # Registers per thread: 4 + 4 + 1 warps round to 12 (3 warpgroups), capped at 168 (168 * 384 <=
 # 64 K). Triton 3.6 gives the default partition 256, so the workers share 248 (256 + 248 = 3 *
 # 168: more and the consumer's setmaxnreg.inc would wait for registers that never free). The
-# persistent producer walks the item list itself: at 24 registers it spilled 24 bytes, at 32 none,
-# and the consumer worker still fits in 216 (208 spills 92 bytes; ptxas for sm_90a, off the GPU).
-MAXNREG, CONSUMER_REGS, PRODUCER_REGS = 168, 216, 32
+# producer warp needs 24 over dense K/V, which leaves the consumer worker 224: at 216 it
+# spilled 20 bytes per item once a warpgroup could pass an item without rows (H200 graph
+# replays, 96 x U(1, 400): 260.4 us at 216/32 against 253.2 at 224/24; other shapes within 1%).
+# Over a paged cache the producer also walks the block table; there the build spills those 20
+# bytes at either split (values of the kernel's entry reloaded per item, outside the K/V loop),
+# and keeps the split its figures were measured at. ptxas for sm_90a, off the GPU.
+MAXNREG = 168
+CONSUMER_REGS, PRODUCER_REGS = 224, 24  # dense K/V
+PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
 
 
 def available(device=None) -> bool:
@@ -164,8 +170,9 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
     consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), PAGE=page,
                   PAGE_ROWS=kv_rows, COMPACT=min_q > 0,
-                  STAGE_OUT=_stage_out(head_dim, block_n, stages), CONSUMER_REGS=CONSUMER_REGS,
-                  PRODUCER_REGS=PRODUCER_REGS,
+                  STAGE_OUT=_stage_out(head_dim, block_n, stages),
+                  CONSUMER_REGS=PAGED_CONSUMER_REGS if page else CONSUMER_REGS,
+                  PRODUCER_REGS=PAGED_PRODUCER_REGS if page else PRODUCER_REGS,
                   num_warps=4, maxnreg=MAXNREG)
     fp16 = q.dtype == torch.float16
     blocks = ((BLOCK_M, _layout(BLOCK_M, head_dim, fp16)),

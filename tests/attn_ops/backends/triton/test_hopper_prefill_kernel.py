@@ -102,6 +102,21 @@ def test_varlen_with_an_empty_sequence_and_tail_rows(causal):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("entry", ENTRIES[1:])
+def test_last_tiles_of_at_most_64_rows(causal, entry):
+    """A last tile of at most 64 rows (64, 1, 192, 129 queries) leaves the second warpgroup no
+    row: it passes the item's ring slots without computing, and must neither write nor hold
+    up the first. 65 and 193 give it one row. NaN value rows: key 10 of the second sequence
+    (seen by its rows from 10 on, or all of them) and the first key of the third, which the
+    second's last tile reads past its end."""
+    _gpu_only()
+    lens = [64, 65, 1, 192, 193, 129]
+    _run(lens, lens, 16, 4, 128, causal, torch.bfloat16, extra_rows=3,
+         nan_rows=[64 + 10, 64 + 65], entry=entry)
+
+
+@pytest.mark.cuda
 def test_bottom_right_causal_with_more_keys():
     _gpu_only()
     _run([100, 37, 250], [300, 37, 251], 32, 8, 128, True, torch.bfloat16)

@@ -120,6 +120,12 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
         assert bound[1][2][6][1] == args[9].data_ptr(), "the fixup reads the block table"
     else:
         assert consts["PAGE"] == 0
+    # The worker partitions' registers: 248 between them (the default partition takes 256 of
+    # 3 * MAXNREG; a larger sum and setmaxnreg.inc would wait forever); the producer gets 32
+    # where it walks a block table, 24 over dense K/V.
+    regs = consts["CONSUMER_REGS"], consts["PRODUCER_REGS"]
+    assert sum(regs) == 3 * consts["maxnreg"] - 256 and consts["maxnreg"] * 384 <= 65536
+    assert regs == ((216, 32) if page else (224, 24))
     # A third K/V stage for paged chunks of at most 1024 queries at D 128 (measured there).
     assert consts["STAGES"] == (3 if page and d == 128 else hp._CONFIGS[d][1])
     # The output goes through a shared-memory tile but beside that 3-stage ring (224 KB).
