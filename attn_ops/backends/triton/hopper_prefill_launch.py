@@ -37,9 +37,9 @@ _PAGED_CHUNK_STAGES, _PAGED_CHUNK_MAX_Q = 3, 1024
 # producer warp needs 24 over dense K/V, which leaves the consumer worker 224: at 216 it
 # spilled 20 bytes per item once a warpgroup could pass an item without rows (H200 graph
 # replays, 96 x U(1, 400): 260.4 us at 216/32 against 253.2 at 224/24; other shapes within 1%).
-# Over a paged cache the producer also walks the block table; there the build spills those 20
-# bytes at either split (values of the kernel's entry reloaded per item, outside the K/V loop),
-# and keeps the split its figures were measured at. ptxas for sm_90a, off the GPU.
+# Over a paged cache the producer also walks the block table; there the D 128 build spills those
+# 20 bytes at either split (values of the kernel's entry reloaded per item, outside the K/V
+# loop), and keeps the split its figures were measured at. ptxas for sm_90a, off the GPU.
 MAXNREG = 168
 CONSUMER_REGS, PRODUCER_REGS = 224, 24  # dense K/V
 PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
