@@ -17,9 +17,10 @@ decode sequences beside them). Inside a program three partitions walk the same i
   same K/V slots. The source overlaps the next tile's ``Q K^T`` and its softmax with the
   previous tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for S_j, softmax, wait for O,
   rescale); the warp schedulers interleave the two warpgroups, so one's softmax runs against
-  the other's MMAs. In a sequence's last tile of at most 64 rows the second warpgroup has no
-  row: it passes the item's ring slots without a wgmma (7% at 96 prompts of U(1, 400)). As compiled, the in-warpgroup overlap does not happen, and FA3's ping-pong
-  measured slower: docs/backends.md, "the Gluon prefill's consumers, as compiled".
+  the other's MMAs. As compiled, the in-warpgroup overlap does not happen, and FA3's ping-pong
+  measured slower: docs/backends.md, "the Gluon prefill's consumers, as compiled". In a
+  sequence's last tile of at most 64 rows the second warpgroup has no row: it passes the
+  item's ring slots without a wgmma (:func:`_pass_item`; 7% at 96 prompts of U(1, 400)).
 
 P stays in registers as wgmma's A operand. Causal tiles past the diagonal are never loaded;
 masks are applied only on tiles that need them (the diagonal and the sequence's last partial
@@ -282,9 +283,9 @@ if GLUON:
                    STAGES: gl.constexpr):
         """One warpgroup whose 64 rows all lie past the item's sequence (a last tile of at most
         64 rows): the ring's barriers passed without a wgmma, so the other warpgroup has the
-        tensor cores alone. Each release waits for its slot's fill, and Q's for Q: an empty
-        barrier counts two arrivals, and one warpgroup arriving twice for a slot before the
-        other once would free it early."""
+        tensor cores alone. Each slot is released only once its fill has landed (and Q's once
+        Q's has): an empty barrier counts two arrivals, and one warpgroup arriving twice for a
+        slot before the other once would free it early."""
         mbarrier.wait(q_bar, done & 1)
         for i in range(n_iter):
             j = it + i
