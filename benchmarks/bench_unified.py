@@ -147,7 +147,7 @@ def few_queries(args, copy):
 
 def mixed(args, copy, mm):
     import attn_ops
-    from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel, unified_plan
+    from attn_ops.backends.triton import decode_kernel, prefill_kernel, unified_kernel
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
     ctx, chunk = (64, 16) if args.smoke else (4096, 512)

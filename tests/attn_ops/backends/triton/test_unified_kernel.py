@@ -160,8 +160,8 @@ def test_thirty_two_row_tiles_take_long_steps_and_count_twice(monkeypatch):
     try:
         def splits(nq):  # dense K/V: the paged cache's WIDE rule (below) stays out
             return unified_plan.plan(16 * nq, 16, 32, 8, 128, nq, 2048, BF16,
-                                        torch.device("cpu"), False, True, False, 0, False,
-                                        False, None, None)[0]
+                                     torch.device("cpu"), False, True, False, 0, False,
+                                     False, None, None)[0]
         assert (splits(4), splits(8)) == (4, 2)
     finally:
         unified_plan.plan.cache_clear()
@@ -205,8 +205,8 @@ def test_thirty_two_row_tiles_prefer_wide_and_three_stages_to_splits(monkeypatch
 
     def planned(b, nq, ctx, paged):
         return unified_plan.plan(b * nq, b, 32, 8, 128, nq, ctx, BF16, torch.device("cpu"),
-                                    False, True, paged, 16 if paged else 0, False, False, None,
-                                    None)
+                                 False, True, paged, 16 if paged else 0, False, False, None,
+                                 None)
 
     def plan(b, nq, ctx=4096, paged=True):
         splits, _, consts, _ = planned(b, nq, ctx, paged)
