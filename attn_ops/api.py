@@ -50,7 +50,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
     """Variable-length attention over a batch of sequences packed token-major.
 
     Args:
-        q: ``[Tq, H, D]`` fp32/fp16/bf16; sequence b owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
+        q: ``[Tq, H, D]`` fp32/fp16/bf16; sequence b owns rows
+            ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
         k, v: ``[Tk, Hkv, D]`` (rows by ``cu_seqlens_k``), or, with ``block_table``, the paged
             caches ``[num_blocks, block_size, Hkv, D]`` holding each sequence's first
             ``lk = cu_seqlens_k[b+1] - cu_seqlens_k[b]`` tokens (prefix caching).
@@ -147,7 +148,8 @@ def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 
     Returns:
         ``(out [N, H, D] in out_a's dtype, lse [N, H] float32)`` with
-        ``lse = log(e^lse_a + e^lse_b)`` and ``out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b``;
+        ``lse = log(e^lse_a + e^lse_b)`` and
+        ``out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b``;
         zeros and ``-inf`` where both parts are ``-inf``. A sink joins the merged denominator
         once per part that was computed with it: give sinks to one part only.
 

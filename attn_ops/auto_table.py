@@ -86,7 +86,8 @@ def kv_bucket(config: OpConfig) -> str:
 
 
 def features(config: OpConfig, arch: str) -> tuple[str, ...]:
-    """``(op, arch, dtype, head, kv)`` for an op config (see :class:`attn_ops.contract.OpConfig`)."""
+    """``(op, arch, dtype, head, kv)`` for an op config (see
+    :class:`attn_ops.contract.OpConfig`)."""
     dtype = DTYPES.get(config.dtype, str(config.dtype).replace("torch.", ""))
     return (config.op, arch, dtype, head_bucket(config.head_dim), kv_bucket(config))
 

@@ -51,7 +51,8 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor |
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        _fail(f"{name}: the last dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
+        _fail(f"{name}: the last dim must be contiguous (stride 1), got strides "
+              f"{tuple(t.stride())}")
 
 
 def check_head_dim(name: str, d: int) -> None:
@@ -109,7 +110,8 @@ def check_store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale=None
     check_rank("slot_mapping", slot_mapping, 1, "[T]")
     check_dtype("slot_mapping", slot_mapping, INDEX_DTYPES, "an integer dtype")
     if slot_mapping.shape[0] != key.shape[0]:
-        _fail(f"slot_mapping: expected shape [{key.shape[0]}] (T of key), got {_shape(slot_mapping)}")
+        _fail(f"slot_mapping: expected shape [{key.shape[0]}] (T of key), got "
+              f"{_shape(slot_mapping)}")
     check_same_device("k_cache", k_cache, key=key, value=value, slot_mapping=slot_mapping)
     check_kv_scales(k_cache, k_scale, v_scale)
 
@@ -295,7 +297,8 @@ _CHECK_OFF = (None, "", "0")
 
 
 def data_checks_enabled(*tensors: torch.Tensor) -> bool:
-    """True when ``ATTN_OPS_CHECK=1`` and the check can read real data without breaking a capture."""
+    """True when ``ATTN_OPS_CHECK=1`` and the check can read real data without breaking a
+    capture."""
     if not data_checks_requested():
         return False
     for t in tensors:

@@ -200,7 +200,8 @@ def build_table(rows, source: str, meta: dict | None = None,
 def dumps(table: dict) -> str:
     """The table as JSON text, one entry per line, keys sorted: small, stable diffs."""
     head = {k: v for k, v in sorted(table.items()) if k != "entries"}
-    lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True)}," for k, v in head.items()]
+    lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True)},"
+                     for k, v in head.items()]
     entries = sorted(table["entries"].items())
     lines.append('  "entries": {')
     lines += [f"    {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"

@@ -34,8 +34,8 @@ substitution's decode), else one ``index_select`` of whole blocks; a key mask on
 sequences see different spans. At bf16, H 32, Hkv 8, D 128, one thread, through the op: B 1
 over 16 tokens 57 us (the tiles: 221-237), B 4 over 1024 tokens 3.8-4.9 ms as a view, 5.9-6.7
 ms in pages of 16 (the tiles: 8-17 ms, page faults of fresh tiles), against 25 us / 3.2-3.4 ms
-for F.scaled_dot_product_attention on the dense slice (GQA folded; 113 us / 28 ms with enable_gqa) (benchmarks/bench_overhead.py --cpu-defaults,
-results/overhead_cpu_defaults.csv).
+for F.scaled_dot_product_attention on the dense slice (GQA folded; 113 us / 28 ms with
+enable_gqa) (benchmarks/bench_overhead.py --cpu-defaults, results/overhead_cpu_defaults.csv).
 """
 
 from __future__ import annotations

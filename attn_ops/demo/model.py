@@ -90,7 +90,8 @@ class Attention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Full causal attention: x ``[B, S, hidden]``, cos/sin ``[S, D/2]`` -> ``[B, S, hidden]``."""
+        """Full causal attention: x ``[B, S, hidden]``, cos/sin ``[S, D/2]`` -> ``[B, S,
+        hidden]``."""
         b, s, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self._qkv(x, cos, sin))  # [B, heads, S, D]
         # GQA expanded by hand (the Llama idiom): k/v [B, Hkv, S, D] -> [B, H, S, D].

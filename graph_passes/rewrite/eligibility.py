@@ -50,11 +50,12 @@ def _prefill_config(q: torch.Tensor, k: torch.Tensor, causal: bool,
 # tensors it now reads pos + 1 keys through a view of the cache (sdpa.py, _host_decode): on the
 # gpt-fast-style step (benchmarks/bench_cache_substitution.py --device cpu --size cpu
 # --threads 1: 2 layers, B 4, Hkv 2, S_max 2048, D 64, fp32; results/cache_substitution_cpu.csv,
-# 2026-11-30; the sdpa backend, chosen by "auto" under a trial rule) Inductor's time over the substituted step at pos 128 / 1024 /
-# 1900 / 2047 is 3.76 / 2.92 / 2.12 / 2.32x written with repeat_interleave, but 1.67 / 1.38 /
-# 0.94 / 0.96x written with enable_gqa: near S_max both read the whole cache and the op's
-# fixed cost loses ~5%. Positions are dynamic and the form is not known here, so no rule on
-# S_max alone holds at every position; attn_backend='sdpa' substitutes it.
+# 2026-11-30; the sdpa backend, chosen by "auto" under a trial rule) Inductor's time over the
+# substituted step at pos 128 / 1024 / 1900 / 2047 is 3.76 / 2.92 / 2.12 / 2.32x written with
+# repeat_interleave, but 1.67 / 1.38 / 0.94 / 0.96x written with enable_gqa: near S_max both
+# read the whole cache and the op's fixed cost loses ~5%. Positions are dynamic and the form is
+# not known here, so no rule on S_max alone holds at every position; attn_backend='sdpa'
+# substitutes it.
 _PURE_TORCH = ("reference", "sdpa")
 # Under "auto", the least attention work per call (B * H * Sq * Sk * D, the multiply-adds of
 # q k^T) for which a CPU prefill goes to the sdpa backend: S = 512 above (2^26) is the first

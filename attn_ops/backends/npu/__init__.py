@@ -49,7 +49,8 @@ DECODE_BLOCK_MULTIPLE, DECODE_MAX_BLOCK = 16, 512
 
 
 def supports(config) -> str | None:
-    """None when this backend can serve the call ``config`` (an ``OpConfig``) describes, else why."""
+    """None when this backend can serve the call ``config`` (an ``OpConfig``) describes, else
+    why."""
     op = config.op
     device = config.device
     if getattr(device, "type", device) != "npu":

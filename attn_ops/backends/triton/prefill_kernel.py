@@ -228,11 +228,11 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
     share of the (g, sequence) pairs and returns at once when none is (one vector load)."""
     if FIXUP:
         _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FLAGS,
-               stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-               stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc, stride_sk,
-               stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv, window_left,
-               fixup_tiles, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP,
-               PAGED, PAGE, DOT, HAS_SINKS, FP8, WITH_LSE)
+               stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+               stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
+               stride_sk, stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv,
+               window_left, fixup_tiles, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL,
+               WINDOW, SOFTCAP, PAGED, PAGE, DOT, HAS_SINKS, FP8, WITH_LSE)
         return
     pid = tl.program_id(0)
     seq = tl.program_id(1)
