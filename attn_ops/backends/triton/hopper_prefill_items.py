@@ -1,15 +1,15 @@
 """The Gluon Hopper prefill's work items (hopper_prefill_kernel.py): their numbering, what item
 ``w`` is, and which program takes it.
 
-Items are 128-row query tiles of one sequence and one head. Only the R sequences of more than
-``min_q`` queries have items (0 but for the split route: shorter ones are another kernel's,
-empty ones have no row), numbered ``w = (g * R + r) * H + h`` for the r-th of them, with g
-counted from the sequence's last tile (every sequence's longest causal tile first, and the heads
-that share a KV head next to each other); then the items of a padding column ``b = B`` (``w =
-tiles * R * H + g * H + h``: the zeros of the rows past the last sequence). Only the split route
-(``COMPACT``) counts R and finds the r-th sequence per item (a scan over cu_seqlens_q, 32
-sequences a step, when R < B); elsewhere R = B: the search code cost dense prompts 3-8% (H200
-graph replays, 4 x 4096 1103 vs 1023 us).
+Items are query tiles of ``TILE`` rows (128, or 64 with one consumer) of one sequence and one head.
+Only the R sequences of more than ``min_q`` queries have items (0 but for the split route: shorter
+ones are another kernel's, empty ones have no row), numbered ``w = (g * R + r) * H + h`` for the
+r-th of them, with g counted from the sequence's last tile (every sequence's longest causal tile
+first, and the heads that share a KV head next to each other); then the items of a padding column
+``b = B`` (``w = tiles * R * H + g * H + h``: the zeros of the rows past the last sequence). Only
+the split route (``COMPACT``) counts R and finds the r-th sequence per item (a scan over
+cu_seqlens_q, 32 sequences a step, when R < B); elsewhere R = B: the search code cost dense prompts
+3-8% (H200 graph replays, 4 x 4096 1103 vs 1023 us).
 
 A persistent grid of about one program per SM walks them: program p takes items ``p, p + P,
 ...``, so the programs running at any moment hold neighbouring items, and the four heads of one

@@ -1,11 +1,14 @@
 """Hopper (sm90) varlen prefill in Gluon: persistent, TMA ring, async wgmma, warp specialization.
 
-Work items are 128-row query tiles of one sequence and one head, numbered and handed to a
-persistent grid of about one program per SM as hopper_prefill_items.py says (program p takes
-items ``p, p + P, ...``); an item past its sequence's tiles costs a few loads. Cheap items
-numbered among the real ones gave some programs three real items where the mean was two (2
-chunks of 512 queries over 4k paged prefixes, 256 real items on 132 SMs; the split route's 56
-decode sequences beside them). Inside a program three partitions walk the same items:
+Work items are query tiles of ``CONSUMERS * 64`` rows of one sequence and one head, numbered and
+handed to a persistent grid of about one program per SM (two with one consumer) as
+hopper_prefill_items.py says (program p takes items ``p, p + P, ...``); an item past its
+sequence's tiles costs a few loads. Cheap items numbered among the real ones gave some programs
+three real items where the mean was two (2 chunks of 512 queries over 4k paged prefixes, 256
+real items on 132 SMs; the split route's 56 decode sequences beside them). Inside a program
+three partitions walk the same items (two with ``CONSUMERS`` = 1: short causal prompts, where
+two programs per SM let each warpgroup run its own items; hopper_prefill_launch.SOLO_MAX_KEYS
+says why):
 
 - a producer warp issues TMA loads: an item's two 64-row Q tiles, then its K and V tiles of
   BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier per stage
@@ -13,14 +16,15 @@ decode sequences beside them). Inside a program three partitions walk the same i
   done). The ring and its phases run on across items, and the next item's Q is loaded as soon
   as both consumers have issued their last ``Q K^T`` of the current one (``q_empty``), so the
   next item's loads overlap this item's last ``P V``, its epilogue and the next item's start;
-- two consumer warpgroups (the default partition and one worker), 64 query rows each, read the
-  same K/V slots. The source overlaps the next tile's ``Q K^T`` and its softmax with the
-  previous tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for S_j, softmax, wait for O,
-  rescale); the warp schedulers interleave the two warpgroups, so one's softmax runs against
-  the other's MMAs. As compiled, the in-warpgroup overlap does not happen, and FA3's ping-pong
-  measured slower: docs/backends.md, "the Gluon prefill's consumers, as compiled". In a
-  sequence's last tile of at most 64 rows the second warpgroup has no row: it passes the
-  item's ring slots without a wgmma (:func:`_pass_item`; 7% at 96 prompts of U(1, 400)).
+- two consumer warpgroups (the default partition and one worker; or the default partition alone),
+  64 query rows each, read the same K/V slots. The source overlaps the next tile's ``Q K^T`` and
+  its softmax with the previous tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for
+  S_j, softmax, wait for O, rescale); the warp schedulers interleave the two warpgroups, so one's
+  softmax runs against the other's MMAs. As compiled, the in-warpgroup overlap does not happen,
+  and FA3's ping-pong measured slower: docs/backends.md, "the Gluon prefill's consumers, as
+  compiled". In a sequence's last tile of at most 64 rows the second warpgroup has no row: it
+  passes the item's ring slots without a wgmma (:func:`_pass_item`; 7% at 96 prompts of U(1,
+  400)).
 
 P stays in registers as wgmma's A operand. Causal tiles past the diagonal are never loaded;
 masks are applied only on tiles that need them (the diagonal and the sequence's last partial
@@ -76,11 +80,11 @@ if GLUON:
         gl.store(ptrs, zeros, mask=mask)
 
     @gluon.jit
-    def _store_flag(ptr, value):
-        """``*ptr = value`` (int32 scalar) from one thread of a 4-warp partition."""
+    def _store_flag(ptr, value, COPIES: gl.constexpr):
+        """``ptr[0 .. COPIES - 1] = value`` (int32 scalar) from a 4-warp partition."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         i = gl.arange(0, 128, layout=layout)
-        gl.store(ptr + i * 0, value + i * 0, mask=i == 0)
+        gl.store(ptr + i * (COPIES - 1), value + i * 0, mask=i < COPIES)
 
     @gluon.jit
     def _page_rows(table_row, stride_tc, table_width, key0, lk, PAGE: gl.constexpr,
@@ -118,7 +122,7 @@ if GLUON:
                   GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
-                  PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr):
+                  PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr, CONSUMERS: gl.constexpr):
         """One warp: per item, Q once both consumers released the previous item's Q, then K_j /
         V_j into ring slot ``(it + j) % STAGES`` when both consumers have released it (empty
         barriers count two arrivals; a fresh barrier passes phase 1). Paged K/V (``PAGE`` > 0):
@@ -130,15 +134,15 @@ if GLUON:
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
-                2 * BLOCK_M, BLOCK_N, CAUSAL, 1, COMPACT)
+                CONSUMERS * BLOCK_M, BLOCK_N, CAUSAL, 1, COMPACT)
             if n_iter > 0:
                 q_row = q_start + m0
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
-                mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [q_row, head * HEAD_DIM], q_bar,
-                                                q_bufs.index(0))
-                tma.async_copy_global_to_shared(q_desc, [q_row + BLOCK_M, head * HEAD_DIM],
-                                                q_bar, q_bufs.index(1))
+                mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+                for c in gl.static_range(CONSUMERS):
+                    tma.async_copy_global_to_shared(q_desc, [q_row + c * BLOCK_M,
+                                                             head * HEAD_DIM],
+                                                    q_bar, q_bufs.index(c))
                 kv_col = (head // GROUP) * HEAD_DIM
                 for i in range(n_iter):
                     st = (it + i) % STAGES
@@ -186,7 +190,7 @@ if GLUON:
                 FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, it, done,
                 flag_idx, qk_scale, WG: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr):
+                CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr):
         """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` against the item's K/V tiles
         (ring slots from ``it`` on), out and the flag written."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -262,7 +266,7 @@ if GLUON:
         # NaN or 0: compare it with itself (within a warp: a row sits in one quad).
         chk = gl.sum(out_f - out_f, axis=1)
         bad = (chk != chk) & (r < lq)
-        _store_flag(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0))
+        _store_flag(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0), 3 - CONSUMERS)
         # STAGE_OUT: stored in 16-byte pieces, whole rows per warp, through a shared-memory
         # scratch tile; wgmma's layout gives a thread 4-byte pieces of 8 rows, and storing from
         # it cost 6-20% (H200 graph replays, 64 x 256: 192 vs 160 us; 4 x 4096: 1033 vs 972).
@@ -317,10 +321,10 @@ if GLUON:
                   num_seqs, num_heads, tiles, min_q, qk_scale, WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, COMPACT: gl.constexpr,
-                  STAGE_OUT: gl.constexpr):
+                  STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr):
         """One warpgroup over the program's items: :func:`_attend` for those with keys; the
         first warpgroup also writes the zeros (padding rows, tiles that see no key)."""
-        TILE: gl.constexpr = 2 * BLOCK_M
+        TILE: gl.constexpr = CONSUMERS * BLOCK_M
         it = 0
         done = 0
         n_real = sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 4, COMPACT)
@@ -333,17 +337,17 @@ if GLUON:
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                         v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
                         n_iter, it, done, flag_idx, qk_scale, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
-                        STAGES, CAUSAL, STAGE_OUT)
+                        STAGES, CAUSAL, STAGE_OUT, CONSUMERS)
                 it += n_iter
                 done += 1
             elif n_iter > 0:  # no row of this warpgroup's: a last tile of at most 64 rows
                 _pass_item(q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, n_iter, it,
                            done, STAGES)
-                _store_flag(FLAGS + flag_idx + WG, 0)
+                _store_flag(FLAGS + flag_idx + WG, 0, 3 - CONSUMERS)
                 it += n_iter
                 done += 1
             else:
-                _store_flag(FLAGS + flag_idx + WG, 0)
+                _store_flag(FLAGS + flag_idx + WG, 0, 3 - CONSUMERS)
                 if WG == 0:
                     if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
                         if COMPACT:  # the flags no item writes
@@ -367,12 +371,13 @@ if GLUON:
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                               PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr,
                               STAGE_OUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                              PRODUCER_REGS: gl.constexpr):
+                              PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2):
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
-        (hopper_prefill_items); item (g, b, h) is rows ``[128 * t, 128 * t + 128)`` of sequence b,
-        head h, with ``t`` counted from the sequence's last tile. ``qk_scale`` = scale *
-        log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, each written: 1 where an output row
-        of that half tile is not finite, else 0. ``TABLE``: the block table ``[B,
+        (hopper_prefill_items); item (g, b, h) is rows ``[T * t, T * t + T)`` of sequence b, head
+        h (``T = CONSUMERS * BLOCK_M``), with ``t`` counted from the sequence's last tile.
+        ``qk_scale`` = scale * log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, each written:
+        1 where an output row of that half tile is not finite, else 0 (one consumer writes its
+        64 rows' flag to both halves). ``TABLE``: the block table ``[B,
         table_width]`` int32 when ``PAGE`` > 0 (else unused); ``PAGE_ROWS`` = min(PAGE,
         BLOCK_N), the rows of the K/V descriptors' blocks. Sequences of at most ``min_q``
         queries are left alone (0: none). ``COMPACT`` (the launcher sets it when ``min_q`` >
@@ -380,7 +385,7 @@ if GLUON:
         short sequences' items are cheap ones among the others. ``STAGE_OUT``: the output
         stored through a shared-memory tile (a 64-row tile of scratch beside the ring)."""
         dtype: gl.constexpr = q_desc.dtype
-        q_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+        q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -390,27 +395,41 @@ if GLUON:
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        mbarrier.init(q_empty, count=2)  # both consumer warpgroups release Q
+        mbarrier.init(q_empty, count=CONSUMERS)  # each consumer warpgroup releases Q
         for s in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(s), count=1)
             mbarrier.init(v_ready.index(s), count=1)
-            mbarrier.init(k_empty.index(s), count=2)  # both consumer warpgroups release
-            mbarrier.init(v_empty.index(s), count=2)
+            mbarrier.init(k_empty.index(s), count=CONSUMERS)  # each consumer releases
+            mbarrier.init(v_empty.index(s), count=CONSUMERS)
 
-        gl.warp_specialize([
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                         stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
-                         qk_scale, 0,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT, STAGE_OUT)),
-            (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                         v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                         stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
-                         qk_scale, 1,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT, STAGE_OUT)),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
-                         k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
-                         stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
-                         tiles, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                         CAUSAL, PAGE, PAGE_ROWS, COMPACT)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if CONSUMERS == 2:
+            gl.warp_specialize([
+                (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
+                             v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
+                             stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
+                             qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
+                             STAGE_OUT, CONSUMERS)),
+                (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
+                             v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
+                             stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
+                             qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
+                             STAGE_OUT, CONSUMERS)),
+                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
+                             k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
+                             stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
+                             tiles, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                             CAUSAL, PAGE, PAGE_ROWS, COMPACT, CONSUMERS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
+                             v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
+                             stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
+                             qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
+                             STAGE_OUT, CONSUMERS)),
+                (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
+                             k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
+                             stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
+                             tiles, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                             CAUSAL, PAGE, PAGE_ROWS, COMPACT, CONSUMERS)),
+            ], [1], [PRODUCER_REGS])

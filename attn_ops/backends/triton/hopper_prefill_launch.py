@@ -20,7 +20,7 @@ if GLUON:
     from attn_ops.backends.triton.hopper_prefill_kernel import hopper_prefill_kernel
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 64  # rows per consumer warpgroup (wgmma's M); a program owns 2 * BLOCK_M rows
+BLOCK_M = 64  # rows per consumer warpgroup (wgmma's M); a program owns CONSUMERS * BLOCK_M rows
 # The shared memory a block may opt into on sm90 (227 KB).
 SHARED_MEMORY = 227 * 1024
 # BLOCK_N, STAGES per head dim. Shared memory at D=128: Q 32 KB + (K + V) 64 KB per stage.
@@ -43,6 +43,26 @@ _PAGED_CHUNK_STAGES, _PAGED_CHUNK_MAX_Q = 3, 1024
 MAXNREG = 168
 CONSUMER_REGS, PRODUCER_REGS = 224, 24  # dense K/V
 PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
+# Short causal prompts: one consumer warpgroup per program ("solo": items of 64 rows, a ring of
+# 64-key stages) and two programs per SM, so each warpgroup runs its own items and one's softmax
+# and epilogue overlap the other's MMAs; two warpgroups on one item wait for each other there,
+# and at a few key tiles per item that is most of the item. H200 graph replays, kernel alone,
+# bf16 32/8 heads, solo vs two consumers (cuDNN beside), us: D 128: 64 x 256 137 vs 160 (125),
+# 96 x U(1, 400) 222 vs 249, 32 x 512 198-203 vs 219 (182-187), 128 x 128 107 vs 131 (97),
+# 8 x 384 36 vs 41 (37); over a paged prefix (pages of 16, 128 keys more than queries) 64 x 256
+# 203 vs 270, 16 x 128 26 vs 38; but 24 x 768 even and 16 x 1024 300-323 vs 317-331, and 4 x 4096
+# 1150 vs 965, where the two consumers' shared K/V reads and deeper ring win. D 64: 64 x 256 103
+# vs 125 (92), 96 x U 168 vs 210, 32 x 512 145 vs 174 (128). Non-causal 64 x 256: even (176 vs
+# 174), so not taken. Registers: 4 + 1 warps round to 8, 128 each for two programs per SM (2 x 256
+# x 128 = 64 K); the default partition gets what the producer leaves (232 beside 24, 224 beside
+# 32). Shared memory: 90 KB at D 128 (Q 16 KB + 2 x (K + V) 32 KB + the output's 16 KB tile) of
+# the 113 KB each of two programs may hold.
+SOLO_MAX_KEYS = 512
+_SOLO_HEAD_DIMS = (64, 128)  # where the rule takes one consumer (measured at both)
+# BLOCK_N, STAGES. D 64 at 64-key steps against 128 (3 stages within 1%): 64 x 256 102.5 vs
+# 107.4 us, 96 x U 168 vs 183; at 16 x 1024 128-key steps won (218 vs 229), past the rule's keys.
+_SOLO_CONFIGS = {64: (64, 2), 128: (64, 2)}
+SOLO_MAXNREG = 128
 
 
 def available(device=None) -> bool:
@@ -98,16 +118,17 @@ def cache_reason(k, v) -> str | None:
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
             scale: float, causal: bool = True, block_table=None, out=None, flags=None,
-            min_q: int = 0):
+            min_q: int = 0, n_consumers: int | None = None):
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` int32 ``[B, W]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv == 0``; pages
     as :func:`supports` and :func:`cache_reason` say), cu_seqlens ``[B + 1]`` int32 on q's
     device. Returns ``[Tq, H, D]`` in q's dtype (or fills ``out``, contiguous ``[Tq, H, D]``).
     Causal masks are bottom-right aligned; a row that sees no key, and every row past
     ``cu_seqlens_q[-1]``, is zero. No host sync: the items come from ``max_seqlen_q`` and B, the
-    persistent grid is one program per SM (at most). ``flags``: int32 ``[cdiv(max_seqlen_q,
-    128), B + 1, H, 2]`` (see :func:`flags_shape`; its contents need not be initialised), all
-    written: 1 where a half tile's output is not finite, else 0 (allocated here when None).
+    persistent grid is one program per SM (at most; two with one consumer). ``n_consumers``:
+    consumer warpgroups per program, 1 or 2 (None: :func:`consumers`' rule). ``flags``: int32
+    :func:`flags_shape` (its contents need not be initialised), all written: 1 where a half
+    tile's output is not finite, else 0 (allocated here when None).
     ``min_q``: sequences of at most that many queries are left alone, their rows unwritten
     (another kernel's: the split route).
 
@@ -119,8 +140,11 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
         return out if q.shape[0] == 0 else out.zero_()  # no key anywhere (static shapes)
+    if n_consumers is None:
+        n_consumers = consumers(q.shape[2], causal, max_seqlen_k)
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 scale, causal, out.stride(), block_table, min_q)
+                                                 scale, causal, out.stride(), block_table, min_q,
+                                                 n_consumers)
     if flags is None:
         flags = torch.empty(shape, dtype=torch.int32, device=q.device)
     descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
@@ -131,33 +155,45 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     return out
 
 
+def consumers(head_dim: int, causal: bool, max_seqlen_k: int) -> int:
+    """Consumer warpgroups per program: 1 (two programs per SM, see :data:`SOLO_MAX_KEYS`) for
+    causal calls whose sequences have at most that many keys, else 2."""
+    solo = causal and head_dim in _SOLO_HEAD_DIMS and int(max_seqlen_k) <= SOLO_MAX_KEYS
+    return 1 if solo else 2
+
+
 def _nothing_to_launch(q, k, cu_seqlens_q, block_table) -> bool:
     """Static shapes hold no query row, no sequence or no key."""
     return (q.shape[0] == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1
             or (block_table is not None and block_table.numel() == 0))
 
 
-def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int) -> tuple[int, int, int, int]:
-    """The kernel's items (tiles of 2 * BLOCK_M rows, B + 1, H) and the two halves of a tile:
-    one int32 flag each."""
-    return (max(1, -(-int(max_seqlen_q) // (2 * BLOCK_M))), num_seqs + 1, num_heads, 2)
+def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int,
+                n_consumers: int = 2) -> tuple[int, int, int, int]:
+    """The kernel's items (tiles of ``n_consumers * BLOCK_M`` rows, B + 1, H) and the two
+    halves of a tile: one int32 flag each (one consumer writes its flag to both halves)."""
+    tile = n_consumers * BLOCK_M
+    return (max(1, -(-int(max_seqlen_q) // tile)), num_seqs + 1, num_heads, 2)
 
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
-          out_strides, block_table=None, min_q: int = 0) -> tuple:
+          out_strides, block_table=None, min_q: int = 0, n_consumers: int = 2) -> tuple:
     """(grid, the scalars after the 8 pointers, constexprs and options, the flags' shape,
-    ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch, from
-    static facts only."""
+    ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch with
+    ``n_consumers`` consumer warpgroups per program, from static facts only."""
     import torch
 
     from attn_ops.backends.triton.common import device_sm_count
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
-    block_n, stages = _CONFIGS[head_dim]
-    if block_table is not None and head_dim == 128 and max_seqlen_q <= _PAGED_CHUNK_MAX_Q:
+    solo = n_consumers == 1
+    block_n, stages = (_SOLO_CONFIGS if solo else _CONFIGS)[head_dim]
+    if (not solo and block_table is not None and head_dim == 128
+            and max_seqlen_q <= _PAGED_CHUNK_MAX_Q):
         stages = _PAGED_CHUNK_STAGES
-    shape = flags_shape(max_seqlen_q, num_seqs, num_heads)
-    grid = (min(shape[0] * shape[1] * shape[2], device_sm_count(q.device)),)  # items, SMs
+    shape = flags_shape(max_seqlen_q, num_seqs, num_heads, n_consumers)
+    programs = (3 - n_consumers) * device_sm_count(q.device)  # one program per SM, solo two
+    grid = (min(shape[0] * shape[1] * shape[2], programs),)  # items, programs
     if block_table is None:
         page, kv_rows, num_kv_heads, table_strides = 0, block_n, k.shape[1], (0, 0, 1)
     else:
@@ -170,24 +206,26 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
     consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), PAGE=page,
                   PAGE_ROWS=kv_rows, COMPACT=min_q > 0,
-                  STAGE_OUT=_stage_out(head_dim, block_n, stages),
+                  STAGE_OUT=_stage_out(head_dim, block_n, stages, n_consumers),
                   CONSUMER_REGS=PAGED_CONSUMER_REGS if page else CONSUMER_REGS,
                   PRODUCER_REGS=PAGED_PRODUCER_REGS if page else PRODUCER_REGS,
-                  num_warps=4, maxnreg=MAXNREG)
+                  CONSUMERS=n_consumers, num_warps=4,
+                  maxnreg=SOLO_MAXNREG if solo else MAXNREG)
     fp16 = q.dtype == torch.float16
     blocks = ((BLOCK_M, _layout(BLOCK_M, head_dim, fp16)),
               (kv_rows, _layout(kv_rows, head_dim, fp16)))
     return grid, scalars, consts, shape, blocks
 
 
-def _stage_out(head_dim: int, block_n: int, stages: int) -> bool:
+def _stage_out(head_dim: int, block_n: int, stages: int, n_consumers: int = 2) -> bool:
     """Whether the output's 64-row scratch tile (2-byte elements) fits in shared memory beside
-    the two Q tiles and the K/V ring: not beside the paged chunks' 3-stage ring at D 128 (224
-    KB), where the kernel stores from wgmma's layout instead. (That ring's 2-5% was measured
-    against two stages storing the same way; two stages with the staged store are not timed
-    against it.)"""
+    the Q tiles and the K/V ring (with one consumer, in half of it: two programs per SM): not
+    beside the paged chunks' 3-stage ring at D 128 (224 KB), where the kernel stores from
+    wgmma's layout instead. (That ring's 2-5% was measured against two stages storing the same
+    way; two stages with the staged store are not timed against it.)"""
     tile = 2 * head_dim  # bytes per row
-    return (3 * BLOCK_M + 2 * stages * block_n) * tile + 1024 <= SHARED_MEMORY
+    need = ((n_consumers + 1) * BLOCK_M + 2 * stages * block_n) * tile + 1024
+    return need <= SHARED_MEMORY // (3 - n_consumers)
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,7 +308,7 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float, causal: bool = True, block_table=None, out=None,
-                    min_q: int = 0):
+                    min_q: int = 0, n_consumers: int | None = None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. Two launches, the same every call (no host
     sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
@@ -289,18 +327,20 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
         from attn_ops.backends.triton import prefill_kernel
         return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, scale, causal, block_table, out=out)
-    shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1])
+    if n_consumers is None:
+        n_consumers = consumers(q.shape[2], causal, max_seqlen_k)
+    shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1], n_consumers)
     flags = torch.empty(shape, dtype=torch.int32, device=q.device)  # the kernel writes each
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-            block_table, out, flags, min_q)
+            block_table, out, flags, min_q, n_consumers)
     fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags,
-          block_table=block_table)
+          rows=n_consumers * BLOCK_M // 2, block_table=block_table)
     return out
 
 
 def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, causal: bool = True,
-                         block_table=None, min_q: int = 0):
+                         block_table=None, min_q: int = 0, n_consumers: int | None = None):
     """:func:`prefill_guarded` for the call signature of these arguments (shapes, strides,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
@@ -326,10 +366,15 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     paged = block_table is not None
     if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not _packed(q)
             or not (cache_reason(k, v) is None if paged else _packed(k) and _packed(v))):
-        return functools.partial(prefill_guarded, min_q=min_q) if min_q else prefill_guarded
+        if min_q or n_consumers:
+            return functools.partial(prefill_guarded, min_q=min_q, n_consumers=n_consumers)
+        return prefill_guarded
+    if n_consumers is None:
+        n_consumers = consumers(q.shape[2], causal, max_seqlen_k)
     out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 scale, causal, out_strides, block_table, min_q)
+                                                 scale, causal, out_strides, block_table, min_q,
+                                                 n_consumers)
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (
@@ -340,6 +385,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     gluon = prepare(hopper_prefill_kernel, grid, consts, (4, 5, 7), scalars)
     f_grid, f_consts, f_scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                     max_seqlen_q, scale, causal, shape[0],
+                                                    n_consumers * BLOCK_M // 2,
                                                     block_table=block_table)
     fix = prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5, 6), f_scalars)
     empty, empty_like, flag_count = torch.empty, torch.empty_like, math.prod(shape)
@@ -351,7 +397,8 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
             causal=True, block_table=None, out=None):
         if type(q) is not tensor or depth() or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, scale, causal, block_table, out, min_q)
+                                   max_seqlen_k, scale, causal, block_table, out, min_q,
+                                   n_consumers)
         stats["bound"] += 1
         if out is None:
             out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)

@@ -46,13 +46,17 @@ def _gpu_only():
 
 ENTRIES = [pytest.param("prefill", id="kernel"), pytest.param("prefill_guarded", id="guarded"),
            pytest.param("bound", id="bound")]
+# Consumer warpgroups per program: one (two programs per SM, 64-row items: the rule's choice
+# for short causal prompts) or two (128-row items), forced whatever the rule would pick.
+CONSUMERS = [pytest.param(1, id="solo"), pytest.param(2, id="duo")]
 
 
 def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
-         entry="prefill_guarded", bad=float("nan"), kv_head=None):
+         entry="prefill_guarded", bad=float("nan"), kv_head=None, n_consumers=None):
     """Random never-zero inputs; ``out`` poisoned with NaN; checks against the reference, with
     ``nan_rows`` (key rows) of v set to ``bad`` (NaN or +-Inf; in KV head ``kv_head`` only,
-    or all): only query rows that see them may turn non-finite."""
+    or all): only query rows that see them may turn non-finite. ``n_consumers``: forced (None:
+    the launcher's rule)."""
     dev = "cuda"
     tq, tk = sum(lens_q) + extra_rows, sum(lens_k)
     q = torch.randn(tq, h, d, device=dev).to(dtype)
@@ -66,7 +70,7 @@ def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
     out = torch.full_like(q, float("nan"))
     args = (q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal)
     if entry == "bound":  # bind_prefill_guarded: its second call takes the pinned launchers
-        run = hp.bind_prefill_guarded(*args)
+        run = hp.bind_prefill_guarded(*args, n_consumers=n_consumers)
         run(*args)
         del out  # poison: the caching allocator hands this block to the next output
         raw = launch.stats["raw"]
@@ -76,7 +80,7 @@ def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
                                    equal_nan=True)
         assert launch.stats["raw"] == raw + 4, "both launches of both calls through raw_launch"
     else:
-        got = getattr(hp, entry)(*args, out=out)
+        got = getattr(hp, entry)(*args, out=out, n_consumers=n_consumers)
         assert got.data_ptr() == out.data_ptr()
     atol, rtol = TOLERANCES[dtype]
     if nan_rows:
@@ -97,56 +101,66 @@ def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("h, hkv", [(32, 8), (8, 8)])
-def test_odd_lengths(dtype, causal, h, hkv, entry):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_odd_lengths(dtype, causal, h, hkv, entry, n):
     _gpu_only()
-    _run([13, 123, 1000], [13, 123, 1000], h, hkv, 128, causal, dtype, entry=entry)
+    _run([13, 123, 1000], [13, 123, 1000], h, hkv, 128, causal, dtype, entry=entry,
+         n_consumers=n)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_with_an_empty_sequence_and_tail_rows(causal):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_varlen_with_an_empty_sequence_and_tail_rows(causal, n):
     _gpu_only()
-    _run([13, 0, 300, 5], [13, 0, 300, 5], 8, 2, 128, causal, torch.bfloat16, extra_rows=77)
+    _run([13, 0, 300, 5], [13, 0, 300, 5], 8, 2, 128, causal, torch.bfloat16, extra_rows=77,
+         n_consumers=n)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("entry", ENTRIES[1:])
-def test_last_tiles_of_at_most_64_rows(causal, entry):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_last_tiles_of_at_most_64_rows(causal, entry, n):
     """A last tile of at most 64 rows (64, 1, 192, 129 queries) leaves the second warpgroup no
     row: it passes the item's ring slots without computing, and must neither write nor hold
     up the first. 65 and 193 give it one row. NaN value rows: key 10 of the second sequence
     (seen by its rows from 10 on, or all of them) and the first key of the third, which the
-    second's last tile reads past its end."""
+    second's last tile reads past its end. (With one consumer the same lengths end items of
+    64 rows exactly, or of one.)"""
     _gpu_only()
     lens = [64, 65, 1, 192, 193, 129]
     _run(lens, lens, 16, 4, 128, causal, torch.bfloat16, extra_rows=3,
-         nan_rows=[64 + 10, 64 + 65], entry=entry)
+         nan_rows=[64 + 10, 64 + 65], entry=entry, n_consumers=n)
 
 
 @pytest.mark.cuda
-def test_bottom_right_causal_with_more_keys():
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_bottom_right_causal_with_more_keys(n):
     _gpu_only()
-    _run([100, 37, 250], [300, 37, 251], 32, 8, 128, True, torch.bfloat16)
+    _run([100, 37, 250], [300, 37, 251], 32, 8, 128, True, torch.bfloat16, n_consumers=n)
 
 
 @pytest.mark.cuda
-def test_a_sequence_without_keys_gives_zeros():
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_a_sequence_without_keys_gives_zeros(n):
     _gpu_only()
-    _run([100, 37, 250], [0, 77, 251], 8, 8, 128, False, torch.float16)
+    _run([100, 37, 250], [0, 77, 251], 8, 8, 128, False, torch.float16, n_consumers=n)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
-def test_head_dim_64(causal):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_head_dim_64(causal, n):
     _gpu_only()
-    _run([13, 123, 1000], [13, 123, 1000], 16, 4, 64, causal, torch.bfloat16)
+    _run([13, 123, 1000], [13, 123, 1000], 16, 4, 64, causal, torch.bfloat16, n_consumers=n)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, request):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, n, request):
     """Key 200 of sequence 0 is hidden from its rows 0..199 by causality; rows 0..19 of
     sequence 1 sit right after sequence 0's last tile (sequence 0: 250 keys, not a multiple of
     the tile) and must not leak into it. The kernel alone leaks them (0 * NaN in P V: strict
@@ -155,27 +169,30 @@ def test_nan_values_reach_only_the_rows_that_see_them(causal, entry, request):
     if entry == "prefill":
         if not causal:
             pytest.skip("the kernel alone promises nothing here; the guarded entry is tested")
-        request.applymarker(pytest.mark.xfail(strict=True, reason="0 * NaN: the kernel alone does not isolate"))
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="0 * NaN: the kernel alone does not isolate"))
     _gpu_only()
     _run([250, 130], [250, 130], 8, 2, 128, causal, torch.bfloat16,
-         nan_rows=[200] + list(range(250, 270)), entry=entry)
+         nan_rows=[200] + list(range(250, 270)), entry=entry, n_consumers=n)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("entry", ENTRIES[1:])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
-def test_infinite_values_reach_only_the_rows_that_see_them(entry, bad):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_infinite_values_reach_only_the_rows_that_see_them(entry, bad, n):
     """As the NaN test above, with +-Inf: ``0 * Inf`` is NaN, so the kernel's hidden rows leak
     the same way and the fixup must rewrite them; rows that see the value are not finite."""
     _gpu_only()
     _run([250, 130], [250, 130], 8, 2, 128, True, torch.bfloat16,
-         nan_rows=[200] + list(range(250, 270)), entry=entry, bad=bad)
+         nan_rows=[200] + list(range(250, 270)), entry=entry, bad=bad, n_consumers=n)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d", [64, 128])
-def test_leaks_in_many_items_of_every_program(causal, d):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_leaks_in_many_items_of_every_program(causal, d, n):
     """Twelve sequences of 64-1100 queries on 32 query heads: far more items than SMs, so the
     fixup's programs each scan many flags, and NaN value rows in one KV head only (its 4 query
     heads leak, the other 28 must stay untouched) at a hidden position of every sequence and
@@ -185,15 +202,17 @@ def test_leaks_in_many_items_of_every_program(causal, d):
     starts = [sum(lens[:i]) for i in range(len(lens))]
     rows = [s + n // 2 for s, n in zip(starts, lens)] + starts[1:]
     _run(lens, lens, 32, 8, d, causal, torch.float16, extra_rows=9, nan_rows=rows,
-         kv_head=5)
+         kv_head=5, n_consumers=n)
 
 
 @pytest.mark.cuda
-def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite(n):
     """The leak of the test above, through the kernel alone: every flag is written (poisoned
     before), 1 exactly when one of its half tile's rows below the sequence's length came out
     non-finite, else 0; a clean call writes every flag 0. The padding rows (5 past the last
-    sequence) and the padding column ``B`` have flags too."""
+    sequence) and the padding column ``B`` have flags too. One consumer: items of 64 rows,
+    each writing its flag to both halves."""
     _gpu_only()
     lens, h, hkv, d, dev = [250, 130], 8, 2, 128, "cuda"
     q = torch.randn(sum(lens) + 5, h, d, device=dev).to(torch.bfloat16)
@@ -201,20 +220,21 @@ def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
     v = (torch.rand(sum(lens), hkv, d, device=dev) + 0.5).to(torch.bfloat16)
     v[[200] + list(range(250, 270))] = float("nan")
     cu = cu_seqlens(lens, dev)
-    shape = hp.flags_shape(max(lens), len(lens), h)
+    shape = hp.flags_shape(max(lens), len(lens), h, n)
     clean = torch.full(shape, -7, dtype=torch.int32, device=dev)
-    hp.prefill(q, k, v.nan_to_num(), cu, cu, max(lens), max(lens), d ** -0.5, True, flags=clean)
+    hp.prefill(q, k, v.nan_to_num(), cu, cu, max(lens), max(lens), d ** -0.5, True, flags=clean,
+               n_consumers=n)
     assert torch.equal(clean, torch.zeros_like(clean)), "finite values: every flag written 0"
     flags = torch.full(shape, -7, dtype=torch.int32, device=dev)
     out = hp.prefill(q, k, v, cu, cu, max(lens), max(lens), d ** -0.5, True,
-                     out=torch.full_like(q, float("nan")), flags=flags)
+                     out=torch.full_like(q, float("nan")), flags=flags, n_consumers=n)
     bad = ~torch.isfinite(out.float()).all(-1)  # [T, H]
     want = torch.zeros_like(flags)
-    rows = 64  # a half tile
+    rows = 64  # a consumer's rows: a half tile of two, the whole item of one
     for g in range(flags.shape[0]):
         for seq, lq in enumerate(lens):
             for half in range(2):
-                m0 = (-(-lq // (2 * rows)) - 1 - g) * 2 * rows + half * rows
+                m0 = (-(-lq // (n * rows)) - 1 - g) * n * rows + half * rows * (n - 1)
                 lo, hi = max(m0, 0) + sum(lens[:seq]), min(m0 + rows, lq) + sum(lens[:seq])
                 if m0 >= 0 and lo < hi:
                     want[g, seq, :, half] = bad[lo:hi].any(0).int()
@@ -226,7 +246,8 @@ def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite():
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("page", [16, 64, 256])
-def test_paged_prefix(page, causal, entry):
+@pytest.mark.parametrize("n_consumers", CONSUMERS)
+def test_paged_prefix(page, causal, entry, n_consumers):
     """Queries over a paged cache holding a prefix (more keys than queries: bottom-right causal),
     odd lengths, an empty sequence, GQA, blocks in random order, garbage table entries past each
     sequence's pages. Through the guarded entries, NaN in the unused rows of each sequence's
@@ -249,22 +270,25 @@ def test_paged_prefix(page, causal, entry):
     expected = reference.prefill(*args)
     assert not torch.isnan(expected).any()
     if entry == "bound":
-        run = hp.bind_prefill_guarded(*args)
+        run = hp.bind_prefill_guarded(*args, n_consumers=n_consumers)
         run(*args)
         got = run(*args)
     elif entry == "prefill":
-        flags = torch.full(hp.flags_shape(max(lens_q), len(lens_q), h), 5, dtype=torch.int32,
-                           device=dev)
-        got = hp.prefill(*args, out=torch.full_like(q, float("nan")), flags=flags)
+        flags = torch.full(hp.flags_shape(max(lens_q), len(lens_q), h, n_consumers), 5,
+                           dtype=torch.int32, device=dev)
+        got = hp.prefill(*args, out=torch.full_like(q, float("nan")), flags=flags,
+                         n_consumers=n_consumers)
         assert torch.equal(flags, torch.zeros_like(flags)), "finite caches: every flag 0"
     else:
-        got = hp.prefill_guarded(*args, out=torch.full_like(q, float("nan")))
+        got = hp.prefill_guarded(*args, out=torch.full_like(q, float("nan")),
+                                 n_consumers=n_consumers)
     assert_close(got, expected, *TOLERANCES[dtype])
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("page", [0, 16])
-def test_min_q_leaves_short_sequences_and_writes_every_flag(page):
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_min_q_leaves_short_sequences_and_writes_every_flag(page, n):
     """The split route's half (``min_q``): items only for the sequences of more than ``min_q``
     queries (compacted: found per item among the others), their rows exact; the short
     sequences' rows untouched (poisoned before), the rows past the last sequence zero, every
@@ -285,9 +309,10 @@ def test_min_q_leaves_short_sequences_and_writes_every_flag(page):
         kv = tuple(torch.randn(sum(lens_k), hkv, d, device=dev).to(dtype) for _ in range(2))
         tail = (None,)
     args = (q, *kv, cq, ck, max(lens_q), max(lens_k), d ** -0.5, True, *tail)
-    flags = torch.full(hp.flags_shape(max(lens_q), len(lens_q), h), 9, dtype=torch.int32,
+    flags = torch.full(hp.flags_shape(max(lens_q), len(lens_q), h, n), 9, dtype=torch.int32,
                        device=dev)
-    got = hp.prefill(*args, out=torch.full_like(q, float("nan")), flags=flags, min_q=min_q)
+    got = hp.prefill(*args, out=torch.full_like(q, float("nan")), flags=flags, min_q=min_q,
+                     n_consumers=n)
     expected = reference.prefill(*args)
     starts = cq.tolist()
     for b, n in enumerate(lens_q):

@@ -89,11 +89,15 @@ def _flags_free(calls):
     return out
 
 
-@pytest.mark.parametrize("dtype, d, page", [(torch.bfloat16, 128, 0), (torch.float16, 64, 0),
-                                           (torch.bfloat16, 128, 16), (torch.float16, 64, 256)])
-def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d, page):
+@pytest.mark.parametrize("dtype, d, page, lens", [
+    (torch.bfloat16, 128, 0, (13, 0, 123)), (torch.float16, 64, 0, (13, 0, 123)),
+    (torch.bfloat16, 128, 16, (13, 0, 123)), (torch.float16, 64, 256, (13, 0, 123)),
+    (torch.bfloat16, 128, 0, (13, 0, 600)), (torch.bfloat16, 128, 16, (13, 0, 500))])
+def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d, page, lens):
     rec = _Recorder(monkeypatch)
-    args = _inputs(dtype, d=d, page=page)
+    args = _inputs(dtype, d=d, page=page, lens=lens)
+    n = hp.consumers(d, True, args[6])
+    assert n == (1 if args[6] <= 512 else 2)
     hp.prefill_guarded(*args)
     unbound = rec.calls[:]
     rec.calls.clear()
@@ -106,20 +110,27 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
     for calls in (unbound, bound):
         for _, _, a, _ in calls:
             a[3] = ("out",) + a[3][2:]
-    flags = math.prod(hp.flags_shape(args[5], args[3].shape[0] - 1, args[0].shape[1]))
+    flags = math.prod(hp.flags_shape(args[5], args[3].shape[0] - 1, args[0].shape[1], n))
     assert _flags_free(unbound)[0][2][6] == ("flags", flags)
     assert _flags_free(bound) == _flags_free(unbound)
     gluon, consts = bound[0][2], bound[0][3]
     assert gluon[0][1] == args[0].data_ptr() and gluon[0][2] == [args[0].shape[0], 8 * d]
     assert gluon[1][1] == args[1].data_ptr() and gluon[2][1] == args[2].data_ptr()
+    block_n = 64 if n == 1 else 128
     if page:  # the caches as [blocks * page, Hkv * D] rows, blocks of page pieces; the table
         blocks = args[1].shape[0]
-        assert gluon[1][2:5] == ([blocks * page, 2 * d], [2 * d, 1], [min(page, 128), d])
-        assert consts["PAGE"] == page and consts["PAGE_ROWS"] == min(page, 128)
+        assert gluon[1][2:5] == ([blocks * page, 2 * d], [2 * d, 1], [min(page, block_n), d])
+        assert consts["PAGE"] == page and consts["PAGE_ROWS"] == min(page, block_n)
         assert gluon[7][1] == args[9].data_ptr()
         assert bound[1][2][6][1] == args[9].data_ptr(), "the fixup reads the block table"
     else:
         assert consts["PAGE"] == 0
+    # The fixup rewrites half tiles of n * 32 rows, the kernel's items being n * 64 rows.
+    assert bound[1][3]["BLOCK_M"] == n * 32 and consts["CONSUMERS"] == n
+    if n == 1:  # two programs per SM: 2 x 8 warps (4 + 1 rounded) x 128 registers = 64 K
+        assert consts["maxnreg"] == 128 and 2 * 256 * consts["maxnreg"] <= 65536
+        assert (consts["BLOCK_N"], consts["STAGES"], consts["STAGE_OUT"]) == (64, 2, True)
+        return
     # The worker partitions' registers: 248 between them (the default partition takes 256 of
     # 3 * MAXNREG; a larger sum and setmaxnreg.inc would wait forever); the producer gets 32
     # where it walks a block table, 24 over dense K/V.
@@ -132,8 +143,28 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
     assert consts["STAGE_OUT"] == (not (page and d == 128))
     if page and d == 128:  # longer chunks keep two stages, and stage the output
         plan = hp._plan(args[0], args[1], args[3], args[4], 2048, args[7], True,
-                        args[0].stride(), args[9])
+                        args[0].stride(), args[9], 0, 2)
         assert plan[2]["STAGES"] == 2 and plan[2]["STAGE_OUT"]
+
+
+def test_short_causal_prompts_take_one_consumer_per_program_and_two_programs_per_sm():
+    # The rule (measured on the H200: hopper_prefill_launch.SOLO_MAX_KEYS): causal, D 64 or
+    # 128, at most 512 keys per sequence; the grid is then two programs per SM, and the items
+    # are 64-row tiles (flags: two halves of 32 rows each).
+    assert hp.consumers(128, True, 512) == 1
+    assert hp.consumers(128, True, 513) == 2 and hp.consumers(128, False, 256) == 2
+    assert hp.consumers(64, True, 256) == 1 and hp.consumers(96, True, 256) == 2
+    from attn_ops.backends.triton.common import device_sm_count
+    lens = [256] * 10  # more items than two programs per SM (only the shapes are read)
+    q, k = torch.empty(sum(lens), 8, 128), torch.empty(sum(lens), 2, 128)
+    cu = cu_seqlens(lens)
+    sms = device_sm_count(q.device)
+    for n in (1, 2):
+        grid, scalars, consts, shape, _ = hp._plan(q, k, cu, cu, 256, 0.1, True, q.stride(),
+                                                   None, 0, n)
+        assert shape == (256 // (64 * n), 11, 8, 2) and scalars[10] == shape[0]
+        assert grid == (min(math.prod(shape[:3]), (3 - n) * sms),)
+        assert consts["CONSUMERS"] == n
 
 
 def test_the_staged_output_tile_is_planned_only_where_shared_memory_holds_it():
@@ -142,6 +173,9 @@ def test_the_staged_output_tile_is_planned_only_where_shared_memory_holds_it():
     # stages and 131232 at D 64 with 3; D 128 with 3 stages would need 245920.
     assert hp._stage_out(128, 128, 2) and hp._stage_out(64, 128, 3)
     assert not hp._stage_out(128, 128, 3)
+    # One consumer, two programs per SM, each in half: ptxas reported 90204 bytes at D 128
+    # with 2 stages of 64 keys; 3 stages (123036) would not fit twice.
+    assert hp._stage_out(128, 64, 2, 1) and not hp._stage_out(128, 64, 3, 1)
     assert hp.SHARED_MEMORY == 232448
 
 
