@@ -7,10 +7,12 @@ causal sequence (4*H*D*lq*lk otherwise); % is of the bf16 matmul rate measured i
 SDPA contenders get GQA through ``enable_gqa=True`` where the backend takes it, else K/V
 expanded to H heads (noted in the CSV).
 
-    python benchmarks/bench_prefill.py [--tune] [--only dense|paged] [--out DIR]
+    python benchmarks/bench_prefill.py [--tune] [--only dense|paged] [--graph] [--out DIR]
 
 ``--only paged``: only the paged-prefix section (new tokens over a prefix held in a paged
-cache, prefix reuse and chunked prefill).
+cache, prefix reuse and chunked prefill). ``--graph``: the dense section also times CUDA-graph
+replays (``graph_ms``, ``graph_tflops``): device time without the host's share, which eager
+calls of a few hundred microseconds (FA3's Python entry, our two launches) can still carry.
 """
 
 from __future__ import annotations
@@ -138,12 +140,16 @@ def run_shape(b, s, causal, args, ceil_tflops, with_flex=True):
     for name, factory in contenders(q, k, v, cu, b, s, causal, dev).items():
         if name == "flex" and not with_flex:
             continue  # each Flex shape costs a compile; timed at a subset of lengths
-        ms, _, note = time_contender(factory, args.smoke, graph=False)
-        tflops = flops(b, s, causal, h, d) / (ms * 1e-3) / 1e12 if ms else None
+        ms, graph_ms, note = time_contender(factory, args.smoke, graph=args.graph)
+        work = flops(b, s, causal, h, d)
+        tflops = work / (ms * 1e-3) / 1e12 if ms else None
         rows.append(dict(bench="prefill", batch=b, seqlen=s, causal=causal, heads=h,
                          kv_heads=hkv, head_dim=d, contender=name, ms=ms, tflops=tflops,
                          pct_matmul=100 * tflops / ceil_tflops if tflops else None,
                          note=note))
+        if args.graph:
+            rows[-1].update(graph_ms=graph_ms,
+                            graph_tflops=work / (graph_ms * 1e-3) / 1e12 if graph_ms else None)
     ours = rows[0]["tflops"] if rows and rows[0]["contender"] == "triton (ours)" else None
     for r in rows:
         r["ours_speedup"] = ours / r["tflops"] if ours and r["tflops"] else None
@@ -248,8 +254,11 @@ def tune(args, ceil_tflops):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--only", default=None, help="one section: dense or paged (default: both)"))
+    def extra(p):
+        p.add_argument("--only", default=None, help="one section: dense or paged (default: both)")
+        p.add_argument("--graph", action="store_true",
+                       help="dense section: also time CUDA-graph replays")
+    args = parse_args(__doc__.splitlines()[0], extra)
     env = header("prefill", args.smoke)
     ceil = matmul_tflops(args.smoke)
     print(f"ceilings: bf16 matmul {ceil:.0f} TFLOP/s, copy {copy_gbs(args.smoke):.0f} GB/s")
@@ -277,7 +286,7 @@ def main():
                  torch=env["torch"], triton=env["triton"])
     write_csv(args.out / "prefill.csv", rows)
     print_table(rows, ["batch", "seqlen", "causal", "contender", "ms", "tflops", "pct_matmul",
-                       "ours_speedup", "note"])
+                       "ours_speedup"] + ["graph_ms", "graph_tflops"] * args.graph + ["note"])
 
 
 if __name__ == "__main__":
