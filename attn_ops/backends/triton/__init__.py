@@ -88,16 +88,16 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
     return 2 * total_q < num_seqs * max_seqlen_q
 
 
-# The Gluon Hopper prefill (hopper_prefill_kernel.py) serves fp16/bf16 prompts on sm90 (D 64 /
-# 128) over dense K/V or a paged cache of 16-row-multiple pages (no window, softcap, sinks, FP8
-# or lse), guarded by its own output check and the FA2-style kernel's fixup launch so that a
-# non-finite value row still reaches only the rows that see it
-# (hopper_prefill_launch.prefill_guarded). H200, bf16 32/8 heads, TFLOP/s vs this backend's
-# kernels: causal 4 x 4096 529-535 vs 410, 1 x 16384 603 vs 477, 16 x 1024 377-380 vs 257,
-# 64 x 256 162 vs 101-128, non-causal 4 x 4096 604-608 vs 467; paged prefix (pages of 16),
-# 4 x 1024 over 3072 cached keys 558 vs 358 (FA2-style), 1 x 4096 over 12288 590 vs 406; the
-# guard (output check + fixup launch) costs 0.1-1.5% of the kernel's time, where the V scan it
-# replaced cost 13-19% (BENCHMARKS.md, fourth and fifth passes). False: never route there.
+# The Gluon Hopper prefill (hopper_prefill_kernel.py) serves fp16/bf16 prompts on sm90 (D 64 / 128)
+# over dense K/V or a paged cache of 16-row-multiple pages (no window, softcap, sinks, FP8 or lse),
+# guarded by its own output check and the FA2-style kernel's fixup launch so that a non-finite
+# value row still reaches only the rows that see it (hopper_prefill_launch.prefill_guarded). H200,
+# bf16 32/8 heads, TFLOP/s vs this backend's kernels: causal 4 x 4096 529-535 vs 410, 1 x 16384 603
+# vs 477, 16 x 1024 377-380 vs 257, 64 x 256 230 (one consumer warpgroup per program; 162 with two)
+# vs 101-128, non-causal 4 x 4096 604-608 vs 467; paged prefix (pages of 16), 4 x 1024 over 3072
+# cached keys 558 vs 358 (FA2-style), 1 x 4096 over 12288 590 vs 406; the guard (output check +
+# fixup launch) costs 0.1-1.5% of the kernel's time, where the V scan it replaced cost 13-19%
+# (BENCHMARKS.md, fourth and fifth passes). False: never route there.
 HOPPER_PREFILL = True
 # Host time per eager call on the H200 host (2026-11-30, prompts of 2 x 256): the guarded Hopper
 # route bound to its signature 36 us (a memset and two compiled launches:

@@ -50,7 +50,7 @@ PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
 # bf16 32/8 heads, solo vs two consumers (cuDNN beside), us: D 128: 64 x 256 137 vs 160 (125),
 # 96 x U(1, 400) 222 vs 249, 32 x 512 198-203 vs 219 (182-187), 128 x 128 107 vs 131 (97),
 # 8 x 384 36 vs 41 (37); over a paged prefix (pages of 16, 128 keys more than queries) 64 x 256
-# 203 vs 270, 16 x 128 26 vs 38; but 24 x 768 even and 16 x 1024 300-323 vs 317-331, and 4 x 4096
+# 203 vs 270, 16 x 128 26 vs 38; but 24 x 768 even and 16 x 1024 317-331 vs 296-323, and 4 x 4096
 # 1150 vs 965, where the two consumers' shared K/V reads and deeper ring win. D 64: 64 x 256 103
 # vs 125 (92), 96 x U 168 vs 210, 32 x 512 145 vs 174 (128). Non-causal 64 x 256: even (176 vs
 # 174), so not taken. Registers: 4 + 1 warps round to 8, 128 each for two programs per SM (2 x 256
