@@ -51,17 +51,19 @@ PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
 # 96 x U(1, 400) 222 vs 249, 32 x 512 198-203 vs 219 (182-187), 128 x 128 107 vs 131 (97),
 # 8 x 384 36 vs 41 (37); over a paged prefix (pages of 16, 128 keys more than queries) 64 x 256
 # 203 vs 270, 16 x 128 26 vs 38; but 24 x 768 even and 16 x 1024 317-331 vs 296-323, and 4 x 4096
-# 1150 vs 965, where the two consumers' shared K/V reads and deeper ring win. D 64: 64 x 256 103
-# vs 125 (92), 96 x U 168 vs 210, 32 x 512 145 vs 174 (128). Non-causal 64 x 256: even (176 vs
-# 174), so not taken. Registers: 4 + 1 warps round to 8, 128 each for two programs per SM (2 x 256
+# 1150 vs 965, where the two consumers' shared K/V reads and deeper ring win. D 64, where a K/V
+# tile is half the bytes, it wins to 2048 keys: 64 x 256 103 vs 125 (92), 96 x U 168 vs 210, 32 x
+# 512 145 vs 174 (128), 24 x 768 206 vs 232 (185), 16 x 1024 221-222 vs 239 (202), 8 x 2048
+# 359-363 vs 375-378 (349-354). Non-causal 64 x 256 (D 128): even (176 vs 174), so not taken. Registers: 4 + 1 warps round to 8, 128 each for two programs per SM (2 x 256
 # x 128 = 64 K); the default partition gets what the producer leaves (232 beside 24, 224 beside
 # 32). Shared memory: 90 KB at D 128 (Q 16 KB + 2 x (K + V) 32 KB + the output's 16 KB tile) of
 # the 113 KB each of two programs may hold.
-SOLO_MAX_KEYS = 512
-_SOLO_HEAD_DIMS = (64, 128)  # where the rule takes one consumer (measured at both)
-# BLOCK_N, STAGES. D 64 at 64-key steps against 128 (3 stages within 1%): 64 x 256 102.5 vs
-# 107.4 us, 96 x U 168 vs 183; at 16 x 1024 128-key steps won (218 vs 229), past the rule's keys.
-_SOLO_CONFIGS = {64: (64, 2), 128: (64, 2)}
+SOLO_MAX_KEYS = {64: 2048, 128: 512}  # per head dim: the most keys a sequence may have
+# BLOCK_N per head dim, for at most 512 keys and for more (two stages throughout). D 64, 64-key
+# steps against 128 (3 stages within 1%): 64 x 256 102.5 vs 107.4 us, 96 x U 168 vs 183, 64 x
+# 116 41.9 vs 45.7; past 512 keys 128-key steps: 24 x 768 206 vs 212, 16 x 1024 221 vs 232,
+# 8 x 2048 361 vs 408. D 128, 64-key steps against one 128-key stage: 64 x 256 138 vs 155.
+_SOLO_BLOCK_N = {64: (64, 128), 128: (64, 64)}
 SOLO_MAXNREG = 128
 
 
@@ -141,10 +143,10 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
         return out if q.shape[0] == 0 else out.zero_()  # no key anywhere (static shapes)
     if n_consumers is None:
-        n_consumers = consumers(q.shape[2], causal, max_seqlen_k)
+        n_consumers = consumers(q.shape[2], causal, max_seqlen_k, block_table is not None)
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  scale, causal, out.stride(), block_table, min_q,
-                                                 n_consumers)
+                                                 n_consumers, max_seqlen_k)
     if flags is None:
         flags = torch.empty(shape, dtype=torch.int32, device=q.device)
     descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
@@ -155,11 +157,18 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     return out
 
 
-def consumers(head_dim: int, causal: bool, max_seqlen_k: int) -> int:
+def consumers(head_dim: int, causal: bool, max_seqlen_k: int, paged: bool = False) -> int:
     """Consumer warpgroups per program: 1 (two programs per SM, see :data:`SOLO_MAX_KEYS`) for
-    causal calls whose sequences have at most that many keys, else 2."""
-    solo = causal and head_dim in _SOLO_HEAD_DIMS and int(max_seqlen_k) <= SOLO_MAX_KEYS
-    return 1 if solo else 2
+    causal calls whose sequences have at most that many keys (over a paged cache at most 512,
+    where it was measured), else 2."""
+    limit = min(SOLO_MAX_KEYS.get(head_dim, 0), 512 if paged else 1 << 31)
+    return 1 if causal and int(max_seqlen_k) <= limit else 2
+
+
+def solo_config(head_dim: int, max_seqlen_k: int) -> tuple[int, int]:
+    """(BLOCK_N, STAGES) of the one-consumer form (:data:`_SOLO_BLOCK_N`)."""
+    short, longer = _SOLO_BLOCK_N[head_dim]
+    return (short if int(max_seqlen_k) <= 512 else longer), 2
 
 
 def _nothing_to_launch(q, k, cu_seqlens_q, block_table) -> bool:
@@ -177,17 +186,23 @@ def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int,
 
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
-          out_strides, block_table=None, min_q: int = 0, n_consumers: int = 2) -> tuple:
+          out_strides, block_table=None, min_q: int = 0, n_consumers: int = 2,
+          max_seqlen_k: int | None = None) -> tuple:
     """(grid, the scalars after the 8 pointers, constexprs and options, the flags' shape,
     ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch with
-    ``n_consumers`` consumer warpgroups per program, from static facts only."""
+    ``n_consumers`` consumer warpgroups per program, from static facts only
+    (``max_seqlen_k``, default ``max_seqlen_q``, picks the one-consumer form's key step)."""
     import torch
 
     from attn_ops.backends.triton.common import device_sm_count
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     solo = n_consumers == 1
-    block_n, stages = (_SOLO_CONFIGS if solo else _CONFIGS)[head_dim]
+    if solo:
+        keys = max_seqlen_q if max_seqlen_k is None else max_seqlen_k
+        block_n, stages = solo_config(head_dim, keys)
+    else:
+        block_n, stages = _CONFIGS[head_dim]
     if (not solo and block_table is not None and head_dim == 128
             and max_seqlen_q <= _PAGED_CHUNK_MAX_Q):
         stages = _PAGED_CHUNK_STAGES
@@ -328,7 +343,7 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
         return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, scale, causal, block_table, out=out)
     if n_consumers is None:
-        n_consumers = consumers(q.shape[2], causal, max_seqlen_k)
+        n_consumers = consumers(q.shape[2], causal, max_seqlen_k, block_table is not None)
     shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1], n_consumers)
     flags = torch.empty(shape, dtype=torch.int32, device=q.device)  # the kernel writes each
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
@@ -370,11 +385,11 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
             return functools.partial(prefill_guarded, min_q=min_q, n_consumers=n_consumers)
         return prefill_guarded
     if n_consumers is None:
-        n_consumers = consumers(q.shape[2], causal, max_seqlen_k)
+        n_consumers = consumers(q.shape[2], causal, max_seqlen_k, block_table is not None)
     out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  scale, causal, out_strides, block_table, min_q,
-                                                 n_consumers)
+                                                 n_consumers, max_seqlen_k)
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (

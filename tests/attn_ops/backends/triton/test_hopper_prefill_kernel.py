@@ -151,9 +151,11 @@ def test_a_sequence_without_keys_gives_zeros(n):
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n", CONSUMERS)
-def test_head_dim_64(causal, n):
+@pytest.mark.parametrize("lens", [[13, 123, 1000], [13, 123, 400]])
+def test_head_dim_64(causal, n, lens):
+    """With one consumer: 128-key steps past 512 keys, 64-key steps up to them."""
     _gpu_only()
-    _run([13, 123, 1000], [13, 123, 1000], 16, 4, 64, causal, torch.bfloat16, n_consumers=n)
+    _run(lens, lens, 16, 4, 64, causal, torch.bfloat16, n_consumers=n)
 
 
 @pytest.mark.cuda

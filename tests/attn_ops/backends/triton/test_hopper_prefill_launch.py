@@ -92,12 +92,13 @@ def _flags_free(calls):
 @pytest.mark.parametrize("dtype, d, page, lens", [
     (torch.bfloat16, 128, 0, (13, 0, 123)), (torch.float16, 64, 0, (13, 0, 123)),
     (torch.bfloat16, 128, 16, (13, 0, 123)), (torch.float16, 64, 256, (13, 0, 123)),
-    (torch.bfloat16, 128, 0, (13, 0, 600)), (torch.bfloat16, 128, 16, (13, 0, 500))])
+    (torch.bfloat16, 128, 0, (13, 0, 600)), (torch.bfloat16, 128, 16, (13, 0, 500)),
+    (torch.float16, 64, 0, (13, 0, 600)), (torch.float16, 64, 16, (13, 0, 600))])
 def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d, page, lens):
     rec = _Recorder(monkeypatch)
     args = _inputs(dtype, d=d, page=page, lens=lens)
-    n = hp.consumers(d, True, args[6])
-    assert n == (1 if args[6] <= 512 else 2)
+    n = hp.consumers(d, True, args[6], bool(page))
+    assert n == (1 if args[6] <= (2048 if d == 64 and not page else 512) else 2)
     hp.prefill_guarded(*args)
     unbound = rec.calls[:]
     rec.calls.clear()
@@ -116,7 +117,7 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
     gluon, consts = bound[0][2], bound[0][3]
     assert gluon[0][1] == args[0].data_ptr() and gluon[0][2] == [args[0].shape[0], 8 * d]
     assert gluon[1][1] == args[1].data_ptr() and gluon[2][1] == args[2].data_ptr()
-    block_n = 64 if n == 1 else 128
+    block_n = hp.solo_config(d, args[6])[0] if n == 1 else 128
     if page:  # the caches as [blocks * page, Hkv * D] rows, blocks of page pieces; the table
         blocks = args[1].shape[0]
         assert gluon[1][2:5] == ([blocks * page, 2 * d], [2 * d, 1], [min(page, block_n), d])
@@ -129,7 +130,8 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
     assert bound[1][3]["BLOCK_M"] == n * 32 and consts["CONSUMERS"] == n
     if n == 1:  # two programs per SM: 2 x 8 warps (4 + 1 rounded) x 128 registers = 64 K
         assert consts["maxnreg"] == 128 and 2 * 256 * consts["maxnreg"] <= 65536
-        assert (consts["BLOCK_N"], consts["STAGES"], consts["STAGE_OUT"]) == (64, 2, True)
+        assert (consts["BLOCK_N"], consts["STAGES"], consts["STAGE_OUT"]) == (block_n, 2, True)
+        assert block_n == (128 if d == 64 and args[6] > 512 else 64)
         return
     # The worker partitions' registers: 248 between them (the default partition takes 256 of
     # 3 * MAXNREG; a larger sum and setmaxnreg.inc would wait forever); the producer gets 32
@@ -148,12 +150,18 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
 
 
 def test_short_causal_prompts_take_one_consumer_per_program_and_two_programs_per_sm():
-    # The rule (measured on the H200: hopper_prefill_launch.SOLO_MAX_KEYS): causal, D 64 or
-    # 128, at most 512 keys per sequence; the grid is then two programs per SM, and the items
-    # are 64-row tiles (flags: two halves of 32 rows each).
+    # The rule (measured on the H200: hopper_prefill_launch.SOLO_MAX_KEYS): causal, at most
+    # 512 keys per sequence at D 128, 2048 at D 64 (512 over a paged cache); the grid is then
+    # two programs per SM, and the items are 64-row tiles (flags: two halves of 32 rows each).
     assert hp.consumers(128, True, 512) == 1
     assert hp.consumers(128, True, 513) == 2 and hp.consumers(128, False, 256) == 2
     assert hp.consumers(64, True, 256) == 1 and hp.consumers(96, True, 256) == 2
+    assert hp.consumers(64, True, 2048) == 1 and hp.consumers(64, True, 2049) == 2
+    assert hp.consumers(64, True, 512, paged=True) == 1
+    assert hp.consumers(64, True, 513, paged=True) == 2
+    # Its key steps: 64 keys, but 128 at D 64 past 512 keys; two stages.
+    assert [hp.solo_config(d, keys) for d, keys in ((128, 512), (128, 2048), (64, 512),
+                                                    (64, 513))] == [(64, 2)] * 3 + [(128, 2)]
     from attn_ops.backends.triton.common import device_sm_count
     lens = [256] * 10  # more items than two programs per SM (only the shapes are read)
     q, k = torch.empty(sum(lens), 8, 128), torch.empty(sum(lens), 2, 128)
