@@ -10,12 +10,12 @@ three partitions walk the same items (two with ``CONSUMERS`` = 1: short causal p
 two programs per SM let each warpgroup run its own items; hopper_prefill_launch.SOLO_MAX_KEYS
 says why):
 
-- a producer warp issues TMA loads: an item's two 64-row Q tiles, then its K and V tiles of
-  BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier per stage
-  and operand, so a K slot is refilled as soon as both consumers have read it, before V is
-  done). The ring and its phases run on across items, and the next item's Q is loaded as soon
-  as both consumers have issued their last ``Q K^T`` of the current one (``q_empty``), so the
-  next item's loads overlap this item's last ``P V``, its epilogue and the next item's start;
+- a producer warp issues TMA loads: an item's 64-row Q tiles (one per consumer), then its K and V
+  tiles of BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier
+  per stage and operand, so a K slot is refilled as soon as both consumers have read it, before V
+  is done). The ring and its phases run on across items, and the next item's Q is loaded as soon
+  as both consumers have issued their last ``Q K^T`` of the current one (``q_empty``), so the next
+  item's loads overlap this item's last ``P V``, its epilogue and the next item's start;
 - two consumer warpgroups (the default partition and one worker; or the default partition alone),
   64 query rows each, read the same K/V slots. The source overlaps the next tile's ``Q K^T`` and
   its softmax with the previous tile's ``P V`` (issue S_j, issue O += P_{j-1} V_{j-1}, wait for
@@ -123,9 +123,10 @@ if GLUON:
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                   PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr, CONSUMERS: gl.constexpr):
-        """One warp: per item, Q once both consumers released the previous item's Q, then K_j /
-        V_j into ring slot ``(it + j) % STAGES`` when both consumers have released it (empty
-        barriers count two arrivals; a fresh barrier passes phase 1). Paged K/V (``PAGE`` > 0):
+        """One warp: per item, Q (``CONSUMERS`` tiles of 64 rows) once the consumers released the
+        previous item's Q, then K_j / V_j into ring slot ``(it + j) % STAGES`` when the consumers
+        have released it (empty barriers count one arrival per consumer; a fresh barrier passes
+        phase 1). Paged K/V (``PAGE`` > 0):
         a tile is ``BLOCK_N // PAGE_ROWS`` TMA copies, one per page piece, into row slices of the
         slot (see :func:`_page_rows`)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position

@@ -45,19 +45,19 @@ CONSUMER_REGS, PRODUCER_REGS = 224, 24  # dense K/V
 PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
 # Short causal prompts: one consumer warpgroup per program ("solo": items of 64 rows, a ring of
 # 64-key stages) and two programs per SM, so each warpgroup runs its own items and one's softmax
-# and epilogue overlap the other's MMAs; two warpgroups on one item wait for each other there,
-# and at a few key tiles per item that is most of the item. H200 graph replays, kernel alone,
-# bf16 32/8 heads, solo vs two consumers (cuDNN beside), us: D 128: 64 x 256 137 vs 160 (125),
-# 96 x U(1, 400) 222 vs 249, 32 x 512 198-203 vs 219 (182-187), 128 x 128 107 vs 131 (97),
-# 8 x 384 36 vs 41 (37); over a paged prefix (pages of 16, 128 keys more than queries) 64 x 256
-# 203 vs 270, 16 x 128 26 vs 38; but 24 x 768 even and 16 x 1024 317-331 vs 296-323, and 4 x 4096
-# 1150 vs 965, where the two consumers' shared K/V reads and deeper ring win. D 64, where a K/V
-# tile is half the bytes, it wins to 2048 keys: 64 x 256 103 vs 125 (92), 96 x U 168 vs 210, 32 x
-# 512 145 vs 174 (128), 24 x 768 206 vs 232 (185), 16 x 1024 221-222 vs 239 (202), 8 x 2048
-# 359-363 vs 375-378 (349-354). Non-causal 64 x 256 (D 128): even (176 vs 174), so not taken. Registers: 4 + 1 warps round to 8, 128 each for two programs per SM (2 x 256
-# x 128 = 64 K); the default partition gets what the producer leaves (232 beside 24, 224 beside
-# 32). Shared memory: 90 KB at D 128 (Q 16 KB + 2 x (K + V) 32 KB + the output's 16 KB tile) of
-# the 113 KB each of two programs may hold.
+# and epilogue overlap the other's MMAs; two warpgroups on one item wait for each other there, and
+# at a few key tiles per item that is most of the item. H200 graph replays, kernel alone, bf16 32/8
+# heads, solo vs two consumers (cuDNN beside), us: D 128: 64 x 256 137 vs 160 (125), 96 x U(1, 400)
+# 222 vs 249, 32 x 512 198-203 vs 219 (182-187), 128 x 128 107 vs 131 (97), 8 x 384 36 vs 41 (37);
+# over a paged prefix (pages of 16, 128 keys more than queries) 64 x 256 203 vs 270, 16 x 128 26 vs
+# 38; but 24 x 768 even and 16 x 1024 317-331 vs 296-323, and 4 x 4096 1150 vs 965, where the two
+# consumers' shared K/V reads and deeper ring win. D 64, where a K/V tile is half the bytes, it
+# wins to 2048 keys: 64 x 256 103 vs 125 (92), 96 x U 168 vs 210, 32 x 512 145 vs 174 (128), 24 x
+# 768 206 vs 232 (185), 16 x 1024 221-222 vs 239 (202), 8 x 2048 359-363 vs 375-378 (349-354).
+# Non-causal 64 x 256 (D 128): even (176 vs 174), so not taken. Registers: 4 + 1 warps round to 8,
+# 128 each for two programs per SM (2 x 256 x 128 = 64 K); the default partition gets what the
+# producer leaves (232 beside 24, 224 beside 32). Shared memory: 90 KB at D 128 (Q 16 KB + 2 x (K +
+# V) 32 KB + the output's 16 KB tile) of the 113 KB each of two programs may hold.
 SOLO_MAX_KEYS = {64: 2048, 128: 512}  # per head dim: the most keys a sequence may have
 # BLOCK_N per head dim, for at most 512 keys and for more (two stages throughout). D 64, 64-key
 # steps against 128 (3 stages within 1%): 64 x 256 102.5 vs 107.4 us, 96 x U 168 vs 183, 64 x
