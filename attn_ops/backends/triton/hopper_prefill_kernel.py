@@ -403,6 +403,8 @@ if GLUON:
             mbarrier.init(k_empty.index(s), count=CONSUMERS)  # each consumer releases
             mbarrier.init(v_empty.index(s), count=CONSUMERS)
 
+        # The argument lists are spelled out in each call: built once as tuples (Triton 3.6),
+        # they reach the partitions without their constexprs, which then fail to compile.
         if CONSUMERS == 2:
             gl.warp_specialize([
                 (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,

@@ -59,6 +59,7 @@ PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
 # producer leaves (232 beside 24, 224 beside 32). Shared memory: 90 KB at D 128 (Q 16 KB + 2 x (K +
 # V) 32 KB + the output's 16 KB tile) of the 113 KB each of two programs may hold.
 SOLO_MAX_KEYS = {64: 2048, 128: 512}  # per head dim: the most keys a sequence may have
+_SOLO_SHORT_KEYS = 512  # over a paged cache the most keys; past it, D 64's longer key step
 # BLOCK_N per head dim, for at most 512 keys and for more (two stages throughout). D 64, 64-key
 # steps against 128 (3 stages within 1%): 64 x 256 102.5 vs 107.4 us, 96 x U 168 vs 183, 64 x
 # 116 41.9 vs 45.7; past 512 keys 128-key steps: 24 x 768 206 vs 212, 16 x 1024 221 vs 232,
@@ -161,14 +162,14 @@ def consumers(head_dim: int, causal: bool, max_seqlen_k: int, paged: bool = Fals
     """Consumer warpgroups per program: 1 (two programs per SM, see :data:`SOLO_MAX_KEYS`) for
     causal calls whose sequences have at most that many keys (over a paged cache at most 512,
     where it was measured), else 2."""
-    limit = min(SOLO_MAX_KEYS.get(head_dim, 0), 512 if paged else 1 << 31)
+    limit = min(SOLO_MAX_KEYS.get(head_dim, 0), _SOLO_SHORT_KEYS if paged else 1 << 31)
     return 1 if causal and int(max_seqlen_k) <= limit else 2
 
 
 def solo_config(head_dim: int, max_seqlen_k: int) -> tuple[int, int]:
     """(BLOCK_N, STAGES) of the one-consumer form (:data:`_SOLO_BLOCK_N`)."""
     short, longer = _SOLO_BLOCK_N[head_dim]
-    return (short if int(max_seqlen_k) <= 512 else longer), 2
+    return (short if int(max_seqlen_k) <= _SOLO_SHORT_KEYS else longer), 2
 
 
 def _nothing_to_launch(q, k, cu_seqlens_q, block_table) -> bool:
