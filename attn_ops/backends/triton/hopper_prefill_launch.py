@@ -21,6 +21,7 @@ if GLUON:
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64  # rows per consumer warpgroup (wgmma's M); a program owns CONSUMERS * BLOCK_M rows
+FLAG_ROWS = 16  # rows per flag: one warp's of wgmma's 64-row tile (the kernel's flags)
 # The shared memory a block may opt into on sm90 (227 KB).
 SHARED_MEMORY = 227 * 1024
 # BLOCK_N, STAGES per head dim. Shared memory at D=128: Q 32 KB + (K + V) 64 KB per stage.
@@ -180,10 +181,10 @@ def _nothing_to_launch(q, k, cu_seqlens_q, block_table) -> bool:
 
 def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int,
                 n_consumers: int = 2) -> tuple[int, int, int, int]:
-    """The kernel's items (tiles of ``n_consumers * BLOCK_M`` rows, B + 1, H) and the two
-    halves of a tile: one int32 flag each (one consumer writes its flag to both halves)."""
+    """The kernel's items (tiles of ``n_consumers * BLOCK_M`` rows, B + 1, H) and their warps
+    (16 rows each): one int32 flag per warp."""
     tile = n_consumers * BLOCK_M
-    return (max(1, -(-int(max_seqlen_q) // tile)), num_seqs + 1, num_heads, 2)
+    return (max(1, -(-int(max_seqlen_q) // tile)), num_seqs + 1, num_heads, tile // FLAG_ROWS)
 
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
@@ -281,9 +282,10 @@ def _packed(x) -> bool:
 def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
           out, flags, rows: int = BLOCK_M, config=None, block_table=None) -> None:
     """Rewrite, with the isolating FA2-style kernel (prefill_kernel.py, ``FIXUP`` mode), only
-    the half tiles ``flags`` names; write nothing else. ``flags`` int32 ``[tiles, B + 1, H, 2]``
-    (contiguous; see :func:`flags_shape`, with ``2 * rows``-row tiles counted from a sequence's
-    last); ``out`` contiguous ``[Tq, H, D]`` holds the flagging kernel's result. No window. A
+    the half tiles holding a row that ``flags`` names; write nothing else. ``flags`` int32
+    ``[tiles, B + 1, H, 2 * rows // 16]`` (contiguous; see :func:`flags_shape`: ``2 * rows``-row
+    tiles counted from a sequence's last, a flag per 16 rows); ``out`` contiguous
+    ``[Tq, H, D]`` holds the flagging kernel's result. No window. A
     fixed grid of about two programs per SM reads the flags (one vector load each); with none
     set the launch writes nothing."""
     from attn_ops.backends.triton.launch import launch
@@ -327,10 +329,10 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
                     min_q: int = 0, n_consumers: int | None = None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. Two launches, the same every call (no host
-    sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
+    sync, CUDA-graph safe): this kernel, which flags every 16 rows whose output is not finite
     (a leak shows there, see the kernel's docstring), then :func:`fixup`, which rewrites the
-    flagged halves with the isolating FA2-style kernel and otherwise returns after one load per
-    program. Same arguments and result as :func:`prefill`. A paged cache TMA
+    half tiles holding them with the isolating FA2-style kernel and otherwise returns after one
+    load per program. Same arguments and result as :func:`prefill`. A paged cache TMA
     cannot read (see :func:`cache_reason`, or a base not 16-byte aligned) is served by the
     FA2-style kernel alone (all of it, ``min_q`` or not: the rows it rewrites are the same)."""
     import torch

@@ -171,9 +171,11 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
            DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
            WITH_LSE: tl.constexpr):
-    """The ``FIXUP`` program of :func:`_prefill_kernel` (see there). A flagged half is rows
-    ``(cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M ..`` of its sequence."""
+    """The ``FIXUP`` program of :func:`_prefill_kernel` (see there). Half ``half`` of tile
+    ``g`` is rows ``(cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M ..`` of its
+    sequence, and its flags the ``BLOCK_M // 16`` from ``half * BLOCK_M // 16`` on."""
     SCAN: tl.constexpr = 64  # (g, sequence) pairs per vector load: one load for most calls
+    PER_HALF: tl.constexpr = BLOCK_M // 16  # a flag per 16 rows (the Gluon kernel's warps)
     head = tl.program_id(2)
     num_heads = tl.num_programs(2)
     pairs = tiles * (num_seqs + 1)
@@ -181,11 +183,11 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
     lo = tl.program_id(0) * share
     hi = tl.minimum(lo + share, pairs)
     offs_j = tl.arange(0, SCAN)
-    halves = tl.arange(0, 2)
+    offs_f = tl.arange(0, 2 * PER_HALF)
     dirty = 0
     for c in range(lo, hi, SCAN):
         j = (c + offs_j).to(tl.int64)
-        f = tl.load(FLAGS + (j * num_heads + head)[:, None] * 2 + halves[None, :],
+        f = tl.load(FLAGS + (j * num_heads + head)[:, None] * (2 * PER_HALF) + offs_f[None, :],
                     mask=(j < hi)[:, None], other=0)
         dirty = tl.maximum(dirty, tl.max(tl.max(f, 1), 0))
     if dirty != 0:  # a flagged half: rewritten here (rare: a non-finite value reached it)
@@ -193,7 +195,8 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
             g = j // (num_seqs + 1)
             seq = j % (num_seqs + 1)
             for half in range(2):
-                flag = tl.load(FLAGS + (j * num_heads + head) * 2 + half)  # few: int32
+                flag = tl.max(tl.load(FLAGS + ((j * num_heads + head) * 2 + half) * PER_HALF
+                                      + tl.arange(0, PER_HALF)), 0)  # few: int32
                 q_start = tl.load(CU_Q + seq * stride_cq, mask=seq < num_seqs, other=0)
                 lq = tl.load(CU_Q + (seq + 1) * stride_cq, mask=seq < num_seqs, other=0) - q_start
                 m0 = (tl.cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M
@@ -223,9 +226,10 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
     """Program ``(i, b, h)``: tile i (counted from the sequence's last) of sequence b, head h.
 
     ``FIXUP`` (no window: the Hopper route): FLAGS holds the Hopper kernel's int32 flags (else
-    unused), one per (its tile g < fixup_tiles, sequence, head, half of 2 * BLOCK_M rows), in
-    that order; program ``(p, 0, h)`` rewrites the halves of head h that are flagged among its
-    share of the (g, sequence) pairs and returns at once when none is (one vector load)."""
+    unused), one per (its tile g < fixup_tiles, sequence, head, 16 rows of the tile's 2 *
+    BLOCK_M), in that order; program ``(p, 0, h)`` rewrites the halves of head h that hold a
+    flag among its share of the (g, sequence) pairs and returns at once when none is (one
+    vector load)."""
     if FIXUP:
         _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FLAGS,
                stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
