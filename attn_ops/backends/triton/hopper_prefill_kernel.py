@@ -39,16 +39,16 @@ row that sees no key gets zeros.
 
 Non-finite values: a NaN/Inf value row that a query row must not see (hidden by causality on
 the diagonal tile, or the next sequence's row in the last tile) still reaches that row through
-``0 * NaN`` in ``P V``; such a row then holds a non-finite output. So each warp of a consumer
-checks its 16 output rows (those below lq) and writes its int32 flag ``FLAGS[g, b, h, w]``
-(``w`` < ``4 * CONSUMERS``: the item's warps in row order): 1 when one is not finite (a leak,
-or a row that legitimately sees a NaN/Inf), else 0. Every item writes all its flags, those with
-nothing to compute included, so the caller hands over uninitialised flags (a memset per call
-cost 9 us of host time on the H200 host). The backend's entry point,
-hopper_prefill_launch.prefill_guarded, then launches the isolating FA2-style kernel in its
-fixup mode, which rewrites exactly the half tiles holding a flagged warp's rows and returns at
-once when none is set. A finite output row cannot hide a leak (NaN and Inf never turn finite
-through ``P V``), so with finite outputs this kernel's result stands.
+``0 * NaN`` in ``P V``; such a row then holds a non-finite output. So each consumer checks its
+output rows (those below lq) and writes int32 flags ``FLAGS[g, b, h, f]`` (in row order; one
+per warpgroup of 64 rows with two consumers, one per warp of 16 rows with one): 1 when one of
+its rows is not finite (a leak, or a row that legitimately sees a NaN/Inf), else 0. Every item
+writes all its flags, those with nothing to compute included, so the caller hands over
+uninitialised flags (a memset per call cost 9 us of host time on the H200 host). The backend's
+entry point, hopper_prefill_launch.prefill_guarded, then launches the isolating FA2-style
+kernel in its fixup mode, which rewrites exactly the half tiles holding a flagged row and
+returns at once when none is set. A finite output row cannot hide a leak (NaN and Inf never turn
+finite through ``P V``), so with finite outputs this kernel's result stands.
 
 Needs Triton with Gluon's Hopper API (tested: 3.6); the host side (descriptors, grid, the
 supports / available checks) is hopper_prefill_launch.py.
@@ -81,11 +81,12 @@ if GLUON:
         gl.store(ptrs, zeros, mask=mask)
 
     @gluon.jit
-    def _zero_flags(ptr):
-        """``ptr[0 .. 3] = 0``: the flags of a warpgroup's four warps (int32), from its 4 warps."""
+    def _store_flags(ptr, value, COUNT: gl.constexpr):
+        """``ptr[0 .. COUNT - 1] = value`` (an int32 scalar) from a 4-warp partition."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         i = gl.arange(0, 128, layout=layout)
-        gl.store(ptr + i, i * 0, mask=i < 4)
+        STEP: gl.constexpr = 1 if COUNT > 1 else 0  # one flag: the scalar's address
+        gl.store(ptr + i * STEP, value + i * 0, mask=i < COUNT)
 
     @gluon.jit
     def _page_rows(table_row, stride_tc, table_width, key0, lk, PAGE: gl.constexpr,
@@ -194,7 +195,7 @@ if GLUON:
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                 CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr):
         """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` against the item's K/V tiles
-        (ring slots from ``it`` on), out and the flags of its 4 warps written."""
+        (ring slots from ``it`` on), out and its flags written."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -271,9 +272,18 @@ if GLUON:
         # (within a warp: a row sits in one quad).
         chk = gl.sum(out_f - out_f, axis=1)
         bad = (chk != chk) & (r < lq)
-        per_warp = gl.max(gl.reshape(bad.to(gl.int32), [4, BLOCK_M // 4]), axis=1)
-        warp = gl.arange(0, 4, layout=per_warp.type.layout)
-        gl.store(FLAGS + flag_idx + WG * 4 + warp, per_warp)
+        if CONSUMERS == 1:
+            # One flag per warp: wgmma's layout gives warp w rows 16 w .. 16 w + 15, so the
+            # reduction stays in the warp (shuffles), where one flag for the 64 rows took three
+            # warpgroup barriers through shared memory.
+            per_warp = gl.max(gl.reshape(bad.to(gl.int32), [4, BLOCK_M // 4]), axis=1)
+            warp = gl.arange(0, 4, layout=per_warp.type.layout)
+            gl.store(FLAGS + flag_idx + warp, per_warp)
+        else:
+            # One per warpgroup: per warp, the two-consumer build's whole schedule changed and
+            # measured no faster (H200 graph replays, 16 x 1024 and 4 x 4096; its own four
+            # copies of the flag made ptxas spill), so its compiled code stays as it was.
+            _store_flags(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0), 1)
         # STAGE_OUT: stored in 16-byte pieces, whole rows per warp, through a shared-memory
         # scratch tile; wgmma's layout gives a thread 4-byte pieces of 8 rows, and storing from
         # it cost 6-20% (H200 graph replays, 64 x 256: 192 vs 160 us; 4 x 4096: 1033 vs 972).
@@ -350,7 +360,7 @@ if GLUON:
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
                 TILE, BLOCK_N, CAUSAL, 4, COMPACT)
-            flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * (4 * CONSUMERS)
+            flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2 * (3 - CONSUMERS)
             if (n_iter > 0) & (m0 + WG * BLOCK_M < lq):
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                         v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
@@ -361,16 +371,16 @@ if GLUON:
             elif n_iter > 0:  # no row of this warpgroup's: a last tile of at most 64 rows
                 _pass_item(q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, n_iter, it,
                            done, STAGES)
-                _zero_flags(FLAGS + flag_idx + WG * 4)
+                _store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 it += n_iter
                 done += 1
             else:
-                _zero_flags(FLAGS + flag_idx + WG * 4)
+                _store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 if WG == 0:
                     if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
                         if COMPACT:  # the flags no item writes
                             _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads,
-                                                  min_q, g, head, 4 * CONSUMERS)
+                                                  min_q, g, head, 2 * (3 - CONSUMERS))
                         first = gl.load(CU_Q + num_seqs * stride_cq)
                         for r0 in range(first + g * TILE, total_q, tiles * TILE):
                             _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE,
@@ -393,8 +403,9 @@ if GLUON:
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
         (hopper_prefill_items); item (g, b, h) is rows ``[T * t, T * t + T)`` of sequence b, head
         h (``T = CONSUMERS * BLOCK_M``), with ``t`` counted from the sequence's last tile.
-        ``qk_scale`` = scale * log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 4 * CONSUMERS]``,
-        each written: 1 where one of those 16 output rows of the tile is not finite, else 0.
+        ``qk_scale`` = scale * log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2 * (3 -
+        CONSUMERS)]``, each written: 1 where one of its rows of the tile (64 with two consumers,
+        16 with one) is not finite, else 0.
         ``TABLE``: the block table ``[B, table_width]`` int32 when ``PAGE`` > 0 (else unused);
         ``PAGE_ROWS`` = min(PAGE, BLOCK_N), the rows of the K/V descriptors' blocks. Sequences
         of at most ``min_q`` queries are left alone (0: none). ``COMPACT`` (the launcher sets it

@@ -209,12 +209,12 @@ def test_leaks_in_many_items_of_every_program(causal, d, n):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("n", CONSUMERS)
-def test_the_kernel_flags_exactly_the_warps_whose_rows_are_not_finite(n):
+def test_the_kernel_flags_exactly_the_rows_that_are_not_finite(n):
     """The leak of the test above, through the kernel alone: every flag is written (poisoned
-    before), 1 exactly when one of its warp's 16 rows below the sequence's length came out
-    non-finite, else 0; a clean call writes every flag 0. The padding rows (5 past the last
-    sequence) and the padding column ``B`` have flags too. Items of ``n * 64`` rows, a flag
-    per 16."""
+    before), 1 exactly when one of its rows below the sequence's length came out non-finite,
+    else 0; a clean call writes every flag 0. The padding rows (5 past the last sequence) and
+    the padding column ``B`` have flags too. Items of ``n * 64`` rows; a flag per consumer
+    warpgroup (64 rows) with two consumers, per warp (16 rows) with one."""
     _gpu_only()
     lens, h, hkv, d, dev = [250, 130], 8, 2, 128, "cuda"
     q = torch.randn(sum(lens) + 5, h, d, device=dev).to(torch.bfloat16)
@@ -232,13 +232,13 @@ def test_the_kernel_flags_exactly_the_warps_whose_rows_are_not_finite(n):
                      out=torch.full_like(q, float("nan")), flags=flags, n_consumers=n)
     bad = ~torch.isfinite(out.float()).all(-1)  # [T, H]
     want = torch.zeros_like(flags)
-    tile = n * 64
-    assert flags.shape[3] == tile // 16
+    tile, rows = n * 64, 64 if n == 2 else 16
+    assert flags.shape[3] == tile // rows
     for g in range(flags.shape[0]):
         for seq, lq in enumerate(lens):
-            for w in range(tile // 16):
-                m0 = (-(-lq // tile) - 1 - g) * tile + w * 16
-                lo, hi = max(m0, 0) + sum(lens[:seq]), min(m0 + 16, lq) + sum(lens[:seq])
+            for w in range(tile // rows):
+                m0 = (-(-lq // tile) - 1 - g) * tile + w * rows
+                lo, hi = max(m0, 0) + sum(lens[:seq]), min(m0 + rows, lq) + sum(lens[:seq])
                 if m0 >= 0 and lo < hi:
                     want[g, seq, :, w] = bad[lo:hi].any(0).int()
     assert torch.equal(flags, want)

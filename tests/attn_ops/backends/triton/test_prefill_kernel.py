@@ -254,24 +254,26 @@ def test_prefill_fp32_and_window_noncausal_cuda():
 # --- fixup mode: rewrite only the row blocks another kernel flagged (the Hopper route) -------
 
 def _flagged_rows(flags, lens, rows):
-    """{(seq, head): set of rows} that flags ``[tiles, B + 1, H, 2 * rows // 16]`` (a flag per
-    16 rows) name: the whole half tile of ``rows`` rows holding a flagged one."""
+    """{(seq, head): set of rows} that flags ``[tiles, B + 1, H, F]`` (F / 2 flags per half
+    tile of ``rows`` rows) name: the whole half tile holding a flagged row."""
     want = {}
     for g, seq, head, flag in flags.nonzero().tolist():
         if seq >= len(lens):
             continue  # the rows-past-the-end column: never rewritten
-        lq, half = lens[seq], flag // (rows // 16)
+        lq, half = lens[seq], flag // (flags.shape[3] // 2)
         m0 = (-(-lq // (2 * rows)) - 1 - g) * 2 * rows + half * rows
         want.setdefault((seq, head), set()).update(r for r in range(m0, m0 + rows)
                                                    if 0 <= r < lq)
     return want
 
 
+@pytest.mark.parametrize("per_half", [1, 2])
 @pytest.mark.parametrize("pattern", ["none", "some", "all"])
-def test_fixup_rewrites_exactly_the_flagged_rows(pattern):
+def test_fixup_rewrites_exactly_the_flagged_rows(pattern, per_half):
     """Poisoned output, a flag pattern over a varlen batch (odd lengths, an empty sequence, GQA,
     padding rows past the end): flagged half tiles equal the reference, every other element is
-    still poison (the launch wrote nothing else)."""
+    still poison (the launch wrote nothing else). Flags per half tile: one (the Gluon kernel's
+    two-consumer form) or two (one consumer: a flag per warp)."""
     torch.manual_seed(3)
     lens, rows, h, hkv, d = [13, 0, 45, 75], 32, 4, 2, 32
     tiles = -(-max(lens) // (2 * rows))
@@ -291,6 +293,8 @@ def test_fixup_rewrites_exactly_the_flagged_rows(pattern):
         flags[0, 4, 0, 0] = 1  # the padding column
     elif pattern == "all":
         flags.fill_(1)
+    if per_half == 1:  # a flag per half: any of its two
+        flags = flags.view(*flags.shape[:3], 2, 2).amax(-1).contiguous()
     out = poisoned(q.shape, torch.bfloat16, "cpu")
     hopper_prefill_launch.fixup(q, k, v, cu, cu, max(lens), 0.3, True, out, flags, rows)
     ref = reference.prefill(q, k, v, cu, cu, max(lens), max(lens), 0.3, True)
