@@ -39,15 +39,16 @@ row that sees no key gets zeros.
 
 Non-finite values: a NaN/Inf value row that a query row must not see (hidden by causality on
 the diagonal tile, or the next sequence's row in the last tile) still reaches that row through
-``0 * NaN`` in ``P V``; such a row then holds a non-finite output. So each consumer warpgroup
-checks its 64 output rows (those below lq) and writes its int32 flag ``FLAGS[g, b, h, half]``:
-1 when one is not finite (a leak, or a row that legitimately sees a NaN/Inf), else 0. Every
-item writes both its flags, those with nothing to compute included, so the caller hands over
-uninitialised flags (a memset per call cost 9 us of host time on the H200 host). The
-backend's entry point, hopper_prefill_launch.prefill_guarded, then launches the isolating
-FA2-style kernel in its fixup mode, which rewrites exactly the flagged halves and returns at
-once when none is set. A finite output row cannot hide a leak (NaN and Inf never turn finite
-through ``P V``), so with finite outputs this kernel's result stands.
+``0 * NaN`` in ``P V``; such a row then holds a non-finite output. So each consumer checks its
+output rows (those below lq) and writes int32 flags ``FLAGS[g, b, h, f]`` (in row order; one
+per warpgroup of 64 rows with two consumers, one per warp of 16 rows with one): 1 when one of
+its rows is not finite (a leak, or a row that legitimately sees a NaN/Inf), else 0. Every item
+writes all its flags, those with nothing to compute included, so the caller hands over
+uninitialised flags (a memset per call cost 9 us of host time on the H200 host). The backend's
+entry point, hopper_prefill_launch.prefill_guarded, then launches the isolating FA2-style
+kernel in its fixup mode, which rewrites exactly the half tiles holding a flagged row and
+returns at once when none is set. A finite output row cannot hide a leak (NaN and Inf never turn
+finite through ``P V``), so with finite outputs this kernel's result stands.
 
 Needs Triton with Gluon's Hopper API (tested: 3.6); the host side (descriptors, grid, the
 supports / available checks) is hopper_prefill_launch.py.
@@ -80,11 +81,12 @@ if GLUON:
         gl.store(ptrs, zeros, mask=mask)
 
     @gluon.jit
-    def _store_flag(ptr, value, COPIES: gl.constexpr):
-        """``ptr[0 .. COPIES - 1] = value`` (int32 scalar) from a 4-warp partition."""
+    def _store_flags(ptr, value, COUNT: gl.constexpr):
+        """``ptr[0 .. COUNT - 1] = value`` (an int32 scalar) from a 4-warp partition."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         i = gl.arange(0, 128, layout=layout)
-        gl.store(ptr + i * (COPIES - 1), value + i * 0, mask=i < COPIES)
+        STEP: gl.constexpr = 1 if COUNT > 1 else 0  # one flag: the scalar's address
+        gl.store(ptr + i * STEP, value + i * 0, mask=i < COUNT)
 
     @gluon.jit
     def _page_rows(table_row, stride_tc, table_width, key0, lk, PAGE: gl.constexpr,
@@ -193,7 +195,7 @@ if GLUON:
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                 CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr):
         """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` against the item's K/V tiles
-        (ring slots from ``it`` on), out and the flag written."""
+        (ring slots from ``it`` on), out and its flags written."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -261,20 +263,43 @@ if GLUON:
         inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
         out_f = acc * gl.expand_dims(inv, 1)
         r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        # The flag (module docstring). No tensor constant here: Gluon (Triton 3.6) gave a zero
-        # constant in this layout the registers of the zero accumulator that wgmma overwrites,
-        # and a compare against it flagged every clean row on the H200. A row sum of x - x is
-        # NaN or 0: compare it with itself (within a warp: a row sits in one quad).
+        # The flags (module docstring), one per warp: wgmma's layout gives warp w the rows
+        # 16 w .. 16 w + 15, so the reduction stays in the warp (shuffles); one flag for the
+        # warpgroup's 64 rows took three warpgroup barriers through shared memory. No tensor
+        # constant here: Gluon (Triton 3.6) gave a zero constant in this layout the registers
+        # of the zero accumulator that wgmma overwrites, and a compare against it flagged every
+        # clean row on the H200. A row sum of x - x is NaN or 0: compare it with itself
+        # (within a warp: a row sits in one quad).
         chk = gl.sum(out_f - out_f, axis=1)
         bad = (chk != chk) & (r < lq)
-        _store_flag(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0), 3 - CONSUMERS)
+        if CONSUMERS == 1:
+            # One flag per warp: wgmma's layout gives warp w rows 16 w .. 16 w + 15, so the
+            # reduction stays in the warp (shuffles), where one flag for the 64 rows took three
+            # warpgroup barriers through shared memory.
+            per_warp = gl.max(gl.reshape(bad.to(gl.int32), [4, BLOCK_M // 4]), axis=1)
+            warp = gl.arange(0, 4, layout=per_warp.type.layout)
+            gl.store(FLAGS + flag_idx + warp, per_warp)
+        else:
+            # One per warpgroup: per warp, the two-consumer build's whole schedule changed and
+            # measured no faster (H200 graph replays, 16 x 1024 and 4 x 4096; its own four
+            # copies of the flag made ptxas spill), so its compiled code stays as it was.
+            _store_flags(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0), 1)
         # STAGE_OUT: stored in 16-byte pieces, whole rows per warp, through a shared-memory
         # scratch tile; wgmma's layout gives a thread 4-byte pieces of 8 rows, and storing from
         # it cost 6-20% (H200 graph replays, 64 x 256: 192 vs 160 us; 4 x 4096: 1033 vs 972).
-        # Not a TMA store: a box would write the next sequence's rows.
+        # Not a TMA store: a box would write the next sequence's rows. With one consumer each
+        # warp stores its own 16 rows (a thread: HEAD_DIM / 16 rows of 16 bytes), so the
+        # exchange stays in the warp and the item's store needs one warpgroup barrier (the
+        # scratch's reuse) where rows spread over the warps took four; with two consumers that
+        # layout spilled 20 bytes (D 128 causal, ptxas for sm_90a), so they keep the spread.
         out_t = out_f.to(dtype)
-        st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8],
-                                                   [4, 1], [1, 0])
+        if CONSUMERS == 1:
+            st_layout: gl.constexpr = gl.BlockedLayout([HEAD_DIM // 16, 8],
+                                                       [256 // HEAD_DIM, HEAD_DIM // 8],
+                                                       [4, 1], [1, 0])
+        else:
+            st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // HEAD_DIM, HEAD_DIM // 8],
+                                                       [4, 1], [1, 0])
         if STAGE_OUT:
             out_t = gl.convert_layout(out_t, st_layout)
         r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_t.type.layout))
@@ -303,18 +328,20 @@ if GLUON:
         mbarrier.arrive(q_empty, count=1)
 
     @gluon.jit
-    def _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head):
-        """Zeros for the flags (tile ``g``, ``head``) of the sequences no item visits."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [4, 1], [1, 0])
-        halves = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, layout)), 0)
+    def _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head,
+                              PER_ITEM: gl.constexpr):
+        """Zeros for the ``PER_ITEM`` flags (tile ``g``, ``head``) of the sequences no item
+        visits."""
+        layout: gl.constexpr = gl.BlockedLayout([1, PER_ITEM], [32, 1], [4, 1], [1, 0])
+        warps = gl.expand_dims(gl.arange(0, PER_ITEM, layout=gl.SliceLayout(0, layout)), 0)
         for c0 in range(0, num_seqs, 128):
             b = c0 + gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
             ok = b < num_seqs
             lo = gl.load(CU_Q + b * stride_cq, mask=ok, other=0)
             hi = gl.load(CU_Q + (b + 1) * stride_cq, mask=ok, other=0)
-            idx = ((g * (num_seqs + 1) + b) * num_heads + head) * 2
-            skip = gl.expand_dims(ok & (hi - lo <= min_q), 1) & (halves < 2)
-            gl.store(FLAGS + gl.expand_dims(idx, 1) + halves, halves * 0, mask=skip)
+            idx = ((g * (num_seqs + 1) + b) * num_heads + head) * PER_ITEM
+            skip = gl.expand_dims(ok & (hi - lo <= min_q), 1) & (warps < PER_ITEM)
+            gl.store(FLAGS + gl.expand_dims(idx, 1) + warps, warps * 0, mask=skip)
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
@@ -333,7 +360,7 @@ if GLUON:
             g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
                 TILE, BLOCK_N, CAUSAL, 4, COMPACT)
-            flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2
+            flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2 * (3 - CONSUMERS)
             if (n_iter > 0) & (m0 + WG * BLOCK_M < lq):
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                         v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
@@ -344,16 +371,16 @@ if GLUON:
             elif n_iter > 0:  # no row of this warpgroup's: a last tile of at most 64 rows
                 _pass_item(q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, n_iter, it,
                            done, STAGES)
-                _store_flag(FLAGS + flag_idx + WG, 0, 3 - CONSUMERS)
+                _store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 it += n_iter
                 done += 1
             else:
-                _store_flag(FLAGS + flag_idx + WG, 0, 3 - CONSUMERS)
+                _store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 if WG == 0:
                     if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
                         if COMPACT:  # the flags no item writes
                             _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads,
-                                                  min_q, g, head)
+                                                  min_q, g, head, 2 * (3 - CONSUMERS))
                         first = gl.load(CU_Q + num_seqs * stride_cq)
                         for r0 in range(first + g * TILE, total_q, tiles * TILE):
                             _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE,
@@ -376,15 +403,16 @@ if GLUON:
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
         (hopper_prefill_items); item (g, b, h) is rows ``[T * t, T * t + T)`` of sequence b, head
         h (``T = CONSUMERS * BLOCK_M``), with ``t`` counted from the sequence's last tile.
-        ``qk_scale`` = scale * log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2]``, each written:
-        1 where an output row of that half tile is not finite, else 0 (one consumer writes its
-        64 rows' flag to both halves). ``TABLE``: the block table ``[B,
-        table_width]`` int32 when ``PAGE`` > 0 (else unused); ``PAGE_ROWS`` = min(PAGE,
-        BLOCK_N), the rows of the K/V descriptors' blocks. Sequences of at most ``min_q``
-        queries are left alone (0: none). ``COMPACT`` (the launcher sets it when ``min_q`` >
-        0): items only for the other sequences (hopper_prefill_items); without it R = B, and the
-        short sequences' items are cheap ones among the others. ``STAGE_OUT``: the output
-        stored through a shared-memory tile (a 64-row tile of scratch beside the ring)."""
+        ``qk_scale`` = scale * log2(e). ``FLAGS``: int32 ``[tiles, B + 1, H, 2 * (3 -
+        CONSUMERS)]``, each written: 1 where one of its rows of the tile (64 with two consumers,
+        16 with one) is not finite, else 0.
+        ``TABLE``: the block table ``[B, table_width]`` int32 when ``PAGE`` > 0 (else unused);
+        ``PAGE_ROWS`` = min(PAGE, BLOCK_N), the rows of the K/V descriptors' blocks. Sequences
+        of at most ``min_q`` queries are left alone (0: none). ``COMPACT`` (the launcher sets it
+        when ``min_q`` > 0): items only for the other sequences (hopper_prefill_items); without
+        it R = B, and the short sequences' items are cheap ones among the others.
+        ``STAGE_OUT``: the output stored through a shared-memory tile (a 64-row tile of scratch
+        beside the ring)."""
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)

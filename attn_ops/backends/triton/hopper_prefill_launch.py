@@ -130,8 +130,8 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     ``cu_seqlens_q[-1]``, is zero. No host sync: the items come from ``max_seqlen_q`` and B, the
     persistent grid is one program per SM (at most; two with one consumer). ``n_consumers``:
     consumer warpgroups per program, 1 or 2 (None: :func:`consumers`' rule). ``flags``: int32
-    :func:`flags_shape` (its contents need not be initialised), all written: 1 where a half
-    tile's output is not finite, else 0 (allocated here when None).
+    :func:`flags_shape` (its contents need not be initialised), all written: 1 where an output
+    row of the flag's is not finite, else 0 (allocated here when None).
     ``min_q``: sequences of at most that many queries are left alone, their rows unwritten
     (another kernel's: the split route).
 
@@ -180,10 +180,11 @@ def _nothing_to_launch(q, k, cu_seqlens_q, block_table) -> bool:
 
 def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int,
                 n_consumers: int = 2) -> tuple[int, int, int, int]:
-    """The kernel's items (tiles of ``n_consumers * BLOCK_M`` rows, B + 1, H) and the two
-    halves of a tile: one int32 flag each (one consumer writes its flag to both halves)."""
+    """The kernel's items (tiles of ``n_consumers * BLOCK_M`` rows, B + 1, H) and their flags,
+    an int32 each: one per consumer warpgroup (64 rows) with two consumers, one per warp (16
+    rows) with one (the kernel's docstring)."""
     tile = n_consumers * BLOCK_M
-    return (max(1, -(-int(max_seqlen_q) // tile)), num_seqs + 1, num_heads, 2)
+    return (max(1, -(-int(max_seqlen_q) // tile)), num_seqs + 1, num_heads, 2 * (3 - n_consumers))
 
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
@@ -281,16 +282,17 @@ def _packed(x) -> bool:
 def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
           out, flags, rows: int = BLOCK_M, config=None, block_table=None) -> None:
     """Rewrite, with the isolating FA2-style kernel (prefill_kernel.py, ``FIXUP`` mode), only
-    the half tiles ``flags`` names; write nothing else. ``flags`` int32 ``[tiles, B + 1, H, 2]``
-    (contiguous; see :func:`flags_shape`, with ``2 * rows``-row tiles counted from a sequence's
-    last); ``out`` contiguous ``[Tq, H, D]`` holds the flagging kernel's result. No window. A
+    the half tiles holding a row that ``flags`` names; write nothing else. ``flags`` int32
+    ``[tiles, B + 1, H, F]`` (contiguous; see :func:`flags_shape`: ``2 * rows``-row tiles counted
+    from a sequence's last, a flag per ``2 * rows / F`` rows, F even); ``out`` contiguous
+    ``[Tq, H, D]`` holds the flagging kernel's result. No window. A
     fixed grid of about two programs per SM reads the flags (one vector load each); with none
     set the launch writes nothing."""
     from attn_ops.backends.triton.launch import launch
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     grid, consts, scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                               scale, causal, flags.shape[0], rows, config,
-                                              block_table)
+                                              block_table, flags.shape[3] // 2)
     # q stands in for the lse, sinks and FP8 scales; dense, cu_seqlens_k for the block table.
     table = block_table if block_table is not None else cu_seqlens_k
     launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q,
@@ -299,9 +301,10 @@ def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, 
 
 def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
                       causal: bool, tiles: int, rows: int = BLOCK_M, config=None,
-                      block_table=None) -> tuple:
+                      block_table=None, flags_per_half: int = 1) -> tuple:
     """(grid, constexprs and options, the arguments after the 12 pointers) of :func:`fixup`'s
-    launch; the output is contiguous."""
+    launch (half tiles of ``rows`` rows, ``flags_per_half`` flags each); the output is
+    contiguous."""
     import torch
     import triton
 
@@ -319,7 +322,7 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
     num_heads = q.shape[1]
     programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
     grid = (max(1, min(tiles * cu_seqlens_q.shape[0], programs)), 1, num_heads)
-    return grid, dict(consts, FIXUP=True), scalars[:-1] + (tiles,)
+    return grid, dict(consts, FIXUP=True, FLAGS_PER_HALF=flags_per_half), scalars[:-1] + (tiles,)
 
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -327,10 +330,10 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
                     min_q: int = 0, n_consumers: int | None = None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. Two launches, the same every call (no host
-    sync, CUDA-graph safe): this kernel, which flags every half tile whose output is not finite
+    sync, CUDA-graph safe): this kernel, which flags every 16 rows whose output is not finite
     (a leak shows there, see the kernel's docstring), then :func:`fixup`, which rewrites the
-    flagged halves with the isolating FA2-style kernel and otherwise returns after one load per
-    program. Same arguments and result as :func:`prefill`. A paged cache TMA
+    half tiles holding them with the isolating FA2-style kernel and otherwise returns after one
+    load per program. Same arguments and result as :func:`prefill`. A paged cache TMA
     cannot read (see :func:`cache_reason`, or a base not 16-byte aligned) is served by the
     FA2-style kernel alone (all of it, ``min_q`` or not: the rows it rewrites are the same)."""
     import torch
@@ -402,7 +405,8 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     f_grid, f_consts, f_scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                     max_seqlen_q, scale, causal, shape[0],
                                                     n_consumers * BLOCK_M // 2,
-                                                    block_table=block_table)
+                                                    block_table=block_table,
+                                                    flags_per_half=shape[3] // 2)
     fix = prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5, 6), f_scalars)
     empty, empty_like, flag_count = torch.empty, torch.empty_like, math.prod(shape)
     out_shape, dtype, device = q.shape, q.dtype, q.device

@@ -170,9 +170,10 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
            DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
-           WITH_LSE: tl.constexpr):
-    """The ``FIXUP`` program of :func:`_prefill_kernel` (see there). A flagged half is rows
-    ``(cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M ..`` of its sequence."""
+           WITH_LSE: tl.constexpr, PER_HALF: tl.constexpr):
+    """The ``FIXUP`` program of :func:`_prefill_kernel` (see there). Half ``half`` of tile
+    ``g`` is rows ``(cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M ..`` of its
+    sequence, and its flags the ``PER_HALF`` from ``half * PER_HALF`` on."""
     SCAN: tl.constexpr = 64  # (g, sequence) pairs per vector load: one load for most calls
     head = tl.program_id(2)
     num_heads = tl.num_programs(2)
@@ -181,11 +182,11 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
     lo = tl.program_id(0) * share
     hi = tl.minimum(lo + share, pairs)
     offs_j = tl.arange(0, SCAN)
-    halves = tl.arange(0, 2)
+    offs_f = tl.arange(0, 2 * PER_HALF)
     dirty = 0
     for c in range(lo, hi, SCAN):
         j = (c + offs_j).to(tl.int64)
-        f = tl.load(FLAGS + (j * num_heads + head)[:, None] * 2 + halves[None, :],
+        f = tl.load(FLAGS + (j * num_heads + head)[:, None] * (2 * PER_HALF) + offs_f[None, :],
                     mask=(j < hi)[:, None], other=0)
         dirty = tl.maximum(dirty, tl.max(tl.max(f, 1), 0))
     if dirty != 0:  # a flagged half: rewritten here (rare: a non-finite value reached it)
@@ -193,7 +194,8 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
             g = j // (num_seqs + 1)
             seq = j % (num_seqs + 1)
             for half in range(2):
-                flag = tl.load(FLAGS + (j * num_heads + head) * 2 + half)  # few: int32
+                flag = tl.max(tl.load(FLAGS + ((j * num_heads + head) * 2 + half) * PER_HALF
+                                      + tl.arange(0, PER_HALF)), 0)  # few: int32
                 q_start = tl.load(CU_Q + seq * stride_cq, mask=seq < num_seqs, other=0)
                 lq = tl.load(CU_Q + (seq + 1) * stride_cq, mask=seq < num_seqs, other=0) - q_start
                 m0 = (tl.cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M
@@ -219,20 +221,22 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                     PAGE: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
-                    FP8: tl.constexpr, WITH_LSE: tl.constexpr, FIXUP: tl.constexpr = False):
+                    FP8: tl.constexpr, WITH_LSE: tl.constexpr, FIXUP: tl.constexpr = False,
+                    FLAGS_PER_HALF: tl.constexpr = 1):
     """Program ``(i, b, h)``: tile i (counted from the sequence's last) of sequence b, head h.
 
     ``FIXUP`` (no window: the Hopper route): FLAGS holds the Hopper kernel's int32 flags (else
-    unused), one per (its tile g < fixup_tiles, sequence, head, half of 2 * BLOCK_M rows), in
-    that order; program ``(p, 0, h)`` rewrites the halves of head h that are flagged among its
-    share of the (g, sequence) pairs and returns at once when none is (one vector load)."""
+    unused), one per (its tile g < fixup_tiles, sequence, head, ``BLOCK_M / FLAGS_PER_HALF``
+    rows of the tile's ``2 * BLOCK_M``), in that order; program ``(p, 0, h)`` rewrites the
+    halves of head h that hold a flag among its share of the (g, sequence) pairs and returns at
+    once when none is (one vector load)."""
     if FIXUP:
         _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FLAGS,
                stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
                stride_sk, stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv,
                window_left, fixup_tiles, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL,
-               WINDOW, SOFTCAP, PAGED, PAGE, DOT, HAS_SINKS, FP8, WITH_LSE)
+               WINDOW, SOFTCAP, PAGED, PAGE, DOT, HAS_SINKS, FP8, WITH_LSE, FLAGS_PER_HALF)
         return
     pid = tl.program_id(0)
     seq = tl.program_id(1)

@@ -209,12 +209,12 @@ def test_leaks_in_many_items_of_every_program(causal, d, n):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("n", CONSUMERS)
-def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite(n):
+def test_the_kernel_flags_exactly_the_rows_that_are_not_finite(n):
     """The leak of the test above, through the kernel alone: every flag is written (poisoned
-    before), 1 exactly when one of its half tile's rows below the sequence's length came out
-    non-finite, else 0; a clean call writes every flag 0. The padding rows (5 past the last
-    sequence) and the padding column ``B`` have flags too. One consumer: items of 64 rows,
-    each writing its flag to both halves."""
+    before), 1 exactly when one of its rows below the sequence's length came out non-finite,
+    else 0; a clean call writes every flag 0. The padding rows (5 past the last sequence) and
+    the padding column ``B`` have flags too. Items of ``n * 64`` rows; a flag per consumer
+    warpgroup (64 rows) with two consumers, per warp (16 rows) with one."""
     _gpu_only()
     lens, h, hkv, d, dev = [250, 130], 8, 2, 128, "cuda"
     q = torch.randn(sum(lens) + 5, h, d, device=dev).to(torch.bfloat16)
@@ -232,14 +232,15 @@ def test_the_kernel_flags_exactly_the_half_tiles_whose_rows_are_not_finite(n):
                      out=torch.full_like(q, float("nan")), flags=flags, n_consumers=n)
     bad = ~torch.isfinite(out.float()).all(-1)  # [T, H]
     want = torch.zeros_like(flags)
-    rows = 64  # a consumer's rows: a half tile of two, the whole item of one
+    tile, rows = n * 64, 64 if n == 2 else 16
+    assert flags.shape[3] == tile // rows
     for g in range(flags.shape[0]):
         for seq, lq in enumerate(lens):
-            for half in range(2):
-                m0 = (-(-lq // (n * rows)) - 1 - g) * n * rows + half * rows * (n - 1)
+            for w in range(tile // rows):
+                m0 = (-(-lq // tile) - 1 - g) * tile + w * rows
                 lo, hi = max(m0, 0) + sum(lens[:seq]), min(m0 + rows, lq) + sum(lens[:seq])
                 if m0 >= 0 and lo < hi:
-                    want[g, seq, :, half] = bad[lo:hi].any(0).int()
+                    want[g, seq, :, w] = bad[lo:hi].any(0).int()
     assert torch.equal(flags, want)
     assert int(flags.sum()) > 0, "the leak must be flagged"
 

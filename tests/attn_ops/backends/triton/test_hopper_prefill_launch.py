@@ -128,6 +128,9 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
         assert consts["PAGE"] == 0
     # The fixup rewrites half tiles of n * 32 rows, the kernel's items being n * 64 rows.
     assert bound[1][3]["BLOCK_M"] == n * 32 and consts["CONSUMERS"] == n
+    # ... and reads the flags of each half: a warp's 16 rows with one consumer, a warpgroup's
+    # 64 with two.
+    assert bound[1][3]["FLAGS_PER_HALF"] == {1: 2, 2: 1}[n]
     if n == 1:  # two programs per SM: 2 x 8 warps (4 + 1 rounded) x 128 registers = 64 K
         assert consts["maxnreg"] == 128 and 2 * 256 * consts["maxnreg"] <= 65536
         assert (consts["BLOCK_N"], consts["STAGES"], consts["STAGE_OUT"]) == (block_n, 2, True)
@@ -152,7 +155,8 @@ def test_the_bound_entry_plans_the_unbound_entrys_launches(monkeypatch, dtype, d
 def test_short_causal_prompts_take_one_consumer_per_program_and_two_programs_per_sm():
     # The rule (measured on the H200: hopper_prefill_launch.SOLO_MAX_KEYS): causal, at most
     # 512 keys per sequence at D 128, 2048 at D 64 (512 over a paged cache); the grid is then
-    # two programs per SM, and the items are 64-row tiles (flags: two halves of 32 rows each).
+    # two programs per SM, and the items are 64-row tiles (flags: one per warp, of 16 rows; two
+    # consumers flag per warpgroup, 64 rows).
     assert hp.consumers(128, True, 512) == 1
     assert hp.consumers(128, True, 513) == 2 and hp.consumers(128, False, 256) == 2
     assert hp.consumers(64, True, 256) == 1 and hp.consumers(96, True, 256) == 2
@@ -170,7 +174,7 @@ def test_short_causal_prompts_take_one_consumer_per_program_and_two_programs_per
     for n in (1, 2):
         grid, scalars, consts, shape, _ = hp._plan(q, k, cu, cu, 256, 0.1, True, q.stride(),
                                                    None, 0, n)
-        assert shape == (256 // (64 * n), 11, 8, 2) and scalars[10] == shape[0]
+        assert shape == (256 // (64 * n), 11, 8, 2 * (3 - n)) and scalars[10] == shape[0]
         assert grid == (min(math.prod(shape[:3]), (3 - n) * sms),)
         assert consts["CONSUMERS"] == n
 
@@ -181,8 +185,8 @@ def test_the_staged_output_tile_is_planned_only_where_shared_memory_holds_it():
     # stages and 131232 at D 64 with 3; D 128 with 3 stages would need 245920.
     assert hp._stage_out(128, 128, 2) and hp._stage_out(64, 128, 3)
     assert not hp._stage_out(128, 128, 3)
-    # One consumer, two programs per SM, each in half: ptxas reported 90204 bytes at D 128
-    # with 2 stages of 64 keys; 3 stages (123036) would not fit twice.
+    # One consumer, two programs per SM, each in half: ptxas reported 98396 bytes at D 128
+    # with 2 stages of 64 keys (the whole output tile staged); 3 stages would not fit twice.
     assert hp._stage_out(128, 64, 2, 1) and not hp._stage_out(128, 64, 3, 1)
     assert hp.SHARED_MEMORY == 232448
 

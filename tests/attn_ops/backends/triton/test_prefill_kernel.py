@@ -254,40 +254,47 @@ def test_prefill_fp32_and_window_noncausal_cuda():
 # --- fixup mode: rewrite only the row blocks another kernel flagged (the Hopper route) -------
 
 def _flagged_rows(flags, lens, rows):
-    """{(seq, head): set of rows} that flags ``[tiles, B + 1, H, 2]`` name (see prefill())."""
+    """{(seq, head): set of rows} that flags ``[tiles, B + 1, H, F]`` (F / 2 flags per half
+    tile of ``rows`` rows) name: the whole half tile holding a flagged row."""
     want = {}
-    for g, seq, head, half in flags.nonzero().tolist():
+    for g, seq, head, flag in flags.nonzero().tolist():
         if seq >= len(lens):
             continue  # the rows-past-the-end column: never rewritten
-        lq = lens[seq]
+        lq, half = lens[seq], flag // (flags.shape[3] // 2)
         m0 = (-(-lq // (2 * rows)) - 1 - g) * 2 * rows + half * rows
         want.setdefault((seq, head), set()).update(r for r in range(m0, m0 + rows)
                                                    if 0 <= r < lq)
     return want
 
 
+@pytest.mark.parametrize("per_half", [1, 2])
 @pytest.mark.parametrize("pattern", ["none", "some", "all"])
-def test_fixup_rewrites_exactly_the_flagged_rows(pattern):
+def test_fixup_rewrites_exactly_the_flagged_rows(pattern, per_half):
     """Poisoned output, a flag pattern over a varlen batch (odd lengths, an empty sequence, GQA,
     padding rows past the end): flagged half tiles equal the reference, every other element is
-    still poison (the launch wrote nothing else)."""
+    still poison (the launch wrote nothing else). Flags per half tile: one (the Gluon kernel's
+    two-consumer form) or two (one consumer: a flag per warp)."""
     torch.manual_seed(3)
-    lens, rows, h, hkv, d = [13, 0, 45, 33], 16, 4, 2, 32
+    lens, rows, h, hkv, d = [13, 0, 45, 75], 32, 4, 2, 32
     tiles = -(-max(lens) // (2 * rows))
     q = torch.randn(sum(lens) + 3, h, d, dtype=torch.bfloat16)
     k = torch.randn(sum(lens), hkv, d, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     cu = cu_seqlens(lens)
-    flags = torch.zeros(tiles, len(lens) + 1, h, 2, dtype=torch.int32)
+    flags = torch.zeros(tiles, len(lens) + 1, h, 4, dtype=torch.int32)  # 16 rows per flag
     if pattern == "some":
-        flags[0, 2, 1, 1] = 1  # seq 2's last tile, second half: rows 48.. (none: lq 45)
-        flags[0, 2, 3, 0] = 1  # seq 2's last tile, first half: rows 32..44
-        flags[1, 3, 0, 1] = 1  # seq 3's first tile, second half: rows 16..31
+        flags[0, 2, 1, 3] = 1  # seq 2 (one tile), head 1, rows 48..63: half 1, rows 32..44
+        flags[0, 2, 3, 1] = 1  # seq 2, head 3, rows 16..31: half 0, rows 0..31
+        flags[0, 3, 0, 1] = 1  # seq 3's last tile (rows 64..127), head 0: rows 64..74
+        flags[0, 3, 2, 3] = 1  # seq 3's last tile, head 2, rows 112..127: no row (lq 75)
+        flags[1, 3, 1, 2] = 1  # seq 3's first tile, head 1, rows 32..47: rows 32..63
         flags[1, 0, 2, 0] = 1  # seq 0 has one tile: tile 1 does not exist
         flags[0, 1, 0, 0] = 1  # the empty sequence
         flags[0, 4, 0, 0] = 1  # the padding column
     elif pattern == "all":
         flags.fill_(1)
+    if per_half == 1:  # a flag per half: any of its two
+        flags = flags.view(*flags.shape[:3], 2, 2).amax(-1).contiguous()
     out = poisoned(q.shape, torch.bfloat16, "cpu")
     hopper_prefill_launch.fixup(q, k, v, cu, cu, max(lens), 0.3, True, out, flags, rows)
     ref = reference.prefill(q, k, v, cu, cu, max(lens), max(lens), 0.3, True)
@@ -299,4 +306,4 @@ def test_fixup_rewrites_exactly_the_flagged_rows(pattern):
     assert_close(out[written], ref[written], *TOLERANCES[torch.bfloat16], what="fixed rows")
     assert torch.isnan(out[~written]).all(), "the fixup wrote rows nobody flagged"
     if pattern == "some":
-        assert int(written.sum()) == 13 + 16  # seq 2 head 3 rows 32..44, seq 3 head 0 16..31
+        assert int(written.sum()) == 13 + 32 + 11 + 32  # the rows the comments above name
