@@ -3,23 +3,31 @@
 The data is ``auto_table.json`` beside this file (or the file named by ``ATTN_OPS_AUTO_TABLE``),
 written on a GPU by ``benchmarks/bench_auto_table.py`` (the ranking lives in
 ``benchmarks/auto_table_builder.py``) and committed; this module only loads and queries it. Its
-keys are ``op|arch|dtype|head|kv``:
+keys are ``op|arch|dtype|head|kv|keys``:
 
 * ``op``: ``prefill``, ``decode`` or ``store_kvcache``;
 * ``arch``: ``sm90`` ... (``torch.cuda.get_device_capability`` of the tensors' device);
 * ``dtype``: ``bf16``, ``fp16``, ``fp32``;
 * ``head``: ``d64``, ``d128``, ``d256``: the head dim rounded up to one of these;
 * ``kv``: ``dense`` (prefill without a block table) or ``bs16`` ... ``bs256``: the block size
-  rounded up to a power of two, capped at 256.
+  rounded up to a power of two, capped at 256;
+* ``keys``: for prefill ``short`` (its ``max_seqlen_k`` at most
+  :data:`attn_ops.contract.SHORT_PREFILL_KEYS`) or ``long``; ``any`` for the other ops, and for a
+  prefill config built without its ``max_seqlen_k``.
 
 Only static features key the choice: sequence lengths are device data, and reading them would
-cost a host sync (and break CUDA-graph capture). The lookup is a dictionary read, never a timing
-run, so the choice is deterministic and safe inside a capture.
+cost a host sync (and break CUDA-graph capture); ``max_seqlen_k`` is a host int of the call
+(and part of the op path's memo key, so the bucket costs nothing per call). The lookup is a
+dictionary read, never a timing run, so the choice is deterministic and safe inside a capture.
 
 Lookup: the most specific key present wins, relaxing from the right::
 
-    op|arch|dtype|head|kv -> op|arch|dtype|head|* -> op|arch|dtype|*|*
-                          -> op|arch|*|*|*        -> op|*|*|*|*
+    op|arch|dtype|head|kv|keys -> op|arch|dtype|head|kv|* -> op|arch|dtype|head|*|*
+                               -> ...                      -> op|*|*|*|*|*
+
+Tables of format versions 1 and 2 had no ``keys`` feature; their keys are read with one appended
+(:func:`upgrade_key`): ``any`` for a fully specific key of another op than prefill, ``*``
+otherwise (a prefill measured over prompts of any length stands for both buckets).
 
 No key at all gives None, and the registry uses its static default order. The order found is
 followed by the members of :data:`FALLBACK` it lacks (a backend the benchmark could not run for
@@ -57,8 +65,10 @@ DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HEAD_BUCKETS = (64, 128, 256)
 MAX_BLOCK_BUCKET = 256
 WILDCARD = "*"
-NUM_FEATURES = 5
-VERSIONS = (1, 2)  # 2: flash items may name their provider ("flash:fa3_fwd"); runs per entry
+NUM_FEATURES = 6
+# 2: flash items may name their provider ("flash:fa3_fwd"); runs per entry. 3: the keys feature.
+VERSIONS = (1, 2, 3)
+KEYS_FEATURE_SINCE = 3
 PROVIDER_SEP = ":"
 
 
@@ -85,11 +95,36 @@ def kv_bucket(config: OpConfig) -> str:
     return f"bs{bucket}"
 
 
+def keys_bucket(config: OpConfig) -> str:
+    if config.short_keys is None:
+        return "any"
+    return "short" if config.short_keys else "long"
+
+
 def features(config: OpConfig, arch: str) -> tuple[str, ...]:
-    """``(op, arch, dtype, head, kv)`` for an op config (see
+    """``(op, arch, dtype, head, kv, keys)`` for an op config (see
     :class:`attn_ops.contract.OpConfig`)."""
     dtype = DTYPES.get(config.dtype, str(config.dtype).replace("torch.", ""))
-    return (config.op, arch, dtype, head_bucket(config.head_dim), kv_bucket(config))
+    return (config.op, arch, dtype, head_bucket(config.head_dim), kv_bucket(config),
+            keys_bucket(config))
+
+
+def upgrade_key(key: str) -> str:
+    """A key of a table without the ``keys`` feature (format 1 or 2) in today's form (module
+    doc); a key with all features is returned as it is."""
+    parts = key.split("|")
+    if len(parts) == NUM_FEATURES:
+        return key
+    specific = WILDCARD not in parts and parts[0] != "prefill"
+    return make_key(parts + ["any" if specific else WILDCARD])
+
+
+def upgraded(table: dict) -> dict:
+    """``table`` with its keys in today's form (a copy for formats 1 and 2)."""
+    if table.get("version", 1) >= KEYS_FEATURE_SINCE:
+        return table
+    return {**table, "version": KEYS_FEATURE_SINCE,
+            "entries": {upgrade_key(k): e for k, e in table["entries"].items()}}
 
 
 def make_key(parts) -> str:
@@ -141,9 +176,12 @@ def _validate(table, where: str) -> dict:
     version = table.get("version", 1)
     if version not in VERSIONS:
         raise ValueError(f"{where}: format version {version!r} is not one of {VERSIONS}")
+    features = NUM_FEATURES if version >= KEYS_FEATURE_SINCE else NUM_FEATURES - 1
     for key, entry in entries.items():
-        if len(key.split("|")) != NUM_FEATURES:
-            raise ValueError(f"{where}: key {key!r} is not op|arch|dtype|head|kv")
+        if len(key.split("|")) != features:
+            raise ValueError(f"{where}: key {key!r} is not op|arch|dtype|head|kv"
+                             + ("|keys" if features == NUM_FEATURES else "")
+                             + f" (format version {version})")
         order = entry.get("order") if isinstance(entry, dict) else None
         if not order or not all(isinstance(b, str) and split_item(b)[0] for b in order):
             raise ValueError(f"{where}: entry {key!r} needs a non-empty 'order' list of names")
@@ -170,11 +208,13 @@ def load(path: str | None = None) -> dict:
                       f"default order", stacklevel=2)
         return {"entries": {}}
     with open(target, encoding="utf-8") as f:
-        return _validate(json.load(f), target.name)
+        return upgraded(_validate(json.load(f), target.name))
 
 
 def _table(table: dict | None) -> dict:
-    return table if table is not None else load(os.environ.get("ATTN_OPS_AUTO_TABLE") or None)
+    if table is not None:
+        return upgraded(table)
+    return load(os.environ.get("ATTN_OPS_AUTO_TABLE") or None)
 
 
 def entry_for(config: OpConfig, arch: str | None = None,

@@ -160,7 +160,7 @@ def _prefill_kernel_for(with_lse: bool):
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                 block_table, window_left, softcap, sinks, k_scale, v_scale),
                 lambda: contract.prefill_config(q, k, causal, block_table, window_left, softcap,
-                                                sinks, with_lse, v),
+                                                sinks, with_lse, v, max_seqlen_k),
                 (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                  block_table, window_left, softcap, sinks, k_scale, v_scale))
         if _checks_requested() and checks.data_checks_enabled(q, cu_seqlens_q):

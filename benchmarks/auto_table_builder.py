@@ -2,7 +2,8 @@
 
 Used by ``bench_auto_table.py``, and as a script to rebuild the table from a committed CSV of
 that benchmark (below); the library never builds a table, it reads the committed JSON. Rows are
-dicts with ``key`` (``op|arch|dtype|head|kv``), ``workload``, ``backend``, ``median_us`` and, for
+dicts with ``key`` (``op|arch|dtype|head|kv|keys``; an older CSV's five features are read as
+:func:`attn_ops.auto_table.upgrade_key` says), ``workload``, ``backend``, ``median_us`` and, for
 flash, ``impl``: the provider id that served the timing ("fa3_fwd", "aten", ...; older CSVs hold
 the provider's label, mapped by :func:`provider_id`). A flash timing becomes the item
 ``flash:<provider>``, so one key can hold the rows of several providers (format version 2).
@@ -34,7 +35,7 @@ from attn_ops import auto_table
 from attn_ops.auto_table import NUM_FEATURES, PROVIDER_SEP, make_key, relaxed, split_item
 from attn_ops.backends.flash.providers import PROVIDER_ORDER
 
-VERSION = 2
+VERSION = 3
 # What each run of an entry records about where it was measured (from the build's meta).
 STAMP = ("device", "date", "torch", "triton")
 # Breaks exact ties in a measured ranking: the registry's static CUDA order, then the reference.
@@ -170,15 +171,17 @@ def build_table(rows, source: str, meta: dict | None = None,
     """The table for benchmark ``rows`` (dicts with key, workload, backend, median_us, impl).
 
     Each key measured gets a run stamped with ``source`` and ``meta``'s device and date; the
-    measured entries of ``previous`` (version 1 or 2) are merged in as the module doc says; its
+    measured entries of ``previous`` (version 1, 2 or 3) are merged in as the module doc says; its
     provisional and wildcard entries are dropped and the wildcards recomputed.
     """
     meta = meta or {}
+    previous = auto_table.upgraded(previous) if previous else previous
     stamp = {"source": source, **{k: meta[k] for k in STAMP if k in meta}}
     times: dict[str, dict[str, dict[str, float]]] = {}
     for row in rows:
         t = row.get("median_us")
-        per = times.setdefault(row["key"], {}).setdefault(row["workload"], {})
+        key = auto_table.upgrade_key(row["key"])  # an older CSV's five features
+        per = times.setdefault(key, {}).setdefault(row["workload"], {})
         per[item_of(row)] = float(t) if t not in (None, "") else math.nan
     runs = _previous_runs(previous)
     for key in sorted(times):
@@ -188,7 +191,9 @@ def build_table(rows, source: str, meta: dict | None = None,
             kept = [r for r in runs.get(key, []) if r.get("flash") != run.get("flash")]
             runs[key] = sorted(kept + [run], key=lambda r: r.get("flash") or "")
     measured = {key: {"order": merge_orders(rs), "runs": rs} for key, rs in runs.items()}
-    entries = dict(sorted({**measured, **_defaults(measured)}.items()))
+    # A measured key wins over a wildcard of the same name: a format-2 prefill entry, measured
+    # over prompts of any length, reads as op|...|kv|* (auto_table.upgrade_key).
+    entries = dict(sorted({**_defaults(measured), **measured}.items()))
     meta = dict(meta)
     if "flash_providers" in meta:  # this run's labels, and the kept runs' from ``previous``
         used = {r["flash"] for rs in runs.values() for r in rs if r.get("flash")}
@@ -222,7 +227,9 @@ def providers_of(rows) -> dict[str, str]:
 def read_csv(path: Path, keys: list[str] | None = None) -> list[dict]:
     """The timed rows of a ``bench_auto_table.py`` CSV (only ``keys`` when given)."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("median_us") not in (None, "")]
+        rows = [{**r, "key": auto_table.upgrade_key(r["key"])} for r in csv.DictReader(f)
+                if r.get("median_us") not in (None, "")]
+    keys = keys and [auto_table.upgrade_key(k) for k in keys]
     return [r for r in rows if not keys or r["key"] in keys]
 
 

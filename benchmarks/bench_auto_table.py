@@ -1,10 +1,10 @@
 """Measure every CUDA backend per static configuration and regenerate the "auto" table.
 
-For each key of the grid (op x dtype x head-dim bucket x KV layout; see
-attn_ops/auto_table.py), each backend that supports it is first checked against the
-reference on a small batch, then timed through ``torch.ops.attn.*`` under
+For each key of the grid (op x dtype x head-dim bucket x KV layout x, for prefill, short or
+long keys; see attn_ops/auto_table.py), each backend that supports it is first checked against
+the reference on a small batch, then timed through ``torch.ops.attn.*`` under
 ``attn_ops.use_backend`` on two workloads of different shape (``--quick``: bf16, head dim 128
-only). The winner per key is the lowest geometric mean of the workload medians, exact ties
+only; ``--ops``: only these ops, the other keys kept from the installed table). The winner per key is the lowest geometric mean of the workload medians, exact ties
 broken by a fixed order (``auto_table_builder.TIE_ORDER``). The reference backend is timed for
 store_kvcache only: for prefill/decode it materialises [B, H, S, S] fp32 scores and is not a
 contender (``--with-reference`` times it anyway).
@@ -48,19 +48,29 @@ H, HKV = 32, 8  # the standard shapes' Hq=32, Hkv=8 (docs/measuring.md)
 CHECK_TOL = {torch.float16: 4e-3, torch.bfloat16: 3.2e-2, torch.float32: 5e-3}
 
 
-def _workloads(op: str, kv: str, smoke: bool) -> dict[str, dict]:
-    """Named dynamic shapes per op (lengths are device data, so they never key the table)."""
+def _workloads(op: str, kv: str, keys: str, smoke: bool) -> dict[str, dict]:
+    """Named dynamic shapes per op (lengths are device data; for prefill, the most keys of a
+    sequence, ``max_seqlen_k``, is a host int and keys the table: ``short`` workloads have at
+    most contract.SHORT_PREFILL_KEYS, ``long`` ones more)."""
     if smoke:
-        return {"prefill": {"s": dict(lq=[13, 40], lk=[13, 40] if kv == "dense" else [37, 50])},
+        return {"prefill": {"s": dict(lq=[13, 40], lk=[13, 40] if kv == "dense" else [37, 50])}
+                if keys == "short" else {"l": dict(lq=[3], lk=[1030])},
                 "decode": {"s": dict(lk=[0, 50, 3])},
                 "store_kvcache": {"s": dict(t=37)}}[op]
     rng = random.Random(0)
     mixed = [rng.randint(128, 1024) for _ in range(16)]
+    prefill = {
+        ("dense", "short"): {"64x256": dict(lq=[256] * 64, lk=[256] * 64),
+                             "16xmixed": dict(lq=mixed, lk=mixed)},
+        ("dense", "long"): {"4x2048": dict(lq=[2048] * 4, lk=[2048] * 4),
+                            "2x4096": dict(lq=[4096] * 2, lk=[4096] * 2)},
+        ("paged", "short"): {"64x64/256": dict(lq=[64] * 64, lk=[256] * 64),
+                             "16x128/1024": dict(lq=[128] * 16, lk=[1024] * 16)},
+        ("paged", "long"): {"4x512/2048": dict(lq=[512] * 4, lk=[2048] * 4),
+                            "2x1024/4096": dict(lq=[1024] * 2, lk=[4096] * 2)},
+    }
     return {
-        "prefill": {"4x2048": dict(lq=[2048] * 4, lk=[2048] * 4),
-                    "16xmixed": dict(lq=mixed, lk=mixed)} if kv == "dense" else
-                   {"4x512/2048": dict(lq=[512] * 4, lk=[2048] * 4),
-                    "16x128/1024": dict(lq=[128] * 16, lk=[1024] * 16)},
+        "prefill": prefill.get(("dense" if kv == "dense" else "paged", keys)),
         "decode": {"16x2048": dict(lk=[2048] * 16), "128x1024": dict(lk=[1024] * 128)},
         "store_kvcache": {"T256": dict(t=256), "T16384": dict(t=16384)},
     }[op]
@@ -130,7 +140,7 @@ def _case(op: str, kv: str, shape: dict, d: int, dtype, dev) -> Case:
     args = (q, k, v, cq, ck, max(lq), max(lk), d ** -0.5, True, table)
     flops = sum(4 * H * d * a * (b - a / 2) for a, b in zip(lq, lk))
     return Case(lambda: last.update(out=torch.ops.attn.prefill.default(*args)), lambda: last["out"],
-                contract.prefill_config(q, k, True, table, -1, 0.0), flops)
+                contract.prefill_config(q, k, True, table, -1, 0.0, max_seqlen_k=max(lk)), flops)
 
 
 def _reason(name: str, op: str, kv: str, d: int, dtype, dev, smoke: bool) -> str | None:
@@ -160,16 +170,19 @@ def _grid(args):
     heads = [64] if args.smoke else [128] if args.quick else [64, 128, 256]
     layouts = {"prefill": ["dense", "bs16", "bs256"], "decode": ["bs16", "bs256"],
                "store_kvcache": ["bs16", "bs256"]}
+    ops = args.ops.split(",") if args.ops else list(layouts)
     for dtype in dtypes:
         for d in heads:
-            for op, kvs in layouts.items():
-                for kv in kvs:
-                    yield op, dtype, d, kv
+            for op in ops:
+                for kv in layouts[op]:
+                    for keys in (("short", "long") if op == "prefill" else ("any",)):
+                        yield op, dtype, d, kv, keys
 
 
 def main():
     args = common.parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--quick", action="store_true", help="bf16 and head dim 128 only"),
+        p.add_argument("--ops", default="", help="comma-separated ops to measure (default all)"),
         p.add_argument("--with-reference", action="store_true",
                        help="also time the reference backend for prefill and decode"),
         p.add_argument("--no-install", action="store_true",
@@ -179,13 +192,15 @@ def main():
     dev = common.device(args)
     arch = "smoke" if args.smoke else auto_table.arch_of(dev)
     started, rows = time.perf_counter(), []
-    for op, dtype, d, kv in _grid(args):
+    for op, dtype, d, kv, keys in _grid(args):
         names = ["triton", "flash"] + (["reference"] if op == "store_kvcache"
                                        or args.with_reference else [])
         reasons = {name: _reason(name, op, kv, d, dtype, dev, args.smoke) for name in names}
-        for wname, shape in _workloads(op, kv, args.smoke).items():
+        for wname, shape in _workloads(op, kv, keys, args.smoke).items():
             case = _case(op, kv, shape, d, dtype, dev)
-            key = auto_table.make_key(auto_table.features(case.config, arch))
+            parts = auto_table.features(case.config, arch)
+            assert parts[-1] == keys, (wname, parts)  # the workload lies in its key's bucket
+            key = auto_table.make_key(parts)
             for name in names:
                 row = dict(key=key, op=op, dtype=str(dtype).replace("torch.", ""), head_dim=d,
                            kv=kv, workload=wname, backend=name, median_us=None)
@@ -230,19 +245,19 @@ def _markdown(table: dict, env: dict) -> str:
              "Median us per backend (geometric mean over the key's workloads); speedup = "
              "runner-up time / winner time; `flash:<id>`: the flash backend on that provider. "
              "One row per run on this GPU (other GPUs' runs are kept in the table).", "",
-             "| op | dtype | head | kv | auto picks | speedup | medians (us) |",
-             "|---|---|---|---|---|---|---|"]
+             "| op | dtype | head | kv | keys | auto picks | speedup | medians (us) |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, entry in table["entries"].items():
         if "*" in key:
             continue
         for run in entry.get("runs", []):
             if run.get("device") != env["device"] or run.get("date") != env["date"]:
                 continue
-            op, _, dtype, head, kv = key.split("|")
+            op, _, dtype, head, kv, keys = key.split("|")
             times = ", ".join(f"{b} {t:.1f}" for b, t in run["median_us"].items())
             speed = f"{run['speedup']:.2f}x" if "speedup" in run else "only one"
-            lines.append(f"| {op} | {dtype} | {head} | {kv} | {run['order'][0]} | {speed} | "
-                         f"{times} |")
+            lines.append(f"| {op} | {dtype} | {head} | {kv} | {keys} | {run['order'][0]} | "
+                         f"{speed} | {times} |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,7 +92,7 @@ class InlineTritonPass(AttentionPass):
             block_table = meta_val(args[9])
             config = contract.prefill_config(q, k, args[8] if args[8] is not None else True,
                                              block_table, _const(args[10], -1),
-                                             _const(args[11], 0.0))
+                                             _const(args[11], 0.0), max_seqlen_k=args[6])
         else:
             config = contract.decode_config(q, k, _const(args[6], -1), _const(args[7], 0.0))
         try:

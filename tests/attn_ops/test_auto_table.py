@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attn_ops
-from attn_ops import auto_table, registry
+from attn_ops import auto_table, contract, registry
 from attn_ops.backends import flash
 from attn_ops.contract import OpConfig
 from tests.support.flash_fakes import FAKE_FA3_FWD
@@ -26,14 +26,47 @@ def _decode(dtype=torch.bfloat16, d=128, block_size=16):
 
 
 @pytest.mark.parametrize("op,config,expected", [
-    ("prefill", _prefill(), ("prefill", "sm90", "bf16", "d128", "dense")),
-    ("prefill", _prefill(torch.float16, 40, True, 16), ("prefill", "sm90", "fp16", "d64", "bs16")),
-    ("decode", _decode(torch.float32, 80, 17), ("decode", "sm90", "fp32", "d128", "bs32")),
-    ("decode", _decode(d=256, block_size=1), ("decode", "sm90", "bf16", "d256", "bs16")),
-    ("decode", _decode(d=192, block_size=512), ("decode", "sm90", "bf16", "d256", "bs256")),
+    ("prefill", _prefill(), ("prefill", "sm90", "bf16", "d128", "dense", "any")),
+    ("prefill", _prefill(torch.float16, 40, True, 16),
+     ("prefill", "sm90", "fp16", "d64", "bs16", "any")),
+    ("prefill", _prefill().replace(short_keys=True),
+     ("prefill", "sm90", "bf16", "d128", "dense", "short")),
+    ("prefill", _prefill().replace(short_keys=False),
+     ("prefill", "sm90", "bf16", "d128", "dense", "long")),
+    ("decode", _decode(torch.float32, 80, 17), ("decode", "sm90", "fp32", "d128", "bs32", "any")),
+    ("decode", _decode(d=256, block_size=1), ("decode", "sm90", "bf16", "d256", "bs16", "any")),
+    ("decode", _decode(d=192, block_size=512),
+     ("decode", "sm90", "bf16", "d256", "bs256", "any")),
 ])
 def test_features_bucket_static_config(op, config, expected):
     assert auto_table.features(config, "sm90") == expected
+
+
+def test_a_prefill_config_says_whether_its_keys_are_short():
+    """``max_seqlen_k`` (a host int of the call) puts a prefill in the short or the long bucket
+    at contract.SHORT_PREFILL_KEYS; without it the config says nothing."""
+    q, k = torch.empty(5, 4, 64), torch.empty(7, 2, 64)
+    limit = contract.SHORT_PREFILL_KEYS
+    assert [contract.prefill_config(q, k, max_seqlen_k=n).short_keys
+            for n in (None, 1, limit, limit + 1)] == [None, True, True, False]
+
+
+def test_tables_without_the_keys_feature_read_as_before():
+    """Formats 1 and 2 keyed five features: a fully specific decode / store key is that op's
+    (keys ``any``); a prefill key, measured over prompts of any length, stands for both buckets
+    (``*``), as do wildcard keys."""
+    assert [auto_table.upgrade_key(k) for k in (
+        "decode|sm90|bf16|d128|bs16", "prefill|sm90|bf16|d128|dense", "decode|sm90|*|*|*",
+        "prefill|sm90|bf16|d128|dense|short")] == [
+        "decode|sm90|bf16|d128|bs16|any", "prefill|sm90|bf16|d128|dense|*",
+        "decode|sm90|*|*|*|*", "prefill|sm90|bf16|d128|dense|short"]
+    short, long = (_prefill().replace(short_keys=b) for b in (True, False))
+    table = {"version": 3, "entries": {
+        "prefill|sm90|bf16|d128|dense|short": {"order": ["triton", "flash"]},
+        "prefill|sm90|bf16|d128|dense|*": {"order": ["flash", "triton"]}}}
+    assert auto_table.order_for(short, "sm90", table)[0] == "triton"
+    assert auto_table.order_for(long, "sm90", table)[0] == "flash"  # relaxed to the * key
+    assert auto_table.order_for(_prefill(), "sm90", table)[0] == "flash"
 
 
 TABLE = {"entries": {
@@ -59,7 +92,7 @@ def test_committed_table_is_valid_and_names_known_backends():
     table = auto_table.load()
     assert table["source"] and table["entries"]
     for key, entry in table["entries"].items():
-        assert len(key.split("|")) == 5 and key.split("|")[0] in ("prefill", "decode",
+        assert len(key.split("|")) == 6 and key.split("|")[0] in ("prefill", "decode",
                                                                   "store_kvcache")
         assert {auto_table.split_item(i)[0] for i in entry["order"]} <= KNOWN, key
         for item in entry["order"]:  # a named flash provider is one the flash backend knows
@@ -95,7 +128,8 @@ def test_registry_follows_the_table(monkeypatch, tmp_path):
 # Flash providers (format version 2): "flash:<provider>" items
 # ---------------------------------------------------------------------------------------------
 
-DENSE = "prefill|sm90|bf16|d128|dense"
+DENSE_V2 = "prefill|sm90|bf16|d128|dense"  # a format-2 key (five features)
+DENSE = DENSE_V2 + "|*"  # ... as read: for prefills of any length
 # aten::_flash_attention_forward's argument names in torch 2.11 (no block_table).
 ATEN_211 = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
             "is_causal", "return_debug_mask", "scale", "window_size_left", "window_size_right",
@@ -106,7 +140,7 @@ INSTALLS = {"fa3_fwd": (("fa3_fwd", flash._fa3_fwd_provider(FAKE_FA3_FWD)),
                      ("aten", flash.aten_provider(ATEN_211, "2.11.0"))),
             "none": (("aten", "this PyTorch build has no FlashAttention kernels"),)}
 V2 = {"version": 2, "entries": {
-    DENSE: {"order": ["flash:fa3_fwd", "triton", "flash:aten"], "runs": [
+    DENSE_V2: {"order": ["flash:fa3_fwd", "triton", "flash:aten"], "runs": [
         {"order": ["triton", "flash:aten"], "flash": "aten", "device": "NVIDIA H100 80GB HBM3",
          "median_us": {"triton": 330.0, "flash:aten": 545.8}},
         {"order": ["flash:fa3_fwd", "triton"], "flash": "fa3_fwd", "device": "NVIDIA H200",
@@ -138,12 +172,16 @@ def on_sm90(monkeypatch, tmp_path):
 def test_loader_accepts_both_versions_and_checks_provider_items(tmp_path):
     path = tmp_path / "v2.json"
     path.write_text(json.dumps(V2))
-    assert auto_table.load(str(path)) == V2
+    loaded = auto_table.load(str(path))
+    assert loaded == {**V2, "version": 3, "entries": {
+        auto_table.upgrade_key(k): e for k, e in V2["entries"].items()}}
+    assert sorted(loaded["entries"]) == ["prefill|sm90|bf16|*|*|*", DENSE]
     for n, (bad, match) in enumerate([
             ({**V2, "version": 1}, "only 'flash:<provider>' items, and only in format"),  # v1
-            ({"version": 2, "entries": {DENSE: {"order": ["triton:x"]}}}, "'triton:x'"),
-            ({**V2, "version": 3}, "format version 3"),
-            ({"version": 2, "entries": {DENSE: {"order": ["triton"], "runs": [{}]}}}, "runs")]):
+            ({"version": 2, "entries": {DENSE_V2: {"order": ["triton:x"]}}}, "'triton:x'"),
+            ({**V2, "version": 3}, r"is not op\|arch\|dtype\|head\|kv\|keys \(format version 3"),
+            ({**V2, "version": 4}, "format version 4 is not one of"),
+            ({"version": 2, "entries": {DENSE_V2: {"order": ["triton"], "runs": [{}]}}}, "runs")]):
         path = tmp_path / f"bad{n}.json"
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
@@ -167,7 +205,7 @@ def test_auto_order_takes_flash_only_with_the_measured_provider(on_sm90, install
 
 
 def test_plain_flash_items_keep_their_meaning(on_sm90):
-    on_sm90("aten", {"entries": {DENSE: {"order": ["flash", "triton"]}}})  # version 1
+    on_sm90("aten", {"entries": {DENSE_V2: {"order": ["flash", "triton"]}}})  # version 1
     assert registry.auto_order(_prefill()) == ("flash", "triton", "sdpa", "reference")
 
 
@@ -188,7 +226,7 @@ def test_explain_says_which_provider_was_measured_and_what_was_skipped(on_sm90, 
         f"({DENSE}); flash:fa3_fwd skipped: flash would serve this with aten")
     paged = _prefill(paged=True, block_size=256)
     assert auto_table.why(paged, "triton") == (
-        "wildcard entry prefill|sm90|bf16|*|* (keys won: triton 3, flash:aten 0); "
+        "wildcard entry prefill|sm90|bf16|*|*|* (keys won: triton 3, flash:aten 0); "
         "flash:aten skipped: no flash provider serves this here")
     # Through attn_ops.explain: the backend auto picks, then why (triton's own verdict aside).
     monkeypatch.setattr(registry, "_reason", lambda name, config: (None, None))

@@ -107,6 +107,24 @@ def test_dispatch_memoises_per_signature_and_choice(spy_backend):
         assert calls == ["reference", "reference"]
 
 
+def test_the_op_path_tells_the_choice_how_long_a_prefills_keys_are(spy_backend, monkeypatch):
+    """The auto table keys short and long prefills apart (auto_table's ``keys`` feature): the
+    config the op path decides with carries the call's max_seqlen_k bucket, and a call in the
+    other bucket is decided anew (max_seqlen_k is in the memo's signature)."""
+    from attn_ops import contract
+    seen = []
+    real_select = registry.select
+    monkeypatch.setattr(registry, "select",
+                        lambda cfg, choice=None: (seen.append(cfg.short_keys),
+                                                  real_select(cfg, choice))[1])
+    q = torch.randn(6, 2, 32)
+    cu = cu_seqlens([6])
+    limit = contract.SHORT_PREFILL_KEYS
+    for max_k in (6, limit, limit + 1, 6):
+        attn_ops.prefill(q, q, q, cu, cu, 6, max_k, 0.1, backend="spy")
+    assert seen == [True, True, False]  # the repeat of the first signature: a memo hit
+
+
 def test_choice_is_made_at_run_time_under_compile(spy_backend):
     """A graph compiled once follows the context it is called in (no baked-in backend)."""
     torch._dynamo.reset()

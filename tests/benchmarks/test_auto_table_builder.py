@@ -12,8 +12,8 @@ def _row(key, workload, backend, us):
     return {"key": key, "workload": workload, "backend": backend, "median_us": us}
 
 
-K1, K2, K3 = ("decode|sm90|bf16|d128|bs16", "decode|sm90|bf16|d128|bs256",
-              "prefill|sm90|bf16|d128|dense")
+K1, K2, K3 = ("decode|sm90|bf16|d128|bs16|any", "decode|sm90|bf16|d128|bs256|any",
+              "prefill|sm90|bf16|d128|dense|short")
 ROWS = [
     _row(K1, "small", "triton", 10.0), _row(K1, "small", "flash", 20.0),
     _row(K1, "large", "triton", 100.0), _row(K1, "large", "flash", 60.0),  # geomean: t 31.6 < 34.6
@@ -37,13 +37,13 @@ def test_build_ranks_by_geomean_breaks_ties_and_drops_incomplete():
 def test_build_adds_wildcard_defaults_by_wins_and_is_deterministic():
     table = auto_table_builder.build_table(ROWS, "measured", meta={"device": "H100"})
     entries = table["entries"]
-    assert entries["decode|sm90|bf16|d128|*"]["order"] == ["triton", "flash"]  # 2 wins to 0
-    assert entries["decode|sm90|*|*|*"]["wins"] == {"triton": 2, "flash": 0}
-    assert entries["prefill|*|*|*|*"]["order"] == ["flash"]
+    assert entries["decode|sm90|bf16|d128|*|*"]["order"] == ["triton", "flash"]  # 2 wins to 0
+    assert entries["decode|sm90|*|*|*|*"]["wins"] == {"triton": 2, "flash": 0}
+    assert entries["prefill|*|*|*|*|*"]["order"] == ["flash"]
     again = auto_table_builder.build_table(list(reversed(ROWS)), "measured", meta={"device": "H100"})
     assert json.dumps(table, sort_keys=True) == json.dumps(again, sort_keys=True)
     assert table["device"] == "H100" and table["source"] == "measured"
-    assert table["version"] == 2
+    assert table["version"] == 3
     assert {r["device"] for e in entries.values() for r in e.get("runs", [])} == {"H100"}
 
 
@@ -54,10 +54,11 @@ def test_build_keeps_other_archs_and_drops_provisional_entries():
         "decode|sm90|bf16|d128|bs16": {"order": ["flash"], "median_us": {"flash": 1.0}},
         "prefill|sm90|*|*|*": {"order": ["flash", "triton"], "why": "provisional"}}}
     entries = auto_table_builder.build_table(ROWS, "measured", previous=previous)["entries"]
-    assert entries["decode|sm80|bf16|d128|bs16"]["order"] == ["flash", "triton"]  # kept
+    # (a format-1 table: its five-feature keys read with the keys feature appended)
+    assert entries["decode|sm80|bf16|d128|bs16|any"]["order"] == ["flash", "triton"]  # kept
     assert entries[K1]["order"] == ["triton", "flash"]  # re-measured arch replaced
-    assert "why" not in entries["prefill|sm90|*|*|*"]  # recomputed from measurements
-    assert entries["decode|*|*|*|*"]["wins"] == {"triton": 2, "flash": 1}
+    assert "why" not in entries["prefill|sm90|*|*|*|*"]  # recomputed from measurements
+    assert entries["decode|*|*|*|*|*"]["wins"] == {"triton": 2, "flash": 1}
 
 
 def test_dumps_round_trips_one_entry_per_line_and_loads(tmp_path):
@@ -120,22 +121,24 @@ def test_merge_keeps_the_runs_of_other_providers_and_replaces_the_same_one():
 
 
 def test_version_1_tables_migrate_with_their_one_flash_implementation():
+    old = "prefill|sm90|bf16|d128|dense"  # five features: read as old + "|*"
     v1 = {"version": 1, "device": "H100", "source": "old",
           "flash_impls": ["FA2 inside PyTorch (aten._flash_attention_forward, torch 2.11.0)"],
-          "entries": {K3: {"order": ["triton", "flash"], "speedup": 1.654,
-                           "median_us": {"flash": 545.812, "triton": 329.992}},
+          "entries": {old: {"order": ["triton", "flash"], "speedup": 1.654,
+                            "median_us": {"flash": 545.812, "triton": 329.992}},
                       "prefill|*|*|*|*": {"order": ["triton", "flash"], "wins": {"triton": 1}}}}
-    entries = auto_table_builder.build_table(FA3_ROWS, "h200", {"device": "H200"},
+    rows = [dict(r, key=old) for r in FA3_ROWS]  # an older CSV's rows, five features too
+    entries = auto_table_builder.build_table(rows, "h200", {"device": "H200"},
                                              previous=v1)["entries"]
-    aten = entries[K3]["runs"][0]
+    aten = entries[old + "|*"]["runs"][0]
     assert aten == {"order": ["triton", "flash:aten"], "flash": "aten", "device": "H100",
                     "source": "old", "speedup": 1.654,
                     "median_us": {"flash:aten": 545.812, "triton": 329.992}}
-    assert entries["prefill|*|*|*|*"]["wins"] == {"triton": 1, "flash:fa3_fwd": 1,
-                                                  "flash:aten": 0}
+    assert entries["prefill|*|*|*|*|*"]["wins"] == {"triton": 1, "flash:fa3_fwd": 1,
+                                                    "flash:aten": 0}
     v1["flash_impls"].append("FA3 (flash_attn_interface 3.0)")  # which one? keep it plain
     entries = auto_table_builder.build_table([], "none", previous=v1)["entries"]
-    assert entries[K3]["order"] == ["triton", "flash"]
+    assert entries[old + "|*"]["order"] == ["triton", "flash"]
 
 
 def test_merge_orders_puts_each_provider_where_its_run_measured_it():
@@ -173,7 +176,7 @@ def test_the_script_rebuilds_from_a_csv_through_the_builder(tmp_path, monkeypatc
     auto_table.load.cache_clear()
     table = auto_table.load(str(out))
     assert set(table["entries"]) == {K3} | {auto_table.make_key(auto_table.relaxed(
-        tuple(K3.split("|")), n)) for n in range(1, 5)}
+        tuple(K3.split("|")), n)) for n in range(1, auto_table.NUM_FEATURES)}
     assert table["entries"][K3]["runs"][0]["source"].endswith("; triton before the fix")
     assert table["flash_providers"] == {"fa3_fwd": "fa3_fwd"}
 
@@ -181,7 +184,7 @@ def test_the_script_rebuilds_from_a_csv_through_the_builder(tmp_path, monkeypatc
 def test_a_partial_run_keeps_the_labels_of_the_providers_whose_runs_it_keeps():
     # A --quick run (bf16 only, fa3-fwd installed) keeps the fp16 key's run measured on aten:
     # the table still names aten's label, takes fa3_fwd's new one, drops a provider no run uses.
-    fp16 = "prefill|sm90|fp16|d128|dense"
+    fp16 = "prefill|sm90|fp16|d128|dense|short"
     before = auto_table_builder.build_table(
         [dict(r, key=fp16) for r in ATEN_ROWS], "first", {"flash_providers": {"aten": "FA2"}})
     before["flash_providers"] = {"aten": "FA2", "fa3_fwd": "old", "gone": "unused"}
