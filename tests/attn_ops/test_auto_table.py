@@ -255,6 +255,16 @@ def test_committed_table_sends_only_fa3_to_flash_for_dense_bf16_prefill(on_sm90)
     for d, ratio in ((64, "1.12x"), (256, "1.53x")):
         assert registry.auto_order(_prefill(d=d))[:2] == ("flash", "triton")
         assert auto_table.why(_prefill(d=d), "flash").startswith(f"fa3_fwd measured {ratio}")
+    # Measured apart by the keys of a sequence (thirteenth pass): with fa3-fwd installed, short
+    # bf16 dense prompts (max_seqlen_k <= 1024) stay on Triton, longer ones go to FA3; D 256
+    # (no Gluon kernel there) goes to FA3 at both.
+    for d, short_first in ((64, "triton"), (128, "triton"), (256, "flash")):
+        short, long = (_prefill(d=d).replace(short_keys=b) for b in (True, False))
+        assert registry.auto_order(short)[0] == short_first, d
+        assert registry.auto_order(long)[0] == "flash", d
+        assert "|dense|short" in auto_table.why(short, short_first)
+    assert auto_table.why(_prefill().replace(short_keys=True), "triton").startswith(
+        "triton measured 1.12x faster than flash:fa3_fwd on NVIDIA H200")
     # fa3-fwd is bf16-only: fp16 keys hold aten's runs, and Triton measured faster there.
     assert registry.auto_order(_prefill(torch.float16, d=64))[:2] == ("triton", "flash")
     # Paged prefill has no FA3 contender (fa3-fwd has no paged KV): Triton only.
