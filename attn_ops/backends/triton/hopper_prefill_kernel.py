@@ -62,32 +62,13 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     from attn_ops.backends.triton.hopper_prefill_items import item, sequences_with_items
+    from attn_ops.backends.triton.hopper_prefill_writes import (store_flags, zero_rows,
+                                                                zero_unvisited_flags)
     GLUON = True
 except Exception:  # noqa: BLE001 - an older Triton, or one whose Gluon API moved: no kernel
     GLUON = False
 
 if GLUON:
-    @gluon.jit
-    def _zero_rows(O, row_lo, row_hi, head, stride_ot, stride_oh,
-                   ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
-        """Zeros for rows ``row_lo .. min(row_lo + ROWS, row_hi) - 1`` of head ``head``."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        r = row_lo + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-        ptrs = (O + gl.expand_dims(r.to(gl.int64) * stride_ot, 1) + head * stride_oh
-                + gl.expand_dims(d, 0))
-        mask = gl.expand_dims(r < row_hi, 1) & gl.expand_dims(d < HEAD_DIM, 0)
-        zeros = gl.zeros([ROWS, HEAD_DIM], O.dtype.element_ty, layout)
-        gl.store(ptrs, zeros, mask=mask)
-
-    @gluon.jit
-    def _store_flags(ptr, value, COUNT: gl.constexpr):
-        """``ptr[0 .. COUNT - 1] = value`` (an int32 scalar) from a 4-warp partition."""
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        i = gl.arange(0, 128, layout=layout)
-        STEP: gl.constexpr = 1 if COUNT > 1 else 0  # one flag: the scalar's address
-        gl.store(ptr + i * STEP, value + i * 0, mask=i < COUNT)
-
     @gluon.jit
     def _page_rows(table_row, stride_tc, table_width, key0, lk, PAGE: gl.constexpr,
                    PAGE_ROWS: gl.constexpr, PIECES: gl.constexpr):
@@ -283,7 +264,7 @@ if GLUON:
             # One per warpgroup: per warp, the two-consumer build's whole schedule changed and
             # measured no faster (H200 graph replays, 16 x 1024 and 4 x 4096; its own four
             # copies of the flag made ptxas spill), so its compiled code stays as it was.
-            _store_flags(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0), 1)
+            store_flags(FLAGS + flag_idx + WG, gl.max(bad.to(gl.int32), axis=0), 1)
         # STAGE_OUT: stored in 16-byte pieces, whole rows per warp, through a shared-memory
         # scratch tile; wgmma's layout gives a thread 4-byte pieces of 8 rows, and storing from
         # it cost 6-20% (H200 graph replays, 64 x 256: 192 vs 160 us; 4 x 4096: 1033 vs 972).
@@ -328,22 +309,6 @@ if GLUON:
         mbarrier.arrive(q_empty, count=1)
 
     @gluon.jit
-    def _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head,
-                              PER_ITEM: gl.constexpr):
-        """Zeros for the ``PER_ITEM`` flags (tile ``g``, ``head``) of the sequences no item
-        visits."""
-        layout: gl.constexpr = gl.BlockedLayout([1, PER_ITEM], [32, 1], [4, 1], [1, 0])
-        warps = gl.expand_dims(gl.arange(0, PER_ITEM, layout=gl.SliceLayout(0, layout)), 0)
-        for c0 in range(0, num_seqs, 128):
-            b = c0 + gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
-            ok = b < num_seqs
-            lo = gl.load(CU_Q + b * stride_cq, mask=ok, other=0)
-            hi = gl.load(CU_Q + (b + 1) * stride_cq, mask=ok, other=0)
-            idx = ((g * (num_seqs + 1) + b) * num_heads + head) * PER_ITEM
-            skip = gl.expand_dims(ok & (hi - lo <= min_q), 1) & (warps < PER_ITEM)
-            gl.store(FLAGS + gl.expand_dims(idx, 1) + warps, warps * 0, mask=skip)
-
-    @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
                   FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
                   num_seqs, num_heads, tiles, min_q, qk_scale, WG: gl.constexpr,
@@ -371,23 +336,23 @@ if GLUON:
             elif n_iter > 0:  # no row of this warpgroup's: a last tile of at most 64 rows
                 _pass_item(q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, n_iter, it,
                            done, STAGES)
-                _store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
+                store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 it += n_iter
                 done += 1
             else:
-                _store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
+                store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 if WG == 0:
                     if seq == num_seqs:  # rows past cu_seqlens_q[-1], strided over g
                         if COMPACT:  # the flags no item writes
-                            _zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads,
-                                                  min_q, g, head, 2 * (3 - CONSUMERS))
+                            zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads,
+                                                 min_q, g, head, 2 * (3 - CONSUMERS))
                         first = gl.load(CU_Q + num_seqs * stride_cq)
                         for r0 in range(first + g * TILE, total_q, tiles * TILE):
-                            _zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE,
-                                       HEAD_DIM, 4)
+                            zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE,
+                                      HEAD_DIM, 4)
                     elif m0 >= 0:  # a tile with no key for any row
-                        _zero_rows(O, q_start + m0, q_start + lq, head, stride_ot, stride_oh,
-                                   TILE, HEAD_DIM, 4)
+                        zero_rows(O, q_start + m0, q_start + lq, head, stride_ot, stride_oh,
+                                  TILE, HEAD_DIM, 4)
 
     @gluon.jit
     def hopper_prefill_kernel(q_desc, k_desc, v_desc, O, CU_Q, CU_K, FLAGS, TABLE,
