@@ -4,10 +4,11 @@ For each key of the grid (op x dtype x head-dim bucket x KV layout x, for prefil
 long keys; see attn_ops/auto_table.py), each backend that supports it is first checked against
 the reference on a small batch, then timed through ``torch.ops.attn.*`` under
 ``attn_ops.use_backend`` on two workloads of different shape (``--quick``: bf16, head dim 128
-only; ``--ops``: only these ops, the other keys kept from the installed table). The winner per key is the lowest geometric mean of the workload medians, exact ties
-broken by a fixed order (``auto_table_builder.TIE_ORDER``). The reference backend is timed for
-store_kvcache only: for prefill/decode it materialises [B, H, S, S] fp32 scores and is not a
-contender (``--with-reference`` times it anyway).
+only; ``--ops``: only these ops, the other keys kept from the installed table). The winner per
+key is the lowest geometric mean of the workload medians, exact ties broken by a fixed order
+(``auto_table_builder.TIE_ORDER``). The reference backend is timed for store_kvcache only: for
+prefill/decode it materialises [B, H, S, S] fp32 scores and is not a contender
+(``--with-reference`` times it anyway).
 
 Writes to ``--out`` (default benchmarks/results):
 * ``auto_table.csv``: one row per key x workload x backend (median us, TFLOP/s or GB/s, the
