@@ -244,13 +244,10 @@ if GLUON:
         inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
         out_f = acc * gl.expand_dims(inv, 1)
         r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-        # The flags (module docstring), one per warp: wgmma's layout gives warp w the rows
-        # 16 w .. 16 w + 15, so the reduction stays in the warp (shuffles); one flag for the
-        # warpgroup's 64 rows took three warpgroup barriers through shared memory. No tensor
-        # constant here: Gluon (Triton 3.6) gave a zero constant in this layout the registers
-        # of the zero accumulator that wgmma overwrites, and a compare against it flagged every
-        # clean row on the H200. A row sum of x - x is NaN or 0: compare it with itself
-        # (within a warp: a row sits in one quad).
+        # The flags (module docstring). No tensor constant here: Gluon (Triton 3.6) gave a zero
+        # constant in this layout the registers of the zero accumulator that wgmma overwrites,
+        # and a compare against it flagged every clean row on the H200. A row sum of x - x is
+        # NaN or 0: compare it with itself (within a warp: a row sits in one quad).
         chk = gl.sum(out_f - out_f, axis=1)
         bad = (chk != chk) & (r < lq)
         if CONSUMERS == 1:
