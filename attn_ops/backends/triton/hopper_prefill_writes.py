@@ -1,52 +1,51 @@
 """What the Gluon Hopper prefill (hopper_prefill_kernel.py) writes besides attention: the zeros
 of rows that see no key (padding rows past the last sequence, tiles with no key) and its
 non-finite flags (the kernel's docstring: one int32 per 64 or 16 output rows, each written every
-call, so the caller hands over uninitialised flags). Each runs in a 4-warp partition.
+call, so the caller hands over uninitialised flags). Each runs in a 4-warp partition. Imported
+only by the kernel's module, inside its guard for a Triton without Gluon.
 """
 
 from __future__ import annotations
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    GLUON = True
-except Exception:  # noqa: BLE001 - an older Triton, or one whose Gluon API moved: no kernel
-    GLUON = False
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 
-if GLUON:
-    @gluon.jit
-    def zero_rows(O, row_lo, row_hi, head, stride_ot, stride_oh,
-                  ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
-        """Zeros for rows ``row_lo .. min(row_lo + ROWS, row_hi) - 1`` of head ``head``."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        r = row_lo + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-        ptrs = (O + gl.expand_dims(r.to(gl.int64) * stride_ot, 1) + head * stride_oh
-                + gl.expand_dims(d, 0))
-        mask = gl.expand_dims(r < row_hi, 1) & gl.expand_dims(d < HEAD_DIM, 0)
-        zeros = gl.zeros([ROWS, HEAD_DIM], O.dtype.element_ty, layout)
-        gl.store(ptrs, zeros, mask=mask)
 
-    @gluon.jit
-    def store_flags(ptr, value, COUNT: gl.constexpr):
-        """``ptr[0 .. COUNT - 1] = value`` (an int32 scalar) from a 4-warp partition."""
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        i = gl.arange(0, 128, layout=layout)
-        STEP: gl.constexpr = 1 if COUNT > 1 else 0  # one flag: the scalar's address
-        gl.store(ptr + i * STEP, value + i * 0, mask=i < COUNT)
+@gluon.jit
+def zero_rows(O, row_lo, row_hi, head, stride_ot, stride_oh,
+              ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
+    """Zeros for rows ``row_lo .. min(row_lo + ROWS, row_hi) - 1`` of head ``head``."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    r = row_lo + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    ptrs = (O + gl.expand_dims(r.to(gl.int64) * stride_ot, 1) + head * stride_oh
+            + gl.expand_dims(d, 0))
+    mask = gl.expand_dims(r < row_hi, 1) & gl.expand_dims(d < HEAD_DIM, 0)
+    zeros = gl.zeros([ROWS, HEAD_DIM], O.dtype.element_ty, layout)
+    gl.store(ptrs, zeros, mask=mask)
 
-    @gluon.jit
-    def zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head,
-                             PER_ITEM: gl.constexpr):
-        """Zeros for the ``PER_ITEM`` flags (tile ``g``, ``head``) of the sequences no item
-        visits."""
-        layout: gl.constexpr = gl.BlockedLayout([1, PER_ITEM], [32, 1], [4, 1], [1, 0])
-        warps = gl.expand_dims(gl.arange(0, PER_ITEM, layout=gl.SliceLayout(0, layout)), 0)
-        for c0 in range(0, num_seqs, 128):
-            b = c0 + gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
-            ok = b < num_seqs
-            lo = gl.load(CU_Q + b * stride_cq, mask=ok, other=0)
-            hi = gl.load(CU_Q + (b + 1) * stride_cq, mask=ok, other=0)
-            idx = ((g * (num_seqs + 1) + b) * num_heads + head) * PER_ITEM
-            skip = gl.expand_dims(ok & (hi - lo <= min_q), 1) & (warps < PER_ITEM)
-            gl.store(FLAGS + gl.expand_dims(idx, 1) + warps, warps * 0, mask=skip)
+
+@gluon.jit
+def store_flags(ptr, value, COUNT: gl.constexpr):
+    """``ptr[0 .. COUNT - 1] = value`` (an int32 scalar) from a 4-warp partition."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    i = gl.arange(0, 128, layout=layout)
+    STEP: gl.constexpr = 1 if COUNT > 1 else 0  # one flag: the scalar's address
+    gl.store(ptr + i * STEP, value + i * 0, mask=i < COUNT)
+
+
+@gluon.jit
+def zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, head,
+                         PER_ITEM: gl.constexpr):
+    """Zeros for the ``PER_ITEM`` flags (tile ``g``, ``head``) of the sequences no item
+    visits."""
+    layout: gl.constexpr = gl.BlockedLayout([1, PER_ITEM], [32, 1], [4, 1], [1, 0])
+    warps = gl.expand_dims(gl.arange(0, PER_ITEM, layout=gl.SliceLayout(0, layout)), 0)
+    for c0 in range(0, num_seqs, 128):
+        b = c0 + gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
+        ok = b < num_seqs
+        lo = gl.load(CU_Q + b * stride_cq, mask=ok, other=0)
+        hi = gl.load(CU_Q + (b + 1) * stride_cq, mask=ok, other=0)
+        idx = ((g * (num_seqs + 1) + b) * num_heads + head) * PER_ITEM
+        skip = gl.expand_dims(ok & (hi - lo <= min_q), 1) & (warps < PER_ITEM)
+        gl.store(FLAGS + gl.expand_dims(idx, 1) + warps, warps * 0, mask=skip)
