@@ -119,7 +119,8 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
                   return_lse=False, max_seqlen_k=None) -> str:
     """Which kernel serves a prefill, from host-known metadata only (no sync; CUDA-graph safe):
     "unified" (few rows per sequence, or a batch far shorter than ``B * max_seqlen_q``),
-    "hopper" (the guarded Gluon kernel, where it serves the call), "split" (where it serves a
+    "hopper" (the guarded Gluon kernel, where it serves the call: past the few-row bound, or
+    within it in its packed form where that takes the call), "split" (where it serves a
     batch far shorter than ``B * max_seqlen_q`` whose keys reach past its queries, or
     ``max_seqlen_k`` not given: the unified kernel's small path takes the sequences of at most
     ``_SPLIT_ROWS`` packed rows, the Gluon kernel the others), else
@@ -145,14 +146,23 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
     # decode + 8 x 4 + 2 x 512 over 4k 359.9 vs 1011.8, 16 decode + 4 x 1024 over 1k 285.4 vs
     # 438.7; BENCHMARKS.md, ninth pass).
     split = padded and (max_seqlen_k is None or int(max_seqlen_k) > max_q)
-    if HOPPER_PREFILL and not few_rows and q.device.type == "cuda":
+    if HOPPER_PREFILL and q.device.type == "cuda":
         from attn_ops.backends.triton import hopper_prefill_launch as hopper
         paged = block_table is not None
         if hopper.available(q.device) and hopper.supports(
                 q.dtype, q.shape[2], bool(causal), k.shape[1] if paged else 0, window_left,
                 softcap, sinks is not None, k_scale is not None, return_lse) is None and (
                 not paged or hopper.cache_reason(k, k) is None):
-            return "split" if split else "hopper"
+            if not few_rows:
+                return "split" if split else "hopper"
+            # Few rows per sequence with about an item per SM: the Gluon kernel's packed form
+            # (the query heads of a KV head in one item; hopper_prefill_forms.packing). H200,
+            # pages of 16, 8 queries at B 16 x 2048: 1.035x the one-token decode against the
+            # unified kernel's 1.239x (BENCHMARKS.md, fourteenth pass).
+            from attn_ops.backends.triton.common import device_sm_count
+            if hopper.packing(q.shape[1], num_kv_heads, max_q, num_seqs,
+                              device_sm_count(q.device)) > 1:
+                return "hopper"
     return "unified" if use_unified_prefill(max_q, total_q, num_seqs, group) else "prefill"
 
 

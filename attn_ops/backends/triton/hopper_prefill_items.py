@@ -1,5 +1,5 @@
 """The Gluon Hopper prefill's work items (hopper_prefill_kernel.py): their numbering, what item
-``w`` is, and which program takes it.
+``w`` is, and which program takes it (the packed form's: :func:`packed_item`).
 
 Items are query tiles of ``TILE`` rows (128, or 64 with one consumer) of one sequence and one head.
 Only the R sequences of more than ``min_q`` queries have items (0 but for the split route: shorter
@@ -96,4 +96,48 @@ if GLUON:
         if CAUSAL:
             hi = gl.minimum(lk, m0 + TILE + lk - lq)
         n_iter = gl.where(real & (m0 >= 0) & (hi > 0), gl.cdiv(hi, BLOCK_N), 0)
+        return g, seq, head, q_start, lq, m0, k_start, lk, n_iter
+
+    @gluon.jit
+    def packed_item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles,
+                    PACK: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """Packed item ``w = (c * (B + 1) + b) * (H / PACK) + k`` (hopper_prefill_launch.packing):
+        tokens ``c * TOK ..`` (TOK = 64 / PACK) of sequence b, for the query heads ``k * PACK ..
+        k * PACK + PACK - 1``, which share a KV head. Chunks count from the sequence's start, so
+        every sequence's first chunk (all of a few-query sequence) comes first and those spread
+        over the programs. :func:`item`'s tuple, with ``head`` the first head and ``g`` the
+        one-consumer flags' 64-row tile of the chunk, counted from the sequence's last tile
+        modulo ``tiles``: the chunks past a sequence's tiles take the flag tiles before its
+        first, so each of a head's ``tiles * 4`` flags belongs to exactly one item."""
+        TOK: gl.constexpr = 64 // PACK
+        packs = num_heads // PACK
+        c = w // (packs * (num_seqs + 1))
+        seq = (w // packs) % (num_seqs + 1)
+        real = seq < num_seqs
+        s = gl.minimum(seq, num_seqs - 1)  # the padding column reads a real sequence's bounds
+        q_start = gl.load(CU_Q + s * stride_cq)
+        lq = gl.where(real, gl.load(CU_Q + (s + 1) * stride_cq) - q_start, 0)
+        k_start = gl.load(CU_K + s * stride_ck)
+        lk = gl.load(CU_K + (s + 1) * stride_ck) - k_start
+        m0 = c * TOK
+        hi = lk
+        if CAUSAL:
+            hi = gl.minimum(lk, m0 + TOK + lk - lq)
+        n_iter = gl.where(real & (m0 < lq) & (hi > 0), gl.cdiv(hi, BLOCK_N), 0)
+        g = (gl.cdiv(lq, 64) - 1 - m0 // 64 + tiles) % tiles
+        return g, seq, (w % packs) * PACK, q_start, lq, m0, k_start, lk, n_iter
+
+    @gluon.jit
+    def any_item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real,
+                 min_q, TILE: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 NW: gl.constexpr, COMPACT: gl.constexpr, PACK: gl.constexpr):
+        """:func:`item`, or with ``PACK`` > 1 :func:`packed_item` (same tuple)."""
+        if PACK > 1:
+            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = packed_item(
+                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, PACK, BLOCK_N,
+                CAUSAL)
+        else:
+            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
+                w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
+                TILE, BLOCK_N, CAUSAL, NW, COMPACT)
         return g, seq, head, q_start, lq, m0, k_start, lk, n_iter

@@ -7,7 +7,7 @@ sequence's tiles costs a few loads. Cheap items numbered among the real ones gav
 three real items where the mean was two (2 chunks of 512 queries over 4k paged prefixes, 256
 real items on 132 SMs; the split route's 56 decode sequences beside them). Inside a program
 three partitions walk the same items (two with ``CONSUMERS`` = 1: short causal prompts, where
-two programs per SM let each warpgroup run its own items; hopper_prefill_launch.SOLO_MAX_KEYS
+two programs per SM let each warpgroup run its own items; hopper_prefill_forms.SOLO_MAX_KEYS
 says why):
 
 - a producer warp issues TMA loads: an item's 64-row Q tiles (one per consumer), then its K and V
@@ -61,8 +61,10 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
-    from attn_ops.backends.triton.hopper_prefill_items import item, sequences_with_items
-    from attn_ops.backends.triton.hopper_prefill_writes import (store_flags, zero_rows,
+    from attn_ops.backends.triton.hopper_prefill_items import any_item, sequences_with_items
+    from attn_ops.backends.triton.hopper_prefill_loads import copy_pieces, load_q, page_rows
+    from attn_ops.backends.triton.hopper_prefill_writes import (flag_slots, pass_packed_item,
+                                                                store_flags, zero_rows,
                                                                 zero_unvisited_flags)
     GLUON = True
 except Exception:  # noqa: BLE001 - an older Triton, or one whose Gluon API moved: no kernel
@@ -70,63 +72,31 @@ except Exception:  # noqa: BLE001 - an older Triton, or one whose Gluon API move
 
 if GLUON:
     @gluon.jit
-    def _page_rows(table_row, stride_tc, table_width, key0, lk, PAGE: gl.constexpr,
-                   PAGE_ROWS: gl.constexpr, PIECES: gl.constexpr):
-        """The cache rows (``block * PAGE + offset``) of the ``PIECES`` page pieces of
-        ``PAGE_ROWS`` keys from key ``key0`` on, one vector load of the block table (its row
-        ``table_row``); ``-PAGE_ROWS`` for a piece past the sequence's ``lk`` keys, whose table
-        entry may be anything: a box wholly out of bounds, which TMA fills with zeros."""
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        keys = key0 + gl.arange(0, PIECES, layout=layout) * PAGE_ROWS
-        blocks = gl.load(table_row + gl.minimum(keys // PAGE, table_width - 1) * stride_tc)
-        return gl.where(keys < lk, blocks * PAGE + keys % PAGE, -PAGE_ROWS)
-
-    @gluon.jit
-    def _piece(rows, p: gl.constexpr, PIECES: gl.constexpr):
-        """Element ``p`` of ``rows`` as a scalar (a warp reduction: TMA takes scalars)."""
-        idx = gl.arange(0, PIECES, layout=rows.type.layout)
-        return gl.sum(gl.where(idx == p, rows, 0), axis=0)
-
-    @gluon.jit
-    def _copy_pieces(desc, rows, kv_col, empty, ready, buf, ph, PAGE_ROWS: gl.constexpr,
-                     PIECES: gl.constexpr):
-        """Once ``empty`` is past phase ``ph``: the page pieces at cache ``rows`` (see
-        :func:`_page_rows`) into row slices of ``buf``, completing ``ready``."""
-        mbarrier.wait(empty, ph ^ 1)
-        mbarrier.expect(ready, PIECES * desc.block_type.nbytes)
-        for p in gl.static_range(PIECES):
-            tma.async_copy_global_to_shared(desc, [_piece(rows, p, PIECES), kv_col], ready,
-                                            buf.slice(p * PAGE_ROWS, PAGE_ROWS))
-
-    @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready,
                   v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq, stride_ck, stride_tb,
                   stride_tc, table_width, num_seqs, num_heads, tiles, min_q,
                   GROUP: gl.constexpr,
                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
-                  PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr, CONSUMERS: gl.constexpr):
-        """One warp: per item, Q (``CONSUMERS`` tiles of 64 rows) once the consumers released the
-        previous item's Q, then K_j / V_j into ring slot ``(it + j) % STAGES`` when the consumers
+                  PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr, CONSUMERS: gl.constexpr,
+                  PACK: gl.constexpr):
+        """One warp: per item, Q (``CONSUMERS`` tiles of 64 rows, or packed heads: load_q) once
+        the consumers released the previous item's Q, then K_j / V_j into ring slot ``(it + j) % STAGES`` when the consumers
         have released it (empty barriers count one arrival per consumer; a fresh barrier passes
         phase 1). Paged K/V (``PAGE`` > 0):
         a tile is ``BLOCK_N // PAGE_ROWS`` TMA copies, one per page piece, into row slices of the
-        slot (see :func:`_page_rows`)."""
+        slot (see hopper_prefill_loads.page_rows)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position
         done = 0  # items loaded so far: the Q barriers' phase
         n_real = sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 1, COMPACT)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
-            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
+            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = any_item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
-                CONSUMERS * BLOCK_M, BLOCK_N, CAUSAL, 1, COMPACT)
+                CONSUMERS * BLOCK_M, BLOCK_N, CAUSAL, 1, COMPACT, PACK)
             if n_iter > 0:
-                q_row = q_start + m0
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
-                mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-                for c in gl.static_range(CONSUMERS):
-                    tma.async_copy_global_to_shared(q_desc, [q_row + c * BLOCK_M,
-                                                             head * HEAD_DIM],
-                                                    q_bar, q_bufs.index(c))
+                load_q(q_desc, q_bufs, q_bar, q_start + m0, head, HEAD_DIM, BLOCK_M, CONSUMERS,
+                       PACK)
                 kv_col = (head // GROUP) * HEAD_DIM
                 for i in range(n_iter):
                     st = (it + i) % STAGES
@@ -143,12 +113,12 @@ if GLUON:
                                                         v_ready.index(st), v_bufs.index(st))
                     else:
                         PIECES: gl.constexpr = BLOCK_N // PAGE_ROWS
-                        rows = _page_rows(TABLE + seq * stride_tb, stride_tc, table_width,
-                                          i * BLOCK_N, lk, PAGE, PAGE_ROWS, PIECES)
-                        _copy_pieces(k_desc, rows, kv_col, k_empty.index(st),
-                                     k_ready.index(st), k_bufs.index(st), ph, PAGE_ROWS, PIECES)
-                        _copy_pieces(v_desc, rows, kv_col, v_empty.index(st),
-                                     v_ready.index(st), v_bufs.index(st), ph, PAGE_ROWS, PIECES)
+                        rows = page_rows(TABLE + seq * stride_tb, stride_tc, table_width,
+                                         i * BLOCK_N, lk, PAGE, PAGE_ROWS, PIECES)
+                        copy_pieces(k_desc, rows, kv_col, k_empty.index(st), k_ready.index(st),
+                                    k_bufs.index(st), ph, PAGE_ROWS, PIECES)
+                        copy_pieces(v_desc, rows, kv_col, v_empty.index(st), v_ready.index(st),
+                                    v_bufs.index(st), ph, PAGE_ROWS, PIECES)
                 it += n_iter
                 done += 1
 
@@ -174,9 +144,11 @@ if GLUON:
                 FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, it, done,
                 flag_idx, qk_scale, WG: gl.constexpr, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr):
-        """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` against the item's K/V tiles
-        (ring slots from ``it`` on), out and its flags written."""
+                CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr,
+                PACK: gl.constexpr):
+        """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` of head ``head`` against the
+        item's K/V tiles (ring slots from ``it`` on), out and its flags written. Packed (``PACK``
+        > 1): row r is token ``m0 + r % TOK`` of head ``head + r // TOK`` (TOK = 64 / PACK)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -190,7 +162,11 @@ if GLUON:
         q_smem = q_bufs.index(WG)
         m0w = m0 + WG * BLOCK_M
         diag = lk - lq  # bottom-right alignment: row i sits at key position i + lk - lq
-        q_pos = gl.expand_dims(m0w + gl.arange(0, BLOCK_M, layout=row_l) + diag, 1)
+        TOK: gl.constexpr = BLOCK_M // PACK  # tokens per head of the tile
+        rows = gl.arange(0, BLOCK_M, layout=row_l)
+        if PACK > 1:
+            rows = rows % TOK
+        q_pos = gl.expand_dims(m0w + rows + diag, 1)
         offs_n = gl.expand_dims(gl.arange(0, BLOCK_N, layout=col_l), 0)
         full_hi = lk  # keys below full_hi are visible to every row of this warpgroup
         if CAUSAL:
@@ -243,7 +219,10 @@ if GLUON:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
         out_f = acc * gl.expand_dims(inv, 1)
-        r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        if PACK > 1:
+            r = r % TOK
+        r = m0w + r
         # The flags (module docstring). No tensor constant here: Gluon (Triton 3.6) gave a zero
         # constant in this layout the registers of the zero accumulator that wgmma overwrites,
         # and a compare against it flagged every clean row on the H200. A row sum of x - x is
@@ -256,7 +235,7 @@ if GLUON:
             # warpgroup barriers through shared memory.
             per_warp = gl.max(gl.reshape(bad.to(gl.int32), [4, BLOCK_M // 4]), axis=1)
             warp = gl.arange(0, 4, layout=per_warp.type.layout)
-            gl.store(FLAGS + flag_idx + warp, per_warp)
+            gl.store(FLAGS + flag_idx + flag_slots(warp, (m0w % 64) // 16, PACK), per_warp)
         else:
             # One per warpgroup: per warp, the two-consumer build's whole schedule changed and
             # measured no faster (H200 graph replays, 16 x 1024 and 4 x 4096; its own four
@@ -280,10 +259,17 @@ if GLUON:
                                                        [4, 1], [1, 0])
         if STAGE_OUT:
             out_t = gl.convert_layout(out_t, st_layout)
-        r = m0w + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_t.type.layout))
+        rl = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_t.type.layout))
         d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_t.type.layout))
-        ptrs = (O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot, 1)
-                + head * stride_oh + gl.expand_dims(d, 0))
+        if PACK > 1:
+            r = m0w + rl % TOK
+            ptrs = (O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot
+                                       + (head + rl // TOK) * stride_oh, 1)
+                    + gl.expand_dims(d, 0))
+        else:
+            r = m0w + rl
+            ptrs = (O + gl.expand_dims((q_start + r).to(gl.int64) * stride_ot, 1)
+                    + head * stride_oh + gl.expand_dims(d, 0))
         gl.store(ptrs, out_t, mask=gl.expand_dims(r < lq, 1) & gl.expand_dims(d < HEAD_DIM, 0))
 
     @gluon.jit
@@ -311,7 +297,7 @@ if GLUON:
                   num_seqs, num_heads, tiles, min_q, qk_scale, WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, COMPACT: gl.constexpr,
-                  STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr):
+                  STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr, PACK: gl.constexpr):
         """One warpgroup over the program's items: :func:`_attend` for those with keys; the
         first warpgroup also writes the zeros (padding rows, tiles that see no key)."""
         TILE: gl.constexpr = CONSUMERS * BLOCK_M
@@ -319,15 +305,15 @@ if GLUON:
         done = 0
         n_real = sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 4, COMPACT)
         for w in range(gl.program_id(0), tiles * (n_real + 1) * num_heads, gl.num_programs(0)):
-            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = item(
+            g, seq, head, q_start, lq, m0, k_start, lk, n_iter = any_item(
                 w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles, n_real, min_q,
-                TILE, BLOCK_N, CAUSAL, 4, COMPACT)
+                TILE, BLOCK_N, CAUSAL, 4, COMPACT, PACK)
             flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2 * (3 - CONSUMERS)
             if (n_iter > 0) & (m0 + WG * BLOCK_M < lq):
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                         v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
                         n_iter, it, done, flag_idx, qk_scale, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
-                        STAGES, CAUSAL, STAGE_OUT, CONSUMERS)
+                        STAGES, CAUSAL, STAGE_OUT, CONSUMERS, PACK)
                 it += n_iter
                 done += 1
             elif n_iter > 0:  # no row of this warpgroup's: a last tile of at most 64 rows
@@ -336,6 +322,10 @@ if GLUON:
                 store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 it += n_iter
                 done += 1
+            elif PACK > 1:  # a packed item with nothing to compute
+                pass_packed_item(O, FLAGS + flag_idx, CU_Q, stride_cq, num_seqs, seq, head,
+                                 q_start, lq, m0, total_q, tiles, stride_ot, stride_oh,
+                                 HEAD_DIM, PACK)
             else:
                 store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 if WG == 0:
@@ -361,7 +351,8 @@ if GLUON:
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                               PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr,
                               STAGE_OUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                              PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2):
+                              PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2,
+                              PACK: gl.constexpr = 1):
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
         (hopper_prefill_items); item (g, b, h) is rows ``[T * t, T * t + T)`` of sequence b, head
         h (``T = CONSUMERS * BLOCK_M``), with ``t`` counted from the sequence's last tile.
@@ -374,7 +365,10 @@ if GLUON:
         when ``min_q`` > 0): items only for the other sequences (hopper_prefill_items); without
         it R = B, and the short sequences' items are cheap ones among the others.
         ``STAGE_OUT``: the output stored through a shared-memory tile (a 64-row tile of scratch
-        beside the ring)."""
+        beside the ring). ``PACK`` > 1 (one consumer, sequences of at most 64 / PACK queries:
+        decode, speculative and few-query rows): an item is a chunk of TOK = 64 / PACK tokens
+        of ``PACK`` query heads that share a KV head, so each K/V tile is read once for them all
+        (hopper_prefill_items.packed_item); the flags keep the one-consumer layout."""
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -401,17 +395,17 @@ if GLUON:
                              v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                              stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                              qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
-                             STAGE_OUT, CONSUMERS)),
+                             STAGE_OUT, CONSUMERS, PACK)),
                 (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
                              v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                              stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                              qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
-                             STAGE_OUT, CONSUMERS)),
+                             STAGE_OUT, CONSUMERS, PACK)),
                 (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                              k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                              stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
                              tiles, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                             CAUSAL, PAGE, PAGE_ROWS, COMPACT, CONSUMERS)),
+                             CAUSAL, PAGE, PAGE_ROWS, COMPACT, CONSUMERS, PACK)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -419,10 +413,10 @@ if GLUON:
                              v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
                              stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
                              qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
-                             STAGE_OUT, CONSUMERS)),
+                             STAGE_OUT, CONSUMERS, PACK)),
                 (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                              k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                              stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
                              tiles, min_q, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                             CAUSAL, PAGE, PAGE_ROWS, COMPACT, CONSUMERS)),
+                             CAUSAL, PAGE, PAGE_ROWS, COMPACT, CONSUMERS, PACK)),
             ], [1], [PRODUCER_REGS])

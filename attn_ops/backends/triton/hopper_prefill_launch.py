@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import math
 
+from attn_ops.backends.triton.hopper_prefill_forms import (SOLO_MAXNREG, consumers,
+                                                            packed_config, packing, solo_config)
 from attn_ops.backends.triton.hopper_prefill_kernel import GLUON
 
 if GLUON:
@@ -43,29 +45,6 @@ _PAGED_CHUNK_STAGES, _PAGED_CHUNK_MAX_Q = 3, 1024
 MAXNREG = 168
 CONSUMER_REGS, PRODUCER_REGS = 224, 24  # dense K/V
 PAGED_CONSUMER_REGS, PAGED_PRODUCER_REGS = 216, 32
-# Short causal prompts: one consumer warpgroup per program ("solo": items of 64 rows, a ring of
-# 64-key stages) and two programs per SM, so each warpgroup runs its own items and one's softmax
-# and epilogue overlap the other's MMAs; two warpgroups on one item wait for each other there, and
-# at a few key tiles per item that is most of the item. H200 graph replays, kernel alone, bf16 32/8
-# heads, solo vs two consumers (cuDNN beside), us: D 128: 64 x 256 137 vs 160 (125), 96 x U(1, 400)
-# 222 vs 249, 32 x 512 198-203 vs 219 (182-187), 128 x 128 107 vs 131 (97), 8 x 384 36 vs 41 (37);
-# over a paged prefix (pages of 16, 128 keys more than queries) 64 x 256 203 vs 270, 16 x 128 26 vs
-# 38; but 24 x 768 even and 16 x 1024 317-331 vs 296-323, and 4 x 4096 1150 vs 965, where the two
-# consumers' shared K/V reads and deeper ring win. D 64, where a K/V tile is half the bytes, it
-# wins to 2048 keys: 64 x 256 103 vs 125 (92), 96 x U 168 vs 210, 32 x 512 145 vs 174 (128), 24 x
-# 768 206 vs 232 (185), 16 x 1024 221-222 vs 239 (202), 8 x 2048 359-363 vs 375-378 (349-354).
-# Non-causal 64 x 256 (D 128): even (176 vs 174), so not taken. Registers: 4 + 1 warps round to 8,
-# 128 each for two programs per SM (2 x 256 x 128 = 64 K); the default partition gets what the
-# producer leaves (232 beside 24, 224 beside 32). Shared memory: 90 KB at D 128 (Q 16 KB + 2 x (K +
-# V) 32 KB + the output's 16 KB tile) of the 113 KB each of two programs may hold.
-SOLO_MAX_KEYS = {64: 2048, 128: 512}  # per head dim: the most keys a sequence may have
-_SOLO_SHORT_KEYS = 512  # over a paged cache the most keys; past it, D 64's longer key step
-# BLOCK_N per head dim, for at most 512 keys and for more (two stages throughout). D 64, 64-key
-# steps against 128 (3 stages within 1%): 64 x 256 102.5 vs 107.4 us, 96 x U 168 vs 183, 64 x
-# 116 41.9 vs 45.7; past 512 keys 128-key steps: 24 x 768 206 vs 212, 16 x 1024 221 vs 232,
-# 8 x 2048 361 vs 408. D 128, 64-key steps against one 128-key stage: 64 x 256 138 vs 155.
-_SOLO_BLOCK_N = {64: (64, 128), 128: (64, 64)}
-SOLO_MAXNREG = 128
 
 
 def available(device=None) -> bool:
@@ -121,7 +100,7 @@ def cache_reason(k, v) -> str | None:
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
             scale: float, causal: bool = True, block_table=None, out=None, flags=None,
-            min_q: int = 0, n_consumers: int | None = None):
+            min_q: int = 0, n_consumers: int | None = None, pack: int | None = None):
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` int32 ``[B, W]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv == 0``; pages
     as :func:`supports` and :func:`cache_reason` say), cu_seqlens ``[B + 1]`` int32 on q's
@@ -129,7 +108,8 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     Causal masks are bottom-right aligned; a row that sees no key, and every row past
     ``cu_seqlens_q[-1]``, is zero. No host sync: the items come from ``max_seqlen_q`` and B, the
     persistent grid is one program per SM (at most; two with one consumer). ``n_consumers``:
-    consumer warpgroups per program, 1 or 2 (None: :func:`consumers`' rule). ``flags``: int32
+    consumer warpgroups per program, 1 or 2, and ``pack``, query heads per item (both None:
+    :func:`form`'s rules). ``flags``: int32
     :func:`flags_shape` (its contents need not be initialised), all written: 1 where an output
     row of the flag's is not finite, else 0 (allocated here when None).
     ``min_q``: sequences of at most that many queries are left alone, their rows unwritten
@@ -143,11 +123,11 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
         return out if q.shape[0] == 0 else out.zero_()  # no key anywhere (static shapes)
-    if n_consumers is None:
-        n_consumers = consumers(q.shape[2], causal, max_seqlen_k, block_table is not None)
+    n_consumers, pack = form(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+                             block_table, min_q, n_consumers, pack)
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  scale, causal, out.stride(), block_table, min_q,
-                                                 n_consumers, max_seqlen_k)
+                                                 n_consumers, max_seqlen_k, pack)
     if flags is None:
         flags = torch.empty(shape, dtype=torch.int32, device=q.device)
     descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
@@ -158,18 +138,24 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     return out
 
 
-def consumers(head_dim: int, causal: bool, max_seqlen_k: int, paged: bool = False) -> int:
-    """Consumer warpgroups per program: 1 (two programs per SM, see :data:`SOLO_MAX_KEYS`) for
-    causal calls whose sequences have at most that many keys (over a paged cache at most 512,
-    where it was measured), else 2."""
-    limit = min(SOLO_MAX_KEYS.get(head_dim, 0), _SOLO_SHORT_KEYS if paged else 1 << 31)
-    return 1 if causal and int(max_seqlen_k) <= limit else 2
-
-
-def solo_config(head_dim: int, max_seqlen_k: int) -> tuple[int, int]:
-    """(BLOCK_N, STAGES) of the one-consumer form (:data:`_SOLO_BLOCK_N`)."""
-    short, longer = _SOLO_BLOCK_N[head_dim]
-    return (short if int(max_seqlen_k) <= _SOLO_SHORT_KEYS else longer), 2
+def form(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+         block_table=None, min_q: int = 0, n_consumers: int | None = None,
+         pack: int | None = None) -> tuple[int, int]:
+    """(consumers, pack) of a launch: as given (a given ``n_consumers`` alone means no
+    packing), else the rules of hopper_prefill_forms: the packed form where :func:`packing`
+    takes the call (never beside ``min_q``), else :func:`consumers`."""
+    if pack is None:
+        pack = 1
+        if n_consumers is None and not min_q:
+            from attn_ops.backends.triton.common import device_sm_count
+            num_kv_heads = k.shape[2] if block_table is not None else k.shape[1]
+            pack = packing(q.shape[1], num_kv_heads, max_seqlen_q, cu_seqlens_q.shape[0] - 1,
+                           device_sm_count(q.device))
+    if pack > 1:
+        return 1, pack
+    if n_consumers is None:
+        n_consumers = consumers(q.shape[2], causal, max_seqlen_k, block_table is not None)
+    return n_consumers, 1
 
 
 def _nothing_to_launch(q, k, cu_seqlens_q, block_table) -> bool:
@@ -189,18 +175,25 @@ def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int,
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
           out_strides, block_table=None, min_q: int = 0, n_consumers: int = 2,
-          max_seqlen_k: int | None = None) -> tuple:
+          max_seqlen_k: int | None = None, pack: int = 1) -> tuple:
     """(grid, the scalars after the 8 pointers, constexprs and options, the flags' shape,
     ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch with
     ``n_consumers`` consumer warpgroups per program, from static facts only
-    (``max_seqlen_k``, default ``max_seqlen_q``, picks the one-consumer form's key step)."""
+    (``max_seqlen_k``, default ``max_seqlen_q``, picks the one-consumer form's key step).
+    ``pack`` > 1: the packed form (one consumer, ``min_q`` 0; hopper_prefill_forms.packing)."""
     import torch
 
     from attn_ops.backends.triton.common import device_sm_count
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
+    sms = device_sm_count(q.device)
     solo = n_consumers == 1
-    if solo:
+    per_sm = 3 - n_consumers  # programs per SM: one, or two with one consumer
+    if pack > 1:
+        if not solo or min_q:
+            raise ValueError("hopper prefill: the packed form is one consumer's, without min_q")
+        block_n, stages, per_sm = packed_config(num_seqs * num_heads // pack, sms)
+    elif solo:
         keys = max_seqlen_q if max_seqlen_k is None else max_seqlen_k
         block_n, stages = solo_config(head_dim, keys)
     else:
@@ -209,8 +202,7 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
             and max_seqlen_q <= _PAGED_CHUNK_MAX_Q):
         stages = _PAGED_CHUNK_STAGES
     shape = flags_shape(max_seqlen_q, num_seqs, num_heads, n_consumers)
-    programs = (3 - n_consumers) * device_sm_count(q.device)  # one program per SM, solo two
-    grid = (min(shape[0] * shape[1] * shape[2], programs),)  # items, programs
+    grid = (min(shape[0] * shape[1] * shape[2], per_sm * sms),)  # items, programs
     if block_table is None:
         page, kv_rows, num_kv_heads, table_strides = 0, block_n, k.shape[1], (0, 0, 1)
     else:
@@ -226,10 +218,10 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
                   STAGE_OUT=_stage_out(head_dim, block_n, stages, n_consumers),
                   CONSUMER_REGS=PAGED_CONSUMER_REGS if page else CONSUMER_REGS,
                   PRODUCER_REGS=PAGED_PRODUCER_REGS if page else PRODUCER_REGS,
-                  CONSUMERS=n_consumers, num_warps=4,
+                  CONSUMERS=n_consumers, PACK=pack, num_warps=4,
                   maxnreg=SOLO_MAXNREG if solo else MAXNREG)
     fp16 = q.dtype == torch.float16
-    blocks = ((BLOCK_M, _layout(BLOCK_M, head_dim, fp16)),
+    blocks = ((BLOCK_M // pack, _layout(BLOCK_M // pack, head_dim, fp16)),
               (kv_rows, _layout(kv_rows, head_dim, fp16)))
     return grid, scalars, consts, shape, blocks
 
@@ -327,7 +319,8 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float, causal: bool = True, block_table=None, out=None,
-                    min_q: int = 0, n_consumers: int | None = None):
+                    min_q: int = 0, n_consumers: int | None = None,
+                    pack: int | None = None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. Two launches, the same every call (no host
     sync, CUDA-graph safe): this kernel, which flags every 16 rows whose output is not finite
@@ -346,12 +339,12 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
         from attn_ops.backends.triton import prefill_kernel
         return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                       max_seqlen_k, scale, causal, block_table, out=out)
-    if n_consumers is None:
-        n_consumers = consumers(q.shape[2], causal, max_seqlen_k, block_table is not None)
+    n_consumers, pack = form(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+                             block_table, min_q, n_consumers, pack)
     shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1], n_consumers)
     flags = torch.empty(shape, dtype=torch.int32, device=q.device)  # the kernel writes each
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-            block_table, out, flags, min_q, n_consumers)
+            block_table, out, flags, min_q, n_consumers, pack)
     fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags,
           rows=n_consumers * BLOCK_M // 2, block_table=block_table)
     return out
@@ -359,7 +352,8 @@ def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
 
 def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, causal: bool = True,
-                         block_table=None, min_q: int = 0, n_consumers: int | None = None):
+                         block_table=None, min_q: int = 0, n_consumers: int | None = None,
+                         pack: int | None = None):
     """:func:`prefill_guarded` for the call signature of these arguments (shapes, strides,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
@@ -385,15 +379,16 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     paged = block_table is not None
     if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not _packed(q)
             or not (cache_reason(k, v) is None if paged else _packed(k) and _packed(v))):
-        if min_q or n_consumers:
-            return functools.partial(prefill_guarded, min_q=min_q, n_consumers=n_consumers)
+        if min_q or n_consumers or pack:
+            return functools.partial(prefill_guarded, min_q=min_q, n_consumers=n_consumers,
+                                     pack=pack)
         return prefill_guarded
-    if n_consumers is None:
-        n_consumers = consumers(q.shape[2], causal, max_seqlen_k, block_table is not None)
+    n_consumers, pack = form(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+                             block_table, min_q, n_consumers, pack)
     out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  scale, causal, out_strides, block_table, min_q,
-                                                 n_consumers, max_seqlen_k)
+                                                 n_consumers, max_seqlen_k, pack)
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (
@@ -418,7 +413,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         if type(q) is not tensor or depth() or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, scale, causal, block_table, out, min_q,
-                                   n_consumers)
+                                   n_consumers, pack)
         stats["bound"] += 1
         if out is None:
             out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)

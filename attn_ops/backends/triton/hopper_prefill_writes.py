@@ -1,8 +1,9 @@
 """What the Gluon Hopper prefill (hopper_prefill_kernel.py) writes besides attention: the zeros
 of rows that see no key (padding rows past the last sequence, tiles with no key) and its
 non-finite flags (the kernel's docstring: one int32 per 64 or 16 output rows, each written every
-call, so the caller hands over uninitialised flags). Each runs in a 4-warp partition. Imported
-only by the kernel's module, inside its guard for a Triton without Gluon.
+call, so the caller hands over uninitialised flags), and both for a packed item with nothing to
+compute. Each runs in a 4-warp partition. Imported only by the kernel's module, inside its guard
+for a Triton without Gluon.
 """
 
 from __future__ import annotations
@@ -49,3 +50,38 @@ def zero_unvisited_flags(FLAGS, CU_Q, stride_cq, num_seqs, num_heads, min_q, g, 
         idx = ((g * (num_seqs + 1) + b) * num_heads + head) * PER_ITEM
         skip = gl.expand_dims(ok & (hi - lo <= min_q), 1) & (warps < PER_ITEM)
         gl.store(FLAGS + gl.expand_dims(idx, 1) + warps, warps * 0, mask=skip)
+
+
+@gluon.jit
+def flag_slots(warp, quarter, PACK: gl.constexpr):
+    """Offsets of the flags of a one-consumer item's warps ``warp`` (0-3: rows 16 w .. 16 w +
+    15) from the item's first flag (its first head's, in the layout of four 16-row flags per
+    64-row tile and head): ``warp`` itself; packed (``PACK`` heads of TOK = 64 / PACK tokens,
+    head-major rows, the tokens from quarter ``quarter`` of their 64-row tile on), head
+    ``16 w // TOK``'s flag of quarter ``quarter + (16 w % TOK) // 16``."""
+    if PACK > 1:
+        TOK: gl.constexpr = 64 // PACK
+        warp = (16 * warp // TOK) * 4 + quarter + (16 * warp % TOK) // 16
+    return warp
+
+
+@gluon.jit
+def pass_packed_item(O, flags, CU_Q, stride_cq, num_seqs, seq, head, q_start, lq, m0, total_q,
+                     tiles, stride_ot, stride_oh, HEAD_DIM: gl.constexpr, PACK: gl.constexpr):
+    """A packed item with nothing to compute (hopper_prefill_items.packed_item): its four flags
+    (from ``flags``, its first) 0, and zeros for its rows of heads ``head .. head + PACK - 1``:
+    in the padding column (``seq == num_seqs``) the rows past ``cu_seqlens_q[-1]``, strided over
+    the chunks; else its tokens below ``lq`` (a chunk that sees no key)."""
+    TOK: gl.constexpr = 64 // PACK
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    i = gl.arange(0, 128, layout=layout)
+    gl.store(flags + flag_slots(i, (m0 % 64) // 16, PACK), i * 0, mask=i < 4)
+    if seq == num_seqs:
+        first = gl.load(CU_Q + num_seqs * stride_cq)
+        for p in gl.static_range(PACK):
+            for r0 in range(first + m0, total_q, tiles * 64):
+                zero_rows(O, r0, total_q, head + p, stride_ot, stride_oh, TOK, HEAD_DIM, 4)
+    elif m0 < lq:
+        for p in gl.static_range(PACK):
+            zero_rows(O, q_start + m0, q_start + lq, head + p, stride_ot, stride_oh, TOK,
+                      HEAD_DIM, 4)

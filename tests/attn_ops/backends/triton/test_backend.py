@@ -79,10 +79,18 @@ def test_prefill_route_takes_the_hopper_kernel_where_it_serves(monkeypatch):
     from attn_ops.backends.triton import hopper_prefill_launch as hopper
     # off sm90 (here: meta tensors, no GPU) the route is the static rule's
     assert _route() == "unified" and _route(max_q=2048, q_shape=(4 * 2048, 32, 128)) == "prefill"
+    from attn_ops.backends.triton import common
     monkeypatch.setattr(hopper, "available", lambda device: True)
     monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))
+    monkeypatch.setattr(common, "device_sm_count", lambda device: 132)
     assert _route() == "hopper"  # uniform 4 x 512 prompts
-    assert _route(q_shape=(64, 32, 128), seqs=16, max_q=4) == "unified"  # few rows: packed
+    # few rows: the Gluon kernel's packed form past 16 rows per sequence where it has about an
+    # item per SM (16 x 32 / 4 = 128 items of 4 heads), else the unified kernel's small path
+    assert _route(q_shape=(128, 32, 128), seqs=16, max_q=8) == "hopper"
+    assert _route(q_shape=(64, 32, 128), seqs=16, max_q=4) == "unified"  # 16 rows
+    assert _route(q_shape=(64, 32, 128), seqs=8, max_q=8) == "unified"
+    assert _route(q_shape=(128, 32, 128), k_heads=32, seqs=16, max_q=8) == "unified"  # G = 1
+    assert _route(q_shape=(128, 32, 128), seqs=16, max_q=8, softcap=30.0) == "unified"
     # far shorter than B * max_seqlen_q: decode rows + chunks, prompts of mixed lengths
     assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512) == "split"
     assert _route(q_shape=(19200, 32, 128), seqs=96, max_q=400) == "split"

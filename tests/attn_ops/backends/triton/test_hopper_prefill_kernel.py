@@ -52,11 +52,11 @@ CONSUMERS = [pytest.param(1, id="solo"), pytest.param(2, id="duo")]
 
 
 def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
-         entry="prefill_guarded", bad=float("nan"), kv_head=None, n_consumers=None):
+         entry="prefill_guarded", bad=float("nan"), kv_head=None, n_consumers=None, pack=None):
     """Random never-zero inputs; ``out`` poisoned with NaN; checks against the reference, with
     ``nan_rows`` (key rows) of v set to ``bad`` (NaN or +-Inf; in KV head ``kv_head`` only,
-    or all): only query rows that see them may turn non-finite. ``n_consumers``: forced (None:
-    the launcher's rule)."""
+    or all): only query rows that see them may turn non-finite. ``n_consumers``, ``pack``:
+    forced (None: the launcher's rules)."""
     dev = "cuda"
     tq, tk = sum(lens_q) + extra_rows, sum(lens_k)
     q = torch.randn(tq, h, d, device=dev).to(dtype)
@@ -70,7 +70,7 @@ def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
     out = torch.full_like(q, float("nan"))
     args = (q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal)
     if entry == "bound":  # bind_prefill_guarded: its second call takes the pinned launchers
-        run = hp.bind_prefill_guarded(*args, n_consumers=n_consumers)
+        run = hp.bind_prefill_guarded(*args, n_consumers=n_consumers, pack=pack)
         run(*args)
         del out  # poison: the caching allocator hands this block to the next output
         raw = launch.stats["raw"]
@@ -80,7 +80,7 @@ def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
                                    equal_nan=True)
         assert launch.stats["raw"] == raw + 4, "both launches of both calls through raw_launch"
     else:
-        got = getattr(hp, entry)(*args, out=out, n_consumers=n_consumers)
+        got = getattr(hp, entry)(*args, out=out, n_consumers=n_consumers, pack=pack)
         assert got.data_ptr() == out.data_ptr()
     atol, rtol = TOLERANCES[dtype]
     if nan_rows:
@@ -326,3 +326,121 @@ def test_min_q_leaves_short_sequences_and_writes_every_flag(page, n):
             assert torch.isnan(got[rows].float()).all(), f"sequence {b} is another kernel's"
     assert torch.equal(got[starts[-1]:], torch.zeros_like(got[starts[-1]:]))
     assert torch.equal(flags, torch.zeros_like(flags)), "every flag written, 0"
+
+
+# The packed form (few queries per sequence: an item is a chunk of 64 / PACK tokens of the PACK
+# query heads that share a KV head), forced whatever the rule would pick: PACK 4 at G = 4 and at
+# G = 8 (two items per KV head), PACK 2 at G = 2 (chunks of 32 tokens).
+PACKS = [pytest.param(32, 8, 4, id="G4"), pytest.param(64, 8, 4, id="G8"),
+         pytest.param(16, 8, 2, id="G2")]
+
+
+def _few(pack, seed=0):
+    """Query lengths up to a chunk (64 / pack), one empty, and key lengths past them (a
+    prefix: bottom-right causal), odd."""
+    g = torch.Generator().manual_seed(seed)
+    tok = 64 // pack
+    lens_q = [int(x) for x in torch.randint(1, tok + 1, (21,), generator=g)] + [0, tok, 1]
+    lens_k = [n + int(x) for n, x in zip(lens_q, torch.randint(0, 700, (24,), generator=g))]
+    return lens_q, lens_k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("h, hkv, pack", PACKS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+def test_packed_few_queries(entry, h, hkv, pack, causal, d):
+    """Dense K/V (a tile's tail holds the next sequence's keys), padding rows past the last
+    sequence, an empty sequence, a sequence of one whole chunk."""
+    _gpu_only()
+    torch.manual_seed(0)
+    lens_q, lens_k = _few(pack)
+    _run(lens_q, lens_k, h, hkv, d, causal, torch.bfloat16, extra_rows=5, entry=entry,
+         pack=pack)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES[1:])
+@pytest.mark.parametrize("h, hkv, pack", PACKS)
+def test_packed_nan_values_reach_only_the_rows_that_see_them(entry, h, hkv, pack):
+    """A NaN value two keys before the end of sequence 0 (seen by its last two queries only,
+    hidden from the others in the same tile) and one in sequence 1's first key (read past
+    sequence 0's last tile): the kernel leaks both through ``0 * NaN``; the guard's fixup
+    rewrites them."""
+    _gpu_only()
+    torch.manual_seed(0)
+    tok = 64 // pack
+    lens_q, lens_k = [tok, 5, 3, 1], [300, 77, 200, 40]
+    _run(lens_q, lens_k, h, hkv, 128, True, torch.bfloat16, extra_rows=2,
+         nan_rows=[298, 301, 380], entry=entry, pack=pack)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("h, hkv, pack", PACKS)
+def test_packed_flags_are_the_one_consumer_flags(h, hkv, pack):
+    """Every flag of the one-consumer layout is written (poisoned before), by exactly the item
+    whose chunk holds its rows: 1 where one of its rows came out non-finite, else 0, and all 0 on
+    finite values. Max 2 x 64 + 5 queries, so flag tiles past some sequences' last."""
+    _gpu_only()
+    torch.manual_seed(2)
+    dev, d = "cuda", 128
+    lens_q, lens_k = [13, 7, 1, 0, 11], [133, 20, 64, 9, 300]
+    tq = sum(lens_q) + 3
+    q = torch.randn(tq, h, d, device=dev).to(torch.bfloat16)
+    k = torch.randn(sum(lens_k), hkv, d, device=dev).to(torch.bfloat16)
+    v = (torch.rand(sum(lens_k), hkv, d, device=dev) + 0.5).to(torch.bfloat16)
+    cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
+    max_q = 64 * 2 + 5  # flag tiles past every sequence's last: the modulo's wrap
+    shape = hp.flags_shape(max_q, len(lens_q), h, 1)
+    args = (q, k, v, cq, ck, max_q, max(lens_k), d ** -0.5, True)
+    clean = torch.full(shape, -7, dtype=torch.int32, device=dev)
+    hp.prefill(*args, flags=clean, pack=pack)
+    assert torch.equal(clean, torch.zeros_like(clean)), "finite values: every flag written 0"
+    v[[131, 150, 440]] = float("nan")  # seq 0's 131 (hidden from its first rows), 1's first...
+    flags = torch.full(shape, -7, dtype=torch.int32, device=dev)
+    out = hp.prefill(q, k, v, *args[3:], out=torch.full_like(q, float("nan")), flags=flags,
+                     pack=pack)
+    bad = ~torch.isfinite(out.float()).all(-1)  # [T, H]
+    want = torch.zeros_like(flags)
+    for g in range(shape[0]):
+        for seq, lq in enumerate(lens_q):
+            for w in range(4):
+                m0 = (-(-lq // 64) - 1 - g) * 64 + w * 16
+                lo, hi = max(m0, 0) + sum(lens_q[:seq]), min(m0 + 16, lq) + sum(lens_q[:seq])
+                if m0 >= 0 and lo < hi:
+                    want[g, seq, :, w] = bad[lo:hi].any(0).int()
+    assert torch.equal(flags, want)
+    assert int(flags.sum()) > 0, "the leak must be flagged"
+    assert torch.equal(out[sum(lens_q):], torch.zeros_like(out[sum(lens_q):])), "padding rows"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("h, hkv, pack", PACKS)
+@pytest.mark.parametrize("page", [16, 64])
+def test_packed_over_a_paged_cache(entry, h, hkv, pack, page):
+    """Decode and speculative rows over a paged cache (blocks in random order, garbage table
+    entries), 40 sequences; guarded entries with NaN in the unused rows of each last page."""
+    _gpu_only()
+    torch.manual_seed(3)
+    dev, d, dtype = "cuda", 128, torch.bfloat16
+    lens_q, lens_k = _few(pack, seed=4)
+    lens_q, lens_k = lens_q * 2, [n + 1000 for n in lens_k] * 2
+    paged = random_paged(lens_k, hkv, d, page, dtype, dev)
+    for b, n in enumerate(lens_k):
+        if n % page and entry != "prefill":
+            last = int(paged.block_table[b, n // page])
+            paged.v_cache[last, n % page:] = float("nan")
+    q = torch.randn(sum(lens_q) + 3, h, d, device=dev).to(dtype)
+    cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
+    args = (q, paged.k_cache, paged.v_cache, cq, ck, max(lens_q), max(lens_k), d ** -0.5,
+            True, paged.block_table)
+    expected = reference.prefill(*args)
+    if entry == "bound":
+        run = hp.bind_prefill_guarded(*args, pack=pack)
+        run(*args)
+        got = run(*args)
+    else:
+        got = getattr(hp, entry)(*args, out=torch.full_like(q, float("nan")), pack=pack)
+    assert_close(got, expected, *TOLERANCES[dtype])

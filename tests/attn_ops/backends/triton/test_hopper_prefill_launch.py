@@ -253,3 +253,48 @@ def test_only_the_split_routes_launch_numbers_items_over_the_longer_sequences(mo
     assert len(gluon) == 2
     assert all(c[3]["COMPACT"] is (min_q > 0) for c in gluon)
     assert all(c[2][8 + 11] == min_q for c in gluon), "min_q: the 12th scalar"
+
+
+def test_few_queries_take_the_packed_form_and_both_entries_plan_it_alike(monkeypatch):
+    # 13, 0 and 7 queries at G = 4: every sequence in one chunk of 16 tokens, and 3 x 8 / 4 = 6
+    # items against the CPU's nominal 4 SMs (common.device_sm_count): the rule packs.
+    rec = _Recorder(monkeypatch)
+    args = _inputs(lens=(13, 0, 7), page=16)
+    assert hp.form(args[0], args[1], args[3], args[5], args[6], True, args[9]) == (1, 4)
+    hp.prefill_guarded(*args)
+    unbound = rec.calls[:]
+    rec.calls.clear()
+    hp.bind_prefill_guarded(*args)(*args)
+    bound = rec.calls[:]
+    for calls in (unbound, bound):
+        for _, _, a, _ in calls:
+            a[3] = ("out",) + a[3][2:]
+    assert _flags_free(bound) == _flags_free(unbound)
+    gluon, consts = bound[0][2], bound[0][3]
+    # Q boxes of 16 rows (one per head of the pack), one consumer, the one-consumer flags
+    assert gluon[0][4] == [16, 128] and consts["PACK"] == 4 and consts["CONSUMERS"] == 1
+    assert _flags_free(bound)[0][2][6] == ("flags", math.prod(hp.flags_shape(13, 3, 8, 1)))
+    assert bound[1][3]["BLOCK_M"] == 32 and bound[1][3]["FLAGS_PER_HALF"] == 2
+    # 6 items on 4 "SMs": more than one per SM, so 64-key steps at two programs per SM
+    assert (consts["BLOCK_N"], consts["STAGES"]) == (64, 2) and bound[0][1] == (8,)
+    # a forced consumer count alone does not pack; min_q (the split route) never does
+    assert hp.form(args[0], args[1], args[3], args[5], args[6], True, args[9], n_consumers=1) == (1, 1)
+    assert hp.form(args[0], args[1], args[3], args[5], args[6], True, args[9], min_q=2)[1] == 1
+
+
+def test_the_packed_plan():
+    from attn_ops.backends.triton.common import device_sm_count
+    lens = [3] * 40
+    q, k = torch.empty(sum(lens), 32, 128), torch.empty(sum(lens), 8, 128)
+    cu = cu_seqlens(lens)
+    sms = device_sm_count(q.device)
+    grid, scalars, consts, shape, blocks = hp._plan(q, k, cu, cu, 3, 0.1, True, q.stride(),
+                                                    None, 0, 1, 3, pack=4)
+    assert shape == hp.flags_shape(3, 40, 32, 1) == (1, 41, 32, 4)
+    assert blocks[0][0] == 16 and consts["PACK"] == 4 and consts["maxnreg"] == 128
+    assert grid == (min(math.prod(shape[:3]), 2 * sms),)  # 320 items > 4 SMs: two per SM
+    for bad in (dict(n_consumers=2), dict(min_q=1)):
+        kwargs = dict(dict(n_consumers=1, min_q=0), **bad)
+        with pytest.raises(ValueError, match="packed form"):
+            hp._plan(q, k, cu, cu, 3, 0.1, True, q.stride(), None, kwargs["min_q"],
+                     kwargs["n_consumers"], 3, pack=4)
