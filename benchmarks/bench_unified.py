@@ -3,8 +3,10 @@ in one run: few queries per sequence over a paged cache, a mixed batch, short pr
 
 bf16, H=32, Hkv=8, D=128, pages of 16 with shuffled blocks. Sections (``--only`` picks some):
 
-* ``few``: B in {16, 64} sequences of 1/2/4/8 queries over ctx 2048/8192 cached tokens, through
-  ``attn.prefill`` with a block table. The floor is the one-token decode on the same cache (the
+* ``few``: B in {16, 64} sequences of 1/2/4/8/16 queries over ctx 2048/8192 cached tokens,
+  through ``attn.prefill`` with a block table (its route: the unified kernel to 16 rows per
+  sequence, past them on sm90 the Gluon kernel's packed form), beside the unified kernel and
+  the packed form called directly. The floor is the one-token decode on the same cache (the
   same K/V bytes); the target is <= 1.15x its time. CUDA-graph replays.
 * ``mixed``: 48 decode rows + 8 sequences of 4 speculative rows (ctx 4096) + 2 chunks of 512
   over 4096-token prefixes, in one call, against the sum of its parts' roofline times
@@ -20,6 +22,8 @@ bf16, H=32, Hkv=8, D=128, pages of 16 with shuffled blocks. Sections (``--only``
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +54,12 @@ def _time(fn, args, graph=True):
         return bench_ms(fn, args.smoke, graph=graph and not args.smoke), ""
     except Exception as e:  # a contender that cannot run here is reported, not fatal
         return None, f"{type(e).__name__}: {e}".splitlines()[0][:160]
+
+
+def _hopper_packed(dev):
+    """The Gluon Hopper prefill's launch module where it runs here (sm90), else None."""
+    from attn_ops.backends.triton import hopper_prefill_launch
+    return hopper_prefill_launch if hopper_prefill_launch.available(dev) else None
 
 
 def _paged(lens_k, dev, hkv=HKV, d=D, page=PAGE):
@@ -89,7 +99,7 @@ def few_queries(args, copy):
     fa3 = _fa3()
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
     shapes = [(2, 2, 64)] if args.smoke else [(b, nq, ctx) for b in (16, 64) for ctx in
-                                              (2048, 8192) for nq in (1, 2, 4, 8)]
+                                              (2048, 8192) for nq in (1, 2, 4, 8, 16)]
     rows = []
     for b, nq, ctx in shapes:
         lens_k = [ctx] * b
@@ -108,13 +118,19 @@ def few_queries(args, copy):
                 q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table, backend="triton"),
             "unified decode 1 token": lambda: unified_kernel.decode(
                 q1, k_cache, v_cache, seqlens, table, sc),
+            "unified prefill": lambda: unified_kernel.prefill(
+                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table),
         }
+        hopper = _hopper_packed(dev)
+        if hopper is not None and not args.smoke:  # the packed form, whatever the route's rule
+            from attn_ops.backends.triton.hopper_prefill_forms import pack_of
+            pack = pack_of(h, hkv)
+            runs["Gluon packed form (guarded)"] = lambda: hopper.prefill_guarded(
+                q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table, pack=pack)
         if args.variants:
             runs.update({
                 "decode 1 token (split-KV kernel, merge launch)": lambda: decode_kernel.decode(
                     q1, k_cache, v_cache, seqlens, table, sc, fused=False),
-                "unified prefill": lambda: unified_kernel.prefill(
-                    q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table),
                 "unified prefill, three loops": lambda: unified_kernel.prefill(
                     q, k_cache, v_cache, cu_q, cu_k, nq, ctx, sc, True, table,
                     config=three_loops)})
@@ -419,37 +435,52 @@ def _kernel_profile(fn, b, ctx):
 
 
 def plot(csv_path, png_path):
-    """Two panels from unified.csv: few-query prefill time over the one-token decode on the same
-    cache (target 1.15), and one-token decode GB/s against SDPA and FA3 (as % of copy)."""
+    """From unified.csv: few-query prefill time over the one-token decode on the same cache
+    (target 1.15; attn.prefill's route beside the unified kernel and the Gluon packed form
+    where the run has them), and, where the run has the decode section, one-token decode GB/s
+    against SDPA and FA3 (as % of copy)."""
     import csv
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = list(csv.DictReader(open(csv_path)))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.8))
-    few = [r for r in rows if r["section"] == "few" and r["contender"].startswith("attn.prefill")]
-    labels = [f"B{r['batch']} q{r['queries']} ctx {r['ctx']}" for r in few]
-    a.bar(range(len(few)), [float(r["vs_decode"]) for r in few], color="tab:blue",
-          label="attn.prefill (triton: unified kernel)")
+    dec = [r for r in rows if r["section"] == "decode"]
+    fig, axes = plt.subplots(1, 2 if dec else 1, figsize=(14 if dec else 10, 4.8), squeeze=False)
+    a = axes[0][0]
+    few = [r for r in rows if r["section"] == "few"]
+    shapes = list(dict.fromkeys((r["batch"], r["queries"], r["ctx"]) for r in few))
+    series = [(c, label) for c, label in (
+        ("attn.prefill, triton backend", "attn.prefill (its route)"),
+        ("unified prefill", "unified kernel"),
+        ("Gluon packed form (guarded)", "Gluon packed form (guarded)"))
+        if any(r["contender"] == c and r["vs_decode"] for r in few)]
+    width = 0.8 / max(len(series), 1)
+    for i, (key, label) in enumerate(series):
+        vals = [next((float(r["vs_decode"]) for r in few if (r["batch"], r["queries"], r["ctx"])
+                      == sh and r["contender"] == key and r["vs_decode"]), 0.0) for sh in shapes]
+        a.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(shapes))], vals, width,
+              label=label)
     a.axhline(1.15, color="tab:red", ls="--", label="target 1.15x")
-    a.set_xticks(range(len(few)), labels, fontsize=7, rotation=60)
+    a.set_xticks(range(len(shapes)), [f"B{b} q{q} ctx {c}" for b, q, c in shapes], fontsize=7,
+                 rotation=60)
     a.set_ylabel("time / one-token decode, same cache")
     a.set_title("few queries per sequence, paged (pages of 16)")
-    a.legend(fontsize=8)
-    dec = [r for r in rows if r["section"] == "decode"]
-    shapes = list(dict.fromkeys((r["batch"], r["ctx"]) for r in dec))
-    names = [("split-KV decode kernel p16", "ours (paged)"), ("sdpa (contiguous)", "SDPA"),
-             ("fa3 kvcache (contiguous)", "FA3 kvcache")]
-    width = 0.27
-    for i, (key, label) in enumerate(names):
-        vals = [next((float(r["pct_copy"]) for r in dec if (r["batch"], r["ctx"]) == sh
-                      and r["contender"] == key and r["pct_copy"]), 0.0) for sh in shapes]
-        b.bar([x + (i - 1) * width for x in range(len(shapes))], vals, width, label=label)
-    b.set_xticks(range(len(shapes)), [f"B{x} ctx {c}" for x, c in shapes], fontsize=7)
-    b.set_ylabel("% of copy bandwidth (K+V bytes read)")
-    b.set_title("one-token decode")
-    b.legend(fontsize=8)
+    a.legend(fontsize=8, loc="lower right")
+    if dec:
+        b = axes[0][1]
+        shapes = list(dict.fromkeys((r["batch"], r["ctx"]) for r in dec))
+        names = [("split-KV decode kernel p16", "ours (paged)"), ("sdpa (contiguous)", "SDPA"),
+                 ("fa3 kvcache (contiguous)", "FA3 kvcache")]
+        width = 0.27
+        for i, (key, label) in enumerate(names):
+            vals = [next((float(r["pct_copy"]) for r in dec if (r["batch"], r["ctx"]) == sh
+                          and r["contender"] == key and r["pct_copy"]), 0.0) for sh in shapes]
+            b.bar([x + (i - 1) * width for x in range(len(shapes))], vals, width, label=label)
+        b.set_xticks(range(len(shapes)), [f"B{x} ctx {c}" for x, c in shapes], fontsize=7)
+        b.set_ylabel("% of copy bandwidth (K+V bytes read)")
+        b.set_title("one-token decode")
+        b.legend(fontsize=8)
     device, date = rows[0]["device"], rows[0]["date"]
     fig.suptitle(f"{device}, {date}, bf16, H=32, Hkv=8, D=128, CUDA-graph replays")
     fig.tight_layout()
@@ -462,10 +493,11 @@ def main():
                        help="sections, comma-separated (and probe)")
         p.add_argument("--variants", action="store_true",
                        help="also the variants that chose the static tables")
-        p.add_argument("--plot", metavar="CSV", help="only draw unified.png from a unified.csv")
+        p.add_argument("--plot", metavar="CSV",
+                       help="only draw <CSV stem>.png (unified.png for unified.csv) from a CSV")
     args = parse_args(__doc__.splitlines()[0], extra)
     if args.plot:
-        plot(args.plot, args.out / "unified.png")
+        plot(args.plot, args.out / (Path(args.plot).stem + ".png"))
         return
     env = header("unified kernel", args.smoke)
     copy = copy_gbs(args.smoke)
