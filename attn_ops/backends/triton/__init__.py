@@ -155,10 +155,10 @@ def prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal=True, block_table=Non
                 not paged or hopper.cache_reason(k, k) is None):
             if not few_rows:
                 return "split" if split else "hopper"
-            # Few rows per sequence with about an item per SM: the Gluon kernel's packed form
-            # (the query heads of a KV head in one item; hopper_prefill_forms.packing). H200,
-            # pages of 16, 8 queries at B 16 x 2048: 1.035x the one-token decode against the
-            # unified kernel's 1.239x (BENCHMARKS.md, fourteenth pass).
+            # Few rows per sequence (past 16) with about an item per SM: the Gluon kernel's
+            # packed form (the query heads of a KV head in one item; hopper_prefill_forms.packing).
+            # H200, pages of 16, graph replays, 8 queries at B 16 x 2048: 1.13x the one-token
+            # decode against the unified kernel's 1.22x (BENCHMARKS.md, fourteenth pass).
             from attn_ops.backends.triton.common import device_sm_count
             if hopper.packing(q.shape[1], num_kv_heads, max_q, num_seqs,
                               device_sm_count(q.device)) > 1:

@@ -101,7 +101,7 @@ if GLUON:
     @gluon.jit
     def packed_item(w, CU_Q, CU_K, stride_cq, stride_ck, num_seqs, num_heads, tiles,
                     PACK: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """Packed item ``w = (c * (B + 1) + b) * (H / PACK) + k`` (hopper_prefill_launch.packing):
+        """Packed item ``w = (c * (B + 1) + b) * (H / PACK) + k`` (hopper_prefill_forms.packing):
         tokens ``c * TOK ..`` (TOK = 64 / PACK) of sequence b, for the query heads ``k * PACK ..
         k * PACK + PACK - 1``, which share a KV head. Chunks count from the sequence's start, so
         every sequence's first chunk (all of a few-query sequence) comes first and those spread

@@ -8,7 +8,8 @@ three real items where the mean was two (2 chunks of 512 queries over 4k paged p
 real items on 132 SMs; the split route's 56 decode sequences beside them). Inside a program
 three partitions walk the same items (two with ``CONSUMERS`` = 1: short causal prompts, where
 two programs per SM let each warpgroup run its own items; hopper_prefill_forms.SOLO_MAX_KEYS
-says why):
+says why; and few queries per sequence in the packed form, whose items hold the query heads of
+a KV head: the entry's docstring):
 
 - a producer warp issues TMA loads: an item's 64-row Q tiles (one per consumer), then its K and V
   tiles of BLOCK_N keys into a STAGES-deep shared-memory ring (one ready and one empty mbarrier
@@ -80,12 +81,12 @@ if GLUON:
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                   PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr, CONSUMERS: gl.constexpr,
                   PACK: gl.constexpr):
-        """One warp: per item, Q (``CONSUMERS`` tiles of 64 rows, or packed heads: load_q) once
-        the consumers released the previous item's Q, then K_j / V_j into ring slot ``(it + j) % STAGES`` when the consumers
-        have released it (empty barriers count one arrival per consumer; a fresh barrier passes
-        phase 1). Paged K/V (``PAGE`` > 0):
-        a tile is ``BLOCK_N // PAGE_ROWS`` TMA copies, one per page piece, into row slices of the
-        slot (see hopper_prefill_loads.page_rows)."""
+        """One warp: per item, Q (``CONSUMERS`` tiles of 64 rows, or the packed form's heads:
+        hopper_prefill_loads.load_q) once the consumers released the previous item's Q, then
+        K_j / V_j into ring slot ``(it + j) % STAGES`` when the consumers have released it (empty
+        barriers count one arrival per consumer; a fresh barrier passes phase 1). Paged K/V
+        (``PAGE`` > 0): a tile is ``BLOCK_N // PAGE_ROWS`` TMA copies, one per page piece, into
+        row slices of the slot (see hopper_prefill_loads.page_rows)."""
         it = 0  # K/V tiles loaded so far, over all items: the ring's position
         done = 0  # items loaded so far: the Q barriers' phase
         n_real = sequences_with_items(CU_Q, stride_cq, num_seqs, min_q, 1, COMPACT)
@@ -365,10 +366,11 @@ if GLUON:
         when ``min_q`` > 0): items only for the other sequences (hopper_prefill_items); without
         it R = B, and the short sequences' items are cheap ones among the others.
         ``STAGE_OUT``: the output stored through a shared-memory tile (a 64-row tile of scratch
-        beside the ring). ``PACK`` > 1 (one consumer, sequences of at most 64 / PACK queries:
-        decode, speculative and few-query rows): an item is a chunk of TOK = 64 / PACK tokens
-        of ``PACK`` query heads that share a KV head, so each K/V tile is read once for them all
-        (hopper_prefill_items.packed_item); the flags keep the one-consumer layout."""
+        beside the ring). ``PACK`` > 1, the packed form (one consumer; the launcher takes it for
+        few queries per sequence: hopper_prefill_forms.packing): an item is a chunk of TOK = 64 /
+        PACK tokens of ``PACK`` query heads that share a KV head, rows head-major, so each K/V
+        tile is read once for them all (hopper_prefill_items.packed_item); the flags keep the
+        one-consumer layout."""
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)

@@ -278,8 +278,9 @@ def test_few_queries_take_the_packed_form_and_both_entries_plan_it_alike(monkeyp
     # 6 items on 4 "SMs": more than one per SM, so 64-key steps at two programs per SM
     assert (consts["BLOCK_N"], consts["STAGES"]) == (64, 2) and bound[0][1] == (8,)
     # a forced consumer count alone does not pack; min_q (the split route) never does
-    assert hp.form(args[0], args[1], args[3], args[5], args[6], True, args[9], n_consumers=1) == (1, 1)
-    assert hp.form(args[0], args[1], args[3], args[5], args[6], True, args[9], min_q=2)[1] == 1
+    call = (args[0], args[1], args[3], args[5], args[6], True, args[9])
+    assert hp.form(*call, n_consumers=1) == (1, 1)
+    assert hp.form(*call, min_q=2)[1] == 1
 
 
 def test_the_packed_plan():
