@@ -38,14 +38,16 @@ def kv_bytes(b, ctx, hkv=HKV, d=D) -> int:
 
 def default_plan(b, hkv, capacity, d, q, cfg=None):
     """(splits, Config) the half-precision decode picks without overrides (``cfg``: a fixed
-    config, then only the wave rule applies), as decode_kernel._plan does."""
-    from attn_ops.backends.triton import decode_kernel as dk
-    sms = dk.device_sm_count(q.device)
-    deep = cfg is None and dk.deep_splits(b * hkv, sms, capacity)
+    config, then only the split rules apply), as decode_kernel._plan does."""
+    from attn_ops.backends.triton import decode_plan as dp
+    from attn_ops.backends.triton.common import device_sm_count
+    sms = device_sm_count(q.device)
+    deep = cfg is None and dp.deep_splits(b * hkv, sms, capacity)
     if deep:
         return deep
-    config = dk.Config(*(cfg or dk.launch_config(d, q.dtype)))
-    return dk.num_splits(b, hkv, capacity, sms, config.block_n), config
+    config = dp.Config(*(cfg or dp.launch_config(d, q.dtype)))
+    resident = dp.DEFAULT_RESIDENT if config == dp.DEFAULT_CONFIG else 0
+    return dp.num_splits(b, hkv, capacity, sms, config.block_n, resident), config
 
 
 def paged_copy(k, v, page, gen_device):
@@ -225,7 +227,7 @@ def growth(args, copy):
 def tune(args, copy):
     """Sweep (BLOCK_N, warps, stages) and the split count of our kernel on target shapes, timed
     as CUDA-graph replays (device time)."""
-    from attn_ops.backends.triton import decode_kernel
+    from attn_ops.backends.triton import decode_kernel, decode_plan
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
     shapes = [(2, 64, 16)] if args.smoke else [(16, 2048, 16), (1, 32768, 16), (128, 2048, 16),
@@ -248,7 +250,7 @@ def tune(args, copy):
                 args.smoke, graph=True)
             gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
             auto, cfg_auto = default_plan(b, hkv, table.shape[1] * page, d, q, cfg)
-            cfg_used = decode_kernel.Config(*(cfg or cfg_auto))
+            cfg_used = decode_plan.Config(*(cfg or cfg_auto))
             rows.append(dict(batch=b, ctx=ctx, page=page, **cfg_used._asdict(),
                              splits=sp if sp is not None else f"auto={auto}",
                              graph_us=ms * 1e3 if ms else None, gbs=gbs,

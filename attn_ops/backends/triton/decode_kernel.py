@@ -15,12 +15,13 @@ of length 0 gives zeros. With S = 1 stage 1 writes the output directly (one laun
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT, Config,
+                                                  deep_splits, launch_config, num_splits)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
 
@@ -148,17 +149,6 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                              HAS_SINKS, WITH_LSE)
 
 
-class Config(NamedTuple):
-    """Launch parameters of stage 1 (``maxnreg``: a register cap per thread, None: Triton's)."""
-    block_n: int
-    warps: int
-    stages: int
-    maxnreg: int | None = None
-
-
-# Stage-1 programs to aim for, in multiples of the SM count, and the fewest keys worth a split.
-_TARGET_WAVES, _MIN_SPLIT_KEYS, _MAX_SPLITS = 3, 256, 64
-_ONE_SEQUENCE = 8  # (sequence, kv head) programs up to which num_splits splits to the maximum
 # Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: common.semaphores), not
 # in a second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x
 # 4096 (2 splits) 40.1 vs 42.6 us, B 4 x 8192 (4) 40.2 vs 42.4, B 16 x 2048 (2) 40.2 vs 41.0;
@@ -172,13 +162,6 @@ _FUSED_MAX_SPLITS = 8
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
 # to bf16 (a longer conversion sequence per element on sm90, in the loop that must only load).
 FP8_VIA_F16 = True
-# At most 128 registers: 4 programs per SM (uncapped: 146 without splits, 3 per SM, 186 vs
-# 138 us at B 64 x 4096). With FP8_PAIRS, H200 graph replays vs bf16 at (64, 4, 3): 78.0 vs
-# 132.5 us at B 16 x 8192 (1.70x; 1.67x against bf16's DEEP_CONFIG, 130.0), 138.1 vs 249.2 at
-# 64 x 4096 (1.80x), 139.1 vs 252.4 at 32 x 8192 (1.81x), 45.3 vs 72.7 at 16 x 4096 (1.60x).
-# 64 or 32 keys, 5-9 stages or 8 warps: 1-35% slower; at B 16, 2 or 3 splits (fused merge,
-# 2-5 stages): 6-45% slower than 4.
-FP8_CONFIG = Config(128, 4, 2, 128)
 # FP8 caches read as int16 pairs (softmax.fp8_pair_tile): each K and V tile is two fp16 tiles,
 # the even and the odd columns, each product two dots (``q.k = q_even.k_even + q_odd.k_odd``;
 # the output's two halves are interleaved once at the end). Why: Triton read the FP8 V tile from
@@ -188,84 +171,6 @@ FP8_CONFIG = Config(128, 4, 2, 128)
 # 138.1. Needs an fp16 MMA (fp16 q, or bf16 q with FP8_VIA_F16), an even head dim, even cache
 # strides and 2-byte aligned caches (else the one-tile path).
 FP8_PAIRS = True
-
-
-def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: int) -> int:
-    """Split count from static shapes only: enough (b, kv head, split) programs for
-    ``_TARGET_WAVES * sms``, no split shorter than ``_MIN_SPLIT_KEYS`` of the table's capacity
-    (``block_table width * page``), at most ``_MAX_SPLITS`` (stage 2 holds them in registers).
-
-    H100 sweeps (BENCHMARKS.md): within 2% of the best fixed count (B 16: S 4, B >= 64: S 1).
-    The plan prefers :func:`deep_splits` where it applies (half-precision caches on a GPU).
-    """
-    programs = batch * num_kv_heads
-    if programs == 0 or capacity <= 0:
-        return 1
-    if programs <= _ONE_SEQUENCE:
-        # One sequence's kv heads: as many splits as allowed, down to half the usual length.
-        # H200, B 1, Hkv 8, graph replays: 64 splits vs the rule's 50 at 32k keys 42.9 vs
-        # 47.2 us (SDPA 40.9), vs its 32 at 8k 20.1 vs 20.8 (SDPA 19.5); 96 or 128 splits
-        # are slower again (45.3-48.3 us at 32k).
-        return max(1, min(capacity // max(_MIN_SPLIT_KEYS // 2, block_n), _MAX_SPLITS))
-    want = triton.cdiv(_TARGET_WAVES * sms, programs)
-    by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
-    return max(1, min(want, by_length, _MAX_SPLITS))
-
-
-# Batches whose (sequence, kv head) programs, times a split count, give each SM about two
-# programs at once (1.55-2 per SM): a deeper pipeline instead of more splits. Triton 3.6
-# double-buffers the paged K/V loads only from 5 stages (one buffer at 3 or 4: 39 vs 72 KB of
-# shared memory), which pays where programs are few and costs 20-23% where 3+ share an SM (B 16
-# at 4 splits, B 64). H200, bf16, Hkv 8, graph replays, vs the wave rule at (64, 4, 3): B 13 x
-# 4096 (2 splits) 62.2 vs 63.6 us (and vs WIDE_CONFIG at 1 split: 63.8); B 28 x 2048 (1) 62.3
-# vs 65.6; B 32 (1) 69.1 vs 72.2 at 2048 (SDPA 67.4), 126.0 vs 129.6 at 4096. Below: B 25 x
-# 8192 (1.52 per SM) 215.3 vs 209.1. One sequence (B 1, 32 splits, launched merge) vs the
-# _ONE_SEQUENCE rule's 64 at (64, 4, 3): 41.2 vs 42.5 us at 32k keys (cuDNN 40.4), 18.7 vs
-# 19.6 at 8k (19.0); vs WIDE_CONFIG at 16 splits: 42.7 (launched merge), 43.6 (fused).
-DEEP_CONFIG = Config(64, 4, 5)
-# Batches whose programs, times a split count, give each SM about one program (0.95-1 per SM):
-# 128-key tiles, 5 stages (two 64 KB K/V buffers, 140 KB of shared memory), no split shorter
-# than _WIDE_MIN_KEYS. H200 bf16 graph replays, same run, vs the rules before (cuDNN SDPA):
-# B 16 (1 split) x 1024 23.6 vs 26.0 us (22.6), x 2048 38.8 vs 40.9 (36.9), x 4096 69.3 vs
-# 70.8 (66.9), x 8192 129.2 vs 132.3 (125.6); B 8 x 4096 (2 splits) 40.1 vs 44.4 (40.3); B 4
-# x 8192 (4) 40.2 vs 43.9 (40.0); B 13 (0.79 per SM) 63.8 vs DEEP's 62.2. B 16 x 2048, 1 split:
-# 64-key tiles 47.5-49.8 us at 5, 7 or 9 stages; (128, 4, 7) 40.4.
-WIDE_CONFIG = Config(128, 4, 5)
-_WIDE_MIN_KEYS = 512
-
-
-def deep_splits(programs: int, sms: int, capacity: int) -> tuple[int, Config] | None:
-    """(splits, config) of the deep rows, or None: WIDE_CONFIG where a split count gives each SM
-    0.95-1 programs of >= ``_WIDE_MIN_KEYS`` keys, else DEEP_CONFIG where one gives it 1.55-2
-    (1 or 2 splits; a power of two for one sequence's heads, up to ``_ONE_SEQUENCE`` programs,
-    which never take WIDE), none shorter than ``_MIN_SPLIT_KEYS`` keys of ``capacity``."""
-    if programs <= 0:
-        return None
-    one = programs <= _ONE_SEQUENCE
-    wide = 0 if one else min(sms // programs, _MAX_SPLITS, capacity // _WIDE_MIN_KEYS)
-    if wide > 0 and programs * wide >= 0.95 * sms:
-        return wide, WIDE_CONFIG
-    for splits in (next_pow2(2 * sms // programs + 1) // 2,) if one else (1, 2):
-        if 1.55 * sms < programs * splits <= 2 * sms and splits <= _MAX_SPLITS and (
-                splits == 1 or capacity >= splits * _MIN_SPLIT_KEYS):
-            return splits, DEEP_CONFIG
-    return None
-
-
-def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Config:
-    """Stage-1 launch parameters from a static table (no autotuning: CUDA graphs)."""
-    if INTERPRET:
-        return Config(16, 4, 1)
-    if dtype == torch.float32 or head_dim > 128:
-        return Config(32, 4, 2)
-    if fp8:
-        # An FP8 key row is half a bf16 one: twice the keys per tile keep as many bytes in
-        # flight (see FP8_CONFIG for the measurements).
-        return FP8_CONFIG
-    # 64 keys x 4 warps x 3 stages: best or within 2% of the best of 10 variants on every swept
-    # shape (graph-timed, H100); 8 warps cost 3-17%, 128 keys 1-11%; an evict_first hint on the
-    # K/V loads changed nothing (+-0.3%).
-    return Config(64, 4, 3)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -283,7 +188,7 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
         splits, cfg = deep
     if splits is None:
         splits = num_splits(batch, num_kv_heads, width * page, device_sm_count(device),
-                            cfg.block_n)
+                            cfg.block_n, DEFAULT_RESIDENT if cfg == DEFAULT_CONFIG else 0)
     d_p2 = max(16, next_pow2(head_dim))
     group = num_heads // num_kv_heads
     fused = fused and 1 < splits <= _FUSED_MAX_SPLITS

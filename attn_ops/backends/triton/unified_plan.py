@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from attn_ops.backends.triton import decode_kernel
+from attn_ops.backends.triton import decode_plan
 from attn_ops.backends.triton.common import (INTERPRET, device_is_sm90, device_sm_count,
                                              dot_mode, next_pow2)
 
@@ -67,7 +67,7 @@ def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype) -> Config:
 
 
 def num_splits(programs: int, capacity: int, sms: int, block_n: int) -> int:
-    """Split count from static shapes only (see decode_kernel.num_splits)."""
+    """Split count from static shapes only (see decode_plan.num_splits)."""
     if programs <= 0 or capacity <= 0:
         return 1
     want = triton.cdiv(_TARGET_WAVES * sms, programs)
@@ -92,8 +92,8 @@ def plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_di
     free = (config is None and splits is None and paged and not cfg.block_m and not INTERPRET
             and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16))
     programs, sms = n_small * num_kv_heads, device_sm_count(device) if free else 0
-    deep = free and decode_kernel.deep_splits(programs, sms, capacity)
-    wide = decode_kernel.WIDE_CONFIG
+    deep = free and decode_plan.deep_splits(programs, sms, capacity)
+    wide = decode_plan.WIDE_CONFIG
     wgmma = free and cfg.small_m == 32 and device_is_sm90(device)
     if wgmma and (programs > sms or (deep == (1, wide) and capacity >= _WGMMA_SPLIT_MIN_KEYS)):
         # 8 queries at G = 4: 32-row tiles padded to 64 rows, where Triton issues Hopper's

@@ -143,8 +143,8 @@ def test_the_plan_is_made_once_per_signature_and_again_for_a_new_one(poison, mon
 @pytest.mark.parametrize("fused", [True, False])
 def test_bound_decode_with_splits_equals_the_wrapper(poison, monkeypatch, fused):
     """Split-KV (partials, semaphores or the merge launch) through the bound function."""
-    from attn_ops.backends.triton import decode_kernel
-    monkeypatch.setattr(decode_kernel, "_MIN_SPLIT_KEYS", 16)
+    from attn_ops.backends.triton import decode_kernel, decode_plan
+    monkeypatch.setattr(decode_plan, "_MIN_SPLIT_KEYS", 16)
     monkeypatch.setattr(decode_kernel, "FUSED_MERGE", fused)
     decode_kernel._plan.cache_clear()
     try:

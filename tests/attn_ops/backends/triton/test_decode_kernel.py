@@ -12,7 +12,7 @@ from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisone
                                    random_paged)
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import decode_kernel  # noqa: E402  (imports triton)
+from attn_ops.backends.triton import decode_kernel, decode_plan  # noqa: E402  (imports triton)
 
 HALF = (torch.float16, torch.bfloat16)
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -78,24 +78,24 @@ def test_decode_fp32_and_through_op():
 
 def test_decode_split_count_is_static():
     # A pure function of (B, Hkv, capacity, SMs): lengths never enter.
-    assert decode_kernel.num_splits(1, 8, 32768, 132, 64) > 1
-    assert decode_kernel.num_splits(128, 8, 2048 * 16, 132, 64) == 1
-    assert decode_kernel.num_splits(1, 8, 64, 132, 64) == 1  # a tiny table: no split
-    assert decode_kernel.num_splits(0, 8, 1024, 132, 64) == 1
-    assert decode_kernel.num_splits(1, 1, 10 ** 7, 132, 64) == decode_kernel._MAX_SPLITS
+    assert decode_plan.num_splits(1, 8, 32768, 132, 64) > 1
+    assert decode_plan.num_splits(128, 8, 2048 * 16, 132, 64) == 1
+    assert decode_plan.num_splits(1, 8, 64, 132, 64) == 1  # a tiny table: no split
+    assert decode_plan.num_splits(0, 8, 1024, 132, 64) == 1
+    assert decode_plan.num_splits(1, 1, 10 ** 7, 132, 64) == decode_plan._MAX_SPLITS
     # one sequence's heads: the most splits, down to 128 keys each (64 at 8k keys, where the
     # wave rule alone would stop at 32 of 256 keys); two sequences: the wave rule (25)
-    assert decode_kernel.num_splits(1, 8, 8192, 132, 64) == 64
-    assert decode_kernel.num_splits(1, 8, 4096, 132, 64) == 32
-    assert decode_kernel.num_splits(2, 8, 16384, 132, 64) == 25
+    assert decode_plan.num_splits(1, 8, 8192, 132, 64) == 64
+    assert decode_plan.num_splits(1, 8, 4096, 132, 64) == 32
+    assert decode_plan.num_splits(2, 8, 16384, 132, 64) == 25
 
 
 def test_decode_deep_pipeline_plan(monkeypatch):
     # About one program per SM (0.95-1) at some split count of >= 512 keys: the wide row; else
     # 1.55-2 programs per SM at 1 or 2 splits (one sequence's heads: a power of two): the deep
     # row; for half-precision caches on a GPU only (never FP8, fp32, overrides, the interpreter).
-    deep, wide, deep_row = decode_kernel.deep_splits, decode_kernel.WIDE_CONFIG, \
-        decode_kernel.DEEP_CONFIG
+    deep, wide, deep_row = decode_plan.deep_splits, decode_plan.WIDE_CONFIG, \
+        decode_plan.DEEP_CONFIG
     assert deep(128, 132, 2048) == (1, wide) and deep(64, 132, 4096) == (2, wide)  # B 16, 8
     assert deep(32, 132, 8192) == (4, wide) and deep(32, 132, 1024) is None  # B 4
     assert deep(104, 132, 4096) == (2, deep_row) and deep(120, 132, 4096) == (2, deep_row)
@@ -107,6 +107,7 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert deep(512, 132, 4096) is None and deep(160, 132, 4096) is None
     assert deep(200, 132, 8192) is None  # B 25: 1.52 programs per SM, slower on the H200
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
+    monkeypatch.setattr(decode_plan, "INTERPRET", False)
     monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
     plan = decode_kernel._plan.__wrapped__
 
@@ -120,7 +121,11 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert stage1(cache=torch.float8_e4m3fn) == (4, (128, 4, 2))
     assert stage1(torch.float32, torch.float32)[1] == (32, 4, 2)
     assert stage1(splits=4) == (4, (64, 4, 3))
-    assert stage1(config=decode_kernel.Config(64, 4, 3)) == (4, (64, 4, 3))
+    assert stage1(config=decode_plan.Config(64, 4, 3)) == (4, (64, 4, 3))
+    # B 24: the default row counts the programs an SM holds (two splits, not the wave rule's
+    # three); another row keeps the wave rule
+    assert stage1(batch=24) == (2, (64, 4, 3))
+    assert stage1(batch=24, config=decode_plan.Config(64, 4, 4)) == (3, (64, 4, 4))
 
 
 def test_fused_merge_counters_reset_and_plan():
