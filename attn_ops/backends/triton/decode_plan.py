@@ -69,7 +69,13 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
     if resident <= 0 or want == 1:
         return max(1, min(want, by_length, _MAX_SPLITS))
-    top = max(1, min(max(want, _TARGET_WAVES), by_length, _MAX_SPLITS))
+    return fewest_waves(programs, max(1, min(max(want, _TARGET_WAVES), by_length, _MAX_SPLITS)),
+                        sms, resident)
+
+
+def fewest_waves(programs: int, top: int, sms: int, resident: int) -> int:
+    """The split count in ``1 .. top`` whose ``programs * splits`` programs take the fewest waves
+    of ``resident * sms`` (what the SMs hold at once) per split's length; ties: fewer splits."""
     return min(range(1, top + 1),
                key=lambda s: (triton.cdiv(programs * s, resident * sms) / s, s))
 

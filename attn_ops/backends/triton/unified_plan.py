@@ -66,13 +66,26 @@ def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype) -> Config:
     return Config(16, 64, 64, 4, 3)
 
 
-def num_splits(programs: int, capacity: int, sms: int, block_n: int) -> int:
-    """Split count from static shapes only (see decode_plan.num_splits)."""
+# The 16-row small path's row, of which an SM holds 4 programs at once, as the decode kernel's
+# default row (decode_plan.DEFAULT_RESIDENT): the split count that fits them (the same rule).
+# H200, bf16 32/8, pages of 16, 2048 keys, 1 / 4 queries, graph replays (BENCHMARKS.md,
+# fourteenth pass), the wave rule's count vs this one's: B 24 (3 splits) 71.6 / 74.9 vs 61.2 /
+# 63.7 us (2); B 34 (2) 99.8 / 103.7 vs 85.8 / 89.5 (3); B 40 (2) 109.0 / 112.5 vs 90.7 / 95.8
+# (3); B 48 (2) 118.8 / 120.6 vs 104.0 / 106.3 (1); B 17 and 20 keep 3 (the best measured).
+_SMALL_16 = Config(16, 0, 64, 4, 3)
+
+
+def num_splits(programs: int, capacity: int, sms: int, block_n: int, resident: int = 0) -> int:
+    """Split count from static shapes only (see decode_plan.num_splits; ``resident``: programs
+    an SM holds at once, 0 for the wave rule alone)."""
     if programs <= 0 or capacity <= 0:
         return 1
     want = triton.cdiv(_TARGET_WAVES * sms, programs)
     by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
-    return max(1, min(want, by_length, _MAX_SPLITS))
+    if resident <= 0 or want == 1:
+        return max(1, min(want, by_length, _MAX_SPLITS))
+    return decode_plan.fewest_waves(
+        programs, max(1, min(max(want, _TARGET_WAVES), by_length, _MAX_SPLITS)), sms, resident)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -117,7 +130,8 @@ def plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_di
         # (H200, B 16 x 8 queries over 2048 keys: 2 splits 53.0 us, 4 splits 57.8).
         weight = 2 if cfg.small_m == 32 and not cfg.block_m else 1
         splits = num_splits(real_tiles * num_kv_heads * weight, capacity,
-                            device_sm_count(device), cfg.block_n)
+                            device_sm_count(device), cfg.block_n,
+                            decode_plan.DEFAULT_RESIDENT if cfg == _SMALL_16 else 0)
     if config is None and causal and splits == 1 and 2 < cfg.stages < 5 and cfg.small_m < 32:
         # H200, B = 64 sequences of 1-4 queries, ctx 2048, one split: 3 stages 176 us, 2 stages
         # 132 us (the one-token decode: 130); with splits (B = 16) 3 stages measured at parity.

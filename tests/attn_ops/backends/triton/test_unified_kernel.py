@@ -385,3 +385,11 @@ def test_wrappers_never_sync_the_host_cuda():
             call()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_unified_small_path_fits_its_splits_the_same_way():
+    from attn_ops.backends.triton import decode_plan
+    counts = [unified_plan.num_splits(b * 8, 2048 * 16, 132, 64, decode_plan.DEFAULT_RESIDENT)
+              for b in (17, 20, 24, 34, 40, 48, 64)]
+    assert counts == [3, 3, 2, 3, 3, 1, 1]
+    assert [unified_plan.num_splits(b * 8, 2048 * 16, 132, 64) for b in (24, 34)] == [3, 2]
