@@ -3,7 +3,8 @@ cache read in place) beside SDPA, FA2 varlen and FA3's kvcache kernel (PyPI ``fa
 installed) on the same K/V held contiguously, and FlexAttention, in one run.
 
 bf16, Hq=32, Hkv=8, D=128, one query per sequence, every sequence ``ctx`` tokens long, blocks of
-our paged caches shuffled. Each contender is timed eagerly and as CUDA-graph replays (device time,
+our paged caches shuffled. Shapes: the standard ones, B 1 and 16 over context, and batches between
+the split rules' rows (B 24, 34, 48). Each contender is timed eagerly and as CUDA-graph replays (device time,
 no host launch cost: how decode runs in a server); GB/s = K and V bytes read
 (2 * B * ctx * Hkv * D * 2) / graph time; % is of the device copy bandwidth measured in this run
 (bytes read + written).
@@ -29,6 +30,8 @@ H, HKV, D = 32, 8, 128
 ANCHOR_SHAPES = [(1, 8192), (1, 32768), (16, 2048), (16, 8192), (64, 1024), (64, 4096),
                  (128, 2048), (256, 1024)]
 SWEEP_SHAPES = [(b, c) for b in (1, 16) for c in (2048, 4096, 8192, 16384, 32768)]
+# Batches between the split rules' rows (decode_plan.num_splits: 1.4-2.9 programs per SM at Hkv 8)
+MID_SHAPES = [(24, 2048), (24, 8192), (34, 2048), (48, 2048)]
 FLEX_SHAPES = {(1, 32768), (16, 2048), (64, 4096), (128, 2048)}  # each costs a compile
 
 
@@ -274,7 +277,7 @@ def main():
     if args.tune_only or args.growth_only:
         return
     shapes = [(2, 64), (1, 200)] if args.smoke else list(dict.fromkeys(ANCHOR_SHAPES +
-                                                                        SWEEP_SHAPES))
+                                                                        SWEEP_SHAPES + MID_SHAPES))
     rows = []
     for b, ctx in shapes:
         rows += run_shape(b, ctx, args, copy, pages=(16, 32) if args.smoke else (16, 256))
