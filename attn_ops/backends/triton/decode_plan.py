@@ -65,17 +65,22 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
         # 47.2 us (SDPA 40.9), vs its 32 at 8k 20.1 vs 20.8 (SDPA 19.5); 96 or 128 splits
         # are slower again (45.3-48.3 us at 32k).
         return max(1, min(capacity // max(_MIN_SPLIT_KEYS // 2, block_n), _MAX_SPLITS))
+    return wave_splits(programs, capacity, sms, block_n, resident)
+
+
+def wave_splits(programs: int, capacity: int, sms: int, block_n: int, resident: int = 0) -> int:
+    """The wave rule of :func:`num_splits` for ``programs`` (sequence or tile, kv head)
+    programs, and with ``resident`` > 0 the count that fits the SMs (also the unified kernel's
+    small path: unified_plan.num_splits)."""
+    if programs <= 0 or capacity <= 0:
+        return 1
     want = triton.cdiv(_TARGET_WAVES * sms, programs)
     by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
     if resident <= 0 or want == 1:
         return max(1, min(want, by_length, _MAX_SPLITS))
-    return fewest_waves(programs, max(1, min(max(want, _TARGET_WAVES), by_length, _MAX_SPLITS)),
-                        sms, resident)
-
-
-def fewest_waves(programs: int, top: int, sms: int, resident: int) -> int:
-    """The split count in ``1 .. top`` whose ``programs * splits`` programs take the fewest waves
-    of ``resident * sms`` (what the SMs hold at once) per split's length; ties: fewer splits."""
+    # Among 1 .. top, the count whose programs take the fewest waves of resident * sms (what
+    # the SMs hold at once) per split's length; ties: fewer splits.
+    top = max(1, min(max(want, _TARGET_WAVES), by_length, _MAX_SPLITS))
     return min(range(1, top + 1),
                key=lambda s: (triton.cdiv(programs * s, resident * sms) / s, s))
 

@@ -10,7 +10,6 @@ import functools
 from typing import NamedTuple
 
 import torch
-import triton
 
 from attn_ops.backends.triton import decode_plan
 from attn_ops.backends.triton.common import (INTERPRET, device_is_sm90, device_sm_count,
@@ -31,12 +30,7 @@ class Config(NamedTuple):
     fused: bool = True  # see decode_kernel.FUSED_MERGE (counters: common.semaphores)
 
 
-# Split-KV rule of decode_kernel: enough (tile, kv head, split) programs for _TARGET_WAVES times
-# the SM count, no split shorter than _MIN_SPLIT_KEYS keys of the static key bound, at most
-# _MAX_SPLITS (the merge holds them in registers).
-_TARGET_WAVES = 3
-_MIN_SPLIT_KEYS = 256
-_MAX_SPLITS = 64
+# Split-KV: the decode kernel's rule (decode_plan.wave_splits) over (tile, kv head) programs.
 # The last split program merges up to this many splits (decode_kernel._FUSED_MAX_SPLITS).
 _FUSED_MAX_SPLITS = 8
 # Packed rows up to which a sequence is one small-path tile: 64 = 16 queries at G = 4.
@@ -76,16 +70,9 @@ _SMALL_16 = Config(16, 0, 64, 4, 3)
 
 
 def num_splits(programs: int, capacity: int, sms: int, block_n: int, resident: int = 0) -> int:
-    """Split count from static shapes only (see decode_plan.num_splits; ``resident``: programs
-    an SM holds at once, 0 for the wave rule alone)."""
-    if programs <= 0 or capacity <= 0:
-        return 1
-    want = triton.cdiv(_TARGET_WAVES * sms, programs)
-    by_length = max(1, capacity // max(_MIN_SPLIT_KEYS, block_n))
-    if resident <= 0 or want == 1:
-        return max(1, min(want, by_length, _MAX_SPLITS))
-    return decode_plan.fewest_waves(
-        programs, max(1, min(max(want, _TARGET_WAVES), by_length, _MAX_SPLITS)), sms, resident)
+    """Split count from static shapes only (decode_plan.wave_splits; ``resident``: programs an
+    SM holds at once, 0 for the wave rule alone)."""
+    return decode_plan.wave_splits(programs, capacity, sms, block_n, resident)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -245,6 +245,17 @@ def test_the_kernel_flags_exactly_the_rows_that_are_not_finite(n):
     assert int(flags.sum()) > 0, "the leak must be flagged"
 
 
+def _poison_unused_rows_of_last_pages(paged, lens_k, page, keys=True):
+    """NaN in V (and K, with ``keys``) of the rows past each sequence's keys in its last page:
+    masked, so only the guard (flags + fixup) keeps their ``0 * NaN`` out."""
+    for b, n in enumerate(lens_k):
+        if n % page:
+            last = int(paged.block_table[b, n // page])
+            if keys:
+                paged.k_cache[last, n % page:] = float("nan")
+            paged.v_cache[last, n % page:] = float("nan")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("causal", [True, False])
@@ -261,11 +272,8 @@ def test_paged_prefix(page, causal, entry, n_consumers):
     dev, h, hkv, d, dtype = "cuda", 16, 4, 128, torch.bfloat16
     lens_q, lens_k = [13, 0, 300, 128], [213, 37, 817, 128]
     paged = random_paged(lens_k, hkv, d, page, dtype, dev)
-    for b, n in enumerate(lens_k):
-        if n % page and entry != "prefill":
-            last = int(paged.block_table[b, n // page])
-            paged.k_cache[last, n % page:] = float("nan")
-            paged.v_cache[last, n % page:] = float("nan")
+    if entry != "prefill":
+        _poison_unused_rows_of_last_pages(paged, lens_k, page)
     q = torch.randn(sum(lens_q) + 5, h, d, device=dev).to(dtype)
     cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
     args = (q, paged.k_cache, paged.v_cache, cq, ck, max(lens_q), max(lens_k), d ** -0.5,
@@ -428,10 +436,8 @@ def test_packed_over_a_paged_cache(entry, h, hkv, pack, page):
     lens_q, lens_k = _few(pack, seed=4)
     lens_q, lens_k = lens_q * 2, [n + 1000 for n in lens_k] * 2
     paged = random_paged(lens_k, hkv, d, page, dtype, dev)
-    for b, n in enumerate(lens_k):
-        if n % page and entry != "prefill":
-            last = int(paged.block_table[b, n // page])
-            paged.v_cache[last, n % page:] = float("nan")
+    if entry != "prefill":
+        _poison_unused_rows_of_last_pages(paged, lens_k, page, keys=False)
     q = torch.randn(sum(lens_q) + 3, h, d, device=dev).to(dtype)
     cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
     args = (q, paged.k_cache, paged.v_cache, cq, ck, max(lens_q), max(lens_k), d ** -0.5,

@@ -11,7 +11,7 @@ from attn_ops.backends import reference
 from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import common, unified_kernel, unified_plan  # noqa: E402
+from attn_ops.backends.triton import common, decode_plan, unified_kernel, unified_plan  # noqa: E402
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -144,7 +144,7 @@ def test_split_count_and_grid_are_static():
     assert grid == (64 + 1, 8, splits) and consts["SMALL_PATH"] and not consts["LARGE_PATH"]
     assert unified_plan.num_splits(64 * 8, 2048, 132, 64) == 1
     assert unified_plan.num_splits(16 * 8, 4096, 132, 64) == 4
-    assert unified_plan.num_splits(1, 10 ** 7, 132, 64) == unified_plan._MAX_SPLITS
+    assert unified_plan.num_splits(1, 10 ** 7, 132, 64) == decode_plan._MAX_SPLITS
     assert unified_plan.num_splits(8, 100, 132, 64) == 1  # a tiny key bound: no split
 
 
@@ -388,7 +388,6 @@ def test_wrappers_never_sync_the_host_cuda():
 
 
 def test_the_unified_small_path_fits_its_splits_the_same_way():
-    from attn_ops.backends.triton import decode_plan
     counts = [unified_plan.num_splits(b * 8, 2048 * 16, 132, 64, decode_plan.DEFAULT_RESIDENT)
               for b in (17, 20, 24, 34, 40, 48, 64)]
     assert counts == [3, 3, 2, 3, 3, 1, 1]
