@@ -20,16 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
+from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT, Config,
+                                                  balanced_applies, balanced_default,
                                                   deep_splits, launch_config, num_splits)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
 
-from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras, mma,
-                                             next_pow2, paged_offsets, result, scores_log2,
-                                             semaphores, softcap_constants)
-from attn_ops.backends.triton.softmax import (finish, fp8_pair_tile, kv_scales, store_lse,
-                                              to_f16_rows)
+from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
+                                             next_pow2, result, semaphores, softcap_constants)
+from attn_ops.backends.triton.decode_keys import attend_keys
+from attn_ops.backends.triton.softmax import finish, store_lse
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
@@ -61,68 +62,15 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
     hi = tl.minimum(lo + chunk, seq_len)
 
     offs_g = tl.arange(0, G_P2)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_P2)
     g_ok = offs_g < GROUP
     dim_ok = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
-    q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & dim_ok[None, :], other=0.0)
-
-    qk_scale, cap_inv, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs,
-                                           qk_scale, cap_inv, FP8)
-    mma_dtype = q.dtype
-    if FP8_VIA_F16:  # see _FP8_VIA_F16
-        q, row_scale = to_f16_rows(q)
-        qk_scale = qk_scale * row_scale[:, None]
-        cap_inv = cap_inv * row_scale[:, None]
-        mma_dtype = tl.float16
-    table_row = TABLE + seq.to(tl.int64) * stride_tb
-    k_base = K + kv_head * stride_kh
-    v_base = V + kv_head * stride_vh
-    m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_P2], dtype=tl.float32)
-    acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
-    # FP8_PAIRS (see FP8_PAIRS below): even and odd columns as separate fp16 tiles and dots
-    offs_j = tl.arange(0, D_P2 // 2)
-    k16 = k_base.to(tl.pointer_type(tl.int16), bitcast=True)
-    v16 = v_base.to(tl.pointer_type(tl.int16), bitcast=True)
-    q_even, q_odd = tl.split(tl.reshape(q, [G_P2, D_P2 // 2, 2]))
-    acc_even = tl.zeros([G_P2, D_P2 // 2], dtype=tl.float32)
-    acc_odd = tl.zeros([G_P2, D_P2 // 2], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n
-        key_ok = pos < hi
-        k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
-                                     stride_vb, stride_vt, PAGE)
-        tile_ok = key_ok[:, None] & dim_ok[None, :]
-        if FP8_PAIRS:
-            k_even, k_odd = fp8_pair_tile(k16, k_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
-            v_even, v_odd = fp8_pair_tile(v16, v_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
-            qk = mma(q_odd, tl.trans(k_odd), mma(q_even, tl.trans(k_even), None, DOT), DOT)
-        else:
-            # FP8: loaded as stored (half of bf16's bytes), widened in registers
-            k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-            k = k.to(mma_dtype)
-            v = v.to(mma_dtype)
-            qk = mma(q, tl.trans(k), None, DOT)
-        s = scores_log2(qk, qk_scale, cap_log2, cap_inv, SOFTCAP)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step has >= 1 valid key
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8_PAIRS:
-            p16 = p.to(tl.float16)
-            acc_even = mma(p16, v_even, acc_even * alpha[:, None], DOT)
-            acc_odd = mma(p16, v_odd, acc_odd * alpha[:, None], DOT)
-        else:
-            acc = acc * alpha[:, None]
-            acc = mma(p.to(v.dtype), v, acc, DOT)
-        m_i = m_new
-    if FP8_PAIRS:  # columns back in order: (j, parity) -> 2j + parity
-        acc = tl.reshape(tl.join(acc_even, acc_odd), [G_P2, D_P2])
+    acc, m_i, l_i, v_scale = attend_keys(
+        Q, K, V, TABLE, K_SCALE, V_SCALE, seq, kv_head, heads, g_ok, dim_ok, lo, hi,
+        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2,
+        HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM)
 
     out_mask = g_ok[:, None] & dim_ok[None, :]
     lse_idx = seq.to(tl.int64) * num_heads + heads
@@ -177,8 +125,11 @@ FP8_PAIRS = True
 def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int, width: int,
           dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
           config: Config | None, splits: int | None, fused: bool, cache_dtype: torch.dtype,
-          fp8_via_f16: bool, fp8_pairs: bool = False):
-    """Split count, grids and constexprs from static facts only (cached: ~1 us per call)."""
+          fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None):
+    """``(splits, kernel, grid1, grid2, stage1, stage2)`` from static facts only (cached: ~1 us
+    per call): the split count, stage 1's kernel, the grids and the constexprs. ``balanced``
+    (None: decode_plan.balanced_default) picks the balanced kernel, over as many programs as
+    the split kernel would launch, where it can run (decode_plan.balanced_applies)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
     deep = (config is None and splits is None and not fp8 and not INTERPRET and head_dim <= 128
@@ -196,15 +147,21 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     pairs = (fp8 and fp8_pairs and head_dim % 2 == 0
              and (via_f16 or dtype == torch.float16))
     stage1 = dict(GROUP=group, G_P2=max(16, next_pow2(group)), HEAD_DIM=head_dim, D_P2=d_p2,
-                  PAGE=page, BLOCK_N=cfg.block_n, DIRECT=splits == 1, SOFTCAP=softcap,
-                  WINDOW=window, FUSED=fused,
+                  PAGE=page, BLOCK_N=cfg.block_n, SOFTCAP=softcap, WINDOW=window,
                   DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages,
                   FP8_VIA_F16=via_f16, FP8_PAIRS=pairs, PAIR_ASM=pairs and not INTERPRET,
-                  R_P2=next_pow2(group), S_P2=next_pow2(splits) if fused else 1,  # merge tile
+                  R_P2=next_pow2(group),  # the merge's rows
                   **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
                   num_warps=4)
-    return splits, (splits, num_kv_heads, batch), (batch * num_heads,), stage1, stage2
+    if balanced is None:
+        balanced = balanced_default(cfg, splits)
+    if balanced and balanced_applies(batch, num_kv_heads, width * page, cfg):
+        return (splits, decode_balanced_kernel, (splits * num_kv_heads * batch,), None,
+                dict(stage1, B_P2=next_pow2(batch)), stage2)
+    stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=next_pow2(splits) if fused else 1)
+    return (splits, _decode_split_kernel, (splits, num_kv_heads, batch), (batch * num_heads,),
+            stage1, stage2)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
@@ -214,7 +171,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            config: Config | None = None, splits: int | None = None,
            out: torch.Tensor | None = None, fused: bool | None = None,
            lse: torch.Tensor | None = None, fp8_via_f16: bool | None = None,
-           fp8_pairs: bool | None = None):
+           fp8_pairs: bool | None = None, balanced: bool | None = None):
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
     ``[B, W]``. Returns ``[B, H, D]`` in q's dtype, and with ``return_lse`` also lse float32
     ``[B, H]`` (natural log; -inf for a row with no key). ``sinks`` float32 ``[H]``; float8_e4m3fn
@@ -225,7 +182,9 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     ``config``/``splits`` override the static tables; ``out`` (contiguous ``[B, H, D]``) and
     ``lse`` (contiguous float32 ``[B, H]``) receive the results (tests poison them); ``fused``,
     ``fp8_via_f16``, ``fp8_pairs`` override :data:`FUSED_MERGE`, :data:`FP8_VIA_F16` (how an FP8
-    cache is widened for bf16 queries), :data:`FP8_PAIRS` (int16 pair reads where allowed).
+    cache is widened for bf16 queries), :data:`FP8_PAIRS` (int16 pair reads where allowed);
+    ``balanced`` picks stage 1's kernel (None: :func:`.decode_plan.balanced_default`; True
+    takes the balanced kernel wherever :func:`.decode_plan.balanced_applies`).
     """
     batch, num_heads, head_dim = q.shape
     if out is None:
@@ -235,27 +194,28 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         return result(out, ex)
     if k_cache.numel() == 0 or block_table.numel() == 0:
         return result(out, ex, nothing_seen=True)  # nothing can be cached: every length is 0
-    splits, grid1, grid2, stage1, stage2 = _plan(
+    splits, kernel, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0,
         None if config is None else Config(*config), splits,
         FUSED_MERGE if fused is None else fused, k_cache.dtype,
         FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16,
         (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and k_cache.dtype == torch.float8_e4m3fn
-        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache))
-    if splits == 1:
+        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced)
+    balanced = kernel is decode_balanced_kernel
+    shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced)
+    if shapes is None:
         o_part = lse_part = out  # unused pointer arguments
     else:
-        o_part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32,
-                             device=q.device)
-        lse_part = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
-    fused_merge = stage1["FUSED"]
-    sema = semaphores(batch * k_cache.shape[2], q.device) if fused_merge else seqlens_k
-    launch(_decode_split_kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part,
-           lse_part, sema, *ex.pointers,
+        o_part = torch.empty(shapes[0], dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(shapes[1], dtype=torch.float32, device=q.device)
+    counted = balanced or stage1["FUSED"]  # pieces merged in stage 1, by a counter
+    sema = semaphores(batch * k_cache.shape[2], q.device) if counted else seqlens_k
+    launch(kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
+           sema, *ex.pointers,
            *_stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out.stride(), ex,
-                            splits, scale, softcap, window_left), **stage1, **ex.flags)
-    if splits > 1 and not fused_merge:
+                            splits, scale, softcap, window_left, balanced), **stage1, **ex.flags)
+    if splits > 1 and not counted:
         launch(merge_splits_kernel, grid2, o_part, lse_part, out, *ex.pointers[:2],
                splits, out.stride(0), out.stride(1), ex.strides[0], **stage2,
                HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
@@ -279,12 +239,26 @@ def _even(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 
 
 def _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex, splits, scale,
-                    softcap, window_left) -> tuple:
-    """Stage 1's arguments after its 13 pointers: strides, split count, scalars."""
+                    softcap, window_left, balanced) -> tuple:
+    """Stage 1's arguments after its 13 pointers: strides, the split count (the balanced
+    kernel: the batch and kv head counts), scalars."""
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
+    counts = (q.shape[0], k_cache.shape[2]) if balanced else (splits,)
     return (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
             seqlens_k.stride(0), *block_table.stride(), out_strides[0], out_strides[1],
-            *ex.strides, splits, qk_scale, cap_log2, cap_inv, window_left)
+            *ex.strides, *counts, qk_scale, cap_log2, cap_inv, window_left)
+
+
+def _part_shapes(batch: int, num_heads: int, head_dim: int, splits: int,
+                 balanced: bool) -> tuple | None:
+    """The float32 partials' shapes (outputs, log2-sum-exps), or None when stage 1 writes
+    none: the split kernel's ``[B, H, S]`` rows, the balanced kernel's two slots per program
+    (``2 * S * B * H`` rows; any program may end up holding a piece)."""
+    if balanced:
+        return (2 * splits * batch * num_heads, head_dim), (2 * splits * batch * num_heads,)
+    if splits == 1:
+        return None
+    return (batch, num_heads, splits, head_dim), (batch, num_heads, splits)
 
 
 def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=-1, softcap=0.0,
@@ -302,26 +276,27 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     if batch == 0 or k_cache.numel() == 0 or block_table.numel() == 0:
         return decode  # nothing to launch: the wrapper's host-side result
     ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse)
-    splits, grid1, grid2, stage1, stage2 = _plan(
+    splits, kernel, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0, None, None, FUSED_MERGE,
         k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache))
+    balanced = kernel is decode_balanced_kernel
     shape, dtype, device = q.shape, q.dtype, q.device
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's
     scalars1 = _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex,
-                               splits, scale, softcap, window_left)
+                               splits, scale, softcap, window_left, balanced)
     has_sinks, fp8, with_lse = ex.flags["HAS_SINKS"], ex.flags["FP8"], ex.flags["WITH_LSE"]
     pairs = stage1["FP8_PAIRS"]  # int16 reads: 2-byte aligned caches, checked per call
     # Alignment checked per call: the caller's tensors (q stands in for what is absent).
     check = (0, 1, 2, 3, 4) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
-    stage1_launch = prepare(_decode_split_kernel, grid1, {**stage1, **ex.flags}, check,
-                            scalars1)
-    fused, merge = stage1["FUSED"], splits > 1 and not stage1["FUSED"]
+    stage1_launch = prepare(kernel, grid1, {**stage1, **ex.flags}, check, scalars1)
+    counted = balanced or stage1["FUSED"]  # pieces merged in stage 1, by a counter
+    merge = splits > 1 and not counted
     scalars2 = (splits, out_strides[0], out_strides[1], ex.strides[0])
     merge_launch = prepare(merge_splits_kernel, grid2, dict(stage2, HAS_SINKS=has_sinks,
                                                       WITH_LSE=with_lse),
                            (4,) if has_sinks else (), scalars2) if merge else None
-    part_shape, lse_part_shape = (batch, num_heads, splits, head_dim), (batch, num_heads, splits)
+    part_shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced)
     lse_shape, sema_count = (batch, num_heads), batch * k_cache.shape[2]
     empty, empty_like, f32 = torch.empty, torch.empty_like, torch.float32
     like_q = q.stride() == out_strides  # empty_like(q): ~0.9 us less than empty(shape, ...)
@@ -337,14 +312,14 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
         stats["bound"] += 1
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
-        if splits == 1:
+        if part_shapes is None:
             o_part = lse_part = out  # unused pointer arguments
         else:
-            o_part = empty(part_shape, dtype=f32, device=device)
-            lse_part = empty(lse_part_shape, dtype=f32, device=device)
+            o_part = empty(part_shapes[0], dtype=f32, device=device)
+            lse_part = empty(part_shapes[1], dtype=f32, device=device)
         sink = sinks if has_sinks else q
         stage1_launch((q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
-                       semaphores(sema_count, device) if fused else seqlens_k, lse, sink,
+                       semaphores(sema_count, device) if counted else seqlens_k, lse, sink,
                        k_scale if fp8 else q, v_scale if fp8 else q))
         if merge:
             merge_launch((o_part, lse_part, out, lse, sink))

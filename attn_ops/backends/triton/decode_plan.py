@@ -139,3 +139,31 @@ def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Confi
     # shape (graph-timed, H100); 8 warps cost 3-17%, 128 keys 1-11%; an evict_first hint on the
     # K/V loads changed nothing (+-0.3%).
     return Config(64, 4, 3)
+
+
+
+# The balanced decode kernel (decode_balanced_kernel.py) by default where the plan's row is
+# WIDE_CONFIG or DEEP_CONFIG at one split: about one or two programs per SM, so its ~210-236
+# registers per thread (the split kernel's rows: 123-186) cost no residency. H200 graph replays,
+# bf16, 32/8 heads, pages of 16, split vs balanced: uniform B 16 x 2048 36.5 vs 37.6 us, 16 x
+# 8192 127.4 vs 128.6, 32 x 4096 126.8 vs 127.7; skewed lengths B 16, one of 16384 and 15 of
+# 1024: 223.8 vs 49.4; B 16, two of 8192 and 14 of 512: 115.3 vs 44.6; B 16 of U(1, 32768):
+# 429.5 vs 298.5; B 32 of U(1, 8192): 206.3 vs 160.4. Rows of 3-4 programs per SM lose half
+# their residency (B 64 x 2048: 127.6 vs 159.7), and split plans pay the pieces' merges (B 2 x
+# 8192, 8 splits: 23.1 vs 28.7): those keep the split kernel. Each program reads every
+# sequence's length (a [next_pow2(B)] vector), so the batch is capped.
+BALANCED = True
+_BALANCED_MAX_BATCH = 1024
+
+
+def balanced_applies(batch: int, num_kv_heads: int, capacity: int, config: Config) -> bool:
+    """Whether the balanced kernel can take a launch of ``batch`` sequences over a table of
+    ``capacity`` keys in ``config``'s key tiles: two sequences or more (one has nothing to
+    balance), at most _BALANCED_MAX_BATCH, and a tile count that fits its int32 arithmetic."""
+    return (2 <= batch <= _BALANCED_MAX_BATCH
+            and batch * num_kv_heads * triton.cdiv(capacity, config.block_n) < 2 ** 31)
+
+
+def balanced_default(config: Config, splits: int) -> bool:
+    """The default choice for a launch :func:`balanced_applies` allows (see BALANCED)."""
+    return BALANCED and splits == 1 and config in (WIDE_CONFIG, DEEP_CONFIG)

@@ -185,3 +185,66 @@ def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, se
                  out.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
         store_lse(LSE, row0 + offs_r, lse2, r_ok, WITH_LSE)
         tl.atomic_xchg(SEMA + sema_idx, 0)
+
+
+@triton.jit
+def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0,
+                 num_heads, p_first, first_slot, span, q, r, stride_ob, stride_oh,
+                 stride_sk, ROWS: tl.constexpr, R_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D_P2: tl.constexpr, CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr,
+                 WITH_LSE: tl.constexpr):
+    """The balanced decode's merge (decode_balanced_kernel.py), called by each program holding a
+    piece of pair ``pair`` (sequence ``seq``, query heads ``head0 .. head0 + ROWS - 1``, ``tiles``
+    key tiles) after it stored its partial: it adds its piece's ``mine`` tiles at ``SEMA[pair]``,
+    and the one that completes the pair's tiles merges every piece into the output (the sink
+    added once), writes the lse with ``WITH_LSE`` and sets the counter back to 0. Counting
+    tiles, not pieces, needs no count of the pieces: with more programs than tiles (``q`` 0)
+    some programs in the pair's range hold nothing.
+
+    The pieces are in programs ``p_first .. p_first + span - 1`` (program p holds ``q`` tiles,
+    one more when ``p < r``; skipped when it holds none),
+    slot 0 of each, except ``p_first``'s, in slot ``first_slot``: partial rows ``(p * 2 + slot)
+    * ROWS + r``. They load ``CHUNK`` programs at a time (a ``[rows, CHUNK, D]`` tile, one trip to
+    L2 each) into a running merge, since a long sequence's pair can have many pieces. Ordering as
+    :func:`merge_last_split`'s.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(SEMA + pair, mine, sem="acq_rel")
+    if arrived + mine == tiles:
+        offs_r = tl.arange(0, R_P2)
+        offs_c = tl.arange(0, CHUNK)
+        offs_d = tl.arange(0, D_P2)
+        r_ok = offs_r < ROWS
+        d_ok = offs_d < HEAD_DIM
+        m = tl.full([R_P2], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([R_P2], dtype=tl.float32)
+        acc = tl.zeros([R_P2, D_P2], dtype=tl.float32)
+        for c0 in range(0, span, CHUNK):
+            j = c0 + offs_c
+            prog = (p_first + j).to(tl.int64)
+            held = (j < span) & (q + (prog < r).to(tl.int32) > 0)
+            slot_rows = (prog * 2 + tl.where(j == 0, first_slot, 0)) * ROWS
+            idx = slot_rows[None, :] + offs_r[:, None]  # [R, CHUNK]
+            ok = r_ok[:, None] & held[None, :]
+            lse = tl.load(LSE_PART + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                        mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_use)
+            w = tl.math.exp2(lse - m_use[:, None])  # nothing held (lse -inf) weighs 0
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+            den = den * alpha + tl.sum(w, 1)
+            m = m_new
+        heads = head0 + offs_r
+        sink2 = 0.0
+        if HAS_SINKS:
+            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=r_ok, other=0.0)
+            sink2 = sink2 * 1.4426950408889634  # log2(e)
+        factor, lse2 = finish(tl.where(m == float("-inf"), 0.0, m), den, sink2, 1.0, HAS_SINKS)
+        tl.store(OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc * factor[:, None]).to(OUT.dtype.element_ty),
+                 mask=r_ok[:, None] & d_ok[None, :])
+        store_lse(LSE, seq.to(tl.int64) * num_heads + heads, lse2, r_ok, WITH_LSE)
+        tl.atomic_xchg(SEMA + pair, 0)

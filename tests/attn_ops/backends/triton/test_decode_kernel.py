@@ -114,7 +114,7 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     def stage1(dtype=torch.bfloat16, cache=torch.bfloat16, batch=16, config=None, splits=None):
         got = plan(batch, 32, 8, 128, 16, 128, dtype, torch.device("cpu"), False, False, config,
                    splits, False, cache, True)
-        return got[0], (got[3]["BLOCK_N"], got[3]["num_warps"], got[3]["num_stages"])
+        return got[0], (got[4]["BLOCK_N"], got[4]["num_warps"], got[4]["num_stages"])
     assert stage1() == (1, (128, 4, 5)) and stage1(batch=32) == (1, (64, 4, 5))
     assert stage1(torch.float16, torch.float16) == (1, (128, 4, 5))
     assert stage1(batch=64) == (1, (64, 4, 3))  # 512 programs: the wave rule's row
@@ -138,7 +138,7 @@ def test_fused_merge_counters_reset_and_plan():
 
     def fused(splits):
         return decode_kernel._plan(4, 4, 2, 32, 4, 10, torch.float32, torch.device("cpu"),
-                                   False, False, None, splits, True, torch.float32, False)[3]
+                                   False, False, None, splits, True, torch.float32, False)[4]
     assert fused(3)["FUSED"] and fused(8)["S_P2"] == 8
     assert not fused(9)["FUSED"] and not fused(1)["FUSED"] and fused(9)["S_P2"] == 1
     cpu = torch.device("cpu")

@@ -1,0 +1,161 @@
+"""One-token paged decode with the batch's keys dealt out evenly over the programs, so that a long
+sequence among short ones is spread over as many programs as its keys need.
+
+Why: the split kernel (decode_kernel.py) gives every sequence the same split count, fixed by
+static shapes (the block table's width), and each split a share of its own sequence's keys. In a
+serving batch the lengths differ: with one 16k-token sequence among fifteen of 1k at B 16 (one
+split, 128 programs), the long sequence's 8 programs each walk 16k keys alone while the other
+SMs idle. Here the same number of programs shares the whole batch's key tiles equally.
+
+Work, computed on the device from ``seqlens_k`` (no host sync, a static grid):
+- each (sequence b, kv head h) pair has ``n_b = cdiv(visible keys, BLOCK_N)`` key tiles; the
+  pairs are laid out sequence-major, then by kv head, so the batch's ``T = Hkv * sum(n_b)`` tiles
+  form one range;
+- program p of P takes the next ``T // P`` tiles, one more when ``p < T % P``, and walks the
+  pairs they cross
+  (:func:`.decode_keys.attend_keys` on each piece). A pair all of whose tiles fall to one
+  program is written directly. A piece of a pair leaves a normalised partial and its
+  log2-sum-exp in its program's slot 0 (the piece holding the program's first tile) or slot 1
+  (a piece that starts a pair and runs past the program's range), and the piece that completes
+  the pair's tile count merges them (:func:`.merge_kernel.merge_pieces`);
+- a sequence with no visible key gets zeros (lse -inf) from program ``b mod P``.
+
+With uniform lengths and P = the split kernel's ``S * Hkv * B``, each program takes exactly
+one split's tiles (when S divides n), so the work matches the split kernel's.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from attn_ops.backends.triton.decode_keys import attend_keys
+from attn_ops.backends.triton.merge_kernel import merge_pieces
+from attn_ops.backends.triton.softmax import finish, store_lse
+
+
+@triton.jit(do_not_specialize=["window_left", "batch"])
+def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, LSE,
+                           SINK_LOGITS, K_SCALE, V_SCALE,
+                           stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+                           stride_vt, stride_vh, stride_sl, stride_tb, stride_tc, stride_ob,
+                           stride_oh, stride_sk, stride_ks, stride_vs, batch, num_kv_heads,
+                           qk_scale, cap_log2, cap_inv, window_left,
+                           GROUP: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           B_P2: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                           DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
+                           WITH_LSE: tl.constexpr, FP8_VIA_F16: tl.constexpr = False,
+                           FP8_PAIRS: tl.constexpr = False, PAIR_ASM: tl.constexpr = False,
+                           R_P2: tl.constexpr = 1, CHUNK: tl.constexpr = 4):
+    """Grid ``(P,)``. Shapes as decode_kernel's split kernel; ``batch`` sequences (at most
+    ``B_P2``), ``num_kv_heads`` kv heads; O_PART float32 ``[P * 2 * GROUP, HEAD_DIM]`` and
+    LSE_PART float32 ``[P * 2 * GROUP]`` (two slots per program), SEMA one zeroed int32 counter
+    per (sequence, kv head)."""
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    num_heads = num_kv_heads * GROUP
+
+    offs_b = tl.arange(0, B_P2)
+    lens = tl.load(SEQLENS + offs_b.to(tl.int64) * stride_sl, mask=offs_b < batch, other=0)
+    firsts = tl.zeros([B_P2], dtype=tl.int32)
+    if WINDOW:  # the query (position len - 1) sees keys >= len - 1 - window_left
+        firsts = tl.maximum(lens - 1 - window_left, 0)
+    tiles = tl.cdiv(lens - firsts, BLOCK_N)  # per (sequence, kv head); 0 for an empty one
+    ends = tl.cumsum(tiles, 0) * num_kv_heads  # each sequence's end in the range (int32: the
+    total = tl.max(ends, 0)  # host checks that the table's capacity keeps it below 2^31)
+    # Program p takes q tiles, and one more when p < r: int32 divisions only (an int64 division
+    # is a software loop, and this prologue is on every program's critical path).
+    q = total // progs
+    r = total % progs
+    start = pid * q + tl.minimum(pid, r)
+    stop = start + q + (pid < r).to(tl.int32)
+
+    offs_g = tl.arange(0, G_P2)
+    offs_d = tl.arange(0, D_P2)
+    g_ok = offs_g < GROUP
+    dim_ok = offs_d < HEAD_DIM
+    out_mask = g_ok[:, None] & dim_ok[None, :]
+    x = start
+    while x < stop:
+        seq = tl.sum((ends <= x).to(tl.int32), 0)  # the sequence holding tile x
+        here = offs_b == seq
+        n = tl.sum(tl.where(here, tiles, 0), 0)
+        seq_len = tl.sum(tl.where(here, lens, 0), 0)
+        first = tl.sum(tl.where(here, firsts, 0), 0)
+        seq_begin = tl.sum(tl.where(here, ends, 0), 0) - n * num_kv_heads
+        kv_head = (x - seq_begin) // n
+        pair_a = seq_begin + kv_head * n  # the pair's tiles: [pair_a, pair_b)
+        pair_b = pair_a + n
+        piece_end = tl.minimum(stop, pair_b)
+        lo = first + (x - pair_a) * BLOCK_N
+        hi = tl.minimum(first + (piece_end - pair_a) * BLOCK_N, seq_len)
+        heads = kv_head * GROUP + offs_g
+        acc, m_i, l_i, v_scale = attend_keys(
+            Q, K, V, TABLE, K_SCALE, V_SCALE, seq, kv_head, heads, g_ok, dim_ok, lo, hi,
+            stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv,
+            G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS,
+            PAIR_ASM)
+        # One normalisation for both ends (one product of the accumulator live, not two): a
+        # piece's partial leaves the sink out (it joins once, at the merge), which a sink of
+        # -inf does exactly.
+        whole = (x == pair_a) & (piece_end == pair_b)
+        sink2 = 0.0
+        if HAS_SINKS:
+            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=g_ok, other=0.0)
+            sink2 = tl.where(whole, sink2 * 1.4426950408889634, float("-inf"))  # log2(e)
+        factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)
+        # The group's rows only (R_P2 of the MMA's G_P2): the stores' pointer and mask tiles
+        # are what the registers go to at this point, with the loop's invariants still live.
+        o = _first_rows(acc * factor[:, None], G_P2, R_P2)
+        lse2 = _first_rows(lse2[:, None], G_P2, R_P2)
+        rows = tl.arange(0, R_P2)
+        r_ok = rows < GROUP
+        r_mask = r_ok[:, None] & dim_ok[None, :]
+        if whole:  # the whole pair: written here
+            tl.store(OUT + seq.to(tl.int64) * stride_ob + (kv_head * GROUP + rows)[:, None]
+                     * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=r_mask)
+            store_lse(LSE, seq.to(tl.int64) * num_heads + kv_head * GROUP + rows,
+                      tl.reshape(lse2, [R_P2]), r_ok, WITH_LSE)
+        else:  # a piece: its partial, in slot 0 when it holds the program's first tile
+            part = (pid.to(tl.int64) * 2 + (x != start).to(tl.int64)) * GROUP + rows
+            tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=r_mask)
+            tl.store(LSE_PART + part, tl.reshape(lse2, [R_P2]), mask=r_ok)
+            # The pair's pieces: programs _owner(pair_a) .. _owner(pair_b - 1).
+            p_first = _owner(pair_a, q, r)
+            p_last = _owner(pair_b - 1, q, r)
+            first_slot = (p_first * q + tl.minimum(p_first, r) != pair_a).to(tl.int32)
+            merge_pieces(SEMA, seq * num_kv_heads + kv_head, piece_end - x, n, O_PART,
+                         LSE_PART, OUT, LSE, SINK_LOGITS, seq, kv_head * GROUP, num_heads,
+                         p_first, first_slot, p_last - p_first + 1, q, r, stride_ob, stride_oh,
+                         stride_sk, GROUP, R_P2, HEAD_DIM, D_P2, CHUNK, HAS_SINKS, WITH_LSE)
+        x = piece_end
+
+    # Sequences with no visible key (length 0, or padding): zeros and lse -inf.
+    for b in range(pid, batch, progs.to(tl.int32)):
+        if tl.sum(tl.where(offs_b == b, tiles, 0), 0) == 0:
+            row = tl.cast(b, tl.int64)
+            for g in range(0, num_kv_heads):
+                heads = g * GROUP + offs_g
+                tl.store(OUT + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                         tl.zeros([G_P2, D_P2], dtype=OUT.dtype.element_ty), mask=out_mask)
+                store_lse(LSE, row * num_heads + heads,
+                          tl.full([G_P2], float("-inf"), dtype=tl.float32), g_ok, WITH_LSE)
+
+
+@triton.jit
+def _first_rows(x, ROWS: tl.constexpr, KEEP: tl.constexpr):
+    """The first ``KEEP`` rows of ``x`` ``[ROWS, C]`` (powers of two), by halving."""
+    if ROWS > KEEP:
+        half = tl.split(tl.permute(tl.reshape(x, [2, ROWS // 2, x.shape[1]]), [1, 2, 0]))[0]
+        return _first_rows(half, ROWS // 2, KEEP)
+    else:
+        return x
+
+
+@triton.jit
+def _owner(t, q, r):
+    """The program whose range holds tile ``t`` when program p takes ``q + (p < r)`` tiles."""
+    big = r * (q + 1)  # the tiles of the first r programs
+    return tl.where(t < big, t // (q + 1), r + (t - big) // tl.maximum(q, 1))
