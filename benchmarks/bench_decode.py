@@ -9,12 +9,18 @@ no host launch cost: how decode runs in a server); GB/s = K and V bytes read
 (2 * B * ctx * Hkv * D * 2) / graph time; % is of the device copy bandwidth measured in this run
 (bytes read + written).
 
-    python benchmarks/bench_decode.py [--tune] [--growth | --growth-only] [--out DIR]
+    python benchmarks/bench_decode.py [--tune] [--growth | --growth-only] [--skewed | --skewed-only]
+                                      [--out DIR]
 
 ``--growth``: our decode side by side with its contract growth on the same cache tokens, graph
 timed, rounds interleaved (median of 3): bf16, FP8 caches (float8_e4m3fn, per-head scales: half
 the bytes), sinks, ``decode_with_lse``, both; targets fp8 >= 1.7x bf16 at B >= 16, ctx >= 4096,
 sinks / lse <= 3% (decode_growth.csv).
+
+``--skewed``: batches whose sequences differ in length (one or a few long among short ones, or
+uniform random lengths), paged (pages of 16), graph timed: ``attn.decode`` as planned beside
+the split kernel and the balanced kernel forced, GB/s over the keys actually read
+(decode_skewed.csv).
 """
 
 from __future__ import annotations
@@ -169,6 +175,52 @@ def run_shape(b, ctx, args, copy, pages=(16, 256)):
 GROWTH_SHAPES = [(16, 4096), (16, 8192), (32, 8192), (64, 4096), (128, 4096)]
 
 
+def skewed_batches(smoke: bool) -> dict[str, list[int]]:
+    """name -> sequence lengths (fixed seed)."""
+    import random
+    rng = random.Random(0)
+    if smoke:
+        return {"2: 1x200 + 1x8": [200, 8]}
+    return {"16: 1x16384 + 15x1024": [16384] + [1024] * 15,
+            "16: 2x8192 + 14x512": [8192] * 2 + [512] * 14,
+            "8: 1x32768 + 7x256": [32768] + [256] * 7,
+            "32: 2x16384 + 30x1024": [16384] * 2 + [1024] * 30,
+            "64: 4x16384 + 60x512": [16384] * 4 + [512] * 60,
+            "16: U(1, 32768)": [rng.randint(1, 32768) for _ in range(16)],
+            "32: U(1, 8192)": [rng.randint(1, 8192) for _ in range(32)],
+            "128: U(1, 4096)": [rng.randint(1, 4096) for _ in range(128)]}
+
+
+def skewed(args, copy):
+    """Graph-timed decode over batches of unequal lengths: the plan, each kernel forced."""
+    from attn_ops.backends.triton import decode_kernel
+    import attn_ops
+    dev = device(args)
+    h, hkv, d, page = (4, 2, 32, 16) if args.smoke else (H, HKV, D, 16)
+    rows = []
+    for name, lens in skewed_batches(args.smoke).items():
+        b, ctx = len(lens), max(lens)
+        k = torch.randn(b, ctx, hkv, d, device=dev, dtype=torch.bfloat16)
+        k_cache, v_cache, table = paged_copy(k, torch.randn_like(k), page, dev)
+        del k
+        q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        args_ = (q, k_cache, v_cache, seqlens, table, d ** -0.5)
+        read = 2 * sum(lens) * hkv * d * 2
+        for contender, fn in (
+                ("attn.decode (planned)", lambda: attn_ops.decode(*args_[:5], scale=d ** -0.5,
+                                                                   backend="triton")),
+                ("split kernel", lambda: decode_kernel.decode(*args_, balanced=False)),
+                ("balanced kernel", lambda: decode_kernel.decode(*args_, balanced=True))):
+            _, graph, note = time_contender(lambda: (fn, ""), args.smoke)
+            gbs = read / (graph * 1e-3) / 1e9 if graph else None
+            rows.append(dict(bench="decode_skewed", batch=b, lengths=name, contender=contender,
+                             graph_us=graph * 1e3 if graph else None, gbs=gbs,
+                             pct_copy=100 * gbs / copy if gbs else None, note=note))
+        print_table(rows[-3:], ["lengths", "contender", "graph_us", "gbs", "pct_copy"])
+    write_csv(args.out / "decode_skewed.csv", rows)
+
+
 def growth(args, copy):
     """bf16 vs FP8 caches vs sinks vs the lse, one shape at a time, the variants interleaved."""
     import attn_ops
@@ -266,7 +318,9 @@ def tune(args, copy):
 def main():
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--growth", action="store_true", help="also fp8 / sinks / lse vs bf16"),
-        p.add_argument("--growth-only", action="store_true", help="only the --growth table")))
+        p.add_argument("--growth-only", action="store_true", help="only the --growth table"),
+        p.add_argument("--skewed", action="store_true", help="also batches of unequal lengths"),
+        p.add_argument("--skewed-only", action="store_true", help="only the --skewed table")))
     env = header("decode", args.smoke)
     copy = copy_gbs(args.smoke)
     print(f"ceiling: device copy {copy:.0f} GB/s (read + write)")
@@ -274,7 +328,9 @@ def main():
         tune(args, copy)
     if args.growth or args.growth_only:
         growth(args, copy)
-    if args.tune_only or args.growth_only:
+    if args.skewed or args.skewed_only:
+        skewed(args, copy)
+    if args.tune_only or args.growth_only or args.skewed_only:
         return
     shapes = [(2, 64), (1, 200)] if args.smoke else list(dict.fromkeys(ANCHOR_SHAPES +
                                                                         SWEEP_SHAPES + MID_SHAPES))
