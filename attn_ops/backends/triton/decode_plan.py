@@ -145,13 +145,15 @@ def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Confi
 # The balanced decode kernel (decode_balanced_kernel.py) by default where the plan's row is
 # WIDE_CONFIG or DEEP_CONFIG at one split: about one or two programs per SM, so its ~210-236
 # registers per thread (the split kernel's rows: 123-186) cost no residency. H200 graph replays,
-# bf16, 32/8 heads, pages of 16, split vs balanced: uniform B 16 x 2048 36.5 vs 37.6 us, 16 x
-# 8192 127.4 vs 128.6, 32 x 4096 126.8 vs 127.7; skewed lengths B 16, one of 16384 and 15 of
-# 1024: 223.8 vs 49.4; B 16, two of 8192 and 14 of 512: 115.3 vs 44.6; B 16 of U(1, 32768):
-# 429.5 vs 298.5; B 32 of U(1, 8192): 206.3 vs 160.4. Rows of 3-4 programs per SM lose half
-# their residency (B 64 x 2048: 127.6 vs 159.7), and split plans pay the pieces' merges (B 2 x
-# 8192, 8 splits: 23.1 vs 28.7): those keep the split kernel. Each program reads every
-# sequence's length (a [next_pow2(B)] vector), so the batch is capped.
+# bf16, 32/8 heads, pages of 16 (BENCHMARKS.md, fifteenth pass), split vs balanced: skewed
+# lengths B 16, one of 16384 and 15 of 1024: 223.7 vs 47.0 us; two of 8192 and 14 of 512: 116.4
+# vs 42.7; B 32, two of 16384 and 30 of 1024: 331.6 vs 74.7; B 16 of U(1, 32768): 433.4 vs
+# 291.3; B 32 of U(1, 8192): 200.0 vs 151.9. Uniform lengths cost 1-3% (B 16 x 2048 36.5 vs
+# 37.6, 16 x 8192 127.4 vs 128.6, 32 x 4096 126.8 vs 127.7: the prologue that reads every
+# length). Rows of 3-4 programs per SM lose half their residency (B 64 x 2048: 127.6 vs 159.7;
+# skewed B 64, 4 of 16384 and 60 of 512: still 459.9 vs 149.1), and split plans pay the pieces'
+# merges (B 2 x 8192, 8 splits: 23.1 vs 28.7): those keep the split kernel. Each program reads
+# every sequence's length (a [next_pow2(B)] vector), so the batch is capped.
 BALANCED = True
 _BALANCED_MAX_BATCH = 1024
 

@@ -220,10 +220,9 @@ def test_balanced_fp8_cuda():
 def test_balanced_under_cuda_graph_replays():
     # Captured: the counters are the capture's own; replays with new lengths (on the device)
     # rebalance without a recapture and leave the counters zero.
-    lens = [4096] + [256] * 15
-    paged = random_paged(lens, 8, 128, 16, BF16, device="cuda")
+    paged = random_paged([4096] * 16, 8, 128, 16, BF16, device="cuda")  # every row mapped
     q = torch.randn(16, 32, 128, dtype=BF16, device="cuda")
-    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    seqlens = torch.tensor([4096] + [256] * 15, dtype=torch.int32, device="cuda")
     args = (q, paged.k_cache, paged.v_cache, seqlens, paged.block_table, 128 ** -0.5)
     assert decode_kernel._plan(16, 32, 8, 128, 16, paged.block_table.shape[1], BF16, q.device,
                                False, False, None, None, True, BF16, False)[1] \
