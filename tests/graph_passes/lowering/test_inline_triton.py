@@ -141,6 +141,28 @@ def test_inductor_launches_our_kernels_and_recompiles_per_choice(monkeypatch):
     assert counters["inline_triton"]["decode"] == 2
 
 
+
+@pytest.mark.cuda
+def test_inductor_launches_the_balanced_decode_kernel(monkeypatch):
+    """The balanced decode kernel (a loop over pieces, a merge by counter) from Inductor's
+    generated code: its plan forced here (on the GPU it is the WIDE and DEEP rows' default)."""
+    from torch._inductor.utils import run_and_get_code
+    from attn_ops.backends.triton import decode_kernel
+    monkeypatch.setenv("ATTN_OPS_CHECK", "0")
+    monkeypatch.setattr(decode_kernel, "balanced_default", lambda config, splits: True)
+    decode_kernel._plan.cache_clear()
+    try:
+        args = _decode_args("cuda", torch.bfloat16)
+        want = _reference_two_decodes(*args)
+        fn = torch.compile(_two_decodes, backend=graph_passes.attn_ops_backend)
+        with torch.no_grad(), attn_ops.use_backend("triton"):
+            out, code = run_and_get_code(fn, *args)
+            assert_close(out, want, *TOLERANCES[torch.bfloat16])
+            assert "decode_balanced_kernel" in "\n".join(code)
+            assert_close(fn(*args), want, *TOLERANCES[torch.bfloat16])
+    finally:
+        decode_kernel._plan.cache_clear()
+
 def test_a_graph_inductor_cannot_compile_falls_back_to_extern_calls(monkeypatch, caplog):
     """Lowering forced onto the CPU, where Inductor cannot compile the (interpreted) Triton
     kernels: the compile falls back to the attn ops as extern calls and computes the same."""
