@@ -79,11 +79,14 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
     x = start
     while x < stop:
         seq = tl.sum((ends <= x).to(tl.int32), 0)  # the sequence holding tile x
-        here = offs_b == seq
-        n = tl.sum(tl.where(here, tiles, 0), 0)
-        seq_len = tl.sum(tl.where(here, lens, 0), 0)
-        first = tl.sum(tl.where(here, firsts, 0), 0)
-        seq_begin = tl.sum(tl.where(here, ends, 0), 0) - n * num_kv_heads
+        # Its length read again (an L1 hit) rather than picked out of the vector: two
+        # reductions per piece, not five (skewed batches ~0.5% faster, H200).
+        seq_len = tl.load(SEQLENS + seq.to(tl.int64) * stride_sl)
+        first = 0
+        if WINDOW:
+            first = tl.maximum(seq_len - 1 - window_left, 0)
+        n = tl.cdiv(seq_len - first, BLOCK_N)
+        seq_begin = tl.sum(tl.where(ends <= x, tiles, 0), 0) * num_kv_heads
         kv_head = (x - seq_begin) // n
         pair_a = seq_begin + kv_head * n  # the pair's tiles: [pair_a, pair_b)
         pair_b = pair_a + n
