@@ -10,6 +10,11 @@ width, page size) and the device's SM count, so grids never depend on data. Each
 its sequence's length on the device and takes ``ceil(len / S)`` keys (rounded up to BLOCK_N);
 splits past the end see no key and write lse = -inf, which the merge weighs as zero. A sequence
 of length 0 gives zeros. With S = 1 stage 1 writes the output directly (one launch).
+
+Every sequence gets the same S, so a long sequence among short ones runs on its S programs per
+kv head while the rest idle; where the plan says so (:func:`_plan`, decode_plan.BALANCED),
+stage 1 is instead decode_balanced_kernel.py, which deals the batch's key tiles out evenly over
+as many programs. Both run decode_keys.attend_keys over their keys.
 """
 
 from __future__ import annotations

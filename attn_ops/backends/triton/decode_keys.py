@@ -37,7 +37,7 @@ def attend_keys(Q, K, V, TABLE, K_SCALE, V_SCALE, seq, kv_head, heads, g_ok, dim
     qk_scale, cap_inv, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs,
                                            qk_scale, cap_inv, FP8)
     mma_dtype = q.dtype
-    if FP8_VIA_F16:  # see _FP8_VIA_F16
+    if FP8_VIA_F16:  # see decode_kernel.FP8_VIA_F16
         q, row_scale = to_f16_rows(q)
         qk_scale = qk_scale * row_scale[:, None]
         cap_inv = cap_inv * row_scale[:, None]
@@ -48,7 +48,7 @@ def attend_keys(Q, K, V, TABLE, K_SCALE, V_SCALE, seq, kv_head, heads, g_ok, dim
     m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([G_P2], dtype=tl.float32)
     acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
-    # FP8_PAIRS (see FP8_PAIRS below): even and odd columns as separate fp16 tiles and dots
+    # FP8_PAIRS (see decode_kernel.FP8_PAIRS): even and odd columns as separate fp16 tiles and dots
     offs_j = tl.arange(0, D_P2 // 2)
     k16 = k_base.to(tl.pointer_type(tl.int16), bitcast=True)
     v16 = v_base.to(tl.pointer_type(tl.int16), bitcast=True)
