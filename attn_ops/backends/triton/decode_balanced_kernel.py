@@ -12,16 +12,18 @@ Work, computed on the device from ``seqlens_k`` (no host sync, a static grid):
   pairs are laid out sequence-major, then by kv head, so the batch's ``T = Hkv * sum(n_b)`` tiles
   form one range;
 - program p of P takes the next ``T // P`` tiles, one more when ``p < T % P``, and walks the
-  pairs they cross
-  (:func:`.decode_keys.attend_keys` on each piece). A pair all of whose tiles fall to one
-  program is written directly. A piece of a pair leaves a normalised partial and its
+  pairs they cross (:func:`.decode_keys.attend_keys` on each piece). A pair all of whose tiles
+  fall to one program is written directly. A piece of a pair leaves a normalised partial and its
   log2-sum-exp in its program's slot 0 (the piece holding the program's first tile) or slot 1
   (a piece that starts a pair and runs past the program's range), and the piece that completes
   the pair's tile count merges them (:func:`.merge_kernel.merge_pieces`);
 - a sequence with no visible key gets zeros (lse -inf) from program ``b mod P``.
 
 With uniform lengths and P = the split kernel's ``S * Hkv * B``, each program takes exactly
-one split's tiles (when S divides n), so the work matches the split kernel's.
+one split's tiles (when S divides n), so the work matches the split kernel's. The price is
+registers: the loop over pieces keeps the key walk's invariants live through the pieces' stores
+and merge (166 per thread at the default row against the split kernel's 126; 236 at the WIDE
+row against 186), so decode_plan.balanced_default takes it only at rows of 1-2 programs per SM.
 """
 
 from __future__ import annotations
