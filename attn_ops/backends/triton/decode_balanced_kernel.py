@@ -21,9 +21,11 @@ Work, computed on the device from ``seqlens_k`` (no host sync, a static grid):
 
 With uniform lengths and P = the split kernel's ``S * Hkv * B``, each program takes exactly
 one split's tiles (when S divides n), so the work matches the split kernel's. The price is
-registers: the loop over pieces keeps the key walk's invariants live through the pieces' stores
-and merge (166 per thread at the default row against the split kernel's 126; 236 at the WIDE
-row against 186), so decode_plan.balanced_default takes it only at rows of 1-2 programs per SM.
+registers: LLVM hoists the key walk's shared-memory addresses (about 100 values per thread:
+base plus constant, derived from the thread id) out of the loop over pieces, so they stay live
+through every piece's stores and merge (166 per thread at the default row against the split
+kernel's 126, 128 without the loop; 236 at the WIDE row against 186), and
+decode_plan.balanced_default takes it only at rows of 1-2 programs per SM.
 """
 
 from __future__ import annotations
