@@ -174,16 +174,9 @@ def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, se
         m = tl.max(lse, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
         w = tl.math.exp2(lse - m[:, None])  # empty split: exp2(-inf) = 0
-        heads = head0 + offs_r
-        sink2 = 0.0
-        if HAS_SINKS:
-            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=r_ok, other=0.0)
-            sink2 = sink2 * 1.4426950408889634  # log2(e)
-        factor, lse2 = finish(m, tl.sum(w, 1), sink2, 1.0, HAS_SINKS)
-        out = tl.sum(w[:, :, None] * o, 1) * factor[:, None]
-        tl.store(OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
-        store_lse(LSE, row0 + offs_r, lse2, r_ok, WITH_LSE)
+        _write_merged(OUT, LSE, SINK_LOGITS, seq, head0 + offs_r, row0 + offs_r, r_ok, offs_d,
+                      d_ok, tl.sum(w[:, :, None] * o, 1), tl.sum(w, 1), m, stride_ob,
+                      stride_oh, stride_sk, HAS_SINKS, WITH_LSE)
         tl.atomic_xchg(SEMA + sema_idx, 0)
 
 
@@ -238,13 +231,25 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
             den = den * alpha + tl.sum(w, 1)
             m = m_new
         heads = head0 + offs_r
-        sink2 = 0.0
-        if HAS_SINKS:
-            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=r_ok, other=0.0)
-            sink2 = sink2 * 1.4426950408889634  # log2(e)
-        factor, lse2 = finish(tl.where(m == float("-inf"), 0.0, m), den, sink2, 1.0, HAS_SINKS)
-        tl.store(OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 (acc * factor[:, None]).to(OUT.dtype.element_ty),
-                 mask=r_ok[:, None] & d_ok[None, :])
-        store_lse(LSE, seq.to(tl.int64) * num_heads + heads, lse2, r_ok, WITH_LSE)
+        _write_merged(OUT, LSE, SINK_LOGITS, seq, heads, seq.to(tl.int64) * num_heads + heads,
+                      r_ok, offs_d, d_ok, acc, den, tl.where(m == float("-inf"), 0.0, m),
+                      stride_ob, stride_oh, stride_sk, HAS_SINKS, WITH_LSE)
         tl.atomic_xchg(SEMA + pair, 0)
+
+
+@triton.jit
+def _write_merged(OUT, LSE, SINK_LOGITS, seq, heads, lse_rows, r_ok, offs_d, d_ok, acc, den, m,
+                  stride_ob, stride_oh, stride_sk, HAS_SINKS: tl.constexpr,
+                  WITH_LSE: tl.constexpr):
+    """The end of both in-kernel merges: ``acc`` ``[R, D]`` (the partials weighted by
+    ``2^(lse - m)``, summed), ``den`` their weights' sum and ``m`` (finite) the reference maximum
+    of rows ``heads`` of sequence ``seq``; the sink joins the denominator once here, and the
+    normalised rows (and their lse at ``lse_rows``, with ``WITH_LSE``) are written."""
+    sink2 = 0.0
+    if HAS_SINKS:
+        sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=r_ok, other=0.0)
+        sink2 = sink2 * 1.4426950408889634  # log2(e)
+    factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
+    tl.store(OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             (acc * factor[:, None]).to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    store_lse(LSE, lse_rows, lse2, r_ok, WITH_LSE)
