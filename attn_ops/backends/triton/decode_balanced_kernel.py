@@ -35,37 +35,59 @@ import triton.language as tl
 
 from attn_ops.backends.triton.decode_keys import attend_keys
 from attn_ops.backends.triton.merge_kernel import merge_pieces
-from attn_ops.backends.triton.softmax import finish, store_lse
+from attn_ops.backends.triton.softmax import attend_diagonal, finish, kv_scales, store_lse
 
 
-@triton.jit(do_not_specialize=["window_left", "batch"])
+@triton.jit(do_not_specialize=["window_left", "batch", "total_q"])
 def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, LSE,
-                           SINK_LOGITS, K_SCALE, V_SCALE,
+                           SINK_LOGITS, K_SCALE, V_SCALE, CU_Q,
                            stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
                            stride_vt, stride_vh, stride_sl, stride_tb, stride_tc, stride_ob,
                            stride_oh, stride_sk, stride_ks, stride_vs, batch, num_kv_heads,
-                           qk_scale, cap_log2, cap_inv, window_left,
+                           qk_scale, cap_log2, cap_inv, window_left, stride_cq, total_q,
                            GROUP: tl.constexpr, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                            D_P2: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                            B_P2: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
                            DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
                            WITH_LSE: tl.constexpr, FP8_VIA_F16: tl.constexpr = False,
                            FP8_PAIRS: tl.constexpr = False, PAIR_ASM: tl.constexpr = False,
-                           R_P2: tl.constexpr = 1, CHUNK: tl.constexpr = 4):
-    """Grid ``(P,)``. Shapes as decode_kernel's split kernel; ``batch`` sequences (at most
-    ``B_P2``), ``num_kv_heads`` kv heads; O_PART float32 ``[P * 2 * GROUP, HEAD_DIM]`` and
-    LSE_PART float32 ``[P * 2 * GROUP]`` (two slots per program), SEMA one zeroed int32 counter
-    per (sequence, kv head)."""
+                           R_P2: tl.constexpr = 1, CHUNK: tl.constexpr = 4,
+                           QUERIES: tl.constexpr = False, CAUSAL: tl.constexpr = True):
+    """Grid ``(P,)``. A decode (``QUERIES`` False): shapes as decode_kernel's split kernel,
+    ``batch`` sequences (at most ``B_P2``) of one query each, lengths ``SEQLENS``; O_PART float32
+    ``[P * 2 * GROUP, HEAD_DIM]`` and LSE_PART float32 ``[P * 2 * GROUP]`` (two slots per
+    program), SEMA one zeroed int32 counter per (sequence, kv head); CU_Q, stride_cq and total_q
+    unused.
+
+    A few queries per sequence (``QUERIES``; unified_kernel's small path, paged, no window):
+    Q / OUT ``[total_q, H, D]`` packed by ``CU_Q`` (cu_seqlens_q), SEQLENS is cu_seqlens_k, the
+    ``lq * GROUP`` rows of a (sequence, kv head) pair (at most G_P2 = R_P2) packed query-major
+    as the unified kernel's, ``CAUSAL`` aligned bottom-right; the slots hold G_P2 rows each. The
+    key tiles dealt out are the keys every row sees (``lk - lq + 1`` under ``CAUSAL``); the piece
+    with a pair's last tile then takes the few keys only some rows see
+    (:func:`.softmax.attend_diagonal`), and a sequence with no such tile (``lk < lq``) is
+    served whole by program ``b mod P``. Rows past ``CU_Q[batch]`` are zeroed."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     num_heads = num_kv_heads * GROUP
+    SLOT_ROWS: tl.constexpr = G_P2 if QUERIES else GROUP
 
     offs_b = tl.arange(0, B_P2)
-    lens = tl.load(SEQLENS + offs_b.to(tl.int64) * stride_sl, mask=offs_b < batch, other=0)
+    b_ok = offs_b < batch
+    lens = tl.load(SEQLENS + offs_b.to(tl.int64) * stride_sl, mask=b_ok, other=0)
     firsts = tl.zeros([B_P2], dtype=tl.int32)
-    if WINDOW:  # the query (position len - 1) sees keys >= len - 1 - window_left
-        firsts = tl.maximum(lens - 1 - window_left, 0)
-    tiles = tl.cdiv(lens - firsts, BLOCK_N)  # per (sequence, kv head); 0 for an empty one
+    if QUERIES:  # lengths from cu_seqlens; the tiles hold the keys every row sees
+        lens = tl.load(SEQLENS + (offs_b + 1).to(tl.int64) * stride_sl, mask=b_ok, other=0) - lens
+        lqs = (tl.load(CU_Q + (offs_b + 1).to(tl.int64) * stride_cq, mask=b_ok, other=0)
+               - tl.load(CU_Q + offs_b.to(tl.int64) * stride_cq, mask=b_ok, other=0))
+        every = lens
+        if CAUSAL:
+            every = lens - lqs + 1
+        tiles = tl.where(lqs > 0, tl.cdiv(tl.maximum(every, 0), BLOCK_N), 0)
+    else:
+        if WINDOW:  # the query (position len - 1) sees keys >= len - 1 - window_left
+            firsts = tl.maximum(lens - 1 - window_left, 0)
+        tiles = tl.cdiv(lens - firsts, BLOCK_N)  # per (sequence, kv head); 0 for an empty one
     ends = tl.cumsum(tiles, 0) * num_kv_heads  # each sequence's end in the range (int32: the
     total = tl.max(ends, 0)  # host checks that the table's capacity keeps it below 2^31)
     # Program p takes q tiles, and one more when p < r: int32 divisions only (an int64 division
@@ -80,75 +102,201 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
     g_ok = offs_g < GROUP
     dim_ok = offs_d < HEAD_DIM
     out_mask = g_ok[:, None] & dim_ok[None, :]
+    rows = tl.arange(0, R_P2)
     x = start
     while x < stop:
         seq = tl.sum((ends <= x).to(tl.int32), 0)  # the sequence holding tile x
-        # Its length read again (an L1 hit) rather than picked out of the vector: two
+        # Its lengths read again (an L1 hit) rather than picked out of the vectors: two
         # reductions per piece, not five (skewed batches ~0.5% faster, H200).
-        seq_len = tl.load(SEQLENS + seq.to(tl.int64) * stride_sl)
-        first = 0
-        if WINDOW:
-            first = tl.maximum(seq_len - 1 - window_left, 0)
-        n = tl.cdiv(seq_len - first, BLOCK_N)
+        q_start, lq, seq_len, first, seen = _sequence(SEQLENS, CU_Q, seq, stride_sl, stride_cq,
+                                                      window_left, QUERIES, CAUSAL, WINDOW)
+        n = tl.cdiv(seen - first, BLOCK_N)
         seq_begin = tl.sum(tl.where(ends <= x, tiles, 0), 0) * num_kv_heads
         kv_head = (x - seq_begin) // n
         pair_a = seq_begin + kv_head * n  # the pair's tiles: [pair_a, pair_b)
         pair_b = pair_a + n
         piece_end = tl.minimum(stop, pair_b)
         lo = first + (x - pair_a) * BLOCK_N
-        hi = tl.minimum(first + (piece_end - pair_a) * BLOCK_N, seq_len)
-        heads = kv_head * GROUP + offs_g
+        hi = tl.minimum(first + (piece_end - pair_a) * BLOCK_N, seen)
+        tokens, heads, rows_ok = _rows(q_start, lq, kv_head, offs_g, GROUP, QUERIES)
         acc, m_i, l_i, v_scale = attend_keys(
-            Q, K, V, TABLE, K_SCALE, V_SCALE, seq, kv_head, heads, g_ok, dim_ok, lo, hi,
-            stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-            stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv,
-            G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS,
-            PAIR_ASM)
+            Q, K, V, TABLE, K_SCALE, V_SCALE, tokens * stride_qb + heads * stride_qh, seq,
+            kv_head, rows_ok, dim_ok, lo, hi, stride_kb, stride_kt, stride_kh, stride_vb,
+            stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2,
+            cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16,
+            FP8_PAIRS, PAIR_ASM)
+        if QUERIES and CAUSAL:
+            if piece_end == pair_b:  # the pair's last tile: then the keys only some rows see
+                acc, m_i, l_i = _diagonal(
+                    acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE,
+                    tokens * stride_qb + heads * stride_qh, rows_ok, offs_g, dim_ok, seq,
+                    kv_head, seen, seq_len, lq, stride_kb, stride_kt, stride_kh, stride_vb,
+                    stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale,
+                    cap_log2, cap_inv, GROUP, HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8)
         # One normalisation for both ends (one product of the accumulator live, not two): a
         # piece's partial leaves the sink out (it joins once, at the merge), which a sink of
         # -inf does exactly.
         whole = (x == pair_a) & (piece_end == pair_b)
         sink2 = 0.0
         if HAS_SINKS:
-            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=g_ok, other=0.0)
+            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=rows_ok, other=0.0)
             sink2 = tl.where(whole, sink2 * 1.4426950408889634, float("-inf"))  # log2(e)
         factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)
-        # The group's rows only (R_P2 of the MMA's G_P2): the stores' pointer and mask tiles
+        # The pair's rows only (R_P2 of the MMA's G_P2): the stores' pointer and mask tiles
         # are what the registers go to at this point, with the loop's invariants still live.
         o = _first_rows(acc * factor[:, None], G_P2, R_P2)
-        lse2 = _first_rows(lse2[:, None], G_P2, R_P2)
-        rows = tl.arange(0, R_P2)
-        r_ok = rows < GROUP
+        lse2 = tl.reshape(_first_rows(lse2[:, None], G_P2, R_P2), [R_P2])
+        r_tokens, r_heads, r_ok = _rows(q_start, lq, kv_head, rows, GROUP, QUERIES)
         r_mask = r_ok[:, None] & dim_ok[None, :]
         if whole:  # the whole pair: written here
-            tl.store(OUT + seq.to(tl.int64) * stride_ob + (kv_head * GROUP + rows)[:, None]
-                     * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=r_mask)
-            store_lse(LSE, seq.to(tl.int64) * num_heads + kv_head * GROUP + rows,
-                      tl.reshape(lse2, [R_P2]), r_ok, WITH_LSE)
+            tl.store(OUT + (r_tokens * stride_ob + r_heads * stride_oh)[:, None]
+                     + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=r_mask)
+            store_lse(LSE, r_tokens * num_heads + r_heads, lse2, r_ok, WITH_LSE)
         else:  # a piece: its partial, in slot 0 when it holds the program's first tile
-            part = (pid.to(tl.int64) * 2 + (x != start).to(tl.int64)) * GROUP + rows
+            part = (pid.to(tl.int64) * 2 + (x != start).to(tl.int64)) * SLOT_ROWS + rows
             tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=r_mask)
-            tl.store(LSE_PART + part, tl.reshape(lse2, [R_P2]), mask=r_ok)
+            tl.store(LSE_PART + part, lse2, mask=r_ok)
             # The pair's pieces: programs _owner(pair_a) .. _owner(pair_b - 1).
             p_first = _owner(pair_a, q, r)
             p_last = _owner(pair_b - 1, q, r)
             first_slot = (p_first * q + tl.minimum(p_first, r) != pair_a).to(tl.int32)
             merge_pieces(SEMA, seq * num_kv_heads + kv_head, piece_end - x, n, O_PART,
-                         LSE_PART, OUT, LSE, SINK_LOGITS, seq, kv_head * GROUP, num_heads,
-                         p_first, first_slot, p_last - p_first + 1, q, r, stride_ob, stride_oh,
-                         stride_sk, GROUP, R_P2, HEAD_DIM, D_P2, CHUNK, HAS_SINKS, WITH_LSE)
+                         LSE_PART, OUT, LSE, SINK_LOGITS, q_start, kv_head * GROUP, lq * GROUP,
+                         num_heads, p_first, first_slot, p_last - p_first + 1, q, r, stride_ob,
+                         stride_oh, stride_sk, GROUP, SLOT_ROWS, R_P2, HEAD_DIM, D_P2, CHUNK,
+                         HAS_SINKS, WITH_LSE)
         x = piece_end
 
-    # Sequences with no visible key (length 0, or padding): zeros and lse -inf.
-    for b in range(pid, batch, progs.to(tl.int32)):
-        if tl.sum(tl.where(offs_b == b, tiles, 0), 0) == 0:
-            row = tl.cast(b, tl.int64)
-            for g in range(0, num_kv_heads):
-                heads = g * GROUP + offs_g
-                tl.store(OUT + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                         tl.zeros([G_P2, D_P2], dtype=OUT.dtype.element_ty), mask=out_mask)
-                store_lse(LSE, row * num_heads + heads,
-                          tl.full([G_P2], float("-inf"), dtype=tl.float32), g_ok, WITH_LSE)
+    if QUERIES:  # sequences with no tile: served whole here (lk < lq under CAUSAL) or none
+        for b in range(pid, batch, progs.to(tl.int32)):
+            if tl.sum(tl.where(offs_b == b, tiles, 0), 0) == 0:
+                _without_tiles(Q, K, V, TABLE, OUT, LSE, SINK_LOGITS, K_SCALE, V_SCALE, SEQLENS,
+                               CU_Q, tl.cast(b, tl.int32), num_kv_heads, num_heads, stride_qb, stride_qh, stride_kb,
+                               stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_sl,
+                               stride_tb, stride_tc, stride_ob, stride_oh, stride_sk, stride_ks,
+                               stride_vs, stride_cq, qk_scale, cap_log2, cap_inv, GROUP, G_P2,
+                               HEAD_DIM, D_P2, PAGE, SOFTCAP, CAUSAL, DOT, HAS_SINKS, FP8,
+                               WITH_LSE)
+        if pid == progs - 1:  # rows no sequence owns: zeros, lse -inf
+            for token in range(tl.load(CU_Q + batch * stride_cq), total_q):
+                for g in range(0, num_kv_heads):
+                    heads = g * GROUP + offs_g
+                    row = tl.cast(token, tl.int64)
+                    tl.store(OUT + row * stride_ob + heads[:, None] * stride_oh
+                             + offs_d[None, :], tl.zeros([G_P2, D_P2], OUT.dtype.element_ty),
+                             mask=out_mask)
+                    store_lse(LSE, row * num_heads + heads,
+                              tl.full([G_P2], float("-inf"), dtype=tl.float32), g_ok, WITH_LSE)
+    else:  # sequences with no visible key (length 0, or padding): zeros and lse -inf
+        for b in range(pid, batch, progs.to(tl.int32)):
+            if tl.sum(tl.where(offs_b == b, tiles, 0), 0) == 0:
+                row = tl.cast(b, tl.int64)
+                for g in range(0, num_kv_heads):
+                    heads = g * GROUP + offs_g
+                    tl.store(OUT + row * stride_ob + heads[:, None] * stride_oh
+                             + offs_d[None, :], tl.zeros([G_P2, D_P2], OUT.dtype.element_ty),
+                             mask=out_mask)
+                    store_lse(LSE, row * num_heads + heads,
+                              tl.full([G_P2], float("-inf"), dtype=tl.float32), g_ok, WITH_LSE)
+
+
+@triton.jit
+def _sequence(SEQLENS, CU_Q, seq, stride_sl, stride_cq, window_left, QUERIES: tl.constexpr,
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """``(q_start, lq, lk, first, seen)`` of sequence ``seq``: its first query token and query
+    count (a decode: ``seq`` and 1), its key count, and the keys every row sees, ``first ..
+    seen - 1``."""
+    if QUERIES:
+        k_start = tl.load(SEQLENS + seq.to(tl.int64) * stride_sl)
+        seq_len = tl.load(SEQLENS + (seq + 1).to(tl.int64) * stride_sl) - k_start
+        q_start = tl.load(CU_Q + seq.to(tl.int64) * stride_cq)
+        lq = tl.load(CU_Q + (seq + 1).to(tl.int64) * stride_cq) - q_start
+    else:
+        seq_len = tl.load(SEQLENS + seq.to(tl.int64) * stride_sl)
+        q_start = seq
+        lq = 1
+    seen = seq_len
+    if QUERIES and CAUSAL:  # bottom-right: query i sits at key i + lk - lq
+        seen = seq_len - lq + 1
+    first = 0
+    if WINDOW:  # (decode only) the query sees keys >= len - 1 - window_left
+        first = tl.maximum(seq_len - 1 - window_left, 0)
+    return q_start, lq, seq_len, first, seen
+
+
+@triton.jit
+def _rows(q_start, lq, kv_head, idx, GROUP: tl.constexpr, QUERIES: tl.constexpr):
+    """``(tokens, heads, valid)`` of packed rows ``idx`` of a (sequence, kv head) pair: row i is
+    query token ``q_start + i // GROUP``, head ``kv_head * GROUP + i % GROUP`` (a decode: the
+    token ``q_start``, heads ``kv_head * GROUP + i``); valid below ``lq * GROUP``."""
+    if QUERIES:
+        return ((q_start + idx // GROUP).to(tl.int64), kv_head * GROUP + idx % GROUP,
+                idx < lq * GROUP)
+    else:
+        return q_start.to(tl.int64), kv_head * GROUP + idx, idx < GROUP
+
+
+@triton.jit
+def _diagonal(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, rows_ok, offs_g, dim_ok,
+              seq, kv_head, lo, seq_len, lq, stride_kb, stride_kt, stride_kh, stride_vb,
+              stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale,
+              cap_log2, cap_inv, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+              D_P2: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr,
+              FP8: tl.constexpr):
+    """The running softmax of a pair's rows (at element offsets ``q_rows`` of Q) after its keys
+    ``lo .. seq_len - 1``, which only some of them see under the causal mask, with isolation
+    (:func:`.softmax.attend_diagonal`; q as stored, an FP8 cache widened to q's dtype)."""
+    offs_d = tl.arange(0, D_P2)
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rows_ok[:, None] & dim_ok[None, :],
+                other=0.0)
+    qk_scale, cap_inv, _ = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs, qk_scale,
+                                     cap_inv, FP8)
+    q_pos = offs_g // GROUP + seq_len - lq
+    return attend_diagonal(acc, m_i, l_i, q, K + kv_head * stride_kh, V + kv_head * stride_vh,
+                           TABLE + seq.to(tl.int64) * stride_tb, stride_tc, stride_kb, stride_kt,
+                           stride_vb, stride_vt, lo, seq_len, q_pos, qk_scale, cap_log2,
+                           cap_inv, offs_d, dim_ok, SOFTCAP, True, PAGE, DOT)
+
+
+@triton.jit
+def _without_tiles(Q, K, V, TABLE, OUT, LSE, SINK_LOGITS, K_SCALE, V_SCALE, SEQLENS, CU_Q, b,
+                   num_kv_heads, num_heads, stride_qb, stride_qh, stride_kb, stride_kt,
+                   stride_kh, stride_vb, stride_vt, stride_vh, stride_sl, stride_tb, stride_tc,
+                   stride_ob, stride_oh, stride_sk, stride_ks, stride_vs, stride_cq, qk_scale,
+                   cap_log2, cap_inv, GROUP: tl.constexpr, G_P2: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, PAGE: tl.constexpr,
+                   SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
+                   HAS_SINKS: tl.constexpr, FP8: tl.constexpr, WITH_LSE: tl.constexpr):
+    """Sequence ``b`` of a few-query launch that has no key tile: all of its keys, if any, are
+    ones only some of its rows see (``lk < lq`` under CAUSAL); written whole, each kv head."""
+    q_start, lq, seq_len, first, seen = _sequence(SEQLENS, CU_Q, b, stride_sl, stride_cq, 0,
+                                                  True, CAUSAL, False)
+    offs_g = tl.arange(0, G_P2)
+    offs_d = tl.arange(0, D_P2)
+    dim_ok = offs_d < HEAD_DIM
+    for kv_head in range(0, num_kv_heads):
+        tokens, heads, rows_ok = _rows(q_start, lq, kv_head, offs_g, GROUP, True)
+        acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
+        m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([G_P2], dtype=tl.float32)
+        if CAUSAL:
+            acc, m_i, l_i = _diagonal(
+                acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE,
+                tokens * stride_qb + heads * stride_qh, rows_ok, offs_g, dim_ok, b, kv_head, 0,
+                seq_len, lq, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, GROUP,
+                HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8)
+        _, _, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs, qk_scale,
+                                  cap_inv, FP8)
+        sink2 = 0.0
+        if HAS_SINKS:
+            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=rows_ok, other=0.0)
+            sink2 = sink2 * 1.4426950408889634  # log2(e)
+        factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)
+        tl.store(OUT + (tokens * stride_ob + heads * stride_oh)[:, None] + offs_d[None, :],
+                 (acc * factor[:, None]).to(OUT.dtype.element_ty),
+                 mask=rows_ok[:, None] & dim_ok[None, :])
+        store_lse(LSE, tokens * num_heads + heads, lse2, rows_ok, WITH_LSE)
 
 
 @triton.jit

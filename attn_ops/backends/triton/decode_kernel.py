@@ -72,9 +72,9 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
     dim_ok = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
     acc, m_i, l_i, v_scale = attend_keys(
-        Q, K, V, TABLE, K_SCALE, V_SCALE, seq, kv_head, heads, g_ok, dim_ok, lo, hi,
-        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2,
+        Q, K, V, TABLE, K_SCALE, V_SCALE, seq.to(tl.int64) * stride_qb + heads * stride_qh, seq,
+        kv_head, g_ok, dim_ok, lo, hi, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+        stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2,
         HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM)
 
     out_mask = g_ok[:, None] & dim_ok[None, :]
@@ -217,7 +217,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     counted = balanced or stage1["FUSED"]  # pieces merged in stage 1, by a counter
     sema = semaphores(batch * k_cache.shape[2], q.device) if counted else seqlens_k
     launch(kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
-           sema, *ex.pointers,
+           sema, *ex.pointers, *((seqlens_k,) if balanced else ()),  # CU_Q: unused
            *_stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out.stride(), ex,
                             splits, scale, softcap, window_left, balanced), **stage1, **ex.flags)
     if splits > 1 and not counted:
@@ -245,13 +245,15 @@ def _even(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 
 def _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex, splits, scale,
                     softcap, window_left, balanced) -> tuple:
-    """Stage 1's arguments after its 13 pointers: strides, the split count (the balanced
-    kernel: the batch and kv head counts), scalars."""
+    """Stage 1's arguments after its pointers (13; the balanced kernel's 14): strides, the
+    split count (the balanced kernel: the batch and kv head counts), scalars (the balanced
+    kernel's two unused few-query ones last)."""
     qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
     counts = (q.shape[0], k_cache.shape[2]) if balanced else (splits,)
     return (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
             seqlens_k.stride(0), *block_table.stride(), out_strides[0], out_strides[1],
-            *ex.strides, *counts, qk_scale, cap_log2, cap_inv, window_left)
+            *ex.strides, *counts, qk_scale, cap_log2, cap_inv, window_left,
+            *((0, q.shape[0]) if balanced else ()))
 
 
 def _part_shapes(batch: int, num_heads: int, head_dim: int, splits: int,
@@ -325,7 +327,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
         sink = sinks if has_sinks else q
         stage1_launch((q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
                        semaphores(sema_count, device) if counted else seqlens_k, lse, sink,
-                       k_scale if fp8 else q, v_scale if fp8 else q))
+                       k_scale if fp8 else q, v_scale if fp8 else q)
+                      + ((seqlens_k,) if balanced else ()))  # the balanced kernel's CU_Q
         if merge:
             merge_launch((o_part, lse_part, out, lse, sink))
         return (out, lse) if with_lse else out

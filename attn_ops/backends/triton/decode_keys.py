@@ -16,23 +16,23 @@ from attn_ops.backends.triton.softmax import fp8_pair_tile, kv_scales, to_f16_ro
 
 
 @triton.jit
-def attend_keys(Q, K, V, TABLE, K_SCALE, V_SCALE, seq, kv_head, heads, g_ok, dim_ok, lo, hi,
-                stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2,
-                cap_inv, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+def attend_keys(Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, seq, kv_head, g_ok, dim_ok, lo, hi,
+                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
+                stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
                 DOT: tl.constexpr, FP8: tl.constexpr, FP8_VIA_F16: tl.constexpr,
                 FP8_PAIRS: tl.constexpr, PAIR_ASM: tl.constexpr):
-    """``(acc [G_P2, D_P2], m_i, l_i [G_P2], v_scale)``: the online softmax of sequence ``seq``'s
-    query rows ``heads`` (valid where ``g_ok``; the GROUP query heads of ``kv_head``) over its
-    keys ``lo .. hi-1`` (at least one), in BLOCK_N-key steps through its block-table row.
+    """``(acc [G_P2, D_P2], m_i, l_i [G_P2], v_scale)``: the online softmax of the query rows at
+    element offsets ``q_rows`` ``[G_P2]`` of Q (valid where ``g_ok``: query heads of ``kv_head``,
+    of one query or of a few of sequence ``seq``) over ``seq``'s keys ``lo .. hi-1`` (at least
+    one, visible to every row), in BLOCK_N-key steps through its block-table row.
     ``acc`` is unnormalised; ``v_scale`` (an FP8 cache's, else 1) is still to be applied.
     Both decode kernels run it: the split kernel once per program, the balanced kernel
     (decode_balanced_kernel.py) once per piece of a (sequence, kv head) it takes."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_P2)
-    q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=g_ok[:, None] & dim_ok[None, :],
+                other=0.0)
 
     qk_scale, cap_inv, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs,
                                            qk_scale, cap_inv, FP8)

@@ -174,21 +174,23 @@ def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, se
         m = tl.max(lse, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
         w = tl.math.exp2(lse - m[:, None])  # empty split: exp2(-inf) = 0
-        _write_merged(OUT, LSE, SINK_LOGITS, seq, head0 + offs_r, row0 + offs_r, r_ok, offs_d,
-                      d_ok, tl.sum(w[:, :, None] * o, 1), tl.sum(w, 1), m, stride_ob,
-                      stride_oh, stride_sk, HAS_SINKS, WITH_LSE)
+        heads = head0 + offs_r
+        _write_merged(OUT, LSE, SINK_LOGITS, seq.to(tl.int64) * stride_ob + heads * stride_oh,
+                      heads, row0 + offs_r, r_ok, offs_d, d_ok, tl.sum(w[:, :, None] * o, 1),
+                      tl.sum(w, 1), m, stride_sk, HAS_SINKS, WITH_LSE)
         tl.atomic_xchg(SEMA + sema_idx, 0)
 
 
 @triton.jit
-def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0,
-                 num_heads, p_first, first_slot, span, q, r, stride_ob, stride_oh,
-                 stride_sk, ROWS: tl.constexpr, R_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 D_P2: tl.constexpr, CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr,
-                 WITH_LSE: tl.constexpr):
-    """The balanced decode's merge (decode_balanced_kernel.py), called by each program holding a
-    piece of pair ``pair`` (sequence ``seq``, query heads ``head0 .. head0 + ROWS - 1``, ``tiles``
-    key tiles) after it stored its partial: it adds its piece's ``mine`` tiles at ``SEMA[pair]``,
+def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, token0,
+                 head0, rows, num_heads, p_first, first_slot, span, q, r, stride_ob, stride_oh,
+                 stride_sk, GROUP: tl.constexpr, ROWS: tl.constexpr, R_P2: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, CHUNK: tl.constexpr,
+                 HAS_SINKS: tl.constexpr, WITH_LSE: tl.constexpr):
+    """The balanced kernel's merge (decode_balanced_kernel.py), called by each program holding a
+    piece of pair ``pair`` (``tiles`` key tiles; its ``rows`` packed rows, row ``i`` being query
+    token ``token0 + i // GROUP``, head ``head0 + i % GROUP``: one token's GROUP heads for a
+    decode) after it stored its partial: it adds its piece's ``mine`` tiles at ``SEMA[pair]``,
     and the one that completes the pair's tiles merges every piece into the output (the sink
     added once), writes the lse with ``WITH_LSE`` and sets the counter back to 0. Counting
     tiles, not pieces, needs no count of the pieces: with more programs than tiles (``q`` 0)
@@ -197,7 +199,7 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
     The pieces are in programs ``p_first .. p_first + span - 1`` (program p holds ``q`` tiles,
     one more when ``p < r``; skipped when it holds none),
     slot 0 of each, except ``p_first``'s, in slot ``first_slot``: partial rows ``(p * 2 + slot)
-    * ROWS + r``. They load ``CHUNK`` programs at a time (a ``[rows, CHUNK, D]`` tile, one trip to
+    * ROWS + i``. They load ``CHUNK`` programs at a time (a ``[rows, CHUNK, D]`` tile, one trip to
     L2 each) into a running merge, since a long sequence's pair can have many pieces. Ordering as
     :func:`merge_last_split`'s.
     """
@@ -207,7 +209,7 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
         offs_r = tl.arange(0, R_P2)
         offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, D_P2)
-        r_ok = offs_r < ROWS
+        r_ok = offs_r < rows
         d_ok = offs_d < HEAD_DIM
         m = tl.full([R_P2], float("-inf"), dtype=tl.float32)
         den = tl.zeros([R_P2], dtype=tl.float32)
@@ -230,26 +232,27 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
             acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
             den = den * alpha + tl.sum(w, 1)
             m = m_new
-        heads = head0 + offs_r
-        _write_merged(OUT, LSE, SINK_LOGITS, seq, heads, seq.to(tl.int64) * num_heads + heads,
-                      r_ok, offs_d, d_ok, acc, den, tl.where(m == float("-inf"), 0.0, m),
-                      stride_ob, stride_oh, stride_sk, HAS_SINKS, WITH_LSE)
+        tokens = (token0 + offs_r // GROUP).to(tl.int64)
+        heads = head0 + offs_r % GROUP
+        _write_merged(OUT, LSE, SINK_LOGITS, tokens * stride_ob + heads * stride_oh, heads,
+                      tokens * num_heads + heads, r_ok, offs_d, d_ok, acc, den,
+                      tl.where(m == float("-inf"), 0.0, m), stride_sk, HAS_SINKS, WITH_LSE)
         tl.atomic_xchg(SEMA + pair, 0)
 
 
 @triton.jit
-def _write_merged(OUT, LSE, SINK_LOGITS, seq, heads, lse_rows, r_ok, offs_d, d_ok, acc, den, m,
-                  stride_ob, stride_oh, stride_sk, HAS_SINKS: tl.constexpr,
-                  WITH_LSE: tl.constexpr):
+def _write_merged(OUT, LSE, SINK_LOGITS, out_rows, heads, lse_rows, r_ok, offs_d, d_ok, acc, den,
+                  m, stride_sk, HAS_SINKS: tl.constexpr, WITH_LSE: tl.constexpr):
     """The end of both in-kernel merges: ``acc`` ``[R, D]`` (the partials weighted by
     ``2^(lse - m)``, summed), ``den`` their weights' sum and ``m`` (finite) the reference maximum
-    of rows ``heads`` of sequence ``seq``; the sink joins the denominator once here, and the
-    normalised rows (and their lse at ``lse_rows``, with ``WITH_LSE``) are written."""
+    of the rows at element offsets ``out_rows`` of OUT, of query heads ``heads``; the sink joins
+    the denominator once here, and the normalised rows (and their lse at ``lse_rows``, with
+    ``WITH_LSE``) are written."""
     sink2 = 0.0
     if HAS_SINKS:
         sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=r_ok, other=0.0)
         sink2 = sink2 * 1.4426950408889634  # log2(e)
     factor, lse2 = finish(m, den, sink2, 1.0, HAS_SINKS)
-    tl.store(OUT + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+    tl.store(OUT + out_rows[:, None] + offs_d[None, :],
              (acc * factor[:, None]).to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
     store_lse(LSE, lse_rows, lse2, r_ok, WITH_LSE)

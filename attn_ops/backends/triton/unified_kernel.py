@@ -273,12 +273,12 @@ def _merge_kernel(O_PART, LSE_PART, O, CU_Q, LSE, SINK_LOGITS, num_splits, part_
 
 
 def _launch(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,
-            decode, causal, paged, window_left, softcap, config, splits, ex):
+            decode, causal, paged, window_left, softcap, config, splits, ex, balanced=None):
     """Plan, partials and launches: :func:`.unified_launch.run` (the host side, kept apart)."""
     from attn_ops.backends.triton import unified_launch
     return unified_launch.run(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q,
                               capacity, scale, decode, causal, paged, window_left, softcap,
-                              config, splits, ex)
+                              config, splits, ex, balanced)
 
 
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -287,10 +287,13 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             softcap: float = 0.0, sinks: torch.Tensor | None = None,
             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
             return_lse: bool = False, config: Config | None = None, splits: int | None = None,
-            out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            balanced: bool | None = None):
     """attn::prefill's semantics (see prefill_kernel.prefill for shapes, sinks, FP8 scales and
     the lse); ``config``/``splits`` override the static tables (benchmarks); ``out`` receives
-    the result, ``lse`` the lse (tests poison them)."""
+    the result, ``lse`` the lse (tests poison them); ``balanced`` True / False forces the
+    balanced kernel for a few-query paged batch where it can run / never
+    (unified_plan.balanced_plan; None: its rule)."""
     total_q = q.shape[0]
     num_seqs = cu_seqlens_q.shape[0] - 1
     paged = block_table is not None
@@ -306,7 +309,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
         capacity = min(capacity, block_table.shape[1] * k.shape[1])
     return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table,
                    num_seqs, max_seqlen_q, capacity, scale, False, causal, paged, window_left,
-                   softcap, config, splits, ex)
+                   softcap, config, splits, ex, balanced)
 
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,

@@ -13,6 +13,7 @@ import torch
 
 from attn_ops.backends.triton import unified_kernel as uk, unified_plan
 from attn_ops.backends.triton.common import result, semaphores, softcap_constants
+from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.launch import launch, prepare
 
 
@@ -47,9 +48,43 @@ def launch_args(q, k, v, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, cap
     return splits, grid, {**consts, **ex.flags}, scalars, merge, merge_scalars, table
 
 
+def balanced_args(q, k, v, cu_q, cu_k, table, num_seqs, max_seqlen_q, capacity, scale, causal,
+                  paged, window_left, softcap, config, splits, balanced, out_strides, ex):
+    """The balanced kernel's launch for a few-query prefill (unified_plan.balanced_plan), or
+    None: ``(grid, constexprs, arguments after the 14 pointers, partial shapes, counters)``.
+    Overriding the unified kernel's ``config`` or ``splits`` keeps the unified kernel."""
+    if config is not None or splits is not None or not paged:
+        return None
+    total_q, num_heads, head_dim = q.shape
+    plan = unified_plan.balanced_plan(num_seqs, num_heads, k.shape[2], head_dim,
+                                      int(max_seqlen_q), capacity, q.dtype, q.device,
+                                      bool(causal), paged, window_left >= 0, balanced)
+    if plan is None:
+        return None
+    grid, consts = plan
+    qk_scale, cap_log2, cap_inv = softcap_constants(scale, softcap)
+    scalars = (q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], cu_k.stride(0),
+               *table.stride(), out_strides[0], out_strides[1], *ex.strides, num_seqs,
+               k.shape[2], qk_scale, cap_log2, cap_inv, -1, cu_q.stride(0), total_q)
+    rows = 2 * grid[0] * consts["G_P2"]  # two slots of G_P2 rows per program
+    return (grid, {**consts, "PAGE": k.shape[1], "SOFTCAP": softcap > 0, **ex.flags}, scalars,
+            ((rows, head_dim), (rows,)), num_seqs * k.shape[2])
+
+
 def run(q, k, v, out, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,
-        decode, causal, paged, window_left, softcap, config, splits, ex):
-    """The wrappers' launch (unified_kernel.prefill / decode): plan, partials, launches."""
+        decode, causal, paged, window_left, softcap, config, splits, ex, balanced=None):
+    """The wrappers' launch (unified_kernel.prefill / decode): plan, partials, launches;
+    ``balanced`` as unified_plan.balanced_plan's ``force`` (prefill only)."""
+    bal = None if decode else balanced_args(
+        q, k, v, cu_q, cu_k, table, num_seqs, max_seqlen_q, capacity, scale, causal, paged,
+        window_left, softcap, config, splits, balanced, out.stride(), ex)
+    if bal is not None:
+        grid, consts, scalars, (part_shape, lse_part_shape), sema_count = bal
+        launch(decode_balanced_kernel, grid, q, k, v, cu_k, table, out,
+               torch.empty(part_shape, dtype=torch.float32, device=q.device),
+               torch.empty(lse_part_shape, dtype=torch.float32, device=q.device),
+               semaphores(sema_count, q.device), *ex.pointers, cu_q, *scalars, **consts)
+        return result(out, ex)
     splits, grid, consts, scalars, merge, merge_scalars, table = launch_args(
         q, k, v, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale, decode,
         causal, paged, window_left, softcap, config, splits, out.stride(), ex)
@@ -91,6 +126,11 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         capacity = min(capacity, block_table.shape[1] * k.shape[1])
     shape, dtype, device = q.shape, q.dtype, q.device
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's
+    bal = balanced_args(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, num_seqs, max_seqlen_q,
+                        capacity, scale, causal, paged, window_left, softcap, config, None, None,
+                        out_strides, ex)
+    if bal is not None:
+        return _bind_balanced(q, sinks, ex, bal, out_strides)
     splits, grid, consts, scalars, merge_consts, merge_scalars, _ = launch_args(
         q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table, num_seqs, max_seqlen_q,
         capacity, scale, False, causal, paged, window_left, softcap, config, None, out_strides,
@@ -134,6 +174,38 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
             k_scale if fp8 else q, v_scale if fp8 else q))
         if merge:
             go_merge((o_part, lse_part, out, cu_seqlens_q, lse, sink))
+        return (out, lse) if with_lse else out
+    bound.routes_traced = True  # the dispatch memo may call it directly (triton.bind_args)
+    return bound
+
+
+def _bind_balanced(q, sinks, ex, bal, out_strides):
+    """bind_prefill's function for a call the balanced kernel serves (:func:`balanced_args`)."""
+    grid, consts, scalars, (part_shape, lse_part_shape), sema_count = bal
+    has_sinks, fp8, with_lse = consts["HAS_SINKS"], consts["FP8"], consts["WITH_LSE"]
+    # Alignment checked per call: the caller's tensors (q stands in for what is absent).
+    check = (0, 1, 2, 3, 4, 13) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
+    go = prepare(decode_balanced_kernel, grid, consts, check, scalars)
+    shape, dtype, device = q.shape, q.dtype, q.device
+    empty, empty_like, f32 = torch.empty, torch.empty_like, torch.float32
+    lse_shape, like_q = shape[:2], q.stride() == out_strides
+    from attn_ops.backends.triton.launch import stats
+    tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
+
+    def bound(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+              causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
+              k_scale=None, v_scale=None, return_lse=False):
+        if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
+            return uk.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              scale, causal, block_table, window_left, softcap, sinks, k_scale,
+                              v_scale, with_lse)
+        stats["bound"] += 1
+        out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
+        lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
+        go((q, k, v, cu_seqlens_k, block_table, out, empty(part_shape, dtype=f32, device=device),
+            empty(lse_part_shape, dtype=f32, device=device), semaphores(sema_count, device), lse,
+            sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q,
+            cu_seqlens_q))
         return (out, lse) if with_lse else out
     bound.routes_traced = True  # the dispatch memo may call it directly (triton.bind_args)
     return bound

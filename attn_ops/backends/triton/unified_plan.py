@@ -136,3 +136,46 @@ def plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_di
     merge = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=consts["D_P2"],
                  S_P2=next_pow2(splits), DECODE=decode, num_warps=4)
     return splits, grid, consts, merge
+
+
+# Few queries per sequence over a paged cache at about one or two (sequence, kv head) programs
+# per SM (the deep rows at one split): the balanced kernel (decode_balanced_kernel.py, QUERIES)
+# deals the batch's key tiles out evenly, so a long sequence among short ones is not walked by
+# its own few programs while the rest of the GPU idles (the unified kernel splits every
+# sequence alike). Up to 16 packed rows (4 queries at G = 4), no window; see BENCHMARKS.md.
+BALANCED = True
+_BALANCED_MAX_ROWS = 16
+
+
+@functools.lru_cache(maxsize=1024)
+def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                  max_seqlen_q: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                  causal: bool, paged: bool, window: bool, force: bool | None):
+    """``(grid, constexprs)`` of the balanced kernel for a few-query prefill, or None where the
+    unified kernel serves it: by default (``force`` None) a paged launch of at most
+    _BALANCED_MAX_ROWS packed rows, bf16 / fp16, D <= 128, whose plan is a deep row at one
+    split; ``force`` True takes it wherever it can run (paged, no window, at most 32 rows,
+    decode_plan.balanced_applies), False never."""
+    group = num_heads // num_kv_heads
+    rows = max_seqlen_q * group
+    if force is False or not paged or window or rows > 32:
+        return None
+    if force is None:
+        if not (BALANCED and rows <= _BALANCED_MAX_ROWS and not INTERPRET and head_dim <= 128
+                and dtype in (torch.float16, torch.bfloat16)):
+            return None
+        deep = decode_plan.deep_splits(num_seqs * num_kv_heads, device_sm_count(device),
+                                       capacity)
+        if not deep or deep[0] != 1:
+            return None
+        cfg = deep[1]
+    else:
+        cfg = decode_plan.launch_config(head_dim, dtype)
+    if not decode_plan.balanced_applies(num_seqs, num_kv_heads, capacity, cfg):
+        return None
+    g_p2 = max(16, next_pow2(rows))
+    consts = dict(GROUP=group, G_P2=g_p2, R_P2=g_p2, HEAD_DIM=head_dim,
+                  D_P2=max(16, next_pow2(head_dim)), BLOCK_N=cfg.block_n,
+                  B_P2=next_pow2(num_seqs), WINDOW=False, DOT=dot_mode(dtype), QUERIES=True,
+                  CAUSAL=causal, num_warps=cfg.warps, num_stages=cfg.stages)
+    return (num_seqs * num_kv_heads,), consts
