@@ -13,11 +13,16 @@ bf16, H=32, Hkv=8, D=128, pages of 16 with shuffled blocks. Sections (``--only``
   (max(bytes / copy, FLOPs / matmul) per part) and against its parts timed alone. Graph replays.
 * ``short``: dense causal prompts 64 x 256, 96 x U(1, 400), 16 x 1024 and 4 x 4096 in TFLOP/s
   (eager ``do_bench``, as ANCHORS.md), against FA3 varlen / dense and SDPA cuDNN / flash.
+* ``skewed``: 1, 2 and 4 queries per sequence over keys of unequal lengths (bench_decode's
+  skewed batches), through ``attn.prefill`` as planned beside the unified kernel and the
+  balanced kernel forced, and the one-token decode over the same lengths; graph replays, in %
+  of the copy bandwidth (the K/V bytes read once).
 * ``decode``: one-token decode, our split-KV kernel and the unified kernel (pages of 16) against
   SDPA and FA3's kvcache kernel on contiguous K/V, in GB/s of K+V read; graph replays; plus a
   per-kernel profile of the split and merge launches at small B.
 
-    python benchmarks/bench_unified.py [--only few,mixed,short,decode] [--variants] [--out DIR]
+    python benchmarks/bench_unified.py [--only few,mixed,short,decode,skewed] [--variants]
+        [--out DIR]
     python benchmarks/bench_unified.py --plot benchmarks/results/unified.csv  # unified.png
 """
 
@@ -157,6 +162,48 @@ def few_queries(args, copy):
                              vs_decode=ms / base if ms and base else None, note=err))
         print_table([r for r in rows if (r["batch"], r["queries"], r["ctx"]) == (b, nq, ctx)],
                     ["batch", "queries", "ctx", "contender", "us", "gbs", "vs_decode", "note"])
+        del k_cache, v_cache
+    return rows
+
+
+def skewed(args, copy):
+    """Few queries per sequence over keys of unequal lengths: the plan and each kernel forced."""
+    import attn_ops
+    from attn_ops.backends.triton import decode_kernel, unified_kernel
+    from bench_decode import skewed_batches
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    rows = []
+    batches = dict(skewed_batches(args.smoke))
+    if not args.smoke:  # the uniform cost
+        batches.update({"16: 16x2048": [2048] * 16, "32: 32x4096": [4096] * 32})
+    for name, lens_k in batches.items():
+        k_cache, v_cache, table = _paged(lens_k, dev, hkv, d)
+        seqlens = torch.tensor(lens_k, dtype=torch.int32, device=dev)
+        q1 = torch.randn(len(lens_k), h, d, dtype=torch.bfloat16, device=dev)
+        sc = d ** -0.5
+        for nq in (1, 2, 4):
+            lens_q = [min(nq, n) for n in lens_k]
+            q = torch.randn(sum(lens_q), h, d, dtype=torch.bfloat16, device=dev)
+            cu_q, cu_k = _cu(lens_q, dev), _cu(lens_k, dev)
+            common = (q, k_cache, v_cache, cu_q, cu_k, nq, max(lens_k), sc, True, table)
+            runs = {"decode 1 token (planned)": lambda: decode_kernel.decode(
+                        q1, k_cache, v_cache, seqlens, table, sc),
+                    "attn.prefill, triton backend": lambda: attn_ops.prefill(
+                        *common, backend="triton"),
+                    "unified kernel": lambda: unified_kernel.prefill(*common, balanced=False),
+                    "balanced kernel": lambda: unified_kernel.prefill(*common, balanced=True)}
+            base = None
+            for contender, fn in runs.items():
+                ms, err = _time(fn, args)
+                base = ms if contender.startswith("decode") else base
+                gbs = _kv_bytes(lens_k, hkv, d) / (ms * 1e-3) / 1e9 if ms else None
+                rows.append(dict(section="skewed", batch=len(lens_k), lengths=name, queries=nq,
+                                 contender=contender, us=ms * 1e3 if ms else None, gbs=gbs,
+                                 pct_copy=100 * gbs / copy if gbs else None,
+                                 vs_decode=ms / base if ms and base else None, note=err))
+            print_table(rows[-len(runs):], ["lengths", "queries", "contender", "us", "pct_copy",
+                                            "vs_decode", "note"])
         del k_cache, v_cache
     return rows
 
@@ -509,7 +556,8 @@ def main():
                       ("few", lambda: few_queries(args, copy)),
                       ("mixed", lambda: mixed(args, copy, mm)),
                       ("short", lambda: short_prompts(args, mm)),
-                      ("decode", lambda: decode(args, copy))):
+                      ("decode", lambda: decode(args, copy)),
+                      ("skewed", lambda: skewed(args, copy))):
         if name in sections:
             rows += run()
             for r in rows:

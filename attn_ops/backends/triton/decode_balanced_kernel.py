@@ -84,6 +84,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
         if CAUSAL:
             every = lens - lqs + 1
         tiles = tl.where(lqs > 0, tl.cdiv(tl.maximum(every, 0), BLOCK_N), 0)
+        owned = tl.load(CU_Q + batch * stride_cq)  # rows past it: zeroed at the end
     else:
         if WINDOW:  # the query (position len - 1) sees keys >= len - 1 - window_left
             firsts = tl.maximum(lens - 1 - window_left, 0)
@@ -126,7 +127,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
             cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16,
             FP8_PAIRS, PAIR_ASM)
         if QUERIES and CAUSAL:
-            if piece_end == pair_b:  # the pair's last tile: then the keys only some rows see
+            if (piece_end == pair_b) & (seen < seq_len):  # then the keys only some rows see
                 acc, m_i, l_i = _diagonal(
                     acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE,
                     tokens * stride_qb + heads * stride_qh, rows_ok, offs_g, dim_ok, seq,
@@ -178,7 +179,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
                                HEAD_DIM, D_P2, PAGE, SOFTCAP, CAUSAL, DOT, HAS_SINKS, FP8,
                                WITH_LSE)
         if pid == progs - 1:  # rows no sequence owns: zeros, lse -inf
-            for token in range(tl.load(CU_Q + batch * stride_cq), total_q):
+            for token in range(owned, total_q):
                 for g in range(0, num_kv_heads):
                     heads = g * GROUP + offs_g
                     row = tl.cast(token, tl.int64)

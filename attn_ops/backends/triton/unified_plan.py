@@ -145,6 +145,10 @@ def plan(total_q: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_di
 # sequence alike). Up to 16 packed rows (4 queries at G = 4), no window; see BENCHMARKS.md.
 BALANCED = True
 _BALANCED_MAX_ROWS = 16
+# Pieces a merge loads per trip to L2 (merge_kernel.merge_pieces): a [rows, CHUNK, D] float32
+# tile, at 16 rows 64 registers per thread with 4 (the decode's chunk, at its 4 rows); with 1,
+# sm_90a ptxas fits the WIDE row in 231 registers without spilling (255 and 72 bytes with 4).
+_MERGE_CHUNK = 1
 
 
 @functools.lru_cache(maxsize=1024)
@@ -155,27 +159,24 @@ def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: in
     unified kernel serves it: by default (``force`` None) a paged launch of at most
     _BALANCED_MAX_ROWS packed rows, bf16 / fp16, D <= 128, whose plan is a deep row at one
     split; ``force`` True takes it wherever it can run (paged, no window, at most 32 rows,
-    decode_plan.balanced_applies), False never."""
+    decode_plan.balanced_applies; that pipeline, else the decode's default row), False
+    never."""
     group = num_heads // num_kv_heads
     rows = max_seqlen_q * group
     if force is False or not paged or window or rows > 32:
         return None
-    if force is None:
-        if not (BALANCED and rows <= _BALANCED_MAX_ROWS and not INTERPRET and head_dim <= 128
-                and dtype in (torch.float16, torch.bfloat16)):
-            return None
-        deep = decode_plan.deep_splits(num_seqs * num_kv_heads, device_sm_count(device),
-                                       capacity)
-        if not deep or deep[0] != 1:
-            return None
-        cfg = deep[1]
-    else:
-        cfg = decode_plan.launch_config(head_dim, dtype)
+    deep = (not INTERPRET and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16)
+            and decode_plan.deep_splits(num_seqs * num_kv_heads, device_sm_count(device),
+                                        capacity))
+    one = bool(deep) and deep[0] == 1  # a deep row at one split: its pipeline either way
+    if force is None and not (BALANCED and rows <= _BALANCED_MAX_ROWS and one):
+        return None
+    cfg = deep[1] if one else decode_plan.launch_config(head_dim, dtype)
     if not decode_plan.balanced_applies(num_seqs, num_kv_heads, capacity, cfg):
         return None
     g_p2 = max(16, next_pow2(rows))
     consts = dict(GROUP=group, G_P2=g_p2, R_P2=g_p2, HEAD_DIM=head_dim,
                   D_P2=max(16, next_pow2(head_dim)), BLOCK_N=cfg.block_n,
                   B_P2=next_pow2(num_seqs), WINDOW=False, DOT=dot_mode(dtype), QUERIES=True,
-                  CAUSAL=causal, num_warps=cfg.warps, num_stages=cfg.stages)
+                  CAUSAL=causal, CHUNK=_MERGE_CHUNK, num_warps=cfg.warps, num_stages=cfg.stages)
     return (num_seqs * num_kv_heads,), consts
