@@ -83,7 +83,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
         every = lens
         if CAUSAL:
             every = lens - lqs + 1
-        tiles = tl.where(lqs > 0, tl.cdiv(tl.maximum(every, 0), BLOCK_N), 0)
+        tiles = _few_query_tiles(every, lqs, BLOCK_N)
         owned = tl.load(CU_Q + batch * stride_cq)  # rows past it: zeroed at the end
     else:
         if WINDOW:  # the query (position len - 1) sees keys >= len - 1 - window_left
@@ -111,7 +111,10 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
         # reductions per piece, not five (skewed batches ~0.5% faster, H200).
         q_start, lq, seq_len, first, seen = _sequence(SEQLENS, CU_Q, seq, stride_sl, stride_cq,
                                                       window_left, QUERIES, CAUSAL, WINDOW)
-        n = tl.cdiv(seen - first, BLOCK_N)
+        if QUERIES:
+            n = _few_query_tiles(seen, lq, BLOCK_N)
+        else:
+            n = tl.cdiv(seen - first, BLOCK_N)
         seq_begin = tl.sum(tl.where(ends <= x, tiles, 0), 0) * num_kv_heads
         kv_head = (x - seq_begin) // n
         pair_a = seq_begin + kv_head * n  # the pair's tiles: [pair_a, pair_b)
@@ -120,20 +123,26 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
         lo = first + (x - pair_a) * BLOCK_N
         hi = tl.minimum(first + (piece_end - pair_a) * BLOCK_N, seen)
         tokens, heads, rows_ok = _rows(q_start, lq, kv_head, offs_g, GROUP, QUERIES)
-        acc, m_i, l_i, v_scale = attend_keys(
-            Q, K, V, TABLE, K_SCALE, V_SCALE, tokens * stride_qb + heads * stride_qh, seq,
-            kv_head, rows_ok, dim_ok, lo, hi, stride_kb, stride_kt, stride_kh, stride_vb,
-            stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2,
-            cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16,
-            FP8_PAIRS, PAIR_ASM)
+        acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
+        m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([G_P2], dtype=tl.float32)
         if QUERIES and CAUSAL:
-            if (piece_end == pair_b) & (seen < seq_len):  # then the keys only some rows see
+            # The keys only some rows see, first where the piece holds the pair's last tile:
+            # before the walk, none of its values is live through the walk's loop (after it,
+            # sm_90a took 1020 instructions per 128-key step at the WIDE row against 927).
+            if (piece_end == pair_b) & (seen < seq_len):
                 acc, m_i, l_i = _diagonal(
                     acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE,
                     tokens * stride_qb + heads * stride_qh, rows_ok, offs_g, dim_ok, seq,
-                    kv_head, seen, seq_len, lq, stride_kb, stride_kt, stride_kh, stride_vb,
+                    kv_head, tl.maximum(seen, 0), seq_len, lq, stride_kb, stride_kt, stride_kh, stride_vb,
                     stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale,
                     cap_log2, cap_inv, GROUP, HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8)
+        acc, m_i, l_i, v_scale = attend_keys(
+            acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, tokens * stride_qb
+            + heads * stride_qh, seq, kv_head, rows_ok, dim_ok, lo, hi, stride_kb, stride_kt,
+            stride_kh, stride_vb, stride_vt, stride_vh, stride_tb, stride_tc, stride_ks,
+            stride_vs, qk_scale, cap_log2, cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP,
+            DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM)
         # One normalisation for both ends (one product of the accumulator live, not two): a
         # piece's partial leaves the sink out (it joins once, at the merge), which a sink of
         # -inf does exactly.
@@ -168,16 +177,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
                          HAS_SINKS, WITH_LSE)
         x = piece_end
 
-    if QUERIES:  # sequences with no tile: served whole here (lk < lq under CAUSAL) or none
-        for b in range(pid, batch, progs.to(tl.int32)):
-            if tl.sum(tl.where(offs_b == b, tiles, 0), 0) == 0:
-                _without_tiles(Q, K, V, TABLE, OUT, LSE, SINK_LOGITS, K_SCALE, V_SCALE, SEQLENS,
-                               CU_Q, tl.cast(b, tl.int32), num_kv_heads, num_heads, stride_qb, stride_qh, stride_kb,
-                               stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_sl,
-                               stride_tb, stride_tc, stride_ob, stride_oh, stride_sk, stride_ks,
-                               stride_vs, stride_cq, qk_scale, cap_log2, cap_inv, GROUP, G_P2,
-                               HEAD_DIM, D_P2, PAGE, SOFTCAP, CAUSAL, DOT, HAS_SINKS, FP8,
-                               WITH_LSE)
+    if QUERIES:
         if pid == progs - 1:  # rows no sequence owns: zeros, lse -inf
             for token in range(owned, total_q):
                 for g in range(0, num_kv_heads):
@@ -260,44 +260,11 @@ def _diagonal(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, rows_ok, 
 
 
 @triton.jit
-def _without_tiles(Q, K, V, TABLE, OUT, LSE, SINK_LOGITS, K_SCALE, V_SCALE, SEQLENS, CU_Q, b,
-                   num_kv_heads, num_heads, stride_qb, stride_qh, stride_kb, stride_kt,
-                   stride_kh, stride_vb, stride_vt, stride_vh, stride_sl, stride_tb, stride_tc,
-                   stride_ob, stride_oh, stride_sk, stride_ks, stride_vs, stride_cq, qk_scale,
-                   cap_log2, cap_inv, GROUP: tl.constexpr, G_P2: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, D_P2: tl.constexpr, PAGE: tl.constexpr,
-                   SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr,
-                   HAS_SINKS: tl.constexpr, FP8: tl.constexpr, WITH_LSE: tl.constexpr):
-    """Sequence ``b`` of a few-query launch that has no key tile: all of its keys, if any, are
-    ones only some of its rows see (``lk < lq`` under CAUSAL); written whole, each kv head."""
-    q_start, lq, seq_len, first, seen = _sequence(SEQLENS, CU_Q, b, stride_sl, stride_cq, 0,
-                                                  True, CAUSAL, False)
-    offs_g = tl.arange(0, G_P2)
-    offs_d = tl.arange(0, D_P2)
-    dim_ok = offs_d < HEAD_DIM
-    for kv_head in range(0, num_kv_heads):
-        tokens, heads, rows_ok = _rows(q_start, lq, kv_head, offs_g, GROUP, True)
-        acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
-        m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([G_P2], dtype=tl.float32)
-        if CAUSAL:
-            acc, m_i, l_i = _diagonal(
-                acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE,
-                tokens * stride_qb + heads * stride_qh, rows_ok, offs_g, dim_ok, b, kv_head, 0,
-                seq_len, lq, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, GROUP,
-                HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8)
-        _, _, v_scale = kv_scales(K_SCALE, V_SCALE, kv_head, stride_ks, stride_vs, qk_scale,
-                                  cap_inv, FP8)
-        sink2 = 0.0
-        if HAS_SINKS:
-            sink2 = tl.load(SINK_LOGITS + heads * stride_sk, mask=rows_ok, other=0.0)
-            sink2 = sink2 * 1.4426950408889634  # log2(e)
-        factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)
-        tl.store(OUT + (tokens * stride_ob + heads * stride_oh)[:, None] + offs_d[None, :],
-                 (acc * factor[:, None]).to(OUT.dtype.element_ty),
-                 mask=rows_ok[:, None] & dim_ok[None, :])
-        store_lse(LSE, tokens * num_heads + heads, lse2, rows_ok, WITH_LSE)
+def _few_query_tiles(seen, lq, BLOCK_N: tl.constexpr):
+    """Key tiles of a few-query pair (scalars or vectors): of the keys all of its rows see, and
+    at least one where it has a query, so that a pair whose keys all lie on the diagonal (``lk <
+    lq``), or that has none, is one piece too (an empty walk, then the diagonal)."""
+    return tl.where(lq > 0, tl.maximum(tl.cdiv(tl.maximum(seen, 0), BLOCK_N), 1), 0)
 
 
 @triton.jit

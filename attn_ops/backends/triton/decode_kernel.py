@@ -72,10 +72,12 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
     dim_ok = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
     acc, m_i, l_i, v_scale = attend_keys(
-        Q, K, V, TABLE, K_SCALE, V_SCALE, seq.to(tl.int64) * stride_qb + heads * stride_qh, seq,
-        kv_head, g_ok, dim_ok, lo, hi, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-        stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2,
-        HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM)
+        tl.zeros([G_P2, D_P2], dtype=tl.float32), tl.full([G_P2], float("-inf"), tl.float32),
+        tl.zeros([G_P2], dtype=tl.float32), Q, K, V, TABLE, K_SCALE, V_SCALE,
+        seq.to(tl.int64) * stride_qb + heads * stride_qh, seq, kv_head, g_ok, dim_ok, lo, hi,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb, stride_tc,
+        stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N,
+        SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM)
 
     out_mask = g_ok[:, None] & dim_ok[None, :]
     lse_idx = seq.to(tl.int64) * num_heads + heads

@@ -16,17 +16,19 @@ from attn_ops.backends.triton.softmax import fp8_pair_tile, kv_scales, to_f16_ro
 
 
 @triton.jit
-def attend_keys(Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, seq, kv_head, g_ok, dim_ok, lo, hi,
-                stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb,
-                stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+def attend_keys(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, seq, kv_head, g_ok,
+                dim_ok, lo, hi, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                stride_tb, stride_tc, stride_ks, stride_vs, qk_scale, cap_log2, cap_inv,
+                G_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
                 DOT: tl.constexpr, FP8: tl.constexpr, FP8_VIA_F16: tl.constexpr,
                 FP8_PAIRS: tl.constexpr, PAIR_ASM: tl.constexpr):
     """``(acc [G_P2, D_P2], m_i, l_i [G_P2], v_scale)``: the online softmax of the query rows at
     element offsets ``q_rows`` ``[G_P2]`` of Q (valid where ``g_ok``: query heads of ``kv_head``,
-    of one query or of a few of sequence ``seq``) over ``seq``'s keys ``lo .. hi-1`` (at least
-    one, visible to every row), in BLOCK_N-key steps through its block-table row.
-    ``acc`` is unnormalised; ``v_scale`` (an FP8 cache's, else 1) is still to be applied.
+    of one query or of a few of sequence ``seq``), from the running state ``acc, m_i, l_i``
+    (zeros, -inf, zeros for none), after ``seq``'s keys ``lo .. hi-1`` (at least one, visible to
+    every row), in BLOCK_N-key steps through its block-table row. ``acc`` is unnormalised and
+    stays so; ``v_scale`` (an FP8 cache's, else 1) is still to be applied.
     Both decode kernels run it: the split kernel once per program, the balanced kernel
     (decode_balanced_kernel.py) once per piece of a (sequence, kv head) it takes."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -45,16 +47,12 @@ def attend_keys(Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, seq, kv_head, g_ok, di
     table_row = TABLE + seq.to(tl.int64) * stride_tb
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
-    m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_P2], dtype=tl.float32)
-    acc = tl.zeros([G_P2, D_P2], dtype=tl.float32)
     # FP8_PAIRS (see decode_kernel.FP8_PAIRS): even and odd columns as separate fp16 tiles and dots
     offs_j = tl.arange(0, D_P2 // 2)
     k16 = k_base.to(tl.pointer_type(tl.int16), bitcast=True)
     v16 = v_base.to(tl.pointer_type(tl.int16), bitcast=True)
     q_even, q_odd = tl.split(tl.reshape(q, [G_P2, D_P2 // 2, 2]))
-    acc_even = tl.zeros([G_P2, D_P2 // 2], dtype=tl.float32)
-    acc_odd = tl.zeros([G_P2, D_P2 // 2], dtype=tl.float32)
+    acc_even, acc_odd = tl.split(tl.reshape(acc, [G_P2, D_P2 // 2, 2]))
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < hi
