@@ -134,9 +134,9 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
                 acc, m_i, l_i = _diagonal(
                     acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE,
                     tokens * stride_qb + heads * stride_qh, rows_ok, offs_g, dim_ok, seq,
-                    kv_head, tl.maximum(seen, 0), seq_len, lq, stride_kb, stride_kt, stride_kh, stride_vb,
-                    stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale,
-                    cap_log2, cap_inv, GROUP, HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8)
+                    kv_head, tl.maximum(seen, 0), seq_len, lq, stride_kb, stride_kt, stride_kh,
+                    stride_vb, stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs,
+                    qk_scale, cap_log2, cap_inv, GROUP, HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8)
         acc, m_i, l_i, v_scale = attend_keys(
             acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, tokens * stride_qb
             + heads * stride_qh, seq, kv_head, rows_ok, dim_ok, lo, hi, stride_kb, stride_kt,

@@ -149,6 +149,13 @@ _BALANCED_MAX_ROWS = 16
 # tile, at 16 rows 64 registers per thread with 4 (the decode's chunk, at its 4 rows); with 1,
 # sm_90a ptxas fits the WIDE row in 231 registers without spilling (255 and 72 bytes with 4).
 _MERGE_CHUNK = 1
+# The WIDE row (one program per SM) with 8 warps, not the decode's 4: a single warp per
+# scheduler left ptxas's schedule of this build's loop exposed (sm_90a: the QK^T MMAs in one
+# dependent chain with 28 NOPs, where the decode build interleaves four). H200 graph replays,
+# B 16, 1 / 4 queries, the unified kernel vs 4 vs 8 warps: x 2048 39.7 / 41.9 vs 44.4 / 46.7
+# vs 42.2 / 44.8 us; x 8192 129.7 / 131.7 vs 144.5 / 146.9 vs 136.0 / 138.4; one of 16384 and
+# 15 of 1024: 243.5 / 245.4 vs 53.1 / 58.1 vs 51.3 / 56.8 (BENCHMARKS.md, sixteenth pass).
+_WIDE_WARPS = 8
 
 
 @functools.lru_cache(maxsize=1024)
@@ -168,15 +175,22 @@ def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: in
     deep = (not INTERPRET and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16)
             and decode_plan.deep_splits(num_seqs * num_kv_heads, device_sm_count(device),
                                         capacity))
-    one = bool(deep) and deep[0] == 1  # a deep row at one split: its pipeline either way
-    if force is None and not (BALANCED and rows <= _BALANCED_MAX_ROWS and one):
+    if force is None and not (BALANCED and rows <= _BALANCED_MAX_ROWS and deep and deep[0] == 1):
         return None
-    cfg = deep[1] if one else decode_plan.launch_config(head_dim, dtype)
+    # As many programs as the decode's split plan would launch (its deep row's pipeline)
+    if deep:
+        splits, cfg = deep
+    else:
+        cfg = decode_plan.launch_config(head_dim, dtype)
+        splits = decode_plan.num_splits(
+            num_seqs, num_kv_heads, capacity, device_sm_count(device), cfg.block_n,
+            decode_plan.DEFAULT_RESIDENT if cfg == decode_plan.DEFAULT_CONFIG else 0)
     if not decode_plan.balanced_applies(num_seqs, num_kv_heads, capacity, cfg):
         return None
+    warps = _WIDE_WARPS if cfg == decode_plan.WIDE_CONFIG else cfg.warps
     g_p2 = max(16, next_pow2(rows))
     consts = dict(GROUP=group, G_P2=g_p2, R_P2=g_p2, HEAD_DIM=head_dim,
                   D_P2=max(16, next_pow2(head_dim)), BLOCK_N=cfg.block_n,
                   B_P2=next_pow2(num_seqs), WINDOW=False, DOT=dot_mode(dtype), QUERIES=True,
-                  CAUSAL=causal, CHUNK=_MERGE_CHUNK, num_warps=cfg.warps, num_stages=cfg.stages)
-    return (num_seqs * num_kv_heads,), consts
+                  CAUSAL=causal, CHUNK=_MERGE_CHUNK, num_warps=warps, num_stages=cfg.stages)
+    return (splits * num_seqs * num_kv_heads,), consts

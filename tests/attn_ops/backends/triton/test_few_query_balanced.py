@@ -121,8 +121,11 @@ def test_balanced_plan_rule(monkeypatch):
                                               torch.device("cpu"), True, paged, window, force)
         grid, consts = plan(16, 4)
         assert grid == (128,) and consts["QUERIES"] and consts["G_P2"] == 16
-        assert consts["BLOCK_N"] == decode_plan.WIDE_CONFIG.block_n
-        assert plan(32, 4)[1]["BLOCK_N"] == decode_plan.DEEP_CONFIG.block_n  # DEEP, one split
+        assert consts["BLOCK_N"] == decode_plan.WIDE_CONFIG.block_n and consts["num_warps"] == 8
+        deep = plan(32, 4)[1]  # DEEP, one split
+        assert deep["BLOCK_N"] == decode_plan.DEEP_CONFIG.block_n and deep["num_warps"] == 4
+        splits = decode_plan.num_splits(64, 8, 8192, 132, 64, decode_plan.DEFAULT_RESIDENT)
+        assert plan(64, 4, force=True)[0] == (splits * 64 * 8,)  # the decode plan's programs
         assert plan(64, 4) is None  # the default row (4 programs per SM)
         assert plan(16, 8) is None  # 32 rows: the unified kernel by default
         assert plan(16, 8, force=True)[1]["G_P2"] == 32
