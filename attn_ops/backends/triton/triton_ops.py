@@ -28,9 +28,18 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: tor
             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
             causal: bool = True, block_table: torch.Tensor | None = None,
             window_left: int = -1, softcap: float = 0.0) -> torch.Tensor:
-    """``attn::prefill`` (q ``[Tq, H, D]`` -> ``[Tq, H, D]``) on the Triton prefill kernel."""
-    return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, scale, causal, block_table, window_left, softcap)
+    """``attn::prefill`` (q ``[Tq, H, D]`` -> ``[Tq, H, D]``) on the kernel the Triton backend's
+    route picks from the traced metadata: the unified kernel (few queries per sequence, and
+    batches far shorter than ``B * max_seqlen_q``; a few-query paged batch may take its balanced
+    kernel) or the FA2-style one. The passes leave the Gluon routes ("hopper", "split") as
+    extern calls, so they never reach here; were one to, the FA2-style kernel serves it."""
+    from attn_ops.backends import triton as backend
+    from attn_ops.backends.triton import unified_kernel
+    route = backend.prefill_route(q, k, cu_seqlens_q, max_seqlen_q, causal, block_table,
+                                  window_left, softcap)
+    kernel = unified_kernel if route == "unified" else prefill_kernel
+    return kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          scale, causal, block_table, window_left, softcap)
 
 
 @triton_op("attn_triton::decode", mutates_args=())

@@ -18,7 +18,7 @@ import graph_passes
 from attn_ops import registry
 from attn_ops.backends import reference
 from graph_passes.lowering.inline_triton import InlineTritonPass
-from tests.support.helpers import TOLERANCES, assert_close, random_paged
+from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("fresh_compile")
@@ -162,6 +162,54 @@ def test_inductor_launches_the_balanced_decode_kernel(monkeypatch):
             assert_close(fn(*args), want, *TOLERANCES[torch.bfloat16])
     finally:
         decode_kernel._plan.cache_clear()
+
+@pytest.mark.parametrize("route", ["unified", "prefill"])
+def test_the_prefill_triton_op_takes_the_backends_route(route, monkeypatch):
+    """attn_triton.prefill runs the kernel the Triton backend's route picks for the call (few
+    queries per sequence over a paged cache: the unified kernel; long prompts: the FA2-style
+    one), eagerly here (the interpreter)."""
+    from attn_ops.backends import triton as tb
+    from attn_ops.backends.triton import prefill_kernel, triton_ops, unified_kernel  # noqa: F401
+    calls, routed = [], []
+    real_route = tb.prefill_route
+    monkeypatch.setattr(tb, "prefill_route", lambda *a, **k: (
+        routed.append(real_route(*a, **k)), route)[1])
+    for module in (unified_kernel, prefill_kernel):
+        real = module.prefill
+        monkeypatch.setattr(module, "prefill", lambda *a, real=real, module=module, **k: (
+            calls.append(module.__name__.rsplit(".", 1)[1]), real(*a, **k))[1])
+    torch.manual_seed(0)
+    pb = random_paged([13, 40, 3], 2, 32, 16, torch.float16)
+    q = torch.randn(7, 4, 32, dtype=torch.float16)
+    args = (q, pb.k_cache, pb.v_cache, cu_seqlens([2, 4, 1]), cu_seqlens([13, 40, 3]), 4, 40,
+            0.2, True, pb.block_table)
+    assert_close(torch.ops.attn_triton.prefill(*args), reference.prefill(*args),
+                 *TOLERANCES[torch.float16])
+    assert routed == ["unified"]  # what the backend's route says for this call
+    assert calls == [route + "_kernel"]
+
+
+@pytest.mark.cuda
+def test_inductor_launches_the_few_query_balanced_kernel():
+    """A few queries per sequence over a paged cache, B 16 x 8 kv heads (the WIDE row): the
+    plan's balanced kernel, launched from Inductor's generated code."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    lens_q, lens_k = [4, 1, 2, 3] * 4, [3000, 17, 1, 700] * 4
+    pb = random_paged(lens_k, 8, 128, 16, torch.bfloat16, device="cuda")
+    q = torch.randn(sum(lens_q), 32, 128, dtype=torch.bfloat16, device="cuda")
+    args = (q, pb.k_cache, pb.v_cache, cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda"),
+            pb.block_table)
+
+    def fn(q, k, v, cu_q, cu_k, table):
+        return torch.ops.attn.prefill(q, k, v, cu_q, cu_k, 4, 3000, 128 ** -0.5, True, table)
+    want = reference.prefill(*args[:5], 4, 3000, 128 ** -0.5, True, args[5])
+    compiled = torch.compile(fn, backend=graph_passes.attn_ops_backend)
+    with torch.no_grad(), attn_ops.use_backend("triton"):
+        out, code = run_and_get_code(compiled, *args)
+    assert_close(out, want, *TOLERANCES[torch.bfloat16])
+    assert "decode_balanced_kernel" in "\n".join(code)
+
 
 def test_a_graph_inductor_cannot_compile_falls_back_to_extern_calls(monkeypatch, caplog):
     """Lowering forced onto the CPU, where Inductor cannot compile the (interpreted) Triton
