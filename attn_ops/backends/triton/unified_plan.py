@@ -192,5 +192,8 @@ def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: in
     consts = dict(GROUP=group, G_P2=g_p2, R_P2=g_p2, HEAD_DIM=head_dim,
                   D_P2=max(16, next_pow2(head_dim)), BLOCK_N=cfg.block_n,
                   B_P2=next_pow2(num_seqs), WINDOW=False, DOT=dot_mode(dtype), QUERIES=True,
-                  CAUSAL=causal, CHUNK=_MERGE_CHUNK, num_warps=warps, num_stages=cfg.stages)
+                  CAUSAL=causal, CHUNK=_MERGE_CHUNK, num_warps=warps, num_stages=cfg.stages,
+                  # FP8 caches widened in registers (every constexpr given: Inductor's launch
+                  # of a traced call, wrap_triton, takes no defaults)
+                  FP8_VIA_F16=False, FP8_PAIRS=False, PAIR_ASM=False)
     return (splits * num_seqs * num_kv_heads,), consts
