@@ -1,5 +1,6 @@
-"""One-token paged decode with the batch's keys dealt out evenly over the programs, so that a long
-sequence among short ones is spread over as many programs as its keys need.
+"""Paged attention of one query (a decode) or a few (speculative verification, decode rows through
+``attn.prefill``) per sequence, with the batch's keys dealt out evenly over the programs, so that
+a long sequence among short ones is spread over as many programs as its keys need.
 
 Why: the split kernel (decode_kernel.py) gives every sequence the same split count, fixed by
 static shapes (the block table's width), and each split a share of its own sequence's keys. In a
@@ -18,6 +19,16 @@ Work, computed on the device from ``seqlens_k`` (no host sync, a static grid):
   (a piece that starts a pair and runs past the program's range), and the piece that completes
   the pair's tile count merges them (:func:`.merge_kernel.merge_pieces`);
 - a sequence with no visible key gets zeros (lse -inf) from program ``b mod P``.
+
+A few queries per sequence (``QUERIES``; the unified kernel's plan takes it, unified_plan.
+balanced_plan): the same scheme over ``lq * G`` packed rows (query-major, as the unified
+kernel's), its lengths from cu_seqlens. The tiles dealt out hold the keys every row sees (``lk -
+lq + 1`` under the causal mask); the piece holding a pair's last tile first takes the few keys
+only some rows see (:func:`.softmax.attend_diagonal`, with its isolation of non-finite values),
+before its walk, so none of that code's values is live through the walk's loop. A pair with no
+such tile (``lk < lq``, or no key) is one tile whose walk is empty. Measured on the H200 (B 16 of
+one 16384-key sequence and 15 of 1024, 4 queries each): 56.4 us against the unified kernel's
+243.9; uniform lengths cost 5-7% (BENCHMARKS.md, sixteenth pass).
 
 With uniform lengths and P = the split kernel's ``S * Hkv * B``, each program takes exactly
 one split's tiles (when S divides n), so the work matches the split kernel's. The price is

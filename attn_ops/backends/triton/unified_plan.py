@@ -150,8 +150,9 @@ _BALANCED_MAX_ROWS = 16
 # sm_90a ptxas fits the WIDE row in 231 registers without spilling (255 and 72 bytes with 4).
 _MERGE_CHUNK = 1
 # The WIDE row (one program per SM) with 8 warps, not the decode's 4: a single warp per
-# scheduler left ptxas's schedule of this build's loop exposed (sm_90a: the QK^T MMAs in one
-# dependent chain with 28 NOPs, where the decode build interleaves four). H200 graph replays,
+# scheduler left ptxas's schedule of this build's loop exposed (sm_90a: the QK^T MMAs one
+# accumulator chain at a time, 28 more NOPs, where the decode build interleaves four; ncu: 3.95
+# cycles per issued instruction against 3.58). H200 graph replays,
 # B 16, 1 / 4 queries, the unified kernel vs 4 vs 8 warps: x 2048 39.7 / 41.9 vs 44.4 / 46.7
 # vs 42.2 / 44.8 us; x 8192 129.7 / 131.7 vs 144.5 / 146.9 vs 136.0 / 138.4; one of 16384 and
 # 15 of 1024: 243.5 / 245.4 vs 53.1 / 58.1 vs 51.3 / 56.8 (BENCHMARKS.md, sixteenth pass).
