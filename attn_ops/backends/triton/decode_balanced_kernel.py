@@ -18,7 +18,7 @@ Work, computed on the device from ``seqlens_k`` (no host sync, a static grid):
   log2-sum-exp in its program's slot 0 (the piece holding the program's first tile) or slot 1
   (a piece that starts a pair and runs past the program's range), and the piece that completes
   the pair's tile count merges them (:func:`.merge_kernel.merge_pieces`);
-- a sequence with no visible key gets zeros (lse -inf) from program ``b mod P``.
+- a sequence with no visible key gets zeros (lse -inf) from program ``b mod P`` (a decode).
 
 A few queries per sequence (``QUERIES``; the unified kernel's plan takes it, unified_plan.
 balanced_plan): the same scheme over ``lq * G`` packed rows (query-major, as the unified
@@ -75,9 +75,9 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
     ``lq * GROUP`` rows of a (sequence, kv head) pair (at most G_P2 = R_P2) packed query-major
     as the unified kernel's, ``CAUSAL`` aligned bottom-right; the slots hold G_P2 rows each. The
     key tiles dealt out are the keys every row sees (``lk - lq + 1`` under ``CAUSAL``); the piece
-    with a pair's last tile then takes the few keys only some rows see
-    (:func:`.softmax.attend_diagonal`), and a sequence with no such tile (``lk < lq``) is
-    served whole by program ``b mod P``. Rows past ``CU_Q[batch]`` are zeroed."""
+    with a pair's last tile also takes the few keys only some rows see
+    (:func:`.softmax.attend_diagonal`), and a pair with no full tile (``lk < lq``, or no key) is
+    one tile whose walk is empty. Rows past ``CU_Q[batch]`` are zeroed."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     num_heads = num_kv_heads * GROUP
@@ -139,8 +139,10 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
         l_i = tl.zeros([G_P2], dtype=tl.float32)
         if QUERIES and CAUSAL:
             # The keys only some rows see, first where the piece holds the pair's last tile:
-            # before the walk, none of its values is live through the walk's loop (after it,
-            # sm_90a took 1020 instructions per 128-key step at the WIDE row against 927).
+            # before the walk, none of its values is live through the walk's loop. (With it
+            # after the walk, and a separate pass for pairs without a full tile, sm_90a took
+            # 1020 instructions per 128-key step at the WIDE row; like this 963; the decode
+            # build 927.)
             if (piece_end == pair_b) & (seen < seq_len):
                 acc, m_i, l_i = _diagonal(
                     acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE,
@@ -274,7 +276,7 @@ def _diagonal(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, rows_ok, 
 def _few_query_tiles(seen, lq, BLOCK_N: tl.constexpr):
     """Key tiles of a few-query pair (scalars or vectors): of the keys all of its rows see, and
     at least one where it has a query, so that a pair whose keys all lie on the diagonal (``lk <
-    lq``), or that has none, is one piece too (an empty walk, then the diagonal)."""
+    lq``), or that has none, is one piece too (the diagonal, then an empty walk)."""
     return tl.where(lq > 0, tl.maximum(tl.cdiv(tl.maximum(seen, 0), BLOCK_N), 1), 0)
 
 

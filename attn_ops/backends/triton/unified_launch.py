@@ -130,7 +130,7 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
                         capacity, scale, causal, paged, window_left, softcap, config, None, None,
                         out_strides, ex)
     if bal is not None:
-        return _bind_balanced(q, sinks, ex, bal, out_strides)
+        return _bind_balanced(q, bal, out_strides)
     splits, grid, consts, scalars, merge_consts, merge_scalars, _ = launch_args(
         q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table, num_seqs, max_seqlen_q,
         capacity, scale, False, causal, paged, window_left, softcap, config, None, out_strides,
@@ -179,7 +179,7 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return bound
 
 
-def _bind_balanced(q, sinks, ex, bal, out_strides):
+def _bind_balanced(q, bal, out_strides):
     """bind_prefill's function for a call the balanced kernel serves (:func:`balanced_args`)."""
     grid, consts, scalars, (part_shape, lse_part_shape), sema_count = bal
     has_sinks, fp8, with_lse = consts["HAS_SINKS"], consts["FP8"], consts["WITH_LSE"]
