@@ -58,7 +58,8 @@ def balanced_args(q, k, v, cu_q, cu_k, table, num_seqs, max_seqlen_q, capacity, 
     total_q, num_heads, head_dim = q.shape
     plan = unified_plan.balanced_plan(num_seqs, num_heads, k.shape[2], head_dim,
                                       int(max_seqlen_q), capacity, q.dtype, q.device,
-                                      bool(causal), paged, window_left >= 0, balanced)
+                                      bool(causal), paged, window_left >= 0,
+                                      k.dtype == torch.float8_e4m3fn, balanced)
     if plan is None:
         return None
     grid, consts = plan

@@ -162,11 +162,12 @@ _WIDE_WARPS = 8
 @functools.lru_cache(maxsize=1024)
 def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
                   max_seqlen_q: int, capacity: int, dtype: torch.dtype, device: torch.device,
-                  causal: bool, paged: bool, window: bool, force: bool | None):
+                  causal: bool, paged: bool, window: bool, fp8: bool, force: bool | None):
     """``(grid, constexprs)`` of the balanced kernel for a few-query prefill, or None where the
     unified kernel serves it: by default (``force`` None) a paged launch of at most
-    _BALANCED_MAX_ROWS packed rows, bf16 / fp16, D <= 128, whose plan is a deep row at one
-    split; ``force`` True takes it wherever it can run (paged, no window, at most 32 rows,
+    _BALANCED_MAX_ROWS packed rows, bf16 / fp16 over a bf16 / fp16 cache (an FP8 cache's
+    few-query path was not measured on it), D <= 128, whose plan is a deep row at one split;
+    ``force`` True takes it wherever it can run (paged, no window, at most 32 rows,
     decode_plan.balanced_applies; that pipeline, else the decode's default row), False
     never."""
     group = num_heads // num_kv_heads
@@ -176,7 +177,8 @@ def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: in
     deep = (not INTERPRET and head_dim <= 128 and dtype in (torch.float16, torch.bfloat16)
             and decode_plan.deep_splits(num_seqs * num_kv_heads, device_sm_count(device),
                                         capacity))
-    if force is None and not (BALANCED and rows <= _BALANCED_MAX_ROWS and deep and deep[0] == 1):
+    if force is None and not (BALANCED and rows <= _BALANCED_MAX_ROWS and not fp8 and deep
+                              and deep[0] == 1):
         return None
     # As many programs as the decode's split plan would launch (its deep row's pipeline)
     if deep:

@@ -116,9 +116,10 @@ def test_balanced_plan_rule(monkeypatch):
     monkeypatch.setattr(unified_plan, "device_sm_count", lambda device: 132)
     unified_plan.balanced_plan.cache_clear()
     try:
-        def plan(b, max_q, force=None, window=False, paged=True, dtype=BF16, h=32):
+        def plan(b, max_q, force=None, window=False, paged=True, dtype=BF16, h=32, fp8=False):
             return unified_plan.balanced_plan(b, h, 8, 128, max_q, 8192, dtype,
-                                              torch.device("cpu"), True, paged, window, force)
+                                              torch.device("cpu"), True, paged, window, fp8,
+                                              force)
         grid, consts = plan(16, 4)
         assert grid == (128,) and consts["QUERIES"] and consts["G_P2"] == 16
         assert consts["BLOCK_N"] == decode_plan.WIDE_CONFIG.block_n and consts["num_warps"] == 8
@@ -132,6 +133,7 @@ def test_balanced_plan_rule(monkeypatch):
         assert plan(16, 9, force=True) is None  # past 32 rows
         assert plan(16, 4, window=True) is None and plan(16, 4, paged=False) is None
         assert plan(16, 4, force=False) is None and plan(16, 4, dtype=FP32) is None
+        assert plan(16, 4, fp8=True) is None and plan(16, 4, fp8=True, force=True) is not None
         assert plan(1, 4, force=True) is None  # one sequence: nothing to balance
     finally:
         unified_plan.balanced_plan.cache_clear()
