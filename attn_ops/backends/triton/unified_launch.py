@@ -113,9 +113,10 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     """unified_kernel.prefill (default tables, or ``config``) for the call signature of these
     arguments: plan and every non-pointer argument computed once (see
     decode_kernel.bind_decode); the function returned allocates the outputs, the split
-    partials, takes the semaphores of the current stream, and launches. A ``config`` with no
-    large path (``block_m`` 0) writes only the sequences its small path serves (the Triton
-    backend's split route)."""
+    partials, takes the semaphores of the current stream, and launches: the unified kernel, or
+    the balanced kernel where the plan takes it for a few-query batch (:func:`balanced_args`).
+    A ``config`` with no large path (``block_m`` 0) writes only the sequences its small path
+    serves (the Triton backend's split route)."""
     total_q, num_heads, head_dim = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     paged = block_table is not None
@@ -130,25 +131,34 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     bal = balanced_args(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, num_seqs, max_seqlen_q,
                         capacity, scale, causal, paged, window_left, softcap, config, None, None,
                         out_strides, ex)
-    if bal is not None:
-        return _bind_balanced(q, bal, out_strides)
-    splits, grid, consts, scalars, merge_consts, merge_scalars, _ = launch_args(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table, num_seqs, max_seqlen_q,
-        capacity, scale, False, causal, paged, window_left, softcap, config, None, out_strides,
-        ex)
-    fused = consts["FUSED"]
-    merge = splits > 1 and not fused
+    if bal is not None:  # the balanced kernel (few queries per sequence): one launch
+        grid, consts, scalars, (part_shape, lse_part_shape), sema_count = bal
+        fused, merge = True, False  # its pieces always merge by counter, in the launch
+        # Alignment checked per call: the caller's tensors (q stands in for what is absent).
+        check = ((0, 1, 2, 3, 4, 13) + ((10,) if consts["HAS_SINKS"] else ())
+                 + ((11, 12) if consts["FP8"] else ()))
+        go = prepare(decode_balanced_kernel, grid, consts, check, scalars)
+    else:
+        splits, grid, consts, scalars, merge_consts, merge_scalars, _ = launch_args(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q, block_table, num_seqs,
+            max_seqlen_q, capacity, scale, False, causal, paged, window_left, softcap, config,
+            None, out_strides, ex)
+        fused = consts["FUSED"]
+        merge = splits > 1 and not fused
+        # Alignment checked per call: the caller's tensors (out, lse, partials and semaphores
+        # are fresh allocations; q and cu_seqlens_q stand in for what is absent).
+        check = ((0, 1, 2, 7, 8) + ((10,) if paged else ())
+                 + ((12,) if consts["HAS_SINKS"] else ()) + ((13, 14) if consts["FP8"] else ()))
+        go = prepare(uk._unified_kernel, grid, consts, check, scalars)
+        go_merge = prepare(uk._merge_kernel, (total_q * num_heads,), merge_consts,
+                           (3,) + ((5,) if consts["HAS_SINKS"] else ()),
+                           merge_scalars) if merge else None
+        part_shape, lse_part_shape = ((splits, total_q * num_heads, head_dim),
+                                      (splits, total_q * num_heads))
+        sema_count = grid[0] * grid[1]
     has_sinks, fp8, with_lse = consts["HAS_SINKS"], consts["FP8"], consts["WITH_LSE"]
-    # Alignment checked per call: the caller's tensors (out, lse, partials and semaphores are
-    # fresh allocations; q and cu_seqlens_q stand in for what is absent).
-    check = ((0, 1, 2, 7, 8) + ((10,) if paged else ()) + ((12,) if has_sinks else ())
-             + ((13, 14) if fp8 else ()))
-    go = prepare(uk._unified_kernel, grid, consts, check, scalars)
-    go_merge = prepare(uk._merge_kernel, (total_q * num_heads,), merge_consts,
-                       (3,) + ((5,) if has_sinks else ()), merge_scalars) if merge else None
-    part_shape, lse_part_shape = ((splits, total_q * num_heads, head_dim),
-                                  (splits, total_q * num_heads))
-    empty, lse_shape, f32, sema_count = torch.empty, shape[:2], torch.float32, grid[0] * grid[1]
+    balanced, parts = bal is not None, bal is not None or splits > 1
+    empty, lse_shape, f32 = torch.empty, shape[:2], torch.float32
     empty_like, like_q = torch.empty_like, q.stride() == out_strides  # ~0.9 us less than empty
     from attn_ops.backends.triton.launch import stats
     tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
@@ -163,50 +173,22 @@ def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         stats["bound"] += 1
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
-        if splits == 1:
-            o_part = lse_part = out  # unused pointer arguments
-        else:
+        if parts:
             o_part = empty(part_shape, dtype=f32, device=device)
             lse_part = empty(lse_part_shape, dtype=f32, device=device)
+        else:
+            o_part = lse_part = out  # unused pointer arguments
         sink = sinks if has_sinks else q
-        go((q, k, v, out, o_part, lse_part,
-            semaphores(sema_count, device) if fused else cu_seqlens_q, cu_seqlens_q,
-            cu_seqlens_k, cu_seqlens_q, block_table if paged else cu_seqlens_k, lse, sink,
-            k_scale if fp8 else q, v_scale if fp8 else q))
-        if merge:
-            go_merge((o_part, lse_part, out, cu_seqlens_q, lse, sink))
-        return (out, lse) if with_lse else out
-    bound.routes_traced = True  # the dispatch memo may call it directly (triton.bind_args)
-    return bound
-
-
-def _bind_balanced(q, bal, out_strides):
-    """bind_prefill's function for a call the balanced kernel serves (:func:`balanced_args`)."""
-    grid, consts, scalars, (part_shape, lse_part_shape), sema_count = bal
-    has_sinks, fp8, with_lse = consts["HAS_SINKS"], consts["FP8"], consts["WITH_LSE"]
-    # Alignment checked per call: the caller's tensors (q stands in for what is absent).
-    check = (0, 1, 2, 3, 4, 13) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
-    go = prepare(decode_balanced_kernel, grid, consts, check, scalars)
-    shape, dtype, device = q.shape, q.dtype, q.device
-    empty, empty_like, f32 = torch.empty, torch.empty_like, torch.float32
-    lse_shape, like_q = shape[:2], q.stride() == out_strides
-    from attn_ops.backends.triton.launch import stats
-    tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
-
-    def bound(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
-              k_scale=None, v_scale=None, return_lse=False):
-        if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
-            return uk.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              scale, causal, block_table, window_left, softcap, sinks, k_scale,
-                              v_scale, with_lse)
-        stats["bound"] += 1
-        out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
-        lse = empty(lse_shape, dtype=f32, device=device) if with_lse else q
-        go((q, k, v, cu_seqlens_k, block_table, out, empty(part_shape, dtype=f32, device=device),
-            empty(lse_part_shape, dtype=f32, device=device), semaphores(sema_count, device), lse,
-            sinks if has_sinks else q, k_scale if fp8 else q, v_scale if fp8 else q,
-            cu_seqlens_q))
+        sema = semaphores(sema_count, device) if fused else cu_seqlens_q
+        if balanced:
+            go((q, k, v, cu_seqlens_k, block_table, out, o_part, lse_part, sema, lse, sink,
+                k_scale if fp8 else q, v_scale if fp8 else q, cu_seqlens_q))
+        else:
+            go((q, k, v, out, o_part, lse_part, sema, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q,
+                block_table if paged else cu_seqlens_k, lse, sink, k_scale if fp8 else q,
+                v_scale if fp8 else q))
+            if merge:
+                go_merge((o_part, lse_part, out, cu_seqlens_q, lse, sink))
         return (out, lse) if with_lse else out
     bound.routes_traced = True  # the dispatch memo may call it directly (triton.bind_args)
     return bound
