@@ -172,7 +172,8 @@ def run_shape(b, ctx, args, copy, pages=(16, 256)):
     return rows
 
 
-GROWTH_SHAPES = [(16, 4096), (16, 8192), (32, 8192), (64, 4096), (128, 4096)]
+GROWTH_SHAPES = [(16, 4096), (16, 8192), (32, 8192), (64, 4096), (128, 4096), (8, 4096),
+                 (16, 2048), (24, 4096), (32, 4096), (48, 4096)]
 
 
 def skewed_batches(smoke: bool) -> dict[str, list[int]]:
@@ -225,7 +226,8 @@ def growth(args, copy):
     """bf16 vs FP8 caches vs sinks vs the lse, one shape at a time, the variants interleaved."""
     import attn_ops
     from attn_ops.backends import reference
-    from attn_ops.backends.triton import decode_kernel
+    from attn_ops.backends.triton import decode_kernel, decode_plan
+    from attn_ops.backends.triton.common import device_sm_count
     from common import bench_ms
     dev = device(args)
     h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
@@ -252,14 +254,17 @@ def growth(args, copy):
             "bf16 + sinks + lse": (attn_ops.decode_with_lse, base + (sinks,), 2),
             "fp8 + sinks + lse": (attn_ops.decode_with_lse, fp8[:8] + (sinks,) + fp8[9:], 1),
         }
-        # FP8 tiles hold half the bytes: launch configs around fp8's row, each with the cache
-        # widened to fp16 (the default) or to bf16 (kernel wrapper, not the op path)
-        for cfg in ((64, 4, 3), (128, 4, 3), (128, 4, 2, 128), (64, 4, 3, 128), (128, 8, 3)):
-            for via in (True, False):
-                variants[f"fp8 config {cfg} via {'f16' if via else 'bf16'}"] = (
-                    lambda *a, cfg=cfg, via=via: decode_kernel.decode(
-                        *a[:6], k_scale=a[9], v_scale=a[10], config=cfg, fp8_via_f16=via),
-                    fp8, 1)
+        # FP8's two launch rows forced (kernel wrapper, not the op path): FP8_CONFIG with the
+        # wave rule's splits, and FP8_DEEP_CONFIG with its own (decode_plan); and the default
+        # with the cache widened to bf16 instead of fp16
+        deep = decode_plan.fp8_deep_splits(b * hkv, device_sm_count(dev), ctx) or 1
+        forced = {"fp8 FP8_CONFIG row": dict(config=decode_plan.FP8_CONFIG),
+                  f"fp8 FP8_DEEP_CONFIG row, {deep} splits": dict(
+                      config=decode_plan.FP8_DEEP_CONFIG, splits=deep),
+                  "fp8 via bf16": dict(fp8_via_f16=False)}
+        for name, kw in forced.items():
+            variants[name] = (lambda *a, kw=kw: decode_kernel.decode(
+                *a[:6], k_scale=a[9], v_scale=a[10], **kw), fp8, 1)
         times = {name: [] for name in variants}
         for _ in range(1 if args.smoke else 3):
             for name, (op, a, _) in variants.items():

@@ -26,9 +26,10 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
-from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT, Config,
-                                                  balanced_applies, balanced_default,
-                                                  deep_splits, launch_config, num_splits)
+from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
+                                                  FP8_DEEP_CONFIG, Config, balanced_applies,
+                                                  balanced_default, deep_splits,
+                                                  fp8_deep_splits, launch_config, num_splits)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
 
@@ -139,11 +140,16 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     the split kernel would launch, where it can run (decode_plan.balanced_applies)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
-    deep = (config is None and splits is None and not fp8 and not INTERPRET and head_dim <= 128
-            and dtype in (torch.float16, torch.bfloat16)
-            and deep_splits(batch * num_kv_heads, device_sm_count(device), width * page))
-    if deep:
-        splits, cfg = deep
+    deep = (config is None and splits is None and not INTERPRET and head_dim <= 128
+            and dtype in (torch.float16, torch.bfloat16))
+    if deep and fp8:
+        fp8_splits = fp8_deep_splits(batch * num_kv_heads, device_sm_count(device), width * page)
+        if fp8_splits:
+            splits, cfg = fp8_splits, FP8_DEEP_CONFIG
+    elif deep:
+        deep = deep_splits(batch * num_kv_heads, device_sm_count(device), width * page)
+        if deep:
+            splits, cfg = deep
     if splits is None:
         splits = num_splits(batch, num_kv_heads, width * page, device_sm_count(device),
                             cfg.block_n, DEFAULT_RESIDENT if cfg == DEFAULT_CONFIG else 0)

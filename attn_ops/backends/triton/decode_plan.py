@@ -125,6 +125,40 @@ def deep_splits(programs: int, sms: int, capacity: int) -> tuple[int, Config] | 
     return None
 
 
+# FP8 caches where a split count gives each SM 1.55-3 programs (1, 2 or 4 splits): 128-key tiles,
+# 5 stages (two 32 KB K/V buffers: 75 KB of shared memory with the rest) and at most 168
+# registers (162 used, no spill; FP8_CONFIG's cap of 128 spills 16 bytes), so three programs fit
+# an SM. The FP8 tile needs more instructions per byte than bf16's (FP8_PAIRS), which one
+# program per SM cannot hide (B 16 x 4096 at 1 split: 46.5 us) and four per SM at 2 stages
+# (FP8_CONFIG) hide with a single buffer. H200, bf16 q, 32/8 heads, pages of 16, graph replays,
+# vs FP8_CONFIG's row (BENCHMARKS.md, seventeenth pass): B 8 x 4096 (4 splits) 26.0 vs 29.4 us,
+# x 8192 41.3 vs 48.2; B 13 x 4096 (2) 40.0 vs 40.6; B 16 x 4096 (2) 41.2-41.4 vs 43.3-43.5,
+# x 8192 72.6 vs 75.4; B 20 x 4096 (2) 53.8 vs 54.0; B 24 x 4096 (2) 59.7 vs 76.9; B 32 x 4096
+# (1) 70.3 vs 75.3, x 2048 39.7 vs 43.3; B 40 x 4096 (1) 96.7 vs 112.4; B 48 x 4096 (1) 105.1
+# vs 122.4. Not taken: B 16 at 3 splits (2.9 per SM) 43.5, 4 (two waves) 54.6; 6 or 7 stages
+# no faster (41.4, 43.7); a cap of 160 or less 2-10% slower; 8 warps 22-40% slower; the
+# balanced kernel 4-10% slower at uniform lengths. B 64 x 2048 at 1 split (3.9 per SM, two
+# waves): 92.9 vs 74.3, so past 3 per SM FP8_CONFIG stays.
+FP8_DEEP_CONFIG = Config(128, 4, 5, 168)
+_FP8_DEEP_PER_SM = (1.55, 3.0)
+_FP8_DEEP_MIN_KEYS = 512  # keys per split at the least (4 tiles)
+
+
+def fp8_deep_splits(programs: int, sms: int, capacity: int) -> int | None:
+    """The split count of FP8_DEEP_CONFIG for ``programs`` (sequence, kv head) pairs over a
+    table of ``capacity`` keys: the fewest of 1, 2, 4 that gives each SM 1.55-3 programs with
+    at least _FP8_DEEP_MIN_KEYS keys per split, or None (more than _ONE_SEQUENCE pairs only:
+    one sequence keeps num_splits' rule)."""
+    if programs <= _ONE_SEQUENCE:
+        return None
+    low, high = _FP8_DEEP_PER_SM
+    for splits in (1, 2, 4):
+        if (low * sms <= programs * splits <= high * sms
+                and (splits == 1 or capacity >= splits * _FP8_DEEP_MIN_KEYS)):
+            return splits
+    return None
+
+
 def launch_config(head_dim: int, dtype: torch.dtype, fp8: bool = False) -> Config:
     """Stage-1 launch parameters from a static table (no autotuning: CUDA graphs)."""
     if INTERPRET:

@@ -118,7 +118,8 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert stage1() == (1, (128, 4, 5)) and stage1(batch=32) == (1, (64, 4, 5))
     assert stage1(torch.float16, torch.float16) == (1, (128, 4, 5))
     assert stage1(batch=64) == (1, (64, 4, 3))  # 512 programs: the wave rule's row
-    assert stage1(cache=torch.float8_e4m3fn) == (4, (128, 4, 2))
+    assert stage1(cache=torch.float8_e4m3fn) == (2, (128, 4, 5))  # decode_plan.FP8_DEEP_CONFIG
+    assert stage1(cache=torch.float8_e4m3fn, batch=64) == (1, (128, 4, 2))  # FP8_CONFIG's row
     assert stage1(torch.float32, torch.float32)[1] == (32, 4, 2)
     assert stage1(splits=4) == (4, (64, 4, 3))
     assert stage1(config=decode_plan.Config(64, 4, 3)) == (4, (64, 4, 3))
@@ -126,6 +127,38 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     # three); another row keeps the wave rule
     assert stage1(batch=24) == (2, (64, 4, 3))
     assert stage1(batch=24, config=decode_plan.Config(64, 4, 4)) == (3, (64, 4, 4))
+
+
+def test_decode_fp8_deep_plan(monkeypatch):
+    # FP8 caches: the fewest of 1, 2, 4 splits that gives each SM 1.55-3 programs of >= 512 keys
+    # each (FP8_DEEP_CONFIG: 168 registers, so three fit), else FP8_CONFIG's row; one sequence's
+    # heads (<= 8 pairs) keep num_splits' rule.
+    fp8 = decode_plan.fp8_deep_splits
+    assert fp8(128, 132, 4096) == 2 and fp8(128, 132, 1024) == 2  # B 16: 1.94 per SM
+    assert fp8(128, 132, 1023) is None  # two splits of fewer than 512 keys
+    assert fp8(64, 132, 4096) == 4 and fp8(64, 132, 2047) is None  # B 8
+    assert fp8(256, 132, 4096) == 1 and fp8(256, 132, 16) == 1  # B 32: one split, any length
+    assert fp8(192, 132, 4096) == 2  # B 24: 1.45 per SM at one split, 2.9 at two
+    assert fp8(392, 132, 4096) == 1 and fp8(400, 132, 4096) is None  # B 49 fits, B 50 not
+    assert fp8(512, 132, 4096) is None  # B 64: 3.9 per SM, two waves
+    assert fp8(200, 132, 4096) is None  # B 25: 1.52 at one split, 3.03 at two
+    assert fp8(8, 132, 32768) is None and fp8(0, 132, 4096) is None
+    monkeypatch.setattr(decode_kernel, "INTERPRET", False)
+    monkeypatch.setattr(decode_plan, "INTERPRET", False)
+    monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
+    plan = decode_kernel._plan.__wrapped__
+
+    def stage1(batch, width=256, config=None, splits=None):
+        got = plan(batch, 32, 8, 128, 16, width, torch.bfloat16, torch.device("cpu"), False,
+                   False, config, splits, True, torch.float8_e4m3fn, True, True)
+        cfg = (got[4]["BLOCK_N"], got[4]["num_warps"], got[4]["num_stages"], got[4]["maxnreg"])
+        return got[0], cfg, got[4]["FUSED"], got[1] is decode_kernel._decode_split_kernel
+    deep, row = tuple(decode_plan.FP8_DEEP_CONFIG), tuple(decode_plan.FP8_CONFIG)
+    assert stage1(16) == (2, deep, True, True)  # the split kernel, its merge fused
+    assert stage1(32) == (1, deep, False, True) and stage1(8) == (4, deep, True, True)
+    assert stage1(64)[:2] == (1, row) and stage1(16, width=32)[1] == row
+    assert stage1(16, config=decode_plan.FP8_CONFIG)[:2] == (4, row)  # an override: wave rule
+    assert stage1(16, splits=3)[:2] == (3, row)
 
 
 def test_fused_merge_counters_reset_and_plan():
@@ -216,10 +249,11 @@ def test_decode_transposed_dense_cache(splits):
     assert_close(out, ref, *TOLERANCES[torch.bfloat16], what="decode, transposed cache")
 
 
-def _fp8_paged(lens, hkv, d, block_size, pad, device="cpu"):
+def _fp8_paged(lens, hkv, d, block_size, pad, device="cpu", table_width=None):
     """FP8 paged caches and per-head scales; with ``pad`` the caches are views of wider rows,
     starting ``pad`` elements in (an odd address for pad 1, even strides for an even width)."""
-    paged = random_paged(lens, hkv, d, block_size, torch.bfloat16, device=device)
+    paged = random_paged(lens, hkv, d, block_size, torch.bfloat16, device=device,
+                         table_width=table_width)
     k_scale = torch.rand(hkv, device=device) * 0.01 + 0.01
     v_scale = torch.rand(hkv, device=device) * 0.01 + 0.01
     caches = []
@@ -353,3 +387,39 @@ def test_decode_fp8_pairs_cuda(q_dtype, d, pad):
         out = decode_kernel.decode(*args, k_scale=k_scale, v_scale=v_scale, splits=splits,
                                    out=_nan(q.shape, q_dtype))
         assert_close(out, ref, *TOLERANCES[q_dtype], what=f"fp8 decode, {splits} splits")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [8, 16, 32, 64])
+@pytest.mark.parametrize("extras", [False, True])
+def test_decode_fp8_deep_rows_cuda(monkeypatch, batch, extras):
+    # FP8 caches at 1.55-3 programs per SM (decode_plan.FP8_DEEP_CONFIG: on a 132-SM GPU at 8 kv
+    # heads, B 8 takes 4 splits, B 16 two, B 32 one; B 64 FP8_CONFIG's row), lengths from 0 to
+    # the table's 2048 keys; with sinks and the lse through the fused merge
+    from attn_ops.backends.triton.common import device_sm_count
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(0, 2049, (batch,), generator=gen)
+    lens[:3] = torch.tensor([0, 1, 2048])
+    lens = lens.tolist()
+    (k8, v8), k_scale, v_scale, table = _fp8_paged(lens, 8, 128, 16, 0, DEV, table_width=128)
+    q = torch.randn(batch, 32, 128, dtype=BF16, device=DEV)
+    args = (q, k8, v8, torch.tensor(lens, dtype=torch.int32, device=DEV), table, 128 ** -0.5)
+    sinks = torch.randn(32, device=DEV) if extras else None
+    kw = dict(sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    ref_out, ref_lse = reference.decode(*args, -1, 0.0, **kw, return_lse=True)
+    stages = []
+    launch = decode_kernel.launch
+
+    def record(kernel, grid, *a, **k):
+        stages.append(k.get("num_stages"))
+        return launch(kernel, grid, *a, **k)
+    monkeypatch.setattr(decode_kernel, "launch", record)
+    got = decode_kernel.decode(*args, **kw, return_lse=extras, out=_nan(q.shape, BF16),
+                               lse=_nan((batch, 32), torch.float32) if extras else None)
+    out, lse = got if extras else (got, None)
+    assert_close(out, ref_out, *TOLERANCES[BF16], what=f"fp8 decode, B {batch}")
+    if extras:
+        assert_close(lse, ref_lse, 1e-3, 1e-3, what=f"fp8 decode lse, B {batch}")
+    deep = decode_plan.fp8_deep_splits(batch * 8, device_sm_count(q.device), 2048)
+    assert (stages[0] == decode_plan.FP8_DEEP_CONFIG.stages) == (deep is not None), stages
+    assert torch.all(out[0] == 0)
