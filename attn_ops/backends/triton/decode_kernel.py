@@ -27,9 +27,10 @@ import triton.language as tl
 
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
-                                                  FP8_DEEP_CONFIG, Config, balanced_applies,
-                                                  balanced_default, deep_splits,
-                                                  fp8_deep_splits, launch_config, num_splits)
+                                                  FP8_DEEP_CONFIG, WIDE_CONFIG, Config,
+                                                  balanced_applies, balanced_default,
+                                                  deep_splits, fp8_deep_splits, launch_config,
+                                                  num_splits)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
 
@@ -127,17 +128,27 @@ FP8_VIA_F16 = True
 # 138.1. Needs an fp16 MMA (fp16 q, or bf16 q with FP8_VIA_F16), an even head dim, even cache
 # strides and 2-byte aligned caches (else the one-tile path).
 FP8_PAIRS = True
+# The WIDE row's split build with its merge fused and the lse written: ptxas gives it 168
+# registers (184 without the lse store) and spills predicates into the key loop (P2R: 27 vs 10;
+# 954 instructions per 128-key step vs 917). A cap of 232 makes it allocate for one program per
+# SM. H200 graph replays, bf16 32/8 heads, pages of 16, decode_with_lse vs decode: B 8 x 4096
+# (2 splits) 43.9 -> 40.2 us (decode 40.5), B 4 x 8192 (4) 43.7 -> 40.2 (40.4); 255: 40.4;
+# 200: 44.3 (spills). The balanced kernel's lse build at the WIDE row is not helped by a cap
+# (75.3 us at B 16 x 4096, 78-95 capped; decode 69.7): BENCHMARKS.md, seventeenth pass.
+_WIDE_LSE_MAXNREG = 232
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int, width: int,
           dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
           config: Config | None, splits: int | None, fused: bool, cache_dtype: torch.dtype,
-          fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None):
+          fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None,
+          with_lse: bool = False):
     """``(splits, kernel, grid1, grid2, stage1, stage2)`` from static facts only (cached: ~1 us
     per call): the split count, stage 1's kernel, the grids and the constexprs. ``balanced``
     (None: decode_plan.balanced_default) picks the balanced kernel, over as many programs as
-    the split kernel would launch, where it can run (decode_plan.balanced_applies)."""
+    the split kernel would launch, where it can run (decode_plan.balanced_applies);
+    ``with_lse``: the call writes the lse (see _WIDE_LSE_MAXNREG)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
     deep = (config is None and splits is None and not INTERPRET and head_dim <= 128
@@ -173,6 +184,8 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
         return (splits, decode_balanced_kernel, (splits * num_kv_heads * batch,), None,
                 dict(stage1, B_P2=next_pow2(batch)), stage2)
     stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=next_pow2(splits) if fused else 1)
+    if with_lse and fused and cfg == WIDE_CONFIG:
+        stage1["maxnreg"] = _WIDE_LSE_MAXNREG
     return (splits, _decode_split_kernel, (splits, num_kv_heads, batch), (batch * num_heads,),
             stage1, stage2)
 
@@ -214,7 +227,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         FUSED_MERGE if fused is None else fused, k_cache.dtype,
         FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16,
         (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and k_cache.dtype == torch.float8_e4m3fn
-        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced)
+        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced, return_lse)
     balanced = kernel is decode_balanced_kernel
     shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced)
     if shapes is None:
@@ -294,7 +307,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     splits, kernel, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0, None, None, FUSED_MERGE,
-        k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache))
+        k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache), None, return_lse)
     balanced = kernel is decode_balanced_kernel
     shape, dtype, device = q.shape, q.dtype, q.device
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's

@@ -127,6 +127,15 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     # three); another row keeps the wave rule
     assert stage1(batch=24) == (2, (64, 4, 3))
     assert stage1(batch=24, config=decode_plan.Config(64, 4, 4)) == (3, (64, 4, 4))
+    # the WIDE row's fused merge writing the lse: capped (decode_kernel._WIDE_LSE_MAXNREG)
+    for with_lse in (False, True):
+        got = plan(8, 32, 8, 128, 16, 256, torch.bfloat16, torch.device("cpu"), False, False,
+                   None, None, True, torch.bfloat16, True, False, None, with_lse)
+        assert got[0] == 2 and got[4]["FUSED"] and got[4]["BLOCK_N"] == 128
+        assert got[4].get("maxnreg") == (decode_kernel._WIDE_LSE_MAXNREG if with_lse else None)
+    assert "maxnreg" not in plan(16, 32, 8, 128, 16, 256, torch.bfloat16, torch.device("cpu"),
+                                 False, False, None, None, True, torch.bfloat16, True, False,
+                                 False, True)[4]  # one split: no merge, no cap
 
 
 def test_decode_fp8_deep_plan(monkeypatch):
