@@ -30,7 +30,7 @@ from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDE
                                                   FP8_DEEP_CONFIG, WIDE_CONFIG, Config,
                                                   balanced_applies, balanced_default,
                                                   deep_splits, fp8_deep_splits, launch_config,
-                                                  num_splits)
+                                                  num_splits, zeros_first)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
 
@@ -130,12 +130,14 @@ FP8_VIA_F16 = True
 FP8_PAIRS = True
 # The WIDE row's split build with its merge fused and the lse written: ptxas gives it 168
 # registers (184 without the lse store) and spills predicates into the key loop (P2R: 27 vs 10;
-# 954 instructions per 128-key step vs 917). A cap of 232 makes it allocate for one program per
-# SM. H200 graph replays, bf16 32/8 heads, pages of 16, decode_with_lse vs decode: B 8 x 4096
-# (2 splits) 43.9 -> 40.2 us (decode 40.5), B 4 x 8192 (4) 43.7 -> 40.2 (40.4); 255: 40.4;
-# 200: 44.3 (spills). The balanced kernel's lse build at the WIDE row is not helped by a cap
-# (75.3 us at B 16 x 4096, 78-95 capped; decode 69.7): BENCHMARKS.md, seventeenth pass.
-_WIDE_LSE_MAXNREG = 232
+# 954 instructions per 128-key step vs 917). A cap of 240 makes it allocate for one program per
+# SM. H200 graph replays, bf16 32/8 heads, pages of 16, vs decode (39.6 us at B 8 x 4096, 2
+# splits; 39.9 at B 4 x 8192, 4): decode_with_lse 43.9 -> 39.6 and 43.7 -> 40.0, with sinks
+# 42.8 -> 39.7 and 42.8 -> 40.2; 248 and 255 the same; 232 serves the lse alone (39.6) but not
+# with sinks (42.8); 200 spills (44.3). The balanced kernel's lse build at the WIDE row is not
+# helped by a cap (75.3 us at B 16 x 4096, 78-95 capped; decode 69.7): BENCHMARKS.md,
+# seventeenth pass.
+_WIDE_LSE_MAXNREG = 240
 
 
 @functools.lru_cache(maxsize=1024)
@@ -182,7 +184,7 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
         balanced = balanced_default(cfg, splits)
     if balanced and balanced_applies(batch, num_kv_heads, width * page, cfg):
         return (splits, decode_balanced_kernel, (splits * num_kv_heads * batch,), None,
-                dict(stage1, B_P2=next_pow2(batch)), stage2)
+                dict(stage1, B_P2=next_pow2(batch), ZEROS_FIRST=zeros_first(cfg)), stage2)
     stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=next_pow2(splits) if fused else 1)
     if with_lse and fused and cfg == WIDE_CONFIG:
         stage1["maxnreg"] = _WIDE_LSE_MAXNREG

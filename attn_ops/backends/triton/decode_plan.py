@@ -203,3 +203,10 @@ def balanced_applies(batch: int, num_kv_heads: int, capacity: int, config: Confi
 def balanced_default(config: Config, splits: int) -> bool:
     """The default choice for a launch :func:`balanced_applies` allows (see BALANCED)."""
     return BALANCED and splits == 1 and config in (WIDE_CONFIG, DEEP_CONFIG)
+
+
+def zeros_first(config: Config) -> bool:
+    """Whether the balanced kernel zeroes a decode's sequences with no visible key before its
+    walk (its ``ZEROS_FIRST``: at the WIDE row, where after the walk the lse's store cost the
+    key loop its MMA interleaving; at the DEEP row it spills there instead)."""
+    return config == WIDE_CONFIG

@@ -60,6 +60,25 @@ def test_balanced_matches_reference(lens, splits):
     assert torch.count_nonzero(semaphores(len(lens) * 2, torch.device("cpu"))) == 0
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_balanced_zeros_first_at_the_wide_row(monkeypatch, splits):
+    # The WIDE row zeroes the sequences with no key before its walk (ZEROS_FIRST; the other rows
+    # after it): the same zeros and -inf lse, every other row untouched
+    flags = []
+    launch = decode_kernel.launch
+
+    def record(kernel, grid, *a, **kw):
+        flags.append(kw.get("ZEROS_FIRST"))
+        return launch(kernel, grid, *a, **kw)
+    monkeypatch.setattr(decode_kernel, "launch", record)
+    lens = [0, 13, 0, 140, 1, 0]
+    for config in (decode_plan.WIDE_CONFIG, decode_plan.DEEP_CONFIG):
+        out, lse, _ = _case(lens, 8, 2, 32, 16, BF16, splits, config=config, with_sinks=True)
+        for b in (0, 2, 5):
+            assert torch.all(out[b] == 0) and torch.all(lse[b] == float("-inf"))
+    assert flags == [True, False], flags
+
+
 @pytest.mark.parametrize("h,hkv,d,dtype", [(4, 4, 32, FP16), (6, 2, 40, FP32),
                                            (8, 1, 32, BF16)])
 @pytest.mark.parametrize("window_left,softcap,sinks", [(-1, 0.0, True), (20, 0.0, False),
