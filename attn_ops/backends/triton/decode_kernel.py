@@ -138,6 +138,12 @@ FP8_PAIRS = True
 # helped by a cap (75.3 us at B 16 x 4096, 78-95 capped; decode 69.7): BENCHMARKS.md,
 # seventeenth pass.
 _WIDE_LSE_MAXNREG = 240
+# FP8_DEEP_CONFIG's build writing the lse spills at its 168 registers (16 bytes, one access in
+# the key loop). Where its programs fit two per SM, a cap of 200 (195 used, none spilled): H200,
+# B 16 x 4096 (2 splits) decode_with_lse 45.6 -> 42.0 us (decode 41.3), with sinks 45.7 -> 42.2;
+# B 8 x 4096 (4 splits) 28.7 -> 26.4 (decode 26.1). At three per SM (B 24, 2 splits) more
+# registers cost the residency: 61.9 us at 168 (decode 59.4), 64-74 at 184-216.
+_FP8_DEEP_LSE_MAXNREG = 200
 
 
 @functools.lru_cache(maxsize=1024)
@@ -150,7 +156,7 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     per call): the split count, stage 1's kernel, the grids and the constexprs. ``balanced``
     (None: decode_plan.balanced_default) picks the balanced kernel, over as many programs as
     the split kernel would launch, where it can run (decode_plan.balanced_applies);
-    ``with_lse``: the call writes the lse (see _WIDE_LSE_MAXNREG)."""
+    ``with_lse``: the call writes the lse (see _WIDE_LSE_MAXNREG, _FP8_DEEP_LSE_MAXNREG)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
     deep = (config is None and splits is None and not INTERPRET and head_dim <= 128
@@ -188,6 +194,9 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=next_pow2(splits) if fused else 1)
     if with_lse and fused and cfg == WIDE_CONFIG:
         stage1["maxnreg"] = _WIDE_LSE_MAXNREG
+    elif (with_lse and cfg == FP8_DEEP_CONFIG
+          and batch * num_kv_heads * splits <= 2 * device_sm_count(device)):
+        stage1["maxnreg"] = _FP8_DEEP_LSE_MAXNREG
     return (splits, _decode_split_kernel, (splits, num_kv_heads, batch), (batch * num_heads,),
             stage1, stage2)
 

@@ -168,6 +168,13 @@ def test_decode_fp8_deep_plan(monkeypatch):
     assert stage1(64)[:2] == (1, row) and stage1(16, width=32)[1] == row
     assert stage1(16, config=decode_plan.FP8_CONFIG)[:2] == (4, row)  # an override: wave rule
     assert stage1(16, splits=3)[:2] == (3, row)
+    # writing the lse: more registers where the programs fit two per SM (B 8, 16, 32), not
+    # where they take three (B 24 at 2 splits, B 40 at 1)
+    lse_cap = decode_kernel._FP8_DEEP_LSE_MAXNREG
+    for batch, cap in ((8, lse_cap), (16, lse_cap), (32, lse_cap), (24, 168), (40, 168)):
+        got = plan(batch, 32, 8, 128, 16, 256, torch.bfloat16, torch.device("cpu"), False,
+                   False, None, None, True, torch.float8_e4m3fn, True, True, None, True)
+        assert got[4]["maxnreg"] == cap, (batch, got[4]["maxnreg"])
 
 
 def test_fused_merge_counters_reset_and_plan():
