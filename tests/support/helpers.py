@@ -139,3 +139,16 @@ def prefill_f64(q, k, v, lens_q, lens_k, scale, causal, window_left=-1, softcap=
 def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
     """A NaN-filled tensor: an output buffer whose unwritten elements a test must notice."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def record_launches(monkeypatch, module, key: str) -> list:
+    """Patch ``module.launch`` (a kernel module's launch helper) to note the launch parameter
+    ``key`` of every launch, in order, then launch as usual; returns the list it fills."""
+    seen = []
+    launch = module.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        seen.append(kwargs.get(key))
+        return launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(module, "launch", record)
+    return seen

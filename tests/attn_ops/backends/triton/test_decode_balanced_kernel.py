@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from attn_ops.backends import reference
-from tests.support.helpers import TOLERANCES, assert_close, poisoned, random_paged
+from tests.support.helpers import (TOLERANCES, assert_close, poisoned, random_paged,
+                                   record_launches)
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import decode_kernel, decode_plan  # noqa: E402  (imports triton)
@@ -64,13 +65,7 @@ def test_balanced_matches_reference(lens, splits):
 def test_balanced_zeros_first_at_the_wide_row(monkeypatch, splits):
     # The WIDE row zeroes the sequences with no key before its walk (ZEROS_FIRST; the other rows
     # after it): the same zeros and -inf lse, every other row untouched
-    flags = []
-    launch = decode_kernel.launch
-
-    def record(kernel, grid, *a, **kw):
-        flags.append(kw.get("ZEROS_FIRST"))
-        return launch(kernel, grid, *a, **kw)
-    monkeypatch.setattr(decode_kernel, "launch", record)
+    flags = record_launches(monkeypatch, decode_kernel, "ZEROS_FIRST")
     lens = [0, 13, 0, 140, 1, 0]
     for config in (decode_plan.WIDE_CONFIG, decode_plan.DEEP_CONFIG):
         out, lse, _ = _case(lens, 8, 2, 32, 16, BF16, splits, config=config, with_sinks=True)

@@ -9,7 +9,7 @@ import torch
 import attn_ops
 from attn_ops.backends import reference
 from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisoned, prefill_f64,
-                                   random_paged)
+                                   random_paged, record_launches)
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import decode_kernel, decode_plan  # noqa: E402  (imports triton)
@@ -295,13 +295,7 @@ def test_decode_fp8_pairs(monkeypatch, q_dtype, d, pad):
     seqlens = torch.tensor(lens, dtype=torch.int32)
     args = (q, k8, v8, seqlens, table, d ** -0.5)
     ref = reference.decode(*args, k_scale=k_scale, v_scale=v_scale)
-    taken = []
-    launch = decode_kernel.launch
-
-    def record(kernel, grid, *a, **kw):
-        taken.append(kw.get("FP8_PAIRS"))
-        return launch(kernel, grid, *a, **kw)
-    monkeypatch.setattr(decode_kernel, "launch", record)
+    taken = record_launches(monkeypatch, decode_kernel, "FP8_PAIRS")
     for splits in (1, 2):
         out = poisoned(q.shape, q_dtype)
         decode_kernel.decode(*args, k_scale=k_scale, v_scale=v_scale, splits=splits, out=out)
@@ -423,13 +417,7 @@ def test_decode_fp8_deep_rows_cuda(monkeypatch, batch, extras):
     sinks = torch.randn(32, device=DEV) if extras else None
     kw = dict(sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     ref_out, ref_lse = reference.decode(*args, -1, 0.0, **kw, return_lse=True)
-    stages = []
-    launch = decode_kernel.launch
-
-    def record(kernel, grid, *a, **k):
-        stages.append(k.get("num_stages"))
-        return launch(kernel, grid, *a, **k)
-    monkeypatch.setattr(decode_kernel, "launch", record)
+    stages = record_launches(monkeypatch, decode_kernel, "num_stages")
     got = decode_kernel.decode(*args, **kw, return_lse=extras, out=_nan(q.shape, BF16),
                                lse=_nan((batch, 32), torch.float32) if extras else None)
     out, lse = got if extras else (got, None)
