@@ -159,13 +159,15 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     ``with_lse``: the call writes the lse (see _WIDE_LSE_MAXNREG, _FP8_DEEP_LSE_MAXNREG)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
-    deep = (config is None and splits is None and not INTERPRET and head_dim <= 128
+    # The deep rows (decode_plan: deep_splits, fp8_deep_splits) for a GPU's half-precision q
+    # when nothing is forced
+    rows = (config is None and splits is None and not INTERPRET and head_dim <= 128
             and dtype in (torch.float16, torch.bfloat16))
-    if deep and fp8:
+    if rows and fp8:
         fp8_splits = fp8_deep_splits(batch * num_kv_heads, device_sm_count(device), width * page)
         if fp8_splits:
             splits, cfg = fp8_splits, FP8_DEEP_CONFIG
-    elif deep:
+    elif rows:
         deep = deep_splits(batch * num_kv_heads, device_sm_count(device), width * page)
         if deep:
             splits, cfg = deep

@@ -6,6 +6,8 @@ reference backend with NaN-poisoned outputs and lse, and the unified kernel's pl
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisone
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import decode_plan, unified_kernel, unified_plan  # noqa: E402
 from attn_ops.backends.triton.common import semaphores  # noqa: E402
+from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel  # noqa: E402
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -122,6 +125,13 @@ def test_balanced_plan_rule(monkeypatch):
                                               force)
         grid, consts = plan(16, 4)
         assert grid == (128,) and consts["QUERIES"] and consts["G_P2"] == 16
+        # every constexpr given, the launch's own (PAGE, SOFTCAP, common.extras' flags) beside
+        # the plan's: Inductor's launch of a traced call (wrap_triton) takes no defaults
+        given = set(consts) | {"PAGE", "SOFTCAP", "HAS_SINKS", "FP8", "WITH_LSE"}
+        params = inspect.signature(decode_balanced_kernel.fn).parameters  # jit or interpreted
+        wanted = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+        assert "QUERIES" in wanted and "ZEROS_FIRST" in wanted
+        assert wanted <= given, sorted(wanted - given)
         assert consts["BLOCK_N"] == decode_plan.WIDE_CONFIG.block_n and consts["num_warps"] == 8
         deep = plan(32, 4)[1]  # DEEP, one split
         assert deep["BLOCK_N"] == decode_plan.DEEP_CONFIG.block_n and deep["num_warps"] == 4
