@@ -27,9 +27,9 @@ import triton.language as tl
 
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
-                                                  FP8_DEEP_CONFIG, WIDE_CONFIG, Config,
-                                                  balanced_applies, balanced_default,
-                                                  deep_splits, fp8_deep_splits, launch_config,
+                                                  FP8_DEEP_CONFIG, Config, balanced_applies,
+                                                  balanced_default, deep_splits,
+                                                  fp8_deep_splits, launch_config, lse_maxnreg,
                                                   num_splits, zeros_first)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
@@ -128,22 +128,6 @@ FP8_VIA_F16 = True
 # 138.1. Needs an fp16 MMA (fp16 q, or bf16 q with FP8_VIA_F16), an even head dim, even cache
 # strides and 2-byte aligned caches (else the one-tile path).
 FP8_PAIRS = True
-# The WIDE row's split build with its merge fused and the lse written: ptxas gives it 168
-# registers (184 without the lse store) and spills predicates into the key loop (P2R: 27 vs 10;
-# 954 instructions per 128-key step vs 917). A cap of 240 makes it allocate for one program per
-# SM. H200 graph replays, bf16 32/8 heads, pages of 16, vs decode (39.6 us at B 8 x 4096, 2
-# splits; 39.9 at B 4 x 8192, 4): decode_with_lse 43.9 -> 39.6 and 43.7 -> 40.0, with sinks
-# 42.8 -> 39.7 and 42.8 -> 40.2; 248 and 255 the same; 232 serves the lse alone (39.6) but not
-# with sinks (42.8); 200 spills (44.3). The balanced kernel's lse build at the WIDE row is not
-# helped by a cap (75.3 us at B 16 x 4096, 78-95 capped; decode 69.7): BENCHMARKS.md,
-# seventeenth pass.
-_WIDE_LSE_MAXNREG = 240
-# FP8_DEEP_CONFIG's build writing the lse spills at its 168 registers (16 bytes, one access in
-# the key loop). Where its programs fit two per SM, a cap of 200 (195 used, none spilled): H200,
-# B 16 x 4096 (2 splits) decode_with_lse 45.6 -> 42.0 us (decode 41.3), with sinks 45.7 -> 42.2;
-# B 8 x 4096 (4 splits) 28.7 -> 26.4 (decode 26.1). At three per SM (B 24, 2 splits) more
-# registers cost the residency: 61.9 us at 168 (decode 59.4), 64-74 at 184-216.
-_FP8_DEEP_LSE_MAXNREG = 200
 
 
 @functools.lru_cache(maxsize=1024)
@@ -156,7 +140,7 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     per call): the split count, stage 1's kernel, the grids and the constexprs. ``balanced``
     (None: decode_plan.balanced_default) picks the balanced kernel, over as many programs as
     the split kernel would launch, where it can run (decode_plan.balanced_applies);
-    ``with_lse``: the call writes the lse (see _WIDE_LSE_MAXNREG, _FP8_DEEP_LSE_MAXNREG)."""
+    ``with_lse``: the call writes the lse (decode_plan.lse_maxnreg)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
     # The deep rows (decode_plan: deep_splits, fp8_deep_splits) for a GPU's half-precision q
@@ -194,11 +178,10 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
         return (splits, decode_balanced_kernel, (splits * num_kv_heads * batch,), None,
                 dict(stage1, B_P2=next_pow2(batch), ZEROS_FIRST=zeros_first(cfg)), stage2)
     stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=next_pow2(splits) if fused else 1)
-    if with_lse and fused and cfg == WIDE_CONFIG:
-        stage1["maxnreg"] = _WIDE_LSE_MAXNREG
-    elif (with_lse and cfg == FP8_DEEP_CONFIG
-          and batch * num_kv_heads * splits <= 2 * device_sm_count(device)):
-        stage1["maxnreg"] = _FP8_DEEP_LSE_MAXNREG
+    if with_lse:
+        cap = lse_maxnreg(cfg, fused, batch * num_kv_heads * splits, device_sm_count(device))
+        if cap:
+            stage1["maxnreg"] = cap
     return (splits, _decode_split_kernel, (splits, num_kv_heads, batch), (batch * num_heads,),
             stage1, stage2)
 
