@@ -29,10 +29,11 @@ from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kern
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
                                                   FP8_DEEP_CONFIG, Config, balanced_applies,
                                                   balanced_default, deep_splits,
-                                                  fp8_deep_splits, launch_config, lse_maxnreg,
+                                                  fp8_deep_splits, launch_config,
                                                   num_splits, zeros_first)
 from attn_ops.backends.triton.launch import launch, prepare
-from attn_ops.backends.triton.merge_kernel import merge_last_split, merge_splits_kernel
+from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_split_call,
+                                                  merge_splits_kernel)
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
                                              next_pow2, result, semaphores, softcap_constants)
@@ -98,7 +99,13 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc * factor[:, None],
                  mask=out_mask)
         tl.store(LSE_PART + part, lse2, mask=g_ok)
-        if FUSED:  # the last split of (seq, kv head) merges; no second launch
+        if FUSED and WITH_LSE:  # the last split of (seq, kv head) merges; no second launch
+            merge_last_split_call(SEMA, seq * tl.num_programs(1) + kv_head, O_PART, LSE_PART,
+                                  OUT, LSE, SINK_LOGITS, seq, kv_head * GROUP,
+                                  seq.to(tl.int64) * num_heads + kv_head * GROUP, num_splits,
+                                  stride_ob, stride_oh, stride_sk, GROUP, R_P2, HEAD_DIM, D_P2,
+                                  S_P2, HAS_SINKS, WITH_LSE)
+        elif FUSED:
             merge_last_split(SEMA, seq * tl.num_programs(1) + kv_head, O_PART, LSE_PART, OUT,
                              LSE, SINK_LOGITS, seq, kv_head * GROUP,
                              seq.to(tl.int64) * num_heads + kv_head * GROUP, num_splits,
@@ -134,13 +141,11 @@ FP8_PAIRS = True
 def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int, width: int,
           dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
           config: Config | None, splits: int | None, fused: bool, cache_dtype: torch.dtype,
-          fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None,
-          with_lse: bool = False):
+          fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None):
     """``(splits, kernel, grid1, grid2, stage1, stage2)`` from static facts only (cached: ~1 us
     per call): the split count, stage 1's kernel, the grids and the constexprs. ``balanced``
     (None: decode_plan.balanced_default) picks the balanced kernel, over as many programs as
-    the split kernel would launch, where it can run (decode_plan.balanced_applies);
-    ``with_lse``: the call writes the lse (decode_plan.lse_maxnreg)."""
+    the split kernel would launch, where it can run (decode_plan.balanced_applies)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
     # The deep rows (decode_plan: deep_splits, fp8_deep_splits) for a GPU's half-precision q
@@ -178,10 +183,6 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
         return (splits, decode_balanced_kernel, (splits * num_kv_heads * batch,), None,
                 dict(stage1, B_P2=next_pow2(batch), ZEROS_FIRST=zeros_first(cfg)), stage2)
     stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=next_pow2(splits) if fused else 1)
-    if with_lse:
-        cap = lse_maxnreg(cfg, fused, batch * num_kv_heads * splits, device_sm_count(device))
-        if cap:
-            stage1["maxnreg"] = cap
     return (splits, _decode_split_kernel, (splits, num_kv_heads, batch), (batch * num_heads,),
             stage1, stage2)
 
@@ -223,7 +224,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         FUSED_MERGE if fused is None else fused, k_cache.dtype,
         FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16,
         (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and k_cache.dtype == torch.float8_e4m3fn
-        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced, return_lse)
+        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced)
     balanced = kernel is decode_balanced_kernel
     shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced)
     if shapes is None:
@@ -303,7 +304,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     splits, kernel, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0, None, None, FUSED_MERGE,
-        k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache), None, return_lse)
+        k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache))
     balanced = kernel is decode_balanced_kernel
     shape, dtype, device = q.shape, q.dtype, q.device
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's

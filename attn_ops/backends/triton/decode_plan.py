@@ -209,31 +209,3 @@ def zeros_first(config: Config) -> bool:
     walk (its ``ZEROS_FIRST``: at the WIDE row, where after the walk the lse's store cost the
     key loop its MMA interleaving; at the DEEP row it spills there instead)."""
     return config == WIDE_CONFIG
-
-
-# Register caps for the split kernel's builds that write the lse (decode_with_lse). The WIDE row's
-# build with its merge fused: ptxas gives it 168 registers (184 without the lse store) and spills
-# predicates into the key loop (P2R: 27 vs 10; 954 instructions per 128-key step vs 917). A cap of
-# 240 makes it allocate for one program per SM. H200 graph replays, bf16 32/8 heads, pages of 16,
-# vs decode (39.6 us at B 8 x 4096, 2 splits; 39.9 at B 4 x 8192, 4): decode_with_lse 43.9 -> 39.6
-# and 43.7 -> 40.0, with sinks 42.8 -> 39.7 and 42.8 -> 40.2; 248 and 255 the same; 232 serves the
-# lse alone (39.6) but not with sinks (42.8); 200 spills (44.3). The balanced kernel's lse build
-# at the WIDE row is not helped by a cap (75.3 us at B 16 x 4096, 78-95 capped; decode 69.7):
-# BENCHMARKS.md, seventeenth pass.
-WIDE_LSE_MAXNREG = 240
-# FP8_DEEP_CONFIG's build writing the lse spills at its 168 registers (16 bytes, one access in
-# the key loop). Where its programs fit two per SM, a cap of 200 (195 used, none spilled): H200,
-# B 16 x 4096 (2 splits) decode_with_lse 45.6 -> 42.0 us (decode 41.3), with sinks 45.7 -> 42.2;
-# B 8 x 4096 (4 splits) 28.7 -> 26.4 (decode 26.1). At three per SM (B 24, 2 splits) more
-# registers cost the residency: 61.9 us at 168 (decode 59.4), 64-74 at 184-216.
-FP8_DEEP_LSE_MAXNREG = 200
-
-
-def lse_maxnreg(config: Config, fused: bool, programs: int, sms: int) -> int | None:
-    """The split kernel's register cap when the call writes the lse, for ``programs`` stage-1
-    programs of ``config`` (merge ``fused`` or not) on ``sms`` SMs, or None (the row's own)."""
-    if fused and config == WIDE_CONFIG:
-        return WIDE_LSE_MAXNREG
-    if config == FP8_DEEP_CONFIG and programs <= 2 * sms:
-        return FP8_DEEP_LSE_MAXNREG
-    return None

@@ -181,6 +181,24 @@ def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, se
         tl.atomic_xchg(SEMA + sema_idx, 0)
 
 
+@triton.jit(noinline=True)
+def merge_last_split_call(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0,
+                          row0, num_splits, stride_ob, stride_oh, stride_sk, ROWS: tl.constexpr,
+                          R_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                          S_P2: tl.constexpr, HAS_SINKS: tl.constexpr, WITH_LSE: tl.constexpr):
+    """:func:`merge_last_split` as a function of its own in the PTX (a call, not inlined), for
+    builds that write the lse. Inlined, the lse's store after the key loop changes how ptxas
+    allocates the loop: sm_90a, bf16 32/8 heads, D 128, the split kernel's fused builds with the
+    lse vs without: FP8_DEEP_CONFIG 168 registers, a 16-byte spill in the loop and 835
+    instructions per 128-key step (162, none, 794); WIDE_CONFIG 168 registers, 954 instructions
+    (184, 917); FP8_CONFIG 15 spill accesses in the loop (2). Called, the loop is the one
+    without the lse, instruction for instruction, in every row. Builds without the lse keep the
+    inlined merge (at DEFAULT_CONFIG the call costs their loop 19 instructions)."""
+    merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0, row0,
+                     num_splits, stride_ob, stride_oh, stride_sk, ROWS, R_P2, HEAD_DIM, D_P2,
+                     S_P2, HAS_SINKS, WITH_LSE)
+
+
 @triton.jit
 def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, token0,
                  head0, rows, num_heads, p_first, first_slot, span, q, r, stride_ob, stride_oh,
