@@ -122,6 +122,13 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
     return block * stride_kb + offset * stride_kt, block * stride_vb + offset * stride_vt
 
 
+def kv_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the K and V caches ``[blocks, page, Hkv, D]`` share their block and in-page
+    strides, so one element offset per key addresses both (the decode kernels'
+    ``KV_SAME_STRIDES``: decode_keys.attend_keys). Strides only: a call signature fixes it."""
+    return tuple(k_cache.stride()[:2]) == tuple(v_cache.stride()[:2])
+
+
 # Split-KV semaphores (``softmax.merge_if_last``, ``merge_kernel.merge_last_split``): one int32
 # counter per (tile or sequence, kv head) of a split launch, zero between calls (the program that
 # merges resets its counter). Eager calls share one buffer per (device, stream): launches on one

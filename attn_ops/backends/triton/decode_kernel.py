@@ -36,7 +36,8 @@ from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_
                                                   merge_splits_kernel)
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
-                                             next_pow2, result, semaphores, softcap_constants)
+                                             kv_same_strides, next_pow2, result, semaphores,
+                                             softcap_constants)
 from attn_ops.backends.triton.decode_keys import attend_keys
 from attn_ops.backends.triton.softmax import finish, store_lse
 
@@ -55,7 +56,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                          FP8: tl.constexpr, WITH_LSE: tl.constexpr,
                          FP8_VIA_F16: tl.constexpr = False, FP8_PAIRS: tl.constexpr = False,
                          PAIR_ASM: tl.constexpr = False, R_P2: tl.constexpr = 1,
-                         S_P2: tl.constexpr = 1):
+                         S_P2: tl.constexpr = 1, KV_SAME_STRIDES: tl.constexpr = False):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -80,7 +81,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
         seq.to(tl.int64) * stride_qb + heads * stride_qh, seq, kv_head, g_ok, dim_ok, lo, hi,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb, stride_tc,
         stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N,
-        SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM)
+        SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM, KV_SAME_STRIDES)
 
     out_mask = g_ok[:, None] & dim_ok[None, :]
     lse_idx = seq.to(tl.int64) * num_heads + heads
@@ -237,7 +238,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     launch(kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
            sema, *ex.pointers, *((seqlens_k,) if balanced else ()),  # CU_Q: unused
            *_stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out.stride(), ex,
-                            splits, scale, softcap, window_left, balanced), **stage1, **ex.flags)
+                            splits, scale, softcap, window_left, balanced), **stage1, **ex.flags,
+           KV_SAME_STRIDES=kv_same_strides(k_cache, v_cache))
     if splits > 1 and not counted:
         launch(merge_splits_kernel, grid2, o_part, lse_part, out, *ex.pointers[:2],
                splits, out.stride(0), out.stride(1), ex.strides[0], **stage2,
@@ -314,7 +316,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     pairs = stage1["FP8_PAIRS"]  # int16 reads: 2-byte aligned caches, checked per call
     # Alignment checked per call: the caller's tensors (q stands in for what is absent).
     check = (0, 1, 2, 3, 4) + ((10,) if has_sinks else ()) + ((11, 12) if fp8 else ())
-    stage1_launch = prepare(kernel, grid1, {**stage1, **ex.flags}, check, scalars1)
+    consts1 = {**stage1, **ex.flags, "KV_SAME_STRIDES": kv_same_strides(k_cache, v_cache)}
+    stage1_launch = prepare(kernel, grid1, consts1, check, scalars1)
     counted = balanced or stage1["FUSED"]  # pieces merged in stage 1, by a counter
     merge = splits > 1 and not counted
     scalars2 = (splits, out_strides[0], out_strides[1], ex.strides[0])

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from attn_ops.backends.triton import unified_kernel as uk, unified_plan
-from attn_ops.backends.triton.common import result, semaphores, softcap_constants
+from attn_ops.backends.triton.common import (kv_same_strides, result, semaphores,
+                                             softcap_constants)
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.launch import launch, prepare
 
@@ -68,7 +69,8 @@ def balanced_args(q, k, v, cu_q, cu_k, table, num_seqs, max_seqlen_q, capacity, 
                *table.stride(), out_strides[0], out_strides[1], *ex.strides, num_seqs,
                k.shape[2], qk_scale, cap_log2, cap_inv, -1, cu_q.stride(0), total_q)
     rows = 2 * grid[0] * consts["G_P2"]  # two slots of G_P2 rows per program
-    return (grid, {**consts, "PAGE": k.shape[1], "SOFTCAP": softcap > 0, **ex.flags}, scalars,
+    return (grid, {**consts, "PAGE": k.shape[1], "SOFTCAP": softcap > 0, **ex.flags,
+                   "KV_SAME_STRIDES": kv_same_strides(k, v)}, scalars,
             ((rows, head_dim), (rows,)), num_seqs * k.shape[2])
 
 

@@ -255,6 +255,32 @@ def test_decode_transposed_dense_cache(splits):
     assert_close(out, ref, *TOLERANCES[torch.bfloat16], what="decode, transposed cache")
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+def test_decode_kv_strides_apart(monkeypatch, balanced):
+    # K and V offsets are computed once where both caches share their block and in-page strides
+    # (KV_SAME_STRIDES); a V cache laid out otherwise (here: its pages in the other order along
+    # a transposed buffer, so both strides differ) is read at its own offsets. Both kernels.
+    lens = [45, 0, 17, 30]
+    paged = random_paged(lens, 2, 32, 8, torch.float32)
+    k_cache = paged.k_cache
+    v_buffer = torch.randn(k_cache.shape[1], k_cache.shape[0], *k_cache.shape[2:])
+    v_cache = v_buffer.transpose(0, 1)  # [blocks, page, Hkv, D], strides (Hkv*D, blocks*Hkv*D)
+    v_cache.copy_(paged.v_cache)
+    assert v_cache.stride()[:2] != k_cache.stride()[:2]
+    q = torch.randn(len(lens), 4, 32)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    same = record_launches(monkeypatch, decode_kernel, "KV_SAME_STRIDES")
+    for v, expected in ((v_cache, False), (paged.v_cache, True)):
+        args = (q, k_cache, v, seqlens, paged.block_table, 0.2)
+        ref = reference.decode(*args)
+        for splits in (1, 3):
+            out = poisoned(q.shape, torch.float32)
+            decode_kernel.decode(*args, splits=splits, out=out, balanced=balanced)
+            assert_close(out, ref, *TOLERANCES[torch.float32],
+                         what=f"{splits} splits, V strides {v.stride()}")
+            assert same[-1] is expected, same
+
+
 def _fp8_paged(lens, hkv, d, block_size, pad, device="cpu", table_width=None):
     """FP8 paged caches and per-head scales; with ``pad`` the caches are views of wider rows,
     starting ``pad`` elements in (an odd address for pad 1, even strides for an even width)."""

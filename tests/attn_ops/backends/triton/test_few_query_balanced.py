@@ -125,9 +125,11 @@ def test_balanced_plan_rule(monkeypatch):
                                               force)
         grid, consts = plan(16, 4)
         assert grid == (128,) and consts["QUERIES"] and consts["G_P2"] == 16
-        # every constexpr given, the launch's own (PAGE, SOFTCAP, common.extras' flags) beside
-        # the plan's: Inductor's launch of a traced call (wrap_triton) takes no defaults
-        given = set(consts) | {"PAGE", "SOFTCAP", "HAS_SINKS", "FP8", "WITH_LSE"}
+        # every constexpr given, the launch's own (PAGE, SOFTCAP, common.extras' flags,
+        # KV_SAME_STRIDES) beside the plan's: Inductor's launch of a traced call (wrap_triton)
+        # takes no defaults
+        given = set(consts) | {"PAGE", "SOFTCAP", "HAS_SINKS", "FP8", "WITH_LSE",
+                               "KV_SAME_STRIDES"}
         params = inspect.signature(decode_balanced_kernel.fn).parameters  # jit or interpreted
         wanted = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
         assert "QUERIES" in wanted and "ZEROS_FIRST" in wanted
