@@ -107,7 +107,7 @@ def mma(a, b, acc, DOT: tl.constexpr):
 
 @triton.jit
 def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride_vb, stride_vt,
-                  PAGE: tl.constexpr):
+                  PAGE: tl.constexpr, SAME_STRIDES: tl.constexpr = False):
     """Element offsets (int64) of token positions ``pos`` in the K and V caches, through one
     block-table row whose columns are ``stride_tc`` apart.
 
@@ -115,11 +115,22 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
     ``[num_blocks, block_size, Hkv, D]`` view (a transposed dense ``[B, Hkv, S, D]`` cache has a
     block stride of ``Hkv * S * D`` but an in-page stride of ``D``). Positions where ``valid`` is
     False read no table entry and map to offset 0 (masked later), so garbage past a sequence's
-    last block is never dereferenced.
+    last block is never dereferenced. ``SAME_STRIDES`` (:func:`kv_same_strides`: V's block and
+    in-page strides are K's): V's offsets are K's, computed once.
     """
     block = tl.load(table_row + (pos // PAGE) * stride_tc, mask=valid, other=0).to(tl.int64)
     offset = pos % PAGE
-    return block * stride_kb + offset * stride_kt, block * stride_vb + offset * stride_vt
+    k_off = block * stride_kb + offset * stride_kt
+    if SAME_STRIDES:
+        # Each key's 64-bit offset is a product per row of a thread's loads: once, not once per
+        # cache. sm_90a, Triton 3.6, instructions per step of the decode's key loop: WIDE 917 ->
+        # 788, DEEP 612 -> 528, the default row 579 -> 496, FP8 deep 794 -> 738. H200, bf16
+        # 32/8 heads, pages of 16, graph replays (BENCHMARKS.md, eighteenth pass): decode B 16
+        # x 2048 39.1 -> 38.1 us, x 4096 68.5 -> 67.1, B 8 x 4096 40.0 -> 39.1, B 24 x 2048
+        # 56.7 -> 55.7, B 64 x 1024 68.2 -> 67.4, x 4096 244.5 -> 242.9; FP8 B 64 x 4096 135.9
+        # -> 133.9.
+        return k_off, k_off
+    return k_off, block * stride_vb + offset * stride_vt
 
 
 def kv_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

@@ -161,7 +161,8 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
                     tokens * stride_qb + heads * stride_qh, rows_ok, offs_g, dim_ok, seq,
                     kv_head, tl.maximum(seen, 0), seq_len, lq, stride_kb, stride_kt, stride_kh,
                     stride_vb, stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs,
-                    qk_scale, cap_log2, cap_inv, GROUP, HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8)
+                    qk_scale, cap_log2, cap_inv, GROUP, HEAD_DIM, D_P2, PAGE, SOFTCAP, DOT, FP8,
+                    KV_SAME_STRIDES)
         acc, m_i, l_i, v_scale = attend_keys(
             acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, tokens * stride_qb
             + heads * stride_qh, seq, kv_head, rows_ok, dim_ok, lo, hi, stride_kb, stride_kt,
@@ -277,7 +278,7 @@ def _diagonal(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, rows_ok, 
               stride_vt, stride_vh, stride_tb, stride_tc, stride_ks, stride_vs, qk_scale,
               cap_log2, cap_inv, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
               D_P2: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, DOT: tl.constexpr,
-              FP8: tl.constexpr):
+              FP8: tl.constexpr, KV_SAME_STRIDES: tl.constexpr):
     """The running softmax of a pair's rows (at element offsets ``q_rows`` of Q) after its keys
     ``lo .. seq_len - 1``, which only some of them see under the causal mask, with isolation
     (:func:`.softmax.attend_diagonal`; q as stored, an FP8 cache widened to q's dtype)."""
@@ -290,7 +291,7 @@ def _diagonal(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, rows_ok, 
     return attend_diagonal(acc, m_i, l_i, q, K + kv_head * stride_kh, V + kv_head * stride_vh,
                            TABLE + seq.to(tl.int64) * stride_tb, stride_tc, stride_kb, stride_kt,
                            stride_vb, stride_vt, lo, seq_len, q_pos, qk_scale, cap_log2,
-                           cap_inv, offs_d, dim_ok, SOFTCAP, True, PAGE, DOT)
+                           cap_inv, offs_d, dim_ok, SOFTCAP, True, PAGE, DOT, KV_SAME_STRIDES)
 
 
 @triton.jit

@@ -59,16 +59,7 @@ def attend_keys(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, seq, kv
         pos = start + offs_n
         key_ok = pos < hi
         k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
-                                     stride_vb, stride_vt, PAGE)
-        if KV_SAME_STRIDES:
-            # Each key's 64-bit offset is a product per row of the thread's loads: computed
-            # once, not once per cache (its V twin is then dead code). sm_90a, Triton 3.6,
-            # instructions per step in the key loop: WIDE 917 -> 788, DEEP 612 -> 528, the
-            # default row 579 -> 496, FP8 deep 794 -> 738. H200, bf16 32/8 heads, pages of
-            # 16, graph replays (BENCHMARKS.md, eighteenth pass): B 16 x 2048 39.1 -> 38.1 us,
-            # x 4096 68.5 -> 67.1, B 8 x 4096 40.0 -> 39.1, B 24 x 2048 56.7 -> 55.7, B 64 x
-            # 1024 68.2 -> 67.4, x 4096 244.5 -> 242.9; FP8 B 64 x 4096 135.9 -> 133.9.
-            v_off = k_off
+                                     stride_vb, stride_vt, PAGE, KV_SAME_STRIDES)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
         if FP8_PAIRS:
             k_even, k_odd = fp8_pair_tile(k16, k_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)

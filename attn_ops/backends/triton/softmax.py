@@ -42,7 +42,8 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
            offs_d, dim_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_DIM: tl.constexpr,
            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
            PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr,
-           ISOLATE: tl.constexpr = True, STAGES: tl.constexpr = None):
+           ISOLATE: tl.constexpr = True, STAGES: tl.constexpr = None,
+           KV_SAME_STRIDES: tl.constexpr = False):
     """Online-softmax update of (acc, m_i, l_i) over keys ``lo .. hi-1`` in BLOCK_N steps.
 
     ``q_pos[r]`` is row r's query position in key coordinates (``i + lk - lq``); keys at or past
@@ -60,13 +61,14 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
     values is non-finite (the prefill kernel's causal diagonal).
 
     ``STAGES`` sets the loop's software pipelining depth (None: the launch's ``num_stages``).
+    ``KV_SAME_STRIDES``: paged V read at K's offsets (common.paged_offsets).
     """
     for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         pos = start + offs_n
         key_ok = pos < key_end
         if PAGED:
             k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
-                                         stride_vb, stride_vt, PAGE)
+                                         stride_vb, stride_vt, PAGE, KV_SAME_STRIDES)
         else:
             # int32 within one sequence (its base is already int64): the unmasked step's SASS
             # matches the one before the stride change (sm_90a, 4 x 4096 causal config)
@@ -107,7 +109,7 @@ def attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt, s
 def attend_diagonal(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stride_kt,
                     stride_vb, stride_vt, lo, hi, q_pos, qk_scale, cap_log2, cap_inv, offs_d,
                     dim_ok, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                    DOT: tl.constexpr):
+                    DOT: tl.constexpr, KV_SAME_STRIDES: tl.constexpr = False):
     """Online-softmax update over causal keys ``lo .. hi-1`` that some rows of the tile see and
     others do not (a few-query tile's own keys: fewer than its queries), in 16-key tiles loaded
     straight into registers (no pipelining ring).
@@ -129,7 +131,7 @@ def attend_diagonal(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, str
         key_ok = pos < hi
         if PAGED:
             k_off, v_off = paged_offsets(table_row, stride_tc, pos, key_ok, stride_kb, stride_kt,
-                                         stride_vb, stride_vt, PAGE)
+                                         stride_vb, stride_vt, PAGE, KV_SAME_STRIDES)
         else:
             k_off = pos * stride_kt
             v_off = pos * stride_vt

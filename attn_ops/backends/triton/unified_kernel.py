@@ -46,7 +46,7 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, 
           WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
           DIRECT: tl.constexpr, ONE_LOOP: tl.constexpr, FUSED: tl.constexpr,
           DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
-          WITH_LSE: tl.constexpr):
+          WITH_LSE: tl.constexpr, KV_SAME_STRIDES: tl.constexpr):
     """Packed rows ``m0 .. m0+BLOCK_M-1`` of one sequence against one split of its keys."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -108,30 +108,33 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, 
                                stride_kt, stride_vb, stride_vt, s_lo, every, every, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                                BLOCK_N, True, MASK_DIM, False, False, SOFTCAP, PAGED, PAGE, DOT,
-                               False)
+                               False, KV_SAME_STRIDES=KV_SAME_STRIDES)
         acc, m_i, l_i = attend_diagonal(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
                                         stride_kb, stride_kt, stride_vb, stride_vt, every, s_hi,
                                         q_pos, qk_scale, cap_log2, cap_inv, offs_d, dim_ok,
-                                        SOFTCAP, PAGED, PAGE, DOT)
+                                        SOFTCAP, PAGED, PAGE, DOT, KV_SAME_STRIDES=KV_SAME_STRIDES)
     elif ONE_LOOP:  # few rows: masked steps only (a third of the code; the mask is cheap here)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, s_lo, s_hi, s_hi, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
+                               KV_SAME_STRIDES=KV_SAME_STRIDES)
     else:
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, s_lo, u_lo, s_hi, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
+                               KV_SAME_STRIDES=KV_SAME_STRIDES)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, u_lo, u_hi, s_hi, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                                BLOCK_N, False, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                               DOT)
+                               DOT, KV_SAME_STRIDES=KV_SAME_STRIDES)
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, u_hi, s_hi, s_hi, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+                               BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
+                               KV_SAME_STRIDES=KV_SAME_STRIDES)
 
     num_heads = tl.num_programs(1) * GROUP
     lse_idx = q_rows * num_heads + head
@@ -171,7 +174,8 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TAB
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                     PAGE: tl.constexpr, DIRECT: tl.constexpr, ONE_LOOP: tl.constexpr,
                     FUSED: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
-                    FP8: tl.constexpr, WITH_LSE: tl.constexpr):
+                    FP8: tl.constexpr, WITH_LSE: tl.constexpr,
+                    KV_SAME_STRIDES: tl.constexpr = False):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -226,7 +230,8 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TAB
                   stride_oh, stride_tb, stride_tc, stride_sk, stride_ks, stride_vs,
                   total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale, cap_log2, cap_inv,
                   window_left, GROUP, HEAD_DIM, D_P2, SMALL_M, BLOCK_N, CAUSAL, WINDOW,
-                  SOFTCAP, PAGED, PAGE, DIRECT, ONE_LOOP, FUSED, DOT, HAS_SINKS, FP8, WITH_LSE)
+                  SOFTCAP, PAGED, PAGE, DIRECT, ONE_LOOP, FUSED, DOT, HAS_SINKS, FP8, WITH_LSE,
+                  KV_SAME_STRIDES)
     elif LARGE_PATH:
         n_tiles = tl.cdiv(rows, BLOCK_M)
         local = pid - n_small - ((q_start * GROUP) // BLOCK_M + seq)
@@ -243,7 +248,7 @@ def _unified_kernel(Q, K, V, O, O_PART, LSE_PART, SEMA, CU_Q, CU_K, SEQLENS, TAB
                   total_q * tl.num_programs(1) * GROUP, num_splits, qk_scale,
                   cap_log2, cap_inv, window_left, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N,
                   CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DIRECT, False, FUSED, DOT, HAS_SINKS,
-                  FP8, WITH_LSE)
+                  FP8, WITH_LSE, KV_SAME_STRIDES)
 
 
 @triton.jit(do_not_specialize=["num_splits", "part_rows"])

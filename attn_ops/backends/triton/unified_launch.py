@@ -46,7 +46,9 @@ def launch_args(q, k, v, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, cap
     merge_scalars = (splits, total_q * num_heads, out_strides[0], out_strides[1], stride_cq,
                      ex.strides[0], num_seqs)
     merge = dict(merge, HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
-    return splits, grid, {**consts, **ex.flags}, scalars, merge, merge_scalars, table
+    same = paged and kv_same_strides(k, v)  # dense K/V: unused
+    return (splits, grid, {**consts, **ex.flags, "KV_SAME_STRIDES": same}, scalars, merge,
+            merge_scalars, table)
 
 
 def balanced_args(q, k, v, cu_q, cu_k, table, num_seqs, max_seqlen_q, capacity, scale, causal,

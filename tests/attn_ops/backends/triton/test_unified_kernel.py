@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from attn_ops.backends import reference
-from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, random_paged,
+                                   record_launches)
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import common, decode_plan, unified_kernel, unified_plan  # noqa: E402
+from attn_ops.backends.triton import (common, decode_plan, unified_kernel,  # noqa: E402
+                                      unified_launch, unified_plan)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 
@@ -133,6 +135,32 @@ def test_strided_index_tensors_and_caches():
     ref = reference.prefill(q, pb.k_cache, pb.v_cache, cu_seqlens(lens_q), cu_seqlens(lens_k), 7,
                             19, 0.2, True, pb.block_table)
     assert_close(out, ref, *TOLERANCES[FP16], what="unified prefill, strided inputs")
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_kv_strides_apart(monkeypatch, balanced):
+    # Paged K and V that share block and in-page strides are read at one offset per key
+    # (KV_SAME_STRIDES); a V cache laid out otherwise (its pages along a transposed buffer) at
+    # its own. The unified kernel (a 2-query and a 9-query sequence: both paths) and the
+    # balanced kernel's few-query mode (forced), with the same K.
+    lens_q, lens_k = [2, 9, 1], [19, 30, 0]
+    pb = random_paged(lens_k, 2, 32, 8, FP16)
+    v_apart = torch.empty(pb.v_cache.shape[1], pb.v_cache.shape[0], *pb.v_cache.shape[2:],
+                          dtype=FP16).transpose(0, 1)
+    v_apart.copy_(pb.v_cache)
+    assert v_apart.stride()[:2] != pb.k_cache.stride()[:2]
+    q = torch.randn(sum(lens_q), 4, 32, dtype=FP16)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    seen = record_launches(monkeypatch, unified_launch, "KV_SAME_STRIDES")
+    ref = reference.prefill(q, pb.k_cache, pb.v_cache, cu_q, cu_k, 9, 30, 0.2, True,
+                            pb.block_table)
+    for v, same in ((v_apart, False), (pb.v_cache, True)):
+        out = torch.full(q.shape, float("nan"), dtype=FP16)
+        unified_kernel.prefill(q, pb.k_cache, v, cu_q, cu_k, 9, 30, 0.2, True, pb.block_table,
+                               out=out, balanced=balanced)
+        assert_close(out, ref, *TOLERANCES[FP16], what=f"V strides {v.stride()}")
+        assert seen[0] is same, seen  # the first launch: the unified or the balanced kernel
+        seen.clear()
 
 
 def test_split_count_and_grid_are_static():
