@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, next_pow2, result,
-                                             softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, kv_same_strides,
+                                             next_pow2, result, softcap_constants)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.softmax import (all_finite, attend, finish, kv_scales, store_lse,
                                               value_sums)
@@ -34,7 +34,8 @@ def _attend_masked(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stri
                    stride_vt, lo, hi, lk, q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n,
                    offs_d, dim_ok, clean, BLOCK_N: tl.constexpr, MASK_DIM: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                   PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr):
+                   PAGED: tl.constexpr, PAGE: tl.constexpr, DOT: tl.constexpr,
+                   KV_SAME_STRIDES: tl.constexpr):
     """The diagonal masked loop of :func:`attend`, isolating hidden values only when the caller
     found a non-finite one among the keys it loads (``clean`` False).
 
@@ -50,13 +51,14 @@ def _attend_masked(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb, stri
         acc, m_i, l_i = attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, lo, hi, lk, q_pos, window_left,
                                qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
-                               True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT, False)
+                               True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT, False,
+                               KV_SAME_STRIDES=KV_SAME_STRIDES)
     else:
         acc, m_i, l_i = attend(acc, m_i, l_i, q, K, V, table_row, stride_tc, stride_kb,
                                stride_kt, stride_vb, stride_vt, lo, hi, lk, q_pos, window_left,
                                qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N,
                                True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT, True,
-                               1)
+                               1, KV_SAME_STRIDES)
     return acc, m_i, l_i
 
 
@@ -69,7 +71,7 @@ def _tile(Q, K, V, O, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt, stri
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
           WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
           DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
-          WITH_LSE: tl.constexpr):
+          WITH_LSE: tl.constexpr, KV_SAME_STRIDES: tl.constexpr):
     """Query rows ``m0 .. m0 + BLOCK_M - 1`` (those below lq) of sequence ``seq``, head
     ``head``: out (and lse) written, every row's keys in three loops."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -133,23 +135,25 @@ def _tile(Q, K, V, O, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt, stri
     acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                            stride_kt, stride_vb, stride_vt, lo, tl.minimum(f_lo, hi), lk, q_pos,
                            window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
-                           BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+                           BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
+                           KV_SAME_STRIDES=KV_SAME_STRIDES)
     acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc, stride_kb,
                            stride_kt, stride_vb, stride_vt, f_lo, f_hi, lk, q_pos, window_left,
                            qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok, BLOCK_N, False,
-                           MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT)
+                           MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
+                           KV_SAME_STRIDES=KV_SAME_STRIDES)
     if CAUSAL and not WINDOW:
         acc, m_i, l_i = _attend_masked(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
                                        stride_kb, stride_kt, stride_vb, stride_vt, f_hi, hi, lk,
                                        q_pos, window_left, qk_scale, cap_log2, cap_inv, offs_n,
                                        offs_d, dim_ok, clean, BLOCK_N, MASK_DIM, CAUSAL, WINDOW,
-                                       SOFTCAP, PAGED, PAGE, DOT)
+                                       SOFTCAP, PAGED, PAGE, DOT, KV_SAME_STRIDES)
     else:
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k_base, v_base, table_row, stride_tc,
                                stride_kb, stride_kt, stride_vb, stride_vt, f_hi, hi, lk, q_pos,
                                window_left, qk_scale, cap_log2, cap_inv, offs_n, offs_d, dim_ok,
                                BLOCK_N, True, MASK_DIM, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE,
-                               DOT)
+                               DOT, KV_SAME_STRIDES=KV_SAME_STRIDES)
 
     sink2 = 0.0
     if HAS_SINKS:
@@ -170,7 +174,7 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
            WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
            DOT: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
-           WITH_LSE: tl.constexpr, PER_HALF: tl.constexpr):
+           WITH_LSE: tl.constexpr, PER_HALF: tl.constexpr, KV_SAME_STRIDES: tl.constexpr):
     """The ``FIXUP`` program of :func:`_prefill_kernel` (see there). Half ``half`` of tile
     ``g`` is rows ``(cdiv(lq, 2 * BLOCK_M) - 1 - g) * 2 * BLOCK_M + half * BLOCK_M ..`` of its
     sequence, and its flags the ``PER_HALF`` from ``half * PER_HALF`` on."""
@@ -208,7 +212,7 @@ def _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FL
                           stride_ks, stride_vs, seq, head, num_heads, m0, q_start, lq, k_start,
                           lk, qk_scale, cap_log2, cap_inv, window_left, GROUP, HEAD_DIM, D_P2,
                           BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
-                          HAS_SINKS, FP8, WITH_LSE)
+                          HAS_SINKS, FP8, WITH_LSE, KV_SAME_STRIDES)
 
 
 @triton.jit(do_not_specialize=["total_q", "window_left", "fixup_tiles"])
@@ -222,7 +226,7 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                     PAGE: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
                     FP8: tl.constexpr, WITH_LSE: tl.constexpr, FIXUP: tl.constexpr = False,
-                    FLAGS_PER_HALF: tl.constexpr = 1):
+                    FLAGS_PER_HALF: tl.constexpr = 1, KV_SAME_STRIDES: tl.constexpr = False):
     """Program ``(i, b, h)``: tile i (counted from the sequence's last) of sequence b, head h.
 
     ``FIXUP`` (no window: the Hopper route): FLAGS holds the Hopper kernel's int32 flags (else
@@ -236,7 +240,8 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
                stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
                stride_sk, stride_ks, stride_vs, num_seqs, qk_scale, cap_log2, cap_inv,
                window_left, fixup_tiles, GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL,
-               WINDOW, SOFTCAP, PAGED, PAGE, DOT, HAS_SINKS, FP8, WITH_LSE, FLAGS_PER_HALF)
+               WINDOW, SOFTCAP, PAGED, PAGE, DOT, HAS_SINKS, FP8, WITH_LSE, FLAGS_PER_HALF,
+               KV_SAME_STRIDES)
         return
     pid = tl.program_id(0)
     seq = tl.program_id(1)
@@ -268,7 +273,7 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
           stride_tc, stride_sk, stride_ks, stride_vs, seq, head, tl.num_programs(2),
           tile * BLOCK_M, q_start, lq, k_start, lk, qk_scale, cap_log2, cap_inv, window_left,
           GROUP, HEAD_DIM, D_P2, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, PAGED, PAGE, DOT,
-          HAS_SINKS, FP8, WITH_LSE)
+          HAS_SINKS, FP8, WITH_LSE, KV_SAME_STRIDES)
 
 
 class Config(NamedTuple):
@@ -380,7 +385,8 @@ def launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal
     scalars = (q.stride(0), q.stride(1), *strides, out_strides[0], out_strides[1],
                cu_seqlens_q.stride(0), cu_seqlens_k.stride(0), *table_strides, *ex.strides,
                total_q, num_seqs, qk_scale, cap_log2, cap_inv, window_left, 0)
-    return grid, {**consts, **ex.flags}, scalars
+    same = paged and kv_same_strides(k, v)  # dense K/V: unused
+    return grid, {**consts, **ex.flags, "KV_SAME_STRIDES": same}, scalars
 
 
 def bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,

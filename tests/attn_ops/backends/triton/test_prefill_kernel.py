@@ -9,7 +9,7 @@ import torch
 import attn_ops
 from attn_ops.backends import reference
 from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisoned, prefill_f64,
-                                   random_paged)
+                                   random_paged, record_launches)
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import hopper_prefill_launch, prefill_kernel  # noqa: E402
@@ -146,6 +146,31 @@ def test_prefill_paged_strided_cache():
     ref = reference.prefill(q, pb.k_cache, pb.v_cache, cu_q, cu_k, 11, 19, 0.2, True,
                             pb.block_table)
     assert_close(out, ref, *TOLERANCES[dtype], what="prefill, strided cache")
+
+
+@pytest.mark.parametrize("window_left", [-1, 5])
+def test_prefill_paged_kv_strides_apart(monkeypatch, window_left):
+    # Paged K and V sharing block and in-page strides are read at one offset per key
+    # (KV_SAME_STRIDES), a V laid out otherwise (its pages along a transposed buffer) at its
+    # own; with a window, the masked loops too.
+    dtype = torch.bfloat16
+    lens_q, lens_k = [3, 11, 20], [19, 11, 40]
+    pb = random_paged(lens_k, 2, 32, 8, dtype)
+    v_apart = torch.empty(pb.v_cache.shape[1], pb.v_cache.shape[0], *pb.v_cache.shape[2:],
+                          dtype=dtype).transpose(0, 1)
+    v_apart.copy_(pb.v_cache)
+    assert v_apart.stride()[:2] != pb.k_cache.stride()[:2]
+    q = torch.randn(sum(lens_q), 4, 32, dtype=dtype)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    ref = reference.prefill(q, pb.k_cache, pb.v_cache, cu_q, cu_k, 20, 40, 0.2, True,
+                            pb.block_table, window_left)
+    same = record_launches(monkeypatch, prefill_kernel, "KV_SAME_STRIDES")
+    for v, expected in ((v_apart, False), (pb.v_cache, True)):
+        out = poisoned(q.shape, dtype)
+        prefill_kernel.prefill(q, pb.k_cache, v, cu_q, cu_k, 20, 40, 0.2, True, pb.block_table,
+                               window_left, out=out)
+        assert_close(out, ref, *TOLERANCES[dtype], what=f"prefill, V strides {v.stride()}")
+        assert same[-1] is expected, same
 
 
 def _hidden_value_case(lens_q, lens_k, planted, causal, window_left, paged, dev="cpu"):
