@@ -10,7 +10,7 @@ no host launch cost: how decode runs in a server); GB/s = K and V bytes read
 (bytes read + written).
 
     python benchmarks/bench_decode.py [--tune] [--growth | --growth-only] [--skewed | --skewed-only]
-                                      [--out DIR]
+                                      [--kv-offsets-only] [--out DIR]
 
 ``--growth``: our decode side by side with its contract growth on the same cache tokens, graph
 timed, rounds interleaved (median of 3): bf16, FP8 caches (float8_e4m3fn, per-head scales: half
@@ -21,6 +21,10 @@ sinks / lse <= 3% (decode_growth.csv).
 uniform random lengths), paged (pages of 16), graph timed: ``attn.decode`` as planned beside
 the split kernel and the balanced kernel forced, GB/s over the keys actually read
 (decode_skewed.csv).
+
+``--kv-offsets-only``: each key's K and V offsets computed once (the default for caches of equal
+strides) against once per cache, interleaved, over pages of 16 and SDPA's own cache with SDPA
+beside (decode_kv_offsets.csv).
 """
 
 from __future__ import annotations
@@ -284,6 +288,74 @@ def growth(args, copy):
     write_csv(args.out / "decode_growth.csv", rows)
 
 
+KV_OFFSET_SHAPES = [(1, 2048), (16, 2048), (16, 8192), (64, 4096), (128, 2048)]
+
+
+def kv_offsets(args, copy):
+    """The decode kernels with each key's K and V offsets computed once (the default where both
+    caches share block and in-page strides: common.kv_same_strides) against once per cache (the
+    flag forced off, as before), interleaved in one process, graph replays; pages of 16 and
+    SDPA's own contiguous cache read as one page per sequence, SDPA beside it; FP8 at B 16."""
+    from attn_ops.backends import reference
+    from attn_ops.backends.triton import decode_kernel
+    from common import bench_ms
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    shapes = [(2, 64)] if args.smoke else KV_OFFSET_SHAPES
+    same = decode_kernel.kv_same_strides
+
+    def offsets_per_cache(fn):
+        def run():
+            decode_kernel.kv_same_strides = lambda k, v: False
+            try:
+                return fn()
+            finally:
+                decode_kernel.kv_same_strides = same
+        return run
+    rows = []
+    for fp8, (b, ctx) in [(False, s) for s in shapes] + [(True, shapes[1])]:
+        q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(b, ctx, hkv, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        k_cache, v_cache, table = paged_copy(k, v, 16, dev)
+        kw, elem = {}, 2
+        if fp8:
+            kw = dict(k_scale=torch.rand(hkv, device=dev) * 0.01 + 0.01,
+                      v_scale=torch.rand(hkv, device=dev) * 0.01 + 0.01)
+            k_cache = reference.quantize_fp8(k_cache, kw["k_scale"], torch.float8_e4m3fn)
+            v_cache = reference.quantize_fp8(v_cache, kw["v_scale"], torch.float8_e4m3fn)
+            elem = 1
+        caches = {"pages of 16": (k_cache, v_cache, table)}
+        variants = {}
+        if not fp8:
+            kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            one = torch.arange(b, dtype=torch.int32, device=dev)[:, None]
+            caches["SDPA's cache"] = (kd.transpose(1, 2), vd.transpose(1, 2), one)
+            variants["sdpa"] = lambda kd=kd, vd=vd: F.scaled_dot_product_attention(
+                q.view(b, h, 1, d), kd, vd, scale=d ** -0.5, enable_gqa=True)
+        for name, (kc, vc, tb) in caches.items():
+            call = (lambda kc=kc, vc=vc, tb=tb: decode_kernel.decode(q, kc, vc, seqlens, tb,
+                                                                     d ** -0.5, **kw))
+            variants[f"{name}, offsets per cache"] = offsets_per_cache(call)
+            variants[f"{name}, offsets once"] = call
+        times = {name: [] for name in variants}
+        for _ in range(1 if args.smoke else 3):
+            for name, fn in variants.items():
+                times[name].append(bench_ms(fn, args.smoke, graph=not args.smoke))
+        med = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+        for name, ms in med.items():
+            gbs = 2 * b * ctx * hkv * d * elem / (ms * 1e-3) / 1e9
+            base = med[name.replace("once", "per cache")] if "once" in name else ms
+            rows.append(dict(bench="decode_kv_offsets", cache_dtype="fp8" if fp8 else "bf16",
+                             batch=b, ctx=ctx, contender=name, graph_us=ms * 1e3,
+                             speedup=base / ms, vs_sdpa=med["sdpa"] / ms if "sdpa" in med
+                             else None, gbs=gbs, pct_copy=100 * gbs / copy))
+        print_table(rows[-len(med):], ["cache_dtype", "batch", "ctx", "contender", "graph_us",
+                                        "speedup", "vs_sdpa", "pct_copy"])
+    write_csv(args.out / "decode_kv_offsets.csv", rows)
+
+
 def tune(args, copy):
     """Sweep (BLOCK_N, warps, stages) and the split count of our kernel on target shapes, timed
     as CUDA-graph replays (device time)."""
@@ -325,7 +397,9 @@ def main():
         p.add_argument("--growth", action="store_true", help="also fp8 / sinks / lse vs bf16"),
         p.add_argument("--growth-only", action="store_true", help="only the --growth table"),
         p.add_argument("--skewed", action="store_true", help="also batches of unequal lengths"),
-        p.add_argument("--skewed-only", action="store_true", help="only the --skewed table")))
+        p.add_argument("--skewed-only", action="store_true", help="only the --skewed table"),
+        p.add_argument("--kv-offsets-only", action="store_true",
+                       help="only K/V offsets once vs once per cache")))
     env = header("decode", args.smoke)
     copy = copy_gbs(args.smoke)
     print(f"ceiling: device copy {copy:.0f} GB/s (read + write)")
@@ -335,7 +409,9 @@ def main():
         growth(args, copy)
     if args.skewed or args.skewed_only:
         skewed(args, copy)
-    if args.tune_only or args.growth_only or args.skewed_only:
+    if args.kv_offsets_only:
+        kv_offsets(args, copy)
+    if args.tune_only or args.growth_only or args.skewed_only or args.kv_offsets_only:
         return
     shapes = [(2, 64), (1, 200)] if args.smoke else list(dict.fromkeys(ANCHOR_SHAPES +
                                                                         SWEEP_SHAPES + MID_SHAPES))
