@@ -152,3 +152,15 @@ def record_launches(monkeypatch, module, key: str) -> list:
         return launch(kernel, grid, *args, **kwargs)
     monkeypatch.setattr(module, "launch", record)
     return seen
+
+
+def laid_apart(cache: torch.Tensor) -> torch.Tensor:
+    """A copy of a paged cache ``[blocks, page, Hkv, D]`` whose block and in-page strides both
+    differ from a packed cache's: its pages along a transposed ``[page, blocks, Hkv, D]`` buffer
+    (a V cache that cannot share K's offsets: the kernels' ``KV_SAME_STRIDES``)."""
+    buffer = torch.empty(cache.shape[1], cache.shape[0], *cache.shape[2:], dtype=cache.dtype,
+                         device=cache.device)
+    apart = buffer.transpose(0, 1)
+    apart.copy_(cache)
+    assert apart.stride()[:2] != cache.stride()[:2] or cache.shape[0] == 1
+    return apart

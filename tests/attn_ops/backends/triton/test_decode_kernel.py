@@ -8,8 +8,8 @@ import torch
 
 import attn_ops
 from attn_ops.backends import reference
-from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisoned, prefill_f64,
-                                   random_paged, record_launches)
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, laid_apart, poisoned,
+                                   prefill_f64, random_paged, record_launches)
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import decode_kernel, decode_plan  # noqa: E402  (imports triton)
@@ -258,15 +258,11 @@ def test_decode_transposed_dense_cache(splits):
 @pytest.mark.parametrize("balanced", [False, True])
 def test_decode_kv_strides_apart(monkeypatch, balanced):
     # K and V offsets are computed once where both caches share their block and in-page strides
-    # (KV_SAME_STRIDES); a V cache laid out otherwise (here: its pages in the other order along
-    # a transposed buffer, so both strides differ) is read at its own offsets. Both kernels.
+    # (KV_SAME_STRIDES); a V cache laid out otherwise (helpers.laid_apart: both strides
+    # differ) is read at its own offsets. Both kernels.
     lens = [45, 0, 17, 30]
     paged = random_paged(lens, 2, 32, 8, torch.float32)
-    k_cache = paged.k_cache
-    v_buffer = torch.randn(k_cache.shape[1], k_cache.shape[0], *k_cache.shape[2:])
-    v_cache = v_buffer.transpose(0, 1)  # [blocks, page, Hkv, D], strides (Hkv*D, blocks*Hkv*D)
-    v_cache.copy_(paged.v_cache)
-    assert v_cache.stride()[:2] != k_cache.stride()[:2]
+    k_cache, v_cache = paged.k_cache, laid_apart(paged.v_cache)
     q = torch.randn(len(lens), 4, 32)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     same = record_launches(monkeypatch, decode_kernel, "KV_SAME_STRIDES")

@@ -9,7 +9,7 @@ import torch
 import attn_ops
 from attn_ops.backends import reference
 from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisoned, prefill_f64,
-                                   random_paged, record_launches)
+                                   laid_apart, random_paged, record_launches)
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import hopper_prefill_launch, prefill_kernel  # noqa: E402
@@ -151,15 +151,12 @@ def test_prefill_paged_strided_cache():
 @pytest.mark.parametrize("window_left", [-1, 5])
 def test_prefill_paged_kv_strides_apart(monkeypatch, window_left):
     # Paged K and V sharing block and in-page strides are read at one offset per key
-    # (KV_SAME_STRIDES), a V laid out otherwise (its pages along a transposed buffer) at its
+    # (KV_SAME_STRIDES), a V laid out otherwise (helpers.laid_apart) at its
     # own; with a window, the masked loops too.
     dtype = torch.bfloat16
     lens_q, lens_k = [3, 11, 20], [19, 11, 40]
     pb = random_paged(lens_k, 2, 32, 8, dtype)
-    v_apart = torch.empty(pb.v_cache.shape[1], pb.v_cache.shape[0], *pb.v_cache.shape[2:],
-                          dtype=dtype).transpose(0, 1)
-    v_apart.copy_(pb.v_cache)
-    assert v_apart.stride()[:2] != pb.k_cache.stride()[:2]
+    v_apart = laid_apart(pb.v_cache)
     q = torch.randn(sum(lens_q), 4, 32, dtype=dtype)
     cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
     ref = reference.prefill(q, pb.k_cache, pb.v_cache, cu_q, cu_k, 20, 40, 0.2, True,

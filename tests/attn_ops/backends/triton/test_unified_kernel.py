@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attn_ops.backends import reference
-from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, random_paged,
-                                   record_launches)
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, laid_apart,
+                                   random_paged, record_launches)
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import (common, decode_plan, unified_kernel,  # noqa: E402
@@ -140,15 +140,12 @@ def test_strided_index_tensors_and_caches():
 @pytest.mark.parametrize("balanced", [False, True])
 def test_kv_strides_apart(monkeypatch, balanced):
     # Paged K and V that share block and in-page strides are read at one offset per key
-    # (KV_SAME_STRIDES); a V cache laid out otherwise (its pages along a transposed buffer) at
+    # (KV_SAME_STRIDES); a V cache laid out otherwise (helpers.laid_apart) at
     # its own. The unified kernel (a 2-query and a 9-query sequence: both paths) and the
     # balanced kernel's few-query mode (forced), with the same K.
     lens_q, lens_k = [2, 9, 1], [19, 30, 0]
     pb = random_paged(lens_k, 2, 32, 8, FP16)
-    v_apart = torch.empty(pb.v_cache.shape[1], pb.v_cache.shape[0], *pb.v_cache.shape[2:],
-                          dtype=FP16).transpose(0, 1)
-    v_apart.copy_(pb.v_cache)
-    assert v_apart.stride()[:2] != pb.k_cache.stride()[:2]
+    v_apart = laid_apart(pb.v_cache)
     q = torch.randn(sum(lens_q), 4, 32, dtype=FP16)
     cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
     seen = record_launches(monkeypatch, unified_launch, "KV_SAME_STRIDES")
