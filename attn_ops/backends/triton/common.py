@@ -136,8 +136,8 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
 
 def kv_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the K and V caches ``[blocks, page, Hkv, D]`` share their block and in-page
-    strides, so one element offset per key addresses both (the decode kernels'
-    ``KV_SAME_STRIDES``: decode_keys.attend_keys). Strides only: a call signature fixes it."""
+    strides, so one element offset per key addresses both (the ``KV_SAME_STRIDES`` every
+    paged kernel takes: :func:`paged_offsets`). Strides only: a call signature fixes it."""
     return tuple(k_cache.stride()[:2]) == tuple(v_cache.stride()[:2])
 
 
