@@ -163,6 +163,7 @@ def test_inductor_launches_the_balanced_decode_kernel(monkeypatch):
     finally:
         decode_kernel._plan.cache_clear()
 
+
 @pytest.mark.parametrize("route", ["unified", "prefill"])
 def test_the_prefill_triton_op_takes_the_backends_route(route, monkeypatch):
     """attn_triton.prefill runs the kernel the Triton backend's route picks for the call (few
