@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import mma, paged_offsets, scores_log2
-from attn_ops.backends.triton.softmax import fp8_pair_tile, kv_scales, to_f16_rows
+from attn_ops.backends.triton.softmax import (fp8_key_tile, fp8_pair_tile, key_half_rows,
+                                               kv_scales, to_f16_rows)
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def attend_keys(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, seq, kv
     offs_j = tl.arange(0, D_P2 // 2)
     k16 = k_base.to(tl.pointer_type(tl.int16), bitcast=True)
     v16 = v_base.to(tl.pointer_type(tl.int16), bitcast=True)
-    q_even, q_odd = tl.split(tl.reshape(q, [G_P2, D_P2 // 2, 2]))
+    q_a, q_b = key_half_rows(q, G_P2, D_P2)
     acc_even, acc_odd = tl.split(tl.reshape(acc, [G_P2, D_P2 // 2, 2]))
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
@@ -62,9 +63,9 @@ def attend_keys(acc, m_i, l_i, Q, K, V, TABLE, K_SCALE, V_SCALE, q_rows, seq, kv
                                      stride_vb, stride_vt, PAGE, KV_SAME_STRIDES)
         tile_ok = key_ok[:, None] & dim_ok[None, :]
         if FP8_PAIRS:
-            k_even, k_odd = fp8_pair_tile(k16, k_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
+            k_a, k_b = fp8_key_tile(k16, k_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
             v_even, v_odd = fp8_pair_tile(v16, v_off, key_ok, offs_j, HEAD_DIM, PAIR_ASM)
-            qk = mma(q_odd, tl.trans(k_odd), mma(q_even, tl.trans(k_even), None, DOT), DOT)
+            qk = mma(q_b, tl.trans(k_b), mma(q_a, tl.trans(k_a), None, DOT), DOT)
         else:
             # FP8: loaded as stored (half of bf16's bytes), widened in registers
             k = tl.load(k_base + k_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)

@@ -239,6 +239,55 @@ def fp8_pairs(x, ASM: tl.constexpr):
 
 
 @triton.jit
+def fp8_key_halves(x, ASM: tl.constexpr):
+    """fp16 ``(a, b)`` ``[..., J]`` from ``x`` ``[..., J]`` (an FP8 row read as int16, J even):
+    of each four bytes ``4t .. 4t+3`` (elements 2t and 2t+1 of ``x``), ``a`` takes bytes 4t and
+    4t+1 (columns 2t and 2t+1), ``b`` bytes 4t+2 and 4t+3. A dot over the row's columns is the
+    sum of the two halves' dots when q is split the same way (:func:`key_half_rows`). Why this
+    split and not even and odd columns (:func:`fp8_pairs`): where ``x``'s two elements of a
+    32-bit register are neighbours along the row (the K tile of ``Q K^T``, whose pairs run
+    along the head dim), each half's two fp16 values are one paired conversion of one 16-bit
+    element, with no byte permute (sm_90a: 32 of the FP8 decode step's 64 PRMT)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
+            "cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    else:
+        J: tl.constexpr = x.shape[-1]
+        x0, x1 = tl.split(tl.reshape(x, [*x.shape[:-1], J // 2, 2]))
+        lo0, hi0 = _fp8_bytes(x0)
+        lo1, hi1 = _fp8_bytes(x1)
+        return (tl.reshape(tl.join(lo0, hi0), x.shape), tl.reshape(tl.join(lo1, hi1), x.shape))
+
+
+@triton.jit
+def _fp8_bytes(x):
+    """fp16 (low byte, high byte) of each int16 element of ``x``, read as e4m3."""
+    lo = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    hi = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def key_half_rows(q, ROWS: tl.constexpr, D: tl.constexpr):
+    """q ``[ROWS, D]`` split as :func:`fp8_key_halves` splits a key row: ``(a, b)``
+    ``[ROWS, D // 2]``, ``a`` columns ``4t, 4t+1``, ``b`` columns ``4t+2, 4t+3``."""
+    q4 = tl.permute(tl.reshape(q, [ROWS, D // 4, 2, 2]), (0, 1, 3, 2))  # (t, pair, half)
+    a, b = tl.split(q4)
+    return tl.reshape(a, [ROWS, D // 2]), tl.reshape(b, [ROWS, D // 2])
+
+
+@triton.jit
+def fp8_key_tile(base16, off, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
+    """:func:`fp8_key_halves` of the FP8 rows at element offsets ``off`` (even) from
+    ``base16`` (the cache read as int16), as :func:`fp8_pair_tile` loads them."""
+    x = tl.load(base16 + (off // 2)[:, None] + offs_j[None, :],
+                mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
+    return fp8_key_halves(x, ASM)
+
+
+@triton.jit
 def fp8_pair_tile(base16, off, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
     """A pair of fp16 tiles ``[len(off), len(offs_j)]``, the even and the odd columns of the FP8
     rows at element offsets ``off`` (even) from ``base16`` (the cache read as int16). The split
