@@ -127,14 +127,17 @@ _FUSED_MAX_SPLITS = 8
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
 # to bf16 (a longer conversion sequence per element on sm90, in the loop that must only load).
 FP8_VIA_F16 = True
-# FP8 caches read as int16 pairs (softmax.fp8_pair_tile): each K and V tile is two fp16 tiles,
-# the even and the odd columns, each product two dots (``q.k = q_even.k_even + q_odd.k_odd``;
-# the output's two halves are interleaved once at the end). Why: Triton read the FP8 V tile from
-# shared memory one byte at a time (128 LDS.U8 + 64 IMADs per thread per 128-key tile), 16-bit
-# pairs load with the transposing matrix load. sm_90a: 1355 -> 796 instructions per tile in
-# the loop (bf16: 1146 per 128 keys); H200, B 16 x 8192: 115.4 -> 78.0 us, 64 x 4096: 215.0 ->
-# 138.1. Needs an fp16 MMA (fp16 q, or bf16 q with FP8_VIA_F16), an even head dim, even cache
-# strides and 2-byte aligned caches (else the one-tile path).
+# FP8 caches read as int16 pairs: each K and V tile is two fp16 tiles, each product two dots.
+# V's are the even and the odd columns (softmax.fp8_pair_tile; the output's two halves are
+# interleaved once at the end), K's the halves of every four bytes (softmax.fp8_key_tile, q
+# split alike: ``q.k = q_a.k_a + q_b.k_b``), which need no byte permute: 738 -> 706 instructions
+# per step of the FP8 deep row (sm_90a), H200 B 64 x 4096 134.3 -> 133.0 us, 128 x 4096 260.5
+# -> 258.4, B 16 x 4096 40.3 -> 40.1 (BENCHMARKS.md, nineteenth pass). Why pairs: Triton read
+# the FP8 V tile from shared memory one byte at a time (128 LDS.U8 + 64 IMADs per thread per
+# 128-key tile), 16-bit pairs load with the transposing matrix load. sm_90a: 1355 -> 796
+# instructions per tile in the loop (bf16: 1146 per 128 keys); H200, B 16 x 8192: 115.4 -> 78.0
+# us, 64 x 4096: 215.0 -> 138.1. Needs an fp16 MMA (fp16 q, or bf16 q with FP8_VIA_F16), an
+# even head dim, even cache strides and 2-byte aligned caches (else the one-tile path).
 FP8_PAIRS = True
 
 

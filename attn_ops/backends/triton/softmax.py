@@ -279,22 +279,22 @@ def key_half_rows(q, ROWS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def fp8_key_tile(base16, off, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
-    """:func:`fp8_key_halves` of the FP8 rows at element offsets ``off`` (even) from
-    ``base16`` (the cache read as int16), as :func:`fp8_pair_tile` loads them."""
-    x = tl.load(base16 + (off // 2)[:, None] + offs_j[None, :],
+def fp8_key_tile(base16, off16, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
+    """:func:`fp8_key_halves` of the FP8 rows at int16 offsets ``off16`` from ``base16`` (the
+    cache read as int16), as :func:`fp8_pair_tile` loads them."""
+    x = tl.load(base16 + off16[:, None] + offs_j[None, :],
                 mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
     return fp8_key_halves(x, ASM)
 
 
 @triton.jit
-def fp8_pair_tile(base16, off, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
-    """A pair of fp16 tiles ``[len(off), len(offs_j)]``, the even and the odd columns of the FP8
-    rows at element offsets ``off`` (even) from ``base16`` (the cache read as int16). The split
+def fp8_pair_tile(base16, off16, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
+    """A pair of fp16 tiles ``[len(off16), len(offs_j)]``, the even and the odd columns of the
+    FP8 rows at int16 offsets ``off16`` from ``base16`` (the cache read as int16). The split
     decode kernel reads FP8 caches so (see its FP8_PAIRS): Triton loads an 8-bit tile the MMA
     takes along its rows (V) from shared memory one byte at a time, a 16-bit one with the
     transposing matrix load."""
-    x = tl.load(base16 + (off // 2)[:, None] + offs_j[None, :],
+    x = tl.load(base16 + off16[:, None] + offs_j[None, :],
                 mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
     return fp8_pairs(x, ASM)
 

@@ -5,6 +5,8 @@ in the loop (+4.4% at B 24), and the WIDE row 37 instructions per 128-key step; 
 call there now (merge_kernel.merge_last_split_call). Triton 3.9, which CI installs, builds the
 same loop with either form, so this runs with the GPU tests."""
 
+import re
+
 import pytest
 
 from attn_ops.backends.triton import decode_plan
@@ -49,3 +51,14 @@ def test_lse_keeps_the_key_loop(row, fp8):
         assert lse.stack <= decode.stack, (lse.stack, decode.stack)
         assert len(lse_loop) <= len(loop) + 2, (len(lse_loop), len(loop))
         assert sum("HMMA" in t for t in lse_loop) == sum("HMMA" in t for t in loop)
+
+
+@pytest.mark.skipif(not sass.available(), reason="Triton's ptxas / cuobjdump are not installed")
+def test_fp8_keys_widen_without_byte_permutes():
+    # An FP8 cache read as int16: V's tile pairs two keys' bytes per fp16x2 (P V's operand runs
+    # along the keys), one byte permute per two elements: 32 per thread per 128-key step at 4
+    # warps. K's tile is widened in halves of four bytes (softmax.fp8_key_halves), whose pairs
+    # run along the head dim as the conversion gives them: none. (Even and odd columns for K
+    # as for V took 64.)
+    loop = _build(decode_plan.FP8_DEEP_CONFIG, True, with_lse=False).key_loop()
+    assert sum(bool(re.search(r"\bPRMT\b", t)) for t in loop) == 32
