@@ -240,7 +240,7 @@ def fp8_pairs(x, ASM: tl.constexpr):
 
 @triton.jit
 def fp8_key_halves(x, ASM: tl.constexpr):
-    """fp16 ``(a, b)`` ``[..., J]`` from ``x`` ``[..., J]`` (an FP8 row read as int16, J even):
+    """fp16 ``(a, b)`` ``[rows, J]`` from ``x`` ``[rows, J]`` (FP8 rows read as int16, J even):
     of each four bytes ``4t .. 4t+3`` (elements 2t and 2t+1 of ``x``), ``a`` takes bytes 4t and
     4t+1 (columns 2t and 2t+1), ``b`` bytes 4t+2 and 4t+3. A dot over the row's columns is the
     sum of the two halves' dots when q is split the same way (:func:`key_half_rows`). Why this
@@ -254,11 +254,12 @@ def fp8_key_halves(x, ASM: tl.constexpr):
             "cvt.rn.f16x2.e4m3x2 $1, hi; }",
             "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
     else:
-        J: tl.constexpr = x.shape[-1]
-        x0, x1 = tl.split(tl.reshape(x, [*x.shape[:-1], J // 2, 2]))
+        ROWS: tl.constexpr = x.shape[0]
+        J: tl.constexpr = x.shape[1]
+        x0, x1 = tl.split(tl.reshape(x, [ROWS, J // 2, 2]))
         lo0, hi0 = _fp8_bytes(x0)
         lo1, hi1 = _fp8_bytes(x1)
-        return (tl.reshape(tl.join(lo0, hi0), x.shape), tl.reshape(tl.join(lo1, hi1), x.shape))
+        return (tl.reshape(tl.join(lo0, hi0), [ROWS, J]), tl.reshape(tl.join(lo1, hi1), [ROWS, J]))
 
 
 @triton.jit
