@@ -233,9 +233,7 @@ def fp8_pairs(x, ASM: tl.constexpr):
             "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
             "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
     else:
-        even = (x & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        odd = ((x >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        return even, odd
+        return _fp8_bytes(x)  # the low byte is the even column
 
 
 @triton.jit
