@@ -128,8 +128,8 @@ _FUSED_MAX_SPLITS = 8
 # to bf16 (a longer conversion sequence per element on sm90, in the loop that must only load).
 FP8_VIA_F16 = True
 # FP8 caches read as int16 pairs: each K and V tile is two fp16 tiles, each product two dots.
-# V's are the even and the odd columns (softmax.fp8_pair_tile; the output's two halves are
-# interleaved once at the end), K's the halves of every four bytes (softmax.fp8_key_tile, q
+# V's are the even and the odd columns (fp8_widening.fp8_pair_tile; the output's two halves are
+# interleaved once at the end), K's the halves of every four bytes (fp8_widening.fp8_key_tile, q
 # split alike: ``q.k = q_a.k_a + q_b.k_b``), which need no byte permute: 738 -> 706 instructions
 # per step of the FP8 deep row (sm_90a), H200 B 64 x 4096 134.3 -> 133.0 us, 128 x 4096 260.5
 # -> 258.4, B 16 x 4096 40.3 -> 40.1 (BENCHMARKS.md, nineteenth pass). Why pairs: Triton read

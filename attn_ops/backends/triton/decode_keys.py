@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from attn_ops.backends.triton.common import mma, paged_offsets, scores_log2
-from attn_ops.backends.triton.softmax import (fp8_key_tile, fp8_pair_tile, key_half_rows,
-                                               kv_scales, to_f16_rows)
+from attn_ops.backends.triton.fp8_widening import (fp8_key_tile, fp8_pair_tile,
+                                                    key_half_rows, to_f16_rows)
+from attn_ops.backends.triton.softmax import kv_scales
 
 
 @triton.jit

@@ -57,7 +57,7 @@ def test_lse_keeps_the_key_loop(row, fp8):
 def test_fp8_keys_widen_without_byte_permutes():
     # An FP8 cache read as int16: V's tile pairs two keys' bytes per fp16x2 (P V's operand runs
     # along the keys), one byte permute per two elements: 32 per thread per 128-key step at 4
-    # warps. K's tile is widened in halves of four bytes (softmax.fp8_key_halves), whose pairs
+    # warps. K's tile is widened in halves of four bytes (fp8_widening.fp8_key_halves), whose pairs
     # run along the head dim as the conversion gives them: none. (Even and odd columns for K
     # as for V took 64.)
     loop = _build(decode_plan.FP8_DEEP_CONFIG, True, with_lse=False).key_loop()

@@ -1,9 +1,9 @@
-"""How the decode's key walk widens an FP8 cache read as int16 (softmax.py): the K tile in halves
-of four bytes (``fp8_key_halves``, with q split alike by ``key_half_rows``), the V tile in even
-and odd columns (``fp8_pairs``). Checked element by element against the bytes as torch reads
-them, and as the dot products the walk takes from them: in the interpreter (the kernels' plain
-Triton form) and, marked ``cuda``, compiled with the inline conversions, which must agree with
-the plain form bit for bit."""
+"""How the decode's key walk widens an FP8 cache read as int16 (fp8_widening.py): the K tile
+in halves of four bytes (``fp8_key_halves``, with q split alike by ``key_half_rows``), the V
+tile in even and odd columns (``fp8_pairs``). Checked element by element against the bytes as
+torch reads them, and as the dot products the walk takes from them: in the interpreter (the
+kernels' plain Triton form) and, marked ``cuda``, compiled with the inline conversions, which
+must agree with the plain form bit for bit."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from attn_ops.backends.triton.softmax import fp8_key_halves, fp8_pairs, key_half_rows  # noqa: E402
+from attn_ops.backends.triton.fp8_widening import (  # noqa: E402
+    fp8_key_halves, fp8_pairs, key_half_rows)
 
 ROWS, J = 16, 32  # int16 elements per row: 64 FP8 bytes (a head dim of 64)
 
