@@ -1,9 +1,11 @@
-"""The split decode kernel's machine code for sm_90a: writing the lse must not change the key
-loop's. Compiled only (tests/support/sass.py), on the GPU machine's Triton: under Triton 3.6 an
-inlined merge that stores the lse after the loop cost the FP8 deep row 168 registers and a spill
-in the loop (+4.4% at B 24), and the WIDE row 37 instructions per 128-key step; the merge is a
-call there now (merge_kernel.merge_last_split_call). Triton 3.9, which CI installs, builds the
-same loop with either form, so this runs with the GPU tests."""
+"""The split decode kernel's machine code for sm_90a. Compiled only (tests/support/sass.py), on
+the GPU machine's Triton (Triton 3.9, which CI installs, builds these loops differently), so
+this runs with the GPU tests.
+- Writing the lse must not change the key loop: under Triton 3.6 an inlined merge that stores
+  the lse after the loop cost the FP8 deep row 168 registers and a spill in the loop (+4.4% at
+  B 24), and the WIDE row 37 instructions per 128-key step; the merge is a call there now
+  (merge_kernel.merge_last_split_call).
+- An FP8 key tile is widened without byte permutes (fp8_widening.fp8_key_halves)."""
 
 import re
 
