@@ -134,6 +134,40 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
     return k_off, block * stride_vb + offset * stride_vt
 
 
+# The counter of :func:`last_to_count_in`: arrivals in the low 16 bits, published partials in the
+# high 16, so a count (splits, or a pair's key tiles) must stay below this.
+COUNT_LIMIT = 1 << 15
+
+
+@triton.jit
+def last_to_count_in(SEMA, idx, mine, total):
+    """Count ``mine`` (splits or key tiles of this program) in at counter ``SEMA[idx]``; True in
+    the one program that completes ``total``, and only once every other program's partial is
+    visible to it. Each program must have stored its partial before the call.
+
+    Two fields, so the last program waits on no memory fence of its own: an atomic that was one
+    acq_rel add made the last program, like every other, first wait for its partial's stores to
+    reach L2 (sm_90a: ``MEMBAR.ALL.GPU`` before the ``ATOMG``) and only then learn that it
+    merges. Now each program first adds ``mine`` to the arrivals (acquire only: no fence before
+    it); the one whose arrival completes ``total`` merges, after it has seen the others publish
+    (their release add of ``mine << 16``, which the others make after their arrival). The
+    program that ends a kernel's critical path is one that merges, so the fence leaves that
+    path (its own partial is read back after the CTA's barrier, which orders its threads' stores
+    before its loads). It resets the counter with a plain store: the next launch on the stream
+    starts after this one ends.
+    """
+    tl.debug_barrier()
+    seen = tl.atomic_add(SEMA + idx, mine, sem="acquire")
+    last = (seen & 0xFFFF) + mine == total
+    if last:
+        published = (seen >> 16) & 0xFFFF
+        while published < total - mine:  # an earlier arrival still storing its partial
+            published = (tl.atomic_add(SEMA + idx, 0, sem="acquire") >> 16) & 0xFFFF
+    else:
+        tl.atomic_add(SEMA + idx, mine << 16, sem="release")
+    return last
+
+
 def kv_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the K and V caches ``[blocks, page, Hkv, D]`` share their block and in-page
     strides, so one element offset per key addresses both (the ``KV_SAME_STRIDES`` every
@@ -143,7 +177,7 @@ def kv_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 
 # Split-KV semaphores (``softmax.merge_if_last``, ``merge_kernel.merge_last_split``): one int32
 # counter per (tile or sequence, kv head) of a split launch, zero between calls (the program that
-# merges resets its counter). Eager calls share one buffer per (device, stream): launches on one
+# merges resets its counter; :func:`last_to_count_in` says what the counter holds). Eager calls share one buffer per (device, stream): launches on one
 # stream run in order, on two streams never share a counter. A call being captured into a CUDA
 # graph takes counters no other call will ever use (a slice of a zeroed slab, _Slab): two graphs
 # captured on one stream (as torch.compile's graph trees capture them) may be replayed at once on

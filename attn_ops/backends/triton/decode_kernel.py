@@ -56,7 +56,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                          FP8: tl.constexpr, WITH_LSE: tl.constexpr,
                          FP8_VIA_F16: tl.constexpr = False, FP8_PAIRS: tl.constexpr = False,
                          PAIR_ASM: tl.constexpr = False, R_P2: tl.constexpr = 1,
-                         S_P2: tl.constexpr = 1, KV_SAME_STRIDES: tl.constexpr = False):
+                         S_P2: tl.constexpr = 1, CHUNKS: tl.constexpr = 1,
+                         KV_SAME_STRIDES: tl.constexpr = False):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -105,13 +106,13 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                                   OUT, LSE, SINK_LOGITS, seq, kv_head * GROUP,
                                   seq.to(tl.int64) * num_heads + kv_head * GROUP, num_splits,
                                   stride_ob, stride_oh, stride_sk, GROUP, R_P2, HEAD_DIM, D_P2,
-                                  S_P2, HAS_SINKS, WITH_LSE)
+                                  S_P2, CHUNKS, HAS_SINKS, WITH_LSE)
         elif FUSED:
             merge_last_split(SEMA, seq * tl.num_programs(1) + kv_head, O_PART, LSE_PART, OUT,
                              LSE, SINK_LOGITS, seq, kv_head * GROUP,
                              seq.to(tl.int64) * num_heads + kv_head * GROUP, num_splits,
                              stride_ob, stride_oh, stride_sk, GROUP, R_P2, HEAD_DIM, D_P2, S_P2,
-                             HAS_SINKS, WITH_LSE)
+                             CHUNKS, HAS_SINKS, WITH_LSE)
 
 
 # Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: common.semaphores), not
@@ -123,6 +124,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
 # graphs replayed at once on two streams never share one.
 FUSED_MERGE = True
 _FUSED_MAX_SPLITS = 8
+# Splits the fused merge loads per trip to L2 (merge_kernel.merge_last_split).
+MERGE_CHUNK = 8
 # FP8 caches with bf16 queries: widen the cache to fp16 (one cvt per pair of e4m3 values on
 # sm89+) and run the MMAs in fp16, with q rescaled per row into fp16's range, instead of widening
 # to bf16 (a longer conversion sequence per element on sm90, in the loop that must only load).
@@ -186,7 +189,9 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     if balanced and balanced_applies(batch, num_kv_heads, width * page, cfg):
         return (splits, decode_balanced_kernel, (splits * num_kv_heads * batch,), None,
                 dict(stage1, B_P2=next_pow2(batch), ZEROS_FIRST=zeros_first(cfg)), stage2)
-    stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=next_pow2(splits) if fused else 1)
+    chunk = min(next_pow2(splits), MERGE_CHUNK) if fused else 1
+    stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=chunk,
+                  CHUNKS=triton.cdiv(splits, chunk) if fused else 1)
     return (splits, _decode_split_kernel, (splits, num_kv_heads, batch), (batch * num_heads,),
             stage1, stage2)
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from attn_ops.backends.triton.common import INTERPRET, next_pow2
+from attn_ops.backends.triton.common import COUNT_LIMIT, INTERPRET, next_pow2
 
 
 class Config(NamedTuple):
@@ -194,9 +194,12 @@ _BALANCED_MAX_BATCH = 1024
 def balanced_applies(batch: int, num_kv_heads: int, capacity: int, config: Config) -> bool:
     """Whether the balanced kernel can take a launch of ``batch`` sequences over a table of
     ``capacity`` keys in ``config``'s key tiles: two sequences or more (one has nothing to
-    balance), at most _BALANCED_MAX_BATCH, and a tile count that fits its int32 arithmetic."""
-    return (2 <= batch <= _BALANCED_MAX_BATCH
-            and batch * num_kv_heads * triton.cdiv(capacity, config.block_n) < 2 ** 31)
+    balance), at most _BALANCED_MAX_BATCH, a tile count that fits its int32 arithmetic, and
+    fewer tiles per sequence than its merge's counter holds (common.COUNT_LIMIT: 2M keys at
+    64-key tiles)."""
+    tiles = triton.cdiv(capacity, config.block_n)
+    return (2 <= batch <= _BALANCED_MAX_BATCH and batch * num_kv_heads * tiles < 2 ** 31
+            and tiles < COUNT_LIMIT)
 
 
 def balanced_default(config: Config, splits: int) -> bool:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import INTERPRET, next_pow2
+from attn_ops.backends.triton.common import INTERPRET, last_to_count_in, next_pow2
 from attn_ops.backends.triton.launch import launch
 from attn_ops.backends.triton.softmax import finish, store_lse
 
@@ -146,46 +146,58 @@ def merge_row(lse, O_PART, idx, s_ok, offs_d, dim_ok, SINK_LOGITS, head, stride_
 def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0, row0,
                      num_splits, stride_ob, stride_oh, stride_sk, ROWS: tl.constexpr,
                      R_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
-                     S_P2: tl.constexpr, HAS_SINKS: tl.constexpr, WITH_LSE: tl.constexpr):
+                     S_P2: tl.constexpr, CHUNKS: tl.constexpr, HAS_SINKS: tl.constexpr,
+                     WITH_LSE: tl.constexpr):
     """Stage 2 of the split-KV decode inside stage 1: called by every split program of a
     (sequence, kv head) after it stored its partial; the last one to count in at
     ``SEMA[sema_idx]`` merges the ``ROWS`` heads ``head0..`` (rows ``row0..`` of ``[B * H]``)
     as :func:`merge_splits_kernel` does, and sets the counter back to 0.
 
-    All partials load at once (a ``[rows, splits, D]`` tile: one trip to L2, where a walk over
-    the splits pays one per split). Ordering: each thread's partial stores happen before the
-    barrier, the counter's atomic is acq_rel at GPU scope, and the partials are read through L2
-    (``.cg``), never a stale L1 line.
+    The partials load ``S_P2`` splits at a time (a ``[rows, S_P2, D]`` tile: one trip to L2,
+    where a walk over the splits pays one per split), ``CHUNKS`` trips unrolled (a loop of
+    the merge's own in the kernel changed how ptxas scheduled the key loop: 698 -> 785
+    instructions per step at the FP8 deep row) into a running merge: one trip for up to
+    decode_kernel.MERGE_CHUNK splits, and no more registers for more splits (sm_90a, 32 splits
+    in one tile: 154-168 registers at the 64-key rows against 120-128). Ordering:
+    common.last_to_count_in; the partials are read through L2 (``.cg``), never a stale L1 line.
     """
-    tl.debug_barrier()
-    count = tl.atomic_add(SEMA + sema_idx, 1, sem="acq_rel")
-    if count == num_splits - 1:
+    if last_to_count_in(SEMA, sema_idx, 1, num_splits):
         offs_r = tl.arange(0, R_P2)
         offs_s = tl.arange(0, S_P2)
         offs_d = tl.arange(0, D_P2)
         r_ok = offs_r < ROWS
         d_ok = offs_d < HEAD_DIM
-        rs_ok = r_ok[:, None] & (offs_s < num_splits)[None, :]
-        idx = (row0 + offs_r)[:, None] * num_splits + offs_s[None, :]  # [R, S]
-        lse = tl.load(LSE_PART + idx, mask=rs_ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                    mask=rs_ok[:, :, None] & d_ok[None, None, :], other=0.0,
-                    cache_modifier=".cg")
-        m = tl.max(lse, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.math.exp2(lse - m[:, None])  # empty split: exp2(-inf) = 0
+        m = tl.full([R_P2], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([R_P2], dtype=tl.float32)
+        acc = tl.zeros([R_P2, D_P2], dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            s0 = c * S_P2
+            rs_ok = r_ok[:, None] & (s0 + offs_s < num_splits)[None, :]
+            idx = (row0 + offs_r)[:, None] * num_splits + (s0 + offs_s)[None, :]  # [R, S]
+            lse = tl.load(LSE_PART + idx, mask=rs_ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                        mask=rs_ok[:, :, None] & d_ok[None, None, :], other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m - m_use)
+            w = tl.math.exp2(lse - m_use[:, None])  # empty split: exp2(-inf) = 0
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+            den = den * alpha + tl.sum(w, 1)
+            m = m_new
         heads = head0 + offs_r
         _write_merged(OUT, LSE, SINK_LOGITS, seq.to(tl.int64) * stride_ob + heads * stride_oh,
-                      heads, row0 + offs_r, r_ok, offs_d, d_ok, tl.sum(w[:, :, None] * o, 1),
-                      tl.sum(w, 1), m, stride_sk, HAS_SINKS, WITH_LSE)
-        tl.atomic_xchg(SEMA + sema_idx, 0)
+                      heads, row0 + offs_r, r_ok, offs_d, d_ok, acc, den,
+                      tl.where(m == float("-inf"), 0.0, m), stride_sk, HAS_SINKS, WITH_LSE)
+        tl.store(SEMA + sema_idx, 0)
 
 
 @triton.jit(noinline=True)
 def merge_last_split_call(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0,
                           row0, num_splits, stride_ob, stride_oh, stride_sk, ROWS: tl.constexpr,
                           R_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
-                          S_P2: tl.constexpr, HAS_SINKS: tl.constexpr, WITH_LSE: tl.constexpr):
+                          S_P2: tl.constexpr, CHUNKS: tl.constexpr, HAS_SINKS: tl.constexpr,
+                          WITH_LSE: tl.constexpr):
     """:func:`merge_last_split` as a function of its own in the PTX (a call, not inlined), for
     builds that write the lse. Inlined, the lse's store after the key loop changes how ptxas
     allocates the loop: sm_90a, bf16 32/8 heads, D 128, the split kernel's fused builds with the
@@ -196,7 +208,7 @@ def merge_last_split_call(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
     inlined merge (at DEFAULT_CONFIG the call costs their loop 19 instructions)."""
     merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, seq, head0, row0,
                      num_splits, stride_ob, stride_oh, stride_sk, ROWS, R_P2, HEAD_DIM, D_P2,
-                     S_P2, HAS_SINKS, WITH_LSE)
+                     S_P2, CHUNKS, HAS_SINKS, WITH_LSE)
 
 
 @triton.jit
@@ -219,11 +231,10 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
     slot 0 of each, except ``p_first``'s, in slot ``first_slot``: partial rows ``(p * 2 + slot)
     * ROWS + i``. They load ``CHUNK`` programs at a time (a ``[rows, CHUNK, D]`` tile, one trip to
     L2 each) into a running merge, since a long sequence's pair can have many pieces. Ordering as
-    :func:`merge_last_split`'s.
+    :func:`merge_last_split`'s (counting tiles: decode_plan.balanced_applies keeps a pair's
+    tiles below common.COUNT_LIMIT).
     """
-    tl.debug_barrier()
-    arrived = tl.atomic_add(SEMA + pair, mine, sem="acq_rel")
-    if arrived + mine == tiles:
+    if last_to_count_in(SEMA, pair, mine, tiles):
         offs_r = tl.arange(0, R_P2)
         offs_c = tl.arange(0, CHUNK)
         offs_d = tl.arange(0, D_P2)
@@ -255,7 +266,7 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
         _write_merged(OUT, LSE, SINK_LOGITS, tokens * stride_ob + heads * stride_oh, heads,
                       tokens * num_heads + heads, r_ok, offs_d, d_ok, acc, den,
                       tl.where(m == float("-inf"), 0.0, m), stride_sk, HAS_SINKS, WITH_LSE)
-        tl.atomic_xchg(SEMA + pair, 0)
+        tl.store(SEMA + pair, 0)
 
 
 @triton.jit

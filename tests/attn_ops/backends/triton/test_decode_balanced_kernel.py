@@ -13,7 +13,7 @@ from tests.support.helpers import (TOLERANCES, assert_close, poisoned, random_pa
                                    record_launches)
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import decode_kernel, decode_plan  # noqa: E402  (imports triton)
+from attn_ops.backends.triton import common, decode_kernel, decode_plan  # noqa: E402  (imports triton)
 from attn_ops.backends.triton.common import semaphores  # noqa: E402
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel  # noqa: E402
 
@@ -159,7 +159,11 @@ def test_balanced_plan_rule(monkeypatch):
     applies = decode_plan.balanced_applies
     assert applies(2, 8, 4096, wide) and applies(1024, 8, 4096, wide)
     assert not applies(1, 8, 4096, wide) and not applies(1025, 8, 4096, wide)
-    assert not applies(1024, 64, 2 ** 20, decode_plan.Config(16, 4, 1))  # 2^32 tiles
+    tiny = decode_plan.Config(16, 4, 1)
+    assert applies(1024, 64, 2 ** 18, tiny) and not applies(1024, 128, 2 ** 18, tiny)  # 2^31
+    # A pair's tiles must fit the merge counter's 16-bit fields (common.last_to_count_in)
+    limit = common.COUNT_LIMIT
+    assert applies(2, 8, (limit - 1) * 128, wide) and not applies(2, 8, limit * 128, wide)
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     monkeypatch.setattr(decode_plan, "INTERPRET", False)
     monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)

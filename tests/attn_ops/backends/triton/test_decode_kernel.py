@@ -12,7 +12,9 @@ from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, laid_ap
                                    prefill_f64, random_paged, record_launches)
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from attn_ops.backends.triton import decode_kernel, decode_plan  # noqa: E402  (imports triton)
+from attn_ops.backends.triton.common import last_to_count_in  # noqa: E402
 
 HALF = (torch.float16, torch.bfloat16)
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -194,6 +196,56 @@ def test_fused_merge_counters_reset_and_plan():
         assert semaphores(8, cpu) is buf and torch.count_nonzero(buf) == 0
     with FakeTensorMode():
         assert semaphores(8, cpu) is not buf
+
+
+@pytest.mark.parametrize("splits", [9, 16, 21])
+def test_fused_merge_in_chunks(monkeypatch, splits):
+    # Past MERGE_CHUNK splits the merging program loads the partials a chunk at a time into a
+    # running merge (the last chunk partly masked at 9 and 21 splits; short sequences leave
+    # many splits empty, whole chunks of them at 21); with sinks and the lse.
+    from attn_ops.backends.triton.common import semaphores
+    monkeypatch.setattr(decode_kernel, "_FUSED_MAX_SPLITS", 64)
+    lens = [400, 1, 0, 37]
+    paged = random_paged(lens, 2, 32, 4, torch.float32)
+    q = torch.randn(len(lens), 6, 32)
+    sinks = torch.randn(6)
+    args = (q, paged.k_cache, paged.v_cache, torch.tensor(lens, dtype=torch.int32),
+            paged.block_table, 0.2)
+    stage1 = decode_kernel._plan(4, 6, 2, 32, 4, paged.block_table.shape[1], torch.float32,
+                                 torch.device("cpu"), False, False, None, splits, True,
+                                 torch.float32, False)[4]
+    assert stage1["FUSED"] and stage1["S_P2"] == decode_kernel.MERGE_CHUNK
+    want, want_lse = reference.decode(*args, sinks=sinks, return_lse=True)
+    got, lse = decode_kernel.decode(*args, sinks=sinks, return_lse=True, splits=splits,
+                                    fused=True, out=poisoned(q.shape, q.dtype),
+                                    lse=poisoned(want_lse.shape, torch.float32))
+    assert_close(got, want, *TOLERANCES[torch.float32])
+    assert_close(lse, want_lse, *TOLERANCES[torch.float32])
+    assert torch.count_nonzero(semaphores(8, torch.device("cpu"))) == 0
+
+
+@triton.jit
+def _count_in_kernel(SEMA, LAST, mine, total):
+    last = last_to_count_in(SEMA, 1, mine, total)
+    tl.store(LAST, last.to(tl.int32))
+
+
+@pytest.mark.parametrize("before, mine, total, last, after", [
+    (0, 1, 3, 0, 1 + (1 << 16)),  # the first of three splits: arrives, then publishes
+    ((1 << 16) + 1, 1, 3, 0, 2 + (2 << 16)),  # the second likewise
+    ((2 << 16) + 2, 1, 3, 1, (2 << 16) + 3),  # the last: the two others published; no publish
+    ((5 << 16) + 5, 3, 8, 1, (5 << 16) + 8),  # tiles: a piece of 3 completes 8
+    (0, 8, 8, 1, 8),  # one piece holds them all
+])
+def test_count_in_fields(before, mine, total, last, after):
+    # common.last_to_count_in: arrivals in the low 16 bits, published partials in the high 16.
+    # The program that completes the count publishes nothing and returns True (its own caller
+    # resets the counter); any other adds ``mine`` to both fields. (The wait for a late
+    # publisher needs concurrent programs: the GPU tests' merges exercise it.)
+    sema = torch.tensor([-1, before, -1], dtype=torch.int32)
+    got = torch.tensor([-7], dtype=torch.int32)
+    _count_in_kernel[(1,)](sema, got, mine, total)
+    assert got.item() == last and sema.tolist() == [-1, after, -1]
 
 
 def test_capture_counters_are_handed_out_once():

@@ -29,7 +29,7 @@ def _build(config, fp8, with_lse, sinks=False):
     constexprs = dict(GROUP=4, G_P2=16, HEAD_DIM=128, D_P2=128, PAGE=16,
                       BLOCK_N=config.block_n, DIRECT=False, SOFTCAP=False, WINDOW=False,
                       FUSED=True, DOT="tf32", HAS_SINKS=sinks, FP8=fp8, WITH_LSE=with_lse,
-                      FP8_VIA_F16=fp8, FP8_PAIRS=fp8, PAIR_ASM=fp8, R_P2=4, S_P2=2,
+                      FP8_VIA_F16=fp8, FP8_PAIRS=fp8, PAIR_ASM=fp8, R_P2=4, S_P2=2, CHUNKS=1,
                       KV_SAME_STRIDES=True)
     options = dict(num_warps=config.warps, num_stages=config.stages)
     if config.maxnreg:
