@@ -27,10 +27,11 @@ import triton.language as tl
 
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
-                                                  FP8_DEEP_CONFIG, Config, balanced_applies,
-                                                  balanced_default, deep_splits,
-                                                  fp8_deep_splits, launch_config,
-                                                  num_splits, zeros_first)
+                                                  FP8_DEEP_CONFIG, WIDE_CONFIG, Config,
+                                                  balanced_applies, balanced_default,
+                                                  deep_splits, few_sequence_splits,
+                                                  fp8_deep_splits, launch_config, num_splits,
+                                                  zeros_first)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_split_call,
                                                   merge_splits_kernel)
@@ -118,12 +119,15 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
 # Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: common.semaphores), not
 # in a second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x
 # 4096 (2 splits) 40.1 vs 42.6 us, B 4 x 8192 (4) 40.2 vs 42.4, B 16 x 2048 (2) 40.2 vs 41.0;
-# FP8 B 16 x 4096 (4) 43.3 vs 44.9, x 8192 75.6 vs 77.2, B 32 x 8192 (2) 138.8 vs 140.0; 16
-# splits (B 1) 43.6 vs 42.7; counters zeroed per call lose (42.0 vs 41.0). The counters are
-# kept (common.semaphores): per stream for eager calls, per captured call in a CUDA graph, so
+# FP8 B 16 x 4096 (4) 43.3 vs 44.9, x 8192 75.6 vs 77.2, B 32 x 8192 (2) 138.8 vs 140.0;
+# counters zeroed per call lose (42.0 vs 41.0). Past 8 splits too, since the merge's counter
+# (common.last_to_count_in) and its chunked loads (MERGE_CHUNK): 16 splits (B 1 x 2048) 12.19 vs
+# 12.54, 32 (B 1 x 32768) 40.61 vs 40.99, 17 (B 3 x 8192) 34.94 vs 35.90, 10 (B 5 x 8192) 50.11
+# vs 51.30 (before it, 16 splits at B 1 x 32k: 43.6 vs 42.7). The counters are kept
+# (common.semaphores): per stream for eager calls, per captured call in a CUDA graph, so
 # graphs replayed at once on two streams never share one.
 FUSED_MERGE = True
-_FUSED_MAX_SPLITS = 8
+_FUSED_MAX_SPLITS = 64
 # Splits the fused merge loads per trip to L2 (merge_kernel.merge_last_split).
 MERGE_CHUNK = 8
 # FP8 caches with bf16 queries: widen the cache to fp16 (one cvt per pair of e4m3 values on
@@ -155,8 +159,8 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     the split kernel would launch, where it can run (decode_plan.balanced_applies)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
-    # The deep rows (decode_plan: deep_splits, fp8_deep_splits) for a GPU's half-precision q
-    # when nothing is forced
+    # The deep rows (decode_plan: few_sequence_splits, deep_splits, fp8_deep_splits) for a
+    # GPU's half-precision q when nothing is forced
     rows = (config is None and splits is None and not INTERPRET and head_dim <= 128
             and dtype in (torch.float16, torch.bfloat16))
     if rows and fp8:
@@ -164,7 +168,9 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
         if fp8_splits:
             splits, cfg = fp8_splits, FP8_DEEP_CONFIG
     elif rows:
-        deep = deep_splits(batch * num_kv_heads, device_sm_count(device), width * page)
+        sms = device_sm_count(device)
+        few = few_sequence_splits(batch * num_kv_heads, sms, width * page)
+        deep = (few, WIDE_CONFIG) if few else deep_splits(batch * num_kv_heads, sms, width * page)
         if deep:
             splits, cfg = deep
     if splits is None:

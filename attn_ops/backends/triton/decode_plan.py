@@ -125,6 +125,30 @@ def deep_splits(programs: int, sms: int, capacity: int) -> tuple[int, Config] | 
     return None
 
 
+# Few sequences, whose (sequence, kv head) programs reach one per SM only at two splits or more:
+# WIDE_CONFIG at ``sms // programs`` splits (0.9-1 programs per SM), down to one 128-key tile per
+# split. The fused merge with common.last_to_count_in made short splits pay (before it, one
+# sequence at WIDE_CONFIG's 16 splits lost: 42.7 against 41.2 us at 32k keys). H200, bf16, 32/8
+# heads, graph replays over SDPA's contiguous cache (BENCHMARKS.md, twentieth pass), vs the
+# rules before (SDPA): B 1 x 2048 (16 splits) 11.94 vs 12.48 us (12.48), x 4096 14.37 vs 15.30
+# (15.39), x 8192 17.44 vs 18.34 (18.88), x 16384 24.45 vs 25.66 (25.82), x 32768 38.78 vs 40.00
+# (39.87); B 2 x 2048 (8) 14.02 vs 15.62 (15.04); B 3 x 2048 (5) 15.84 vs 17.22 (16.13), x 8192
+# 31.78 vs 34.94 (33.25); B 5 x 8192 (3) 46.14 vs 48.61 (47.49). Not taken: B 6 (two splits,
+# 0.73 per SM) 33.38 vs 34.50, where DEEP_CONFIG at 5 splits ran 31.81 (SDPA 33.18); B 12 at
+# one split 55.17 vs 54.11.
+_FEW_WIDE_PER_SM = 0.9
+
+
+def few_sequence_splits(programs: int, sms: int, capacity: int) -> int | None:
+    """WIDE_CONFIG's split count for ``programs`` (sequence, kv head) pairs over a table of
+    ``capacity`` keys where one program per SM needs two splits or more: ``sms // programs``,
+    each at least one WIDE tile, if that gives each SM 0.9-1 programs; else None."""
+    if programs <= 0:
+        return None
+    splits = min(sms // programs, _MAX_SPLITS, capacity // WIDE_CONFIG.block_n)
+    return splits if splits >= 2 and programs * splits >= _FEW_WIDE_PER_SM * sms else None
+
+
 # FP8 caches where a split count gives each SM 1.55-3 programs (1, 2 or 4 splits): 128-key tiles,
 # 5 stages (two 32 KB K/V buffers: 75 KB of shared memory with the rest) and at most 168
 # registers (162 used, no spill; FP8_CONFIG's cap of 128 spills 16 bytes), so three programs fit

@@ -93,7 +93,8 @@ def test_decode_split_count_is_static():
 
 
 def test_decode_deep_pipeline_plan(monkeypatch):
-    # About one program per SM (0.95-1) at some split count of >= 512 keys: the wide row; else
+    # About one program per SM (0.95-1) at some split count of >= 512 keys: the wide row (and
+    # for few sequences 0.9-1 at two splits or more of >= 128 keys: few_sequence_splits); else
     # 1.55-2 programs per SM at 1 or 2 splits (one sequence's heads: a power of two): the deep
     # row; for half-precision caches on a GPU only (never FP8, fp32, overrides, the interpreter).
     deep, wide, deep_row = decode_plan.deep_splits, decode_plan.WIDE_CONFIG, \
@@ -108,6 +109,14 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert deep(128, 132, 256) is None  # too short for a wide split or two deep ones
     assert deep(512, 132, 4096) is None and deep(160, 132, 4096) is None
     assert deep(200, 132, 8192) is None  # B 25: 1.52 programs per SM, slower on the H200
+    # Few sequences: WIDE at one program per SM (0.9-1) from two splits of one 128-key tile up
+    few = decode_plan.few_sequence_splits
+    assert few(8, 132, 2048) == 16 and few(8, 132, 32768) == 16  # B 1
+    assert few(8, 132, 1024) is None  # 8 splits of 128 keys: 0.48 per SM
+    assert few(16, 132, 2048) == 8 and few(24, 132, 8192) == 5 and few(40, 132, 8192) == 3
+    assert few(64, 132, 4096) == 2 and deep(64, 132, 4096) == (2, wide)  # the same row
+    assert few(48, 132, 4096) is None  # B 6: 0.73 per SM at two splits
+    assert few(128, 132, 2048) is None and few(120, 132, 4096) is None  # one split: deep's rule
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     monkeypatch.setattr(decode_plan, "INTERPRET", False)
     monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
@@ -118,6 +127,7 @@ def test_decode_deep_pipeline_plan(monkeypatch):
                    splits, False, cache, True)
         return got[0], (got[4]["BLOCK_N"], got[4]["num_warps"], got[4]["num_stages"])
     assert stage1() == (1, (128, 4, 5)) and stage1(batch=32) == (1, (64, 4, 5))
+    assert stage1(batch=1) == (16, (128, 4, 5)) and stage1(batch=3) == (5, (128, 4, 5))
     assert stage1(torch.float16, torch.float16) == (1, (128, 4, 5))
     assert stage1(batch=64) == (1, (64, 4, 3))  # 512 programs: the wave rule's row
     assert stage1(cache=torch.float8_e4m3fn) == (2, (128, 4, 5))  # decode_plan.FP8_DEEP_CONFIG
@@ -170,7 +180,8 @@ def test_decode_fp8_deep_plan(monkeypatch):
 
 
 def test_fused_merge_counters_reset_and_plan():
-    # The default (FUSED_MERGE): up to 8 splits merged in the last split program; its counters
+    # The default (FUSED_MERGE): up to 64 splits merged in the last split program (8 per trip
+    # to L2, the trips unrolled); its counters
     # (one buffer per stream for eager calls, kept) are zero again after every call; a traced
     # call gets a fresh buffer.
     from attn_ops.backends.triton.common import semaphores
@@ -180,8 +191,10 @@ def test_fused_merge_counters_reset_and_plan():
     def fused(splits):
         return decode_kernel._plan(4, 4, 2, 32, 4, 10, torch.float32, torch.device("cpu"),
                                    False, False, None, splits, True, torch.float32, False)[4]
-    assert fused(3)["FUSED"] and fused(8)["S_P2"] == 8
-    assert not fused(9)["FUSED"] and not fused(1)["FUSED"] and fused(9)["S_P2"] == 1
+    assert fused(3)["FUSED"] and fused(3)["S_P2"] == 4 and fused(8)["S_P2"] == 8
+    assert fused(9)["FUSED"] and (fused(9)["S_P2"], fused(9)["CHUNKS"]) == (8, 2)
+    assert (fused(64)["S_P2"], fused(64)["CHUNKS"]) == (8, 8)
+    assert not fused(65)["FUSED"] and not fused(1)["FUSED"] and fused(65)["S_P2"] == 1
     cpu = torch.device("cpu")
     buf = semaphores(8, cpu)
     lens = [40, 1, 0, 23]
