@@ -54,7 +54,8 @@ def num_splits(batch: int, num_kv_heads: int, capacity: int, sms: int, block_n: 
     waves of ``resident * sms`` programs per split's length (ties: fewer splits).
 
     H100 sweeps (BENCHMARKS.md): within 2% of the best fixed count (B 16: S 4, B >= 64: S 1).
-    The plan prefers :func:`deep_splits` where it applies (half-precision caches on a GPU).
+    The plan prefers :func:`few_sequence_splits` and :func:`deep_splits` where they apply
+    (half-precision caches on a GPU).
     """
     programs = batch * num_kv_heads
     if programs == 0 or capacity <= 0:
