@@ -55,7 +55,7 @@ def default_plan(b, hkv, capacity, d, q, cfg=None):
     from attn_ops.backends.triton import decode_plan as dp
     from attn_ops.backends.triton.common import device_sm_count
     sms = device_sm_count(q.device)
-    deep = cfg is None and dp.deep_splits(b * hkv, sms, capacity)
+    deep = cfg is None and dp.half_precision_row(b * hkv, sms, capacity)
     if deep:
         return deep
     config = dp.Config(*(cfg or dp.launch_config(d, q.dtype)))

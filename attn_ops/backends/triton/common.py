@@ -177,12 +177,13 @@ def kv_same_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
 
 # Split-KV semaphores (``softmax.merge_if_last``, ``merge_kernel.merge_last_split``): one int32
 # counter per (tile or sequence, kv head) of a split launch, zero between calls (the program that
-# merges resets its counter; :func:`last_to_count_in` says what the counter holds). Eager calls share one buffer per (device, stream): launches on one
-# stream run in order, on two streams never share a counter. A call being captured into a CUDA
-# graph takes counters no other call will ever use (a slice of a zeroed slab, _Slab): two graphs
-# captured on one stream (as torch.compile's graph trees capture them) may be replayed at once on
-# two streams. Buffers are grown, never shrunk or freed (~4 KB for B = 128, Hkv = 8; a slab 256
-# KB): a launch queued on a stream, or a captured graph, may still use them (_RETIRED).
+# merges resets its counter; :func:`last_to_count_in` says what the counter holds). Eager calls
+# share one buffer per (device, stream): launches on one stream run in order, on two streams
+# never share a counter. A call being captured into a CUDA graph takes counters no other call
+# will ever use (a slice of a zeroed slab, _Slab): two graphs captured on one stream (as
+# torch.compile's graph trees capture them) may be replayed at once on two streams. Buffers are
+# grown, never shrunk or freed (~4 KB for B = 128, Hkv = 8; a slab 256 KB): a launch queued on a
+# stream, or a captured graph, may still use them (_RETIRED).
 _SEMAPHORES: dict = {}
 _RETIRED: list = []
 _SLABS: dict = {}

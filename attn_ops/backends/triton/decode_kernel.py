@@ -27,11 +27,10 @@ import triton.language as tl
 
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
-                                                  FP8_DEEP_CONFIG, WIDE_CONFIG, Config,
-                                                  balanced_applies, balanced_default,
-                                                  deep_splits, few_sequence_splits,
-                                                  fp8_deep_splits, launch_config, num_splits,
-                                                  zeros_first)
+                                                  FP8_DEEP_CONFIG, Config, balanced_applies,
+                                                  balanced_default, fp8_deep_splits,
+                                                  half_precision_row, launch_config,
+                                                  num_splits, zeros_first)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_split_call,
                                                   merge_splits_kernel)
@@ -159,8 +158,8 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     the split kernel would launch, where it can run (decode_plan.balanced_applies)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
-    # The deep rows (decode_plan: few_sequence_splits, deep_splits, fp8_deep_splits) for a
-    # GPU's half-precision q when nothing is forced
+    # The deep rows (decode_plan: half_precision_row, fp8_deep_splits) for a GPU's
+    # half-precision q when nothing is forced
     rows = (config is None and splits is None and not INTERPRET and head_dim <= 128
             and dtype in (torch.float16, torch.bfloat16))
     if rows and fp8:
@@ -168,9 +167,7 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
         if fp8_splits:
             splits, cfg = fp8_splits, FP8_DEEP_CONFIG
     elif rows:
-        sms = device_sm_count(device)
-        few = few_sequence_splits(batch * num_kv_heads, sms, width * page)
-        deep = (few, WIDE_CONFIG) if few else deep_splits(batch * num_kv_heads, sms, width * page)
+        deep = half_precision_row(batch * num_kv_heads, device_sm_count(device), width * page)
         if deep:
             splits, cfg = deep
     if splits is None:

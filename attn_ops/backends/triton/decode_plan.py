@@ -150,6 +150,14 @@ def few_sequence_splits(programs: int, sms: int, capacity: int) -> int | None:
     return splits if splits >= 2 and programs * splits >= _FEW_WIDE_PER_SM * sms else None
 
 
+def half_precision_row(programs: int, sms: int, capacity: int) -> tuple[int, Config] | None:
+    """(splits, config) of a half-precision cache's decode on a GPU when nothing is forced:
+    :func:`few_sequence_splits`' WIDE row, else :func:`deep_splits`' rows, else None (the
+    wave rule's DEFAULT_CONFIG row)."""
+    few = few_sequence_splits(programs, sms, capacity)
+    return (few, WIDE_CONFIG) if few else deep_splits(programs, sms, capacity)
+
+
 # FP8 caches where a split count gives each SM 1.55-3 programs (1, 2 or 4 splits): 128-key tiles,
 # 5 stages (two 32 KB K/V buffers: 75 KB of shared memory with the rest) and at most 168
 # registers (162 used, no spill; FP8_CONFIG's cap of 128 spills 16 bytes), so three programs fit

@@ -117,6 +117,9 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert few(64, 132, 4096) == 2 and deep(64, 132, 4096) == (2, wide)  # the same row
     assert few(48, 132, 4096) is None  # B 6: 0.73 per SM at two splits
     assert few(128, 132, 2048) is None and few(120, 132, 4096) is None  # one split: deep's rule
+    row = decode_plan.half_precision_row  # the plan's choice: few's, else deep's
+    assert row(8, 132, 8192) == (16, wide) and row(256, 132, 2048) == (1, deep_row)
+    assert row(96, 132, 4096) is None
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     monkeypatch.setattr(decode_plan, "INTERPRET", False)
     monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
