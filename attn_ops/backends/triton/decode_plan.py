@@ -108,18 +108,21 @@ WIDE_CONFIG = Config(128, 4, 5)
 _WIDE_MIN_KEYS = 512
 
 
-def deep_splits(programs: int, sms: int, capacity: int) -> tuple[int, Config] | None:
+def deep_splits(programs: int, sms: int, capacity: int, most: int = 2
+                ) -> tuple[int, Config] | None:
     """(splits, config) of the deep rows, or None: WIDE_CONFIG where a split count gives each SM
     0.95-1 programs of >= ``_WIDE_MIN_KEYS`` keys, else DEEP_CONFIG where one gives it 1.55-2
-    (1 or 2 splits; a power of two for one sequence's heads, up to ``_ONE_SEQUENCE`` programs,
-    which never take WIDE), none shorter than ``_MIN_SPLIT_KEYS`` keys of ``capacity``."""
+    (the fewest of 1 .. ``most`` splits; a power of two for one sequence's heads, up to
+    ``_ONE_SEQUENCE`` programs, which never take WIDE), none shorter than ``_MIN_SPLIT_KEYS``
+    keys of ``capacity``. The unified kernel's few-query plans take ``most`` = 2, as measured
+    there; the decode takes more (:func:`half_precision_row`)."""
     if programs <= 0:
         return None
     one = programs <= _ONE_SEQUENCE
     wide = 0 if one else min(sms // programs, _MAX_SPLITS, capacity // _WIDE_MIN_KEYS)
     if wide > 0 and programs * wide >= 0.95 * sms:
         return wide, WIDE_CONFIG
-    for splits in (next_pow2(2 * sms // programs + 1) // 2,) if one else (1, 2):
+    for splits in (next_pow2(2 * sms // programs + 1) // 2,) if one else range(1, most + 1):
         if 1.55 * sms < programs * splits <= 2 * sms and splits <= _MAX_SPLITS and (
                 splits == 1 or capacity >= splits * _MIN_SPLIT_KEYS):
             return splits, DEEP_CONFIG
@@ -150,12 +153,22 @@ def few_sequence_splits(programs: int, sms: int, capacity: int) -> int | None:
     return splits if splits >= 2 and programs * splits >= _FEW_WIDE_PER_SM * sms else None
 
 
+# The decode's DEEP row at any split count that gives each SM 1.55-2 programs, not only 1 or 2:
+# B 6-11 at 8 kv heads, which reach no such band at 1 or 2 splits nor 0.9 per SM at WIDE. H200,
+# bf16, graph replays over SDPA's cache (BENCHMARKS.md, twentieth pass), DEEP at 3-5 splits vs
+# the wave rule's row (SDPA): B 6 x 4096 (5) 32.32 vs 34.85 us (32.96); B 7 x 4096 (4) 35.87 vs
+# 36.45 (37.34); B 9 x 4096 (3) 44.26 vs 44.90 (47.23); B 10 x 4096 (3) 47.46 vs 49.09 (48.58);
+# B 11 x 8192 (3) 91.62 vs 93.60 (93.92).
+_DEEP_MOST_SPLITS = _MAX_SPLITS
+
+
 def half_precision_row(programs: int, sms: int, capacity: int) -> tuple[int, Config] | None:
     """(splits, config) of a half-precision cache's decode on a GPU when nothing is forced:
-    :func:`few_sequence_splits`' WIDE row, else :func:`deep_splits`' rows, else None (the
-    wave rule's DEFAULT_CONFIG row)."""
+    :func:`few_sequence_splits`' WIDE row, else :func:`deep_splits`' rows at up to
+    ``_DEEP_MOST_SPLITS`` splits, else None (the wave rule's DEFAULT_CONFIG row)."""
     few = few_sequence_splits(programs, sms, capacity)
-    return (few, WIDE_CONFIG) if few else deep_splits(programs, sms, capacity)
+    return (few, WIDE_CONFIG) if few else deep_splits(programs, sms, capacity,
+                                                      _DEEP_MOST_SPLITS)
 
 
 # FP8 caches where a split count gives each SM 1.55-3 programs (1, 2 or 4 splits): 128-key tiles,

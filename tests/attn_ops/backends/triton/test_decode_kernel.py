@@ -117,9 +117,12 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert few(64, 132, 4096) == 2 and deep(64, 132, 4096) == (2, wide)  # the same row
     assert few(48, 132, 4096) is None  # B 6: 0.73 per SM at two splits
     assert few(128, 132, 2048) is None and few(120, 132, 4096) is None  # one split: deep's rule
-    row = decode_plan.half_precision_row  # the plan's choice: few's, else deep's
+    row = decode_plan.half_precision_row  # the plan's choice: few's, else deep's at any split
     assert row(8, 132, 8192) == (16, wide) and row(256, 132, 2048) == (1, deep_row)
-    assert row(96, 132, 4096) is None
+    assert row(48, 132, 4096) == (5, deep_row) and deep(48, 132, 4096) is None  # B 6
+    assert row(56, 132, 4096) == (4, deep_row) and row(88, 132, 8192) == (3, deep_row)
+    assert row(48, 132, 1024) is None  # 5 splits would be shorter than 256 keys
+    assert row(96, 132, 4096) is None  # B 12: 1.45 per SM at 2 splits, 2.2 at 3
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     monkeypatch.setattr(decode_plan, "INTERPRET", False)
     monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
