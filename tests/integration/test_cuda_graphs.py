@@ -281,10 +281,10 @@ def test_hand_captured_graph_replays_new_lengths_tables_slots(backend):
 
 def test_graphs_captured_on_one_stream_replay_at_once_on_two():
     # Decode (B 2 over ~8k keys: 8 splits) and 4-query paged prefill (split too), both merged by
-    # the last split program through kept counters (common.semaphores). Two graphs captured on
-    # one stream, as CUDA-graph trees capture them, must not share counters: replayed at once on
+    # the last split program through kept counters (split_counters.semaphores). Two graphs captured
+    # on one stream, as CUDA-graph trees capture them, must not share counters: replayed at once on
     # two streams, each still gives its own eager result, every time.
-    from attn_ops.backends.triton import common
+    from attn_ops.backends.triton import split_counters
     from tests.support.helpers import random_paged
     bf16, lens = torch.bfloat16, [8191, 7000]
     paged = random_paged(lens, 8, 128, 16, bf16, device=DEV)
@@ -307,7 +307,7 @@ def test_graphs_captured_on_one_stream_replay_at_once_on_two():
         with torch.cuda.stream(side):
             wants = [step(*x) for x in inputs]  # eager: compiles, fills the counter slab
         torch.cuda.current_stream().wait_stream(side)
-        slab = common._SLABS[torch.device(DEV, torch.cuda.current_device())]
+        slab = split_counters._SLABS[torch.device(DEV, torch.cuda.current_device())]
         capture = torch.cuda.Stream()
         for x in inputs:
             used = slab.used

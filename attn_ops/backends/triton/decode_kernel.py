@@ -36,10 +36,11 @@ from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_
                                                   merge_splits_kernel)
 
 from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
-                                             kv_same_strides, next_pow2, result, semaphores,
+                                             kv_same_strides, next_pow2, result,
                                              softcap_constants)
 from attn_ops.backends.triton.decode_keys import attend_keys
 from attn_ops.backends.triton.softmax import finish, store_lse
+from attn_ops.backends.triton.split_counters import semaphores
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
@@ -115,15 +116,15 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                              CHUNKS, HAS_SINKS, WITH_LSE)
 
 
-# Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: common.semaphores), not
-# in a second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x
-# 4096 (2 splits) 40.1 vs 42.6 us, B 4 x 8192 (4) 40.2 vs 42.4, B 16 x 2048 (2) 40.2 vs 41.0;
-# FP8 B 16 x 4096 (4) 43.3 vs 44.9, x 8192 75.6 vs 77.2, B 32 x 8192 (2) 138.8 vs 140.0;
-# counters zeroed per call lose (42.0 vs 41.0). Past 8 splits too, since the merge's counter
-# (common.last_to_count_in) and its chunked loads (MERGE_CHUNK): 16 splits (B 1 x 2048) 12.19 vs
-# 12.54, 32 (B 1 x 32768) 40.61 vs 40.99, 17 (B 3 x 8192) 34.94 vs 35.90, 10 (B 5 x 8192) 50.11
-# vs 51.30 (before it, 16 splits at B 1 x 32k: 43.6 vs 42.7). The counters are kept
-# (common.semaphores): per stream for eager calls, per captured call in a CUDA graph, so
+# Merge the splits in stage 1 (merge_kernel.merge_last_split; counters: split_counters), not in a
+# second launch, up to _FUSED_MAX_SPLITS splits. H200 graph replays vs the launch: bf16 B 8 x 4096
+# (2 splits) 40.1 vs 42.6 us, B 4 x 8192 (4) 40.2 vs 42.4, B 16 x 2048 (2) 40.2 vs 41.0; FP8 B 16 x
+# 4096 (4) 43.3 vs 44.9, x 8192 75.6 vs 77.2, B 32 x 8192 (2) 138.8 vs 140.0; counters zeroed per
+# call lose (42.0 vs 41.0). Past 8 splits too, since the merge's counter
+# (split_counters.last_to_count_in) and its chunked loads (MERGE_CHUNK): 16 splits (B 1 x 2048)
+# 12.19 vs 12.54, 32 (B 1 x 32768) 40.61 vs 40.99, 17 (B 3 x 8192) 34.94 vs 35.90, 10 (B 5 x 8192)
+# 50.11 vs 51.30 (before it, 16 splits at B 1 x 32k: 43.6 vs 42.7). The counters are kept
+# (split_counters.semaphores): per stream for eager calls, per captured call in a CUDA graph, so
 # graphs replayed at once on two streams never share one.
 FUSED_MERGE = True
 _FUSED_MAX_SPLITS = 64

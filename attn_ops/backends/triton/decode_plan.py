@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from attn_ops.backends.triton.common import COUNT_LIMIT, INTERPRET, next_pow2
+from attn_ops.backends.triton.common import INTERPRET, next_pow2
+from attn_ops.backends.triton.split_counters import COUNT_LIMIT
 
 
 class Config(NamedTuple):
@@ -131,7 +132,7 @@ def deep_splits(programs: int, sms: int, capacity: int, most: int = 2
 
 # Few sequences, whose (sequence, kv head) programs reach one per SM only at two splits or more:
 # WIDE_CONFIG at ``sms // programs`` splits (0.9-1 programs per SM), down to one 128-key tile per
-# split. The fused merge with common.last_to_count_in made short splits pay (before it, one
+# split. The fused merge with split_counters.last_to_count_in made short splits pay (before it, one
 # sequence at WIDE_CONFIG's 16 splits lost: 42.7 against 41.2 us at 32k keys). H200, bf16, 32/8
 # heads, graph replays over SDPA's contiguous cache (BENCHMARKS.md, twentieth pass), vs the
 # rules before (SDPA): B 1 x 2048 (16 splits) 11.94 vs 12.48 us (12.48), x 4096 14.37 vs 15.30
@@ -241,7 +242,7 @@ def balanced_applies(batch: int, num_kv_heads: int, capacity: int, config: Confi
     """Whether the balanced kernel can take a launch of ``batch`` sequences over a table of
     ``capacity`` keys in ``config``'s key tiles: two sequences or more (one has nothing to
     balance), at most _BALANCED_MAX_BATCH, a tile count that fits its int32 arithmetic, and
-    fewer tiles per sequence than its merge's counter holds (common.COUNT_LIMIT: 2M keys at
+    fewer tiles per sequence than its merge's counter holds (split_counters.COUNT_LIMIT: 2M keys at
     64-key tiles)."""
     tiles = triton.cdiv(capacity, config.block_n)
     return (2 <= batch <= _BALANCED_MAX_BATCH and batch * num_kv_heads * tiles < 2 ** 31

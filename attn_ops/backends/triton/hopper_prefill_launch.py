@@ -358,7 +358,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
     directly once the first call has compiled them). A call allocates the output, takes the
-    flags (common.scratch: kept per stream for eager calls, no memset), wraps q/k/v in
+    flags (split_counters.scratch: kept per stream for eager calls, no memset), wraps q/k/v in
     descriptors whose fields are set directly (fixed by the signature but for the base) and
     makes the two launches, each through the launcher's C function (raw_launch: a descriptor
     encoded once per base address). 2 x 256 prompts, H200 host: 20 us per call (30 through
@@ -373,7 +373,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from attn_ops.backends.triton.common import scratch
+    from attn_ops.backends.triton.split_counters import scratch
     from attn_ops.backends.triton.launch import prepare, stats
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     paged = block_table is not None

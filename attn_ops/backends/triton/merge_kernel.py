@@ -24,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import INTERPRET, last_to_count_in, next_pow2
+from attn_ops.backends.triton.common import INTERPRET, next_pow2
 from attn_ops.backends.triton.launch import launch
 from attn_ops.backends.triton.softmax import finish, store_lse
+from attn_ops.backends.triton.split_counters import last_to_count_in
 
 # Elements of one output tensor per program: 4096 bf16 = 8 KB, 16 (row, head) pairs at D = 128;
 # the kernel is a streaming copy, so tiles only need to be big enough to keep loads in flight.
@@ -159,7 +160,8 @@ def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, se
     instructions per step at the FP8 deep row) into a running merge: one trip for up to
     decode_kernel.MERGE_CHUNK splits, and no more registers for more splits (sm_90a, 32 splits
     in one tile: 154-168 registers at the 64-key rows against 120-128). Ordering:
-    common.last_to_count_in; the partials are read through L2 (``.cg``), never a stale L1 line.
+    split_counters.last_to_count_in; the partials are read through L2 (``.cg``), never a stale
+    L1 line.
     """
     if last_to_count_in(SEMA, sema_idx, 1, num_splits):
         offs_r = tl.arange(0, R_P2)
@@ -232,7 +234,7 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
     * ROWS + i``. They load ``CHUNK`` programs at a time (a ``[rows, CHUNK, D]`` tile, one trip to
     L2 each) into a running merge, since a long sequence's pair can have many pieces. Ordering as
     :func:`merge_last_split`'s (counting tiles: decode_plan.balanced_applies keeps a pair's
-    tiles below common.COUNT_LIMIT).
+    tiles below split_counters.COUNT_LIMIT).
     """
     if last_to_count_in(SEMA, pair, mine, tiles):
         offs_r = tl.arange(0, R_P2)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import last_to_count_in, mma, paged_offsets, scores_log2
+from attn_ops.backends.triton.common import mma, paged_offsets, scores_log2
+from attn_ops.backends.triton.split_counters import last_to_count_in
 
 @triton.jit
 def load_rows(ptrs, row_ok, dim_ok, MASK_ROWS: tl.constexpr, MASK_DIM: tl.constexpr):
@@ -240,8 +241,8 @@ def merge_if_last(SEMA, sema_idx, O_PART, LSE_PART, part, part_split_stride, num
 
     This replaces a second (merge) launch: on the H200 that launch cost ~2.9 us of device time
     plus the gap between the two kernels, 13% of a B = 16, ctx 2048 decode (42 us vs 36 us for
-    stage 1 alone). Ordering: common.last_to_count_in; the merging program reads the partials
-    through L2 (``.cg``), never a stale L1 line.
+    stage 1 alone). Ordering: split_counters.last_to_count_in; the merging program reads the
+    partials through L2 (``.cg``), never a stale L1 line.
     """
     if last_to_count_in(SEMA, sema_idx, 1, num_splits):
         m = tl.full([ROWS], float("-inf"), dtype=tl.float32)

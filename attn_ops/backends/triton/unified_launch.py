@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from attn_ops.backends.triton import unified_kernel as uk, unified_plan
-from attn_ops.backends.triton.common import (kv_same_strides, result, semaphores,
-                                             softcap_constants)
+from attn_ops.backends.triton.common import kv_same_strides, result, softcap_constants
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel
 from attn_ops.backends.triton.launch import launch, prepare
+from attn_ops.backends.triton.split_counters import semaphores
 
 
 def launch_args(q, k, v, cu_q, cu_k, seqlens, table, num_seqs, max_seqlen_q, capacity, scale,

@@ -27,7 +27,7 @@ class Config(NamedTuple):
     warps: int
     stages: int
     one_loop: bool = True
-    fused: bool = True  # see decode_kernel.FUSED_MERGE (counters: common.semaphores)
+    fused: bool = True  # see decode_kernel.FUSED_MERGE (counters: split_counters.semaphores)
 
 
 # Split-KV: the decode kernel's rule (decode_plan.wave_splits) over (tile, kv head) programs.

@@ -13,8 +13,8 @@ from tests.support.helpers import (TOLERANCES, assert_close, poisoned, random_pa
                                    record_launches)
 
 triton = pytest.importorskip("triton")
-from attn_ops.backends.triton import common, decode_kernel, decode_plan  # noqa: E402  (imports triton)
-from attn_ops.backends.triton.common import semaphores  # noqa: E402
+from attn_ops.backends.triton import decode_kernel, decode_plan, split_counters  # noqa: E402
+from attn_ops.backends.triton.split_counters import semaphores  # noqa: E402
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel  # noqa: E402
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -161,8 +161,8 @@ def test_balanced_plan_rule(monkeypatch):
     assert not applies(1, 8, 4096, wide) and not applies(1025, 8, 4096, wide)
     tiny = decode_plan.Config(16, 4, 1)
     assert applies(1024, 64, 2 ** 18, tiny) and not applies(1024, 128, 2 ** 18, tiny)  # 2^31
-    # A pair's tiles must fit the merge counter's 16-bit fields (common.last_to_count_in)
-    limit = common.COUNT_LIMIT
+    # A pair's tiles must fit the merge counter's 16-bit fields (split_counters)
+    limit = split_counters.COUNT_LIMIT
     assert applies(2, 8, (limit - 1) * 128, wide) and not applies(2, 8, limit * 128, wide)
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     monkeypatch.setattr(decode_plan, "INTERPRET", False)

@@ -14,7 +14,7 @@ from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, laid_ap
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from attn_ops.backends.triton import decode_kernel, decode_plan  # noqa: E402  (imports triton)
-from attn_ops.backends.triton.common import last_to_count_in  # noqa: E402
+from attn_ops.backends.triton.split_counters import last_to_count_in  # noqa: E402
 
 HALF = (torch.float16, torch.bfloat16)
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -190,7 +190,7 @@ def test_fused_merge_counters_reset_and_plan():
     # to L2, the trips unrolled); its counters
     # (one buffer per stream for eager calls, kept) are zero again after every call; a traced
     # call gets a fresh buffer.
-    from attn_ops.backends.triton.common import semaphores
+    from attn_ops.backends.triton.split_counters import semaphores
     from torch._subclasses.fake_tensor import FakeTensorMode
     assert decode_kernel.FUSED_MERGE
 
@@ -222,7 +222,7 @@ def test_fused_merge_in_chunks(monkeypatch, splits):
     # Past MERGE_CHUNK splits the merging program loads the partials a chunk at a time into a
     # running merge (the last chunk partly masked at 9 and 21 splits; short sequences leave
     # many splits empty, whole chunks of them at 21); with sinks and the lse.
-    from attn_ops.backends.triton.common import semaphores
+    from attn_ops.backends.triton.split_counters import semaphores
     monkeypatch.setattr(decode_kernel, "_FUSED_MAX_SPLITS", 64)
     lens = [400, 1, 0, 37]
     paged = random_paged(lens, 2, 32, 4, torch.float32)
@@ -257,10 +257,10 @@ def _count_in_kernel(SEMA, LAST, mine, total):
     (0, 8, 8, 1, 8),  # one piece holds them all
 ])
 def test_count_in_fields(before, mine, total, last, after):
-    # common.last_to_count_in: arrivals in the low 16 bits, published partials in the high 16.
-    # The program that completes the count publishes nothing and returns True (its own caller
-    # resets the counter); any other adds ``mine`` to both fields. (The wait for a late
-    # publisher needs concurrent programs: the GPU tests' merges exercise it.)
+    # split_counters.last_to_count_in: arrivals in the low 16 bits, published partials in the high
+    # 16. The program that completes the count publishes nothing and returns True (its own caller
+    # resets the counter); any other adds ``mine`` to both fields. (The wait for a late publisher
+    # needs concurrent programs: the GPU tests' merges exercise it.)
     sema = torch.tensor([-1, before, -1], dtype=torch.int32)
     got = torch.tensor([-7], dtype=torch.int32)
     _count_in_kernel[(1,)](sema, got, mine, total)
@@ -268,9 +268,9 @@ def test_count_in_fields(before, mine, total, last, after):
 
 
 def test_capture_counters_are_handed_out_once():
-    # A captured call's counters (common._Slab): disjoint ranges of one zeroed buffer, front to
-    # back, then None (the caller falls back to a fresh zeroed buffer).
-    from attn_ops.backends.triton.common import _Slab
+    # A captured call's counters (split_counters._Slab): disjoint ranges of one zeroed buffer,
+    # front to back, then None (the caller falls back to a fresh zeroed buffer).
+    from attn_ops.backends.triton.split_counters import _Slab
     slab = _Slab(torch.zeros(10, dtype=torch.int32))
     a, b, c = slab.take(4), slab.take(6), slab.take(1)
     assert c is None and a.numel() == 4 and b.numel() == 6

@@ -17,7 +17,7 @@ from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, poisone
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import decode_plan, unified_kernel, unified_plan  # noqa: E402
-from attn_ops.backends.triton.common import semaphores  # noqa: E402
+from attn_ops.backends.triton.split_counters import semaphores  # noqa: E402
 from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kernel  # noqa: E402
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32

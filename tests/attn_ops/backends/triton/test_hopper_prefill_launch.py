@@ -78,7 +78,7 @@ _FLAGS_AT = {"gluon": 6, "fixup": 11}  # the flags' position in each launch's ar
 
 def _flags_free(calls):
     """The calls with the flags (int32, at least as many as flags_shape says; the unbound entry
-    allocates them, the bound one takes common.scratch) replaced by a marker."""
+    allocates them, the bound one takes split_counters.scratch) replaced by a marker."""
     out = []
     for n, g, args, c in calls:
         args = list(args)

@@ -97,7 +97,7 @@ def test_eight_queries_in_a_padded_sixty_four_row_tile(splits):
 
 
 def test_fused_merge_leaves_semaphores_zero():
-    from attn_ops.backends.triton.common import semaphores
+    from attn_ops.backends.triton.split_counters import semaphores
     _prefill_case([1, 4, 2], [40, 30, 3], 4, 2, 32, splits=4)
     _decode_case([13, 40, 1], 4, 2, 32, splits=4)
     assert torch.count_nonzero(semaphores(1, torch.device("cpu"))) == 0
