@@ -10,7 +10,7 @@ no host launch cost: how decode runs in a server); GB/s = K and V bytes read
 (bytes read + written).
 
     python benchmarks/bench_decode.py [--tune] [--growth | --growth-only] [--skewed | --skewed-only]
-                                      [--kv-offsets-only] [--out DIR]
+                                      [--kv-offsets-only] [--plans-only] [--out DIR]
 
 ``--growth``: our decode side by side with its contract growth on the same cache tokens, graph
 timed, rounds interleaved (median of 3): bf16, FP8 caches (float8_e4m3fn, per-head scales: half
@@ -25,6 +25,11 @@ the split kernel and the balanced kernel forced, GB/s over the keys actually rea
 ``--kv-offsets-only``: each key's K and V offsets computed once (the default for caches of equal
 strides) against once per cache, interleaved, over pages of 16 and SDPA's own cache with SDPA
 beside (decode_kv_offsets.csv).
+
+``--plans-only``: for few sequences (B 1-16), the decode as planned beside the rows its plan
+chooses among (WIDE at one program per SM, DEEP at about two, the wave rule's DEFAULT row), each
+forced on the split kernel, over SDPA's contiguous cache with SDPA beside, rounds interleaved
+(decode_plans.csv): the measurement behind decode_plan.half_precision_row.
 """
 
 from __future__ import annotations
@@ -288,6 +293,58 @@ def growth(args, copy):
     write_csv(args.out / "decode_growth.csv", rows)
 
 
+PLAN_SHAPES = [(1, 2048), (1, 8192), (1, 32768), (2, 2048), (3, 8192), (5, 8192), (6, 4096),
+               (10, 4096), (12, 4096), (16, 2048)]
+
+
+def plans(args, copy):
+    """The decode as planned beside each row its plan chooses among, over SDPA's cache."""
+    import attn_ops
+    from attn_ops.backends.triton import decode_kernel, decode_plan as dp
+    from attn_ops.backends.triton.common import device_sm_count
+    from common import bench_ms
+    dev = device(args)
+    h, hkv, d = (4, 2, 32) if args.smoke else (H, HKV, D)
+    shapes = [(2, 64)] if args.smoke else PLAN_SHAPES
+    sms = device_sm_count(dev) if dev.type == "cuda" else 132
+    rows = []
+    for b, ctx in shapes:
+        q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(b, hkv, ctx, d, device=dev, dtype=torch.bfloat16)  # SDPA's layout
+        vc = torch.randn_like(kc)
+        seqlens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        one = torch.arange(b, dtype=torch.int32, device=dev)[:, None]  # one page per sequence
+        cache = (q, kc.transpose(1, 2), vc.transpose(1, 2), seqlens, one, d ** -0.5)
+        programs = b * hkv
+        wide, deep = max(1, sms // programs), max(1, 2 * sms // programs)
+        wave = dp.num_splits(b, hkv, ctx, sms, dp.DEFAULT_CONFIG.block_n, dp.DEFAULT_RESIDENT)
+        variants = {
+            "planned (attn.decode)": lambda: attn_ops.decode(*cache, backend="triton"),
+            f"WIDE, {wide} splits": lambda: decode_kernel.decode(
+                *cache, config=dp.WIDE_CONFIG, splits=wide, balanced=False),
+            f"DEEP, {deep} splits": lambda: decode_kernel.decode(
+                *cache, config=dp.DEEP_CONFIG, splits=deep, balanced=False),
+            f"DEFAULT, {wave} splits (wave rule)": lambda: decode_kernel.decode(
+                *cache, config=dp.DEFAULT_CONFIG, splits=wave, balanced=False),
+            "sdpa": lambda: F.scaled_dot_product_attention(q.view(b, h, 1, d), kc, vc,
+                                                           scale=d ** -0.5, enable_gqa=True),
+        }
+        times = {name: [] for name in variants}
+        for _ in range(1 if args.smoke else 3):
+            for name, fn in variants.items():
+                times[name].append(bench_ms(fn, args.smoke, graph=not args.smoke))
+        sdpa = min(times["sdpa"])
+        for name in variants:
+            ms = min(times[name])
+            gbs = kv_bytes(b, ctx, hkv, d) / (ms * 1e-3) / 1e9
+            rows.append(dict(bench="decode_plans", batch=b, ctx=ctx, contender=name,
+                             graph_us=ms * 1e3, vs_sdpa=sdpa / ms, gbs=gbs,
+                             pct_copy=100 * gbs / copy))
+        print_table([r for r in rows if (r["batch"], r["ctx"]) == (b, ctx)],
+                    ["batch", "ctx", "contender", "graph_us", "vs_sdpa", "gbs", "pct_copy"])
+    write_csv(args.out / "decode_plans.csv", rows)
+
+
 KV_OFFSET_SHAPES = [(1, 2048), (16, 2048), (16, 8192), (64, 4096), (128, 2048)]
 
 
@@ -399,7 +456,9 @@ def main():
         p.add_argument("--skewed", action="store_true", help="also batches of unequal lengths"),
         p.add_argument("--skewed-only", action="store_true", help="only the --skewed table"),
         p.add_argument("--kv-offsets-only", action="store_true",
-                       help="only K/V offsets once vs once per cache")))
+                       help="only K/V offsets once vs once per cache"),
+        p.add_argument("--plans-only", action="store_true",
+                       help="only the few-sequence plan rows beside the planned decode")))
     env = header("decode", args.smoke)
     copy = copy_gbs(args.smoke)
     print(f"ceiling: device copy {copy:.0f} GB/s (read + write)")
@@ -411,7 +470,10 @@ def main():
         skewed(args, copy)
     if args.kv_offsets_only:
         kv_offsets(args, copy)
-    if args.tune_only or args.growth_only or args.skewed_only or args.kv_offsets_only:
+    if args.plans_only:
+        plans(args, copy)
+    if (args.tune_only or args.growth_only or args.skewed_only or args.kv_offsets_only
+            or args.plans_only):
         return
     shapes = [(2, 64), (1, 200)] if args.smoke else list(dict.fromkeys(ANCHOR_SHAPES +
                                                                         SWEEP_SHAPES + MID_SHAPES))
