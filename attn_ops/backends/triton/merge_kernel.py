@@ -176,17 +176,8 @@ def merge_last_split(SEMA, sema_idx, O_PART, LSE_PART, OUT, LSE, SINK_LOGITS, se
             s0 = c * S_P2
             rs_ok = r_ok[:, None] & (s0 + offs_s < num_splits)[None, :]
             idx = (row0 + offs_r)[:, None] * num_splits + (s0 + offs_s)[None, :]  # [R, S]
-            lse = tl.load(LSE_PART + idx, mask=rs_ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                        mask=rs_ok[:, :, None] & d_ok[None, None, :], other=0.0,
-                        cache_modifier=".cg")
-            m_new = tl.maximum(m, tl.max(lse, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m - m_use)
-            w = tl.math.exp2(lse - m_use[:, None])  # empty split: exp2(-inf) = 0
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
-            den = den * alpha + tl.sum(w, 1)
-            m = m_new
+            acc, den, m = _merge_chunk(acc, den, m, O_PART, LSE_PART, idx, rs_ok, offs_d, d_ok,
+                                       HEAD_DIM)
         heads = head0 + offs_r
         _write_merged(OUT, LSE, SINK_LOGITS, seq.to(tl.int64) * stride_ob + heads * stride_oh,
                       heads, row0 + offs_r, r_ok, offs_d, d_ok, acc, den,
@@ -252,23 +243,30 @@ def merge_pieces(SEMA, pair, mine, tiles, O_PART, LSE_PART, OUT, LSE, SINK_LOGIT
             slot_rows = (prog * 2 + tl.where(j == 0, first_slot, 0)) * ROWS
             idx = slot_rows[None, :] + offs_r[:, None]  # [R, CHUNK]
             ok = r_ok[:, None] & held[None, :]
-            lse = tl.load(LSE_PART + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                        mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
-                        cache_modifier=".cg")
-            m_new = tl.maximum(m, tl.max(lse, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m - m_use)
-            w = tl.math.exp2(lse - m_use[:, None])  # nothing held (lse -inf) weighs 0
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
-            den = den * alpha + tl.sum(w, 1)
-            m = m_new
+            acc, den, m = _merge_chunk(acc, den, m, O_PART, LSE_PART, idx, ok, offs_d, d_ok,
+                                       HEAD_DIM)
         tokens = (token0 + offs_r // GROUP).to(tl.int64)
         heads = head0 + offs_r % GROUP
         _write_merged(OUT, LSE, SINK_LOGITS, tokens * stride_ob + heads * stride_oh, heads,
                       tokens * num_heads + heads, r_ok, offs_d, d_ok, acc, den,
                       tl.where(m == float("-inf"), 0.0, m), stride_sk, HAS_SINKS, WITH_LSE)
         tl.store(SEMA + pair, 0)
+
+
+@triton.jit
+def _merge_chunk(acc, den, m, O_PART, LSE_PART, idx, ok, offs_d, d_ok, HEAD_DIM: tl.constexpr):
+    """One trip to L2 of the in-kernel merges: the partials at rows ``idx`` ``[R, C]`` (valid
+    where ``ok``: a partial not held, or past the count, loads lse -inf and weighs 0) joined to
+    the running ``acc`` ``[R, D]``, weight sum ``den`` and maximum ``m`` ``[R]`` (log2 units),
+    read through L2 (``.cg``), never a stale L1 line."""
+    lse = tl.load(LSE_PART + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    o = tl.load(O_PART + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+    m_new = tl.maximum(m, tl.max(lse, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m - m_use)
+    w = tl.math.exp2(lse - m_use[:, None])  # exp2(-inf) = 0
+    return acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1), den * alpha + tl.sum(w, 1), m_new
 
 
 @triton.jit
