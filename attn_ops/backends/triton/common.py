@@ -118,8 +118,10 @@ def paged_offsets(table_row, stride_tc, pos, valid, stride_kb, stride_kt, stride
     last block is never dereferenced. ``SAME_STRIDES`` (:func:`kv_same_strides`: V's block and
     in-page strides are K's): V's offsets are K's, computed once.
     """
-    block = tl.load(table_row + (pos // PAGE) * stride_tc, mask=valid, other=0).to(tl.int64)
-    offset = pos % PAGE
+    upos = pos.to(tl.uint32)  # positions are never negative: unsigned division by a constexpr
+    block = tl.load(table_row + (upos // PAGE).to(tl.int32) * stride_tc, mask=valid,
+                    other=0).to(tl.int64)
+    offset = (upos % PAGE).to(tl.int32)
     k_off = block * stride_kb + offset * stride_kt
     if SAME_STRIDES:
         # Each key's 64-bit offset is a product per row of a thread's loads: once, not once per
