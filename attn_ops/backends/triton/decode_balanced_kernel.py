@@ -65,8 +65,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
                            R_P2: tl.constexpr = 1, CHUNK: tl.constexpr = 4,
                            QUERIES: tl.constexpr = False, CAUSAL: tl.constexpr = True,
                            ZEROS_FIRST: tl.constexpr = False,
-                           KV_SAME_STRIDES: tl.constexpr = False,
-                           LATE_SUMS: tl.constexpr = False):
+                           KV_SAME_STRIDES: tl.constexpr = False):
     """Grid ``(P,)``. A decode (``QUERIES`` False): shapes as decode_kernel's split kernel,
     ``batch`` sequences (at most ``B_P2``) of one query each, lengths ``SEQLENS``; O_PART float32
     ``[P * 2 * GROUP, HEAD_DIM]`` and LSE_PART float32 ``[P * 2 * GROUP]`` (two slots per
@@ -169,7 +168,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
             + heads * stride_qh, seq, kv_head, rows_ok, dim_ok, lo, hi, stride_kb, stride_kt,
             stride_kh, stride_vb, stride_vt, stride_vh, stride_tb, stride_tc, stride_ks,
             stride_vs, qk_scale, cap_log2, cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N, SOFTCAP,
-            DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM, KV_SAME_STRIDES, LATE_SUMS)
+            DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM, KV_SAME_STRIDES)
         # One normalisation for both ends (one product of the accumulator live, not two): a
         # piece's partial leaves the sink out (it joins once, at the merge), which a sink of
         # -inf does exactly.

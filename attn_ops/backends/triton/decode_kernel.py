@@ -29,8 +29,8 @@ from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kern
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
                                                   FP8_DEEP_CONFIG, Config, balanced_applies,
                                                   balanced_default, fp8_deep_splits,
-                                                  half_precision_row, late_sums,
-                                                  launch_config, num_splits, zeros_first)
+                                                  half_precision_row, launch_config,
+                                                  num_splits, zeros_first)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_split_call,
                                                   merge_splits_kernel)
@@ -58,7 +58,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                          FP8_VIA_F16: tl.constexpr = False, FP8_PAIRS: tl.constexpr = False,
                          PAIR_ASM: tl.constexpr = False, R_P2: tl.constexpr = 1,
                          S_P2: tl.constexpr = 1, CHUNKS: tl.constexpr = 1,
-                         KV_SAME_STRIDES: tl.constexpr = False, LATE_SUMS: tl.constexpr = False):
+                         KV_SAME_STRIDES: tl.constexpr = False):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -83,7 +83,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
         seq.to(tl.int64) * stride_qb + heads * stride_qh, seq, kv_head, g_ok, dim_ok, lo, hi,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_tb, stride_tc,
         stride_ks, stride_vs, qk_scale, cap_log2, cap_inv, G_P2, HEAD_DIM, D_P2, PAGE, BLOCK_N,
-        SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM, KV_SAME_STRIDES, LATE_SUMS)
+        SOFTCAP, DOT, FP8, FP8_VIA_F16, FP8_PAIRS, PAIR_ASM, KV_SAME_STRIDES)
 
     out_mask = g_ok[:, None] & dim_ok[None, :]
     lse_idx = seq.to(tl.int64) * num_heads + heads
@@ -185,7 +185,6 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
                   DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages,
                   FP8_VIA_F16=via_f16, FP8_PAIRS=pairs, PAIR_ASM=pairs and not INTERPRET,
                   R_P2=next_pow2(group),  # the merge's rows
-                  LATE_SUMS=late_sums(cfg),
                   **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
                   num_warps=4)

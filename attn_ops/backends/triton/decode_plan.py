@@ -259,18 +259,3 @@ def zeros_first(config: Config) -> bool:
     walk (its ``ZEROS_FIRST``: at the WIDE row, where after the walk the lse's store cost the
     key loop its MMA interleaving; at the DEEP row it spills there instead)."""
     return config == WIDE_CONFIG
-
-
-# The rows of at most about three programs per SM keep each thread's share of the row sums
-# through the walk (decode_keys.attend_keys' LATE_SUMS): a [G_P2, BLOCK_N] float32 tile, 16
-# registers per thread at 128-key steps, for one cross-warp reduction per step instead of two
-# (sm_90a, Triton 3.6: 9 -> 6 BAR.SYNC per step). The rows of four programs per SM
-# (DEFAULT_CONFIG, FP8_CONFIG: 128 registers) would spill in the key loop, so they keep the
-# per-step sums.
-_LATE_SUM_ROWS = (WIDE_CONFIG, DEEP_CONFIG, FP8_DEEP_CONFIG)
-
-
-def late_sums(config: Config) -> bool:
-    """Whether the decode kernels' key walk reduces its row sums after the walk in ``config``'s
-    launches (see _LATE_SUM_ROWS)."""
-    return config in _LATE_SUM_ROWS

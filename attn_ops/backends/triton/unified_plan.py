@@ -198,6 +198,5 @@ def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: in
                   CAUSAL=causal, CHUNK=_MERGE_CHUNK, num_warps=warps, num_stages=cfg.stages,
                   # FP8 caches widened in registers (every constexpr given: Inductor's launch
                   # of a traced call, wrap_triton, takes no defaults)
-                  FP8_VIA_F16=False, FP8_PAIRS=False, PAIR_ASM=False, ZEROS_FIRST=False,
-                  LATE_SUMS=decode_plan.late_sums(cfg))
+                  FP8_VIA_F16=False, FP8_PAIRS=False, PAIR_ASM=False, ZEROS_FIRST=False)
     return (splits * num_seqs * num_kv_heads,), consts

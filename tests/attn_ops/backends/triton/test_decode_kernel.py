@@ -400,48 +400,6 @@ def test_decode_fp8_pairs(monkeypatch, q_dtype, d, pad):
         assert_close(got, ref, *TOLERANCES[q_dtype], what="fp8 decode, bound, odd address")
 
 
-@pytest.mark.parametrize("balanced", [False, True])
-@pytest.mark.parametrize("window_left,softcap", [(-1, 0.0), (100, 0.0), (-1, 3.0)])
-def test_late_row_sums(monkeypatch, balanced, window_left, softcap):
-    # The rows of about one to three programs per SM keep each thread's share of the row sums
-    # through the key walk and reduce them once after it (decode_plan.late_sums): the same out
-    # and lse as the reference across tile ends (128, 129 keys), splits with no key, sinks,
-    # a window and a soft cap; FP8 caches read as int16 pairs at the FP8 deep row. The rows of
-    # four programs per SM sum per step.
-    taken = record_launches(monkeypatch, decode_kernel, "LATE_SUMS")
-    lens = [300, 0, 129, 1, 128]
-    h, hkv, d = 8, 2, 32
-    paged = random_paged(lens, hkv, d, 16, BF16)
-    (k8, v8), k_scale, v_scale, table8 = _fp8_paged(lens, hkv, d, 16, 0)
-    q = torch.randn(len(lens), h, d, dtype=BF16)
-    seqlens = torch.tensor(lens, dtype=torch.int32)
-    sinks = torch.randn(h)
-    cases = [(decode_plan.WIDE_CONFIG, paged.k_cache, paged.v_cache, paged.block_table, {}),
-             (decode_plan.DEEP_CONFIG, paged.k_cache, paged.v_cache, paged.block_table, {}),
-             (decode_plan.FP8_DEEP_CONFIG, k8, v8, table8,
-              dict(k_scale=k_scale, v_scale=v_scale)),
-             (decode_plan.DEFAULT_CONFIG, paged.k_cache, paged.v_cache, paged.block_table, {})]
-    for config, k, v, table, scales in cases:
-        if balanced and config == decode_plan.FP8_DEEP_CONFIG:
-            continue  # the balanced kernel serves half-precision caches at WIDE / DEEP
-        args = (q, k, v, seqlens, table, d ** -0.5, window_left, softcap)
-        ref, ref_lse = reference.decode(*args, sinks=sinks, return_lse=True, **scales)
-        for splits in (1, 3):
-            out, lse = poisoned(q.shape, BF16), poisoned(q.shape[:2], torch.float32)
-            decode_kernel.decode(*args, sinks=sinks, return_lse=True, **scales, splits=splits,
-                                 config=config, out=out, lse=lse, balanced=balanced)
-            what = f"decode at {tuple(config)}, {splits} splits"
-            assert_close(out, ref, *TOLERANCES[BF16], what=what)
-            assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), what
-            finite = torch.isfinite(ref_lse)
-            assert_close(lse[finite], ref_lse[finite], 1e-3, 1e-3, what=what + ", lse")
-            assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf")), what
-    late = [decode_plan.late_sums(c) for c, *_ in cases if not (
-        balanced and c == decode_plan.FP8_DEEP_CONFIG) for _ in (1, 3)]
-    stage1 = [t for t in taken if t is not None]  # the launched merge takes no LATE_SUMS
-    assert late.count(False) == 2 and stage1 == late, (taken, late)
-
-
 # ---------------------------------------------------------------------------------------------
 # CUDA
 # ---------------------------------------------------------------------------------------------

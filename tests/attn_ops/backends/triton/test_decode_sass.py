@@ -24,14 +24,13 @@ _ALIGNED = {"stride_qb", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "st
             "stride_vt", "stride_vh", "stride_tb", "stride_ob", "stride_oh"}
 
 
-def _build(config, fp8, with_lse, sinks=False, late_sums=None):
+def _build(config, fp8, with_lse, sinks=False):
     pointers = dict(_POINTERS, **({"K": "*fp8e4nv", "V": "*fp8e4nv"} if fp8 else {}))
     constexprs = dict(GROUP=4, G_P2=16, HEAD_DIM=128, D_P2=128, PAGE=16,
                       BLOCK_N=config.block_n, DIRECT=False, SOFTCAP=False, WINDOW=False,
                       FUSED=True, DOT="tf32", HAS_SINKS=sinks, FP8=fp8, WITH_LSE=with_lse,
                       FP8_VIA_F16=fp8, FP8_PAIRS=fp8, PAIR_ASM=fp8, R_P2=4, S_P2=2, CHUNKS=1,
-                      KV_SAME_STRIDES=True,
-                      LATE_SUMS=decode_plan.late_sums(config) if late_sums is None else late_sums)
+                      KV_SAME_STRIDES=True)
     options = dict(num_warps=config.warps, num_stages=config.stages)
     if config.maxnreg:
         options["maxnreg"] = config.maxnreg
@@ -65,20 +64,3 @@ def test_fp8_keys_widen_without_byte_permutes():
     # as for V took 64.)
     loop = _build(decode_plan.FP8_DEEP_CONFIG, True, with_lse=False).key_loop()
     assert sum(bool(re.search(r"\bPRMT\b", t)) for t in loop) == 32
-
-
-@pytest.mark.skipif(not sass.available(), reason="Triton's ptxas / cuobjdump are not installed")
-@pytest.mark.parametrize("row, fp8", [(decode_plan.FP8_DEEP_CONFIG, True),
-                                      (decode_plan.WIDE_CONFIG, False)],
-                         ids=["fp8_deep", "wide"])
-def test_late_sums_reduce_once_per_step(row, fp8):
-    # The deep rows' key walk reduces only its row maxima across the warps per step; the row
-    # sums wait for the end of the walk (decode_plan.late_sums). Per step, sm_90a: 9 BAR.SYNC
-    # with the sums reduced per step, 6 without; nothing spilled in the loop.
-    assert decode_plan.late_sums(row)
-    barriers = {}
-    for late in (False, True):
-        loop = _build(row, fp8, with_lse=False, late_sums=late).key_loop()
-        assert not [t for t in loop if "LDL" in t or "STL" in t], "a spill in the key loop"
-        barriers[late] = sum(bool(re.search(r"\bBAR\b", t)) for t in loop)
-    assert barriers[True] <= barriers[False] - 3, barriers
