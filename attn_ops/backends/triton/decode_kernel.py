@@ -152,11 +152,13 @@ FP8_PAIRS = True
 def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: int, width: int,
           dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
           config: Config | None, splits: int | None, fused: bool, cache_dtype: torch.dtype,
-          fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None):
+          fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None,
+          programs: int | None = None):
     """``(splits, kernel, grid1, grid2, stage1, stage2)`` from static facts only (cached: ~1 us
     per call): the split count, stage 1's kernel, the grids and the constexprs. ``balanced``
     (None: decode_plan.balanced_default) picks the balanced kernel, over as many programs as
-    the split kernel would launch, where it can run (decode_plan.balanced_applies)."""
+    the split kernel would launch (``programs``: that many), where it can run
+    (decode_plan.balanced_applies)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
     # The deep rows (decode_plan: half_precision_row, fp8_deep_splits) for a GPU's
@@ -191,7 +193,8 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
     if balanced is None:
         balanced = balanced_default(cfg, splits)
     if balanced and balanced_applies(batch, num_kv_heads, width * page, cfg):
-        return (splits, decode_balanced_kernel, (splits * num_kv_heads * batch,), None,
+        programs = programs or splits * num_kv_heads * batch
+        return (splits, decode_balanced_kernel, (programs,), None,
                 dict(stage1, B_P2=next_pow2(batch), ZEROS_FIRST=zeros_first(cfg)), stage2)
     chunk = min(next_pow2(splits), MERGE_CHUNK) if fused else 1
     stage1.update(DIRECT=splits == 1, FUSED=fused, S_P2=chunk,
@@ -207,7 +210,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            config: Config | None = None, splits: int | None = None,
            out: torch.Tensor | None = None, fused: bool | None = None,
            lse: torch.Tensor | None = None, fp8_via_f16: bool | None = None,
-           fp8_pairs: bool | None = None, balanced: bool | None = None):
+           fp8_pairs: bool | None = None, balanced: bool | None = None,
+           programs: int | None = None):
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
     ``[B, W]``. Returns ``[B, H, D]`` in q's dtype, and with ``return_lse`` also lse float32
     ``[B, H]`` (natural log; -inf for a row with no key). ``sinks`` float32 ``[H]``; float8_e4m3fn
@@ -220,7 +224,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     ``fp8_via_f16``, ``fp8_pairs`` override :data:`FUSED_MERGE`, :data:`FP8_VIA_F16` (how an FP8
     cache is widened for bf16 queries), :data:`FP8_PAIRS` (int16 pair reads where allowed);
     ``balanced`` picks stage 1's kernel (None: :func:`.decode_plan.balanced_default`; True
-    takes the balanced kernel wherever :func:`.decode_plan.balanced_applies`).
+    takes the balanced kernel wherever :func:`.decode_plan.balanced_applies`); ``programs``
+    overrides the balanced kernel's program count (any count: it deals tiles, not pairs).
     """
     batch, num_heads, head_dim = q.shape
     if out is None:
@@ -237,9 +242,9 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         FUSED_MERGE if fused is None else fused, k_cache.dtype,
         FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16,
         (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and k_cache.dtype == torch.float8_e4m3fn
-        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced)
+        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced, programs)
     balanced = kernel is decode_balanced_kernel
-    shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced)
+    shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced, grid1, k_cache.shape[2])
     if shapes is None:
         o_part = lse_part = out  # unused pointer arguments
     else:
@@ -289,12 +294,13 @@ def _stage1_scalars(q, k_cache, v_cache, seqlens_k, block_table, out_strides, ex
 
 
 def _part_shapes(batch: int, num_heads: int, head_dim: int, splits: int,
-                 balanced: bool) -> tuple | None:
+                 balanced: bool, grid: tuple, num_kv_heads: int) -> tuple | None:
     """The float32 partials' shapes (outputs, log2-sum-exps), or None when stage 1 writes
-    none: the split kernel's ``[B, H, S]`` rows, the balanced kernel's two slots per program
-    (``2 * S * B * H`` rows; any program may end up holding a piece)."""
+    none: the split kernel's ``[B, H, S]`` rows, the balanced kernel's two slots of a GQA
+    group's rows per program (``grid[0]`` programs; any of them may end up holding a piece)."""
     if balanced:
-        return (2 * splits * batch * num_heads, head_dim), (2 * splits * batch * num_heads,)
+        rows = 2 * grid[0] * (num_heads // num_kv_heads)
+        return (rows, head_dim), (rows,)
     if splits == 1:
         return None
     return (batch, num_heads, splits, head_dim), (batch, num_heads, splits)
@@ -336,7 +342,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     merge_launch = prepare(merge_splits_kernel, grid2, dict(stage2, HAS_SINKS=has_sinks,
                                                       WITH_LSE=with_lse),
                            (4,) if has_sinks else (), scalars2) if merge else None
-    part_shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced)
+    part_shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced, grid1,
+                               k_cache.shape[2])
     lse_shape, sema_count = (batch, num_heads), batch * k_cache.shape[2]
     empty, empty_like, f32 = torch.empty, torch.empty_like, torch.float32
     like_q = q.stride() == out_strides  # empty_like(q): ~0.9 us less than empty(shape, ...)

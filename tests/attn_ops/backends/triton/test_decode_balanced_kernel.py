@@ -21,7 +21,7 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
 def _case(lens, h, hkv, d, block_size, dtype, splits, device="cpu", window_left=-1,
-          softcap=0.0, with_sinks=False, table_width=None, config=None):
+          softcap=0.0, with_sinks=False, table_width=None, config=None, programs=None):
     """Balanced decode vs the reference, outputs and lse poisoned; returns (out, lse, ref)."""
     paged = random_paged(lens, hkv, d, block_size, dtype, device=device,
                          table_width=table_width)
@@ -33,7 +33,7 @@ def _case(lens, h, hkv, d, block_size, dtype, splits, device="cpu", window_left=
     out = poisoned(q.shape, dtype, device)
     lse = poisoned(q.shape[:2], FP32, device)
     decode_kernel.decode(*args, sinks=sinks, return_lse=True, splits=splits, out=out, lse=lse,
-                         balanced=True, config=config)
+                         balanced=True, config=config, programs=programs)
     ref, ref_lse = reference.decode(*args, sinks=sinks, return_lse=True)
     assert_close(out, ref, *TOLERANCES[dtype], what="balanced decode")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -59,6 +59,22 @@ def test_balanced_matches_reference(lens, splits):
         if n == 0:
             assert torch.all(out[b] == 0) and torch.all(lse[b] == float("-inf"))
     assert torch.count_nonzero(semaphores(len(lens) * 2, torch.device("cpu"))) == 0
+
+
+@pytest.mark.parametrize("programs", [1, 5, 11, 40])
+def test_balanced_any_program_count(monkeypatch, programs):
+    # Tiles, not pairs, are dealt: a program count that is no multiple of the (sequence, kv
+    # head) pairs (8 here) splits pairs anywhere, and more programs than tiles leave some empty
+    launched = record_launches(monkeypatch, decode_kernel, "B_P2")
+    grids = []
+    launch = decode_kernel.launch
+    monkeypatch.setattr(decode_kernel, "launch", lambda kernel, grid, *a, **k: (
+        grids.append(grid), launch(kernel, grid, *a, **k))[1])
+    out, lse, _ = _case([13, 0, 40, 1], 8, 2, 32, 16, BF16, 1, with_sinks=True,
+                        programs=programs)
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+    assert grids == [(programs,)] and launched == [4], (grids, launched)
+    assert torch.count_nonzero(semaphores(8, torch.device("cpu"))) == 0
 
 
 @pytest.mark.parametrize("splits", [1, 3])
