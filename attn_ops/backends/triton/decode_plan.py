@@ -103,25 +103,29 @@ DEEP_CONFIG = Config(64, 4, 5)
 # than _WIDE_MIN_KEYS. H200 bf16 graph replays, same run, vs the rules before (cuDNN SDPA):
 # B 16 (1 split) x 1024 23.6 vs 26.0 us (22.6), x 2048 38.8 vs 40.9 (36.9), x 4096 69.3 vs
 # 70.8 (66.9), x 8192 129.2 vs 132.3 (125.6); B 8 x 4096 (2 splits) 40.1 vs 44.4 (40.3); B 4
-# x 8192 (4) 40.2 vs 43.9 (40.0); B 13 (0.79 per SM) 63.8 vs DEEP's 62.2. B 16 x 2048, 1 split:
+# x 8192 (4) 40.2 vs 43.9 (40.0); B 13 (0.79 per SM) 63.8 vs DEEP's 62.2 (then: the decode takes
+# WIDE unsplit from 0.75 per SM since, see _DECODE_WIDE_PER_SM). B 16 x 2048, 1 split:
 # 64-key tiles 47.5-49.8 us at 5, 7 or 9 stages; (128, 4, 7) 40.4.
 WIDE_CONFIG = Config(128, 4, 5)
 _WIDE_MIN_KEYS = 512
+_WIDE_PER_SM = 0.95
 
 
-def deep_splits(programs: int, sms: int, capacity: int, most: int = 2
-                ) -> tuple[int, Config] | None:
+def deep_splits(programs: int, sms: int, capacity: int, most: int = 2,
+                unsplit_wide_per_sm: float = _WIDE_PER_SM) -> tuple[int, Config] | None:
     """(splits, config) of the deep rows, or None: WIDE_CONFIG where a split count gives each SM
-    0.95-1 programs of >= ``_WIDE_MIN_KEYS`` keys, else DEEP_CONFIG where one gives it 1.55-2
-    (the fewest of 1 .. ``most`` splits; a power of two for one sequence's heads, up to
-    ``_ONE_SEQUENCE`` programs, which never take WIDE), none shorter than ``_MIN_SPLIT_KEYS``
-    keys of ``capacity``. The unified kernel's few-query plans take ``most`` = 2, as measured
-    there; the decode takes more (:func:`half_precision_row`)."""
+    0.95-1 programs of >= ``_WIDE_MIN_KEYS`` keys (unsplit: from ``unsplit_wide_per_sm``), else
+    DEEP_CONFIG where one gives it 1.55-2 (the fewest of 1 .. ``most`` splits; a power of two for
+    one sequence's heads, up to ``_ONE_SEQUENCE`` programs, which never take WIDE), none shorter
+    than ``_MIN_SPLIT_KEYS`` keys of ``capacity``. The unified kernel's few-query plans take
+    ``most`` = 2 and WIDE from 0.95 per SM, as measured there; the decode takes more
+    (:func:`half_precision_row`)."""
     if programs <= 0:
         return None
     one = programs <= _ONE_SEQUENCE
     wide = 0 if one else min(sms // programs, _MAX_SPLITS, capacity // _WIDE_MIN_KEYS)
-    if wide > 0 and programs * wide >= 0.95 * sms:
+    least = unsplit_wide_per_sm if wide == 1 else _WIDE_PER_SM
+    if wide > 0 and programs * wide >= least * sms:
         return wide, WIDE_CONFIG
     for splits in (next_pow2(2 * sms // programs + 1) // 2,) if one else range(1, most + 1):
         if 1.55 * sms < programs * splits <= 2 * sms and splits <= _MAX_SPLITS and (
@@ -161,15 +165,26 @@ def few_sequence_splits(programs: int, sms: int, capacity: int) -> int | None:
 # 36.45 (37.34); B 9 x 4096 (3) 44.26 vs 44.90 (47.23); B 10 x 4096 (3) 47.46 vs 49.09 (48.58);
 # B 11 x 8192 (3) 91.62 vs 93.60 (93.92).
 _DEEP_MOST_SPLITS = _MAX_SPLITS
+# and WIDE unsplit from 0.75 programs per SM, not 0.95: B 13-15 at 8 kv heads (0.79-0.91 per
+# SM), which took DEEP at 2 splits (WIDE at 2 splits below 0.95, B 7: not measured, not taken). H200, bf16, graph replays over SDPA's cache
+# (BENCHMARKS.md, twenty-first pass), WIDE (balanced kernel) vs DEEP at 2 splits (SDPA): B 13 x
+# 2048 32.51 vs 34.62 us (32.00), x 8192 103.04 vs 106.11 (103.49); B 14 x 2048 34.11 vs 35.65
+# (34.66), x 4096 59.87 vs 61.06 (59.33); B 15 x 2048 35.97 vs 37.15 (35.14), x 8192 117.50
+# vs 119.30 (116.99); B 13 x 4096 55.90 vs 57.63 (55.62), x 16384 196.42 vs 201.57 (198.18).
+# The balanced kernel comes with it: B 14 of one 16384 and 13 of 1024, pages of 16, 43.52 vs
+# 150.18. Not B 12 (0.73 per SM): x 2048 31.68 vs 32.67, but x 4096 54.66 vs 54.37 (SDPA
+# 52.61); nor B 10 (0.61): x 4096 53.95 vs DEEP at 3 splits' 46.88.
+_DECODE_WIDE_PER_SM = 0.75
 
 
 def half_precision_row(programs: int, sms: int, capacity: int) -> tuple[int, Config] | None:
     """(splits, config) of a half-precision cache's decode on a GPU when nothing is forced:
     :func:`few_sequence_splits`' WIDE row, else :func:`deep_splits`' rows at up to
-    ``_DEEP_MOST_SPLITS`` splits, else None (the wave rule's DEFAULT_CONFIG row)."""
+    ``_DEEP_MOST_SPLITS`` splits and WIDE unsplit from ``_DECODE_WIDE_PER_SM``, else None (the
+    wave rule's DEFAULT_CONFIG row)."""
     few = few_sequence_splits(programs, sms, capacity)
     return (few, WIDE_CONFIG) if few else deep_splits(programs, sms, capacity,
-                                                      _DEEP_MOST_SPLITS)
+                                                      _DEEP_MOST_SPLITS, _DECODE_WIDE_PER_SM)
 
 
 # FP8 caches where a split count gives each SM 1.55-3 programs (1, 2 or 4 splits): 128-key tiles,

@@ -123,6 +123,11 @@ def test_decode_deep_pipeline_plan(monkeypatch):
     assert row(56, 132, 4096) == (4, deep_row) and row(88, 132, 8192) == (3, deep_row)
     assert row(48, 132, 1024) is None  # 5 splits would be shorter than 256 keys
     assert row(96, 132, 4096) is None  # B 12: 1.45 per SM at 2 splits, 2.2 at 3
+    # the decode's WIDE unsplit from 0.75 per SM (B 13-15), where the few-query plans keep
+    # DEEP at 2 splits; WIDE split in two stays at 0.95 (B 7: DEEP at 4)
+    assert row(104, 132, 4096) == (1, wide) and row(120, 132, 2048) == (1, wide)
+    assert deep(104, 132, 4096) == (2, deep_row) and row(56, 132, 4096) == (4, deep_row)
+    assert row(104, 132, 256) is None  # shorter than a WIDE split
     monkeypatch.setattr(decode_kernel, "INTERPRET", False)
     monkeypatch.setattr(decode_plan, "INTERPRET", False)
     monkeypatch.setattr(decode_kernel, "device_sm_count", lambda device: 132)
@@ -133,6 +138,7 @@ def test_decode_deep_pipeline_plan(monkeypatch):
                    splits, False, cache, True)
         return got[0], (got[4]["BLOCK_N"], got[4]["num_warps"], got[4]["num_stages"])
     assert stage1() == (1, (128, 4, 5)) and stage1(batch=32) == (1, (64, 4, 5))
+    assert stage1(batch=13) == (1, (128, 4, 5))  # WIDE unsplit from 0.75 per SM
     assert stage1(batch=1) == (16, (128, 4, 5)) and stage1(batch=3) == (5, (128, 4, 5))
     assert stage1(torch.float16, torch.float16) == (1, (128, 4, 5))
     assert stage1(batch=64) == (1, (64, 4, 3))  # 512 programs: the wave rule's row
