@@ -99,13 +99,13 @@ def wave_splits(programs: int, capacity: int, sms: int, block_n: int, resident: 
 # 19.6 at 8k (19.0); vs WIDE_CONFIG at 16 splits: 42.7 (launched merge), 43.6 (fused).
 DEEP_CONFIG = Config(64, 4, 5)
 # Batches whose programs, times a split count, give each SM about one program (0.95-1 per SM):
-# 128-key tiles, 5 stages (two 64 KB K/V buffers, 140 KB of shared memory), no split shorter
-# than _WIDE_MIN_KEYS. H200 bf16 graph replays, same run, vs the rules before (cuDNN SDPA):
-# B 16 (1 split) x 1024 23.6 vs 26.0 us (22.6), x 2048 38.8 vs 40.9 (36.9), x 4096 69.3 vs
-# 70.8 (66.9), x 8192 129.2 vs 132.3 (125.6); B 8 x 4096 (2 splits) 40.1 vs 44.4 (40.3); B 4
-# x 8192 (4) 40.2 vs 43.9 (40.0); B 13 (0.79 per SM) 63.8 vs DEEP's 62.2 (then: the decode takes
-# WIDE unsplit from 0.75 per SM since, see _DECODE_WIDE_PER_SM). B 16 x 2048, 1 split:
-# 64-key tiles 47.5-49.8 us at 5, 7 or 9 stages; (128, 4, 7) 40.4.
+# 128-key tiles, 5 stages (two 64 KB K/V buffers, 140 KB of shared memory), no split shorter than
+# _WIDE_MIN_KEYS. H200 bf16 graph replays, same run, vs the rules before (cuDNN SDPA): B 16 (1
+# split) x 1024 23.6 vs 26.0 us (22.6), x 2048 38.8 vs 40.9 (36.9), x 4096 69.3 vs 70.8 (66.9), x
+# 8192 129.2 vs 132.3 (125.6); B 8 x 4096 (2 splits) 40.1 vs 44.4 (40.3); B 4 x 8192 (4) 40.2 vs
+# 43.9 (40.0); B 13 (0.79 per SM) 63.8 vs DEEP's 62.2 in that run (the decode's WIDE now starts at
+# 0.75 per SM unsplit, as measured since: _DECODE_WIDE_PER_SM). B 16 x 2048, 1 split: 64-key tiles
+# 47.5-49.8 us at 5, 7 or 9 stages; (128, 4, 7) 40.4.
 WIDE_CONFIG = Config(128, 4, 5)
 _WIDE_MIN_KEYS = 512
 _WIDE_PER_SM = 0.95
@@ -165,15 +165,15 @@ def few_sequence_splits(programs: int, sms: int, capacity: int) -> int | None:
 # 36.45 (37.34); B 9 x 4096 (3) 44.26 vs 44.90 (47.23); B 10 x 4096 (3) 47.46 vs 49.09 (48.58);
 # B 11 x 8192 (3) 91.62 vs 93.60 (93.92).
 _DEEP_MOST_SPLITS = _MAX_SPLITS
-# and WIDE unsplit from 0.75 programs per SM, not 0.95: B 13-15 at 8 kv heads (0.79-0.91 per
-# SM), which took DEEP at 2 splits (WIDE at 2 splits below 0.95, B 7: not measured, not taken). H200, bf16, graph replays over SDPA's cache
-# (BENCHMARKS.md, twenty-first pass), WIDE (balanced kernel) vs DEEP at 2 splits (SDPA): B 13 x
-# 2048 32.51 vs 34.62 us (32.00), x 8192 103.04 vs 106.11 (103.49); B 14 x 2048 34.11 vs 35.65
-# (34.66), x 4096 59.87 vs 61.06 (59.33); B 15 x 2048 35.97 vs 37.15 (35.14), x 8192 117.50
-# vs 119.30 (116.99); B 13 x 4096 55.90 vs 57.63 (55.62), x 16384 196.42 vs 201.57 (198.18).
-# The balanced kernel comes with it: B 14 of one 16384 and 13 of 1024, pages of 16, 43.52 vs
-# 150.18. Not B 12 (0.73 per SM): x 2048 31.68 vs 32.67, but x 4096 54.66 vs 54.37 (SDPA
-# 52.61); nor B 10 (0.61): x 4096 53.95 vs DEEP at 3 splits' 46.88.
+# and WIDE unsplit from 0.75 programs per SM, not 0.95: B 13-15 at 8 kv heads (0.79-0.91 per SM),
+# which took DEEP at 2 splits (WIDE at 2 splits below 0.95, B 7: not measured, not taken). H200,
+# bf16, graph replays over SDPA's cache (BENCHMARKS.md, twenty-first pass), WIDE (the balanced
+# kernel) vs DEEP at 2 splits (SDPA): B 13 x 2048 32.51 vs 34.62 us (32.00), x 8192 103.04 vs 106.11
+# (103.49); B 14 x 2048 34.11 vs 35.65 (34.66), x 4096 59.87 vs 61.06 (59.33); B 15 x 2048 35.97 vs
+# 37.15 (35.14), x 8192 117.50 vs 119.30 (116.99); B 13 x 4096 55.90 vs 57.63 (55.62), x 16384
+# 196.42 vs 201.57 (198.18). The balanced kernel comes with it: B 14 of one 16384 and 13 of 1024,
+# pages of 16, 43.52 vs 150.18. Not B 12 (0.73 per SM): x 2048 31.68 vs 32.67, but x 4096 54.66 vs
+# 54.37 (SDPA 52.61); nor B 10 (0.61): x 4096 53.95 vs DEEP at 3 splits' 46.88.
 _DECODE_WIDE_PER_SM = 0.75
 
 
