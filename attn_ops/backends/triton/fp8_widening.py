@@ -94,12 +94,18 @@ def key_half_rows(q, ROWS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _int16_rows(base16, off16, key_ok, offs_j, HEAD_DIM: tl.constexpr):
+    """The FP8 rows at int16 offsets ``off16`` from ``base16`` (the cache read as int16), as
+    ``[len(off16), len(offs_j)]`` int16; rows past ``key_ok`` and columns past the head read 0."""
+    return tl.load(base16 + off16[:, None] + offs_j[None, :],
+                   mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
+
+
+@triton.jit
 def fp8_key_tile(base16, off16, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
     """:func:`fp8_key_halves` of the FP8 rows at int16 offsets ``off16`` from ``base16`` (the
-    cache read as int16), as :func:`fp8_pair_tile` loads them."""
-    x = tl.load(base16 + off16[:, None] + offs_j[None, :],
-                mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
-    return fp8_key_halves(x, ASM)
+    cache read as int16)."""
+    return fp8_key_halves(_int16_rows(base16, off16, key_ok, offs_j, HEAD_DIM), ASM)
 
 
 @triton.jit
@@ -109,6 +115,4 @@ def fp8_pair_tile(base16, off16, key_ok, offs_j, HEAD_DIM: tl.constexpr, ASM: tl
     decode kernel reads FP8 caches so (see its FP8_PAIRS): Triton loads an 8-bit tile the MMA
     takes along its rows (V) from shared memory one byte at a time, a 16-bit one with the
     transposing matrix load."""
-    x = tl.load(base16 + off16[:, None] + offs_j[None, :],
-                mask=key_ok[:, None] & (offs_j < HEAD_DIM // 2)[None, :], other=0)
-    return fp8_pairs(x, ASM)
+    return fp8_pairs(_int16_rows(base16, off16, key_ok, offs_j, HEAD_DIM), ASM)
