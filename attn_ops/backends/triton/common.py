@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait  # noqa: F401 (the kernels' PDL wait)
 
 from attn_ops.backends.triton import interpreting
 
@@ -46,6 +47,34 @@ def device_is_sm90(device: torch.device) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) == (9, 0)
+
+
+# Decode and store launched as programmatic dependents of the kernel before them in the stream
+# (sm90+): their programs may be placed on the SMs as soon as every program of that kernel has
+# exited, and wait (griddepcontrol.wait, each kernel's first instruction, before any load)
+# until that kernel's memory is visible. What it saves is the gap between two kernels, not
+# time in either, so it shows where a step's kernels run back to back (a captured decode
+# step); a lone kernel, or the first node of a graph, has no such edge. H200, 20 calls in one
+# graph, per call: decode B 16 x 2048 35.11 -> 34.81 us, 4 x 8192 36.24 -> 35.72; store then
+# decode, B 16 x 2048 37.58 -> 37.08; one call per graph unchanged (BENCHMARKS.md,
+# twenty-second pass). Read per call by the kernel wrappers, once per call
+# signature by the op path's bound calls.
+LAUNCH_PDL = True
+
+
+def device_has_pdl(device: torch.device) -> bool:
+    """``device`` can launch a kernel as a programmatic dependent of the one before it in its
+    stream (sm90 and later; not under the interpreter): see :data:`LAUNCH_PDL`."""
+    if INTERPRET or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] >= 9
+
+
+def pdl_launch(on: bool) -> dict:
+    """The keywords of a launch that is (``on``) or is not a programmatic dependent launch: the
+    kernel's ``PDL`` constexpr (its ``gdc_wait()`` first) and Triton's ``launch_pdl`` option."""
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from attn_ops.backends.triton.common import gdc_wait
 from attn_ops.backends.triton.decode_keys import attend_keys
 from attn_ops.backends.triton.merge_kernel import merge_pieces
 from attn_ops.backends.triton.softmax import attend_diagonal, finish, kv_scales, store_lse
@@ -65,7 +66,7 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
                            R_P2: tl.constexpr = 1, CHUNK: tl.constexpr = 4,
                            QUERIES: tl.constexpr = False, CAUSAL: tl.constexpr = True,
                            ZEROS_FIRST: tl.constexpr = False,
-                           KV_SAME_STRIDES: tl.constexpr = False):
+                           KV_SAME_STRIDES: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid ``(P,)``. A decode (``QUERIES`` False): shapes as decode_kernel's split kernel,
     ``batch`` sequences (at most ``B_P2``) of one query each, lengths ``SEQLENS``; O_PART float32
     ``[P * 2 * GROUP, HEAD_DIM]`` and LSE_PART float32 ``[P * 2 * GROUP]`` (two slots per
@@ -87,6 +88,8 @@ def decode_balanced_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA,
     128-key step against 927, 27 NOPs against 2; H200, B 16 x 4096: decode_with_lse 75.3 us
     against decode's 69.7); before it, the DEEP row's build took 168 registers and spilled
     (24-32 bytes, against 204 and none). decode_plan.zeros_first says where."""
+    if PDL:  # a programmatic dependent launch: nothing is read before the kernel before it ends
+        gdc_wait()
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     num_heads = num_kv_heads * GROUP

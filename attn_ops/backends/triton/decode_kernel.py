@@ -35,9 +35,10 @@ from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_split_call,
                                                   merge_splits_kernel)
 
-from attn_ops.backends.triton.common import (INTERPRET, device_sm_count, dot_mode, extras,
-                                             kv_same_strides, next_pow2, result,
-                                             softcap_constants)
+from attn_ops.backends.triton import common
+from attn_ops.backends.triton.common import (INTERPRET, device_has_pdl, device_sm_count,
+                                             dot_mode, extras, gdc_wait, kv_same_strides,
+                                             next_pow2, pdl_launch, result, softcap_constants)
 from attn_ops.backends.triton.decode_keys import attend_keys
 from attn_ops.backends.triton.softmax import finish, store_lse
 from attn_ops.backends.triton.split_counters import semaphores
@@ -58,7 +59,9 @@ def _decode_split_kernel(Q, K, V, SEQLENS, TABLE, OUT, O_PART, LSE_PART, SEMA, L
                          FP8_VIA_F16: tl.constexpr = False, FP8_PAIRS: tl.constexpr = False,
                          PAIR_ASM: tl.constexpr = False, R_P2: tl.constexpr = 1,
                          S_P2: tl.constexpr = 1, CHUNKS: tl.constexpr = 1,
-                         KV_SAME_STRIDES: tl.constexpr = False):
+                         KV_SAME_STRIDES: tl.constexpr = False, PDL: tl.constexpr = False):
+    if PDL:  # a programmatic dependent launch: nothing is read before the kernel before it ends
+        gdc_wait()
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -153,12 +156,13 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
           dtype: torch.dtype, device: torch.device, window: bool, softcap: bool,
           config: Config | None, splits: int | None, fused: bool, cache_dtype: torch.dtype,
           fp8_via_f16: bool, fp8_pairs: bool = False, balanced: bool | None = None,
-          programs: int | None = None):
+          programs: int | None = None, pdl: bool = False):
     """``(splits, kernel, grid1, grid2, stage1, stage2)`` from static facts only (cached: ~1 us
     per call): the split count, stage 1's kernel, the grids and the constexprs. ``balanced``
     (None: decode_plan.balanced_default) picks the balanced kernel, over as many programs as
     the split kernel would launch (``programs``: that many), where it can run
-    (decode_plan.balanced_applies)."""
+    (decode_plan.balanced_applies). ``pdl``: stage 1 as a programmatic dependent launch, where
+    the device has it (:data:`.common.LAUNCH_PDL`)."""
     fp8 = cache_dtype == torch.float8_e4m3fn
     cfg = config or launch_config(head_dim, dtype, fp8)
     # The deep rows (decode_plan: half_precision_row, fp8_deep_splits) for a GPU's
@@ -187,7 +191,8 @@ def _plan(batch: int, num_heads: int, num_kv_heads: int, head_dim: int, page: in
                   DOT=dot_mode(dtype), num_warps=cfg.warps, num_stages=cfg.stages,
                   FP8_VIA_F16=via_f16, FP8_PAIRS=pairs, PAIR_ASM=pairs and not INTERPRET,
                   R_P2=next_pow2(group),  # the merge's rows
-                  **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
+                  **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
+                  **pdl_launch(pdl and device_has_pdl(device)))
     stage2 = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_P2=d_p2, S_P2=next_pow2(splits),
                   num_warps=4)
     if balanced is None:
@@ -211,7 +216,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
            out: torch.Tensor | None = None, fused: bool | None = None,
            lse: torch.Tensor | None = None, fp8_via_f16: bool | None = None,
            fp8_pairs: bool | None = None, balanced: bool | None = None,
-           programs: int | None = None):
+           programs: int | None = None, pdl: bool | None = None):
     """q ``[B, H, D]``; caches ``[blocks, page, Hkv, D]``; seqlens_k ``[B]`` int32; block_table
     ``[B, W]``. Returns ``[B, H, D]`` in q's dtype, and with ``return_lse`` also lse float32
     ``[B, H]`` (natural log; -inf for a row with no key). ``sinks`` float32 ``[H]``; float8_e4m3fn
@@ -225,7 +230,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     cache is widened for bf16 queries), :data:`FP8_PAIRS` (int16 pair reads where allowed);
     ``balanced`` picks stage 1's kernel (None: :func:`.decode_plan.balanced_default`; True
     takes the balanced kernel wherever :func:`.decode_plan.balanced_applies`); ``programs``
-    overrides the balanced kernel's program count (any count: it deals tiles, not pairs).
+    overrides the balanced kernel's program count (any count: it deals tiles, not pairs);
+    ``pdl`` overrides :data:`.common.LAUNCH_PDL`.
     """
     batch, num_heads, head_dim = q.shape
     if out is None:
@@ -242,7 +248,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
         FUSED_MERGE if fused is None else fused, k_cache.dtype,
         FP8_VIA_F16 if fp8_via_f16 is None else fp8_via_f16,
         (FP8_PAIRS if fp8_pairs is None else fp8_pairs) and k_cache.dtype == torch.float8_e4m3fn
-        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced, programs)
+        and _pairs_ok(k_cache, v_cache) and _even(k_cache, v_cache), balanced, programs,
+        common.LAUNCH_PDL if pdl is None else pdl)
     balanced = kernel is decode_balanced_kernel
     shapes = _part_shapes(batch, num_heads, head_dim, splits, balanced, grid1, k_cache.shape[2])
     if shapes is None:
@@ -324,7 +331,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     splits, kernel, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],
         q.dtype, q.device, window_left >= 0, softcap > 0, None, None, FUSED_MERGE,
-        k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache))
+        k_cache.dtype, FP8_VIA_F16, FP8_PAIRS and _pairs_ok(k_cache, v_cache),
+        pdl=common.LAUNCH_PDL)
     balanced = kernel is decode_balanced_kernel
     shape, dtype, device = q.shape, q.dtype, q.device
     out_strides = torch.empty(shape, device="meta").stride()  # a fresh contiguous output's

@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import INTERPRET, device_sm_count, next_pow2
+from attn_ops.backends.triton import common
+from attn_ops.backends.triton.common import (INTERPRET, device_has_pdl, device_sm_count,
+                                             gdc_wait, next_pow2, pdl_launch)
 from attn_ops.backends.triton.launch import launch, prepare
 
 # Elements per tensor per program: 8192 bf16 = 16 KB, i.e. 4 x 16-byte loads per thread at 8
@@ -66,7 +68,10 @@ def _store_kvcache_kernel(KEY, VALUE, K_CACHE, V_CACHE, SLOTS, num_tokens, strid
                           stride_kcb, stride_kcp, stride_kch, stride_vcb, stride_vcp, stride_vch,
                           K_SCALE, V_SCALE, stride_ksh, stride_vsh,
                           HEAD_DIM: tl.constexpr, ROW: tl.constexpr, ROW_P2: tl.constexpr,
-                          PAGE: tl.constexpr, BLOCK_T: tl.constexpr, FP8: tl.constexpr):
+                          PAGE: tl.constexpr, BLOCK_T: tl.constexpr, FP8: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    if PDL:  # a programmatic dependent launch: nothing is read before the kernel before it ends
+        gdc_wait()
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tok < num_tokens
     tok64 = tok.to(tl.int64)
@@ -107,18 +112,20 @@ def launch_config(num_tokens: int, row: int, device: torch.device) -> tuple[int,
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                  pdl: bool | None = None) -> None:
     """key/value ``[T, Hkv, D]`` (last dim contiguous) -> caches ``[blocks, page, Hkv, D]``.
 
     ``slot_mapping`` ``[T]`` int32/int64 holds flat slots ``block * page + offset``; -1 skips.
     Caches may be any strided view with a contiguous last dim; every index is read through
     its strides (no copy, no host sync). float8_e4m3fn caches take float32 ``k_scale``/``v_scale``
     ``[]`` or ``[Hkv]`` (device tensors, read by the kernel) and receive ``saturate(x / scale)``.
+    ``pdl`` overrides :data:`.common.LAUNCH_PDL`.
     """
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
-    grid, consts, scalars = _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale)
+    grid, consts, scalars = _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale, pdl)
     if k_scale is not None:
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
         scale_strides = (_head_stride(k_scale), _head_stride(v_scale))
@@ -129,9 +136,9 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
            k_scale, v_scale, *scale_strides, **consts)
 
 
-def _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale):
+def _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale, pdl=None):
     """(grid, constexprs and options, the arguments between the 5 leading pointers and the
-    scales) of one store launch."""
+    scales) of one store launch (``pdl``: None for :data:`.common.LAUNCH_PDL`)."""
     num_tokens = key.shape[0]
     head_dim = k_cache.shape[3]
     row = k_cache.shape[2] * head_dim
@@ -142,7 +149,9 @@ def _launch_args(key, value, k_cache, v_cache, slot_mapping, k_scale):
                value.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3])
     return ((triton.cdiv(num_tokens, block_t),), dict(
         HEAD_DIM=head_dim, ROW=row, ROW_P2=next_pow2(row), PAGE=k_cache.shape[1],
-        BLOCK_T=block_t, FP8=fp8, num_warps=warps), scalars)
+        BLOCK_T=block_t, FP8=fp8, num_warps=warps,
+        **pdl_launch((common.LAUNCH_PDL if pdl is None else pdl) and device_has_pdl(key.device))),
+        scalars)
 
 
 def bind_store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):

@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 import torch
 
-from attn_ops.backends.triton import decode_plan
-from attn_ops.backends.triton.common import (INTERPRET, device_is_sm90, device_sm_count,
-                                             dot_mode, next_pow2)
+from attn_ops.backends.triton import common, decode_plan
+from attn_ops.backends.triton.common import (INTERPRET, device_has_pdl, device_is_sm90,
+                                             device_sm_count, dot_mode, next_pow2, pdl_launch)
 
 
 class Config(NamedTuple):
@@ -198,5 +198,6 @@ def balanced_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: in
                   CAUSAL=causal, CHUNK=_MERGE_CHUNK, num_warps=warps, num_stages=cfg.stages,
                   # FP8 caches widened in registers (every constexpr given: Inductor's launch
                   # of a traced call, wrap_triton, takes no defaults)
-                  FP8_VIA_F16=False, FP8_PAIRS=False, PAIR_ASM=False, ZEROS_FIRST=False)
+                  FP8_VIA_F16=False, FP8_PAIRS=False, PAIR_ASM=False, ZEROS_FIRST=False,
+                  **pdl_launch(common.LAUNCH_PDL and device_has_pdl(device)))
     return (splits * num_seqs * num_kv_heads,), consts
