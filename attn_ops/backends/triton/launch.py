@@ -147,9 +147,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if _traced(args[0]):
         # Traced (fake or functional tensors, a dispatch mode): inside a triton_op being traced
         # by AOTAutograd, the launch must become a node Inductor can compile. Inductor takes
-        # no ``launch_pdl`` option: its launch is a plain one (the kernel's wait is a no-op).
+        # no ``launch_pdl`` option, so its launch is a plain one and the kernel needs no wait
+        # (whose inline asm Inductor's analysis of what a kernel mutates cannot read: it gave
+        # wrong outputs, H200).
         from torch.library import wrap_triton
-        kwargs.pop("launch_pdl", None)
+        if kwargs.pop("launch_pdl", False):
+            kwargs["PDL"] = False
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
     if not enabled or not hasattr(kernel, "device_caches") or type(grid) is not tuple:

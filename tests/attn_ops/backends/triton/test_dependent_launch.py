@@ -73,6 +73,22 @@ def test_plans_ask_for_pdl_where_the_device_has_it(monkeypatch, pdl):
     assert stage1["PDL"] is False and "launch_pdl" not in stage1
 
 
+def test_traced_launches_are_plain(monkeypatch):
+    # Inside a triton_op being traced, a launch becomes Inductor's (wrap_triton), which takes no
+    # launch_pdl: the kernel is built without its wait too, whose inline asm Inductor's
+    # analysis of what a kernel mutates cannot read (it gave wrong outputs on the H200)
+    from attn_ops.backends.triton import launch
+    seen = []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: type(
+        "Launcher", (), {"__getitem__": lambda self, grid: lambda *a, **k: seen.append(k)})())
+    traced = torch.nn.Parameter(torch.zeros(2))  # a subclass: launch() takes it as traced
+    launch.launch(decode_kernel._decode_split_kernel, (1,), traced, BLOCK_N=16,
+                  **common.pdl_launch(True))
+    launch.launch(decode_kernel._decode_split_kernel, (1,), traced, BLOCK_N=16,
+                  **common.pdl_launch(False))
+    assert seen == [{"BLOCK_N": 16, "PDL": False}] * 2
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
