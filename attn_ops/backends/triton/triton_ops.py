@@ -13,6 +13,11 @@ calls without sinks, FP8 scales or LSE, which the Triton kernels do not serve). 
 here: the attn op's fake kernel checked the metadata when the graph was traced, and the data
 checks (``ATTN_OPS_CHECK=1``) would need a host sync, so the passes leave calls alone while
 they are on. Registering imports triton: the passes import this module only when they use it.
+
+A kernel launched from here must not run non-pure inline asm: Inductor first reads the kernel's
+TTIR to learn what it writes, and that analysis stops at such an op. With the decode's PDL wait
+in the kernel the compiled graph's output was wrong on the H200, so traced launches are plain
+ones (launch.launch).
 """
 
 from __future__ import annotations
