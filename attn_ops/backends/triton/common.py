@@ -64,11 +64,22 @@ LAUNCH_PDL = True
 
 def device_has_pdl(device: torch.device) -> bool:
     """``device`` can launch a kernel as a programmatic dependent of the one before it in its
-    stream (sm90 and later; not under the interpreter): see :data:`LAUNCH_PDL`."""
-    if INTERPRET or device.type != "cuda" or torch.version.hip is not None:
+    stream: sm90 and later, with CUDA 12.3 or later (whose stream capture records the dependency
+    in a graph); not under the interpreter. See :data:`LAUNCH_PDL`."""
+    if (INTERPRET or device.type != "cuda" or torch.version.hip is not None
+            or _cuda_version() < (12, 3)):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_version() -> tuple[int, ...]:
+    """The CUDA version torch was built with, as numbers ((0,) when it was built without)."""
+    version = torch.version.cuda
+    if not version:
+        return (0,)
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
 
 
 def pdl_launch(on: bool) -> dict:

@@ -37,6 +37,21 @@ def test_pdl_launch_keywords():
     assert not common.device_has_pdl(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("cuda, capability, has", [
+    ("13.0", (9, 0), True), ("12.3", (10, 0), True), ("12.2", (9, 0), False),
+    ("12.8", (8, 9), False), (None, (9, 0), False)])
+def test_which_devices_have_pdl(monkeypatch, cuda, capability, has):
+    # sm90 and later, built with CUDA 12.3 or later (stream capture records the dependency)
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(common, "_capability", lambda index: capability)
+    common._cuda_version.cache_clear()
+    try:
+        assert common.device_has_pdl(torch.device("cuda", 0)) is has
+    finally:
+        common._cuda_version.cache_clear()
+
+
 @pytest.mark.parametrize("pdl", [True, False])
 def test_plans_ask_for_pdl_where_the_device_has_it(monkeypatch, pdl):
     monkeypatch.setattr(decode_kernel, "device_has_pdl", lambda device: True)
