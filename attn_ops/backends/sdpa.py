@@ -31,16 +31,18 @@ A decode of CPU tensors takes no tiles either (:func:`_host_decode`): lengths an
 read on the host, the keys are a strided view of the cache where each sequence's span lies in
 one block at ids in arithmetic progression (a dense cache viewed as paged, the cache
 substitution's decode), else one ``index_select`` of whole blocks; a key mask only where the
-sequences see different spans. At bf16, H 32, Hkv 8, D 128, one thread, through the op: B 1
-over 16 tokens 57 us (the tiles: 221-237), B 4 over 1024 tokens 3.8-4.9 ms as a view, 5.9-6.7
-ms in pages of 16 (the tiles: 8-17 ms, page faults of fresh tiles), against 25 us / 3.2-3.4 ms
-for F.scaled_dot_product_attention on the dense slice (GQA folded; 113 us / 28 ms with
-enable_gqa) (benchmarks/bench_overhead.py --cpu-defaults, results/overhead_cpu_defaults.csv).
+sequences see different spans; the gathered blocks go to a buffer each thread keeps
+(:func:`_gather_blocks`). At bf16, H 32, Hkv 8, D 128, one thread, through the op (development
+CPU, 2026-12-01): B 1 over 16 tokens 37 us, B 4 over 1024 tokens 2.1 ms as a view, 2.9 ms in
+pages of 16 (9.6-9.9 ms in some processes before the kept buffer), against 20 us / 1.7 ms for
+F.scaled_dot_product_attention on the dense slice (GQA folded; 85 us / 22 ms with enable_gqa)
+(benchmarks/bench_overhead.py --cpu-defaults, results/overhead_cpu_defaults_twenty_second_pass.csv).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -255,6 +257,35 @@ def _hidden(los: list[int], lens: list[int], start: int, end: int):
     return spans
 
 
+# A CPU decode over scattered pages gathers its K and V blocks into tiles of the batch's key span.
+# Allocated anew per call, a tile of megabytes can come from the OS every time (glibc hands such
+# blocks back when they are freed, depending on what else the process holds), and then each call
+# page-faults it in: B 4 x 1024 tokens in pages of 16, bf16, one thread, an 8 MB index_select took
+# 3.1 ms against 0.27 and the decode 9.7 ms against 2.9, in one process of two
+# (BENCHMARKS.md, twenty-second pass). So each thread keeps one buffer for both tiles, up to
+# _GATHER_KEPT_BYTES (larger gathers allocate per call: their SDPA dwarfs the faults).
+_GATHER_KEPT_BYTES = 64 << 20
+_gathered = threading.local()
+
+
+def _gather_blocks(caches, ids: torch.Tensor) -> list[torch.Tensor]:
+    """``[cache.index_select(0, ids) for cache in caches]`` (caches of one dtype and shape),
+    written into this thread's kept buffer when it fits; each call overwrites the last one's
+    tiles (they live only inside one decode)."""
+    shape = (ids.numel(), *caches[0].shape[1:])
+    numel = math.prod(shape)
+    nbytes = numel * caches[0].element_size() * len(caches)
+    if nbytes > _GATHER_KEPT_BYTES or (torch.is_grad_enabled()
+                                       and any(c.requires_grad for c in caches)):
+        return [c.index_select(0, ids) for c in caches]
+    buf = getattr(_gathered, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _gathered.buf = torch.empty(nbytes, dtype=torch.uint8)
+    flat = buf[:nbytes].view(caches[0].dtype)
+    return [torch.index_select(c, 0, ids, out=flat[i * numel:(i + 1) * numel].view(shape))
+            for i, c in enumerate(caches)]
+
+
 def _host_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left):
     """The decode of plain CPU tensors with the lengths and block ids read on the host, or None.
 
@@ -314,9 +345,8 @@ def _host_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left
             last = torch.tensor([(n - 1) // bs for n in lens])
             ids = ids.masked_fill((col < first[:, None]) | (col > last[:, None]), 0)
         ids = ids.reshape(-1)
-        kp, vp = (c.index_select(0, ids).view(b, (c1 - c0) * bs, hkv, d)[:, start - c0 * bs:
-                                                                          end - c0 * bs]
-                  for c in (k_cache, v_cache))
+        kp, vp = (g.view(b, (c1 - c0) * bs, hkv, d)[:, start - c0 * bs:end - c0 * bs]
+                  for g in _gather_blocks((k_cache, v_cache), ids))
         for i, lo, hi in hidden:
             kp[i, lo:hi] = 0.0
             vp[i, lo:hi] = 0.0

@@ -325,6 +325,38 @@ def test_host_decode_rows_that_see_nan_are_nan(layout):
     assert torch.isfinite(got[1, :2]).all() and torch.isfinite(got[0]).all()
 
 
+def test_host_decode_gathers_into_one_kept_buffer(monkeypatch):
+    """Over scattered pages the K and V blocks land in one buffer the thread keeps (a fresh
+    multi-MB tile per call was page-faulted in on every call in some processes): calls of other
+    shapes and windows reuse it and stay exact (the hidden spans a call zeroes are its own), a
+    gather past the kept size allocates per call, and so does one that autograd must see."""
+    monkeypatch.setattr(sdpa, "_gathered", __import__("threading").local())
+    cases = [([13, 0, 123, 5], -1), ([40, 17], 3), ([123, 40, 9], -1), ([13, 0, 123, 5], 0)]
+    addresses = []
+    for lens, window in cases:
+        pb = random_paged(lens, 2, 32, 8, torch.float32, table_width=18)
+        q = _never_zero(len(lens), 4, 32)
+        got, want, _ = _decode_both(q, pb.k_cache, pb.v_cache, lens, pb.block_table, window,
+                                    torch.float32)
+        assert_close(got, want, *TOLERANCES[torch.float32], what=f"lens {lens}, window {window}")
+        addresses.append(sdpa._gathered.buf.data_ptr())
+    assert len(set(addresses)) == 1  # the first call's: the largest gather of the four
+    kept = sdpa._gathered.buf
+    monkeypatch.setattr(sdpa, "_GATHER_KEPT_BYTES", 1024)  # every gather above: too large
+    pb = random_paged([123, 40], 2, 32, 8, torch.float32, table_width=18)
+    q = _never_zero(2, 4, 32)
+    got, want, _ = _decode_both(q, pb.k_cache, pb.v_cache, [123, 40], pb.block_table, -1,
+                                torch.float32)
+    assert_close(got, want, *TOLERANCES[torch.float32])
+    assert sdpa._gathered.buf is kept
+    monkeypatch.setattr(sdpa, "_GATHER_KEPT_BYTES", 64 << 20)
+    k_cache = pb.k_cache.clone().requires_grad_()
+    ids = pb.block_table[:, :2].reshape(-1).clamp(min=0)
+    gathered = sdpa._gather_blocks((k_cache, pb.v_cache), ids)
+    assert gathered[0].requires_grad  # not written into the kept buffer (out= has no autograd)
+    assert gathered[0].data_ptr() != kept.data_ptr()
+
+
 def test_host_decode_reads_a_dense_cache_without_a_gather():
     """Where the block table reads one block per sequence at ids in progression (a dense cache
     viewed as paged: what the cache substitution emits), the keys are a view of the cache: no
