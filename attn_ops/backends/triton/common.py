@@ -43,10 +43,15 @@ def device_sm_count(device: torch.device) -> int:
 def device_is_sm90(device: torch.device) -> bool:
     """``device`` is a Hopper (sm90) NVIDIA GPU: the Gluon prefill runs there, and Triton issues
     wgmma for the unified kernel's 64-row tiles."""
+    return _nvidia_capability(device) == (9, 0)
+
+
+def _nvidia_capability(device: torch.device) -> tuple[int, int] | None:
+    """``device``'s compute capability when it is an NVIDIA GPU, else None."""
     if device.type != "cuda" or torch.version.hip is not None:
-        return False
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) == (9, 0)
+    return _capability(index)
 
 
 # Decode and store launched as programmatic dependents of the kernel before them in the stream
@@ -66,11 +71,10 @@ def device_has_pdl(device: torch.device) -> bool:
     """``device`` can launch a kernel as a programmatic dependent of the one before it in its
     stream: sm90 and later, with CUDA 12.3 or later (whose stream capture records the dependency
     in a graph); not under the interpreter. See :data:`LAUNCH_PDL`."""
-    if (INTERPRET or device.type != "cuda" or torch.version.hip is not None
-            or _cuda_version() < (12, 3)):
+    if INTERPRET or _cuda_version() < (12, 3):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index)[0] >= 9
+    capability = _nvidia_capability(device)
+    return capability is not None and capability[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)

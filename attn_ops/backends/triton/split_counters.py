@@ -37,7 +37,8 @@ def last_to_count_in(SEMA, idx, mine, total):
     program that ends a kernel's critical path is one that merges, so the fence leaves that
     path (its own partial is read back after the CTA's barrier, which orders its threads' stores
     before its loads). It resets the counter with a plain store: the next launch on the stream
-    starts after this one ends.
+    starts after this one ends, or, launched as a programmatic dependent (common.LAUNCH_PDL),
+    reads nothing before its first instruction's wait for this one's end.
     """
     tl.debug_barrier()
     seen = tl.atomic_add(SEMA + idx, mine, sem="acquire")
