@@ -5,7 +5,9 @@ once cost that loop a spill). Needs the ptxas and cuobjdump that Triton's NVIDIA
 
 :func:`build` runs the compile in a child process (``python -m tests.support.sass``): a test
 session interprets its kernels (``TRITON_INTERPRET=1``, fixed when a kernel module is imported),
-and the compiler needs them as compiled ``triton.jit`` functions.
+and the compiler needs them as compiled ``triton.jit`` functions. :func:`build_hopper_prefill`
+does the same for the Gluon Hopper prefill, specialised as a launch of one call shape would
+specialise it, and also returns ptxas's performance notes (a serialized wgmma pipeline is one).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 def _tool(name: str) -> str:
@@ -36,10 +38,12 @@ def available() -> bool:
 @dataclass
 class Build:
     """One compiled kernel: registers per thread, local memory (spill stack) bytes, and its SASS
-    as (address, instruction) pairs in program order."""
+    as (address, instruction) pairs in program order; ``notes``: ptxas's "Potential Performance
+    Loss" lines (:func:`build_hopper_prefill` only)."""
     registers: int
     stack: int
     instructions: list[tuple[int, str]]
+    notes: list[str] = field(default_factory=list)
 
     def loops(self) -> list[list[str]]:
         """The bodies of its loops (from a backward branch's target to the branch)."""
@@ -82,6 +86,11 @@ def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, aligned: se
     source = ASTSource(kernel, signature, attrs=attrs,
                        constexprs={(names.index(n),): v for n, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return _read(compiled)
+
+
+def _read(compiled) -> Build:
+    """The registers, stack and SASS of a compiled kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -95,12 +104,87 @@ def compile_sm90(kernel, pointers: dict[str, str], constexprs: dict, aligned: se
                  int(re.search(r"STACK:(\d+)", usage).group(1)), instructions)
 
 
+def _ptxas_notes(ptx: str) -> list[str]:
+    """ptxas's "Potential Performance Loss" lines for ``ptx`` (sm_90a, verbose)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", src, "-o",
+                               os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    return [line.strip() for line in (done.stdout + done.stderr).splitlines()
+            if "Performance Loss" in line]
+
+
+def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, heads: int = 32,
+                                kv_heads: int = 8, head_dim: int = 128, page: int = 0,
+                                context: int = 0, n_consumers: int | None = None,
+                                pack: int | None = None, min_q: int = 0) -> Build:
+    """hopper_prefill_kernel for sm_90a as hopper_prefill_launch plans a launch over ``batch``
+    prompts of ``seqlen`` queries (bf16; ``page`` > 0: over a paged cache in pages of ``page``,
+    ``context`` keys before the queries; a 132-SM device), specialised on CPU stand-ins of its
+    arguments as a launch specialises on the real ones; with ptxas's performance notes."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import create_function_from_signature
+
+    from attn_ops.backends.triton import common
+    common.device_sm_count = lambda device=None: 132  # the H100 / H200 (no device here)
+    from attn_ops.backends.triton import hopper_prefill_launch as launch
+    from attn_ops.backends.triton.hopper_prefill_kernel import hopper_prefill_kernel as kernel
+
+    keys = seqlen + context
+    q = torch.empty(batch * seqlen, heads, head_dim, dtype=torch.bfloat16)
+    cu_q = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32)
+    if page:
+        width = -(-keys // page)
+        k = torch.empty(batch * width, page, kv_heads, head_dim, dtype=torch.bfloat16)
+        table = torch.arange(batch * width, dtype=torch.int32).view(batch, width)
+        cu_k = torch.arange(0, batch * keys + 1, keys, dtype=torch.int32)
+    else:
+        k = torch.empty(batch * keys, kv_heads, head_dim, dtype=torch.bfloat16)
+        table, cu_k = None, torch.arange(0, batch * keys + 1, keys, dtype=torch.int32)
+    n_consumers, pack = launch.form(q, k, cu_q, seqlen, keys, causal, table, min_q, n_consumers,
+                                    pack)
+    grid, scalars, consts, shape, blocks = launch._plan(
+        q, k, cu_q, cu_k, seqlen, head_dim ** -0.5, causal, q.stride(), table, min_q,
+        n_consumers, keys, pack)
+    descs = [TensorDescriptor(*launch._rows(x), [rows, head_dim], layout)
+             for x, (rows, layout) in zip((q, k, k), (blocks[0], blocks[1], blocks[1]))]
+    flags = torch.empty(shape, dtype=torch.int32)
+    args = (*descs, q, cu_q, cu_k, flags, table if table is not None else cu_k, *scalars)
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(consts, debug=False)
+    bound, specialization, parsed = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                             specialization, parsed)
+    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs, attrs),
+                              target=target, options=options.__dict__)
+    out = _read(compiled)
+    out.notes = _ptxas_notes(compiled.asm["ptx"])
+    return out
+
+
 def build(kernel: str, pointers: dict[str, str], constexprs: dict, aligned: set[str],
           **options) -> Build:
     """:func:`compile_sm90` of ``kernel`` (``"module:name"``) in a child process with the
     interpreter off (about 5 s per build)."""
-    spec = dict(kernel=kernel, pointers=pointers, constexprs=constexprs, aligned=sorted(aligned),
-                options=options)
+    return _child(dict(kernel=kernel, pointers=pointers, constexprs=constexprs,
+                       aligned=sorted(aligned), options=options))
+
+
+def build_hopper_prefill(**form) -> Build:
+    """:func:`compile_hopper_prefill_sm90` of ``form`` in a child process (about 10 s)."""
+    return _child(dict(hopper_prefill=form))
+
+
+def _child(spec: dict) -> Build:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-m", "tests.support.sass", json.dumps(spec)],
@@ -111,8 +195,11 @@ def build(kernel: str, pointers: dict[str, str], constexprs: dict, aligned: set[
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
-    module, name = spec["kernel"].split(":")
-    fn = getattr(importlib.import_module(module), name)
-    out = compile_sm90(fn, spec["pointers"], spec["constexprs"], set(spec["aligned"]),
-                       **spec["options"])
+    if "hopper_prefill" in spec:
+        out = compile_hopper_prefill_sm90(**spec["hopper_prefill"])
+    else:
+        module, name = spec["kernel"].split(":")
+        fn = getattr(importlib.import_module(module), name)
+        out = compile_sm90(fn, spec["pointers"], spec["constexprs"], set(spec["aligned"]),
+                           **spec["options"])
     print(json.dumps(asdict(out)))
