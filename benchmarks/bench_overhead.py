@@ -29,9 +29,13 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
   kernel replaced by a stand-in whose compiled launcher does nothing, so launch.py takes the
   direct path of a compiled kernel: the op path and the backend's bound function alone (what
   the op path's memo calls), 5000 calls, 7 runs, same statistics.
+* ``--hopper-parts`` (an sm90 GPU): where the Hopper route's eager host time goes, 2 x 256
+  prompts, 8 / 2 heads: the op, the bound function, each compiled launcher's C function alone
+  (called with the arguments a bound call passed it), both, and the allocations and lookups a
+  call makes (:func:`hopper_parts`); two rounds, the least of five timings each.
 
     python benchmarks/bench_overhead.py [--out DIR] [--profile] [--cpu-op-path]
-                                        [--cpu-triton-path] [--cpu-defaults]
+                                        [--cpu-triton-path] [--cpu-defaults] [--hopper-parts]
 """
 
 from __future__ import annotations
@@ -375,6 +379,56 @@ def _time_paths(paths: dict, runs: int, calls: int, bench: str) -> list[dict]:
     return rows
 
 
+def hopper_parts(dev, calls: int = CALLS, rounds: int = 2) -> list[dict]:
+    """The Hopper route's eager host time taken apart (see the module docstring)."""
+    from attn_ops.backends import triton as tb
+    from attn_ops.backends.triton import hopper_prefill_launch as hopper
+    from attn_ops.backends.triton import launch, raw_launch, split_counters
+    t = _inputs(dev)
+    args = (t.qh, t.kh, t.vh, t.cuh, t.cuh, 256, 256, 0.08, True)
+    if tb.prefill_route(t.qh, t.kh, t.cuh, 256) != "hopper":
+        raise SystemExit("--hopper-parts needs an sm90 GPU (the Hopper route)")
+    fires = []
+    build = raw_launch.build
+    raw_launch.build = lambda *a, **k: fires.append(build(*a, **k)) or fires[-1]
+    try:
+        run = hopper.bind_prefill_guarded(*args)
+        run(*args)  # pins both launches: fires[0] the Gluon kernel's, fires[1] the fixup's
+    finally:
+        raw_launch.build = build
+    if len(fires) != 2 or None in fires:
+        raise SystemExit("--hopper-parts: raw_launch does not serve this Triton's launchers")
+    # The C function's arguments, recorded from one bound call (its output kept alive)
+    recorded, c_launch = {}, {}
+    for name, fire in zip(("Gluon kernel", "fixup"), fires):
+        real = c_launch[name] = fire.__globals__["launch"]
+        fire.__globals__["launch"] = lambda *a, name=name, real=real: (
+            recorded.__setitem__(name, a), real(*a))
+    out = run(*args)
+    for name, fire in zip(c_launch, fires):
+        fire.__globals__["launch"] = c_launch[name]
+    get_device, get_stream = launch._runtime()[:2]
+    qdev = t.qh.device  # with its index, as the route's calls pass it
+    parts = {
+        "torch.ops.attn.prefill, Hopper route": lambda: torch.ops.attn.prefill(*args),
+        "the bound function (bind_prefill_guarded)": lambda: run(*args),
+        **{f"C launch function alone: {name} ({len(recorded[name])} arguments)":
+           (lambda a=recorded[name], f=c_launch[name]: f(*a)) for name in c_launch},
+        "both C launch functions": lambda: [f(*recorded[n]) for n, f in c_launch.items()],
+        "torch.empty_like(q) (the output)": lambda: torch.empty_like(t.qh),
+        "split_counters.scratch (the flags)": lambda: split_counters.scratch(4096, qdev),
+        "current device + stream": lambda: (get_device(), get_stream(qdev.index)),
+        "12 x Tensor.data_ptr()": lambda: [x.data_ptr() for x in (
+            t.qh, t.kh, t.vh, out, t.cuh, t.cuh, t.cuh, t.qh, t.qh, t.qh, t.qh, t.cuh)],
+    }
+    timed: dict[str, list] = {}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            timed.setdefault(name, []).append(host_us(fn, calls, True, 5))
+    return [dict(part=name, host_us=min(us), rounds=" ".join(f"{u:.2f}" for u in us))
+            for name, us in timed.items()]
+
+
 def _inference(fn):
     with torch.inference_mode():
         return fn()
@@ -483,7 +537,9 @@ def main():
                             "replace, one thread"),
         p.add_argument("--cpu-triton-path", action="store_true",
                        help="only the Triton backend's host path with no-op launches, on the "
-                            "CPU")))
+                            "CPU"),
+        p.add_argument("--hopper-parts", action="store_true",
+                       help="only the Hopper route's host time taken apart (an sm90 GPU)")))
     env = header("host overhead", args.smoke)
     if args.cpu_defaults:
         rows = [dict(r, date=env["date"], torch=env["torch"]) for r in cpu_defaults()]
@@ -502,6 +558,15 @@ def main():
         write_csv(args.out / "overhead_cpu_op_path.csv", rows)
         print_table(rows, ["path", "wall_median", "wall_min", "wall_max", "cpu_median",
                            "cpu_min", "cpu_max"])
+        return
+    if args.hopper_parts:
+        os.environ["ATTN_OPS_BACKEND"] = "triton"
+        from attn_ops.backends import triton as tb
+        tb._HOPPER_EAGER_MIN_WORK = 0  # the 2 x 256 prompts take the route (see below)
+        rows = [dict(r, device=env["device"], date=env["date"], torch=env["torch"])
+                for r in hopper_parts(device(args), 20 if args.smoke else CALLS)]
+        write_csv(args.out / "overhead_hopper_parts.csv", rows)
+        print_table(rows, ["part", "host_us", "rounds"])
         return
     os.environ["ATTN_OPS_BACKEND"] = "triton"  # for the torch.ops.attn.* rows
     from attn_ops import registry
