@@ -21,11 +21,14 @@ TOLERANCES = {
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
                  what: str = "output") -> None:
-    """allclose that rejects NaN and reports the first mismatching indices."""
+    """allclose that rejects NaN, requires an infinity exactly where one is expected (with its
+    sign: a tolerance scaled by an infinite expectation would accept anything), and reports the
+    first mismatching indices."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     a, e = actual.double(), expected.double()
     assert not torch.isnan(a).any(), f"{what}: NaN at {torch.isnan(a).nonzero()[:5].tolist()}"
-    bad = (a - e).abs() > atol + rtol * e.abs()
+    infinite = torch.isinf(e)
+    bad = torch.where(infinite, a != e, (a - e).abs() > atol + rtol * e.abs())
     if bad.any():
         idx = bad.nonzero()[:5].tolist()
         pairs = [(i, a[tuple(i)].item(), e[tuple(i)].item()) for i in idx]

@@ -279,11 +279,15 @@ def test_auto_substitutes_a_large_enough_cpu_prefill_on_sdpa(monkeypatch, caplog
     out, ref, graphs = _run(model, x)
     assert counters["graph_passes"]["sdpa_to_prefill"] == 1 and _prefill_nodes(graphs["aten"])
     assert_close(out, ref, *TOLERANCES[torch.float32])
-    _run(model, x, options={"attn_backend": "sdpa"})  # explicit: substituted whatever the size
-    assert counters["graph_passes"]["sdpa_to_prefill"] == 1
+    # Below the size gate again: an explicit choice, or only_if_faster off, substitutes whatever
+    # the size
     monkeypatch.setattr(eligibility, "CPU_MIN_WORK", 3201)
+    _run(model, x, options={"attn_backend": "sdpa"})
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 1
     _run(model, x, options={"only_if_faster": False})
     assert counters["graph_passes"]["sdpa_to_prefill"] == 1
+    _run(model, x)  # and "auto" leaves it alone there
+    assert counters["graph_passes"]["sdpa_to_prefill"] == 0
 
 
 @pytest.mark.parametrize("config,reason", [

@@ -164,7 +164,12 @@ def test_bound_call_takes_the_balanced_kernel(monkeypatch):
     sinks = torch.randn(h)
     args = (q, paged.k_cache, paged.v_cache, cu_seqlens(lens_q), cu_seqlens(lens_k),
             max(lens_q), max(lens_k), d ** -0.5, True, paged.block_table, -1, 0.0, sinks)
+    prepared = []
+    prepare = unified_launch.prepare
+    monkeypatch.setattr(unified_launch, "prepare", lambda kernel, *a, **kw: prepared.append(
+        kernel) or prepare(kernel, *a, **kw))
     bound = unified_launch.bind_prefill(*args, return_lse=True)
+    assert prepared == [unified_launch.decode_balanced_kernel], prepared
     before = stats["bound"]
     out, lse = bound(*args, return_lse=True)
     assert stats["bound"] == before + 1

@@ -191,7 +191,9 @@ def _hidden_value_case(lens_q, lens_k, planted, causal, window_left, paged, dev=
         flat[slot, 1] = value  # kv head 1 only: heads 0-1 stay clean everywhere
     args = (q, k, v, cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev), max(lens_q), max(lens_k),
             0.2, causal, table, window_left)
-    out = prefill_kernel.prefill(*args, out=poisoned(q.shape, dtype, dev))
+    # Poisoned with a finite sentinel, not NaN: an unwritten row must not pass as a row that
+    # saw the NaN (the finite rows' check catches it either way)
+    out = prefill_kernel.prefill(*args, out=torch.full(q.shape, 1e4, dtype=dtype, device=dev))
     ref = reference.prefill(*args)
     finite = torch.isfinite(ref).all(-1)
     assert finite[:, :2].all() and not finite.all() and finite[:, 2:].any()  # the setup

@@ -173,12 +173,14 @@ def test_prefill_fp8(kernel, fp8, paged):
                  sinks=fp8 == "head")
 
 
-@pytest.mark.parametrize("kernel", DECODE_KERNELS, ids=_ids)
-@pytest.mark.parametrize("splits,fused", [(1, None), (3, True), (3, False), (9, None)])
+# The split decode kernel with its merge fused and launched; the unified kernel's launched merge
+# is tested on prefill (above), and decode_case passes it no ``fused``.
+@pytest.mark.parametrize("kernel,splits,fused", [
+    *[(kernel, splits, fused) for kernel in DECODE_KERNELS
+      for splits, fused in ((1, None), (3, True), (9, None))],
+    (decode_kernel, 3, False)], ids=lambda x: _ids(x) if hasattr(x, "__name__") else str(x))
 def test_decode_sinks_lse_splits(kernel, splits, fused):
     # seqlens 0 (padded row: zeros, lse -inf, sink dropped), 1, odd; 9 splits leave some empty
-    if kernel is unified_kernel and fused is False:
-        pytest.skip("the unified kernel's launched merge is tested on prefill")
     out, lse = decode_case(kernel, [13, 0, 40, 1], 4, 2, 32, BF16, splits=splits, fused=fused)
     assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))
 

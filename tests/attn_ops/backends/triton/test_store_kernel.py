@@ -98,10 +98,13 @@ def test_store_kvcache_strided_caches_and_slots(block_size, hkv, d):
 
 
 def _fp8_store_case(t, hkv, d, block_size, scale_shape, dtype, device="cpu"):
-    """Keys spanning e4m3fn's range (subnormals to saturation, +-inf, NaN), per-head or one scale."""
+    """Keys spanning e4m3fn's range (subnormals to saturation, +-inf, NaN), per-head or one scale;
+    the cache starts as random finite bytes (never zeros: a stray zero written past a row, or
+    into a slot no token owns, must show)."""
     num_blocks = t // block_size + 3
-    k_cache = torch.zeros(num_blocks, block_size, hkv, d, dtype=torch.float8_e4m3fn,
-                          device=device)
+    bits = torch.randint(1, 0x7F, (num_blocks, block_size, hkv, d), dtype=torch.uint8)
+    bits |= torch.randint(0, 2, bits.shape, dtype=torch.uint8) << 7  # either sign; 0x7F is NaN
+    k_cache = bits.view(torch.float8_e4m3fn).to(device)
     magnitude = torch.logspace(-5, 3.5, d, device=device)  # 1e-5 .. ~3162
     key = (torch.randn(t, hkv, d, device=device) * magnitude).to(dtype)
     value = torch.randn(t, hkv, d, device=device).to(dtype)
