@@ -57,6 +57,10 @@ PREFILL_BAD = [
     (dict(k=torch.randn(3, 4, 2, D), v=torch.randn(3, 4, 2, D),
           block_table=torch.zeros(3, 3, dtype=torch.int32)),
      r"block_table: expected shape \[2, max_blocks_per_seq\]"),
+    (dict(v=torch.randn(6, 2, D, dtype=torch.float64)),
+     r"v: expected dtype torch.float32 \(that of k\), got torch.float64"),
+    (dict(k=torch.randn(6, 2, D, device="meta")),
+     r"k: expected a tensor on cpu \(the device of q\), got one on meta"),
 ]
 
 
@@ -86,6 +90,8 @@ DECODE_BAD = [
     (dict(k_cache=torch.randn(9, 4, D, 2).transpose(2, 3), v_cache=torch.randn(9, 4, 2, D)),
      r"k_cache: expected a \[num_blocks, block_size, Hkv, D\] view whose last dim \(D\) is "
      r"contiguous"),
+    (dict(k_cache=torch.randn(9, 4, 2, 64), v_cache=torch.randn(9, 4, 2, 64)),
+     r"k_cache: expected head dim 32 \(that of q\), got shape \[9, 4, 2, 64\]"),
 ]
 
 

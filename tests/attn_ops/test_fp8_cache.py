@@ -7,7 +7,8 @@ from torch.library import opcheck
 
 import attn_ops
 from attn_ops.backends import reference
-from tests.support.helpers import assert_close, attention_f64, cu_seqlens, random_paged
+from tests.support.helpers import (assert_close, attention_f64, cu_seqlens, fp8_meaning,
+                                   random_paged)
 
 FP8 = torch.float8_e4m3fn
 
@@ -23,9 +24,9 @@ def _fp8_paged(lens, hkv, d, bs, k_scale, v_scale):
     shape = pb.k_cache.shape
     k8 = reference.quantize_fp8(pb.k_cache.view(-1, hkv, d) * 3, k_scale, FP8).view(shape)
     v8 = reference.quantize_fp8(pb.v_cache.view(-1, hkv, d) * 3, v_scale, FP8).view(shape)
-    k_dense = [reference.dequantize(reference.quantize_fp8(x * 3, k_scale, FP8), k_scale)
+    k_dense = [fp8_meaning(reference.quantize_fp8(x * 3, k_scale, FP8), k_scale)
                for x in pb.k_dense]
-    v_dense = [reference.dequantize(reference.quantize_fp8(x * 3, v_scale, FP8), v_scale)
+    v_dense = [fp8_meaning(reference.quantize_fp8(x * 3, v_scale, FP8), v_scale)
                for x in pb.v_dense]
     return k8, v8, pb.block_table, k_dense, v_dense
 

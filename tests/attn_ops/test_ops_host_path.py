@@ -18,18 +18,29 @@ from attn_ops import ops, registry
 from tests.support.helpers import cu_seqlens
 
 
+class _Calls(list):
+    """The recorders' ``(backend, op)`` per call, and in ``args`` what each call received."""
+
+    def __init__(self):
+        super().__init__()
+        self.args = []
+
+
 @pytest.fixture
 def recorders(monkeypatch):
-    """Two backends, "rec_a" and "rec_b", that record calls and write nothing (a poisoned out)."""
-    calls = []
+    """Two backends, "rec_a" and "rec_b", that record calls (``(name, op)``; the arguments of
+    each in ``.args``) and write nothing (a poisoned out)."""
+    calls = _Calls()
 
     def make(name):
         def prefill(q, *args, **kw):
             calls.append((name, "prefill"))
+            calls.args.append((q, *args))
             return torch.full_like(q, float("nan"))
 
         def decode(q, *args, **kw):
             calls.append((name, "decode"))
+            calls.args.append((q, *args))
             return torch.full_like(q, float("nan"))
 
         def store_kvcache(*args, **kw):
@@ -287,5 +298,8 @@ def test_every_grad_mode_reaches_the_chosen_backend_with_every_argument(recorder
                 q2 = torch.randn_like(q)
                 with attn_ops.use_backend(backend):
                     out = torch.ops.attn.decode(q2, k_cache, v_cache, seqlens, table, scale)
-                seen.append(out.shape == q2.shape and torch.isnan(out).all().item())
+                got = recorders.args[-1]
+                seen.append(out.shape == q2.shape and torch.isnan(out).all().item()
+                            and got[0] is q2 and got[1] is k_cache and got[2] is v_cache
+                            and got[3] is seqlens and got[4] is table and got[5] == scale)
     assert [name for name, _ in recorders] == ["rec_a", "rec_b", "rec_a"] and all(seen)

@@ -72,12 +72,14 @@ def test_fx_graph_cache_keeps_substituted_and_plain_artifacts_apart(prefill_call
     x = torch.randn(2, 7, 64)
     from torch._inductor.utils import fresh_cache
     with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
+        ref = model(x)
         for backend, expect in (("inductor", 0), ("attn_ops", 1), ("inductor", 0),
                                 ("attn_ops", 1)):
             torch._dynamo.reset()
             prefill_calls.clear()
-            torch.compile(model, backend=backend)(x)
+            out = torch.compile(model, backend=backend)(x)
             assert len(prefill_calls) == expect, backend
+            assert_close(out, ref, *TOL, what=backend)
     assert counters["inductor"]["fxgraph_cache_hit"] >= 2, "the second round came from cache"
 
 

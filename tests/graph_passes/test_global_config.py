@@ -9,6 +9,7 @@ import attn_ops  # noqa: F401  (registers torch.ops.attn.*)
 import graph_passes
 from attn_ops import registry
 from tests.support.attention_models import SdpaAttention
+from tests.support.helpers import TOLERANCES, assert_close
 
 pytestmark = pytest.mark.usefixtures("fresh_compile")
 
@@ -20,11 +21,17 @@ def _reference_backend(monkeypatch):
 
 
 class _UserPass(CustomGraphPass):
+    """A user's pre-grad pass: counts its calls and notes whether the graph it gets still holds
+    the model's SDPA (ours has not run yet)."""
+
     def __init__(self):
         self.calls = 0
+        self.saw_sdpa = []
 
     def __call__(self, graph):
         self.calls += 1
+        self.saw_sdpa.append(any("scaled_dot_product_attention" in str(n.target)
+                                 for n in graph.nodes))
 
     def uuid(self):
         return "user-pass"
@@ -37,11 +44,13 @@ def test_opt_in_substitutes_in_plain_compile_and_undoes_exactly(prefill_calls):
         before = (cfg.pre_grad_custom_pass, cfg.joint_custom_pre_pass)
         handle = graph_passes.enable()
         assert graph_passes.is_enabled()
-        model = SdpaAttention().eval()
+        model, x = SdpaAttention().eval(), torch.randn(2, 7, 64)
         with torch.no_grad():
-            torch.compile(model)(torch.randn(2, 7, 64))
+            out, ref = torch.compile(model)(x), model(x)
         assert counters["graph_passes"]["sdpa_to_prefill"] == 1 and len(prefill_calls) == 1
-        assert user.calls == 1, "the user's own pre-grad pass still runs, first"
+        assert_close(out, ref, *TOLERANCES[torch.float32])
+        assert user.calls == 1 and user.saw_sdpa == [True], \
+            "the user's own pre-grad pass still runs, first"
         inner = graph_passes.enable(sdpa=False)
         with pytest.raises(RuntimeError, match="cannot undo"):
             handle.undo()

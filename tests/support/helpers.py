@@ -21,12 +21,15 @@ TOLERANCES = {
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
                  what: str = "output") -> None:
-    """allclose that rejects NaN, requires an infinity exactly where one is expected (with its
+    """allclose that rejects NaN (on either side), requires an infinity exactly where one is expected (with its
     sign: a tolerance scaled by an infinite expectation would accept anything), and reports the
     first mismatching indices."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     a, e = actual.double(), expected.double()
     assert not torch.isnan(a).any(), f"{what}: NaN at {torch.isnan(a).nonzero()[:5].tolist()}"
+    assert not torch.isnan(e).any(), (f"{what}: NaN expected at "
+                                      f"{torch.isnan(e).nonzero()[:5].tolist()} (compare those "
+                                      "rows by their pattern, the rest by value)")
     infinite = torch.isinf(e)
     bad = torch.where(infinite, a != e, (a - e).abs() > atol + rtol * e.abs())
     if bad.any():
@@ -35,6 +38,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} elements differ; "
                              f"max abs err {(a - e).abs().max().item():.3g}; first (index, "
                              f"actual, expected): {pairs}")
+
+
+def fp8_meaning(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What FP8 rows ``[..., Hkv, D]`` stored with ``scale`` (``[]`` or ``[Hkv]``) mean, in
+    float64: each byte's value times its head's scale (the contract's read rule), written out
+    here rather than taken from the library."""
+    return x8.double() * scale.double().reshape(-1, 1)
 
 
 def cu_seqlens(lens: list[int], device="cpu") -> torch.Tensor:

@@ -48,14 +48,16 @@ def _padding(b, length, kind, gen):
     return pad
 
 
+# A window over several queries with holes needs one run of keys per row: not taken (the
+# raising test below), so that combination is left out here.
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("sq,past", [(1, 9), (5, 0), (4, 6)])
-@pytest.mark.parametrize("kind,window", [("left", None), ("right", None), ("holes", None),
-                                         ("left", 3), ("right", 3), ("holes", 3)])
+@pytest.mark.parametrize("sq,past,kind,window", [
+    (sq, past, kind, window) for sq, past in ((1, 9), (5, 0), (4, 6))
+    for kind, window in (("left", None), ("right", None), ("holes", None), ("left", 3),
+                         ("right", 3), ("holes", 3))
+    if not (kind == "holes" and window is not None and sq > 1)])
 def test_ops_over_the_key_ranges_match_sdpa_over_transformers_mask(static, sq, past, kind,
                                                                    window):
-    if kind == "holes" and window is not None and sq > 1:
-        pytest.skip("a window over several queries needs one run of keys per row (tested below)")
     gen = torch.Generator().manual_seed(sq * 31 + past)
     b, h, hkv, d, s_max = 3, 4, 2, 16, 16
     pad = _padding(b, past + sq, kind, gen)

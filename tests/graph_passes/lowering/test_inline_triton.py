@@ -77,9 +77,10 @@ def test_calls_left_alone(why, monkeypatch):
         fn = lambda *a: torch.ops.attn.decode(*a, 0.3, -1, 0.0, sinks)  # noqa: E731
     gm = _captured(fn, args)
     devices = ("cuda",) if why == "device" else ("cpu",)
+    counters.clear()
     assert InlineTritonPass(choice="triton", devices=devices).run(gm.graph) == 0
     assert counters["inline_triton_kept_extern"]["decode"] >= 1
-    assert not any(k.startswith("inline_triton") for k in counters["graph_passes"])
+    assert not counters["inline_triton"]  # nothing counted as inlined
 
 
 def test_compiled_graph_is_guarded_on_the_choice(monkeypatch):
