@@ -17,12 +17,15 @@ SETTINGS = settings(max_examples=30, deadline=None,
 @st.composite
 def prefill_case(draw):
     b = draw(st.integers(0, 4))
+    causal = draw(st.booleans())
     lens_k = draw(st.lists(st.integers(0, 19), min_size=b, max_size=b))
-    lens_q = [draw(st.integers(min(1, n), n)) if n else 0 for n in lens_k]
+    if causal:  # lq <= lk (the contract's precondition)
+        lens_q = [draw(st.integers(min(1, n), n)) if n else 0 for n in lens_k]
+    else:  # any lq: more queries than keys, and queries over no key (zeros, lse -inf)
+        lens_q = [draw(st.integers(0, 19)) for _ in lens_k]
     hkv = draw(st.sampled_from([1, 2, 3]))
     group = draw(st.sampled_from([1, 2, 4]))
     d = draw(st.sampled_from([8, 16, 24, 40]))
-    causal = draw(st.booleans())
     window = draw(st.sampled_from([-1, 0, 1, 5]))
     softcap = draw(st.sampled_from([0.0, 3.0]))
     paged = draw(st.booleans())

@@ -40,6 +40,28 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
                              f"actual, expected): {pairs}")
 
 
+def loaded_in_a_fresh_interpreter(imports: list[str], watched: tuple[str, ...],
+                                  stubs_dir) -> list[str]:
+    """The modules of the ``watched`` packages that importing ``imports`` loads in a fresh
+    interpreter where each watched package is importable: an empty stand-in module for each is
+    written to ``stubs_dir`` and put first on the path. Without the stand-ins (CI installs none
+    of these packages) a guarded ``try: import torch_npu`` would fail quietly and look like no
+    import at all."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    for name in watched:
+        (Path(stubs_dir) / f"{name}.py").write_text('"""An importable stand-in."""\n')
+    root = str(Path(__file__).parents[2])
+    code = (f"import sys\nimport {', '.join(imports)}\nprint(sorted(m for m in sys.modules "
+            f"if m.split('.')[0] in {tuple(watched)!r}))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stubs_dir), root]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return eval(out.strip().splitlines()[-1])  # noqa: S307 (a list of names printed above)
+
+
 def fp8_meaning(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """What FP8 rows ``[..., Hkv, D]`` stored with ``scale`` (``[]`` or ``[Hkv]``) mean, in
     float64: each byte's value times its head's scale (the contract's read rule), written out

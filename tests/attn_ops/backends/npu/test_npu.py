@@ -15,6 +15,7 @@ import torch
 
 import attn_ops
 from tests.support import npu_emulator as emu
+from tests.support.helpers import loaded_in_a_fresh_interpreter
 from attn_ops import registry
 from attn_ops.contract import OpConfig
 from attn_ops.backends import npu, reference
@@ -116,7 +117,9 @@ def test_prefill_without_queries_returns_zeros_and_calls_nothing():
     q, k, v, cq, ck, _ = _prefill_inputs([0, 0], [0, 0], 4, 2, tail=4)
     with emu.recording() as calls:
         out = npu.prefill(q, k, v, cq, ck, 0, 0, 0.1)
-    assert torch.equal(out, torch.zeros_like(q)) and not calls
+        out2, lse = npu.prefill(q, k, v, cq, ck, 0, 0, 0.1, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.equal(out2, out) and not calls
+    assert lse.shape == q.shape[:2] and lse.dtype == torch.float32 and torch.isneginf(lse).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +174,10 @@ def test_prefill_with_lse_matches_reference(causal, paged):
     _same_lse(lse, ref_lse)
     (fia,) = _fia_calls(calls)
     assert fia["kwargs"]["return_softmax_lse"] is True
-    assert npu.prefill(*call).shape == q.shape  # without the lse: no return_softmax_lse
+    with emu.recording() as calls:
+        plain = npu.prefill(*call)
+    assert torch.equal(plain, out)  # the same output without the lse,
+    assert "return_softmax_lse" not in _fia_calls(calls)[0]["kwargs"]  # not asked for
 
 
 def test_decode_with_lse_matches_reference():
@@ -195,9 +201,12 @@ def test_decode_with_lse_matches_reference():
 def test_decode_empty_batch():
     kc = torch.randn(2, 16, 1, 64, dtype=BF16)
     q = torch.randn(0, 2, 64, dtype=BF16)
-    out = npu.decode(q, kc, kc, torch.zeros(0, dtype=torch.int32),
-                     torch.zeros(0, 1, dtype=torch.int32), 0.1)
-    assert out.shape == q.shape
+    args = (q, kc, kc, torch.zeros(0, dtype=torch.int32), torch.zeros(0, 1, dtype=torch.int32),
+            0.1)
+    with emu.recording() as calls:
+        out = npu.decode(*args)
+        out2, lse = npu.decode(*args, return_lse=True)
+    assert out.shape == out2.shape == q.shape and lse.shape == (0, 2) and not calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,5 +365,7 @@ def test_lowering_refuses_what_fia_cannot_do():
         lowering.decode_spec(4, 2, 128, 16, 0.1, 3, 0.0)
 
 
-def test_importing_the_backend_does_not_import_torch_npu():
-    assert "torch_npu" not in sys.modules
+def test_importing_the_backend_does_not_import_torch_npu(tmp_path):
+    # A fresh interpreter where torch_npu is importable (a stand-in): a guarded import shows
+    assert loaded_in_a_fresh_interpreter(["attn_ops", "attn_ops.backends.npu"],
+                                         ("torch_npu", "torchair"), tmp_path) == []

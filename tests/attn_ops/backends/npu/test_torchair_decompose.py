@@ -9,10 +9,6 @@ mode needs to refresh FIA's lengths at each replay.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from expecttest import TestCase
@@ -24,7 +20,8 @@ from tests.support import npu_emulator as emu
 from attn_ops.backends import reference
 from attn_ops.backends.npu.torchair_decompose import (COUNTER, DecomposeError,
                                                      decompose_attn_ops, decomposing_backend)
-from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens,
+                                   loaded_in_a_fresh_interpreter, random_paged)
 
 EMULATED = emu.install()
 pytestmark = pytest.mark.skipif(not EMULATED, reason="a real torch_npu is loaded; these tests "
@@ -225,11 +222,9 @@ def test_compiled_decode_replays_with_new_lengths_without_recompiling():
     assert len(fia.kwargs["actual_seq_kvlen"]) == 3
 
 
-def test_the_pass_and_the_backend_import_neither_torchair_nor_torch_npu():
-    """A fresh interpreter: importing attn_ops, the npu backend and this pass loads neither."""
-    code = ("import sys, attn_ops, attn_ops.backends.npu, "
-            "attn_ops.backends.npu.torchair_decompose; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchair', 'torch_npu')))")
-    root = Path(__file__).parents[4]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "[]"
+def test_the_pass_and_the_backend_import_neither_torchair_nor_torch_npu(tmp_path):
+    """A fresh interpreter where both are importable (stand-ins): importing attn_ops, the npu
+    backend and this pass loads neither."""
+    assert loaded_in_a_fresh_interpreter(
+        ["attn_ops", "attn_ops.backends.npu", "attn_ops.backends.npu.torchair_decompose"],
+        ("torchair", "torch_npu"), tmp_path) == []
