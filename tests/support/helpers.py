@@ -6,8 +6,14 @@ sequences, heads and query rows), independent of the vectorised reference backen
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,9 +27,9 @@ TOLERANCES = {
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
                  what: str = "output") -> None:
-    """allclose that rejects NaN (on either side), requires an infinity exactly where one is expected (with its
-    sign: a tolerance scaled by an infinite expectation would accept anything), and reports the
-    first mismatching indices."""
+    """allclose that rejects NaN (on either side), requires an infinity exactly where one is
+    expected (with its sign: a tolerance scaled by an infinite expectation would accept
+    anything), and reports the first mismatching indices."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     a, e = actual.double(), expected.double()
     assert not torch.isnan(a).any(), f"{what}: NaN at {torch.isnan(a).nonzero()[:5].tolist()}"
@@ -40,26 +46,40 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
                              f"actual, expected): {pairs}")
 
 
+def write_stand_ins(directory, names) -> str:
+    """An empty importable module per name in ``directory`` (returned, as a path entry): with
+    these first on the path, an import a test says never happens shows in ``sys.modules``
+    instead of failing quietly where the package is not installed (CI installs neither torch_npu
+    nor torchair, so a guarded ``try: import torch_npu`` would look like no import at all)."""
+    for name in names:
+        (Path(directory) / f"{name}.py").write_text('"""An importable stand-in."""\n')
+    return str(directory)
+
+
+@contextlib.contextmanager
+def importable_stand_ins(monkeypatch, directory, *names):
+    """Inside the block, ``names`` are importable (:func:`write_stand_ins`, first on
+    ``sys.path``); any of them imported there is dropped from ``sys.modules`` after it."""
+    monkeypatch.syspath_prepend(write_stand_ins(directory, names))
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
 def loaded_in_a_fresh_interpreter(imports: list[str], watched: tuple[str, ...],
                                   stubs_dir) -> list[str]:
     """The modules of the ``watched`` packages that importing ``imports`` loads in a fresh
-    interpreter where each watched package is importable: an empty stand-in module for each is
-    written to ``stubs_dir`` and put first on the path. Without the stand-ins (CI installs none
-    of these packages) a guarded ``try: import torch_npu`` would fail quietly and look like no
-    import at all."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    for name in watched:
-        (Path(stubs_dir) / f"{name}.py").write_text('"""An importable stand-in."""\n')
+    interpreter where each watched package is importable (:func:`write_stand_ins` in
+    ``stubs_dir``, first on the path)."""
     root = str(Path(__file__).parents[2])
-    code = (f"import sys\nimport {', '.join(imports)}\nprint(sorted(m for m in sys.modules "
-            f"if m.split('.')[0] in {tuple(watched)!r}))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stubs_dir), root]))
+    code = (f"import json, sys\nimport {', '.join(imports)}\nprint(json.dumps(sorted(m for m in "
+            f"sys.modules if m.split('.')[0] in {tuple(watched)!r})))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([write_stand_ins(stubs_dir, watched), root]))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          env=env, check=True).stdout
-    return eval(out.strip().splitlines()[-1])  # noqa: S307 (a list of names printed above)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def fp8_meaning(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

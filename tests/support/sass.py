@@ -45,15 +45,24 @@ class Build:
     instructions: list[tuple[int, str]]
     notes: list[str] = field(default_factory=list)
 
-    def loops(self) -> list[list[str]]:
-        """The bodies of its loops (from a backward branch's target to the branch)."""
+    def _spans(self) -> list[tuple[int, int]]:
+        """(first, last) instruction index of each loop: a backward branch's target to it."""
         index = {a: i for i, (a, _) in enumerate(self.instructions)}
-        bodies = []
+        spans = []
         for i, (addr, text) in enumerate(self.instructions):
             m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
             if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
-                bodies.append([t for _, t in self.instructions[index[int(m.group(1), 16)]:i + 1]])
-        return bodies
+                spans.append((index[int(m.group(1), 16)], i))
+        return spans
+
+    def loops(self, innermost: bool = False) -> list[list[str]]:
+        """The bodies of its loops (from a backward branch's target to the branch); with
+        ``innermost``, only those holding no other loop."""
+        spans = self._spans()
+        if innermost:
+            spans = [s for s in spans
+                     if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+        return [[t for _, t in self.instructions[lo:hi + 1]] for lo, hi in spans]
 
     def key_loop(self) -> list[str]:
         """The loop that issues the asynchronous K/V copies (LDGSTS): the key walk."""

@@ -18,6 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import attn_ops  # noqa: F401  (registers torch.ops.attn)
 from tests.support import npu_emulator as emu
 from tests.support import torchair_stand_in as stand_in
+from tests.support.helpers import importable_stand_ins
 
 EMULATED = emu.install()
 
@@ -75,14 +76,9 @@ def test_max_autotune_is_torchair_with_the_converters_registered():
 
 @pytest.mark.parametrize("name", [MODULE, "graph_passes.torchair_backend"])
 def test_without_torchair_the_import_fails_on_torchair(name, monkeypatch, tmp_path):
-    # torch_npu importable (a stand-in), so a guarded import of it would show in sys.modules
-    (tmp_path / "torch_npu.py").write_text('"""An importable stand-in."""\n')
-    monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop(name, None)
-    try:
+    with importable_stand_ins(monkeypatch, tmp_path, "torch_npu"):  # a guarded import shows
         with pytest.raises(ImportError) as e:
             importlib.import_module(name)
         assert e.value.name == "torchair"
         assert "torch_npu" not in sys.modules
-    finally:
-        sys.modules.pop("torch_npu", None)

@@ -20,7 +20,8 @@ import attn_ops  # noqa: F401  (registers torch.ops.attn)
 from attn_ops.backends import reference
 from tests.support import npu_emulator as emu
 from tests.support import torchair_stand_in as stand_in
-from tests.support.helpers import TOLERANCES, assert_close, cu_seqlens, random_paged
+from tests.support.helpers import (TOLERANCES, assert_close, cu_seqlens, importable_stand_ins,
+                                   random_paged)
 
 EMULATED = emu.install()
 pytestmark = pytest.mark.skipif(not EMULATED, reason="a real torch_npu is loaded; these tests "
@@ -54,17 +55,12 @@ def test_importing_registers_one_converter_per_op(converters):
 
 
 def test_without_torchair_the_import_fails_on_torchair(monkeypatch, tmp_path):
-    # torch_npu importable (a stand-in), so a guarded import of it would show in sys.modules
-    (tmp_path / "torch_npu.py").write_text('"""An importable stand-in."""\n')
-    monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop(MODULE, None)
-    try:
+    with importable_stand_ins(monkeypatch, tmp_path, "torch_npu"):  # a guarded import shows
         with pytest.raises(ImportError) as e:
             importlib.import_module(MODULE)
         assert e.value.name == "torchair"
         assert "torch_npu" not in sys.modules
-    finally:
-        sys.modules.pop("torch_npu", None)
 
 
 @pytest.mark.parametrize("paged", [False, True])

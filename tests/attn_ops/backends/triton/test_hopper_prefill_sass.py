@@ -14,8 +14,6 @@ What a regression would show first:
   compiled").
 """
 
-import re
-
 import pytest
 
 from tests.support import sass
@@ -40,15 +38,7 @@ FORMS = [
 
 def _key_loops(build: sass.Build) -> list[list[str]]:
     """The innermost loops that issue wgmma (HGMMA): each consumer warpgroup's key walk."""
-    spans = []
-    for address, text in build.instructions:
-        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < address:
-            spans.append((int(m.group(1), 16), address))
-    inner = [s for s in spans
-             if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    bodies = [[t for a, t in build.instructions if lo <= a <= hi] for lo, hi in inner]
-    return [b for b in bodies if any("HGMMA" in t for t in b)]
+    return [b for b in build.loops(innermost=True) if any("HGMMA" in t for t in b)]
 
 
 @pytest.mark.parametrize("form, consumers, spill", FORMS)
