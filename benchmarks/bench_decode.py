@@ -11,6 +11,7 @@ no host launch cost: how decode runs in a server); GB/s = K and V bytes read
 
     python benchmarks/bench_decode.py [--tune] [--growth | --growth-only] [--skewed | --skewed-only]
                                       [--kv-offsets-only] [--plans-only] [--chains-only]
+                                      [--hopper-only]
                                       [--out DIR]
 
 ``--growth``: our decode side by side with its contract growth on the same cache tokens, graph
@@ -31,6 +32,12 @@ beside (decode_kv_offsets.csv).
 chooses among (WIDE at one program per SM, DEEP at about two, the wave rule's DEFAULT row), each
 forced on the split kernel, over SDPA's contiguous cache with SDPA beside, rounds interleaved
 (decode_plans.csv): the measurement behind decode_plan.half_precision_row.
+
+``--hopper-only``: the Gluon Hopper decode (hopper_decode_kernel.py, not taken by the plan)
+beside ``attn.decode`` on the Triton backend and SDPA over SDPA's contiguous cache, B 8-48, and
+one skewed batch over the same cache (one block per sequence, lengths unequal), the case its one
+program per (sequence, KV head) serves worst; rounds interleaved, least of 3
+(decode_hopper.csv).
 
 ``--chains-only``: decode as a captured serving step runs it, over SDPA's contiguous cache:
 CHAIN calls back to back in one CUDA graph, and CHAIN steps of (store one token per sequence,
@@ -540,6 +547,55 @@ def chains(args, copy):
     write_csv(args.out / "decode_chains.csv", rows)
 
 
+HOPPER_SHAPES = [(8, 4096), (12, 4096), (13, 2048), (16, 2048), (16, 4096), (16, 8192),
+                 (20, 2048), (24, 2048), (24, 8192), (28, 4096), (32, 2048), (33, 2048),
+                 (40, 2048), (48, 2048)]
+
+
+def hopper(args, copy):
+    """The Gluon Hopper decode beside the Triton plan and SDPA (see the module docstring)."""
+    import attn_ops
+    from attn_ops.backends.triton import hopper_decode_launch as hd
+    from common import bench_ms
+    dev = device(args)
+    if args.smoke or not hd.available(dev):
+        print("--hopper-only: needs an sm90 GPU and Gluon's Hopper API")
+        return
+    cases = [(b, ctx, None) for b, ctx in HOPPER_SHAPES]
+    cases.append((16, 8192, [8192] * 4 + [512] * 12))  # skewed: 4 long, 12 short
+    rows = []
+    for b, ctx, lens in cases:
+        q = torch.randn(b, H, D, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(b, HKV, ctx, D, device=dev, dtype=torch.bfloat16)  # SDPA's layout
+        vc = torch.randn_like(kc)
+        seqlens = torch.tensor(lens or [ctx] * b, dtype=torch.int32, device=dev)
+        one = torch.arange(b, dtype=torch.int32, device=dev)[:, None]
+        cache = (q, kc.transpose(1, 2), vc.transpose(1, 2), seqlens, one, D ** -0.5)
+        variants = {
+            "attn.decode (triton plan)": lambda: attn_ops.decode(*cache, backend="triton"),
+            "gluon hopper decode": lambda: hd.decode(*cache),
+        }
+        if lens is None:
+            variants["sdpa"] = lambda: F.scaled_dot_product_attention(
+                q.view(b, H, 1, D), kc, vc, scale=D ** -0.5, enable_gqa=True)
+        times = {name: [] for name in variants}
+        for _ in range(3):
+            for name, fn in variants.items():
+                times[name].append(bench_ms(fn, graph=True))
+        base = min(times["sdpa" if lens is None else "attn.decode (triton plan)"])
+        read = 2 * HKV * D * 2 * int(seqlens.sum())
+        for name in variants:
+            ms = min(times[name])
+            gbs = read / (ms * 1e-3) / 1e9
+            rows.append(dict(bench="decode_hopper", batch=b, ctx=ctx,
+                             lengths="uniform" if lens is None else "4 x 8192, 12 x 512",
+                             contender=name, graph_us=ms * 1e3, vs_base=base / ms, gbs=gbs,
+                             pct_copy=100 * gbs / copy))
+        print_table(rows[-len(variants):], ["batch", "ctx", "lengths", "contender", "graph_us",
+                                            "vs_base", "gbs", "pct_copy"])
+    write_csv(args.out / "decode_hopper.csv", rows)
+
+
 def main():
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--growth", action="store_true", help="also fp8 / sinks / lse vs bf16"),
@@ -551,7 +607,9 @@ def main():
         p.add_argument("--plans-only", action="store_true",
                        help="only the few-sequence plan rows beside the planned decode"),
         p.add_argument("--chains-only", action="store_true",
-                       help="only decode and store + decode steps captured back to back")))
+                       help="only decode and store + decode steps captured back to back"),
+        p.add_argument("--hopper-only", action="store_true",
+                       help="only the Gluon Hopper decode beside the Triton plan and SDPA")))
     env = header("decode", args.smoke)
     copy = copy_gbs(args.smoke)
     print(f"ceiling: device copy {copy:.0f} GB/s (read + write)")
@@ -567,8 +625,10 @@ def main():
         plans(args, copy)
     if args.chains_only:
         chains(args, copy)
+    if args.hopper_only:
+        hopper(args, copy)
     if (args.tune_only or args.growth_only or args.skewed_only or args.kv_offsets_only
-            or args.plans_only or args.chains_only):
+            or args.plans_only or args.chains_only or args.hopper_only):
         return
     shapes = [(2, 64), (1, 200)] if args.smoke else list(dict.fromkeys(ANCHOR_SHAPES +
                                                                         SWEEP_SHAPES + MID_SHAPES))

@@ -1,0 +1,111 @@
+"""Host side of the Gluon Hopper decode (hopper_decode_kernel.py): how TMA reads the caches, and
+its launch.
+
+Not taken by the Triton backend's plan. Over SDPA's contiguous cache at uniform lengths it
+matches or beats SDPA where the (sequence, KV head) programs fill the GPU once (B 13-33 at 8 KV
+heads: 1.00-1.01x SDPA, 1.02-1.03x the Triton plan), but it gives each (sequence, KV head) one
+program, so a batch of unequal lengths leaves a long sequence's SMs working alone: B 16 of 4 x
+8192 and 12 x 512 keys took 104.3 us against the Triton plan's balanced kernel's 57.3
+(BENCHMARKS.md, twenty-fourth pass; ``python benchmarks/bench_decode.py --hopper-only``). A
+plan sees only shapes, so the kernel waits for the balanced form: key tiles dealt evenly over
+the programs, the pieces merged by their log-sum-exps, as decode_balanced_kernel.py does.
+
+Public surface: :func:`available`, :func:`cache_view`, :func:`decode`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from attn_ops.backends.triton.hopper_decode_kernel import GLUON
+
+if GLUON:
+    from triton.experimental.gluon import language as gl
+
+    from attn_ops.backends.triton.hopper_decode_kernel import hopper_decode_kernel
+
+LOG2E = 1.4426950408889634
+# 64-key tiles, two stages (K + V 32 KB each at D 128: 80 KB with Q's tile) and at most 128
+# registers per thread (the consumer warpgroup gets 224, the producer warp 32), so two programs
+# share an SM. H200, bf16, 32/8 heads, graph replays over SDPA's contiguous cache, us, against 3
+# stages at one program per SM, 4 stages, 128-key tiles at 2 stages (SDPA): B 16 x 2048 36.96 vs
+# 37.18 / 37.92 / 37.25 (36.80); x 8192 126.27 vs 126.53 / 128.13 / 126.08 (125.82); B 24 x
+# 2048 54.18 vs 62.85 / 63.36 / 58.88 (54.53): at 192 programs only two per SM keep one wave.
+BLOCK_N, STAGES, MAXNREG, PRODUCER_REGS = 64, 2, 128, 32
+
+
+def available(device=None) -> bool:
+    """Gluon's Hopper API importable, and ``device`` is an sm90 GPU."""
+    from attn_ops.backends.triton import hopper_prefill_launch
+    return GLUON and hopper_prefill_launch.available(device)
+
+
+def cache_view(x) -> tuple | None:
+    """How TMA reads a cache ``[blocks, page, Hkv, D]`` (strides ``(s0, s1, s2, 1)``) as a row
+    matrix: ``(shape, strides, rows_per_block, rows_per_head, cols_per_head)``
+    (hopper_decode_kernel), or None for a layout it cannot read. Token-major pages (``s2 ==
+    D``, ``s1`` a row of the Hkv heads: the usual paged cache): rows of ``s1`` elements, the
+    heads side by side in a row. Heads-major (``s1 == D``: SDPA's ``[B, Hkv, S, D]``
+    transposed, one block per sequence): rows of D, a head's keys consecutive. Rows and base
+    16-byte aligned, fewer than 2^31 rows, a page a multiple of 16 keys."""
+    blocks, page, heads, d = x.shape
+    s0, s1, s2, s3 = x.stride()
+    if s3 != 1 or blocks == 0 or page % 16 or x.data_ptr() % 16:
+        return None
+    if s2 == d and s1 >= heads * d and s0 % s1 == 0:
+        rows = (blocks - 1) * (s0 // s1) + page
+        view = ([rows, heads * d], [s1, 1], s0 // s1, 0, d)
+    elif s1 == d and s2 % d == 0 and s0 % d == 0:
+        rows = ((blocks - 1) * s0 + (heads - 1) * s2) // d + page
+        view = ([rows, d], [d, 1], s0 // d, s2 // d, 0)
+    else:
+        return None
+    if (view[1][0] * x.element_size()) % 16 or rows >= 2 ** 31:
+        return None
+    return view
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(rows: int, head_dim: int, fp16: bool):
+    """The shared-memory layout of a ``[rows, head_dim]`` tile (~6 us to build, so once)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, head_dim],
+                                                gl.float16 if fp16 else gl.bfloat16)
+
+
+def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides) -> tuple:
+    """(grid, the (shape, strides, block, layout) of K's and V's descriptors, the scalars after
+    the six pointers, constexprs and options) of one launch."""
+    import torch
+    batch, num_heads, head_dim = q.shape
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    rows = min(page, BLOCK_N)
+    layout = _layout(rows, head_dim, q.dtype == torch.float16)
+    views = [cache_view(x) for x in (k_cache, v_cache)]
+    descs = [(v[0], v[1], [rows, head_dim], layout) for v in views]
+    scalars = (q.stride(0), q.stride(1), out_strides[0], out_strides[1], seqlens_k.stride(0),
+               block_table.stride(0), block_table.stride(1), block_table.shape[1], *views[0][2:],
+               float(scale) * LOG2E)
+    consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+                  STAGES=STAGES, PAGE=page, PAGE_ROWS=rows, PRODUCER_REGS=PRODUCER_REGS,
+                  num_warps=4, maxnreg=MAXNREG)
+    return (num_kv_heads, batch), descs, scalars, consts
+
+
+def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None):
+    """q ``[B, H, D]`` (fp16 / bf16), caches ``[blocks, page, Hkv, D]`` of q's dtype that
+    :func:`cache_view` reads alike (pages of 16 keys or more; a page shorter than 64 keys must
+    divide 64, a longer one be a multiple of 64, unless the table has one column),
+    ``seqlens_k`` int32 ``[B]``, ``block_table`` int32 ``[B, W]``. Returns ``[B, H, D]`` in q's
+    dtype (or fills ``out``, ``[B, H, D]`` with a contiguous last dim). No host sync."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    grid, descs, scalars, consts = _plan(q, k_cache, v_cache, seqlens_k, block_table, scale,
+                                         out.stride())
+    k_desc, v_desc = (TensorDescriptor(x, *d) for x, d in zip((k_cache, v_cache), descs))
+    hopper_decode_kernel[grid](k_desc, v_desc, q, out, seqlens_k, block_table, *scalars,
+                               **consts)
+    return out

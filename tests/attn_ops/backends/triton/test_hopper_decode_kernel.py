@@ -1,0 +1,124 @@
+"""The Gluon Hopper decode (not taken by the Triton plan yet: hopper_decode_launch says why)
+against the reference backend (GPU), and how TMA reads a cache (cache_view, CPU), checked
+element by element."""
+
+import pytest
+import torch
+
+import attn_ops
+from attn_ops.backends.triton import hopper_decode_launch as hd
+from tests.support.helpers import TOLERANCES, assert_close, poisoned, random_paged
+
+BF16 = torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan's rule and the caches' views (CPU)
+# ---------------------------------------------------------------------------------------------
+
+def _flat(x, view):
+    """The row matrix a cache_view describes, over x's storage."""
+    shape, strides = view[:2]
+    return torch.as_strided(x, shape, strides, x.storage_offset())
+
+
+@pytest.mark.parametrize("layout", ["token-major", "heads-major", "token-major, padded rows"])
+def test_cache_view_addresses_every_element(layout):
+    blocks, page, heads, d = 3, 32, 4, 64
+    if layout == "heads-major":  # SDPA's [B, Hkv, S, D], transposed
+        x = torch.randn(blocks, heads, page, d).transpose(1, 2)
+    elif layout == "token-major":
+        x = torch.randn(blocks, page, heads, d)
+    else:  # each token's row padded past the heads
+        x = torch.randn(blocks, page, heads * d + 64)[..., :heads * d].view(blocks, page, heads, d)
+    view = hd.cache_view(x)
+    assert view is not None
+    flat = _flat(x, view)
+    per_block, per_head, cols = view[2:]
+    for blk in range(blocks):
+        for g in range(heads):
+            rows = flat[blk * per_block + g * per_head:][:page, g * cols:g * cols + d]
+            assert torch.equal(rows, x[blk, :, g]), (layout, blk, g)
+
+
+def test_cache_view_refuses_what_tma_cannot_read():
+    x = torch.randn(4, 16, 2, 64)
+    assert hd.cache_view(x[:, :8]) is None  # pages of 8 keys
+    assert hd.cache_view(x.transpose(0, 1).contiguous().transpose(0, 1)) is None  # laid apart
+    assert hd.cache_view(torch.randn(4 * 16 * 2 * 64 + 1)[1:].view(4, 16, 2, 64)) is None
+    rows_516 = torch.randn(4, 16, 129)[..., :128].view(4, 16, 2, 64)
+    assert hd.cache_view(rows_516) is None  # 516-byte rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the reference (GPU)
+# ---------------------------------------------------------------------------------------------
+
+def _gpu_only():
+    if not hd.available():
+        pytest.skip("needs an sm90 GPU and Gluon's Hopper API")
+
+
+def _nan_past_lengths(cache, table, lens, page):
+    """NaN in every slot of each sequence's blocks past its length (garbage a cache may hold)."""
+    for b, n in enumerate(lens):
+        for j in range(n, -(-n // page) * page):
+            cache[table[b, j // page], j % page] = float("nan")
+
+
+def _case(lens, h, hkv, d, page, dtype, layout, width=None):
+    dev = "cuda"
+    if layout == "heads-major":  # one block per sequence, SDPA's layout
+        page = max(lens + [16])
+        page = -(-page // 16) * 16
+        k = torch.randn(len(lens), hkv, page, d, device=dev, dtype=dtype).transpose(1, 2)
+        v = torch.randn(len(lens), hkv, page, d, device=dev, dtype=dtype).transpose(1, 2)
+        table = torch.arange(len(lens), dtype=torch.int32, device=dev)[:, None]
+    else:
+        batch = random_paged(lens, hkv, d, page, dtype, dev, table_width=width)
+        k, v, table = batch.k_cache, batch.v_cache, batch.block_table
+    for cache in (k, v):
+        _nan_past_lengths(cache, table, lens, page)
+    q = torch.randn(len(lens), h, d, device=dev, dtype=dtype)
+    return q, k, v, torch.tensor(lens, dtype=torch.int32, device=dev), table
+
+
+CASES = [
+    pytest.param([1, 13, 123, 300], 32, 8, 128, 16, BF16, "token-major", id="g4-p16-odd"),
+    pytest.param([0, 64, 65, 5], 32, 8, 128, 64, BF16, "token-major", id="g4-p64-empty-edges"),
+    pytest.param([200, 1000, 0], 32, 8, 128, 256, BF16, "token-major", id="g4-p256"),
+    pytest.param([31, 32, 33], 8, 8, 64, 32, torch.float16, "token-major", id="g1-d64-p32"),
+    pytest.param([90, 2000], 16, 2, 128, 16, BF16, "token-major", id="g8-p16"),
+    pytest.param([384, 1, 0, 200], 32, 8, 128, 0, BF16, "heads-major", id="g4-one-block"),
+    pytest.param([77, 129], 64, 1, 64, 0, torch.float16, "heads-major", id="g64-one-block"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lens, h, hkv, d, page, dtype, layout", CASES)
+def test_matches_reference(lens, h, hkv, d, page, dtype, layout):
+    """Poisoned output, NaN in every cache slot past a sequence's length, garbage table
+    entries past its blocks, empty sequences."""
+    _gpu_only()
+    q, k, v, seqlens, table = _case(lens, h, hkv, d, page, dtype, layout)
+    scale = d ** -0.5
+    expected = attn_ops.decode(q, k, v, seqlens, table, scale, backend="reference")
+    out = hd.decode(q, k, v, seqlens, table, scale, out=poisoned(q.shape, dtype, "cuda"))
+    assert_close(out, expected, *TOLERANCES[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_row_reaches_only_its_sequence(bad):
+    """A NaN / Inf value row inside sequence 1 of KV head 0: the rows that see it (that
+    sequence's group of head 0) are non-finite, every other row exact."""
+    _gpu_only()
+    lens = [70, 150, 33]
+    q, k, v, seqlens, table = _case(lens, 32, 8, 128, 16, BF16, "token-major")
+    v[table[1, 3], 5, 0] = bad  # key 53 of sequence 1, KV head 0
+    out = hd.decode(q, k, v, seqlens, table, 128 ** -0.5)
+    expected = attn_ops.decode(q, k, v, seqlens, table, 128 ** -0.5, backend="reference")
+    hit = torch.zeros(out.shape[:2], dtype=torch.bool, device="cuda")
+    hit[1, :4] = True
+    assert (~torch.isfinite(out[hit])).all()
+    assert_close(out[~hit], expected[~hit], *TOLERANCES[BF16])
