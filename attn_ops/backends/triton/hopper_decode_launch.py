@@ -10,7 +10,7 @@ program, so a batch of unequal lengths leaves a long sequence's SMs working alon
 plan sees only shapes, so the kernel waits for the balanced form: key tiles dealt evenly over
 the programs, the pieces merged by their log-sum-exps, as decode_balanced_kernel.py does.
 
-Public surface: :func:`available`, :func:`cache_view`, :func:`decode`.
+Public surface: :func:`available`, :func:`cache_view`, :func:`cache_reason`, :func:`decode`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,23 @@ def cache_view(x) -> tuple | None:
     return view
 
 
+def cache_reason(k_cache, v_cache, block_table) -> str | None:
+    """None when the kernel reads these caches right, else why not: :func:`cache_view` reads
+    both alike, and no 64-key tile crosses a page (a page shorter than 64 keys divides 64, a
+    longer one is a multiple of 64), unless the table has one column (a tile past a page's end
+    holds only keys past the sequence, which the kernel masks)."""
+    view = cache_view(k_cache)
+    if view is None or view[2:] != (cache_view(v_cache) or ())[2:]:
+        return (f"hopper decode: caches of strides {tuple(k_cache.stride())} / "
+                f"{tuple(v_cache.stride())} (serves token-major pages or a heads-major cache, "
+                "16-byte aligned rows, pages of 16 keys or more, K and V alike)")
+    page = k_cache.shape[1]
+    if block_table.shape[1] > 1 and BLOCK_N % page and page % BLOCK_N:
+        return (f"hopper decode: page size {page} with {block_table.shape[1]} blocks per "
+                f"sequence (serves pages that divide {BLOCK_N} or that {BLOCK_N} divides)")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _layout(rows: int, head_dim: int, fp16: bool):
     """The shared-memory layout of a ``[rows, head_dim]`` tile (~6 us to build, so once)."""
@@ -93,10 +110,12 @@ def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides
 
 def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None):
     """q ``[B, H, D]`` (fp16 / bf16), caches ``[blocks, page, Hkv, D]`` of q's dtype that
-    :func:`cache_view` reads alike (pages of 16 keys or more; a page shorter than 64 keys must
-    divide 64, a longer one be a multiple of 64, unless the table has one column),
-    ``seqlens_k`` int32 ``[B]``, ``block_table`` int32 ``[B, W]``. Returns ``[B, H, D]`` in q's
-    dtype (or fills ``out``, ``[B, H, D]`` with a contiguous last dim). No host sync."""
+    :func:`cache_reason` accepts (else ValueError), ``seqlens_k`` int32 ``[B]``,
+    ``block_table`` int32 ``[B, W]``. Returns ``[B, H, D]`` in q's dtype (or fills ``out``,
+    ``[B, H, D]`` with a contiguous last dim). No host sync."""
+    reason = cache_reason(k_cache, v_cache, block_table)
+    if reason is not None:
+        raise ValueError(reason)
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     if out is None:

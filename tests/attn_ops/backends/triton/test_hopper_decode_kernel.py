@@ -50,6 +50,21 @@ def test_cache_view_refuses_what_tma_cannot_read():
     assert hd.cache_view(rows_516) is None  # 516-byte rows
 
 
+def test_cache_reason_names_what_the_kernel_would_misread():
+    paged = torch.randn(6, 16, 2, 64)
+    one_column, two_columns = torch.zeros(3, 1, dtype=torch.int32), torch.zeros(3, 2,
+                                                                                 dtype=torch.int32)
+    assert hd.cache_reason(paged, paged, two_columns) is None
+    assert hd.cache_reason(paged, paged.transpose(0, 1).contiguous().transpose(0, 1),
+                           two_columns).startswith("hopper decode: caches of strides")
+    pages_of_48 = torch.randn(6, 48, 2, 64)  # a 64-key tile would cross into the next page
+    assert "page size 48" in hd.cache_reason(pages_of_48, pages_of_48, two_columns)
+    assert hd.cache_reason(pages_of_48, pages_of_48, one_column) is None  # one page a sequence
+    with pytest.raises(ValueError, match="page size 48"):
+        hd.decode(torch.randn(3, 4, 64), pages_of_48, pages_of_48,
+                  torch.ones(3, dtype=torch.int32), two_columns, 0.125)
+
+
 # ---------------------------------------------------------------------------------------------
 # Against the reference (GPU)
 # ---------------------------------------------------------------------------------------------
