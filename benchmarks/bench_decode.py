@@ -33,11 +33,10 @@ chooses among (WIDE at one program per SM, DEEP at about two, the wave rule's DE
 forced on the split kernel, over SDPA's contiguous cache with SDPA beside, rounds interleaved
 (decode_plans.csv): the measurement behind decode_plan.half_precision_row.
 
-``--hopper-only``: the Gluon Hopper decode (hopper_decode_kernel.py, not taken by the plan)
-beside ``attn.decode`` on the Triton backend and SDPA over SDPA's contiguous cache, B 8-48, and
-one skewed batch over the same cache (one block per sequence, lengths unequal), the case its one
-program per (sequence, KV head) serves worst; rounds interleaved, least of 3
-(decode_hopper.csv).
+``--hopper-only``: the balanced Gluon Hopper decode (hopper_decode_kernel.py) beside
+``attn.decode`` on the Triton backend and SDPA over SDPA's contiguous cache, B 8-48 x 1024-32768,
+and three skewed batches over the same cache (one block per sequence, lengths unequal), where a
+schedule that ignores lengths loses most; rounds interleaved, least of 3 (decode_hopper.csv).
 
 ``--chains-only``: decode as a captured serving step runs it, over SDPA's contiguous cache:
 CHAIN calls back to back in one CUDA graph, and CHAIN steps of (store one token per sequence,
@@ -547,9 +546,14 @@ def chains(args, copy):
     write_csv(args.out / "decode_chains.csv", rows)
 
 
-HOPPER_SHAPES = [(8, 4096), (12, 4096), (13, 2048), (16, 2048), (16, 4096), (16, 8192),
-                 (20, 2048), (24, 2048), (24, 8192), (28, 4096), (32, 2048), (33, 2048),
-                 (40, 2048), (48, 2048)]
+HOPPER_SHAPES = [(8, 4096), (12, 4096), (13, 2048), (13, 8192), (16, 1024), (16, 2048),
+                 (16, 4096), (16, 8192), (16, 16384), (16, 32768), (20, 2048), (24, 2048),
+                 (24, 8192), (28, 4096), (32, 2048), (33, 2048), (34, 2048), (40, 2048),
+                 (48, 2048)]
+# Batches of unequal lengths over the same cache: (B, ctx, lengths, what they are).
+HOPPER_SKEWED = [(16, 8192, [8192] * 4 + [512] * 12, "4 x 8192, 12 x 512"),
+                 (16, 16384, [16384] + [1024] * 15, "1 x 16384, 15 x 1024"),
+                 (32, 8192, [(7919 * i) % 8192 + 1 for i in range(32)], "32 of 1-8192")]
 
 
 def hopper(args, copy):
@@ -561,10 +565,9 @@ def hopper(args, copy):
     if args.smoke or not hd.available(dev):
         print("--hopper-only: needs an sm90 GPU and Gluon's Hopper API")
         return
-    cases = [(b, ctx, None) for b, ctx in HOPPER_SHAPES]
-    cases.append((16, 8192, [8192] * 4 + [512] * 12))  # skewed: 4 long, 12 short
+    cases = [(b, ctx, None, "uniform") for b, ctx in HOPPER_SHAPES] + HOPPER_SKEWED
     rows = []
-    for b, ctx, lens in cases:
+    for b, ctx, lens, what in cases:
         q = torch.randn(b, H, D, device=dev, dtype=torch.bfloat16)
         kc = torch.randn(b, HKV, ctx, D, device=dev, dtype=torch.bfloat16)  # SDPA's layout
         vc = torch.randn_like(kc)
@@ -588,7 +591,7 @@ def hopper(args, copy):
             ms = min(times[name])
             gbs = read / (ms * 1e-3) / 1e9
             rows.append(dict(bench="decode_hopper", batch=b, ctx=ctx,
-                             lengths="uniform" if lens is None else "4 x 8192, 12 x 512",
+                             lengths=what,
                              contender=name, graph_us=ms * 1e3, vs_base=base / ms, gbs=gbs,
                              pct_copy=100 * gbs / copy))
         print_table(rows[-len(variants):], ["batch", "ctx", "lengths", "contender", "graph_us",

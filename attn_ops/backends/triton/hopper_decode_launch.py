@@ -1,14 +1,12 @@
 """Host side of the Gluon Hopper decode (hopper_decode_kernel.py): how TMA reads the caches, and
 its launch.
 
-Not taken by the Triton backend's plan. Over SDPA's contiguous cache at uniform lengths it
-matches or beats SDPA where the (sequence, KV head) programs fill the GPU once (B 13-33 at 8 KV
-heads: 1.00-1.01x SDPA, 1.02-1.03x the Triton plan), but it gives each (sequence, KV head) one
-program, so a batch of unequal lengths leaves a long sequence's SMs working alone: B 16 of 4 x
-8192 and 12 x 512 keys took 104.3 us against the Triton plan's balanced kernel's 57.3
-(BENCHMARKS.md, twenty-fourth pass; ``python benchmarks/bench_decode.py --hopper-only``). A
-plan sees only shapes, so the kernel waits for the balanced form: key tiles dealt evenly over
-the programs, the pieces merged by their log-sum-exps, as decode_balanced_kernel.py does.
+Not yet taken by the Triton backend's plan. The kernel deals the key tiles of the whole batch
+evenly over min(B * Hkv, 2 * SMs) programs (decode_balanced_kernel.py's schedule) and merges the
+pieces of a split (sequence, KV head) by their log-sum-exps, so a skewed batch costs what its
+total keys cost: B 16 of 4 x 8192 and 12 x 512 keys 49.8 us against the Triton plan's 56.5; at
+uniform lengths over SDPA's contiguous cache it runs 0.98-1.00x SDPA at B 12-48 (BENCHMARKS.md,
+twenty-fifth pass; ``python benchmarks/bench_decode.py --hopper-only``).
 
 Public surface: :func:`available`, :func:`cache_view`, :func:`cache_reason`, :func:`decode`.
 """
@@ -17,7 +15,9 @@ from __future__ import annotations
 
 import functools
 
+from attn_ops.backends.triton.common import next_pow2
 from attn_ops.backends.triton.hopper_decode_kernel import GLUON
+from attn_ops.backends.triton.split_counters import COUNT_LIMIT
 
 if GLUON:
     from triton.experimental.gluon import language as gl
@@ -32,6 +32,10 @@ LOG2E = 1.4426950408889634
 # 37.18 / 37.92 / 37.25 (36.80); x 8192 126.27 vs 126.53 / 128.13 / 126.08 (125.82); B 24 x
 # 2048 54.18 vs 62.85 / 63.36 / 58.88 (54.53): at 192 programs only two per SM keep one wave.
 BLOCK_N, STAGES, MAXNREG, PRODUCER_REGS = 64, 2, 128, 32
+RESIDENT = 2  # programs per SM at MAXNREG and the ring above
+# Every program reads every sequence's length (a [next_pow2(B)] vector: 4 values a thread in the
+# producer warp at 128, whose 32 registers hold no more).
+MAX_BATCH = 128
 
 
 def available(device=None) -> bool:
@@ -65,6 +69,28 @@ def cache_view(x) -> tuple | None:
     return view
 
 
+def shape_reason(q, k_cache, block_table) -> str | None:
+    """None when the kernel serves these shapes, else why not: at most MAX_BATCH sequences, a
+    GQA group of at most 64 query heads (one wgmma tile's rows), D 64 or 128, q in fp16 /
+    bf16 and the caches in q's dtype, a key range below 2^31 tiles (int32 arithmetic), fewer
+    tiles a sequence than the merge's counter holds (split_counters.COUNT_LIMIT)."""
+    import torch
+    batch, heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    if batch > MAX_BATCH:
+        return f"hopper decode: batch {batch} (serves at most {MAX_BATCH} sequences)"
+    if heads % kv_heads or heads // kv_heads > 64 or d not in (64, 128):
+        return (f"hopper decode: {heads} query heads over {kv_heads} KV heads of dim {d} "
+                "(serves groups of at most 64 heads, D 64 or 128)")
+    if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
+        return f"hopper decode: q {q.dtype}, cache {k_cache.dtype} (serves fp16 / bf16 alike)"
+    tiles = -(-block_table.shape[1] * k_cache.shape[1] // BLOCK_N)
+    if batch * kv_heads * tiles >= 2 ** 31 or tiles >= COUNT_LIMIT:
+        return (f"hopper decode: {tiles} key tiles a sequence (serves fewer than "
+                f"{COUNT_LIMIT}, and fewer than 2^31 in the batch)")
+    return None
+
+
 def cache_reason(k_cache, v_cache, block_table) -> str | None:
     """None when the kernel reads these caches right, else why not: :func:`cache_view` reads
     both alike, and no 64-key tile crosses a page (a page shorter than 64 keys divides 64, a
@@ -89,9 +115,16 @@ def _layout(rows: int, head_dim: int, fp16: bool):
                                                 gl.float16 if fp16 else gl.bfloat16)
 
 
-def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides) -> tuple:
-    """(grid, the (shape, strides, block, layout) of K's and V's descriptors, the scalars after
-    the six pointers, constexprs and options) of one launch."""
+def programs(batch: int, num_kv_heads: int, sms: int) -> int:
+    """The grid: one program per (sequence, KV head), at most RESIDENT per SM (past that a
+    program takes several pairs' tiles)."""
+    return max(1, min(batch * num_kv_heads, RESIDENT * sms))
+
+
+def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides,
+          progs: int) -> tuple:
+    """(the (shape, strides, block, layout) of K's and V's descriptors, the scalars after the
+    nine pointers, constexprs and options) of one launch of ``progs`` programs."""
     import torch
     batch, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -101,30 +134,42 @@ def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides
     descs = [(v[0], v[1], [rows, head_dim], layout) for v in views]
     scalars = (q.stride(0), q.stride(1), out_strides[0], out_strides[1], seqlens_k.stride(0),
                block_table.stride(0), block_table.stride(1), block_table.shape[1], *views[0][2:],
-               float(scale) * LOG2E)
+               batch, num_kv_heads, float(scale) * LOG2E)
     consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
-                  STAGES=STAGES, PAGE=page, PAGE_ROWS=rows, PRODUCER_REGS=PRODUCER_REGS,
-                  num_warps=4, maxnreg=MAXNREG)
-    return (num_kv_heads, batch), descs, scalars, consts
+                  STAGES=STAGES, PAGE=page, PAGE_ROWS=rows, B_P2=max(32, next_pow2(batch)),
+                  PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
+    return descs, scalars, consts
 
 
 def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None):
-    """q ``[B, H, D]`` (fp16 / bf16), caches ``[blocks, page, Hkv, D]`` of q's dtype that
-    :func:`cache_reason` accepts (else ValueError), ``seqlens_k`` int32 ``[B]``,
-    ``block_table`` int32 ``[B, W]``. Returns ``[B, H, D]`` in q's dtype (or fills ``out``,
-    ``[B, H, D]`` with a contiguous last dim). No host sync."""
-    reason = cache_reason(k_cache, v_cache, block_table)
+    """q ``[B, H, D]`` (fp16 / bf16; at most MAX_BATCH sequences, H / Hkv at most 64), caches
+    ``[blocks, page, Hkv, D]`` of q's dtype that :func:`cache_reason` accepts (else
+    ValueError), ``seqlens_k`` int32 ``[B]``, ``block_table`` int32 ``[B, W]``. Returns ``[B,
+    H, D]`` in q's dtype (or fills ``out``, ``[B, H, D]`` with a contiguous last dim). No host
+    sync."""
+    reason = cache_reason(k_cache, v_cache, block_table) or shape_reason(q, k_cache,
+                                                                          block_table)
     if reason is not None:
         raise ValueError(reason)
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from attn_ops.backends.triton.common import device_sm_count
+    from attn_ops.backends.triton.split_counters import semaphores
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if q.shape[0] == 0:
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
         return out
-    grid, descs, scalars, consts = _plan(q, k_cache, v_cache, seqlens_k, block_table, scale,
-                                         out.stride())
+    num_kv_heads = k_cache.shape[2]
+    progs = programs(batch, num_kv_heads, device_sm_count(q.device))
+    descs, scalars, consts = _plan(q, k_cache, v_cache, seqlens_k, block_table, scale,
+                                   out.stride(), progs)
     k_desc, v_desc = (TensorDescriptor(x, *d) for x, d in zip((k_cache, v_cache), descs))
-    hopper_decode_kernel[grid](k_desc, v_desc, q, out, seqlens_k, block_table, *scalars,
-                               **consts)
+    slot_rows = progs * 2 * (num_heads // num_kv_heads)
+    o_part = torch.empty(slot_rows, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(slot_rows, dtype=torch.float32, device=q.device)
+    sema = semaphores(batch * num_kv_heads, q.device)
+    hopper_decode_kernel[(progs,)](k_desc, v_desc, q, out, o_part, lse_part, sema, seqlens_k,
+                                   block_table, *scalars, **consts)
     return out

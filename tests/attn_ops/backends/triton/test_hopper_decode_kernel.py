@@ -1,6 +1,6 @@
-"""The Gluon Hopper decode (not taken by the Triton plan yet: hopper_decode_launch says why)
-against the reference backend (GPU), and how TMA reads a cache (cache_view, CPU), checked
-element by element."""
+"""The Gluon Hopper decode against the reference backend (GPU): whole pairs, pieces merged by
+their counters, programs that take several pairs; and what it serves (CPU): how TMA reads a
+cache (cache_view, checked element by element), the layouts and shapes it refuses."""
 
 import pytest
 import torch
@@ -106,6 +106,13 @@ CASES = [
     pytest.param([90, 2000], 16, 2, 128, 16, BF16, "token-major", id="g8-p16"),
     pytest.param([384, 1, 0, 200], 32, 8, 128, 0, BF16, "heads-major", id="g4-one-block"),
     pytest.param([77, 129], 64, 1, 64, 0, torch.float16, "heads-major", id="g64-one-block"),
+    # One long sequence among short ones: its pairs in pieces over many programs, merged.
+    pytest.param([5000, 3, 0, 17, 64, 100, 1, 1], 32, 8, 128, 16, BF16, "token-major",
+                 id="skewed-pieces"),
+    pytest.param([4096, 0, 0, 0], 16, 2, 128, 64, BF16, "token-major", id="one-sequence-pieces"),
+    # More pairs than programs (2 per SM): each program takes several pairs' tiles.
+    pytest.param([(37 * b) % 301 for b in range(100)], 32, 8, 128, 16, BF16, "token-major",
+                 id="b100-several-pairs-a-program"),
 ]
 
 
@@ -120,6 +127,37 @@ def test_matches_reference(lens, h, hkv, d, page, dtype, layout):
     expected = attn_ops.decode(q, k, v, seqlens, table, scale, backend="reference")
     out = hd.decode(q, k, v, seqlens, table, scale, out=poisoned(q.shape, dtype, "cuda"))
     assert_close(out, expected, *TOLERANCES[dtype])
+
+
+@pytest.mark.cuda
+def test_counters_are_left_zero_and_calls_repeat_exactly():
+    """The merging piece resets its pair's counter: a second call (as a graph replay would
+    make) merges alike, bit for bit, and the counters read zero after it."""
+    _gpu_only()
+    from attn_ops.backends.triton.split_counters import semaphores
+    q, k, v, seqlens, table = _case([3000, 7, 900, 0, 1], 32, 8, 128, 16, BF16, "token-major")
+    first = hd.decode(q, k, v, seqlens, table, 128 ** -0.5)
+    second = hd.decode(q, k, v, seqlens, table, 128 ** -0.5)
+    assert torch.equal(first, second)
+    assert not semaphores(5 * 8, q.device)[:5 * 8].any()
+
+
+def test_shape_reason_names_what_the_kernel_does_not_serve():
+    q, cache, table = torch.randn(3, 32, 128), torch.randn(6, 16, 8, 128), torch.zeros(
+        3, 2, dtype=torch.int32)
+    assert hd.shape_reason(q.bfloat16(), cache.bfloat16(), table) is None
+    assert "batch 129" in hd.shape_reason(torch.randn(129, 32, 128), cache, table)
+    assert "groups of at most 64" in hd.shape_reason(torch.randn(3, 128, 128),
+                                                     torch.randn(6, 16, 1, 128), table)
+    assert "D 64 or 128" in hd.shape_reason(torch.randn(3, 32, 96), torch.randn(6, 16, 8, 96),
+                                            table)
+    assert "serves fp16 / bf16" in hd.shape_reason(q, cache, table)  # float32
+    assert "key tiles a sequence" in hd.shape_reason(q.bfloat16(), cache.bfloat16(),
+                                                     torch.zeros(3, 200000, dtype=torch.int32))
+    with pytest.raises(ValueError, match="batch 129"):
+        hd.decode(torch.randn(129, 32, 128).bfloat16(), cache.bfloat16(), cache.bfloat16(),
+                  torch.ones(129, dtype=torch.int32), torch.zeros(129, 2, dtype=torch.int32),
+                  0.125)
 
 
 @pytest.mark.cuda
