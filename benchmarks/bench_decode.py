@@ -33,8 +33,10 @@ chooses among (WIDE at one program per SM, DEEP at about two, the wave rule's DE
 forced on the split kernel, over SDPA's contiguous cache with SDPA beside, rounds interleaved
 (decode_plans.csv): the measurement behind decode_plan.half_precision_row.
 
-``--hopper-only``: the balanced Gluon Hopper decode (hopper_decode_kernel.py) beside
-``attn.decode`` on the Triton backend and SDPA over SDPA's contiguous cache, B 8-48 x 1024-32768,
+``--hopper-only``: the balanced Gluon Hopper decode (hopper_decode_kernel.py) at its grid rule
+and at one and two programs per SM, beside ``attn.decode`` on the Triton backend (which routes
+plain decodes to it, decode_plan.HOPPER_DECODE), the Triton kernels alone and SDPA over SDPA's
+contiguous cache, B 8-48 x 1024-32768,
 and three skewed batches over the same cache (one block per sequence, lengths unequal), where a
 schedule that ignores lengths loses most; rounds interleaved, least of 3 (decode_hopper.csv).
 
@@ -47,6 +49,8 @@ kernel before it to overlap, so PDL shows only here.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -556,9 +560,20 @@ HOPPER_SKEWED = [(16, 8192, [8192] * 4 + [512] * 12, "4 x 8192, 12 x 512"),
                  (32, 8192, [(7919 * i) % 8192 + 1 for i in range(32)], "32 of 1-8192")]
 
 
+def _without_hopper_route(fn, *args):
+    """``fn(*args)`` with the Triton backend's Gluon decode route off (decode_plan)."""
+    from attn_ops.backends.triton import decode_plan
+    decode_plan.HOPPER_DECODE = False
+    try:
+        return fn(*args)
+    finally:
+        decode_plan.HOPPER_DECODE = True
+
+
 def hopper(args, copy):
     """The Gluon Hopper decode beside the Triton plan and SDPA (see the module docstring)."""
     import attn_ops
+    from attn_ops.backends.triton import decode_kernel
     from attn_ops.backends.triton import hopper_decode_launch as hd
     from common import bench_ms
     dev = device(args)
@@ -575,9 +590,15 @@ def hopper(args, copy):
         one = torch.arange(b, dtype=torch.int32, device=dev)[:, None]
         cache = (q, kc.transpose(1, 2), vc.transpose(1, 2), seqlens, one, D ** -0.5)
         variants = {
-            "attn.decode (triton plan)": lambda: attn_ops.decode(*cache, backend="triton"),
+            "attn.decode (triton backend)": lambda: attn_ops.decode(*cache, backend="triton"),
+            "triton kernels": lambda: _without_hopper_route(decode_kernel.decode, *cache),
             "gluon hopper decode": lambda: hd.decode(*cache),
         }
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        for progs in (sms, 2 * sms):  # the grid rule's alternatives: every SM busy
+            if progs != hd.programs(b, HKV, sms):
+                variants[f"gluon, {progs} programs"] = functools.partial(
+                    hd.decode, *cache, progs=progs)
         if lens is None:
             variants["sdpa"] = lambda: F.scaled_dot_product_attention(
                 q.view(b, H, 1, D), kc, vc, scale=D ** -0.5, enable_gqa=True)
@@ -585,7 +606,7 @@ def hopper(args, copy):
         for _ in range(3):
             for name, fn in variants.items():
                 times[name].append(bench_ms(fn, graph=True))
-        base = min(times["sdpa" if lens is None else "attn.decode (triton plan)"])
+        base = min(times["sdpa" if lens is None else "triton kernels"])
         read = 2 * HKV * D * 2 * int(seqlens.sum())
         for name in variants:
             ms = min(times[name])

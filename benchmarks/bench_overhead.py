@@ -9,8 +9,9 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
   (do_bench). Our op path (``torch.ops.attn.*``, ``attn_ops.*`` with
   ``backend=``), the Triton kernel wrapper alone, with its launch bound (the compiled launcher
   called directly, attn_ops/backends/triton/launch.py) and through Triton's own
-  ``kernel[grid]`` path, beside torch calls of similar size. On an sm90 GPU also the Hopper
-  route (2 x 256 prompts: the guarded Gluon kernel and its fixup launch), through the op and
+  ``kernel[grid]`` path, beside torch calls of similar size; on an sm90 GPU the bound decode of
+  16 sequences on the Gluon Hopper decode route and on the Triton kernels.
+  There also the Hopper prefill route (2 x 256 prompts: the guarded Gluon kernel and its fixup launch), through the op and
   bound alone. The op and bound rows run twice, ``launcher`` ``Python`` (before: prepared
   launches call ``CompiledKernel.run``, Triton's Python wrapper of the launcher) and ``C``
   (after: attn_ops/backends/triton/raw_launch.py calls the launcher's C function).
@@ -139,6 +140,7 @@ def eager_cases(dev):
             "kernel wrapper, Triton's kernel[grid]": _unbound(decode_w),
             "F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(
                 t.qd, t.kd, t.kd, enable_gqa=True),
+            **_decode_routes(t),
         },
         "prefill": {
             "attn_ops.prefill(backend='triton')": lambda: attn_ops.prefill(
@@ -151,6 +153,26 @@ def eager_cases(dev):
             **_hopper_cases(t),
         },
     }
+
+
+def _decode_routes(t) -> dict:
+    """The Triton backend's bound decode (what the op path's memo calls) on each of its
+    routes for a bf16 decode of 16 sequences of 16 keys (128 (sequence, KV head) pairs, which
+    the Gluon Hopper decode takes on an H100 / H200: decode_plan.HOPPER_DECODE): the Gluon
+    launch, and the Triton kernels' (the route off while binding)."""
+    from attn_ops.backends.triton import decode_kernel, decode_plan
+    u = _inputs(t.q1.device, b=16)
+    args = (u.q1, u.k_cache, u.v_cache, u.seqlens, u.table, 0.08)
+    if not decode_kernel.hopper_route(u.q1, u.k_cache, u.v_cache, u.table):
+        return {}
+    gluon = decode_kernel.bind_decode(*args)
+    decode_plan.HOPPER_DECODE = False
+    try:
+        triton_kernels = decode_kernel.bind_decode(*args)
+    finally:
+        decode_plan.HOPPER_DECODE = True
+    return {"bound decode B 16, Gluon Hopper route": lambda: gluon(*args),
+            "bound decode B 16, Triton kernels": lambda: triton_kernels(*args)}
 
 
 def _hopper_cases(t) -> dict:

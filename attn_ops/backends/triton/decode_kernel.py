@@ -15,6 +15,10 @@ Every sequence gets the same S, so a long sequence among short ones runs on its 
 kv head while the rest idle; where the plan says so (:func:`_plan`, decode_plan.BALANCED),
 stage 1 is instead decode_balanced_kernel.py, which deals the batch's key tiles out evenly over
 as many programs. Both run decode_keys.attend_keys over their keys.
+
+On an sm90 GPU a plain half-precision decode (no window, softcap, sinks, lse, FP8 cache or
+override) whose caches TMA can read goes to the Gluon Hopper decode instead
+(hopper_decode_launch, :func:`hopper_route`; decode_plan.HOPPER_DECODE says where and why).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from attn_ops.backends.triton.decode_balanced_kernel import decode_balanced_kern
 from attn_ops.backends.triton.decode_plan import (DEFAULT_CONFIG, DEFAULT_RESIDENT,
                                                   FP8_DEEP_CONFIG, Config, balanced_applies,
                                                   balanced_default, fp8_deep_splits,
-                                                  half_precision_row, launch_config,
+                                                  half_precision_row, hopper_decode_applies,
+                                                  launch_config,
                                                   num_splits, zeros_first)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.merge_kernel import (merge_last_split, merge_last_split_call,
@@ -234,6 +239,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     ``pdl`` overrides :data:`.common.LAUNCH_PDL`.
     """
     batch, num_heads, head_dim = q.shape
+    forced = (config, splits, fused, fp8_via_f16, fp8_pairs, balanced, programs, pdl, lse)
+    if all(x is None for x in forced) and hopper_route(
+            q, k_cache, v_cache, block_table, window_left, softcap, sinks, k_scale, return_lse):
+        from attn_ops.backends.triton import hopper_decode_launch
+        return hopper_decode_launch.decode(q, k_cache, v_cache, seqlens_k, block_table, scale,
+                                           out)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse, lse)
@@ -269,6 +280,24 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
                splits, out.stride(0), out.stride(1), ex.strides[0], **stage2,
                HAS_SINKS=ex.flags["HAS_SINKS"], WITH_LSE=ex.flags["WITH_LSE"])
     return result(out, ex)
+
+
+def hopper_route(q, k_cache, v_cache, block_table, window_left=-1, softcap=0.0, sinks=None,
+                 k_scale=None, return_lse=False) -> bool:
+    """Whether the Gluon Hopper decode takes this call: a plain one (no window, softcap,
+    sinks, FP8 scales or lse) of real CUDA tensors on an sm90 GPU, outside any dispatch mode (a
+    triton_op traced by AOTAutograd keeps the Triton kernels, which Inductor can launch), of
+    shapes decode_plan.hopper_decode_applies gives it and hopper_decode_launch serves, over
+    caches it reads right (base addresses included)."""
+    if (window_left >= 0 or softcap > 0 or sinks is not None or k_scale is not None
+            or return_lse or type(q) is not torch.Tensor or q.device.type != "cuda"
+            or torch._C._len_torch_dispatch_stack() or q.shape[0] == 0
+            or not hopper_decode_applies(q.shape[0], k_cache.shape[2],
+                                         device_sm_count(q.device))):
+        return False
+    from attn_ops.backends.triton import hopper_decode_launch as hd
+    return (hd.available(q.device) and hd.shape_reason(q, k_cache, block_table) is None
+            and hd.cache_reason(k_cache, v_cache, block_table) is None)
 
 
 def _pairs_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -327,6 +356,13 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     batch, num_heads, head_dim = q.shape
     if batch == 0 or k_cache.numel() == 0 or block_table.numel() == 0:
         return decode  # nothing to launch: the wrapper's host-side result
+    if hopper_route(q, k_cache, v_cache, block_table, window_left, softcap, sinks, k_scale,
+                    return_lse):
+        from attn_ops.backends.triton import hopper_decode_launch
+        run = hopper_decode_launch.bind_decode(q, k_cache, v_cache, seqlens_k, block_table,
+                                               scale, fallback=decode)
+        run.routes_traced = True  # its fallback, decode, routes traced calls
+        return run
     ex = extras(q, k_cache, sinks, k_scale, v_scale, return_lse)
     splits, kernel, grid1, grid2, stage1, stage2 = _plan(
         batch, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_table.shape[1],

@@ -274,3 +274,27 @@ def zeros_first(config: Config) -> bool:
     walk (its ``ZEROS_FIRST``: at the WIDE row, where after the walk the lse's store cost the
     key loop its MMA interleaving; at the DEEP row it spills there instead)."""
     return config == WIDE_CONFIG
+
+
+# The Gluon Hopper decode (hopper_decode_kernel.py) takes a plain half-precision one-token
+# decode on an sm90 GPU (no window, softcap, sinks, lse or FP8 cache; a cache TMA can read)
+# while its (sequence, KV head) pairs fill 0.75 to 2 programs per SM. H200, bf16, 32/8 heads,
+# graph replays, us, Gluon vs the Triton kernels (BENCHMARKS.md, twenty-fifth pass): skewed
+# batches over SDPA's cache, 4 x 8192 + 12 x 512 keys 50.6 vs 56.7, 32 of 1-8192 130.5 vs
+# 152.8, 1 x 16384 + 15 x 1024 41.9 vs 42.3; uniform B 16 x 1024 22.8 vs 23.8, x 2048 37.8 vs
+# 38.2, B 20 x 2048 46.8 vs 47.6, B 33 x 2048 69.1 vs 70.0. It trails by up to 2% at B 13 x
+# 8192 (107.1 vs 105.0), B 24 x 8192 (191.1 vs 187.6) and B 28 x 4096 (115.5 vs 113.8). Below
+# 0.75 per SM its one program per pair leaves SMs idle and more programs split every pair (B 8
+# x 4096: 55.1 us at 64 programs, 41.3 at 132, against 39.0; B 12 x 4096 56.2 vs 55.4); past
+# two per SM it deals tiles over 264 programs and loses to the Triton kernels' one wave (B 48 x
+# 2048: 101.4 vs 98.0).
+HOPPER_DECODE = True
+_HOPPER_PAIRS_PER_SM = (0.75, 2.0)  # the upper end: hopper_decode_launch.RESIDENT
+
+
+def hopper_decode_applies(batch: int, num_kv_heads: int, sms: int) -> bool:
+    """Whether a plain decode of these shapes goes to the Gluon Hopper decode where it can run
+    (see HOPPER_DECODE; the caller checks the device, the call and the caches)."""
+    low, high = _HOPPER_PAIRS_PER_SM
+    return (HOPPER_DECODE and not INTERPRET
+            and low * sms <= batch * num_kv_heads <= high * sms)

@@ -104,7 +104,10 @@ if GLUON:
         anything."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         keys = key0 + gl.arange(0, PIECES, layout=layout) * PAGE_ROWS
-        blocks = gl.load(table_row + gl.minimum(keys // PAGE, table_width - 1) * stride_tc)
+        # int32 coordinates for TMA: an int64 table's entries are block indices, and the
+        # host keeps the cache's rows below 2^31 (hopper_decode_launch.cache_view).
+        blocks = gl.load(table_row + gl.minimum(keys // PAGE, table_width - 1) * stride_tc
+                         ).to(gl.int32)
         return gl.where(keys < lk, blocks * rows_per_block + row0 + keys % PAGE, -PAGE_ROWS)
 
     @gluon.jit

@@ -1,14 +1,17 @@
 """Host side of the Gluon Hopper decode (hopper_decode_kernel.py): how TMA reads the caches, and
 its launch.
 
-Not yet taken by the Triton backend's plan. The kernel deals the key tiles of the whole batch
-evenly over min(B * Hkv, 2 * SMs) programs (decode_balanced_kernel.py's schedule) and merges the
-pieces of a split (sequence, KV head) by their log-sum-exps, so a skewed batch costs what its
-total keys cost: B 16 of 4 x 8192 and 12 x 512 keys 49.8 us against the Triton plan's 56.5; at
-uniform lengths over SDPA's contiguous cache it runs 0.98-1.00x SDPA at B 12-48 (BENCHMARKS.md,
-twenty-fifth pass; ``python benchmarks/bench_decode.py --hopper-only``).
+The Triton backend's decode takes it for plain half-precision decodes whose (sequence, KV head)
+pairs fill 0.75-2 programs per SM (decode_kernel.hopper_route, decode_plan.HOPPER_DECODE). The
+kernel deals the key tiles of the whole batch evenly over its programs (:func:`programs`;
+decode_balanced_kernel.py's schedule) and merges the pieces of a split pair by their
+log-sum-exps, so a skewed batch costs what its total keys cost: B 16 of 4 x 8192 and 12 x 512
+keys 50.6 us against the Triton kernels' 56.7; at uniform lengths over SDPA's contiguous cache
+it runs 0.98-1.00x SDPA at B 13-33 (BENCHMARKS.md, twenty-fifth pass; ``python
+benchmarks/bench_decode.py --hopper-only``).
 
-Public surface: :func:`available`, :func:`cache_view`, :func:`cache_reason`, :func:`decode`.
+Public surface: :func:`available`, :func:`cache_view`, :func:`cache_reason`,
+:func:`shape_reason`, :func:`programs`, :func:`decode`, :func:`bind_decode`.
 """
 
 from __future__ import annotations
@@ -115,10 +118,23 @@ def _layout(rows: int, head_dim: int, fp16: bool):
                                                 gl.float16 if fp16 else gl.bfloat16)
 
 
-def programs(batch: int, num_kv_heads: int, sms: int) -> int:
-    """The grid: one program per (sequence, KV head), at most RESIDENT per SM (past that a
-    program takes several pairs' tiles)."""
-    return max(1, min(batch * num_kv_heads, RESIDENT * sms))
+def programs(batch: int, num_kv_heads: int, sms: int, capacity: int = 0) -> int:
+    """The grid for a table of ``capacity`` keys per sequence: one program per (sequence, KV
+    head) while the pairs fit one program per SM, or two per SM at short tables; past that two
+    per SM, each taking its share of the batch's tiles (a pair split between programs is merged).
+
+    H200, bf16, 32/8 heads, uniform lengths over SDPA's contiguous cache, graph replays, us at
+    P = pairs / 132 / 264 (twenty-fifth pass): B 16 x 2048 (128 pairs) 37.7 / 40.6 / 42.6, a
+    pair split in two costs its merge and its second partial; B 24 x 2048 (192) 54.7 / 57.1 /
+    56.9; but B 24 x 8192 197.2 / 190.2 / 189.7 and B 28 x 4096 (224) 118.3 / 116.6 / 115.4,
+    where some SMs hold one program and some two for a long walk."""
+    pairs = batch * num_kv_heads
+    if pairs <= sms or (pairs <= RESIDENT * sms and capacity <= SHORT_TABLE):
+        return max(1, pairs)
+    return RESIDENT * sms
+
+
+SHORT_TABLE = 2048  # keys: programs() keeps one program per pair up to two per SM
 
 
 def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides,
@@ -141,12 +157,14 @@ def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides
     return descs, scalars, consts
 
 
-def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None):
+def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None,
+           progs: int | None = None):
     """q ``[B, H, D]`` (fp16 / bf16; at most MAX_BATCH sequences, H / Hkv at most 64), caches
     ``[blocks, page, Hkv, D]`` of q's dtype that :func:`cache_reason` accepts (else
     ValueError), ``seqlens_k`` int32 ``[B]``, ``block_table`` int32 ``[B, W]``. Returns ``[B,
     H, D]`` in q's dtype (or fills ``out``, ``[B, H, D]`` with a contiguous last dim). No host
-    sync."""
+    sync. ``progs`` overrides the program count (:func:`programs`; any count from 1: the
+    kernel deals tiles, not pairs)."""
     reason = cache_reason(k_cache, v_cache, block_table) or shape_reason(q, k_cache,
                                                                           block_table)
     if reason is not None:
@@ -162,7 +180,8 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None):
     if batch == 0:
         return out
     num_kv_heads = k_cache.shape[2]
-    progs = programs(batch, num_kv_heads, device_sm_count(q.device))
+    progs = progs or programs(batch, num_kv_heads, device_sm_count(q.device),
+                              block_table.shape[1] * k_cache.shape[1])
     descs, scalars, consts = _plan(q, k_cache, v_cache, seqlens_k, block_table, scale,
                                    out.stride(), progs)
     k_desc, v_desc = (TensorDescriptor(x, *d) for x, d in zip((k_cache, v_cache), descs))
@@ -173,3 +192,54 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None):
     hopper_decode_kernel[(progs,)](k_desc, v_desc, q, out, o_part, lse_part, sema, seqlens_k,
                                    block_table, *scalars, **consts)
     return out
+
+
+def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallback=None):
+    """:func:`decode` for the call signature of these arguments (shapes, strides, dtypes,
+    devices, scale), which :func:`cache_reason` and :func:`shape_reason` accept: the grid, the
+    layouts and every non-pointer argument computed once, the launch prepared (launch.prepare:
+    the compiled launcher called directly, each cache's descriptor encoded once per base
+    address). A call allocates the output and the partials, takes the current stream's
+    counters, wraps the caches in descriptors whose fields are set directly and launches. A
+    call the signature cannot serve directly (traced, a tensor subclass, a cache base not
+    16-byte aligned) takes ``fallback`` (default :func:`decode`, which raises for such a cache)
+    with every argument given. Arguments after ``scale`` (the Triton backend's: window,
+    softcap, ...) are passed to ``fallback`` only: this signature's are the defaults."""
+    import torch
+
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from attn_ops.backends.triton.common import device_sm_count
+    from attn_ops.backends.triton.hopper_prefill_launch import descriptor_maker
+    from attn_ops.backends.triton.launch import prepare, stats
+    from attn_ops.backends.triton.split_counters import semaphores
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    progs = programs(batch, num_kv_heads, device_sm_count(q.device),
+                     block_table.shape[1] * k_cache.shape[1])
+    out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
+    descs, scalars, consts = _plan(q, k_cache, v_cache, seqlens_k, block_table, scale,
+                                   out_strides, progs)
+    desc_k, desc_v = (descriptor_maker(TensorDescriptor, *d) for d in descs)
+    # Alignment checked per call: q, the lengths and the table (positions 2, 7, 8); the caches'
+    # bases below; out, the partials and the counters are this wrapper's allocations.
+    launch = prepare(hopper_decode_kernel, (progs,), consts, (2, 7, 8), scalars)
+    slot_rows = progs * 2 * (num_heads // num_kv_heads)
+    shape, dtype, device, f32 = q.shape, q.dtype, q.device, torch.float32
+    empty, empty_like, pairs = torch.empty, torch.empty_like, batch * num_kv_heads
+    like_q = q.stride() == out_strides
+    tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
+
+    fallback = fallback or decode
+
+    def run(q, k_cache, v_cache, seqlens_k, block_table, scale, *rest):
+        if type(q) is not tensor or depth() or (k_cache.data_ptr() | v_cache.data_ptr()) & 15:
+            return fallback(q, k_cache, v_cache, seqlens_k, block_table, scale, *rest)
+        stats["bound"] += 1
+        out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
+        launch((desc_k(k_cache), desc_v(v_cache), q, out,
+                empty((slot_rows, head_dim), dtype=f32, device=device),
+                empty((slot_rows,), dtype=f32, device=device),
+                semaphores(pairs, device), seqlens_k, block_table))
+        return out
+    return run

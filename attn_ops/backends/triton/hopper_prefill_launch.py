@@ -392,7 +392,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (
-        _descriptor_maker(TensorDescriptor, *_row_matrix(x), [rows, q.shape[2]], layout)
+        descriptor_maker(TensorDescriptor, *_row_matrix(x), [rows, q.shape[2]], layout)
         for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1])))
     # Alignment checked per call: cu_seqlens and the table (positions 4, 5, 7); out and flags
     # are fresh allocations, the descriptors' bases are checked below.
@@ -425,7 +425,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     return run
 
 
-def _descriptor_maker(cls, shape, strides, block_shape, layout):
+def descriptor_maker(cls, shape, strides, block_shape, layout):
     """``make(base)``: a ``cls`` (Gluon's TensorDescriptor) over ``base`` with these fields,
     set directly (0.4 us against 1.8 for the validating constructor, development CPU): for a
     base whose dtype, shape and strides the caller has already checked."""

@@ -130,6 +130,28 @@ def test_matches_reference(lens, h, hkv, d, page, dtype, layout):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("progs", [1, 7, 264, 1000])
+def test_any_program_count_deals_the_same_attention(progs):
+    """One program for the batch, fewer programs than pairs, every pair in pieces, more
+    programs than tiles (some deal themselves nothing): the reference's output each time."""
+    _gpu_only()
+    q, k, v, seqlens, table = _case([700, 0, 64, 1900, 5], 32, 8, 128, 16, BF16, "token-major")
+    expected = attn_ops.decode(q, k, v, seqlens, table, 128 ** -0.5, backend="reference")
+    out = hd.decode(q, k, v, seqlens, table, 128 ** -0.5, out=poisoned(q.shape, BF16, "cuda"),
+                    progs=progs)
+    assert_close(out, expected, *TOLERANCES[BF16])
+
+
+@pytest.mark.cuda
+def test_an_int64_block_table_reads_the_same_blocks():
+    """TMA takes int32 coordinates: an int64 table's entries are narrowed in the kernel."""
+    _gpu_only()
+    q, k, v, seqlens, table = _case([300, 45, 0, 1000], 32, 8, 128, 16, BF16, "token-major")
+    out = hd.decode(q, k, v, seqlens, table.long(), 128 ** -0.5)
+    assert torch.equal(out, hd.decode(q, k, v, seqlens, table, 128 ** -0.5))
+
+
+@pytest.mark.cuda
 def test_counters_are_left_zero_and_calls_repeat_exactly():
     """The merging piece resets its pair's counter: a second call (as a graph replay would
     make) merges alike, bit for bit, and the counters read zero after it."""
@@ -175,3 +197,84 @@ def test_a_non_finite_value_row_reaches_only_its_sequence(bad):
     hit[1, :4] = True
     assert (~torch.isfinite(out[hit])).all()
     assert_close(out[~hit], expected[~hit], *TOLERANCES[BF16])
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid rule and the Triton backend's route
+# ---------------------------------------------------------------------------------------------
+
+def test_programs_one_per_pair_until_the_sms_are_full():
+    sms = 132
+    assert hd.programs(16, 8, sms, 8192) == 128  # one pair each, one per SM
+    assert hd.programs(0, 8, sms) == 1  # a grid of one: it zeroes nothing and exits
+    # past one per SM: short tables keep one pair each (two per SM on some SMs), long ones
+    # take every SM twice, so no SM walks alone
+    assert hd.programs(24, 8, sms, 2048) == 192 and hd.programs(24, 8, sms, 8192) == 264
+    assert hd.programs(48, 8, sms, 2048) == 264  # past two per SM: tiles dealt over 264
+
+
+def test_the_route_takes_plain_calls_of_0_75_to_2_pairs_per_sm(monkeypatch):
+    from attn_ops.backends.triton import decode_plan
+    monkeypatch.setattr(decode_plan, "INTERPRET", False)
+    assert decode_plan.hopper_decode_applies(33, 8, 132)  # 264 pairs
+    assert not decode_plan.hopper_decode_applies(34, 8, 132)
+    assert decode_plan.hopper_decode_applies(13, 8, 132)  # 104 pairs, 0.79 per SM
+    assert not decode_plan.hopper_decode_applies(12, 8, 132)  # 96: SMs would idle
+    monkeypatch.setattr(decode_plan, "HOPPER_DECODE", False)
+    assert not decode_plan.hopper_decode_applies(16, 8, 132)
+
+
+def test_the_route_keeps_cpu_tensors_off_it():
+    from attn_ops.backends.triton.decode_kernel import hopper_route
+    q, cache = torch.randn(2, 8, 64, dtype=BF16), torch.randn(4, 64, 2, 64, dtype=BF16)
+    assert not hopper_route(q, cache, cache, torch.zeros(2, 2, dtype=torch.int32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bound", [False, True], ids=["wrapper", "bound"])
+def test_the_triton_backend_routes_plain_decodes_to_it(bound, monkeypatch):
+    """A plain bf16 decode through the Triton backend's wrapper, and its per-signature
+    function, goes to this kernel's decode / bind_decode (spied) and matches the reference; a
+    call with sinks keeps the Triton kernels."""
+    _gpu_only()
+    from attn_ops.backends.triton import decode_kernel
+    name = "bind_decode" if bound else "decode"
+    calls, real = [], getattr(hd, name)
+    monkeypatch.setattr(hd, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))
+    # 16 sequences x 8 KV heads: 128 pairs, within the route's 0.75-2 per SM on an H100 / H200
+    lens = [300, 0, 4000, 17, 64] + [(37 * b) % 301 for b in range(11)]
+    q, k, v, seqlens, table = _case(lens, 32, 8, 128, 16, BF16, "token-major")
+    scale = 128 ** -0.5
+    assert decode_kernel.hopper_route(q, k, v, table)
+    expected = attn_ops.decode(q, k, v, seqlens, table, scale, backend="reference")
+    if bound:
+        run = decode_kernel.bind_decode(q, k, v, seqlens, table, scale)
+        out = [run(q, k, v, seqlens, table, scale) for _ in range(2)][-1]
+    else:
+        out = decode_kernel.decode(q, k, v, seqlens, table, scale)
+    assert calls == [name], "the Gluon decode was not taken"
+    assert_close(out, expected, *TOLERANCES[BF16])
+    sinks = torch.randn(32, device="cuda")
+    assert not decode_kernel.hopper_route(q, k, v, table, sinks=sinks)
+
+
+@pytest.mark.cuda
+def test_a_cache_tma_cannot_read_keeps_the_triton_kernels():
+    """Caches whose base is 2 bytes off 16: the wrapper routes them to the Triton kernels, and
+    a function bound for aligned caches of the same signature falls back to the wrapper."""
+    _gpu_only()
+    from attn_ops.backends.triton import decode_kernel
+    lens = [100, 37, 260, 0] * 4  # 128 pairs: on the route when the caches are aligned
+    q, k, v, seqlens, table = _case(lens, 32, 8, 128, 16, BF16, "token-major")
+    scale = 128 ** -0.5
+    assert decode_kernel.hopper_route(q, k, v, table)
+    shifted = [torch.empty(x.numel() + 1, dtype=BF16, device="cuda")[1:].view(x.shape)
+               for x in (k, v)]
+    for dst, src in zip(shifted, (k, v)):
+        dst.copy_(src)
+    assert not decode_kernel.hopper_route(q, *shifted, table)
+    expected = attn_ops.decode(q, k, v, seqlens, table, scale, backend="reference")
+    out = decode_kernel.decode(q, *shifted, seqlens, table, scale)
+    assert_close(out, expected, *TOLERANCES[BF16])
+    run = decode_kernel.bind_decode(q, k, v, seqlens, table, scale)
+    assert_close(run(q, *shifted, seqlens, table, scale), expected, *TOLERANCES[BF16])
