@@ -278,3 +278,32 @@ def test_a_cache_tma_cannot_read_keeps_the_triton_kernels():
     assert_close(out, expected, *TOLERANCES[BF16])
     run = decode_kernel.bind_decode(q, k, v, seqlens, table, scale)
     assert_close(run(q, *shifted, seqlens, table, scale), expected, *TOLERANCES[BF16])
+
+
+@pytest.mark.cuda
+def test_a_captured_route_replays_new_lengths_and_tables():
+    """``attn.decode`` on the Gluon route captured in a CUDA graph: replays with other lengths
+    (zeros among them) and the table's rows dealt to other sequences read what the reference
+    reads (the schedule comes from the lengths on the device; the counters are the graph's)."""
+    _gpu_only()
+    from attn_ops.backends.triton import decode_kernel
+    lens = [(37 * b) % 301 + 1 for b in range(15)] + [2500]
+    q, k, v, seqlens, table = _case(lens, 32, 8, 128, 16, BF16, "token-major")
+    assert decode_kernel.hopper_route(q, k, v, table)
+    scale, lens_in, table_in = 128 ** -0.5, seqlens.clone(), table.clone()
+
+    def step():
+        return attn_ops.decode(q, k, v, lens_in, table_in, scale, backend="triton")
+    step()  # compiles, binds and zeroes the counters' slab outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0)).to("cuda")
+    for replay in range(3):
+        if replay:  # sequence i reads row perm[i], up to that row's keys
+            lens_in.copy_(seqlens[perm] * replay // 3)
+            table_in.copy_(table[perm])
+        graph.replay()
+        expected = attn_ops.decode(q, k, v, lens_in, table_in, scale, backend="reference")
+        assert_close(out, expected, *TOLERANCES[BF16])
