@@ -46,7 +46,7 @@ from attn_ops.backends.triton.common import (INTERPRET, device_has_pdl, device_s
                                              next_pow2, pdl_launch, result, softcap_constants)
 from attn_ops.backends.triton.decode_keys import attend_keys
 from attn_ops.backends.triton.softmax import finish, store_lse
-from attn_ops.backends.triton.split_counters import semaphores
+from attn_ops.backends.triton.split_counters import partials, semaphores
 
 
 @triton.jit(do_not_specialize=["window_left", "num_splits"])
@@ -266,8 +266,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlen
     if shapes is None:
         o_part = lse_part = out  # unused pointer arguments
     else:
-        o_part = torch.empty(shapes[0], dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(shapes[1], dtype=torch.float32, device=q.device)
+        o_part, lse_part = partials(*shapes, q.device)
     counted = balanced or stage1["FUSED"]  # pieces merged in stage 1, by a counter
     sema = semaphores(batch * k_cache.shape[2], q.device) if counted else seqlens_k
     launch(kernel, grid1, q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
@@ -349,8 +348,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     Everything that depends only on the signature (shapes, strides, dtypes, devices, scalars,
     which of sinks / FP8 scales / lse are present) is computed here, once: the plan, the
     kernels' non-pointer arguments, the prepared launches (:func:`launch.prepare`). The
-    function returned allocates the outputs (and the split partials), takes the semaphores of
-    the current stream, and launches; call it only with arguments of this signature (the
+    function returned allocates the outputs, takes the split partials and the semaphores
+    kept for the current stream (split_counters), and launches; call it only with arguments of this signature (the
     registry's dispatch memo guarantees it).
     """
     batch, num_heads, head_dim = q.shape
@@ -406,8 +405,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
         if part_shapes is None:
             o_part = lse_part = out  # unused pointer arguments
         else:
-            o_part = empty(part_shapes[0], dtype=f32, device=device)
-            lse_part = empty(part_shapes[1], dtype=f32, device=device)
+            o_part, lse_part = partials(*part_shapes, device)
         sink = sinks if has_sinks else q
         stage1_launch((q, k_cache, v_cache, seqlens_k, block_table, out, o_part, lse_part,
                        semaphores(sema_count, device) if counted else seqlens_k, lse, sink,

@@ -173,7 +173,7 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None,
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from attn_ops.backends.triton.common import device_sm_count
-    from attn_ops.backends.triton.split_counters import semaphores
+    from attn_ops.backends.triton.split_counters import partials, semaphores
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     batch, num_heads, head_dim = q.shape
@@ -186,8 +186,7 @@ def decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out=None,
                                    out.stride(), progs)
     k_desc, v_desc = (TensorDescriptor(x, *d) for x, d in zip((k_cache, v_cache), descs))
     slot_rows = progs * 2 * (num_heads // num_kv_heads)
-    o_part = torch.empty(slot_rows, head_dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(slot_rows, dtype=torch.float32, device=q.device)
+    o_part, lse_part = partials((slot_rows, head_dim), (slot_rows,), q.device)
     sema = semaphores(batch * num_kv_heads, q.device)
     hopper_decode_kernel[(progs,)](k_desc, v_desc, q, out, o_part, lse_part, sema, seqlens_k,
                                    block_table, *scalars, **consts)
@@ -199,10 +198,10 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
     devices, scale), which :func:`cache_reason` and :func:`shape_reason` accept: the grid, the
     layouts and every non-pointer argument computed once, the launch prepared (launch.prepare:
     the compiled launcher called directly, each cache's descriptor encoded once per base
-    address). A call allocates the output and the partials, takes the current stream's
-    counters, wraps the caches in descriptors whose fields are set directly and launches. A
-    call the signature cannot serve directly (traced, a tensor subclass, a cache base not
-    16-byte aligned) takes ``fallback`` (default :func:`decode`, which raises for such a cache)
+    address). A call allocates the output, takes the current stream's kept partials and
+    counters (split_counters), wraps the caches in descriptors whose fields are set directly
+    and launches. A call the signature cannot serve directly (traced, a tensor subclass, a
+    cache base not 16-byte aligned) takes ``fallback`` (default :func:`decode`, which raises for such a cache)
     with every argument given. Arguments after ``scale`` (the Triton backend's: window,
     softcap, ...) are passed to ``fallback`` only: this signature's are the defaults."""
     import torch
@@ -212,7 +211,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
     from attn_ops.backends.triton.common import device_sm_count
     from attn_ops.backends.triton.hopper_prefill_launch import descriptor_maker
     from attn_ops.backends.triton.launch import prepare, stats
-    from attn_ops.backends.triton.split_counters import semaphores
+    from attn_ops.backends.triton.split_counters import partials, semaphores
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     progs = programs(batch, num_kv_heads, device_sm_count(q.device),
@@ -225,7 +224,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
     # bases below; out, the partials and the counters are this wrapper's allocations.
     launch = prepare(hopper_decode_kernel, (progs,), consts, (2, 7, 8), scalars)
     slot_rows = progs * 2 * (num_heads // num_kv_heads)
-    shape, dtype, device, f32 = q.shape, q.dtype, q.device, torch.float32
+    part_shapes = (slot_rows, head_dim)
+    shape, dtype, device = q.shape, q.dtype, q.device
     empty, empty_like, pairs = torch.empty, torch.empty_like, batch * num_kv_heads
     like_q = q.stride() == out_strides
     tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
@@ -238,8 +238,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
         stats["bound"] += 1
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         launch((desc_k(k_cache), desc_v(v_cache), q, out,
-                empty((slot_rows, head_dim), dtype=f32, device=device),
-                empty((slot_rows,), dtype=f32, device=device),
+                *partials(part_shapes, (slot_rows,), device),
                 semaphores(pairs, device), seqlens_k, block_table))
         return out
     return run

@@ -1,7 +1,7 @@
 """The split-KV counters: how split programs count in so that one of them merges
 (:func:`last_to_count_in`, on the device), and the buffers they count in (:func:`semaphores`:
 zero between calls, kept per stream, never a memset per call), with the same keeping for the
-Hopper prefill's flags (:func:`scratch`).
+Hopper prefill's flags (:func:`scratch`) and the split decodes' partials (:func:`partials`).
 
 Used by the split merges (``merge_kernel.merge_last_split``, ``merge_kernel.merge_pieces``,
 ``softmax.merge_if_last``) and their launchers. Imported only by the kernel modules (it imports
@@ -10,6 +10,7 @@ triton).
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -85,18 +86,22 @@ class _Slab:
             return self.buf[self.used - count:self.used]
 
 
-def _zeros_off_thread(size: int, device: torch.device) -> torch.Tensor:
-    """``size`` int32 on ``device``, allocated on a thread of its own, zeroed on the caller's
-    current stream. Off-thread, the buffer never lands in a memory pool that the calling thread
-    routes its allocations to: torch.compile's CUDA-graph trees route a warm-up's allocations to
-    their pool and reject a live tensor there that is no graph output ("not tracked as
-    outputs")."""
+def _empty_off_thread(size: int, device: torch.device, dtype=torch.int32) -> torch.Tensor:
+    """``size`` elements of ``dtype`` on ``device``, allocated on a thread of its own. Off-thread,
+    the buffer never lands in a memory pool that the calling thread routes its allocations to:
+    torch.compile's CUDA-graph trees route a warm-up's allocations to their pool and reject a
+    live tensor there that is no graph output ("not tracked as outputs")."""
     box: list = []
     worker = threading.Thread(target=lambda: box.append(
-        torch.empty(size, dtype=torch.int32, device=device)))
+        torch.empty(size, dtype=dtype, device=device)))
     worker.start()
     worker.join()
-    return box[0].zero_()
+    return box[0]
+
+
+def _zeros_off_thread(size: int, device: torch.device) -> torch.Tensor:
+    """:func:`_empty_off_thread` int32, zeroed on the caller's current stream."""
+    return _empty_off_thread(size, device).zero_()
 
 
 def semaphores(count: int, device: torch.device) -> torch.Tensor:
@@ -160,3 +165,50 @@ def scratch(count: int, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or torch._C._len_torch_dispatch_stack() or _capturing():
         return torch.empty(max(count, 1), dtype=torch.int32, device=device)
     return _per_stream(_SCRATCH, count, device, device.index)
+
+
+# Split partials (:func:`partials`): per (device index, stream), one float32 buffer and the views
+# of it handed out so far, by shape.
+_PARTIALS: dict = {}
+_PARTIALS_MIN = 1 << 16  # floats (256 KB): a B 16 decode's partials fit the first buffer
+_LSE_ALIGN = 64  # floats: the LSE view starts 256 bytes past the output partials' end
+
+
+def partials(o_shape: tuple, lse_shape: tuple, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``(o_part, lse_part)`` of these shapes on ``device``, for a split launch whose
+    programs write each element they, or the merge after them on the stream, read (the split
+    decodes' partial outputs and log-sum-exps).
+
+    Eager calls share one kept buffer per (device, stream) and the views of it, kept by
+    shape: a call allocates nothing. Two ``torch.empty`` cost 3-5 us of host time per call on
+    the H200 host, a tenth of a small decode's. Launches on one stream run in order (a PDL
+    launch waits for the one before it at its first instruction, before any load or store), so
+    no two calls read or write the buffer at once (the interpreter's launches on the CPU run
+    before they return). A call being captured into a CUDA graph, or traced, gets fresh
+    tensors: graphs replayed at once must not share them, and no traced tensor may be kept.
+    The buffer grows at least twofold and is never freed (a queued launch may still use it:
+    _RETIRED)."""
+    index = (device.index if device.index is not None else torch.cuda.current_device()
+             ) if device.type == "cuda" else None
+    if torch._C._len_torch_dispatch_stack() or index is not None and _capturing():
+        return (torch.empty(o_shape, dtype=torch.float32, device=device),
+                torch.empty(lse_shape, dtype=torch.float32, device=device))
+    where = device if device.index is not None or index is None else torch.device("cuda", index)
+    key = (where, _raw_stream(index) if index is not None else 0)
+    kept = _PARTIALS.get(key)
+    if kept is not None:
+        views = kept[1].get((o_shape, lse_shape))
+        if views is not None:
+            return views
+    o_size, lse_size = math.prod(o_shape), math.prod(lse_shape)
+    lse_at = -(-o_size // _LSE_ALIGN) * _LSE_ALIGN
+    if kept is None or kept[0].numel() < lse_at + lse_size:
+        grown = max(lse_at + lse_size, _PARTIALS_MIN, 2 * kept[0].numel() if kept else 0)
+        if kept is not None:
+            _RETIRED.append(kept[0])
+        kept = _PARTIALS[key] = (_empty_off_thread(grown, where, torch.float32), {})
+    buf = kept[0]
+    views = kept[1][(o_shape, lse_shape)] = (buf[:o_size].view(o_shape),
+                                              buf[lse_at:lse_at + lse_size].view(lse_shape))
+    return views

@@ -223,6 +223,42 @@ def test_fused_merge_counters_reset_and_plan():
         assert semaphores(8, cpu) is not buf
 
 
+def test_split_partials_kept_per_stream_and_fresh_when_traced(monkeypatch):
+    # The split partials (split_counters.partials): eager calls get views of one kept float32
+    # buffer, the same objects for the same shapes (no allocation per call), the LSE rows after
+    # the outputs' (no overlap, 256-byte aligned); a larger request grows the buffer at least
+    # twofold and keeps the old one alive; a traced call gets fresh tensors. Then the split
+    # decode, called twice in a row on the kept partials, still matches the reference.
+    from attn_ops.backends.triton import split_counters
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(split_counters, "_PARTIALS", {})
+    monkeypatch.setattr(split_counters, "_RETIRED", [])
+    monkeypatch.setattr(split_counters, "_PARTIALS_MIN", 1000)
+    cpu = torch.device("cpu")
+    o, lse = split_counters.partials((4, 6, 3, 32), (4, 6, 3), cpu)
+    assert o.shape == (4, 6, 3, 32) and lse.shape == (4, 6, 3) and o.dtype == torch.float32
+    assert split_counters.partials((4, 6, 3, 32), (4, 6, 3), cpu) == (o, lse)
+    assert o.is_contiguous() and lse.is_contiguous()
+    base = o.untyped_storage().data_ptr()
+    assert lse.data_ptr() == base + 4 * 2304 and lse.untyped_storage().data_ptr() == base
+    o2, lse2 = split_counters.partials((10, 32), (10,), cpu)  # another shape: the same buffer
+    assert o2.data_ptr() == base and lse2.data_ptr() == base + 4 * 320
+    big, _ = split_counters.partials((100, 32), (100,), cpu)  # past 2304 + 72: grown twofold
+    assert big.untyped_storage().nbytes() == 4 * max(3200 + 100, 2 * 2376)
+    assert big.untyped_storage().data_ptr() != base and len(split_counters._RETIRED) == 1
+    with FakeTensorMode():
+        fake = split_counters.partials((4, 6, 3, 32), (4, 6, 3), cpu)[0]
+    assert fake is not o and len(split_counters._PARTIALS) == 1
+
+    for lens in ([40, 1, 0, 23], [7, 33, 0, 2]):
+        paged = random_paged(lens, 2, 32, 4, torch.float32)
+        q = torch.randn(len(lens), 6, 32)
+        args = (q, paged.k_cache, paged.v_cache, torch.tensor(lens, dtype=torch.int32),
+                paged.block_table, 0.2)
+        got = decode_kernel.decode(*args, splits=3, fused=False, out=poisoned(q.shape, q.dtype))
+        assert_close(got, reference.decode(*args), *TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("splits", [9, 16, 21])
 def test_fused_merge_in_chunks(monkeypatch, splits):
     # Past MERGE_CHUNK splits the merging program loads the partials a chunk at a time into a
