@@ -33,7 +33,8 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
 * ``--hopper-parts`` (an sm90 GPU): where the Hopper route's eager host time goes, 2 x 256
   prompts, 8 / 2 heads: the op, the bound function, each compiled launcher's C function alone
   (called with the arguments a bound call passed it), both, and the allocations and lookups a
-  call makes (:func:`hopper_parts`); two rounds, the least of five timings each.
+  call makes (:func:`hopper_parts`); the same for the Gluon decode route, 16 sequences
+  (:func:`_decode_parts`); two rounds, the least of five timings each.
 
     python benchmarks/bench_overhead.py [--out DIR] [--profile] [--cpu-op-path]
                                         [--cpu-triton-path] [--cpu-defaults] [--hopper-parts]
@@ -443,12 +444,51 @@ def hopper_parts(dev, calls: int = CALLS, rounds: int = 2) -> list[dict]:
         "12 x Tensor.data_ptr()": lambda: [x.data_ptr() for x in (
             t.qh, t.kh, t.vh, out, t.cuh, t.cuh, t.cuh, t.qh, t.qh, t.qh, t.qh, t.cuh)],
     }
+    parts.update(_decode_parts(dev))
     timed: dict[str, list] = {}
     for _ in range(rounds):
         for name, fn in parts.items():
             timed.setdefault(name, []).append(host_us(fn, calls, True, 5))
     return [dict(part=name, host_us=min(us), rounds=" ".join(f"{u:.2f}" for u in us))
             for name, us in timed.items()]
+
+
+def _decode_parts(dev) -> dict:
+    """The Gluon decode route's eager host time taken apart (B 16 sequences of 16 keys, 32 / 8
+    heads, 128 pairs: on the route on an H100 / H200): the op, its bound function, the same
+    bound with a fresh ``torch.empty`` for each partial (before split_counters.partials), the
+    Triton kernels' bound function, and the allocations."""
+    from attn_ops.backends.triton import decode_kernel, decode_plan, split_counters
+    u = _inputs(dev, b=16)
+    args = (u.q1, u.k_cache, u.v_cache, u.seqlens, u.table, 0.08)
+    if not decode_kernel.hopper_route(u.q1, u.k_cache, u.v_cache, u.table):
+        return {}
+    kept = split_counters.partials
+    split_counters.partials = lambda o, lse, d: (
+        torch.empty(o, dtype=torch.float32, device=d), torch.empty(lse, dtype=torch.float32,
+                                                                   device=d))
+    try:
+        fresh = decode_kernel.bind_decode(*args)
+    finally:
+        split_counters.partials = kept
+    gluon = decode_kernel.bind_decode(*args)
+    decode_plan.HOPPER_DECODE = False
+    try:
+        triton_kernels = decode_kernel.bind_decode(*args)
+    finally:
+        decode_plan.HOPPER_DECODE = True
+    rows = 2 * 264 * 4  # the partials' rows at two programs per SM, GQA 4
+    return {
+        "decode B 16: torch.ops.attn.decode, Gluon route": lambda: torch.ops.attn.decode(*args),
+        "decode B 16: bound, Gluon route": lambda: gluon(*args),
+        "decode B 16: bound, Gluon route, partials by torch.empty": lambda: fresh(*args),
+        "decode B 16: bound, Triton kernels": lambda: triton_kernels(*args),
+        "2 x torch.empty (the partials)": lambda: (
+            torch.empty((rows, 128), dtype=torch.float32, device=dev),
+            torch.empty((rows,), dtype=torch.float32, device=dev)),
+        "split_counters.partials (kept)": lambda: split_counters.partials(
+            (rows, 128), (rows,), u.q1.device),
+    }
 
 
 def _inference(fn):

@@ -6,9 +6,9 @@ pairs fill 0.75-2 programs per SM (decode_kernel.hopper_route, decode_plan.HOPPE
 kernel deals the key tiles of the whole batch evenly over its programs (:func:`programs`;
 decode_balanced_kernel.py's schedule) and merges the pieces of a split pair by their
 log-sum-exps, so a skewed batch costs what its total keys cost: B 16 of 4 x 8192 and 12 x 512
-keys 50.6 us against the Triton kernels' 56.7; at uniform lengths over SDPA's contiguous cache
-it runs 0.98-1.00x SDPA at B 13-33 (BENCHMARKS.md, twenty-fifth pass; ``python
-benchmarks/bench_decode.py --hopper-only``).
+keys 49.8 us against the Triton kernels' 56.7; at uniform lengths over SDPA's contiguous cache
+it runs 0.99-1.00x SDPA at B 13-33 (BENCHMARKS.md, twenty-fifth and twenty-sixth passes;
+``python benchmarks/bench_decode.py --hopper-only``).
 
 Public surface: :func:`available`, :func:`cache_view`, :func:`cache_reason`,
 :func:`shape_reason`, :func:`programs`, :func:`decode`, :func:`bind_decode`.
