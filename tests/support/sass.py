@@ -7,7 +7,8 @@ once cost that loop a spill). Needs the ptxas and cuobjdump that Triton's NVIDIA
 session interprets its kernels (``TRITON_INTERPRET=1``, fixed when a kernel module is imported),
 and the compiler needs them as compiled ``triton.jit`` functions. :func:`build_hopper_prefill`
 does the same for the Gluon Hopper prefill, specialised as a launch of one call shape would
-specialise it, and also returns ptxas's performance notes (a serialized wgmma pipeline is one).
+specialise it, and also returns ptxas's performance notes (a serialized wgmma pipeline is one);
+:func:`build_hopper_decode` likewise for the Gluon Hopper decode.
 """
 
 from __future__ import annotations
@@ -180,6 +181,48 @@ def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, he
     return out
 
 
+def compile_hopper_decode_sm90(batch: int = 16, heads: int = 32, kv_heads: int = 8,
+                               head_dim: int = 128, page: int = 16, width: int = 128) -> Build:
+    """hopper_decode_kernel for sm_90a as hopper_decode_launch plans a launch over ``batch``
+    sequences (bf16, a paged cache in pages of ``page``, tables ``width`` wide; a 132-SM
+    device), specialised on CPU stand-ins of its arguments as a launch specialises on the real
+    ones."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import create_function_from_signature
+
+    from attn_ops.backends.triton import hopper_decode_launch as launch
+    from attn_ops.backends.triton.hopper_decode_kernel import hopper_decode_kernel as kernel
+
+    q = torch.empty(batch, heads, head_dim, dtype=torch.bfloat16)
+    cache = torch.empty(batch * width, page, kv_heads, head_dim, dtype=torch.bfloat16)
+    lengths = torch.empty(batch, dtype=torch.int32)
+    table = torch.empty(batch, width, dtype=torch.int32)
+    progs = launch.programs(batch, kv_heads, 132, width * page)
+    descs, scalars, consts = launch._plan(q, cache, cache, lengths, table, head_dim ** -0.5,
+                                          q.stride(), progs)
+    k_desc, v_desc = (TensorDescriptor(cache, *d) for d in descs)
+    slots = progs * 2 * (heads // kv_heads)
+    args = (k_desc, v_desc, q, q, torch.empty(slots, head_dim), torch.empty(slots), lengths,
+            lengths, table, *scalars)
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(consts, debug=False)
+    bound, specialization, parsed = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                             specialization, parsed)
+    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs, attrs),
+                              target=target, options=options.__dict__)
+    out = _read(compiled)
+    out.notes = _ptxas_notes(compiled.asm["ptx"])
+    return out
+
+
 def build(kernel: str, pointers: dict[str, str], constexprs: dict, aligned: set[str],
           **options) -> Build:
     """:func:`compile_sm90` of ``kernel`` (``"module:name"``) in a child process with the
@@ -191,6 +234,11 @@ def build(kernel: str, pointers: dict[str, str], constexprs: dict, aligned: set[
 def build_hopper_prefill(**form) -> Build:
     """:func:`compile_hopper_prefill_sm90` of ``form`` in a child process (about 10 s)."""
     return _child(dict(hopper_prefill=form))
+
+
+def build_hopper_decode(**form) -> Build:
+    """:func:`compile_hopper_decode_sm90` of ``form`` in a child process (about 5 s)."""
+    return _child(dict(hopper_decode=form))
 
 
 def _child(spec: dict) -> Build:
@@ -206,6 +254,8 @@ if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
     if "hopper_prefill" in spec:
         out = compile_hopper_prefill_sm90(**spec["hopper_prefill"])
+    elif "hopper_decode" in spec:
+        out = compile_hopper_decode_sm90(**spec["hopper_decode"])
     else:
         module, name = spec["kernel"].split(":")
         fn = getattr(importlib.import_module(module), name)

@@ -51,6 +51,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                                    warpgroup_mma)
+    from attn_ops.backends.triton.gluon_api import thread_barrier
     from attn_ops.backends.triton.hopper_prefill_loads import copy_pieces
     GLUON = True
 except Exception:  # noqa: BLE001 - an older Triton, or one whose Gluon API moved: no kernel
@@ -190,7 +191,7 @@ if GLUON:
         """Count ``mine`` key tiles in at ``SEMA[idx]``; True in the one program that completes
         ``total``, once every other piece's partial is visible to it (each program stored its
         partial before the call). The two fields and why: split_counters.last_to_count_in."""
-        gl.thread_barrier()
+        thread_barrier()
         seen = gl.atomic_add(SEMA + idx, mine, sem="acquire")
         last = (seen & 0xFFFF) + mine == total
         if last:

@@ -60,8 +60,9 @@ from __future__ import annotations
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
+    from attn_ops.backends.triton.gluon_api import tma_load
     from attn_ops.backends.triton.hopper_prefill_items import any_item, sequences_with_items
     from attn_ops.backends.triton.hopper_prefill_loads import copy_pieces, load_q, page_rows
     from attn_ops.backends.triton.hopper_prefill_writes import (flag_slots, pass_packed_item,
@@ -106,12 +107,10 @@ if GLUON:
                         row = k_start + i * BLOCK_N
                         mbarrier.wait(k_empty.index(st), ph ^ 1)
                         mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(k_desc, [row, kv_col],
-                                                        k_ready.index(st), k_bufs.index(st))
+                        tma_load(k_desc, [row, kv_col], k_ready.index(st), k_bufs.index(st))
                         mbarrier.wait(v_empty.index(st), ph ^ 1)
                         mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(v_desc, [row, kv_col],
-                                                        v_ready.index(st), v_bufs.index(st))
+                        tma_load(v_desc, [row, kv_col], v_ready.index(st), v_bufs.index(st))
                     else:
                         PIECES: gl.constexpr = BLOCK_N // PAGE_ROWS
                         rows = page_rows(TABLE + seq * stride_tb, stride_tc, table_width,

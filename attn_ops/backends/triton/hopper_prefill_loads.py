@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from attn_ops.backends.triton.gluon_api import tma_load
 
 
 @gluon.jit
@@ -21,13 +23,12 @@ def load_q(q_desc, q_bufs, q_bar, q_row, head, HEAD_DIM: gl.constexpr, BLOCK_M: 
     mbarrier.expect(q_bar, CONSUMERS * PACK * q_desc.block_type.nbytes)
     if PACK == 1:
         for c in gl.static_range(CONSUMERS):
-            tma.async_copy_global_to_shared(q_desc, [q_row + c * BLOCK_M, head * HEAD_DIM],
-                                            q_bar, q_bufs.index(c))
+            tma_load(q_desc, [q_row + c * BLOCK_M, head * HEAD_DIM], q_bar, q_bufs.index(c))
     else:
         TOK: gl.constexpr = BLOCK_M // PACK
         for p in gl.static_range(PACK):
-            tma.async_copy_global_to_shared(q_desc, [q_row, (head + p) * HEAD_DIM], q_bar,
-                                            q_bufs.index(0).slice(p * TOK, TOK))
+            tma_load(q_desc, [q_row, (head + p) * HEAD_DIM], q_bar,
+                     q_bufs.index(0).slice(p * TOK, TOK))
 
 
 @gluon.jit
@@ -58,5 +59,5 @@ def copy_pieces(desc, rows, kv_col, empty, ready, buf, ph, PAGE_ROWS: gl.constex
     mbarrier.wait(empty, ph ^ 1)
     mbarrier.expect(ready, PIECES * desc.block_type.nbytes)
     for p in gl.static_range(PIECES):
-        tma.async_copy_global_to_shared(desc, [_piece(rows, p, PIECES), kv_col], ready,
-                                        buf.slice(p * PAGE_ROWS, PAGE_ROWS))
+        tma_load(desc, [_piece(rows, p, PIECES), kv_col], ready,
+                 buf.slice(p * PAGE_ROWS, PAGE_ROWS))
