@@ -135,12 +135,7 @@ def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, he
     ``context`` keys before the queries; a 132-SM device), specialised on CPU stand-ins of its
     arguments as a launch specialises on the real ones; with ptxas's performance notes."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import create_function_from_signature
 
     from attn_ops.backends.triton import common
     common.device_sm_count = lambda device=None: 132  # the H100 / H200 (no device here)
@@ -167,6 +162,17 @@ def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, he
              for x, (rows, layout) in zip((q, k, k), (blocks[0], blocks[1], blocks[1]))]
     flags = torch.empty(shape, dtype=torch.int32)
     args = (*descs, q, cu_q, cu_k, flags, table if table is not None else cu_k, *scalars)
+    return _compile_gluon(kernel, args, consts)
+
+
+def _compile_gluon(kernel, args: tuple, consts: dict) -> Build:
+    """The Gluon ``kernel`` for sm_90a, specialised on ``args`` (CPU stand-ins) and ``consts``
+    as a launch would specialise it, with ptxas's performance notes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -188,12 +194,7 @@ def compile_hopper_decode_sm90(batch: int = 16, heads: int = 32, kv_heads: int =
     device), specialised on CPU stand-ins of its arguments as a launch specialises on the real
     ones."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import create_function_from_signature
 
     from attn_ops.backends.triton import hopper_decode_launch as launch
     from attn_ops.backends.triton.hopper_decode_kernel import hopper_decode_kernel as kernel
@@ -209,18 +210,7 @@ def compile_hopper_decode_sm90(batch: int = 16, heads: int = 32, kv_heads: int =
     slots = progs * 2 * (heads // kv_heads)
     args = (k_desc, v_desc, q, q, torch.empty(slots, head_dim), torch.empty(slots), lengths,
             lengths, table, *scalars)
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = dict(consts, debug=False)
-    bound, specialization, parsed = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                             specialization, parsed)
-    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs, attrs),
-                              target=target, options=options.__dict__)
-    out = _read(compiled)
-    out.notes = _ptxas_notes(compiled.asm["ptx"])
-    return out
+    return _compile_gluon(kernel, args, consts)
 
 
 def build(kernel: str, pointers: dict[str, str], constexprs: dict, aligned: set[str],
