@@ -27,17 +27,16 @@ def test_the_hopper_names_resolve_to_gluon_builtins():
 
 
 def test_the_gluon_decode_compiles_for_sm90():
-    # B 16 over pages of 16 (one program per pair), and B 40 (two programs per SM: split pairs)
-    for batch in (16, 40):
-        build = sass.build_hopper_decode(batch=batch)
-        assert build.registers <= 128 and build.instructions  # maxnreg: two programs per SM
-        assert any("HGMMA" in text for _, text in build.instructions)  # wgmma, not mma.sync
-        assert any("UTMALDG" in text for _, text in build.instructions)  # TMA copies
+    # B 16 over pages of 16 (the form does not depend on the batch: one build)
+    build = sass.build_hopper_decode(batch=16)
+    assert build.registers <= 128 and build.stack == 0  # maxnreg: two programs per SM
+    assert any("HGMMA" in text for _, text in build.instructions)  # wgmma, not mma.sync
+    assert any("UTMALDG" in text for _, text in build.instructions)  # TMA copies
 
 
 def test_the_gluon_prefill_compiles_for_sm90():
-    # The two-consumer form (4 x 4096) and the paged one-consumer form
-    for form in (dict(batch=4, seqlen=4096), dict(batch=64, seqlen=256, page=16, context=128)):
-        build = sass.build_hopper_prefill(**form)
-        assert any("HGMMA" in text for _, text in build.instructions)
-        assert any("UTMALDG" in text for _, text in build.instructions)
+    # The paged one-consumer form: the page-piece loads and the dense Q load both (the
+    # two-consumer forms compile in the GPU tests, test_hopper_prefill_sass.py)
+    build = sass.build_hopper_prefill(batch=64, seqlen=256, page=16, context=128)
+    assert any("HGMMA" in text for _, text in build.instructions)
+    assert any("UTMALDG" in text for _, text in build.instructions)
