@@ -4,8 +4,8 @@ installed) on the same K/V held contiguously, and FlexAttention, in one run.
 
 bf16, Hq=32, Hkv=8, D=128, one query per sequence, every sequence ``ctx`` tokens long, blocks of
 our paged caches shuffled. Shapes: the standard ones, B 1 and 16 over context, and batches between
-the split rules' rows (B 24, 34, 48). Each contender is timed eagerly and as CUDA-graph replays (device time,
-no host launch cost: how decode runs in a server); GB/s = K and V bytes read
+the split rules' rows (B 24, 34, 48). Each contender is timed eagerly and as CUDA-graph replays
+(device time, no host launch cost: how decode runs in a server); GB/s = K and V bytes read
 (2 * B * ctx * Hkv * D * 2) / graph time; % is of the device copy bandwidth measured in this run
 (bytes read + written).
 

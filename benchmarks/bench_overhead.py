@@ -10,9 +10,9 @@ Tiny shapes, so the GPU work (a few us) hides behind the host. Sections:
   ``backend=``), the Triton kernel wrapper alone, with its launch bound (the compiled launcher
   called directly, attn_ops/backends/triton/launch.py) and through Triton's own
   ``kernel[grid]`` path, beside torch calls of similar size; on an sm90 GPU the bound decode of
-  16 sequences on the Gluon Hopper decode route and on the Triton kernels.
-  There also the Hopper prefill route (2 x 256 prompts: the guarded Gluon kernel and its fixup launch), through the op and
-  bound alone. The op and bound rows run twice, ``launcher`` ``Python`` (before: prepared
+  16 sequences on the Gluon Hopper decode route and on the Triton kernels, and the Hopper
+  prefill route (2 x 256 prompts: the guarded Gluon kernel and its fixup launch), through the
+  op and bound alone. The op and bound rows run twice, ``launcher`` ``Python`` (before: prepared
   launches call ``CompiledKernel.run``, Triton's Python wrapper of the launcher) and ``C``
   (after: attn_ops/backends/triton/raw_launch.py calls the launcher's C function).
 * ``chain``: a torch.compile'd function of 32 decode calls, each feeding the next, per call:

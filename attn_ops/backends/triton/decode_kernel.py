@@ -349,8 +349,8 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale, window_left=
     which of sinks / FP8 scales / lse are present) is computed here, once: the plan, the
     kernels' non-pointer arguments, the prepared launches (:func:`launch.prepare`). The
     function returned allocates the outputs, takes the split partials and the semaphores
-    kept for the current stream (split_counters), and launches; call it only with arguments of this signature (the
-    registry's dispatch memo guarantees it).
+    kept for the current stream (split_counters), and launches; call it only with arguments
+    of this signature (the registry's dispatch memo guarantees it).
     """
     batch, num_heads, head_dim = q.shape
     if batch == 0 or k_cache.numel() == 0 or block_table.numel() == 0:

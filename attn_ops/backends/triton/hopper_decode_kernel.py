@@ -32,10 +32,10 @@ and their TMA copies into ring slot ``i % STAGES`` (``i`` counts the program's t
 its pieces) once the consumer released it; a piece past the sequence's keys is a box wholly out
 of bounds, which TMA fills with zeros. The first tile's entries are guessed (the tile a uniform
 batch would start the program at) and loaded beside the lengths, so that where the guess holds
-the first copies wait on one global round trip instead of two. The consumer warpgroup loads the pair's GROUP query rows
-as the first rows of one 64-row tile (wgmma's M; the rest zeros), so each K/V tile is read once
-for the group: S = Q K^T (wgmma from shared memory), the online softmax in the exp2 domain, O
-+= P V (P from registers).
+the first copies wait on one global round trip instead of two. The consumer warpgroup loads the
+pair's GROUP query rows as the first rows of one 64-row tile (wgmma's M; the rest zeros), so
+each K/V tile is read once for the group: S = Q K^T (wgmma from shared memory), the online
+softmax in the exp2 domain, O += P V (P from registers).
 
 Non-finite values: the only keys a row must not see are those past the sequence's length in
 its last tile (garbage a cache may hold). Their scores become ``-inf`` and their value rows are

@@ -201,9 +201,10 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
     address). A call allocates the output, takes the current stream's kept partials and
     counters (split_counters), wraps the caches in descriptors whose fields are set directly
     and launches. A call the signature cannot serve directly (traced, a tensor subclass, a
-    cache base not 16-byte aligned) takes ``fallback`` (default :func:`decode`, which raises for such a cache)
-    with every argument given. Arguments after ``scale`` (the Triton backend's: window,
-    softcap, ...) are passed to ``fallback`` only: this signature's are the defaults."""
+    cache base not 16-byte aligned) takes ``fallback`` (default :func:`decode`, which raises
+    for such a cache) with every argument given. Arguments after ``scale`` (the Triton
+    backend's: window, softcap, ...) are passed to ``fallback`` only: this signature's are the
+    defaults."""
     import torch
 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
