@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from common import bench_ms, device, header, parse_args, print_table, write_csv
-from overhead_common import CALLS, host_us, tiny_inputs
+from overhead_common import CALLS, bound_decode_routes, host_us, tiny_inputs
 
 CHAIN = 32
 
@@ -114,21 +114,12 @@ def eager_cases(dev):
 
 
 def _decode_routes(t) -> dict:
-    """The Triton backend's bound decode (what the op path's memo calls) on each of its
-    routes for a bf16 decode of 16 sequences of 16 keys (128 (sequence, KV head) pairs, which
-    the Gluon Hopper decode takes on an H100 / H200: decode_plan.HOPPER_DECODE): the Gluon
-    launch, and the Triton kernels' (the route off while binding)."""
-    from attn_ops.backends.triton import decode_kernel, decode_plan
-    u = tiny_inputs(t.q1.device, b=16)
-    args = (u.q1, u.k_cache, u.v_cache, u.seqlens, u.table, 0.08)
-    if not decode_kernel.hopper_route(u.q1, u.k_cache, u.v_cache, u.table):
+    """The bound decode of 16 sequences on the Gluon Hopper route and on the Triton kernels
+    (overhead_common.bound_decode_routes), where the device puts it on the route."""
+    routes = bound_decode_routes(t.q1.device)
+    if routes is None:
         return {}
-    gluon = decode_kernel.bind_decode(*args)
-    decode_plan.HOPPER_DECODE = False
-    try:
-        triton_kernels = decode_kernel.bind_decode(*args)
-    finally:
-        decode_plan.HOPPER_DECODE = True
+    args, gluon, triton_kernels = routes
     return {"bound decode B 16, Gluon Hopper route": lambda: gluon(*args),
             "bound decode B 16, Triton kernels": lambda: triton_kernels(*args)}
 

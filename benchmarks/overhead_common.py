@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -56,3 +57,23 @@ def tiny_inputs(dev, b=1):
     t.kh, t.vh = (torch.randn(512, 2, d, device=dev, dtype=bf) for _ in range(2))
     t.cuh = torch.tensor([0, 256, 512], dtype=torch.int32, device=dev)
     return t
+
+
+def bound_decode_routes(dev) -> tuple[tuple, Callable, Callable] | None:
+    """The Triton backend's bound decode (what the op path's memo calls) on each of its routes
+    for a bf16 decode of 16 sequences of 16 keys (128 (sequence, KV head) pairs, which the Gluon
+    Hopper decode takes on an H100 / H200: decode_plan.HOPPER_DECODE): ``(args, the Gluon
+    route's bound function, the Triton kernels' (bound with the route off))``, or None where
+    the call is not on the route."""
+    from attn_ops.backends.triton import decode_kernel, decode_plan
+    u = tiny_inputs(dev, b=16)
+    args = (u.q1, u.k_cache, u.v_cache, u.seqlens, u.table, 0.08)
+    if not decode_kernel.hopper_route(u.q1, u.k_cache, u.v_cache, u.table):
+        return None
+    gluon = decode_kernel.bind_decode(*args)
+    decode_plan.HOPPER_DECODE = False
+    try:
+        triton_kernels = decode_kernel.bind_decode(*args)
+    finally:
+        decode_plan.HOPPER_DECODE = True
+    return args, gluon, triton_kernels

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from overhead_common import CALLS, host_us, tiny_inputs
+from overhead_common import CALLS, bound_decode_routes, host_us, tiny_inputs
 
 
 def hopper_parts(dev, calls: int = CALLS, rounds: int = 2) -> list[dict]:
@@ -64,11 +64,11 @@ def _decode_parts(dev) -> dict:
     heads, 128 pairs: on the route on an H100 / H200): the op, its bound function, the same
     bound with a fresh ``torch.empty`` for each partial (before split_counters.partials), the
     Triton kernels' bound function, and the allocations."""
-    from attn_ops.backends.triton import decode_kernel, decode_plan, split_counters
-    u = tiny_inputs(dev, b=16)
-    args = (u.q1, u.k_cache, u.v_cache, u.seqlens, u.table, 0.08)
-    if not decode_kernel.hopper_route(u.q1, u.k_cache, u.v_cache, u.table):
+    from attn_ops.backends.triton import decode_kernel, split_counters
+    routes = bound_decode_routes(dev)
+    if routes is None:
         return {}
+    args, gluon, triton_kernels = routes
     kept = split_counters.partials
     split_counters.partials = lambda o, lse, d: (
         torch.empty(o, dtype=torch.float32, device=d), torch.empty(lse, dtype=torch.float32,
@@ -77,12 +77,6 @@ def _decode_parts(dev) -> dict:
         fresh = decode_kernel.bind_decode(*args)
     finally:
         split_counters.partials = kept
-    gluon = decode_kernel.bind_decode(*args)
-    decode_plan.HOPPER_DECODE = False
-    try:
-        triton_kernels = decode_kernel.bind_decode(*args)
-    finally:
-        decode_plan.HOPPER_DECODE = True
     rows = 2 * 264 * 4  # the partials' rows at two programs per SM, GQA 4
     return {
         "decode B 16: torch.ops.attn.decode, Gluon route": lambda: torch.ops.attn.decode(*args),
@@ -93,5 +87,5 @@ def _decode_parts(dev) -> dict:
             torch.empty((rows, 128), dtype=torch.float32, device=dev),
             torch.empty((rows,), dtype=torch.float32, device=dev)),
         "split_counters.partials (kept)": lambda: split_counters.partials(
-            (rows, 128), (rows,), u.q1.device),
+            (rows, 128), (rows,), args[0].device),
     }

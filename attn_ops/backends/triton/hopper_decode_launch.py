@@ -225,7 +225,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
     # bases below; out, the partials and the counters are this wrapper's allocations.
     launch = prepare(hopper_decode_kernel, (progs,), consts, (2, 7, 8), scalars)
     slot_rows = progs * 2 * (num_heads // num_kv_heads)
-    part_shapes = (slot_rows, head_dim)
+    part_shapes = ((slot_rows, head_dim), (slot_rows,))  # the partials' (outputs, LSEs)
     shape, dtype, device = q.shape, q.dtype, q.device
     empty, empty_like, pairs = torch.empty, torch.empty_like, batch * num_kv_heads
     like_q = q.stride() == out_strides
@@ -239,7 +239,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
         stats["bound"] += 1
         out = empty_like(q) if like_q else empty(shape, dtype=dtype, device=device)
         launch((desc_k(k_cache), desc_v(v_cache), q, out,
-                *partials(part_shapes, (slot_rows,), device),
+                *partials(*part_shapes, device),
                 semaphores(pairs, device), seqlens_k, block_table))
         return out
     return run

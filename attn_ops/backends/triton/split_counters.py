@@ -167,8 +167,8 @@ def scratch(count: int, device: torch.device) -> torch.Tensor:
     return _per_stream(_SCRATCH, count, device, device.index)
 
 
-# Split partials (:func:`partials`): per (device index, stream), one float32 buffer and the views
-# of it handed out so far, by shape.
+# Split partials (:func:`partials`): per (device, stream), one float32 buffer and the views of it
+# handed out so far, by shape.
 _PARTIALS: dict = {}
 _PARTIALS_MIN = 1 << 16  # floats (256 KB): a B 16 decode's partials fit the first buffer
 _LSE_ALIGN = 64  # floats: the LSE view starts 256 bytes past the output partials' end
@@ -181,14 +181,14 @@ def partials(o_shape: tuple, lse_shape: tuple, device: torch.device
     decodes' partial outputs and log-sum-exps).
 
     Eager calls share one kept buffer per (device, stream) and the views of it, kept by
-    shape: a call allocates nothing. Two ``torch.empty`` cost 3-5 us of host time per call on
-    the H200 host, a tenth of a small decode's. Launches on one stream run in order (a PDL
-    launch waits for the one before it at its first instruction, before any load or store), so
-    no two calls read or write the buffer at once (the interpreter's launches on the CPU run
-    before they return). A call being captured into a CUDA graph, or traced, gets fresh
-    tensors: graphs replayed at once must not share them, and no traced tensor may be kept.
-    The buffer grows at least twofold and is never freed (a queued launch may still use it:
-    _RETIRED)."""
+    shape: a call allocates nothing (~1.5 us), where two ``torch.empty`` cost 7-11 us of host
+    time per call on the H200 hosts, a third of a small decode's bound call (BENCHMARKS.md,
+    twenty-sixth pass). Launches on one stream run in order (a PDL launch waits for the one
+    before it at its first instruction, before any load or store), so no two calls read or
+    write the buffer at once (the interpreter's launches on the CPU run before they return).
+    A call being captured into a CUDA graph, or traced, gets fresh tensors: graphs replayed at
+    once must not share them, and no traced tensor may be kept. The buffer grows at least
+    twofold and is never freed (a queued launch may still use it: _RETIRED)."""
     index = (device.index if device.index is not None else torch.cuda.current_device()
              ) if device.type == "cuda" else None
     if torch._C._len_torch_dispatch_stack() or index is not None and _capturing():
