@@ -38,9 +38,18 @@ def hopper_parts(dev, calls: int = CALLS, rounds: int = 2) -> list[dict]:
         fire.__globals__["launch"] = c_launch[name]
     get_device, get_stream = launch._runtime()[:2]
     qdev = t.qh.device  # with its index, as the route's calls pass it
+    def through_launchers():  # the bound function before its launches from addresses
+        direct_stream = launch.direct_stream
+        launch.direct_stream = lambda device: None
+        try:
+            return run(*args)
+        finally:
+            launch.direct_stream = direct_stream
+
     parts = {
         "torch.ops.attn.prefill, Hopper route": lambda: torch.ops.attn.prefill(*args),
         "the bound function (bind_prefill_guarded)": lambda: run(*args),
+        "the bound function through the prepared launchers": through_launchers,
         **{f"C launch function alone: {name} ({len(recorded[name])} arguments)":
            (lambda a=recorded[name], f=c_launch[name]: f(*a)) for name in c_launch},
         "both C launch functions": lambda: [f(*recorded[n]) for n, f in c_launch.items()],

@@ -361,10 +361,15 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     flags (split_counters.scratch: kept per stream for eager calls, no memset), wraps q/k/v in
     descriptors whose fields are set directly (fixed by the signature but for the base) and
     makes the two launches, each through the launcher's C function (raw_launch: a descriptor
-    encoded once per base address). 2 x 256 prompts, H200 host: 20 us per call (30 through
-    Triton's Python launcher, which encoded every descriptor per call; 133-270 for
-    :func:`prefill_guarded`: Gluon's ``JITFunction.run`` with three descriptors alone cost
-    86-145 us per launch); each launch about 7 us of it.
+    encoded once per base address). Once both launches are pinned, a call reads each address
+    once and fires both from them (raw_launch's ``at``: no descriptor objects, eight address
+    reads for twenty, one device, hook and stream check for the two). 2 x 256 prompts, H200
+    hosts, in one process: 15.1-25.6 us per call against 21.0-36.2 through the prepared
+    launchers (29-34% less; the hosts' speed varies by half from one to the next), of which the
+    two C launch functions are 8.6-14.4 (BENCHMARKS.md, twenty-seventh pass). Before the
+    prepared launchers: 30 through Triton's Python launcher, which encoded every descriptor
+    per call; 133-270 for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three
+    descriptors alone cost 86-145 us per launch).
 
     The function returned takes ``out`` (contiguous ``[Tq, H, D]``, written in place) as an
     optional last argument: the split route passes the unified kernel's. Calls the signature
@@ -373,8 +378,8 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from attn_ops.backends.triton.split_counters import scratch
-    from attn_ops.backends.triton.launch import prepare, stats
+    from attn_ops.backends.triton import launch
+    from attn_ops.backends.triton.split_counters import capturing, scratch, scratch_on
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     paged = block_table is not None
     if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not _packed(q)
@@ -396,29 +401,48 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1])))
     # Alignment checked per call: cu_seqlens and the table (positions 4, 5, 7); out and flags
     # are fresh allocations, the descriptors' bases are checked below.
-    gluon = prepare(hopper_prefill_kernel, grid, consts, (4, 5, 7), scalars)
+    gluon = launch.prepare(hopper_prefill_kernel, grid, consts, (4, 5, 7), scalars)
     f_grid, f_consts, f_scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                     max_seqlen_q, scale, causal, shape[0],
                                                     n_consumers * BLOCK_M // 2,
                                                     block_table=block_table,
                                                     flags_per_half=shape[3] // 2)
-    fix = prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5, 6), f_scalars)
+    fix = launch.prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5, 6), f_scalars)
     empty, empty_like, flag_count = torch.empty, torch.empty_like, math.prod(shape)
     out_shape, dtype, device = q.shape, q.dtype, q.device
     like_q = q.stride() == out_strides
     tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
+    stats = launch.stats
 
     def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             causal=True, block_table=None, out=None):
-        if type(q) is not tensor or depth() or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+        direct = type(q) is tensor and not depth()  # neither a subclass nor traced
+        if direct:
+            pq, pk, pv = q.data_ptr(), k.data_ptr(), v.data_ptr()
+            direct = not (pq | pk | pv) & 15
+        if not direct:
             return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, scale, causal, block_table, out, min_q,
                                    n_consumers, pack)
         stats["bound"] += 1
         if out is None:
             out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
-        flags = scratch(flag_count, device)  # kept per stream: each flag is written
         table = block_table if paged else cu_seqlens_k
+        # Both launches pinned: from the addresses, each read once (8 reads for 20 through the
+        # launchers, no descriptor object), one device, hook and stream check for the two.
+        # Being captured (fresh flags) or under a launch hook: the launchers' path below.
+        if gluon.at is not None and fix.at is not None and not capturing():
+            stream = launch.direct_stream(gluon.device)
+            pc, pck, pt = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), table.data_ptr()
+            if stream is not None and not (pc | pck | pt) & 15:
+                po = out.data_ptr()
+                pf = scratch_on(flag_count, device, stream).data_ptr()
+                gluon.at((pq, pk, pv, po, pc, pck, pf, pt), stream)
+                fix.at((pq, pk, pv, po, pc, pck, pt, pq, pq, pq, pq, pf), stream)
+                stats["direct"] += 2
+                stats["raw"] += 2
+                return out
+        flags = scratch(flag_count, device)  # kept per stream: each flag is written
         gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table))
         fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q, flags))
         return out

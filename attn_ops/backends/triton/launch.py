@@ -381,8 +381,35 @@ def prepare(kernel, grid: tuple, kwargs: dict, check: tuple[int, ...] | None = N
                         hook_chain = type(hook)
                 run = bound.run
                 fire = raw_launch.build(bound, args, tail, (g0, g1, g2), check) if raw else None
+                if fire is not None:
+                    launcher.device, launcher.at = device, fire.at
     launcher.kernel, launcher.grid, launcher.kwargs, launcher.fixed = kernel, grid, kwargs, fixed
+    launcher.device = launcher.at = None  # set once pinned where raw_launch serves the launcher
     return launcher
+
+
+def direct_stream(device: int):
+    """The current stream's handle when a prepared launch's ``at`` (pinned on ``device``, a
+    CUDA device index) may fire now: launches enabled, ``device`` current, no launch hook set
+    (a profiler's hooks get Triton's path); else None. For a caller making several prepared
+    launches from addresses it read once (hopper_prefill_launch.bind_prefill_guarded)."""
+    global _direct_getters
+    getters = _runtime()
+    if _direct_getters is None or _direct_getters[0] is not getters:
+        hooks = {type(h) for h in (getters[2].launch_enter_hook, getters[2].launch_exit_hook)
+                 if type(h).__name__ == "HookChain"}
+        _direct_getters = (getters, _device_getter(getters[0]), hooks.pop() if hooks else None)
+    _, get_device, chain = _direct_getters
+    enter, leave = getters[2].launch_enter_hook, getters[2].launch_exit_hook
+    if (enabled and get_device() == device
+            and (enter is None or enter.__class__ is chain and not enter.calls)
+            and (leave is None or leave.__class__ is chain and not leave.calls)):
+        return getters[1](device)
+    return None
+
+
+# (_runtime()'s getters, their fast current-device getter, Triton's HookChain class or None)
+_direct_getters = None
 
 
 def clear() -> None:

@@ -16,6 +16,9 @@ of the address and the signature's fields, so a kept one is exact; K/V caches ke
 address from call to call) and calls the C function. Anything it does not recognise (another
 Triton, a scratch buffer, a cooperative or multi-CTA launch, a descriptor whose fields are not
 the pinned ones) gives None or a False return, and the caller keeps Triton's path.
+
+A caller that reads the addresses itself (the Hopper route's two launches share eight of them)
+calls ``fire.at`` instead: the same launch from the addresses as ints, with no check at all.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def build(bound, args: tuple, tail: tuple, grid: tuple, check) -> Callable | Non
     launcher is not one this module knows. ``check``: the positions of the tensors whose
     address must be a multiple of 16 (None: every tensor). ``fire`` returns False, launching
     nothing, when such an address is not, or when a descriptor's fields are not the ones seen
-    here."""
+    here. ``fire.at(addresses, stream)``: the same launch from ``args`` with every tensor (and
+    every descriptor) replaced by its (base's) address, unchecked: for a caller that has read and
+    checked the addresses itself, and whose descriptors have the pinned fields."""
     launcher = bound.run
     if (type(launcher).__name__ != "CudaLauncher" or getattr(launcher, "global_scratch_size", 1)
             or getattr(launcher, "profile_scratch_size", 1)
@@ -63,11 +68,19 @@ def build(bound, args: tuple, tail: tuple, grid: tuple, check) -> Callable | Non
             params.append(f"a[{i}]")
     if checked:
         lines.append(f"    if ({' | '.join(checked)}) & 15: return False")
-    src = ("def fire(a, stream):\n" + "\n".join(lines) + ("\n" if lines else "")
-           + "    launch(g[0], g[1], g[2], stream, function, False, pdl, None, None, packed, "
-           f"None, None, None, {', '.join(params)}{', ' if params else ''}*tail)\n"
-           "    return True\n")
+
+    def call(params: list) -> str:
+        return ("    launch(g[0], g[1], g[2], stream, function, False, pdl, None, None, packed, "
+                f"None, None, None, {''.join(p + ', ' for p in params)}*tail)\n")
+    # fire.at: the addresses given (a tensor's as an int, a descriptor's base's), nothing read
+    # or checked; a descriptor's CUtensorMap from its encoder's kept ones, by that address.
+    at_lines = [f"    d{i} = e{i}.at(a[{i}])\n" for i in sorted(encoders)]
+    at_params = [f"*d{i}" if i in encoders else f"a[{i}]" for i in range(len(args))]
+    src = ("def fire(a, stream):\n" + "".join(line + "\n" for line in lines) + call(params)
+           + "    return True\n\n\n"
+           "def at(a, stream):\n" + "".join(at_lines) + call(at_params))
     exec(compile(src, "<attn_ops raw launch>", "exec"), names)  # noqa: S102 (our own text)
+    names["fire"].at = names["at"]
     return names["fire"]
 
 
@@ -117,16 +130,20 @@ def _encoder(meta, desc, fill, dtype_to_host) -> Callable | None:
     after = (*shape, *strides)
     kept: dict[int, tuple] = {}
 
-    def encode(d):
-        if d.shape is not shape or d.strides is not strides or d.block_shape is not block:
-            return None  # not the pinned descriptor's fields (shared by the bound maker)
-        address = d.base.data_ptr()
+    def at(address: int) -> tuple:
+        """The arguments for a descriptor of these fields over ``address``."""
         hit = kept.get(address)
         if hit is None:
             if len(kept) >= _MAX_KEPT:
                 kept.clear()
             hit = kept[address] = (fill(address, *fields), *after)
         return hit
+
+    def encode(d):
+        if d.shape is not shape or d.strides is not strides or d.block_shape is not block:
+            return None  # not the pinned descriptor's fields (shared by the bound maker)
+        return at(d.base.data_ptr())
+    encode.at = at
     return encode
 
 

@@ -69,7 +69,9 @@ _SLAB_SIZE, _SLAB_LOW = 1 << 16, 1 << 13  # counters per slab; eager calls refil
 _SLAB_LOCK = threading.Lock()
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream",
                       lambda index: torch.cuda.current_stream(index).cuda_stream)
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
+# Whether the current CUDA stream is being captured into a graph (torch's C function: no Python
+# frame; False on a build without CUDA).
+capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
 
 
 class _Slab:
@@ -125,7 +127,7 @@ def semaphores(count: int, device: torch.device) -> torch.Tensor:
              ) if device.type == "cuda" else None
     # A tensor's device has its index: build one (~0.3 us) only for a bare "cuda".
     where = device if device.index is not None or index is None else torch.device("cuda", index)
-    if index is not None and _capturing():
+    if index is not None and capturing():
         slab = _SLABS.get(where)
         taken = slab.take(count) if slab is not None else None
         return taken if taken is not None else torch.zeros(count, dtype=torch.int32,
@@ -162,9 +164,19 @@ def scratch(count: int, device: torch.device) -> torch.Tensor:
     fresh buffer cost ~2 us of host time per call, the memset it replaced 9 us on the H200
     host). A call being captured into a CUDA graph, or traced, gets a fresh ``torch.empty``:
     graphs replayed at once must not share it, nor may a traced tensor be kept."""
-    if device.type != "cuda" or torch._C._len_torch_dispatch_stack() or _capturing():
+    if device.type != "cuda" or torch._C._len_torch_dispatch_stack() or capturing():
         return torch.empty(max(count, 1), dtype=torch.int32, device=device)
     return _per_stream(_SCRATCH, count, device, device.index)
+
+
+def scratch_on(count: int, device: torch.device, stream: int) -> torch.Tensor:
+    """:func:`scratch` for an eager call that holds ``stream``, the raw handle of the current
+    stream of ``device`` (CUDA, with an index), and has checked that nothing is being captured
+    or traced: the kept buffer by one dict lookup."""
+    buf = _SCRATCH.get((device, stream))
+    if buf is None or buf.numel() < count:
+        return _per_stream(_SCRATCH, count, device, device.index)
+    return buf
 
 
 # Split partials (:func:`partials`): per (device, stream), one float32 buffer and the views of it
@@ -191,7 +203,7 @@ def partials(o_shape: tuple, lse_shape: tuple, device: torch.device
     twofold and is never freed (a queued launch may still use it: _RETIRED)."""
     index = (device.index if device.index is not None else torch.cuda.current_device()
              ) if device.type == "cuda" else None
-    if torch._C._len_torch_dispatch_stack() or index is not None and _capturing():
+    if torch._C._len_torch_dispatch_stack() or index is not None and capturing():
         return (torch.empty(o_shape, dtype=torch.float32, device=device),
                 torch.empty(lse_shape, dtype=torch.float32, device=device))
     where = device if device.index is not None or index is None else torch.device("cuda", index)

@@ -46,9 +46,11 @@ def _normal(a):
 
 class _Recorder:
     """Stands in for the launches: every one becomes (kernel name, grid, arguments in order,
-    constexprs and options)."""
+    constexprs and options). ``pinned``: the prepared launches are as raw_launch serves them
+    once pinned, their ``at`` (the launch from addresses) recorded as "gluon.at" / "fixup.at"
+    with the stream among the options."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, pinned=False):
         self.calls = []
         rec = self
 
@@ -62,7 +64,14 @@ class _Recorder:
 
         def prepare(kernel, grid, consts, check=None, fixed=()):
             name = "gluon" if kernel is hp.hopper_prefill_kernel else "fixup"
-            return lambda args: rec.add(name, grid, args + fixed, consts)
+
+            def go(args):
+                rec.add(name, grid, args + fixed, consts)
+
+            def at(addresses, stream):
+                rec.add(f"{name}.at", grid, addresses + fixed, dict(consts, stream=stream))
+            go.device, go.at = (0, at) if pinned else (None, None)
+            return go
 
         monkeypatch.setattr(hp, "hopper_prefill_kernel", Kernel())
         monkeypatch.setattr(launch_mod, "launch", launch)
@@ -201,6 +210,43 @@ def test_each_call_describes_its_own_tensors(monkeypatch):
     assert [gluon[2][i][1] for i in range(3)] == [t.data_ptr() for t in other[:3]]
     assert [fixup[2][i][1] for i in (0, 1, 2)] == [t.data_ptr() for t in other[:3]]
     assert gluon[2][6] == fixup[2][11], "the fixup reads the flags the kernel wrote"
+
+
+def _addresses(args):
+    """A recorded launch's arguments with each tensor and descriptor as its (base's) address."""
+    return [a[1] if isinstance(a, tuple) and a[:1] in (("tensor",), ("desc",)) else a
+            for a in args]
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_pinned_launches_fire_from_addresses_read_once(monkeypatch, page):
+    """Once raw_launch serves both pinned launches, a call reads each address once and fires
+    both from them (``at``): the addresses the launchers' own path reads, in the same places,
+    the kernel's flags the fixup's. Being captured, or no stream for a direct launch (another
+    current device, a launch hook), takes the launchers' path."""
+    from attn_ops.backends.triton import split_counters
+    rec = _Recorder(monkeypatch, pinned=True)
+    capturing, stream = [False], ["the stream"]
+    monkeypatch.setattr(split_counters, "capturing", lambda: capturing[0])
+    monkeypatch.setattr(launch_mod, "direct_stream", lambda device: stream[0])
+    args = _inputs(page=page)
+    run = hp.bind_prefill_guarded(*args)
+    outs = [run(*args)]
+    at = rec.calls[:]
+    assert [c[0] for c in at] == ["gluon.at", "fixup.at"]
+    assert {c[3]["stream"] for c in at} == {"the stream"}
+    assert at[0][2][6] == at[1][2][11], "the fixup reads the flags the kernel wrote"
+    for capturing[0], stream[0] in ((True, "the stream"), (False, None)):
+        rec.calls.clear()
+        outs.append(run(*args))
+        assert [c[0] for c in rec.calls] == ["gluon", "fixup"]
+        for (name, g, a, c), (_, g_at, a_at, c_at) in zip(rec.calls, at):
+            addresses = _addresses(a)
+            for i in (3, _FLAGS_AT[name]):  # the fresh output; the flags (fresh off the GPU)
+                addresses[i] = a_at[i]
+            c_at = {n: x for n, x in c_at.items() if n != "stream"}
+            assert (g, addresses, c) == (g_at, a_at, c_at)
+    assert len({o.data_ptr() for o in outs}) == 3, "a fresh output each call"
 
 
 def test_calls_it_cannot_serve_directly_take_the_unbound_entry(monkeypatch):

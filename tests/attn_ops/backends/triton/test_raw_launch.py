@@ -93,6 +93,34 @@ def test_addresses_go_as_ints_with_every_parameter_in_order(monkeypatch):
     assert log[-1][0] == "c" and log[-1][15] == y.data_ptr() + 4
 
 
+def test_at_fires_the_same_launch_from_the_addresses(monkeypatch):
+    """``at`` (set once pinned): the C function's call that a launch of these tensors makes,
+    from their addresses as ints, on the stream given, nothing checked."""
+    kernel, log = _fake(monkeypatch)
+    x, y = torch.randn(64), torch.randn(64)
+    go = launch.prepare(kernel, (3, 2), dict(BLOCK=32), check=(0,), fixed=(0.5, True))
+    assert go.at is None and go.device is None
+    go((x, y, 5))  # pins
+    assert go.device == 0
+    go((y, x, 5))
+    go.at((y.data_ptr(), x.data_ptr(), 5), "another stream")
+    assert log[2] == log[1][:4] + ("another stream",) + log[1][5:]
+    go.at((x.data_ptr() + 4, y.data_ptr(), 5), "stream")  # unchecked: the caller checks
+    assert log[3][14:16] == (x.data_ptr() + 4, y.data_ptr())
+
+
+def test_direct_stream_only_where_a_pinned_launch_may_fire(monkeypatch):
+    """The current stream for ``at`` launches on the current device; None for another device,
+    with a launch hook set (a profiler gets Triton's path) or with launches disabled."""
+    _fake(monkeypatch)
+    assert launch.direct_stream(0) == "stream" and launch.direct_stream(1) is None
+    monkeypatch.setattr(launch._driver[2], "launch_exit_hook", lambda meta: None)
+    assert launch.direct_stream(0) is None
+    monkeypatch.setattr(launch._driver[2], "launch_exit_hook", None)
+    monkeypatch.setattr(launch, "enabled", False)
+    assert launch.direct_stream(0) is None
+
+
 def test_a_hook_takes_the_wrapper(monkeypatch):
     """A profiler's hook set: the launch goes through CompiledKernel.run, as Triton's would."""
     kernel, log = _fake(monkeypatch)
@@ -143,8 +171,15 @@ def test_a_descriptor_is_encoded_once_per_base_address(monkeypatch):
                        (b.data_ptr(), 128, 2, 50, [16, 32], [64, 32], [32, 1], 0)]
     assert log[1][14:] == ("map1", 64, 32, 32, 1, y.data_ptr(), 7, 0.5, False, 16, "a")
     assert log[2][14] == "map2" and log[3][14] == "map1"
+    # From addresses: a base seen before takes its kept encoding, a new one is encoded once.
+    c = torch.randn(64, 32)
+    go.at((a.data_ptr(), y.data_ptr(), 7), "stream")
+    assert log[-1] == log[1] and len(encoded) == 2
+    go.at((c.data_ptr(), y.data_ptr(), 7), "stream")
+    go.at((c.data_ptr(), y.data_ptr(), 7), "stream")
+    assert encoded[2:] == [(c.data_ptr(),) + encoded[0][1:]] and log[-1][14] == "map3"
     go((_descriptor(a, [64, 32], strides, block), y, 7))  # equal fields, other objects
-    assert log[-1][0] == "wrapper" and len(encoded) == 2  # the keyed path
+    assert log[-1][0] == "wrapper" and len(encoded) == 3  # the keyed path
 
 
 @pytest.mark.parametrize("meta", [None, dict(swizzle=128, elem_size=1, elem_type=5,
