@@ -381,8 +381,9 @@ def prepare(kernel, grid: tuple, kwargs: dict, check: tuple[int, ...] | None = N
                         hook_chain = type(hook)
                 run = bound.run
                 fire = raw_launch.build(bound, args, tail, (g0, g1, g2), check) if raw else None
-                if fire is not None:
-                    launcher.device, launcher.at = device, fire.at
+                # A re-pin (another device, other descriptor fields) replaces or drops them.
+                launcher.device, launcher.at = (device, fire.at) if fire is not None else (
+                    None, None)
     launcher.kernel, launcher.grid, launcher.kwargs, launcher.fixed = kernel, grid, kwargs, fixed
     launcher.device = launcher.at = None  # set once pinned where raw_launch serves the launcher
     return launcher

@@ -180,6 +180,13 @@ def test_a_descriptor_is_encoded_once_per_base_address(monkeypatch):
     assert encoded[2:] == [(c.data_ptr(),) + encoded[0][1:]] and log[-1][14] == "map3"
     go((_descriptor(a, [64, 32], strides, block), y, 7))  # equal fields, other objects
     assert log[-1][0] == "wrapper" and len(encoded) == 3  # the keyed path
+    # ... which re-pins: ``at`` follows the new pin, and is dropped by one raw_launch cannot
+    # serve (here: raw launches switched off).
+    assert go.at is not None and go.at.__globals__["e0"](_descriptor(b, shape, strides, block)) \
+        is None
+    monkeypatch.setattr(launch, "raw", False)
+    go((_descriptor(a, [64, 32], [32, 1], block), y, 7))
+    assert log[-1][0] == "wrapper" and go.at is None and go.device is None
 
 
 @pytest.mark.parametrize("meta", [None, dict(swizzle=128, elem_size=1, elem_type=5,
