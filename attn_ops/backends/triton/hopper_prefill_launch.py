@@ -365,7 +365,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     once and fires both from them (raw_launch's ``at``: no descriptor objects, eight address
     reads for twenty, one device, hook and stream check for the two). 2 x 256 prompts, H200
     hosts, in one process: 15.1-25.6 us per call against 21.0-36.2 through the prepared
-    launchers (29-34% less; the hosts' speed varies by half from one to the next), of which the
+    launchers (28-34% less; the hosts' speed varies by half from one to the next), of which the
     two C launch functions are 8.6-14.4 (BENCHMARKS.md, twenty-seventh pass). Before the
     prepared launchers: 30 through Triton's Python launcher, which encoded every descriptor
     per call; 133-270 for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three
