@@ -140,6 +140,7 @@ def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, he
     from attn_ops.backends.triton import common
     common.device_sm_count = lambda device=None: 132  # the H100 / H200 (no device here)
     from attn_ops.backends.triton import hopper_prefill_launch as launch
+    from attn_ops.backends.triton import hopper_tma
     from attn_ops.backends.triton.hopper_prefill_kernel import hopper_prefill_kernel as kernel
 
     keys = seqlen + context
@@ -158,7 +159,7 @@ def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, he
     grid, scalars, consts, shape, blocks = launch._plan(
         q, k, cu_q, cu_k, seqlen, head_dim ** -0.5, causal, q.stride(), table, min_q,
         n_consumers, keys, pack)
-    descs = [TensorDescriptor(*launch._rows(x), [rows, head_dim], layout)
+    descs = [TensorDescriptor(*hopper_tma.tma_rows(x), [rows, head_dim], layout)
              for x, (rows, layout) in zip((q, k, k), (blocks[0], blocks[1], blocks[1]))]
     flags = torch.empty(shape, dtype=torch.int32)
     args = (*descs, q, cu_q, cu_k, flags, table if table is not None else cu_k, *scalars)

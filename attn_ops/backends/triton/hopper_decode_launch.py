@@ -16,15 +16,12 @@ Public surface: :func:`available`, :func:`cache_view`, :func:`cache_reason`,
 
 from __future__ import annotations
 
-import functools
-
 from attn_ops.backends.triton.common import next_pow2
 from attn_ops.backends.triton.hopper_decode_kernel import GLUON
+from attn_ops.backends.triton.hopper_tma import shared_layout
 from attn_ops.backends.triton.split_counters import COUNT_LIMIT
 
 if GLUON:
-    from triton.experimental.gluon import language as gl
-
     from attn_ops.backends.triton.hopper_decode_kernel import hopper_decode_kernel
 
 LOG2E = 1.4426950408889634
@@ -111,13 +108,6 @@ def cache_reason(k_cache, v_cache, block_table) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _layout(rows: int, head_dim: int, fp16: bool):
-    """The shared-memory layout of a ``[rows, head_dim]`` tile (~6 us to build, so once)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, head_dim],
-                                                gl.float16 if fp16 else gl.bfloat16)
-
-
 def programs(batch: int, num_kv_heads: int, sms: int, capacity: int = 0) -> int:
     """The grid for a table of ``capacity`` keys per sequence: one program per (sequence, KV
     head) while the pairs fit one program per SM, or two per SM at short tables; past that two
@@ -145,7 +135,7 @@ def _plan(q, k_cache, v_cache, seqlens_k, block_table, scale: float, out_strides
     batch, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     rows = min(page, BLOCK_N)
-    layout = _layout(rows, head_dim, q.dtype == torch.float16)
+    layout = shared_layout(rows, head_dim, q.dtype == torch.float16)
     views = [cache_view(x) for x in (k_cache, v_cache)]
     descs = [(v[0], v[1], [rows, head_dim], layout) for v in views]
     scalars = (q.stride(0), q.stride(1), out_strides[0], out_strides[1], seqlens_k.stride(0),
@@ -210,7 +200,7 @@ def bind_decode(q, k_cache, v_cache, seqlens_k, block_table, scale: float, fallb
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from attn_ops.backends.triton.common import device_sm_count
-    from attn_ops.backends.triton.hopper_prefill_launch import descriptor_maker
+    from attn_ops.backends.triton.hopper_tma import descriptor_maker
     from attn_ops.backends.triton.launch import prepare, stats
     from attn_ops.backends.triton.split_counters import partials, semaphores
     batch, num_heads, head_dim = q.shape

@@ -15,10 +15,10 @@ import math
 from attn_ops.backends.triton.hopper_prefill_forms import (SOLO_MAXNREG, consumers,
                                                             packed_config, packing, solo_config)
 from attn_ops.backends.triton.hopper_prefill_kernel import GLUON
+from attn_ops.backends.triton.hopper_tma import (descriptor_maker, heads_packed, row_matrix,
+                                                 shared_layout, tma_rows)
 
 if GLUON:
-    from triton.experimental.gluon import language as gl
-
     from attn_ops.backends.triton.hopper_prefill_kernel import hopper_prefill_kernel
 
 LOG2E = 1.4426950408889634
@@ -130,7 +130,7 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
                                                  n_consumers, max_seqlen_k, pack)
     if flags is None:
         flags = torch.empty(shape, dtype=torch.int32, device=q.device)
-    descs = [TensorDescriptor(*_rows(x), [rows, q.shape[2]], layout)
+    descs = [TensorDescriptor(*tma_rows(x), [rows, q.shape[2]], layout)
              for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1]))]
     table = block_table if block_table is not None else cu_seqlens_k  # dense: unused
     hopper_prefill_kernel[grid](*descs, out, cu_seqlens_q, cu_seqlens_k, flags, table, *scalars,
@@ -221,8 +221,8 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
                   CONSUMERS=n_consumers, PACK=pack, num_warps=4,
                   maxnreg=SOLO_MAXNREG if solo else MAXNREG)
     fp16 = q.dtype == torch.float16
-    blocks = ((BLOCK_M // pack, _layout(BLOCK_M // pack, head_dim, fp16)),
-              (kv_rows, _layout(kv_rows, head_dim, fp16)))
+    blocks = ((BLOCK_M // pack, shared_layout(BLOCK_M // pack, head_dim, fp16)),
+              (kv_rows, shared_layout(kv_rows, head_dim, fp16)))
     return grid, scalars, consts, shape, blocks
 
 
@@ -235,36 +235,6 @@ def _stage_out(head_dim: int, block_n: int, stages: int, n_consumers: int = 2) -
     tile = 2 * head_dim  # bytes per row
     need = ((n_consumers + 1) * BLOCK_M + 2 * stages * block_n) * tile + 1024
     return need <= SHARED_MEMORY // (3 - n_consumers)
-
-
-@functools.lru_cache(maxsize=None)
-def _layout(rows: int, head_dim: int, fp16: bool):
-    """The shared-memory layout of a ``[rows, head_dim]`` tile (~6 us to build, so once)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, head_dim],
-                                                gl.float16 if fp16 else gl.bfloat16)
-
-
-def _rows(x) -> tuple:
-    """``x`` ``[T, heads, D]`` (or a paged cache ``[blocks, page, heads, D]`` that
-    :func:`cache_reason` accepts) as TMA reads it: (base tensor, *:func:`_row_matrix`);
-    ``[T, heads, D]`` is copied unless :func:`_packed` with a 16-byte aligned base."""
-    if x.dim() == 3 and (not _packed(x) or x.data_ptr() % 16):
-        x = x.contiguous()
-    return (x, *_row_matrix(x))
-
-
-def _row_matrix(x) -> tuple[list, list]:
-    """The shape and strides of ``x`` as the row matrix TMA reads: ``[T, heads * D]``, or
-    ``[blocks * page, heads * D]`` for a paged cache."""
-    if x.dim() == 4:
-        return [x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]], [x.stride(1), 1]
-    return [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1]
-
-
-def _packed(x) -> bool:
-    """Heads packed (``[T, heads * D]`` is a row matrix) and rows 16-byte aligned."""
-    return (x.stride(2) == 1 and x.stride(1) == x.shape[2]
-            and (x.stride(0) * x.element_size()) % 16 == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +352,8 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     from attn_ops.backends.triton.split_counters import capturing, scratch, scratch_on
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     paged = block_table is not None
-    if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not _packed(q)
-            or not (cache_reason(k, v) is None if paged else _packed(k) and _packed(v))):
+    if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not heads_packed(q) or not (
+            cache_reason(k, v) is None if paged else heads_packed(k) and heads_packed(v))):
         if min_q or n_consumers or pack:
             return functools.partial(prefill_guarded, min_q=min_q, n_consumers=n_consumers,
                                      pack=pack)
@@ -397,7 +367,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (
-        descriptor_maker(TensorDescriptor, *_row_matrix(x), [rows, q.shape[2]], layout)
+        descriptor_maker(TensorDescriptor, *row_matrix(x), [rows, q.shape[2]], layout)
         for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1])))
     # Alignment checked per call: cu_seqlens and the table (positions 4, 5, 7); out and flags
     # are fresh allocations, the descriptors' bases are checked below.
@@ -447,17 +417,3 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q, flags))
         return out
     return run
-
-
-def descriptor_maker(cls, shape, strides, block_shape, layout):
-    """``make(base)``: a ``cls`` (Gluon's TensorDescriptor) over ``base`` with these fields,
-    set directly (0.4 us against 1.8 for the validating constructor, development CPU): for a
-    base whose dtype, shape and strides the caller has already checked."""
-    new, fields = cls.__new__, dict(shape=shape, strides=strides, block_shape=block_shape,
-                                    layout=layout, padding="zero")
-
-    def make(base):
-        d = new(cls)
-        d.__dict__.update(fields, base=base)
-        return d
-    return make
