@@ -394,23 +394,17 @@ def direct_stream(device: int):
     CUDA device index) may fire now: launches enabled, ``device`` current, no launch hook set
     (a profiler's hooks get Triton's path); else None. For a caller making several prepared
     launches from addresses it read once (hopper_prefill_launch.bind_prefill_guarded)."""
-    global _direct_getters
-    getters = _runtime()
-    if _direct_getters is None or _direct_getters[0] is not getters:
-        hooks = {type(h) for h in (getters[2].launch_enter_hook, getters[2].launch_exit_hook)
-                 if type(h).__name__ == "HookChain"}
-        _direct_getters = (getters, _device_getter(getters[0]), hooks.pop() if hooks else None)
-    _, get_device, chain = _direct_getters
-    enter, leave = getters[2].launch_enter_hook, getters[2].launch_exit_hook
-    if (enabled and get_device() == device
-            and (enter is None or enter.__class__ is chain and not enter.calls)
-            and (leave is None or leave.__class__ is chain and not leave.calls)):
-        return getters[1](device)
+    global _fast_device
+    get_device, get_stream, runtime = _runtime()
+    if _fast_device is None or _fast_device[0] is not get_device:
+        _fast_device = (get_device, _device_getter(get_device))
+    if (enabled and _fast_device[1]() == device and _idle(runtime.launch_enter_hook)
+            and _idle(runtime.launch_exit_hook)):
+        return get_stream(device)
     return None
 
 
-# (_runtime()'s getters, their fast current-device getter, Triton's HookChain class or None)
-_direct_getters = None
+_fast_device = None  # (_runtime()'s current-device getter, :func:`_device_getter`'s for it)
 
 
 def clear() -> None:
