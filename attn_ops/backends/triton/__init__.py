@@ -341,6 +341,11 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                                        given["max_seqlen_k"], given["scale"],
                                        given.get("causal", True), table, min_q)
 
+        if eager is None and small is None and getattr(guarded, "routes_traced", False):
+            # Large calls: the bound guarded entry itself, which takes the op's arguments and
+            # sends traced calls, and those it cannot serve directly, to prefill_guarded as the
+            # wrapper would: a Python frame less per call.
+            return guarded
         tensor, depth, capturing = torch.Tensor, torch._C._len_torch_dispatch_stack, _capturing
 
         def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
@@ -356,7 +361,7 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
                 out = small(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             scale, causal, block_table, *rest, **rest_kw)
             return guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           scale, causal, block_table, out)
+                           scale, causal, block_table, out=out)
         # The functions it calls count their calls (launch.stats["bound"]) themselves.
         hopper.routes_traced = True  # the dispatch memo may call it directly (bind_args)
         return hopper

@@ -261,15 +261,24 @@ def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, 
            flags, *scalars, **consts)
 
 
+# The fixup launched as a programmatic dependent of the Hopper kernel (sm90: the kernel has no
+# griddepcontrol of its own, so the fixup's programs are placed as its last programs exit, and
+# wait for its memory before reading the flags): the launch gap between the two kernels is
+# hidden, which weighs at short prompts, where the whole call is ~130 us.
+FIXUP_PDL = True
+
+
 def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
                       causal: bool, tiles: int, rows: int = BLOCK_M, config=None,
                       block_table=None, flags_per_half: int = 1) -> tuple:
     """(grid, constexprs and options, the arguments after the 12 pointers) of :func:`fixup`'s
     launch (half tiles of ``rows`` rows, ``flags_per_half`` flags each); the output is
-    contiguous."""
+    contiguous. A programmatic dependent of the Hopper kernel where the device has it
+    (common.LAUNCH_PDL): the gap between the two kernels is not paid (see FIXUP_PDL)."""
     import torch
     import triton
 
+    from attn_ops.backends.triton import common
     from attn_ops.backends.triton.common import INTERPRET, device_sm_count, extras
     from attn_ops.backends.triton.prefill_kernel import Config, launch_args
     if config is None:
@@ -284,7 +293,9 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
     num_heads = q.shape[1]
     programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
     grid = (max(1, min(tiles * cu_seqlens_q.shape[0], programs)), 1, num_heads)
-    return grid, dict(consts, FIXUP=True, FLAGS_PER_HALF=flags_per_half), scalars[:-1] + (tiles,)
+    pdl = common.pdl_launch(FIXUP_PDL and common.LAUNCH_PDL and common.device_has_pdl(q.device))
+    return (grid, dict(consts, FIXUP=True, FLAGS_PER_HALF=flags_per_half, **pdl),
+            scalars[:-1] + (tiles,))
 
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -341,8 +352,9 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     per call; 133-270 for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three
     descriptors alone cost 86-145 us per launch).
 
-    The function returned takes ``out`` (contiguous ``[Tq, H, D]``, written in place) as an
-    optional last argument: the split route passes the unified kernel's. Calls the signature
+    The function returned takes prefill's positional arguments (those past ``block_table``
+    ignored: this route serves their defaults) and ``out=`` (contiguous ``[Tq, H, D]``,
+    written in place): the split route passes the unified kernel's. Calls the signature
     cannot serve directly (traced, tensor subclasses, q/k/v whose heads are not packed or whose
     base is not 16-byte aligned) take :func:`prefill_guarded`."""
     import torch
@@ -383,9 +395,15 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     like_q = q.stride() == out_strides
     tensor, depth = torch.Tensor, torch._C._len_torch_dispatch_stack
     stats = launch.stats
+    # The flags' buffer and address per stream, once a direct call has taken them: the kept
+    # scratch (held here, so the address stays valid if the shared buffer grows for another
+    # signature: launches on one stream run in order, whichever buffer they use).
+    flags_at: dict = {}
 
     def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            causal=True, block_table=None, out=None):
+            causal=True, block_table=None, *rest, out=None):
+        # ``rest``: the op's trailing arguments (window_left .. return_lse), the defaults this
+        # route serves, so the dispatch memo can call this function as it is.
         direct = type(q) is tensor and not depth()  # neither a subclass nor traced
         if direct:
             pq, pk, pv = q.data_ptr(), k.data_ptr(), v.data_ptr()
@@ -406,7 +424,11 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
             pc, pck, pt = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), table.data_ptr()
             if stream is not None and not (pc | pck | pt) & 15:
                 po = out.data_ptr()
-                pf = scratch_on(flag_count, device, stream).data_ptr()
+                held = flags_at.get(stream)
+                if held is None:
+                    flags = scratch_on(flag_count, device, stream)
+                    held = flags_at[stream] = (flags, flags.data_ptr())
+                pf = held[1]
                 gluon.at((pq, pk, pv, po, pc, pck, pf, pt), stream)
                 fix.at((pq, pk, pv, po, pc, pck, pt, pq, pq, pq, pq, pf), stream)
                 stats["direct"] += 2
@@ -416,4 +438,5 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
         gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table))
         fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q, flags))
         return out
+    run.routes_traced = True  # takes the op's arguments, sends traced calls on (see above)
     return run

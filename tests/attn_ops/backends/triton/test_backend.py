@@ -274,21 +274,31 @@ def test_inductor_compiled_prefill_and_decode_cuda():
     assert_close(got, expected, *TOLERANCES[BF16])
 
 
-def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch):
+@pytest.mark.parametrize("bound", [True, False])
+def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch, bound):
     # The route is decided when the signature is planned; each call then goes straight to the
-    # guarded Hopper entry bound to that signature, with prefill's leading arguments.
+    # guarded Hopper entry bound to that signature: the entry itself where it takes the op's
+    # arguments and routes traced calls (``routes_traced``: no frame between), else through a
+    # function that passes prefill's leading arguments.
     from attn_ops.backends.triton import hopper_prefill_launch as hopper
     routes, calls = [], []
+
+    def entry(*a, out=None):
+        calls.append(a + (out,))
+        return a[0]
+    if bound:
+        entry.routes_traced = True
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: routes.append(1) or "hopper")
-    monkeypatch.setattr(hopper, "bind_prefill_guarded",
-                        lambda *s: lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(hopper, "bind_prefill_guarded", lambda *s: entry)
     q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     args = (q, k, k, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
     monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)  # this tiny call counts as large
     run = tb._bind_prefill(*args)
+    assert (run is entry) is bound
     assert run(*args) is q and run(*args) is q
-    assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True, None, None)] * 2
+    tail = (args[10:] if bound else ()) + (None,)  # the rest as given, out last
+    assert len(routes) == 1 and [c[5:] for c in calls] == [(13, 13, 0.2, True, None) + tail] * 2
 
 
 def test_the_hopper_route_sends_traced_calls_to_the_wrapper(monkeypatch):
@@ -303,8 +313,9 @@ def test_the_hopper_route_sends_traced_calls_to_the_wrapper(monkeypatch):
             return func(*args, **(kwargs or {}))
     calls, wrapped = [], []
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "hopper")
+    # an entry that leaves traced calls to its caller: the route's function sends them on
     monkeypatch.setattr(hopper, "bind_prefill_guarded",
-                        lambda *s: lambda *a: calls.append(a) or a[0])
+                        lambda *s: lambda *a, out=None: calls.append(a) or a[0])
     monkeypatch.setattr(tb, "prefill", lambda *a: wrapped.append(a) or a[1])
     monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)
     q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
@@ -328,7 +339,7 @@ def test_a_small_eager_call_on_the_hopper_route_takes_the_bound_kernel(monkeypat
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "hopper")
     monkeypatch.setattr(tb, "_capturing", lambda: capturing)
     monkeypatch.setattr(hopper, "bind_prefill_guarded",
-                        lambda *s: lambda *a: calls.append(a) or a[0])
+                        lambda *s: lambda *a, out=None: calls.append(a) or a[0])
     q, k, v = torch.randn(20, 4, 32), torch.randn(20, 2, 32), torch.randn(20, 2, 32)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     args = (q, k, v, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
@@ -392,7 +403,7 @@ def test_the_split_route_hands_its_output_to_the_hopper_entry(monkeypatch, bound
     monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)
     if bound:
         monkeypatch.setattr(hopper, "bind_prefill_guarded",
-                            lambda *s: lambda *a: guarded(*a[:10], a[10], s[10]))
+                            lambda *s: lambda *a, out=None: guarded(*a[:10], out, s[10]))
         full = args + (-1, 0.0, None, None, None, False)
         got = tb._bind_prefill(*full)(*full)
     else:

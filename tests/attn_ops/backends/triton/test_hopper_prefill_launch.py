@@ -247,6 +247,14 @@ def test_pinned_launches_fire_from_addresses_read_once(monkeypatch, page):
             c_at = {n: x for n, x in c_at.items() if n != "stream"}
             assert (g, addresses, c) == (g_at, a_at, c_at)
     assert len({o.data_ptr() for o in outs}) == 3, "a fresh output each call"
+    # The flags the signature took on this stream stay its own when the shared scratch grows
+    # for a larger call (the old buffer is held, its address still valid)
+    capturing[0], stream[0] = False, "the stream"
+    split_counters.scratch_on(1 << 20, args[0].device, "the stream")
+    rec.calls.clear()
+    run(*args)
+    assert [c[0] for c in rec.calls] == ["gluon.at", "fixup.at"]
+    assert rec.calls[0][2][6] == rec.calls[1][2][11] == at[0][2][6]
 
 
 def test_calls_it_cannot_serve_directly_take_the_unbound_entry(monkeypatch):
@@ -265,6 +273,18 @@ def test_calls_it_cannot_serve_directly_take_the_unbound_entry(monkeypatch):
     shifted = flat[1:].view(q.shape)
     assert shifted.stride() == q.stride() and shifted.data_ptr() % 16
     assert run(shifted, *args[1:]) is shifted and len(taken) == 1
+    # The op's own arguments, as the dispatch memo passes them (those past the block table at
+    # their defaults, which the route serves), under a dispatch mode (traced): the unbound
+    # entry, with the signature's plan.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            return func(*a, **(kw or {}))
+    assert run.routes_traced
+    with Passthrough():
+        assert run(*args, None, -1, 0.0, None, None, None, False) is q
+    assert taken[-1][:11] == args + (None, None) and len(taken) == 2
     # Nothing to launch: the unbound entry's host-side result.
     empty = (q[:0],) + args[1:]
     assert hp.bind_prefill_guarded(*empty) is hp.prefill_guarded
