@@ -261,24 +261,15 @@ def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, 
            flags, *scalars, **consts)
 
 
-# The fixup launched as a programmatic dependent of the Hopper kernel (sm90: the kernel has no
-# griddepcontrol of its own, so the fixup's programs are placed as its last programs exit, and
-# wait for its memory before reading the flags): the launch gap between the two kernels is
-# hidden, which weighs at short prompts, where the whole call is ~130 us.
-FIXUP_PDL = True
-
-
 def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
                       causal: bool, tiles: int, rows: int = BLOCK_M, config=None,
                       block_table=None, flags_per_half: int = 1) -> tuple:
     """(grid, constexprs and options, the arguments after the 12 pointers) of :func:`fixup`'s
     launch (half tiles of ``rows`` rows, ``flags_per_half`` flags each); the output is
-    contiguous. A programmatic dependent of the Hopper kernel where the device has it
-    (common.LAUNCH_PDL): the gap between the two kernels is not paid (see FIXUP_PDL)."""
+    contiguous."""
     import torch
     import triton
 
-    from attn_ops.backends.triton import common
     from attn_ops.backends.triton.common import INTERPRET, device_sm_count, extras
     from attn_ops.backends.triton.prefill_kernel import Config, launch_args
     if config is None:
@@ -293,9 +284,7 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
     num_heads = q.shape[1]
     programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
     grid = (max(1, min(tiles * cu_seqlens_q.shape[0], programs)), 1, num_heads)
-    pdl = common.pdl_launch(FIXUP_PDL and common.LAUNCH_PDL and common.device_has_pdl(q.device))
-    return (grid, dict(consts, FIXUP=True, FLAGS_PER_HALF=flags_per_half, **pdl),
-            scalars[:-1] + (tiles,))
+    return grid, dict(consts, FIXUP=True, FLAGS_PER_HALF=flags_per_half), scalars[:-1] + (tiles,)
 
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,

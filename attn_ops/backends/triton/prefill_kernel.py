@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, gdc_wait,
-                                             kv_same_strides, next_pow2, result,
-                                             softcap_constants)
+from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, kv_same_strides,
+                                             next_pow2, result, softcap_constants)
 from attn_ops.backends.triton.launch import launch, prepare
 from attn_ops.backends.triton.softmax import (all_finite, attend, finish, kv_scales, store_lse,
                                               value_sums)
@@ -227,19 +226,15 @@ def _prefill_kernel(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                     PAGE: tl.constexpr, DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
                     FP8: tl.constexpr, WITH_LSE: tl.constexpr, FIXUP: tl.constexpr = False,
-                    FLAGS_PER_HALF: tl.constexpr = 1, KV_SAME_STRIDES: tl.constexpr = False,
-                    PDL: tl.constexpr = False):
+                    FLAGS_PER_HALF: tl.constexpr = 1, KV_SAME_STRIDES: tl.constexpr = False):
     """Program ``(i, b, h)``: tile i (counted from the sequence's last) of sequence b, head h.
 
     ``FIXUP`` (no window: the Hopper route): FLAGS holds the Hopper kernel's int32 flags (else
     unused), one per (its tile g < fixup_tiles, sequence, head, ``BLOCK_M / FLAGS_PER_HALF``
     rows of the tile's ``2 * BLOCK_M``), in that order; program ``(p, 0, h)`` rewrites the
     halves of head h that hold a flag among its share of the (g, sequence) pairs and returns at
-    once when none is (one vector load). ``PDL`` (the fixup only): launched as a programmatic
-    dependent of the Hopper kernel, it waits for that kernel's flags and rows before any load."""
+    once when none is (one vector load)."""
     if FIXUP:
-        if PDL:
-            gdc_wait()
         _fixup(Q, K, V, O, CU_Q, CU_K, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, FLAGS,
                stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                stride_vh, stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,

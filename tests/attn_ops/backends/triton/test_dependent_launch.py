@@ -1,7 +1,6 @@
-"""Decode, store and the Hopper prefill's fixup as programmatic dependent launches
-(common.LAUNCH_PDL): which launches ask for it, and, marked ``cuda``, that each still sees
-everything the kernel before it wrote (its ``griddepcontrol.wait`` comes before any load), eager
-and replayed from a CUDA graph."""
+"""Decode and store as programmatic dependent launches (common.LAUNCH_PDL): which launches ask
+for it, and, marked ``cuda``, that each still sees everything the kernel before it wrote (its
+``griddepcontrol.wait`` comes before any load), eager and replayed from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from tests.support.helpers import TOLERANCES, assert_close, random_paged
 
 triton = pytest.importorskip("triton")
 from attn_ops.backends.triton import (common, decode_balanced_kernel,  # noqa: E402
-                                      decode_kernel, hopper_prefill_launch, prefill_kernel,
-                                      store_kernel, unified_plan)
+                                      decode_kernel, store_kernel, unified_plan)
 
 BF16 = torch.bfloat16
 
@@ -33,7 +31,7 @@ def test_pdl_launch_keywords():
     # one; launch.launch drops ``launch_pdl`` there, which Inductor does not take)
     for kernel in (decode_kernel._decode_split_kernel,
                    decode_balanced_kernel.decode_balanced_kernel,
-                   store_kernel._store_kvcache_kernel, prefill_kernel._prefill_kernel):
+                   store_kernel._store_kvcache_kernel):
         assert "PDL" in _constexprs(kernel), kernel
     # The interpreter and CPU tensors never ask for it
     assert not common.device_has_pdl(torch.device("cpu"))
@@ -79,20 +77,10 @@ def test_plans_ask_for_pdl_where_the_device_has_it(monkeypatch, pdl):
         few = unified_plan.balanced_plan(16, 32, 8, 128, 4, 8192, BF16, cpu, True, True, False,
                                          False, None)
         assert few[1]["PDL"] is pdl and ("launch_pdl" in few[1]) is pdl
-        # The Hopper prefill's fixup, a dependent of the Gluon kernel before it
-        monkeypatch.setattr(common, "device_has_pdl", lambda device: True)
-        q, kv = torch.randn(40, 8, 64), torch.randn(40, 2, 64)
-        cu = torch.tensor([0, 40], dtype=torch.int32)
-        fixup = hopper_prefill_launch.fixup_launch_args(q, kv, kv, cu, cu, 40, 0.1, True, 1)[1]
-        assert fixup["PDL"] is pdl and ("launch_pdl" in fixup) is pdl
-        assert fixup["FIXUP"] is True
     finally:
         decode_kernel._plan.cache_clear()
         unified_plan.balanced_plan.cache_clear()
     # Not where the device lacks it, whatever LAUNCH_PDL says
-    monkeypatch.setattr(common, "device_has_pdl", lambda device: False)
-    fixup = hopper_prefill_launch.fixup_launch_args(q, kv, kv, cu, cu, 40, 0.1, True, 1)[1]
-    assert fixup["PDL"] is False and "launch_pdl" not in fixup
     monkeypatch.setattr(decode_kernel, "device_has_pdl", lambda device: False)
     stage1 = decode_kernel._plan(16, 32, 8, 128, 16, 128, BF16, cpu, False, False, None, None,
                                  True, BF16, True, False, None, None, True)[4]
@@ -193,53 +181,3 @@ def test_dependent_launches_see_the_kernel_before_them_cuda(graph):
     assert_close(out, ref, *TOLERANCES[BF16], what="decode steps")
     for c, r in zip(caches, ref_caches):  # rows from outputs that agree to bf16's rounding
         assert_close(c, r, *TOLERANCES[BF16], what="the stores")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("graph", [False, True])
-def test_the_fixup_sees_the_flags_the_hopper_kernel_wrote_cuda(graph):
-    # The Gluon kernel leaks a NaN value row into rows causality hides from it and flags them;
-    # the fixup, its dependent, must read those flags (not the kept scratch's old ones, written
-    # clean by the call before) and rewrite the rows. The call before is a clean one on the same
-    # stream and signature, so a fixup that read early would find every flag 0.
-    if not (hopper_prefill_launch.available() and common.device_has_pdl(torch.device("cuda"))):
-        pytest.skip("needs an sm90 GPU, Gluon's Hopper API and programmatic dependent launch")
-    torch.manual_seed(0)
-    lens, h, hkv, d = [250, 130], 8, 2, 128
-    tq = sum(lens)
-    cu = torch.tensor([0, 250, 380], dtype=torch.int32, device="cuda")
-    q = torch.randn(tq, h, d, device="cuda", dtype=BF16)
-    k = torch.randn(tq, hkv, d, device="cuda", dtype=BF16)
-    v = (torch.rand(tq, hkv, d, device="cuda") + 0.5).to(BF16)
-    dirty = v.clone()
-    dirty[200] = float("nan")  # hidden from sequence 0's rows 0..199
-    dirty[250:270] = float("nan")  # sequence 1's first rows, read past sequence 0's last tile
-    args = (cu, cu, max(lens), max(lens), d ** -0.5, True)
-    expected = reference.prefill(q, k, dirty, *args)
-    run = hopper_prefill_launch.bind_prefill_guarded(q, k, v, *args)
-    fixup = hopper_prefill_launch.fixup_launch_args(q, k, v, cu, cu, max(lens), d ** -0.5, True,
-                                                    1)[1]
-    assert fixup["launch_pdl"], "the fixup is not launched as a dependent here"
-    values = v.clone()
-    if graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run(q, k, values, *args)  # compiles and pins both launches
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            clean = run(q, k, v, *args)
-            out = run(q, k, values, *args)
-        values.copy_(dirty)
-        g.replay()
-    else:
-        run(q, k, v, *args)  # compiles, pins, writes clean flags to the kept scratch
-        clean = run(q, k, v, *args)
-        out = run(q, k, dirty, *args)
-    torch.cuda.synchronize()
-    assert torch.isfinite(clean).all()
-    seen = ~torch.isfinite(expected)
-    assert seen.any() and not seen.all()
-    assert torch.equal(torch.isnan(out), seen), "rows that do not see the NaN value were reached"
-    assert_close(out[~seen], expected[~seen], *TOLERANCES[BF16], what="the rewritten rows")

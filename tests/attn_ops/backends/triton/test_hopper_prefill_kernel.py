@@ -450,3 +450,50 @@ def test_packed_over_a_paged_cache(entry, h, hkv, pack, page):
     else:
         got = getattr(hp, entry)(*args, out=torch.full_like(q, float("nan")), pack=pack)
     assert_close(got, expected, *TOLERANCES[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_fixup_reads_the_flags_of_its_own_call(graph):
+    """The bound entry's eager calls keep their flags per stream (no memset) and its captured
+    calls take fresh ones: a leaking call right after a clean one on the same stream and
+    signature must still be rewritten (the clean call left every kept flag 0), eager and
+    replayed. NaN value rows: key 200 of sequence 0 (hidden from its rows 0..199), sequence 1's
+    first 20 (read past sequence 0's last tile)."""
+    _gpu_only()
+    torch.manual_seed(0)
+    lens, h, hkv, d = [250, 130], 8, 2, 128
+    tq = sum(lens)
+    cu = cu_seqlens(lens, "cuda")
+    q = torch.randn(tq, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(tq, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = (torch.rand(tq, hkv, d, device="cuda") + 0.5).to(torch.bfloat16)
+    dirty = v.clone()
+    dirty[200] = float("nan")
+    dirty[250:270] = float("nan")
+    args = (cu, cu, max(lens), max(lens), d ** -0.5, True)
+    expected = reference.prefill(q, k, dirty, *args)
+    run = hp.bind_prefill_guarded(q, k, v, *args)
+    values = v.clone()
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run(q, k, values, *args)  # compiles and pins both launches
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            clean = run(q, k, v, *args)
+            out = run(q, k, values, *args)
+        values.copy_(dirty)
+        g.replay()
+    else:
+        run(q, k, v, *args)  # compiles, pins, leaves clean flags in the kept scratch
+        clean = run(q, k, v, *args)
+        out = run(q, k, dirty, *args)
+    torch.cuda.synchronize()
+    assert torch.isfinite(clean).all()
+    seen = ~torch.isfinite(expected)
+    assert seen.any() and not seen.all()
+    assert torch.equal(torch.isnan(out), seen), "rows that do not see the NaN value were reached"
+    assert_close(out[~seen], expected[~seen], *TOLERANCES[torch.bfloat16])
