@@ -9,8 +9,10 @@ from common import device, print_table, write_csv
 from decode_common import D, H, HKV, paged_copy
 
 
-GROWTH_SHAPES = [(16, 4096), (16, 8192), (32, 8192), (64, 4096), (128, 4096), (8, 4096),
-                 (16, 2048), (24, 4096), (32, 4096), (48, 4096)]
+# B 20 x 4096: between the FP8 plan's rows (two splits at 2.4 programs per SM), under the
+# target's B >= 16, ctx >= 4096
+GROWTH_SHAPES = [(16, 4096), (16, 8192), (20, 4096), (32, 8192), (64, 4096), (128, 4096),
+                 (8, 4096), (16, 2048), (24, 4096), (32, 4096), (48, 4096)]
 
 
 def growth(args, copy):
