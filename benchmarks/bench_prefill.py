@@ -7,12 +7,15 @@ causal sequence (4*H*D*lq*lk otherwise); % is of the bf16 matmul rate measured i
 SDPA contenders get GQA through ``enable_gqa=True`` where the backend takes it, else K/V
 expanded to H heads (noted in the CSV).
 
-    python benchmarks/bench_prefill.py [--tune] [--only dense|paged] [--graph] [--out DIR]
+    python benchmarks/bench_prefill.py [--tune] [--only dense|paged] [--graph]
+                                       [--extras-only] [--out DIR]
 
 ``--only paged``: only the paged-prefix section (new tokens over a prefix held in a paged
 cache, prefix reuse and chunked prefill). ``--graph``: the dense section also times CUDA-graph
 replays (``graph_ms``, ``graph_tflops``): device time without the host's share, which eager
 calls of a few hundred microseconds (FA3's Python entry, our two launches) can still carry.
+``--extras-only``: sinks and the lse output against the plain call, through the op
+(prefill_extras.py).
 """
 
 from __future__ import annotations
@@ -258,8 +261,14 @@ def main():
         p.add_argument("--only", default=None, help="one section: dense or paged (default: both)")
         p.add_argument("--graph", action="store_true",
                        help="dense section: also time CUDA-graph replays")
+        p.add_argument("--extras-only", action="store_true",
+                       help="only sinks and the lse against the plain call (prefill_extras.py)")
     args = parse_args(__doc__.splitlines()[0], extra)
     env = header("prefill", args.smoke)
+    if args.extras_only:
+        from prefill_extras import extras
+        extras(args, make_inputs, flops)
+        return
     ceil = matmul_tflops(args.smoke)
     print(f"ceilings: bf16 matmul {ceil:.0f} TFLOP/s, copy {copy_gbs(args.smoke):.0f} GB/s")
     if args.tune or args.tune_only:

@@ -129,11 +129,13 @@ def _ptxas_notes(ptx: str) -> list[str]:
 def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, heads: int = 32,
                                 kv_heads: int = 8, head_dim: int = 128, page: int = 0,
                                 context: int = 0, n_consumers: int | None = None,
-                                pack: int | None = None, min_q: int = 0) -> Build:
+                                pack: int | None = None, min_q: int = 0, sinks: bool = False,
+                                lse: bool = False) -> Build:
     """hopper_prefill_kernel for sm_90a as hopper_prefill_launch plans a launch over ``batch``
     prompts of ``seqlen`` queries (bf16; ``page`` > 0: over a paged cache in pages of ``page``,
-    ``context`` keys before the queries; a 132-SM device), specialised on CPU stand-ins of its
-    arguments as a launch specialises on the real ones; with ptxas's performance notes."""
+    ``context`` keys before the queries; ``sinks``, ``lse``: with sinks, writing the lse; a
+    132-SM device), specialised on CPU stand-ins of its arguments as a launch specialises on
+    the real ones; with ptxas's performance notes."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -156,13 +158,16 @@ def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, he
         table, cu_k = None, torch.arange(0, batch * keys + 1, keys, dtype=torch.int32)
     n_consumers, pack = launch.form(q, k, cu_q, seqlen, keys, causal, table, min_q, n_consumers,
                                     pack)
+    sink = torch.empty(heads) if sinks else None
+    out_lse = torch.empty(batch * seqlen, heads) if lse else None
     grid, scalars, consts, shape, blocks = launch._plan(
         q, k, cu_q, cu_k, seqlen, head_dim ** -0.5, causal, q.stride(), table, min_q,
-        n_consumers, keys, pack)
+        n_consumers, keys, pack, sink, lse)
     descs = [TensorDescriptor(*hopper_tma.tma_rows(x), [rows, head_dim], layout)
              for x, (rows, layout) in zip((q, k, k), (blocks[0], blocks[1], blocks[1]))]
     flags = torch.empty(shape, dtype=torch.int32)
-    args = (*descs, q, cu_q, cu_k, flags, table if table is not None else cu_k, *scalars)
+    args = (*descs, q, cu_q, cu_k, flags, table if table is not None else cu_k,
+            *launch._extra_pointers(q, sink, out_lse), *scalars)
     return _compile_gluon(kernel, args, consts)
 
 

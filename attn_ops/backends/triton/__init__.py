@@ -89,9 +89,10 @@ def use_unified_prefill(max_seqlen_q: int, total_q: int, num_seqs: int, group: i
 
 
 # The Gluon Hopper prefill (hopper_prefill_kernel.py) serves fp16/bf16 prompts on sm90 (D 64 / 128)
-# over dense K/V or a paged cache of 16-row-multiple pages (no window, softcap, sinks, FP8 or lse),
-# guarded by its own output check and the FA2-style kernel's fixup launch so that a non-finite
-# value row still reaches only the rows that see it (hopper_prefill_launch.prefill_guarded). H200,
+# over dense K/V or a paged cache of 16-row-multiple pages, with sinks and the lse (no window,
+# softcap or FP8), guarded by its own output check and the FA2-style kernel's fixup launch so
+# that a non-finite value row still reaches only the rows that see it
+# (hopper_prefill_launch.prefill_guarded). H200,
 # bf16 32/8 heads, TFLOP/s vs this backend's kernels: causal 4 x 4096 529-535 vs 410, 1 x 16384 603
 # vs 477, 16 x 1024 377-380 vs 257, 64 x 256 230 (one consumer warpgroup per program; 162 with two)
 # vs 101-128, non-causal 4 x 4096 604-608 vs 467; paged prefix (pages of 16), 4 x 1024 over 3072
@@ -193,16 +194,19 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
                           softcap, sinks, k_scale, return_lse, max_seqlen_k)
     if route in ("hopper", "split"):
         from attn_ops.backends.triton import hopper_prefill_launch
-        out, min_q = None, 0
+        out, lse, min_q = None, None, 0
         if route == "split":
             from attn_ops.backends.triton import unified_kernel
             out = unified_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, scale, causal, block_table,
-                                         config=_split_config(q))
+                                         max_seqlen_k, scale, causal, block_table, sinks=sinks,
+                                         return_lse=return_lse, config=_split_config(q))
+            if return_lse:
+                out, lse = out
             min_q = _split_min_q(q, k, block_table)
         return hopper_prefill_launch.prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                      max_seqlen_q, max_seqlen_k, scale, causal,
-                                                     block_table, out, min_q)
+                                                     block_table, out, min_q, sinks=sinks,
+                                                     return_lse=return_lse, lse=lse)
     if route == "unified":
         from attn_ops.backends.triton import unified_kernel as kernel
     else:
@@ -337,9 +341,11 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
             small = bind_unified(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args,
                                  config=_split_config(q), **kwargs)
             min_q = _split_min_q(q, k, table)
+        sinks, with_lse = given.get("sinks"), bool(given.get("return_lse", False))
         guarded = bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        given["max_seqlen_k"], given["scale"],
-                                       given.get("causal", True), table, min_q)
+                                       given.get("causal", True), table, min_q, sinks=sinks,
+                                       return_lse=with_lse)
 
         if eager is None and small is None and getattr(guarded, "routes_traced", False):
             # Large calls: the bound guarded entry itself, which takes the op's arguments and
@@ -349,19 +355,21 @@ def _bind_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *args, **kw
         tensor, depth, capturing = torch.Tensor, torch._C._len_torch_dispatch_stack, _capturing
 
         def hopper(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                   causal=True, block_table=None, *rest, **rest_kw):  # no other extra served
+                   causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
+                   k_scale=None, v_scale=None, return_lse=False):
+            args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                    causal, block_table, window_left, softcap, sinks, k_scale, v_scale,
+                    return_lse)
             if type(q) is not tensor or depth():  # traced or a subclass: the wrapper decides
-                return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               scale, causal, block_table, *rest, **rest_kw)
+                return prefill(*args)
             if eager is not None and not capturing():
-                return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, causal, block_table, *rest, **rest_kw)
-            out = None
+                return eager(*args)
+            out = lse = None
             if small is not None:  # the split route: the unified kernel's rows first
-                out = small(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            scale, causal, block_table, *rest, **rest_kw)
-            return guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           scale, causal, block_table, out=out)
+                out = small(*args)
+                if with_lse:
+                    out, lse = out
+            return guarded(*args[:10], sinks=sinks, out=out, lse=lse)
         # The functions it calls count their calls (launch.stats["bound"]) themselves.
         hopper.routes_traced = True  # the dispatch memo may call it directly (bind_args)
         return hopper

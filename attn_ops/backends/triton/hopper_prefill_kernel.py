@@ -65,6 +65,7 @@ try:
     from attn_ops.backends.triton.gluon_api import tma_load
     from attn_ops.backends.triton.hopper_prefill_items import any_item, sequences_with_items
     from attn_ops.backends.triton.hopper_prefill_loads import copy_pieces, load_q, page_rows
+    from attn_ops.backends.triton.hopper_prefill_softmax import finish_rows, online_softmax
     from attn_ops.backends.triton.hopper_prefill_writes import (flag_slots, pass_packed_item,
                                                                 store_flags, zero_rows,
                                                                 zero_unvisited_flags)
@@ -123,32 +124,18 @@ if GLUON:
                 done += 1
 
     @gluon.jit
-    def _softmax(s, m_i, l_i, n0, full_hi, lk, q_pos, offs_n, qk_scale,
-                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """Online-softmax step (exp2 domain, ``m`` kept scaled) over raw scores ``s`` of keys
-        ``n0 ..``; masks only when the tile has a key some row must not see."""
-        if n0 + BLOCK_N > full_hi:
-            ok = (n0 + offs_n) < lk
-            if CAUSAL:
-                ok = ok & ((n0 + offs_n) <= q_pos)
-            s = gl.where(ok, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
-        alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        return p, m_new, l_i, alpha
-
-    @gluon.jit
     def _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0, n_iter, it, done,
-                flag_idx, qk_scale, WG: gl.constexpr, BLOCK_M: gl.constexpr,
-                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr,
-                PACK: gl.constexpr):
+                FLAGS, LSE, SINK_LOGITS, stride_ot, stride_oh, stride_sk, q_start, lq, lk, head,
+                num_heads, m0, n_iter, it, done, flag_idx, qk_scale, WG: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                STAGES: gl.constexpr, CAUSAL: gl.constexpr, STAGE_OUT: gl.constexpr,
+                CONSUMERS: gl.constexpr, PACK: gl.constexpr, SINKS: gl.constexpr,
+                WITH_LSE: gl.constexpr):
         """One warpgroup, one item: query rows ``m0 + WG * 64 ..`` of head ``head`` against the
-        item's K/V tiles (ring slots from ``it`` on), out and its flags written. Packed (``PACK``
-        > 1): row r is token ``m0 + r % TOK`` of head ``head + r // TOK`` (TOK = 64 / PACK)."""
+        item's K/V tiles (ring slots from ``it`` on), out and its flags written (and with
+        ``WITH_LSE`` its rows' lse; ``SINKS``: each head's sink logit joins the denominator).
+        Packed (``PACK`` > 1): row r is token ``m0 + r % TOK`` of head ``head + r // TOK`` (TOK =
+        64 / PACK)."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -185,8 +172,8 @@ if GLUON:
                               is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(st), count=1)
-        p, m_i, l_i, alpha = _softmax(s, m_i, l_i, 0, full_hi, lk, q_pos, offs_n, qk_scale,
-                                      BLOCK_N, CAUSAL)
+        p, m_i, l_i, alpha = online_softmax(s, m_i, l_i, 0, full_hi, lk, q_pos, offs_n,
+                                            qk_scale, BLOCK_N, CAUSAL)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for i in range(1, n_iter):
             j = it + i
@@ -200,8 +187,8 @@ if GLUON:
             acc_tok = warpgroup_mma(p_op, v_bufs.index(pst), acc, is_async=True)
             s = warpgroup_mma_wait(1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(st), count=1)
-            p, m_i, l_i, alpha = _softmax(s, m_i, l_i, i * BLOCK_N, full_hi, lk, q_pos, offs_n,
-                                          qk_scale, BLOCK_N, CAUSAL)
+            p, m_i, l_i, alpha = online_softmax(s, m_i, l_i, i * BLOCK_N, full_hi, lk, q_pos,
+                                                offs_n, qk_scale, BLOCK_N, CAUSAL)
             acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
             mbarrier.arrive(v_empty.index(pst), count=1)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -217,7 +204,12 @@ if GLUON:
         mbarrier.arrive(v_empty.index(last), count=1)
 
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
+        if SINKS or WITH_LSE:
+            inv = finish_rows(l_o, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)), LSE,
+                              SINK_LOGITS, stride_sk, q_start, lq, head, num_heads, m0w,
+                              BLOCK_M, PACK, SINKS, WITH_LSE)
+        else:
+            inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
         out_f = acc * gl.expand_dims(inv, 1)
         r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         if PACK > 1:
@@ -293,13 +285,15 @@ if GLUON:
 
     @gluon.jit
     def _consumer(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                  FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq, stride_ck, total_q,
-                  num_seqs, num_heads, tiles, min_q, qk_scale, WG: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, COMPACT: gl.constexpr,
-                  STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr, PACK: gl.constexpr):
+                  FLAGS, LSE, SINK_LOGITS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
+                  stride_ck, stride_sk, total_q, num_seqs, num_heads, tiles, min_q, qk_scale,
+                  WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  COMPACT: gl.constexpr, STAGE_OUT: gl.constexpr, CONSUMERS: gl.constexpr,
+                  PACK: gl.constexpr, SINKS: gl.constexpr, WITH_LSE: gl.constexpr):
         """One warpgroup over the program's items: :func:`_attend` for those with keys; the
-        first warpgroup also writes the zeros (padding rows, tiles that see no key)."""
+        first warpgroup also writes the zeros (padding rows, tiles that see no key; their lse
+        ``-inf``)."""
         TILE: gl.constexpr = CONSUMERS * BLOCK_M
         it = 0
         done = 0
@@ -311,9 +305,10 @@ if GLUON:
             flag_idx = ((g * (num_seqs + 1) + seq) * num_heads + head) * 2 * (3 - CONSUMERS)
             if (n_iter > 0) & (m0 + WG * BLOCK_M < lq):
                 _attend(q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                        v_empty, O, FLAGS, stride_ot, stride_oh, q_start, lq, lk, head, m0,
-                        n_iter, it, done, flag_idx, qk_scale, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
-                        STAGES, CAUSAL, STAGE_OUT, CONSUMERS, PACK)
+                        v_empty, O, FLAGS, LSE, SINK_LOGITS, stride_ot, stride_oh, stride_sk,
+                        q_start, lq, lk, head, num_heads, m0, n_iter, it, done, flag_idx,
+                        qk_scale, WG, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, STAGE_OUT,
+                        CONSUMERS, PACK, SINKS, WITH_LSE)
                 it += n_iter
                 done += 1
             elif n_iter > 0:  # no row of this warpgroup's: a last tile of at most 64 rows
@@ -323,9 +318,9 @@ if GLUON:
                 it += n_iter
                 done += 1
             elif PACK > 1:  # a packed item with nothing to compute
-                pass_packed_item(O, FLAGS + flag_idx, CU_Q, stride_cq, num_seqs, seq, head,
-                                 q_start, lq, m0, total_q, tiles, stride_ot, stride_oh,
-                                 HEAD_DIM, PACK)
+                pass_packed_item(O, LSE, FLAGS + flag_idx, CU_Q, stride_cq, num_seqs,
+                                 num_heads, seq, head, q_start, lq, m0, total_q, tiles,
+                                 stride_ot, stride_oh, HEAD_DIM, PACK, WITH_LSE)
             else:
                 store_flags(FLAGS + flag_idx + WG, 0, 4 if CONSUMERS == 1 else 1)
                 if WG == 0:
@@ -335,24 +330,25 @@ if GLUON:
                                                  min_q, g, head, 2 * (3 - CONSUMERS))
                         first = gl.load(CU_Q + num_seqs * stride_cq)
                         for r0 in range(first + g * TILE, total_q, tiles * TILE):
-                            zero_rows(O, r0, total_q, head, stride_ot, stride_oh, TILE,
-                                      HEAD_DIM, 4)
+                            zero_rows(O, LSE, r0, total_q, head, num_heads, stride_ot,
+                                      stride_oh, TILE, HEAD_DIM, 4, WITH_LSE)
                     elif m0 >= 0:  # a tile with no key for any row
-                        zero_rows(O, q_start + m0, q_start + lq, head, stride_ot, stride_oh,
-                                  TILE, HEAD_DIM, 4)
+                        zero_rows(O, LSE, q_start + m0, q_start + lq, head, num_heads,
+                                  stride_ot, stride_oh, TILE, HEAD_DIM, 4, WITH_LSE)
 
     @gluon.jit
-    def hopper_prefill_kernel(q_desc, k_desc, v_desc, O, CU_Q, CU_K, FLAGS, TABLE,
-                              stride_ot, stride_oh, stride_cq, stride_ck, stride_tb, stride_tc,
-                              table_width, total_q, num_seqs, num_heads, tiles, min_q,
-                              qk_scale,
+    def hopper_prefill_kernel(q_desc, k_desc, v_desc, O, CU_Q, CU_K, FLAGS, TABLE, LSE,
+                              SINK_LOGITS, stride_ot, stride_oh, stride_cq, stride_ck,
+                              stride_tb, stride_tc, table_width, total_q, num_seqs, num_heads,
+                              tiles, min_q, qk_scale, stride_sk,
                               GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                               STAGES: gl.constexpr, CAUSAL: gl.constexpr, PAGE: gl.constexpr,
                               PAGE_ROWS: gl.constexpr, COMPACT: gl.constexpr,
                               STAGE_OUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                               PRODUCER_REGS: gl.constexpr, CONSUMERS: gl.constexpr = 2,
-                              PACK: gl.constexpr = 1):
+                              PACK: gl.constexpr = 1, SINKS: gl.constexpr = False,
+                              WITH_LSE: gl.constexpr = False):
         """Persistent: program p takes items ``p, p + P, ...`` of the ``tiles * (R + 1) * H``
         (hopper_prefill_items); item (g, b, h) is rows ``[T * t, T * t + T)`` of sequence b, head
         h (``T = CONSUMERS * BLOCK_M``), with ``t`` counted from the sequence's last tile.
@@ -369,7 +365,10 @@ if GLUON:
         few queries per sequence: hopper_prefill_forms.packing): an item is a chunk of TOK = 64 /
         PACK tokens of ``PACK`` query heads that share a KV head, rows head-major, so each K/V
         tile is read once for them all (hopper_prefill_items.packed_item); the flags keep the
-        one-consumer layout."""
+        one-consumer layout. ``SINKS``: ``SINK_LOGITS`` float32 ``[H]`` (stride ``stride_sk``),
+        each head's logit joins its rows' softmax denominator; ``WITH_LSE``: each row's natural
+        log of the denominator into ``LSE`` float32 ``[Tq, H]`` (contiguous; ``-inf`` for rows
+        that see no key, padding rows included). Unused pointers may be any tensor's."""
         dtype: gl.constexpr = q_desc.dtype
         q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -393,15 +392,17 @@ if GLUON:
         if CONSUMERS == 2:
             gl.warp_specialize([
                 (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                             stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
-                             qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
-                             STAGE_OUT, CONSUMERS, PACK)),
+                             v_empty, O, FLAGS, LSE, SINK_LOGITS, CU_Q, CU_K, stride_ot,
+                             stride_oh, stride_cq, stride_ck, stride_sk, total_q, num_seqs,
+                             num_heads, tiles, min_q, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, CAUSAL, COMPACT, STAGE_OUT, CONSUMERS, PACK, SINKS,
+                             WITH_LSE)),
                 (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                             stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
-                             qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
-                             STAGE_OUT, CONSUMERS, PACK)),
+                             v_empty, O, FLAGS, LSE, SINK_LOGITS, CU_Q, CU_K, stride_ot,
+                             stride_oh, stride_cq, stride_ck, stride_sk, total_q, num_seqs,
+                             num_heads, tiles, min_q, qk_scale, 1, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, CAUSAL, COMPACT, STAGE_OUT, CONSUMERS, PACK, SINKS,
+                             WITH_LSE)),
                 (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                              k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                              stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,
@@ -411,10 +412,11 @@ if GLUON:
         else:
             gl.warp_specialize([
                 (_consumer, (q_bufs, k_bufs, v_bufs, q_bar, q_empty, k_ready, v_ready, k_empty,
-                             v_empty, O, FLAGS, CU_Q, CU_K, stride_ot, stride_oh, stride_cq,
-                             stride_ck, total_q, num_seqs, num_heads, tiles, min_q,
-                             qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, COMPACT,
-                             STAGE_OUT, CONSUMERS, PACK)),
+                             v_empty, O, FLAGS, LSE, SINK_LOGITS, CU_Q, CU_K, stride_ot,
+                             stride_oh, stride_cq, stride_ck, stride_sk, total_q, num_seqs,
+                             num_heads, tiles, min_q, qk_scale, 0, BLOCK_M, BLOCK_N, HEAD_DIM,
+                             STAGES, CAUSAL, COMPACT, STAGE_OUT, CONSUMERS, PACK, SINKS,
+                             WITH_LSE)),
                 (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, q_empty,
                              k_ready, v_ready, k_empty, v_empty, CU_Q, CU_K, TABLE, stride_cq,
                              stride_ck, stride_tb, stride_tc, table_width, num_seqs, num_heads,

@@ -64,7 +64,9 @@ def supports(q_dtype, head_dim: int, causal: bool = True, page_size: int = 0,
              window_left: int = -1, softcap: float = 0.0, sinks: bool = False,
              fp8: bool = False, return_lse: bool = False) -> str | None:
     """None when this kernel can serve the call, else the reason (static facts only).
-    ``page_size``: the paged cache's (0: dense K/V); see :func:`cache_reason` for its layout."""
+    ``page_size``: the paged cache's (0: dense K/V); see :func:`cache_reason` for its layout.
+    Sinks and the lse output are served (the rows' finish); a window, softcap and FP8 caches
+    are not."""
     import torch
     if q_dtype not in (torch.float16, torch.bfloat16):
         return f"hopper prefill: q dtype {q_dtype} (serves float16 / bfloat16)"
@@ -77,7 +79,7 @@ def supports(q_dtype, head_dim: int, causal: bool = True, page_size: int = 0,
         return (f"hopper prefill: page size {page_size} (serves multiples of 16 that divide "
                 f"{block_n} or that {block_n} divides)")
     for flag, what in ((window_left >= 0, "a sliding window"), (softcap > 0, "softcap"),
-                       (sinks, "sinks"), (fp8, "fp8 caches"), (return_lse, "the LSE output")):
+                       (fp8, "fp8 caches")):
         if flag:
             return f"hopper prefill: {what} is not supported"
     return None
@@ -100,7 +102,8 @@ def cache_reason(k, v) -> str | None:
 
 def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
             scale: float, causal: bool = True, block_table=None, out=None, flags=None,
-            min_q: int = 0, n_consumers: int | None = None, pack: int | None = None):
+            min_q: int = 0, n_consumers: int | None = None, pack: int | None = None,
+            sinks=None, lse=None):
     """q ``[Tq, H, D]``, k/v ``[Tk, Hkv, D]`` or paged caches ``[blocks, page, Hkv, D]`` with
     ``block_table`` int32 ``[B, W]`` (float16 / bfloat16, D in 64 / 128, ``H % Hkv == 0``; pages
     as :func:`supports` and :func:`cache_reason` say), cu_seqlens ``[B + 1]`` int32 on q's
@@ -113,7 +116,9 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     :func:`flags_shape` (its contents need not be initialised), all written: 1 where an output
     row of the flag's is not finite, else 0 (allocated here when None).
     ``min_q``: sequences of at most that many queries are left alone, their rows unwritten
-    (another kernel's: the split route).
+    (another kernel's: the split route). ``sinks``: float32 ``[H]``, each head's logit in its
+    rows' softmax denominator; ``lse``: float32 ``[Tq, H]`` (contiguous) receives each row's
+    natural-log denominator (``-inf`` where a row sees no key).
 
     Not isolating (see the kernel's docstring): :func:`prefill_guarded` is the contract's
     entry point."""
@@ -122,20 +127,28 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
+        if lse is not None:
+            lse.fill_(float("-inf"))
         return out if q.shape[0] == 0 else out.zero_()  # no key anywhere (static shapes)
     n_consumers, pack = form(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
                              block_table, min_q, n_consumers, pack)
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  scale, causal, out.stride(), block_table, min_q,
-                                                 n_consumers, max_seqlen_k, pack)
+                                                 n_consumers, max_seqlen_k, pack, sinks,
+                                                 lse is not None)
     if flags is None:
         flags = torch.empty(shape, dtype=torch.int32, device=q.device)
     descs = [TensorDescriptor(*tma_rows(x), [rows, q.shape[2]], layout)
              for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1]))]
     table = block_table if block_table is not None else cu_seqlens_k  # dense: unused
-    hopper_prefill_kernel[grid](*descs, out, cu_seqlens_q, cu_seqlens_k, flags, table, *scalars,
-                                **consts)
+    hopper_prefill_kernel[grid](*descs, out, cu_seqlens_q, cu_seqlens_k, flags, table,
+                                *_extra_pointers(q, sinks, lse), *scalars, **consts)
     return out
+
+
+def _extra_pointers(q, sinks, lse) -> tuple:
+    """The kernel's LSE and SINK_LOGITS arguments (q stands in for those not used)."""
+    return (q if lse is None else lse, q if sinks is None else sinks)
 
 
 def form(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
@@ -175,8 +188,9 @@ def flags_shape(max_seqlen_q: int, num_seqs: int, num_heads: int,
 
 def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
           out_strides, block_table=None, min_q: int = 0, n_consumers: int = 2,
-          max_seqlen_k: int | None = None, pack: int = 1) -> tuple:
-    """(grid, the scalars after the 8 pointers, constexprs and options, the flags' shape,
+          max_seqlen_k: int | None = None, pack: int = 1, sinks=None,
+          with_lse: bool = False) -> tuple:
+    """(grid, the scalars after the 10 pointers, constexprs and options, the flags' shape,
     ((Q rows, layout), (K/V rows, layout)) of the descriptors' blocks) of one launch with
     ``n_consumers`` consumer warpgroups per program, from static facts only
     (``max_seqlen_k``, default ``max_seqlen_q``, picks the one-consumer form's key step).
@@ -211,14 +225,15 @@ def _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, cau
         table_strides = (*block_table.stride(), block_table.shape[1])
     scalars = (out_strides[0], out_strides[1], cu_seqlens_q.stride(0), cu_seqlens_k.stride(0),
                *table_strides, total_q, num_seqs, num_heads, shape[0], int(min_q),
-               float(scale) * LOG2E)
+               float(scale) * LOG2E, 0 if sinks is None else sinks.stride(0))
     consts = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
                   BLOCK_N=block_n, STAGES=stages, CAUSAL=bool(causal), PAGE=page,
                   PAGE_ROWS=kv_rows, COMPACT=min_q > 0,
                   STAGE_OUT=_stage_out(head_dim, block_n, stages, n_consumers),
                   CONSUMER_REGS=PAGED_CONSUMER_REGS if page else CONSUMER_REGS,
                   PRODUCER_REGS=PAGED_PRODUCER_REGS if page else PRODUCER_REGS,
-                  CONSUMERS=n_consumers, PACK=pack, num_warps=4,
+                  CONSUMERS=n_consumers, PACK=pack, SINKS=sinks is not None,
+                  WITH_LSE=bool(with_lse), num_warps=4,
                   maxnreg=SOLO_MAXNREG if solo else MAXNREG)
     fp16 = q.dtype == torch.float16
     blocks = ((BLOCK_M // pack, shared_layout(BLOCK_M // pack, head_dim, fp16)),
@@ -242,28 +257,32 @@ def _stage_out(head_dim: int, block_n: int, stages: int, n_consumers: int = 2) -
 # ---------------------------------------------------------------------------------------------
 
 def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
-          out, flags, rows: int = BLOCK_M, config=None, block_table=None) -> None:
+          out, flags, rows: int = BLOCK_M, config=None, block_table=None, sinks=None,
+          lse=None) -> None:
     """Rewrite, with the isolating FA2-style kernel (prefill_kernel.py, ``FIXUP`` mode), only
     the half tiles holding a row that ``flags`` names; write nothing else. ``flags`` int32
     ``[tiles, B + 1, H, F]`` (contiguous; see :func:`flags_shape`: ``2 * rows``-row tiles counted
     from a sequence's last, a flag per ``2 * rows / F`` rows, F even); ``out`` contiguous
-    ``[Tq, H, D]`` holds the flagging kernel's result. No window. A
-    fixed grid of about two programs per SM reads the flags (one vector load each); with none
-    set the launch writes nothing."""
+    ``[Tq, H, D]`` holds the flagging kernel's result (and ``lse``, float32 ``[Tq, H]``, its
+    lse: the rewritten rows' are rewritten too; ``sinks`` as the flagging launch's). No window.
+    A fixed grid of about two programs per SM reads the flags (one vector load each); with
+    none set the launch writes nothing."""
     from attn_ops.backends.triton.launch import launch
     from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
     grid, consts, scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                               scale, causal, flags.shape[0], rows, config,
-                                              block_table, flags.shape[3] // 2)
-    # q stands in for the lse, sinks and FP8 scales; dense, cu_seqlens_k for the block table.
+                                              block_table, flags.shape[3] // 2, sinks, lse)
+    # q stands in for an absent lse and sinks, and the FP8 scales; dense, cu_seqlens_k for the
+    # block table.
     table = block_table if block_table is not None else cu_seqlens_k
-    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q,
-           flags, *scalars, **consts)
+    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
+           *_extra_pointers(q, sinks, lse), q, q, flags, *scalars, **consts)
 
 
 def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
                       causal: bool, tiles: int, rows: int = BLOCK_M, config=None,
-                      block_table=None, flags_per_half: int = 1) -> tuple:
+                      block_table=None, flags_per_half: int = 1, sinks=None,
+                      lse=None) -> tuple:
     """(grid, constexprs and options, the arguments after the 12 pointers) of :func:`fixup`'s
     launch (half tiles of ``rows`` rows, ``flags_per_half`` flags each); the output is
     contiguous."""
@@ -280,7 +299,8 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
     out_strides = torch.empty(q.shape, device="meta").stride()
     _, consts, scalars = launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale,
                                      causal, block_table, -1, 0.0, out_strides,
-                                     extras(q, k, None, None, None, False), config)
+                                     extras(q, k, sinks, None, None, lse is not None, lse),
+                                     config)
     num_heads = q.shape[1]
     programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
     grid = (max(1, min(tiles * cu_seqlens_q.shape[0], programs)), 1, num_heads)
@@ -290,40 +310,48 @@ def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, sc
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float, causal: bool = True, block_table=None, out=None,
                     min_q: int = 0, n_consumers: int | None = None,
-                    pack: int | None = None):
+                    pack: int | None = None, sinks=None, return_lse: bool = False, lse=None):
     """:func:`prefill` with the contract's rule for non-finite values: a NaN or +-Inf value
     row reaches only the query rows that see it. Two launches, the same every call (no host
     sync, CUDA-graph safe): this kernel, which flags every 16 rows whose output is not finite
     (a leak shows there, see the kernel's docstring), then :func:`fixup`, which rewrites the
     half tiles holding them with the isolating FA2-style kernel and otherwise returns after one
-    load per program. Same arguments and result as :func:`prefill`. A paged cache TMA
-    cannot read (see :func:`cache_reason`, or a base not 16-byte aligned) is served by the
-    FA2-style kernel alone (all of it, ``min_q`` or not: the rows it rewrites are the same)."""
+    load per program. Same arguments as :func:`prefill`; returns ``out``, or with
+    ``return_lse`` ``(out, lse)`` (``lse`` float32 ``[Tq, H]``: given, contiguous, or
+    allocated). A paged cache TMA cannot read (see :func:`cache_reason`, or a base not
+    16-byte aligned) is served by the FA2-style kernel alone (all of it, ``min_q`` or not: the
+    rows it rewrites are the same)."""
     import torch
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    done = (out, lse) if return_lse else out
     if _nothing_to_launch(q, k, cu_seqlens_q, block_table):
-        return prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                       causal, block_table, out)  # the host-side result
+        prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                block_table, out, lse=lse if return_lse else None)  # the host-side result
+        return done
     if block_table is not None and ((k.data_ptr() | v.data_ptr()) % 16 or cache_reason(k, v)):
         from attn_ops.backends.triton import prefill_kernel
         return prefill_kernel.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, scale, causal, block_table, out=out)
+                                      max_seqlen_k, scale, causal, block_table, sinks=sinks,
+                                      return_lse=return_lse, out=out, lse=lse)
     n_consumers, pack = form(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
                              block_table, min_q, n_consumers, pack)
     shape = flags_shape(max_seqlen_q, cu_seqlens_q.shape[0] - 1, q.shape[1], n_consumers)
     flags = torch.empty(shape, dtype=torch.int32, device=q.device)  # the kernel writes each
+    lse = lse if return_lse else None
     prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-            block_table, out, flags, min_q, n_consumers, pack)
+            block_table, out, flags, min_q, n_consumers, pack, sinks, lse)
     fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal, out, flags,
-          rows=n_consumers * BLOCK_M // 2, block_table=block_table)
-    return out
+          rows=n_consumers * BLOCK_M // 2, block_table=block_table, sinks=sinks, lse=lse)
+    return done
 
 
 def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float, causal: bool = True,
                          block_table=None, min_q: int = 0, n_consumers: int | None = None,
-                         pack: int | None = None):
+                         pack: int | None = None, sinks=None, return_lse: bool = False):
     """:func:`prefill_guarded` for the call signature of these arguments (shapes, strides,
     dtypes, devices, scalars): the plan, the layouts, both grids and every non-pointer argument
     computed once, both launches prepared (launch.prepare: the compiled launchers are called
@@ -333,7 +361,8 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     makes the two launches, each through the launcher's C function (raw_launch: a descriptor
     encoded once per base address). Once both launches are pinned, a call reads each address
     once and fires both from them (raw_launch's ``at``: no descriptor objects, eight address
-    reads for twenty, one device, hook and stream check for the two). 2 x 256 prompts, H200
+    reads for twenty (and the sinks' with them), one device, hook and stream check for the
+    two). 2 x 256 prompts, H200
     hosts, in one process: 15.1-25.6 us per call against 21.0-36.2 through the prepared
     launchers (28-34% less; the hosts' speed varies by half from one to the next), of which the
     two C launch functions are 8.6-14.4 (BENCHMARKS.md, twenty-seventh pass). Before the
@@ -341,9 +370,12 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     per call; 133-270 for :func:`prefill_guarded` (Gluon's ``JITFunction.run`` with three
     descriptors alone cost 86-145 us per launch).
 
-    The function returned takes prefill's positional arguments (those past ``block_table``
-    ignored: this route serves their defaults) and ``out=`` (contiguous ``[Tq, H, D]``,
-    written in place): the split route passes the unified kernel's. Calls the signature
+    The function returned takes prefill's positional arguments (of those past
+    ``block_table``, ``sinks`` read, the rest at the defaults this route serves), or them up to
+    ``block_table`` and ``sinks=`` (the signature's: present or not), and ``out=`` (contiguous
+    ``[Tq, H, D]``, written in place) and ``lse=`` (contiguous float32 ``[Tq, H]``): the split
+    route passes the unified kernel's. It returns ``out``, or ``(out, lse)`` where the
+    signature has ``return_lse``. Calls the signature
     cannot serve directly (traced, tensor subclasses, q/k/v whose heads are not packed or whose
     base is not 16-byte aligned) take :func:`prefill_guarded`."""
     import torch
@@ -355,30 +387,38 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     paged = block_table is not None
     if (_nothing_to_launch(q, k, cu_seqlens_q, block_table) or not heads_packed(q) or not (
             cache_reason(k, v) is None if paged else heads_packed(k) and heads_packed(v))):
-        if min_q or n_consumers or pack:
+        if min_q or n_consumers or pack or return_lse:
             return functools.partial(prefill_guarded, min_q=min_q, n_consumers=n_consumers,
-                                     pack=pack)
+                                     pack=pack, return_lse=return_lse)
         return prefill_guarded
     n_consumers, pack = form(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
                              block_table, min_q, n_consumers, pack)
     out_strides = torch.empty(q.shape, device="meta").stride()  # a fresh contiguous output's
     grid, scalars, consts, shape, blocks = _plan(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  scale, causal, out_strides, block_table, min_q,
-                                                 n_consumers, max_seqlen_k, pack)
+                                                 n_consumers, max_seqlen_k, pack, sinks,
+                                                 return_lse)
     # What TensorDescriptor's constructor checks is fixed here (packed heads, 16-byte rows, a
     # shape with rows) but for the base's alignment, which each call checks.
     desc_q, desc_k, desc_v = (
         descriptor_maker(TensorDescriptor, *row_matrix(x), [rows, q.shape[2]], layout)
         for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1])))
-    # Alignment checked per call: cu_seqlens and the table (positions 4, 5, 7); out and flags
-    # are fresh allocations, the descriptors' bases are checked below.
-    gluon = launch.prepare(hopper_prefill_kernel, grid, consts, (4, 5, 7), scalars)
+    # Alignment checked per call: cu_seqlens, the table and the sinks (positions 4, 5, 7, 9);
+    # out, flags and the lse are fresh allocations (or the split route's, likewise), the
+    # descriptors' bases are checked below.
+    has_sinks = sinks is not None
+    gluon = launch.prepare(hopper_prefill_kernel, grid, consts, (4, 5, 7) + (9,) * has_sinks,
+                           scalars)
+    lse_like = q if return_lse else None  # the fixup's plan reads only its dtype and device
     f_grid, f_consts, f_scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                     max_seqlen_q, scale, causal, shape[0],
                                                     n_consumers * BLOCK_M // 2,
                                                     block_table=block_table,
-                                                    flags_per_half=shape[3] // 2)
-    fix = launch.prepare(_prefill_kernel, f_grid, f_consts, (0, 1, 2, 4, 5, 6), f_scalars)
+                                                    flags_per_half=shape[3] // 2, sinks=sinks,
+                                                    lse=lse_like)
+    fix = launch.prepare(_prefill_kernel, f_grid, f_consts,
+                         (0, 1, 2, 4, 5, 6) + (8,) * has_sinks, f_scalars)
+    lse_shape, f32 = q.shape[:2], torch.float32
     empty, empty_like, flag_count = torch.empty, torch.empty_like, math.prod(shape)
     out_shape, dtype, device = q.shape, q.dtype, q.device
     like_q = q.stride() == out_strides
@@ -390,20 +430,26 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     flags_at: dict = {}
 
     def run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            causal=True, block_table=None, *rest, out=None):
-        # ``rest``: the op's trailing arguments (window_left .. return_lse), the defaults this
-        # route serves, so the dispatch memo can call this function as it is.
+            causal=True, block_table=None, window_left=-1, softcap=0.0, sinks=None,
+            k_scale=None, v_scale=None, return_lse=False, *, out=None, lse=None):
+        # The op's arguments as the dispatch memo passes them (window_left, softcap and the
+        # scales at the defaults this route serves; return_lse the signature's).
         direct = type(q) is tensor and not depth()  # neither a subclass nor traced
         if direct:
             pq, pk, pv = q.data_ptr(), k.data_ptr(), v.data_ptr()
             direct = not (pq | pk | pv) & 15
+            if has_sinks:
+                psk = sinks.data_ptr()
+                direct = direct and not psk & 15
         if not direct:
             return prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, scale, causal, block_table, out, min_q,
-                                   n_consumers, pack)
+                                   n_consumers, pack, sinks, with_lse, lse)
         stats["bound"] += 1
         if out is None:
             out = empty_like(q) if like_q else empty(out_shape, dtype=dtype, device=device)
+        if with_lse and lse is None:
+            lse = empty(lse_shape, dtype=f32, device=device)
         table = block_table if paged else cu_seqlens_k
         # Both launches pinned: from the addresses, each read once (8 reads for 20 through the
         # launchers, no descriptor object), one device, hook and stream check for the two.
@@ -418,14 +464,19 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                     flags = scratch_on(flag_count, device, stream)
                     held = flags_at[stream] = (flags, flags.data_ptr())
                 pf = held[1]
-                gluon.at((pq, pk, pv, po, pc, pck, pf, pt), stream)
-                fix.at((pq, pk, pv, po, pc, pck, pt, pq, pq, pq, pq, pf), stream)
+                pl = lse.data_ptr() if with_lse else pq
+                ps = psk if has_sinks else pq
+                gluon.at((pq, pk, pv, po, pc, pck, pf, pt, pl, ps), stream)
+                fix.at((pq, pk, pv, po, pc, pck, pt, pl, ps, pq, pq, pf), stream)
                 stats["direct"] += 2
                 stats["raw"] += 2
-                return out
+                return (out, lse) if with_lse else out
         flags = scratch(flag_count, device)  # kept per stream: each flag is written
-        gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table))
-        fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, q, q, q, q, flags))
-        return out
+        lse_t, sinks_t = _extra_pointers(q, sinks, lse if with_lse else None)
+        gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table,
+               lse_t, sinks_t))
+        fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, lse_t, sinks_t, q, q, flags))
+        return (out, lse) if with_lse else out
+    with_lse = bool(return_lse)
     run.routes_traced = True  # takes the op's arguments, sends traced calls on (see above)
     return run

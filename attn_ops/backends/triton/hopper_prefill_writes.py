@@ -1,5 +1,6 @@
 """What the Gluon Hopper prefill (hopper_prefill_kernel.py) writes besides attention: the zeros
-of rows that see no key (padding rows past the last sequence, tiles with no key) and its
+of rows that see no key (padding rows past the last sequence, tiles with no key; their lse
+``-inf`` when it writes one) and its
 non-finite flags (the kernel's docstring: one int32 per 64 or 16 output rows, each written every
 call, so the caller hands over uninitialised flags), and both for a packed item with nothing to
 compute. Each runs in a 4-warp partition. Imported only by the kernel's module, inside its guard
@@ -13,9 +14,11 @@ from triton.experimental.gluon import language as gl
 
 
 @gluon.jit
-def zero_rows(O, row_lo, row_hi, head, stride_ot, stride_oh,
-              ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
-    """Zeros for rows ``row_lo .. min(row_lo + ROWS, row_hi) - 1`` of head ``head``."""
+def zero_rows(O, LSE, row_lo, row_hi, head, num_heads, stride_ot, stride_oh,
+              ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, num_warps: gl.constexpr,
+              WITH_LSE: gl.constexpr):
+    """Zeros for rows ``row_lo .. min(row_lo + ROWS, row_hi) - 1`` of head ``head``, and with
+    ``WITH_LSE`` their lse ``-inf`` (LSE float32 ``[Tq, num_heads]``, contiguous)."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     r = row_lo + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
@@ -24,6 +27,9 @@ def zero_rows(O, row_lo, row_hi, head, stride_ot, stride_oh,
     mask = gl.expand_dims(r < row_hi, 1) & gl.expand_dims(d < HEAD_DIM, 0)
     zeros = gl.zeros([ROWS, HEAD_DIM], O.dtype.element_ty, layout)
     gl.store(ptrs, zeros, mask=mask)
+    if WITH_LSE:
+        gl.store(LSE + r.to(gl.int64) * num_heads + head,
+                 gl.full([ROWS], float("-inf"), gl.float32, r.type.layout), mask=r < row_hi)
 
 
 @gluon.jit
@@ -66,8 +72,9 @@ def flag_slots(warp, quarter, PACK: gl.constexpr):
 
 
 @gluon.jit
-def pass_packed_item(O, flags, CU_Q, stride_cq, num_seqs, seq, head, q_start, lq, m0, total_q,
-                     tiles, stride_ot, stride_oh, HEAD_DIM: gl.constexpr, PACK: gl.constexpr):
+def pass_packed_item(O, LSE, flags, CU_Q, stride_cq, num_seqs, num_heads, seq, head, q_start,
+                     lq, m0, total_q, tiles, stride_ot, stride_oh, HEAD_DIM: gl.constexpr,
+                     PACK: gl.constexpr, WITH_LSE: gl.constexpr):
     """A packed item with nothing to compute (hopper_prefill_items.packed_item): its four flags
     (from ``flags``, its first) 0, and zeros for its rows of heads ``head .. head + PACK - 1``:
     in the padding column (``seq == num_seqs``) the rows past ``cu_seqlens_q[-1]``, strided over
@@ -80,8 +87,9 @@ def pass_packed_item(O, flags, CU_Q, stride_cq, num_seqs, seq, head, q_start, lq
         first = gl.load(CU_Q + num_seqs * stride_cq)
         for p in gl.static_range(PACK):
             for r0 in range(first + m0, total_q, tiles * 64):
-                zero_rows(O, r0, total_q, head + p, stride_ot, stride_oh, TOK, HEAD_DIM, 4)
+                zero_rows(O, LSE, r0, total_q, head + p, num_heads, stride_ot, stride_oh, TOK,
+                          HEAD_DIM, 4, WITH_LSE)
     elif m0 < lq:
         for p in gl.static_range(PACK):
-            zero_rows(O, q_start + m0, q_start + lq, head + p, stride_ot, stride_oh, TOK,
-                      HEAD_DIM, 4)
+            zero_rows(O, LSE, q_start + m0, q_start + lq, head + p, num_heads, stride_ot,
+                      stride_oh, TOK, HEAD_DIM, 4, WITH_LSE)

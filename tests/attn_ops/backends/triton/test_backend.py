@@ -111,9 +111,13 @@ def test_prefill_route_takes_the_hopper_kernel_where_it_serves(monkeypatch):
                   torch.empty(200, 48, 8, 128, dtype=torch.bfloat16, device="meta"),
                   pair[:, 0]):  # K and V pages interleaved: not one row matrix
         assert _route(k=cache, block_table=table) != "hopper", cache.shape
-    for kwargs in (dict(window_left=8), dict(softcap=30.0),
-                   dict(sinks=torch.empty(32, device="meta")), dict(return_lse=True)):
+    for kwargs in (dict(window_left=8), dict(softcap=30.0)):
         assert _route(**kwargs) != "hopper", kwargs
+    # sinks and the lse: the rows' finish, which the Gluon kernel serves (split route too)
+    sinks = torch.empty(32, device="meta")
+    for kwargs in (dict(sinks=sinks), dict(return_lse=True), dict(sinks=sinks, return_lse=True)):
+        assert _route(**kwargs) == "hopper", kwargs
+        assert _route(q_shape=(1104, 32, 128), seqs=58, max_q=512, **kwargs) == "split"
     monkeypatch.setattr(tb, "HOPPER_PREFILL", False)
     assert _route() == "unified"
 
@@ -283,13 +287,13 @@ def test_bound_prefill_on_the_hopper_route_routes_once(monkeypatch, bound):
     from attn_ops.backends.triton import hopper_prefill_launch as hopper
     routes, calls = [], []
 
-    def entry(*a, out=None):
+    def entry(*a, out=None, lse=None, sinks=None):
         calls.append(a + (out,))
         return a[0]
     if bound:
         entry.routes_traced = True
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: routes.append(1) or "hopper")
-    monkeypatch.setattr(hopper, "bind_prefill_guarded", lambda *s: entry)
+    monkeypatch.setattr(hopper, "bind_prefill_guarded", lambda *s, **kw: entry)
     q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     args = (q, k, k, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
@@ -315,7 +319,7 @@ def test_the_hopper_route_sends_traced_calls_to_the_wrapper(monkeypatch):
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "hopper")
     # an entry that leaves traced calls to its caller: the route's function sends them on
     monkeypatch.setattr(hopper, "bind_prefill_guarded",
-                        lambda *s: lambda *a, out=None: calls.append(a) or a[0])
+                        lambda *s, **kw: lambda *a, **k: calls.append(a) or a[0])
     monkeypatch.setattr(tb, "prefill", lambda *a: wrapped.append(a) or a[1])
     monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)
     q, k = torch.randn(20, 4, 32), torch.randn(20, 2, 32)
@@ -339,7 +343,7 @@ def test_a_small_eager_call_on_the_hopper_route_takes_the_bound_kernel(monkeypat
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "hopper")
     monkeypatch.setattr(tb, "_capturing", lambda: capturing)
     monkeypatch.setattr(hopper, "bind_prefill_guarded",
-                        lambda *s: lambda *a, out=None: calls.append(a) or a[0])
+                        lambda *s, **kw: lambda *a, **k: calls.append(a) or a[0])
     q, k, v = torch.randn(20, 4, 32), torch.randn(20, 2, 32), torch.randn(20, 2, 32)
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
     args = (q, k, v, cu, cu, 13, 13, 0.2, True, None, -1, 0.0, None, None, None, False)
@@ -383,41 +387,55 @@ def test_the_split_routes_small_path_writes_exactly_the_short_sequences():
             assert torch.isnan(out[rows]).all(), f"sequence {b} ({n} queries) is the other's"
 
 
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "sinks-lse"])
 @pytest.mark.parametrize("bound", [False, True])
-def test_the_split_route_hands_its_output_to_the_hopper_entry(monkeypatch, bound):
+def test_the_split_route_hands_its_output_to_the_hopper_entry(monkeypatch, bound, extras):
     """Routed "split", a call runs the small path, then the guarded Gluon entry on the same
-    output with min_q (stand-in: the reference writes the sequences past min_q)."""
+    output (and lse) with min_q and the call's sinks (stand-in: the reference writes the
+    sequences past min_q)."""
     from attn_ops.backends.triton import hopper_prefill_launch as hopper
     args, lens_q = _mixed_batch()
+    sinks = torch.randn(args[0].shape[1]) if extras else None
     seen = []
 
-    def guarded(q, k, v, cq, ck, mq, mk, scale, causal, table, out, min_q):
-        seen.append(min_q)
-        full = reference.prefill(q, k, v, cq, ck, mq, mk, scale, causal, table)
+    def guarded(q, k, v, cq, ck, mq, mk, scale, causal, table, out, min_q, sinks=None,
+                return_lse=False, lse=None):
+        seen.append((min_q, sinks))
+        full, full_lse = reference.prefill(q, k, v, cq, ck, mq, mk, scale, causal, table,
+                                           sinks=sinks, return_lse=True)
         for b in range(len(lens_q)):
             lo, hi = int(cq[b]), int(cq[b + 1])
             if hi - lo > min_q:
                 out[lo:hi] = full[lo:hi]
-        return out
+                if return_lse:
+                    lse[lo:hi] = full_lse[lo:hi]
+        return (out, lse) if return_lse else out
     monkeypatch.setattr(tb, "prefill_route", lambda *a, **kw: "split")
     monkeypatch.setattr(tb, "_HOPPER_EAGER_MIN_WORK", 0)
+    full = args + (-1, 0.0, sinks, None, None, extras)
     if bound:
-        monkeypatch.setattr(hopper, "bind_prefill_guarded",
-                            lambda *s: lambda *a, out=None: guarded(*a[:10], out, s[10]))
-        full = args + (-1, 0.0, None, None, None, False)
+        monkeypatch.setattr(hopper, "bind_prefill_guarded", lambda *s, **kw: (
+            lambda *a, out=None, lse=None, sinks=None: guarded(
+                *a[:10], out, s[10], sinks, kw["return_lse"], lse)))
         got = tb._bind_prefill(*full)(*full)
     else:
         monkeypatch.setattr(hopper, "prefill_guarded", guarded)
-        got = tb.prefill(*args)
-    assert seen == [4]
-    assert_close(got, reference.prefill(*args), *TOLERANCES[torch.float32])
+        got = tb.prefill(*full)
+    assert seen == [(4, sinks)]
+    expected = reference.prefill(*args, sinks=sinks, return_lse=extras)
+    if extras:
+        assert_close(got[1], expected[1], *TOLERANCES[torch.float32], what="lse")
+        got, expected = got[0], expected[0]
+    assert_close(got, expected, *TOLERANCES[torch.float32])
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "sinks-lse"])
 @pytest.mark.parametrize("path", ["op", "wrapper"])
-def test_a_mixed_batch_takes_the_split_route_on_sm90(path):
+def test_a_mixed_batch_takes_the_split_route_on_sm90(path, extras):
     """Decode rows, speculative rows and two chunks over a paged prefix in one call: on an sm90
-    GPU the split route (unified small path + Gluon kernel), against the reference."""
+    GPU the split route (unified small path + Gluon kernel), against the reference; with sinks
+    and the lse (prefill_with_lse), each kernel writes its rows' lse."""
     from attn_ops.backends.triton import hopper_prefill_launch as hopper
     if not hopper.available():
         pytest.skip("needs an sm90 GPU and Gluon's Hopper API")
@@ -429,11 +447,18 @@ def test_a_mixed_batch_takes_the_split_route_on_sm90(path):
     q = torch.randn(sum(lens_q), 32, 128, device=dev).to(dtype)
     args = (q, paged.k_cache, paged.v_cache, cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev),
             max(lens_q), max(lens_k), 128 ** -0.5, True, paged.block_table)
-    assert tb.prefill_route(q, paged.k_cache, args[3], args[5], True, args[9]) == "split"
-    expected = reference.prefill(*args)
+    sinks = torch.randn(32, device=dev) * 2 if extras else None
+    assert tb.prefill_route(q, paged.k_cache, args[3], args[5], True, args[9], sinks=sinks,
+                            return_lse=extras) == "split"
+    expected = reference.prefill(*args, sinks=sinks, return_lse=extras)
     if path == "op":
-        got = attn_ops.prefill(*args, backend="triton")
-        got = attn_ops.prefill(*args, backend="triton")  # the bound call, planned above
+        op = attn_ops.prefill_with_lse if extras else attn_ops.prefill
+        more = (-1, 0.0, sinks) if extras else ()
+        got = op(*args, *more, backend="triton")
+        got = op(*args, *more, backend="triton")  # the bound call, planned above
     else:
-        got = tb.prefill(*args)
+        got = tb.prefill(*args, sinks=sinks, return_lse=extras)
+    if extras:
+        assert_close(got[1], expected[1], 2e-3, 1e-3, what="lse")
+        got, expected = got[0], expected[0]
     assert_close(got, expected, *TOLERANCES[dtype])

@@ -18,14 +18,15 @@ def test_supports_serves_the_plain_call_and_a_paged_prefix():
     assert hp.supports(torch.float16, 64, causal=False) is None
     for page in (16, 32, 64, 128, 256, 1024):
         assert hp.supports(torch.bfloat16, 128, page_size=page) is None, page
+    # sinks and the lse: the rows' finish
+    assert hp.supports(torch.bfloat16, 128, sinks=True, return_lse=True) is None
 
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(q_dtype=torch.float32), "dtype"), (dict(head_dim=96), "head_dim"),
     (dict(head_dim=256), "head_dim"), (dict(page_size=8), "page size"),
     (dict(page_size=48), "page size"),
-    (dict(window_left=0), "window"), (dict(softcap=30.0), "softcap"),
-    (dict(sinks=True), "sinks"), (dict(fp8=True), "fp8"), (dict(return_lse=True), "LSE")])
+    (dict(window_left=0), "window"), (dict(softcap=30.0), "softcap"), (dict(fp8=True), "fp8")])
 def test_supports_refuses_with_a_reason(kwargs, word):
     args = dict(q_dtype=torch.bfloat16, head_dim=128)
     args.update(kwargs)
@@ -52,11 +53,13 @@ CONSUMERS = [pytest.param(1, id="solo"), pytest.param(2, id="duo")]
 
 
 def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
-         entry="prefill_guarded", bad=float("nan"), kv_head=None, n_consumers=None, pack=None):
+         entry="prefill_guarded", bad=float("nan"), kv_head=None, n_consumers=None, pack=None,
+         sinks=False, lse=False):
     """Random never-zero inputs; ``out`` poisoned with NaN; checks against the reference, with
     ``nan_rows`` (key rows) of v set to ``bad`` (NaN or +-Inf; in KV head ``kv_head`` only,
     or all): only query rows that see them may turn non-finite. ``n_consumers``, ``pack``:
-    forced (None: the launcher's rules)."""
+    forced (None: the launcher's rules). ``sinks``: random per-head sink logits (a strided
+    view); ``lse``: the lse output too (poisoned likewise where the entry takes it)."""
     dev = "cuda"
     tq, tk = sum(lens_q) + extra_rows, sum(lens_k)
     q = torch.randn(tq, h, d, device=dev).to(dtype)
@@ -66,23 +69,44 @@ def _run(lens_q, lens_k, h, hkv, d, causal, dtype, extra_rows=0, nan_rows=(),
         v[r, slice(None) if kv_head is None else kv_head] = bad
     cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
     scale = d ** -0.5
-    expected = reference.prefill(q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal)
+    sink = (torch.randn(2 * h, device=dev) * 2)[::2] if sinks else None
+    expected = reference.prefill(q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal,
+                                 sinks=sink, return_lse=lse)
+    if lse:
+        expected, expected_lse = expected
     out = torch.full_like(q, float("nan"))
+    out_lse = torch.full(q.shape[:2], float("nan"), device=dev)
     args = (q, k, v, cq, ck, max(lens_q), max(lens_k), scale, causal)
+    extras = {}
+    if sinks or lse:
+        extras = dict(sinks=sink, return_lse=lse)
     if entry == "bound":  # bind_prefill_guarded: its second call takes the pinned launchers
-        run = hp.bind_prefill_guarded(*args, n_consumers=n_consumers, pack=pack)
-        run(*args)
+        run = hp.bind_prefill_guarded(*args, n_consumers=n_consumers, pack=pack, **extras)
+        call = args + (None, -1, 0.0, sink, None, None, lse)  # as the dispatch memo calls it
+        run(*call)
         del out  # poison: the caching allocator hands this block to the next output
         raw = launch.stats["raw"]
-        got = run(*args)
+        got = run(*call)
         # q at another address: its descriptor encoded anew, k's and v's kept (raw_launch).
-        torch.testing.assert_close(run(q.clone(), *args[1:]), got, rtol=0, atol=0,
+        torch.testing.assert_close(run(q.clone(), *call[1:]), got, rtol=0, atol=0,
                                    equal_nan=True)
         assert launch.stats["raw"] == raw + 4, "both launches of both calls through raw_launch"
-    else:
-        got = getattr(hp, entry)(*args, out=out, n_consumers=n_consumers, pack=pack)
+    elif entry == "prefill":  # the kernel alone: sinks and the lse given as tensors
+        got = hp.prefill(*args, out=out, n_consumers=n_consumers, pack=pack, sinks=sink,
+                         lse=out_lse if lse else None)
         assert got.data_ptr() == out.data_ptr()
+        if lse:
+            got = (got, out_lse)
+    else:
+        got = hp.prefill_guarded(*args, out=out, n_consumers=n_consumers, pack=pack,
+                                 lse=out_lse if lse else None, **extras)
+        assert (got[0] if lse else got).data_ptr() == out.data_ptr()
     atol, rtol = TOLERANCES[dtype]
+    if lse:
+        # every row's, those that see a non-finite value included (the lse reads no value):
+        # -inf exactly where a row sees no key, no NaN (a poisoned row left unwritten)
+        got, got_lse = got
+        assert_close(got_lse, expected_lse, 2e-3, 1e-3, what="lse")
     if nan_rows:
         # A row that sees an infinite value is NaN here (the isolation's rule, the FA2-style
         # kernel's) where the reference may give +-Inf; NaN values give NaN in both.
@@ -497,3 +521,81 @@ def test_the_fixup_reads_the_flags_of_its_own_call(graph):
     assert seen.any() and not seen.all()
     assert torch.equal(torch.isnan(out), seen), "rows that do not see the NaN value were reached"
     assert_close(out[~seen], expected[~seen], *TOLERANCES[torch.bfloat16])
+
+
+# --- sinks and the lse: the rows' finish (hopper_prefill_softmax.finish_rows) ------------------
+
+EXTRAS = [pytest.param(True, False, id="sinks"), pytest.param(False, True, id="lse"),
+          pytest.param(True, True, id="sinks-lse")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sinks, lse", EXTRAS)
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_sinks_and_lse(entry, causal, sinks, lse, n):
+    """Odd lengths, an empty sequence, padding rows (zeros, lse -inf), and a sequence of 70
+    queries over 40 keys: causal, its first 30 rows see no key (zeros, lse -inf: the sink
+    dropped, so a merge never counts it twice)."""
+    _gpu_only()
+    torch.manual_seed(0)
+    _run([13, 0, 300, 129, 70], [13, 0, 300, 129, 40], 32, 8, 128, causal, torch.bfloat16,
+         extra_rows=5, entry=entry, n_consumers=n, sinks=sinks, lse=lse)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES[1:])
+@pytest.mark.parametrize("n", CONSUMERS)
+def test_sinks_and_lse_where_nan_values_leak(entry, n):
+    """The NaN test's leaks (a hidden key, the next sequence's first rows): the fixup rewrites
+    the flagged rows' output and lse with the sinks; every row's lse is the reference's."""
+    _gpu_only()
+    _run([250, 130], [250, 130], 8, 2, 128, True, torch.bfloat16,
+         nan_rows=[200] + list(range(250, 270)), entry=entry, n_consumers=n, sinks=True,
+         lse=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("h, hkv, pack", PACKS)
+def test_packed_sinks_and_lse(entry, h, hkv, pack):
+    """The packed form: a row's head is the item's first plus its row over the tokens per head,
+    for its sink and its lse; items with nothing to compute write zeros and -inf."""
+    _gpu_only()
+    torch.manual_seed(0)
+    lens_q, lens_k = _few(pack)
+    _run(lens_q, lens_k, h, hkv, 128, True, torch.bfloat16, extra_rows=5, entry=entry,
+         pack=pack, sinks=True, lse=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ENTRIES[1:])
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("n_consumers", CONSUMERS)
+def test_paged_prefix_with_sinks_and_lse(entry, page, n_consumers):
+    """test_paged_prefix's batch (NaN in the unused rows of each last page) with sinks and the
+    lse through the guarded entries."""
+    _gpu_only()
+    torch.manual_seed(0)
+    dev, h, hkv, d, dtype = "cuda", 16, 4, 128, torch.bfloat16
+    lens_q, lens_k = [13, 0, 300, 128], [213, 37, 817, 128]
+    paged = random_paged(lens_k, hkv, d, page, dtype, dev)
+    _poison_unused_rows_of_last_pages(paged, lens_k, page)
+    q = torch.randn(sum(lens_q) + 5, h, d, device=dev).to(dtype)
+    sinks = torch.randn(h, device=dev) * 2
+    cq, ck = cu_seqlens(lens_q, dev), cu_seqlens(lens_k, dev)
+    args = (q, paged.k_cache, paged.v_cache, cq, ck, max(lens_q), max(lens_k), d ** -0.5,
+            True, paged.block_table)
+    expected, expected_lse = reference.prefill(*args, sinks=sinks, return_lse=True)
+    if entry == "bound":
+        run = hp.bind_prefill_guarded(*args, n_consumers=n_consumers, sinks=sinks,
+                                      return_lse=True)
+        run(*args, sinks=sinks)
+        got, lse = run(*args, sinks=sinks)
+    else:
+        got, lse = hp.prefill_guarded(*args, out=torch.full_like(q, float("nan")),
+                                      n_consumers=n_consumers, sinks=sinks, return_lse=True,
+                                      lse=torch.full(q.shape[:2], float("nan"), device=dev))
+    assert_close(got, expected, *TOLERANCES[dtype])
+    assert_close(lse, expected_lse, 2e-3, 1e-3, what="lse")

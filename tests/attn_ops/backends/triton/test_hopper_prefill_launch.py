@@ -318,7 +318,7 @@ def test_only_the_split_routes_launch_numbers_items_over_the_longer_sequences(mo
     gluon = [c for c in rec.calls if c[0] == "gluon"]
     assert len(gluon) == 2
     assert all(c[3]["COMPACT"] is (min_q > 0) for c in gluon)
-    assert all(c[2][8 + 11] == min_q for c in gluon), "min_q: the 12th scalar"
+    assert all(c[2][10 + 11] == min_q for c in gluon), "min_q: the 12th scalar"
 
 
 def test_few_queries_take_the_packed_form_and_both_entries_plan_it_alike(monkeypatch):
