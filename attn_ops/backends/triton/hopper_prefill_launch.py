@@ -3,8 +3,9 @@ runs, and the launch (TMA descriptors over the packed rows or the cache's pages,
 static bounds).
 
 Public surface: :func:`available`, :func:`supports`, :func:`prefill`, :func:`prefill_guarded`
-(the contract's entry point: this kernel, then the FA2-style kernel's fixup launch, :func:`fixup`)
-and :func:`bind_prefill_guarded` (the same for one call signature, planned once).
+(the contract's entry point: this kernel, then the FA2-style kernel's fixup launch,
+hopper_prefill_fixup.fixup, also importable from here) and :func:`bind_prefill_guarded` (the
+same for one call signature, planned once).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 
+from attn_ops.backends.triton.hopper_prefill_fixup import fixup, fixup_launch_args
 from attn_ops.backends.triton.hopper_prefill_forms import (SOLO_MAXNREG, consumers,
                                                             packed_config, packing, solo_config)
 from attn_ops.backends.triton.hopper_prefill_kernel import GLUON
@@ -253,59 +255,8 @@ def _stage_out(head_dim: int, block_n: int, stages: int, n_consumers: int = 2) -
 
 
 # ---------------------------------------------------------------------------------------------
-# The guard: the FA2-style kernel's fixup launch over the flags
+# The guarded entries: this kernel, then the fixup launch over its flags (hopper_prefill_fixup)
 # ---------------------------------------------------------------------------------------------
-
-def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, causal: bool,
-          out, flags, rows: int = BLOCK_M, config=None, block_table=None, sinks=None,
-          lse=None) -> None:
-    """Rewrite, with the isolating FA2-style kernel (prefill_kernel.py, ``FIXUP`` mode), only
-    the half tiles holding a row that ``flags`` names; write nothing else. ``flags`` int32
-    ``[tiles, B + 1, H, F]`` (contiguous; see :func:`flags_shape`: ``2 * rows``-row tiles counted
-    from a sequence's last, a flag per ``2 * rows / F`` rows, F even); ``out`` contiguous
-    ``[Tq, H, D]`` holds the flagging kernel's result (and ``lse``, float32 ``[Tq, H]``, its
-    lse: the rewritten rows' are rewritten too; ``sinks`` as the flagging launch's). No window.
-    A fixed grid of about two programs per SM reads the flags (one vector load each); with
-    none set the launch writes nothing."""
-    from attn_ops.backends.triton.launch import launch
-    from attn_ops.backends.triton.prefill_kernel import _prefill_kernel
-    grid, consts, scalars = fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                              scale, causal, flags.shape[0], rows, config,
-                                              block_table, flags.shape[3] // 2, sinks, lse)
-    # q stands in for an absent lse and sinks, and the FP8 scales; dense, cu_seqlens_k for the
-    # block table.
-    table = block_table if block_table is not None else cu_seqlens_k
-    launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
-           *_extra_pointers(q, sinks, lse), q, q, flags, *scalars, **consts)
-
-
-def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,
-                      causal: bool, tiles: int, rows: int = BLOCK_M, config=None,
-                      block_table=None, flags_per_half: int = 1, sinks=None,
-                      lse=None) -> tuple:
-    """(grid, constexprs and options, the arguments after the 12 pointers) of :func:`fixup`'s
-    launch (half tiles of ``rows`` rows, ``flags_per_half`` flags each); the output is
-    contiguous."""
-    import torch
-    import triton
-
-    from attn_ops.backends.triton.common import INTERPRET, device_sm_count, extras
-    from attn_ops.backends.triton.prefill_kernel import Config, launch_args
-    if config is None:
-        # Small key steps: a rare path (a non-finite value reached the rows); its programs that
-        # find no flag return after one load, so little shared memory keeps them all resident.
-        config = (Config(rows, 16, 4, 1) if INTERPRET
-                  else Config(rows, 64 if q.shape[2] <= 128 else 32, 4, 2))
-    out_strides = torch.empty(q.shape, device="meta").stride()
-    _, consts, scalars = launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale,
-                                     causal, block_table, -1, 0.0, out_strides,
-                                     extras(q, k, sinks, None, None, lse is not None, lse),
-                                     config)
-    num_heads = q.shape[1]
-    programs = triton.cdiv(2 * device_sm_count(q.device), num_heads)  # ~2 per SM
-    grid = (max(1, min(tiles * cu_seqlens_q.shape[0], programs)), 1, num_heads)
-    return grid, dict(consts, FIXUP=True, FLAGS_PER_HALF=flags_per_half), scalars[:-1] + (tiles,)
-
 
 def prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     scale: float, causal: bool = True, block_table=None, out=None,
