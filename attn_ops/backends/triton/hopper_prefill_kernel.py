@@ -65,7 +65,8 @@ try:
     from attn_ops.backends.triton.gluon_api import tma_load
     from attn_ops.backends.triton.hopper_prefill_items import any_item, sequences_with_items
     from attn_ops.backends.triton.hopper_prefill_loads import copy_pieces, load_q, page_rows
-    from attn_ops.backends.triton.hopper_prefill_softmax import finish_rows, online_softmax
+    from attn_ops.backends.triton.hopper_prefill_softmax import (finish_rows, online_softmax,
+                                                                 sink_logits)
     from attn_ops.backends.triton.hopper_prefill_writes import (flag_slots, pass_packed_item,
                                                                 store_flags, zero_rows,
                                                                 zero_unvisited_flags)
@@ -161,6 +162,10 @@ if GLUON:
 
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
         l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
+        sink2 = 0.0
+        if SINKS:
+            sink2 = sink_logits(SINK_LOGITS, stride_sk, head, gl.SliceLayout(1, o_layout),
+                                BLOCK_M, PACK)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
@@ -200,15 +205,15 @@ if GLUON:
         last = j % STAGES
         mbarrier.wait(v_ready.index(last), (j // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        if SINKS or WITH_LSE:  # the rows' finish while the last P V runs
+            inv = finish_rows(l_o, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)), sink2,
+                              LSE, q_start, lq, head, num_heads, m0w, BLOCK_M, PACK, SINKS,
+                              WITH_LSE)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(v_empty.index(last), count=1)
 
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        if SINKS or WITH_LSE:
-            inv = finish_rows(l_o, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)), LSE,
-                              SINK_LOGITS, stride_sk, q_start, lq, head, num_heads, m0w,
-                              BLOCK_M, PACK, SINKS, WITH_LSE)
-        else:
+        if not (SINKS or WITH_LSE):
             inv = gl.where(l_o > 0.0, 1.0 / l_o, 0.0)  # no key seen: zeros
         out_f = acc * gl.expand_dims(inv, 1)
         r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))

@@ -29,25 +29,33 @@ def online_softmax(s, m_i, l_i, n0, full_hi, lk, q_pos, offs_n, qk_scale,
 
 
 @gluon.jit
-def finish_rows(l_o, m_o, LSE, SINK_LOGITS, stride_sk, q_start, lq, head, num_heads, m0w,
+def sink_logits(SINK_LOGITS, stride_sk, head, rows_layout: gl.constexpr, BLOCK_M: gl.constexpr,
+                PACK: gl.constexpr):
+    """The item's sink logits in the exp2 domain (``sink * log2 e``), loaded when the item
+    starts so the load's latency passes under its key walk: one scalar (every row is head
+    ``head``'s), or per row in the packed form (row r is head ``head + r // TOK``)."""
+    if PACK > 1:
+        TOK: gl.constexpr = BLOCK_M // PACK
+        ro = gl.arange(0, BLOCK_M, layout=rows_layout)
+        sink = gl.load(SINK_LOGITS + (head + ro // TOK) * stride_sk)
+    else:
+        sink = gl.load(SINK_LOGITS + head * stride_sk)
+    return sink * 1.4426950408889634  # log2(e)
+
+
+@gluon.jit
+def finish_rows(l_o, m_o, sink2, LSE, q_start, lq, head, num_heads, m0w,
                 BLOCK_M: gl.constexpr, PACK: gl.constexpr, SINKS: gl.constexpr,
                 WITH_LSE: gl.constexpr):
     """The output rows' scale (``acc * inv`` is the normalised output) from their running sum
     ``l_o`` and maximum ``m_o`` (exp2 domain, scaled), as softmax.finish: with ``SINKS`` the
-    head's sink ``2^(sink * log2 e)`` joins the denominator; a row that saw no key gets 0
-    and lse ``-inf`` (its sink dropped, so a merge never counts it twice). With ``WITH_LSE``
-    each row's natural-log lse is stored at ``LSE[token, head]`` (float32 ``[Tq, H]``)."""
-    ro = gl.arange(0, BLOCK_M, layout=l_o.type.layout)
-    if PACK > 1:
-        TOK: gl.constexpr = BLOCK_M // PACK
-        h_o = head + ro // TOK
-        tok = m0w + ro % TOK
-    else:
-        h_o = head + ro * 0
-        tok = m0w + ro
+    head's sink ``2^sink2`` (:func:`sink_logits`) joins the denominator; a row that saw no key
+    gets 0 and lse ``-inf`` (its sink dropped, so a merge never counts it twice). With
+    ``WITH_LSE`` each row's natural-log lse is stored at ``LSE[token, head]`` (float32
+    ``[Tq, H]``). Depends on the softmax's state only, so the kernel runs it while the item's
+    last ``P V`` is in flight."""
     seen = l_o > 0.0
     if SINKS:
-        sink2 = gl.load(SINK_LOGITS + h_o * stride_sk) * 1.4426950408889634  # log2(e)
         m_f = gl.where(seen, gl.maximum(m_o, sink2), 0.0)
         scale_f = gl.exp2(m_o - m_f)
         den = l_o * scale_f + gl.exp2(sink2 - m_f)
@@ -57,6 +65,14 @@ def finish_rows(l_o, m_o, LSE, SINK_LOGITS, stride_sk, q_start, lq, head, num_he
         den = l_o
         inv = gl.where(seen, 1.0 / gl.where(seen, l_o, 1.0), 0.0)
     if WITH_LSE:
+        ro = gl.arange(0, BLOCK_M, layout=l_o.type.layout)
+        if PACK > 1:
+            TOK: gl.constexpr = BLOCK_M // PACK
+            h_o = head + ro // TOK
+            tok = m0w + ro % TOK
+        else:
+            h_o = head + ro * 0
+            tok = m0w + ro
         none = l_o == 0.0
         lse2 = gl.where(none, float("-inf"), m_f + gl.log2(gl.where(none, 1.0, den)))
         gl.store(LSE + (q_start + tok).to(gl.int64) * num_heads + h_o,

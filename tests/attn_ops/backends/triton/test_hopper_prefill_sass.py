@@ -33,10 +33,12 @@ FORMS = [
     pytest.param(dict(batch=64, seqlen=256, page=16, context=128), 1, 0, id="solo-paged"),
     pytest.param(dict(batch=2, seqlen=512, page=16, context=3584), 2, 16, id="duo-paged-chunk"),
     pytest.param(dict(batch=4, seqlen=4096, min_q=1), 2, 16, id="duo-compact"),
-    # sinks and the lse (the rows' finish, after the key loops)
-    pytest.param(dict(batch=4, seqlen=4096, sinks=True, lse=True), 2, 64, id="duo-sinks-lse"),
-    pytest.param(dict(batch=64, seqlen=256, sinks=True, lse=True), 1, 64, id="solo-sinks-lse"),
-    pytest.param(dict(batch=16, seqlen=8, page=16, context=2040, sinks=True, lse=True), 1, 64,
+    # sinks and the lse (the rows' finish, under the item's last P V): the two-consumer build
+    # spills 16 bytes of the kernel's entry values, stored once and reloaded once per
+    # partition (ptxas for sm_90a, Triton 3.6), none per item
+    pytest.param(dict(batch=4, seqlen=4096, sinks=True, lse=True), 2, 16, id="duo-sinks-lse"),
+    pytest.param(dict(batch=64, seqlen=256, sinks=True, lse=True), 1, 0, id="solo-sinks-lse"),
+    pytest.param(dict(batch=16, seqlen=8, page=16, context=2040, sinks=True, lse=True), 1, 0,
                  id="packed-paged-sinks-lse"),
 ]
 
