@@ -25,8 +25,8 @@ import triton.language as tl
 from attn_ops.backends.triton.common import (INTERPRET, dot_mode, extras, kv_same_strides,
                                              next_pow2, result, softcap_constants)
 from attn_ops.backends.triton.launch import launch, prepare
-from attn_ops.backends.triton.softmax import (all_finite, attend, finish, kv_scales, store_lse,
-                                              value_sums)
+from attn_ops.backends.triton.softmax import (all_finite, attend, finish, kv_scales,
+                                              lse_of_output, store_lse, value_sums)
 
 
 @triton.jit
@@ -160,6 +160,8 @@ def _tile(Q, K, V, O, TABLE, LSE, SINK_LOGITS, K_SCALE, V_SCALE, stride_qt, stri
         sink2 = tl.load(SINK_LOGITS + head * stride_sk) * 1.4426950408889634  # log2(e)
     factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)  # no key seen: zeros, -inf
     out = acc * factor[:, None]
+    if WITH_LSE and (CAUSAL or WINDOW):
+        lse2 = lse_of_output(out, lse2)
     store_lse(LSE, q_rows * num_heads + head, lse2, row_ok, WITH_LSE)
     o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])

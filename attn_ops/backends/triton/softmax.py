@@ -268,6 +268,17 @@ def merge_if_last(SEMA, sema_idx, O_PART, LSE_PART, part, part_split_stride, num
 
 
 @triton.jit
+def lse_of_output(out, lse2):
+    """``lse2`` with NaN in each row of ``out`` (``[rows, D]``) that is not finite: the
+    reference's rule where keys are hidden (causal, window), under which a row that sees a
+    non-finite key or value row gets NaN in its output and its lse (reference.poison_rows).
+    The isolating loops make ``p`` NaN for such a row only on masked steps; one it sees on an
+    unmasked step reaches the output through ``P V`` but not the row's sum."""
+    chk = tl.sum(out - out, 1)  # NaN where the row holds a NaN or an infinity, else 0
+    return tl.where(chk == chk, lse2, float("nan"))
+
+
+@triton.jit
 def store_lse(LSE, idx, lse2, mask, WITH_LSE: tl.constexpr):
     """Store the natural-log lse (``lse2 * ln 2``) at ``LSE + idx`` when ``WITH_LSE``."""
     if WITH_LSE:
