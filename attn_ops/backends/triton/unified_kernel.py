@@ -32,7 +32,7 @@ import triton.language as tl
 from attn_ops.backends.triton.common import extras, result
 from attn_ops.backends.triton.merge_kernel import merge_row
 from attn_ops.backends.triton.softmax import (attend, attend_diagonal, finish, kv_scales,
-                                              merge_if_last, store_lse)
+                                              lse_of_output, merge_if_last, store_lse)
 from attn_ops.backends.triton.unified_plan import Config
 
 
@@ -145,13 +145,18 @@ def _tile(Q, K, V, O, O_PART, LSE_PART, SEMA, TABLE, LSE, SINK_LOGITS, K_SCALE, 
     o_ptrs = O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if DIRECT:  # a row that saw no key: zeros, lse -inf
         factor, lse2 = finish(m_i, l_i, sink2, v_scale, HAS_SINKS)
-        tl.store(o_ptrs, (acc * factor[:, None]).to(O.dtype.element_ty), mask=io_mask)
+        out = acc * factor[:, None]
+        if WITH_LSE and (CAUSAL or WINDOW):  # NaN for a row that sees a non-finite value
+            lse2 = lse_of_output(out, lse2)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=io_mask)
         store_lse(LSE, lse_idx, lse2, row_ok, WITH_LSE)
     else:  # partials [S, part_rows, D] with row = token * H + head; the sink joins at the merge
         factor, lse2 = finish(m_i, l_i, sink2, v_scale, False)
         part = (split * part_rows + lse_idx).to(tl.int64)
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc * factor[:, None],
-                 mask=io_mask)
+        out = acc * factor[:, None]
+        if WITH_LSE and (CAUSAL or WINDOW):  # a NaN part lse: the merged row's lse is NaN
+            lse2 = lse_of_output(out, lse2)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
         tl.store(LSE_PART + part, lse2, mask=row_ok)
         if FUSED:  # the last split of this (tile, kv head) merges; no second launch
             merge_if_last(SEMA, tl.program_id(0) * tl.num_programs(1) + kv_head, O_PART,

@@ -211,13 +211,17 @@ def test_hidden_non_finite_value_past_the_tile_or_below_the_window(paged, causal
     _hidden_value_case([40, 6], [45, 6], planted, causal, window_left, paged)
 
 
+@pytest.mark.parametrize("kernel", ["prefill_kernel", "unified", "unified-2-splits"])
 @pytest.mark.parametrize("causal,window_left", [(True, -1), (True, 9), (False, -1)])
-def test_the_lse_of_a_row_that_sees_a_non_finite_value_is_the_references(causal, window_left):
+def test_the_lse_of_a_row_that_sees_a_non_finite_value_is_the_references(causal, window_left,
+                                                                          kernel):
     """A NaN value at key 5 and an infinite one at 50 of a 70-token sequence (seen on the
     diagonal's masked steps and, by later rows, on unmasked ones), sinks on: where keys are
     hidden (causal, window) the reference gives a NaN lse to every row that sees one
-    (reference.poison_rows) and so does the kernel (softmax.lse_of_output); without hidden
-    keys both give the scores' lse. Rows that see none: the reference's values."""
+    (reference.poison_rows) and so do the FA2-style and unified kernels, split or not
+    (softmax.lse_of_output); without hidden keys all give the scores' lse. Rows that see none:
+    the reference's values."""
+    from attn_ops.backends.triton import unified_kernel
     torch.manual_seed(0)
     lens = [70, 40]
     q, k = torch.randn(110, 4, 32), torch.randn(110, 2, 32)
@@ -226,7 +230,11 @@ def test_the_lse_of_a_row_that_sees_a_non_finite_value_is_the_references(causal,
     cu = cu_seqlens(lens)
     args = (q, k, v, cu, cu, 70, 70, 32 ** -0.5, causal, None, window_left, 0.0,
             torch.randn(4) * 2)
-    out, lse = prefill_kernel.prefill(*args, return_lse=True)
+    if kernel == "prefill_kernel":
+        out, lse = prefill_kernel.prefill(*args, return_lse=True)
+    else:
+        splits = 2 if kernel.endswith("splits") else None
+        out, lse = unified_kernel.prefill(*args, return_lse=True, splits=splits)
     ref, ref_lse = reference.prefill(*args, return_lse=True)
     nan = torch.isnan(ref_lse)
     assert nan.any() == (causal or window_left >= 0)  # the setup
