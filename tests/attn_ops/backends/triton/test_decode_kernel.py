@@ -66,6 +66,40 @@ def test_decode_heads_and_dims(h, hkv, d):
     _check_decode([19, 6], h, hkv, d, 16, torch.float16, splits=2)
 
 
+# The decode kernels keep the scores' lse for a row that sees a non-finite value behind a window
+# (its output is NaN all the same; docs/api.md). The reference's rule (softmax.lse_of_output,
+# as the prefill kernels apply it) grew the DEEP row's key loop from 500 to 540 instructions
+# per step in the window + lse build (ptxas for sm_90a, Triton 3.6), unmeasured on a GPU, so it
+# was not taken: these cases document the difference and fail loudly once it is closed.
+_DECODE_LSE_GAP = pytest.mark.xfail(strict=True, reason="decode kernels: the scores' lse for a "
+                                    "row that sees a non-finite value behind a window")
+
+
+@pytest.mark.parametrize("kernel", ["split-1", "split-2", "balanced"])
+@pytest.mark.parametrize("window_left", [-1, pytest.param(10, marks=_DECODE_LSE_GAP)])
+def test_the_lse_of_a_row_that_sees_a_non_finite_value_is_the_references(kernel, window_left):
+    """NaN value rows at keys 5 and 66 of a 70-token sequence (the second sequence clean),
+    sinks on: with a window of 10, key 5 is hidden and 66 seen, and the reference gives the row
+    a NaN lse (reference.poison_rows); with no window no key is hidden and every lse is the
+    scores', the kernels' too, split or not, balanced or not."""
+    torch.manual_seed(0)
+    paged = random_paged([70, 40], 2, 32, 16, torch.float32)
+    for pos in (5, 66):
+        paged.v_cache[int(paged.block_table[0, pos // 16]), pos % 16] = float("nan")
+    q = torch.randn(2, 4, 32)
+    args = (q, paged.k_cache, paged.v_cache, torch.tensor([70, 40], dtype=torch.int32),
+            paged.block_table, 0.2, window_left, 0.0, torch.randn(4) * 2)
+    forced = (dict(balanced=True) if kernel == "balanced"
+              else dict(splits=int(kernel[-1]), balanced=False))
+    out, lse = decode_kernel.decode(*args, return_lse=True, **forced)
+    ref, ref_lse = reference.decode(*args, return_lse=True)
+    nan = torch.isnan(ref_lse)
+    assert nan.any() == (window_left >= 0)  # the setup
+    assert torch.equal(torch.isnan(lse), nan), "NaN lse rows differ from the reference's"
+    assert_close(lse[~nan], ref_lse[~nan], 1e-4, 1e-4, what="lse")
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+
+
 def test_decode_fp32_and_through_op():
     lens = [17, 0, 5]
     paged = random_paged(lens, 2, 32, 16, torch.float32)
