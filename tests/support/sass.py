@@ -167,7 +167,7 @@ def compile_hopper_prefill_sm90(batch: int, seqlen: int, causal: bool = True, he
              for x, (rows, layout) in zip((q, k, k), (blocks[0], blocks[1], blocks[1]))]
     flags = torch.empty(shape, dtype=torch.int32)
     args = (*descs, q, cu_q, cu_k, flags, table if table is not None else cu_k,
-            *launch._extra_pointers(q, sink, out_lse), *scalars)
+            *launch.extra_pointers(q, sink, out_lse), *scalars)
     return _compile_gluon(kernel, args, consts)
 
 

@@ -3,8 +3,9 @@ the isolating FA2-style kernel (prefill_kernel.py) in its ``FIXUP`` mode, which 
 the Gluon kernel wrote and rewrites only the half tiles holding a non-finite output row (a leak
 of ``0 * NaN``, see hopper_prefill_kernel.py), their lse with them.
 
-Public surface: :func:`fixup` (the launch) and :func:`fixup_launch_args` (its plan, which the
-bound entry prepares once per call signature).
+Public surface: :func:`fixup` (the launch), :func:`fixup_launch_args` (its plan, which the
+bound entry prepares once per call signature) and :func:`extra_pointers` (the optional
+pointers both guard launches take).
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ def fixup(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float, 
     # block table.
     table = block_table if block_table is not None else cu_seqlens_k
     launch(_prefill_kernel, grid, q, k, v, out, cu_seqlens_q, cu_seqlens_k, table,
-           q if lse is None else lse, q if sinks is None else sinks, q, q, flags, *scalars,
-           **consts)
+           *extra_pointers(q, sinks, lse), q, q, flags, *scalars, **consts)
+
+
+def extra_pointers(q, sinks, lse) -> tuple:
+    """The LSE and SINK_LOGITS arguments of both guard launches, the Gluon kernel's and the
+    fixup's (q stands in for those not used)."""
+    return (q if lse is None else lse, q if sinks is None else sinks)
 
 
 def fixup_launch_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, scale: float,

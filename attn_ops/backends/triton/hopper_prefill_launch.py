@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import math
 
-from attn_ops.backends.triton.hopper_prefill_fixup import fixup, fixup_launch_args
+from attn_ops.backends.triton.hopper_prefill_fixup import (extra_pointers, fixup,
+                                                            fixup_launch_args)
 from attn_ops.backends.triton.hopper_prefill_forms import (SOLO_MAXNREG, consumers,
                                                             packed_config, packing, solo_config)
 from attn_ops.backends.triton.hopper_prefill_kernel import GLUON
@@ -144,13 +145,8 @@ def prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k
              for x, (rows, layout) in zip((q, k, v), (blocks[0], blocks[1], blocks[1]))]
     table = block_table if block_table is not None else cu_seqlens_k  # dense: unused
     hopper_prefill_kernel[grid](*descs, out, cu_seqlens_q, cu_seqlens_k, flags, table,
-                                *_extra_pointers(q, sinks, lse), *scalars, **consts)
+                                *extra_pointers(q, sinks, lse), *scalars, **consts)
     return out
-
-
-def _extra_pointers(q, sinks, lse) -> tuple:
-    """The kernel's LSE and SINK_LOGITS arguments (q stands in for those not used)."""
-    return (q if lse is None else lse, q if sinks is None else sinks)
 
 
 def form(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
@@ -423,7 +419,7 @@ def bind_prefill_guarded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                 stats["raw"] += 2
                 return (out, lse) if with_lse else out
         flags = scratch(flag_count, device)  # kept per stream: each flag is written
-        lse_t, sinks_t = _extra_pointers(q, sinks, lse if with_lse else None)
+        lse_t, sinks_t = extra_pointers(q, sinks, lse if with_lse else None)
         gluon((desc_q(q), desc_k(k), desc_v(v), out, cu_seqlens_q, cu_seqlens_k, flags, table,
                lse_t, sinks_t))
         fix((q, k, v, out, cu_seqlens_q, cu_seqlens_k, table, lse_t, sinks_t, q, q, flags))
